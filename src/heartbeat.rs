@@ -1,0 +1,443 @@
+//! Heartbeats (design §2): what a VM says about itself, checked before it is believed.
+//!
+//! `read` turns an event into a heartbeat or a typed rejection; `admit` checks it against the
+//! mirror (is this VM who it claims to be?) and against the stored heartbeat (is it newer?).
+
+use crate::event::{json_kind, parse_time, Event};
+use crate::mirror::Instance;
+use crate::scaleset::{InstanceRef, ScaleSetId};
+use serde::Serialize;
+use serde_json::Value;
+use time::{Duration, OffsetDateTime};
+
+pub const HEARTBEAT_TYPE: &str = "VmssHealer.Heartbeat";
+pub const PRUNELLA_TYPE: &str = "prunella-status";
+pub const MAX_DETAIL_BYTES: usize = 1024;
+/// A VM clock this far ahead would pin its heartbeat in the future and mask later ones.
+pub const MAX_CLOCK_SKEW: Duration = Duration::minutes(5);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "status", rename_all = "UPPERCASE")]
+pub enum Status {
+    Up,
+    Down,
+    Maintenance {
+        #[serde(with = "time::serde::rfc3339")]
+        until: OffsetDateTime,
+    },
+}
+
+impl Status {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Status::Up => "UP",
+            Status::Down => "DOWN",
+            Status::Maintenance { .. } => "MAINTENANCE",
+        }
+    }
+}
+
+/// Which agent format the heartbeat came in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    Agent,
+    /// A legacy Prunella agent: no vmId, identified by computer name only.
+    Prunella,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Agent => "agent",
+            Origin::Prunella => "prunella",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Heartbeat {
+    pub target: InstanceRef,
+    pub status: Status,
+    /// When the VM took the reading.
+    #[serde(with = "time::serde::rfc3339")]
+    pub event_time: OffsetDateTime,
+    /// When we received it.
+    #[serde(with = "time::serde::rfc3339")]
+    pub received_at: OffsetDateTime,
+    pub sequence: Option<i64>,
+    pub vm_id: Option<String>,
+    pub computer_name: Option<String>,
+    pub detail: Option<String>,
+    pub origin: Origin,
+    pub event_id: String,
+}
+
+/// Why a heartbeat is refused. Each is permanent: redelivering the event cannot fix it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("heartbeat has no subject")]
+    MissingSubject,
+    #[error("heartbeat subject is not a scale set VM id: {0}")]
+    BadSubject(String),
+    #[error("heartbeat has no eventTime/time")]
+    MissingTime,
+    #[error("heartbeat eventTime {event_time} is more than 5 minutes ahead of the receiver's clock ({now})")]
+    FromTheFuture { event_time: String, now: String },
+    #[error("heartbeat data is a JSON {0}, expected an object")]
+    DataNotAnObject(&'static str),
+    #[error("heartbeat data.status is missing")]
+    MissingStatus,
+    #[error("heartbeat data.status `{0}` is not UP, DOWN or MAINTENANCE")]
+    UnknownStatus(String),
+    #[error("MAINTENANCE heartbeat needs data.until as an RFC 3339 time, got {0}")]
+    BadUntil(String),
+    #[error("heartbeat data.{field} has the wrong type: {why}")]
+    BadField { field: &'static str, why: String },
+    #[error("heartbeat data.detail is {0} bytes, at most 1024 are allowed")]
+    DetailTooLong(usize),
+    #[error(
+        "Prunella heartbeat data.name `{0}` does not end in a 6-character base-36 instance number"
+    )]
+    BadComputerName(String),
+    #[error("scale set {0} is not watched by this healer (HEALER_SCALE_SETS)")]
+    UnknownScaleSet(String),
+    #[error("instance {0} is not in the mirror of its scale set")]
+    UnknownInstance(String),
+    #[error("vmId `{claimed}` does not match the mirrored vmId of {instance}: possible spoof")]
+    VmIdMismatch { instance: String, claimed: String },
+    #[error("heartbeat for {0} carries no vmId; agents must send the VM's IMDS vmId")]
+    MissingVmId(String),
+    #[error("computer name `{claimed}` does not match the mirrored computer name of {instance}")]
+    ComputerNameMismatch { instance: String, claimed: String },
+}
+
+impl Rejection {
+    /// A short, constant label for logs and counters.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Rejection::MissingSubject => "missing_subject",
+            Rejection::BadSubject(_) => "bad_subject",
+            Rejection::MissingTime => "missing_time",
+            Rejection::FromTheFuture { .. } => "from_the_future",
+            Rejection::DataNotAnObject(_) => "data_not_object",
+            Rejection::MissingStatus => "missing_status",
+            Rejection::UnknownStatus(_) => "unknown_status",
+            Rejection::BadUntil(_) => "bad_until",
+            Rejection::BadField { .. } => "bad_field",
+            Rejection::DetailTooLong(_) => "detail_too_long",
+            Rejection::BadComputerName(_) => "bad_computer_name",
+            Rejection::UnknownScaleSet(_) => "unknown_scale_set",
+            Rejection::UnknownInstance(_) => "unknown_instance",
+            Rejection::VmIdMismatch { .. } => "vm_id_mismatch",
+            Rejection::MissingVmId(_) => "missing_vm_id",
+            Rejection::ComputerNameMismatch { .. } => "computer_name_mismatch",
+        }
+    }
+}
+
+/// Reads a heartbeat event (either agent format). `now` is the receive time.
+pub fn read(event: &Event, now: OffsetDateTime) -> Result<Heartbeat, Rejection> {
+    let subject = event.subject.as_deref().ok_or(Rejection::MissingSubject)?;
+    let data = match &event.data {
+        Value::Object(map) => map,
+        other => return Err(Rejection::DataNotAnObject(json_kind(other))),
+    };
+    let event_time = event.time.ok_or(Rejection::MissingTime)?;
+    if event_time - now > MAX_CLOCK_SKEW {
+        return Err(Rejection::FromTheFuture {
+            event_time: fmt(event_time),
+            now: fmt(now),
+        });
+    }
+    let status_text = optional_str(data, "status")?.ok_or(Rejection::MissingStatus)?;
+    let is_prunella = event.event_type.eq_ignore_ascii_case(PRUNELLA_TYPE);
+    let status = match status_text.trim().to_ascii_uppercase().as_str() {
+        "UP" => Status::Up,
+        "DOWN" => Status::Down,
+        "MAINTENANCE" if !is_prunella => {
+            let until = data.get("until");
+            let parsed = until.and_then(Value::as_str).and_then(parse_time);
+            Status::Maintenance {
+                until: parsed.ok_or_else(|| {
+                    Rejection::BadUntil(until.map_or("nothing".into(), Value::to_string))
+                })?,
+            }
+        }
+        _ => return Err(Rejection::UnknownStatus(status_text.to_string())),
+    };
+    let detail = optional_str(data, "detail")?.map(str::to_string);
+    if let Some(d) = &detail {
+        if d.len() > MAX_DETAIL_BYTES {
+            return Err(Rejection::DetailTooLong(d.len()));
+        }
+    }
+
+    let (target, origin, computer_name) = if is_prunella {
+        let set = ScaleSetId::parse(subject).map_err(|e| Rejection::BadSubject(e.to_string()))?;
+        let name = optional_str(data, "name")?
+            .ok_or_else(|| Rejection::BadComputerName(String::new()))?
+            .to_string();
+        let instance_id = prunella_instance_id(&name)?;
+        (set.instance(&instance_id), Origin::Prunella, Some(name))
+    } else {
+        let target =
+            InstanceRef::parse(subject).map_err(|e| Rejection::BadSubject(e.to_string()))?;
+        let name = optional_str(data, "computerName")?.map(str::to_string);
+        (target, Origin::Agent, name)
+    };
+
+    let sequence = match data.get("sequence") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v.as_i64().ok_or_else(|| Rejection::BadField {
+            field: "sequence",
+            why: format!("expected a whole number, got {v}"),
+        })?),
+    };
+
+    Ok(Heartbeat {
+        target,
+        status,
+        event_time,
+        received_at: now,
+        sequence,
+        vm_id: optional_str(data, "vmId")?.map(|s| s.to_ascii_lowercase()),
+        computer_name,
+        detail,
+        origin,
+        event_id: event.id.clone(),
+    })
+}
+
+/// VMSS computer names end in the instance id as six base-36 digits.
+fn prunella_instance_id(name: &str) -> Result<String, Rejection> {
+    let bad = || Rejection::BadComputerName(name.to_string());
+    let digits = name
+        .len()
+        .checked_sub(6)
+        .and_then(|start| name.get(start..))
+        .ok_or_else(bad)?;
+    u64::from_str_radix(digits, 36)
+        .map(|n| n.to_string())
+        .map_err(|_| bad())
+}
+
+/// Checks the heartbeat's claimed identity against the mirrored instance (design §2).
+pub fn verify(hb: &Heartbeat, mirrored: Option<&Instance>) -> Result<(), Rejection> {
+    let instance = mirrored.ok_or_else(|| Rejection::UnknownInstance(hb.target.to_string()))?;
+    match hb.origin {
+        Origin::Agent => {
+            let claimed = hb
+                .vm_id
+                .as_deref()
+                .ok_or_else(|| Rejection::MissingVmId(hb.target.to_string()))?;
+            let matches = instance
+                .vm_id
+                .as_deref()
+                .is_some_and(|m| m.eq_ignore_ascii_case(claimed));
+            if !matches {
+                return Err(Rejection::VmIdMismatch {
+                    instance: hb.target.to_string(),
+                    claimed: claimed.to_string(),
+                });
+            }
+        }
+        Origin::Prunella => {
+            let claimed = hb.computer_name.as_deref().unwrap_or_default();
+            let matches = instance
+                .computer_name
+                .as_deref()
+                .is_some_and(|m| m.eq_ignore_ascii_case(claimed));
+            if !matches {
+                return Err(Rejection::ComputerNameMismatch {
+                    instance: hb.target.to_string(),
+                    claimed: claimed.to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Event Grid is at-least-once and unordered: only a reading newer than the stored one counts.
+/// Equal times are broken by the sequence number, when both have one.
+pub fn supersedes(new: &Heartbeat, stored: &Heartbeat) -> bool {
+    match new.event_time.cmp(&stored.event_time) {
+        std::cmp::Ordering::Greater => true,
+        std::cmp::Ordering::Less => false,
+        std::cmp::Ordering::Equal => match (new.sequence, stored.sequence) {
+            (Some(a), Some(b)) => a > b,
+            _ => false,
+        },
+    }
+}
+
+fn optional_str<'a>(
+    data: &'a serde_json::Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<&'a str>, Rejection> {
+    match data.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(Rejection::BadField {
+            field,
+            why: format!("expected a string, got a {}", json_kind(other)),
+        }),
+    }
+}
+
+fn fmt(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::decode;
+    use crate::mirror::fixtures::instance;
+    use serde_json::json;
+    use time::macros::datetime;
+
+    const NOW: OffsetDateTime = datetime!(2026-11-22 10:52:30 UTC);
+    const SET: &str =
+        "/subscriptions/S/resourceGroups/RG/providers/Microsoft.Compute/virtualMachineScaleSets/web";
+
+    fn agent(status: Value) -> Event {
+        decode(json!({"id": "e", "eventType": HEARTBEAT_TYPE, "subject": format!("{SET}/virtualMachines/7"),
+            "eventTime": "2026-11-22T10:52:00Z", "dataVersion": "1",
+            "data": {"status": status, "vmId": "VM-7", "computerName": "web000007", "sequence": 12}}))
+        .unwrap()
+    }
+
+    #[test]
+    fn agent_heartbeats_read_with_every_field() {
+        let hb = read(&agent(json!("up")), NOW).unwrap();
+        assert_eq!(hb.target.instance_id, "7");
+        assert_eq!(hb.target.scale_set.name, "web");
+        assert_eq!(hb.status, Status::Up);
+        assert_eq!(hb.vm_id.as_deref(), Some("vm-7"));
+        assert_eq!(hb.sequence, Some(12));
+        assert_eq!(hb.origin, Origin::Agent);
+        assert_eq!(
+            read(&agent(json!("Down")), NOW).unwrap().status,
+            Status::Down
+        );
+    }
+
+    #[test]
+    fn maintenance_needs_an_until_time() {
+        let mut e = agent(json!("MAINTENANCE"));
+        assert!(matches!(read(&e, NOW), Err(Rejection::BadUntil(_))));
+        e.data["until"] = json!("2026-11-22T11:30:00Z");
+        assert_eq!(
+            read(&e, NOW).unwrap().status,
+            Status::Maintenance {
+                until: datetime!(2026-11-22 11:30 UTC)
+            }
+        );
+    }
+
+    #[test]
+    fn bad_heartbeats_are_rejected_with_a_reason() {
+        let cases: Vec<(Box<dyn Fn(&mut Event)>, &str)> = vec![
+            (
+                Box::new(|e| e.data["status"] = json!("SLEEPY")),
+                "unknown_status",
+            ),
+            (Box::new(|e| e.data["status"] = json!(1)), "bad_field"),
+            (
+                Box::new(|e| {
+                    e.data.as_object_mut().unwrap().remove("status");
+                }),
+                "missing_status",
+            ),
+            (
+                Box::new(|e| e.data["detail"] = json!("x".repeat(1025))),
+                "detail_too_long",
+            ),
+            (Box::new(|e| e.data["sequence"] = json!("12")), "bad_field"),
+            (Box::new(|e| e.data = json!("UP")), "data_not_object"),
+            (Box::new(|e| e.subject = None), "missing_subject"),
+            (Box::new(|e| e.subject = Some(SET.into())), "bad_subject"),
+            (Box::new(|e| e.time = None), "missing_time"),
+            (
+                Box::new(|e| e.time = Some(NOW + Duration::minutes(6))),
+                "from_the_future",
+            ),
+        ];
+        for (mutate, label) in cases {
+            let mut e = agent(json!("UP"));
+            mutate(&mut e);
+            let err = read(&e, NOW).unwrap_err();
+            assert_eq!(err.label(), label, "{err}");
+        }
+        let mut e = agent(json!("UP"));
+        e.time = Some(NOW + Duration::minutes(4));
+        assert!(read(&e, NOW).is_ok(), "small clock skew is tolerated");
+    }
+
+    #[test]
+    fn prunella_heartbeats_name_the_instance_by_computer_name() {
+        let e = decode(
+            json!({"id": "p", "eventType": "prunella-status", "subject": SET,
+            "eventTime": "2026-11-22T10:52:00Z", "data": {"name": "web00000A", "status": "DOWN"}}),
+        )
+        .unwrap();
+        let hb = read(&e, NOW).unwrap();
+        assert_eq!(hb.target.instance_id, "10");
+        assert_eq!(hb.origin, Origin::Prunella);
+        assert_eq!(hb.status, Status::Down);
+        let mut short = e.clone();
+        short.data["name"] = json!("web");
+        assert_eq!(read(&short, NOW).unwrap_err().label(), "bad_computer_name");
+        let mut maint = e.clone();
+        maint.data["status"] = json!("MAINTENANCE");
+        assert_eq!(read(&maint, NOW).unwrap_err().label(), "unknown_status");
+    }
+
+    #[test]
+    fn identity_is_checked_against_the_mirror() {
+        let hb = read(&agent(json!("DOWN")), NOW).unwrap();
+        let mut mirrored = instance("7");
+        mirrored.vm_id = Some("vm-7".into());
+        assert_eq!(verify(&hb, Some(&mirrored)), Ok(()));
+        assert_eq!(verify(&hb, None).unwrap_err().label(), "unknown_instance");
+        mirrored.vm_id = Some("vm-other".into());
+        assert_eq!(
+            verify(&hb, Some(&mirrored)).unwrap_err().label(),
+            "vm_id_mismatch"
+        );
+        let mut anonymous = hb.clone();
+        anonymous.vm_id = None;
+        assert_eq!(
+            verify(&anonymous, Some(&mirrored)).unwrap_err().label(),
+            "missing_vm_id"
+        );
+
+        let mut prunella = hb.clone();
+        prunella.origin = Origin::Prunella;
+        prunella.computer_name = Some("WEB000007".into());
+        let mut mirrored = instance("7");
+        mirrored.computer_name = Some("web000007".into());
+        assert_eq!(verify(&prunella, Some(&mirrored)), Ok(()));
+        mirrored.computer_name = Some("web000008".into());
+        assert_eq!(
+            verify(&prunella, Some(&mirrored)).unwrap_err().label(),
+            "computer_name_mismatch"
+        );
+    }
+
+    #[test]
+    fn only_newer_readings_supersede() {
+        let old = read(&agent(json!("UP")), NOW).unwrap();
+        let mut newer = old.clone();
+        newer.event_time += Duration::seconds(1);
+        assert!(supersedes(&newer, &old));
+        assert!(!supersedes(&old, &newer));
+        let mut same_time_higher_seq = old.clone();
+        same_time_higher_seq.sequence = Some(13);
+        assert!(supersedes(&same_time_higher_seq, &old));
+        assert!(!supersedes(&old, &old), "a duplicate delivery is not newer");
+    }
+}

@@ -1,0 +1,197 @@
+//! The mirror: what each watched scale set really looks like, as last read from the Compute API
+//! (or updated by a Resource Manager event). Everything but `monitor-state` reads scale sets from
+//! here, never from ARM.
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+use time::OffsetDateTime;
+
+/// The Application Health extension's verdict on an instance (`vmHealth` in the instance view).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppHealth {
+    Healthy,
+    Unhealthy,
+    Unknown,
+    Initializing,
+}
+
+impl AppHealth {
+    /// Reads the status code of `vmHealth` (`HealthState/healthy`, …).
+    pub fn from_code(code: &str) -> Option<Self> {
+        let state = code.rsplit('/').next()?.to_ascii_lowercase();
+        match state.as_str() {
+            "healthy" => Some(AppHealth::Healthy),
+            "unhealthy" => Some(AppHealth::Unhealthy),
+            "unknown" => Some(AppHealth::Unknown),
+            "initializing" => Some(AppHealth::Initializing),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppHealth::Healthy => "healthy",
+            AppHealth::Unhealthy => "unhealthy",
+            AppHealth::Unknown => "unknown",
+            AppHealth::Initializing => "initializing",
+        }
+    }
+}
+
+/// One mirrored VM of a scale set.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Instance {
+    pub instance_id: String,
+    pub vm_id: Option<String>,
+    pub computer_name: Option<String>,
+    /// `Succeeded`, `Creating`, `Updating`, `Failed`, `Deleting`, …
+    pub provisioning_state: Option<String>,
+    /// The `PowerState/…` suffix: `running`, `stopped`, `deallocated`, `starting`, …
+    pub power_state: Option<String>,
+    pub health: Option<AppHealth>,
+    pub latest_model_applied: Option<bool>,
+    pub protected_from_scale_set_actions: bool,
+    pub protected_from_scale_in: bool,
+    pub zone: Option<String>,
+    pub created_at: Option<OffsetDateTime>,
+}
+
+impl Instance {
+    /// Whether the mirror should be rewritten for this instance: any observed field changed.
+    pub fn differs_from(&self, other: &Instance) -> bool {
+        self != other
+    }
+}
+
+/// A mirrored instance with the time the mirror last confirmed it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MirroredInstance {
+    pub instance: Instance,
+    pub synced_at: OffsetDateTime,
+}
+
+/// What the mirror knows about a whole scale set.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ScaleSetRecord {
+    pub capacity: Option<i64>,
+    /// `Uniform` or `Flexible`.
+    pub orchestration_mode: Option<String>,
+    /// Whether the platform's own automatic instance repairs are enabled on the scale set.
+    pub platform_auto_repair: bool,
+    /// When the instances were last read in full; `None` until the first successful sync.
+    pub synced_at: Option<OffsetDateTime>,
+    /// Why the last sync failed, if it did.
+    pub sync_error: Option<String>,
+    /// The Compute API asked us to back off until then (429 `Retry-After`).
+    pub throttled_until: Option<OffsetDateTime>,
+    /// False once the scale set is found deleted (404).
+    pub exists: bool,
+}
+
+impl ScaleSetRecord {
+    pub fn unsynced() -> Self {
+        ScaleSetRecord {
+            capacity: None,
+            orchestration_mode: None,
+            platform_auto_repair: false,
+            synced_at: None,
+            sync_error: None,
+            throttled_until: None,
+            exists: true,
+        }
+    }
+}
+
+/// The changes that bring a stored mirror in line with what the Compute API reported.
+#[derive(Debug, Default, PartialEq)]
+pub struct MirrorDiff {
+    /// New or changed instances.
+    pub upserts: Vec<Instance>,
+    /// Unchanged instances (their sync time still moves on).
+    pub unchanged: Vec<String>,
+    /// Instance ids stored but no longer reported: the VM is gone.
+    pub removals: Vec<String>,
+}
+
+/// Compares the stored mirror with a full listing of the scale set.
+pub fn diff(stored: &[MirroredInstance], observed: Vec<Instance>) -> MirrorDiff {
+    let mut by_id: BTreeMap<&str, &Instance> = stored
+        .iter()
+        .map(|m| (m.instance.instance_id.as_str(), &m.instance))
+        .collect();
+    let mut out = MirrorDiff::default();
+    for inst in observed {
+        match by_id.remove(inst.instance_id.as_str()) {
+            Some(old) if !old.differs_from(&inst) => out.unchanged.push(inst.instance_id),
+            _ => out.upserts.push(inst),
+        }
+    }
+    out.removals = by_id.into_keys().map(str::to_string).collect();
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::*;
+
+    pub fn instance(id: &str) -> Instance {
+        Instance {
+            instance_id: id.to_string(),
+            vm_id: Some(format!("vm-{id}")),
+            computer_name: Some(format!("web{id:0>6}")),
+            provisioning_state: Some("Succeeded".into()),
+            power_state: Some("running".into()),
+            health: None,
+            latest_model_applied: Some(true),
+            protected_from_scale_set_actions: false,
+            protected_from_scale_in: false,
+            zone: None,
+            created_at: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::instance;
+    use super::*;
+    use time::macros::datetime;
+
+    fn stored(inst: Instance) -> MirroredInstance {
+        MirroredInstance {
+            instance: inst,
+            synced_at: datetime!(2026-11-22 10:00 UTC),
+        }
+    }
+
+    #[test]
+    fn diff_finds_new_changed_unchanged_and_vanished_instances() {
+        let mut changed = instance("2");
+        changed.power_state = Some("stopped".into());
+        let d = diff(
+            &[
+                stored(instance("1")),
+                stored(instance("2")),
+                stored(instance("3")),
+            ],
+            vec![instance("1"), changed.clone(), instance("4")],
+        );
+        assert_eq!(d.unchanged, vec!["1".to_string()]);
+        assert_eq!(d.upserts, vec![changed, instance("4")]);
+        assert_eq!(d.removals, vec!["3".to_string()]);
+    }
+
+    #[test]
+    fn health_codes_parse_case_insensitively() {
+        assert_eq!(
+            AppHealth::from_code("HealthState/healthy"),
+            Some(AppHealth::Healthy)
+        );
+        assert_eq!(
+            AppHealth::from_code("HealthState/Unhealthy"),
+            Some(AppHealth::Unhealthy)
+        );
+        assert_eq!(AppHealth::from_code("HealthState/whatever"), None);
+    }
+}

@@ -1,0 +1,221 @@
+//! Identities of scale sets and their instances, parsed once from ARM resource ids.
+//!
+//! ARM ids are case-insensitive, so everything is folded to lower case here; the table keys in
+//! design §3 are built from these values and nowhere else.
+
+use std::fmt;
+
+/// A Virtual Machine Scale Set, named by subscription, resource group and name (lower case).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct ScaleSetId {
+    pub subscription: String,
+    pub resource_group: String,
+    pub name: String,
+}
+
+/// One VM of a scale set: its scale set and its instance id (lower case).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct InstanceRef {
+    pub scale_set: ScaleSetId,
+    pub instance_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{id}` is not a {what} resource id: {why}")]
+pub struct BadResourceId {
+    pub id: String,
+    pub what: &'static str,
+    pub why: String,
+}
+
+const PROVIDER: &str = "microsoft.compute";
+const VMSS_TYPE: &str = "virtualmachinescalesets";
+const VM_TYPE: &str = "virtualmachines";
+
+impl ScaleSetId {
+    pub fn new(subscription: &str, resource_group: &str, name: &str) -> Self {
+        Self {
+            subscription: subscription.to_ascii_lowercase(),
+            resource_group: resource_group.to_ascii_lowercase(),
+            name: name.to_ascii_lowercase(),
+        }
+    }
+
+    /// Parses `/subscriptions/{s}/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachineScaleSets/{n}`.
+    pub fn parse(id: &str) -> Result<Self, BadResourceId> {
+        let segments = segments(id, "scale set")?;
+        match parse_prefix(&segments) {
+            Some((set, [])) => Ok(set),
+            Some((_, rest)) => Err(bad(
+                id,
+                "scale set",
+                format!("unexpected trailing segments `{}`", rest.join("/")),
+            )),
+            None => Err(bad(id, "scale set", expected_shape())),
+        }
+    }
+
+    /// The table key of design §3: `<subscriptionId>:<resourceGroup>:<vmssName>`.
+    pub fn key(&self) -> String {
+        format!(
+            "{}:{}:{}",
+            self.subscription, self.resource_group, self.name
+        )
+    }
+
+    /// Inverse of [`ScaleSetId::key`].
+    pub fn from_key(key: &str) -> Option<Self> {
+        let mut parts = key.split(':');
+        let (s, rg, n) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() || s.is_empty() || rg.is_empty() || n.is_empty() {
+            return None;
+        }
+        Some(Self::new(s, rg, n))
+    }
+
+    pub fn resource_id(&self) -> String {
+        format!(
+            "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachineScaleSets/{}",
+            self.subscription, self.resource_group, self.name
+        )
+    }
+
+    pub fn instance(&self, instance_id: &str) -> InstanceRef {
+        InstanceRef {
+            scale_set: self.clone(),
+            instance_id: instance_id.to_ascii_lowercase(),
+        }
+    }
+}
+
+impl fmt::Display for ScaleSetId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.resource_group, self.name)
+    }
+}
+
+impl InstanceRef {
+    /// Parses a VMSS VM resource id: the scale set id followed by `/virtualMachines/{instanceId}`.
+    pub fn parse(id: &str) -> Result<Self, BadResourceId> {
+        let segments = segments(id, "scale set VM")?;
+        match parse_prefix(&segments) {
+            Some((set, [kind, instance])) if kind.eq_ignore_ascii_case(VM_TYPE) => {
+                if instance.is_empty() {
+                    return Err(bad(id, "scale set VM", "empty instance id".into()));
+                }
+                Ok(set.instance(instance))
+            }
+            Some(_) | None => Err(bad(
+                id,
+                "scale set VM",
+                format!("{}/virtualMachines/{{instanceId}}", expected_shape()),
+            )),
+        }
+    }
+
+    pub fn resource_id(&self) -> String {
+        format!(
+            "{}/virtualMachines/{}",
+            self.scale_set.resource_id(),
+            self.instance_id
+        )
+    }
+}
+
+impl fmt::Display for InstanceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}#{}", self.scale_set, self.instance_id)
+    }
+}
+
+fn segments<'a>(id: &'a str, what: &'static str) -> Result<Vec<&'a str>, BadResourceId> {
+    let trimmed = id.trim();
+    let Some(rest) = trimmed.strip_prefix('/') else {
+        return Err(bad(id, what, "it must start with `/subscriptions/`".into()));
+    };
+    let segments: Vec<&str> = rest.trim_end_matches('/').split('/').collect();
+    if segments.iter().any(|s| s.is_empty()) {
+        return Err(bad(id, what, "it has an empty segment (`//`)".into()));
+    }
+    Ok(segments)
+}
+
+fn parse_prefix<'s, 'a>(segments: &'s [&'a str]) -> Option<(ScaleSetId, &'s [&'a str])> {
+    match segments {
+        [subs, sub, rgs, rg, providers, provider, kind, name, rest @ ..]
+            if subs.eq_ignore_ascii_case("subscriptions")
+                && rgs.eq_ignore_ascii_case("resourcegroups")
+                && providers.eq_ignore_ascii_case("providers")
+                && provider.eq_ignore_ascii_case(PROVIDER)
+                && kind.eq_ignore_ascii_case(VMSS_TYPE) =>
+        {
+            Some((ScaleSetId::new(sub, rg, name), rest))
+        }
+        _ => None,
+    }
+}
+
+fn expected_shape() -> String {
+    "expected /subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachineScaleSets/{name}".into()
+}
+
+fn bad(id: &str, what: &'static str, why: String) -> BadResourceId {
+    BadResourceId {
+        id: id.to_string(),
+        what,
+        why,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_set_ids_fold_case_and_round_trip_through_keys() {
+        let id = ScaleSetId::parse(
+            "/subscriptions/SUB-1/resourceGroups/RG-Web/providers/Microsoft.Compute/virtualMachineScaleSets/Web01",
+        )
+        .unwrap();
+        assert_eq!(id, ScaleSetId::new("sub-1", "rg-web", "web01"));
+        assert_eq!(id.key(), "sub-1:rg-web:web01");
+        assert_eq!(ScaleSetId::from_key(&id.key()), Some(id.clone()));
+        assert_eq!(ScaleSetId::parse(&id.resource_id()), Ok(id));
+    }
+
+    #[test]
+    fn instance_ids_parse_from_vm_resource_ids() {
+        let vm = InstanceRef::parse(
+            "/subscriptions/s/resourcegroups/rg/providers/microsoft.compute/virtualmachinescalesets/web/virtualMachines/17",
+        )
+        .unwrap();
+        assert_eq!(vm.instance_id, "17");
+        assert_eq!(vm.scale_set.name, "web");
+        assert_eq!(InstanceRef::parse(&vm.resource_id()), Ok(vm));
+    }
+
+    #[test]
+    fn malformed_ids_say_what_is_wrong() {
+        for (id, needle) in [
+            ("subscriptions/s", "must start with"),
+            ("/subscriptions/s//resourceGroups", "empty segment"),
+            (
+                "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Network/virtualNetworks/v",
+                "expected /subscriptions",
+            ),
+            (
+                "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/w/extra",
+                "trailing",
+            ),
+        ] {
+            let err = ScaleSetId::parse(id).unwrap_err();
+            assert!(err.to_string().contains(needle), "{id}: {err}");
+        }
+        assert!(InstanceRef::parse(
+            "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/w"
+        )
+        .is_err());
+        assert_eq!(ScaleSetId::from_key("a:b"), None);
+        assert_eq!(ScaleSetId::from_key("a:b:c:d"), None);
+    }
+}

@@ -1,0 +1,610 @@
+//! Application settings (design §4): read from the environment once at startup, validated as a
+//! whole so that a misconfiguration is reported with every problem at once.
+
+use crate::policy::{parse_duration, Escalation, Limit, Policy};
+use crate::scaleset::ScaleSetId;
+use serde::Serialize;
+use std::fmt;
+use time::Duration;
+use url::Url;
+
+/// One documented setting. The README's settings table is checked against this list by a test.
+#[derive(Debug, Clone, Copy)]
+pub struct SettingDoc {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub meaning: &'static str,
+}
+
+pub const SCALE_SETS: &str = "HEALER_SCALE_SETS";
+pub const STORAGE: &str = "HEALER_STORAGE";
+pub const ARM_ENDPOINT: &str = "HEALER_ARM_ENDPOINT";
+pub const HEARTBEAT_TIMEOUT: &str = "HEALER_HEARTBEAT_TIMEOUT";
+pub const STARTUP_TIMEOUT: &str = "HEALER_STARTUP_TIMEOUT";
+pub const GRACE_PERIOD: &str = "HEALER_GRACE_PERIOD";
+pub const DOWN_FOR: &str = "HEALER_DOWN_FOR";
+pub const REPAIR_ACTIONS: &str = "HEALER_REPAIR_ACTIONS";
+pub const REPAIR_TIMEOUT: &str = "HEALER_REPAIR_TIMEOUT";
+pub const MAX_ATTEMPTS: &str = "HEALER_MAX_ATTEMPTS";
+pub const MAX_PARALLEL: &str = "HEALER_MAX_PARALLEL";
+pub const MAX_UNHEALTHY: &str = "HEALER_MAX_UNHEALTHY";
+pub const MIRROR_MAX_AGE: &str = "HEALER_MIRROR_MAX_AGE";
+pub const DRY_RUN: &str = "HEALER_DRY_RUN";
+pub const WEBHOOK_URL: &str = "HEALER_WEBHOOK_URL";
+pub const STATUS_SCHEDULE: &str = "HEALER_STATUS_SCHEDULE";
+pub const STATE_SCHEDULE: &str = "HEALER_STATE_SCHEDULE";
+pub const HANDLER_PORT: &str = "FUNCTIONS_CUSTOMHANDLER_PORT";
+pub const WEBJOBS_STORAGE: &str = "AzureWebJobsStorage";
+
+pub const CATALOG: &[SettingDoc] = &[
+    SettingDoc { name: SCALE_SETS, default: "(required)", meaning: "VMSS resource ids, separated by `,` `;` or white space; per-set overrides in brackets after an id, e.g. `…/virtualMachineScaleSets/web[REPAIR_ACTIONS=restart,replace MAX_PARALLEL=2]`" },
+    SettingDoc { name: STORAGE, default: "`AzureWebJobsStorage`", meaning: "a connection string (`UseDevelopmentStorage=true`, account name + key, or with `TableEndpoint`), or identity-based: `HEALER_STORAGE__tableServiceUri` or `HEALER_STORAGE__accountName` (+ `HEALER_STORAGE__clientId`); unset, the host's `AzureWebJobsStorage` (or its `__tableServiceUri` / `__accountName`) is used" },
+    SettingDoc { name: ARM_ENDPOINT, default: "`https://management.azure.com`", meaning: "Resource Manager base URL (the local simulator's URL in development)" },
+    SettingDoc { name: HEARTBEAT_TIMEOUT, default: "`180` s", meaning: "silent this long ⇒ unhealthy" },
+    SettingDoc { name: STARTUP_TIMEOUT, default: "`600` s", meaning: "a new instance must send its first heartbeat within this" },
+    SettingDoc { name: GRACE_PERIOD, default: "`300` s", meaning: "after creation or a repair, DOWN is not acted on yet" },
+    SettingDoc { name: DOWN_FOR, default: "`60` s", meaning: "DOWN must persist this long before it counts" },
+    SettingDoc { name: REPAIR_ACTIONS, default: "`replace`", meaning: "one of `delete`, `replace`, `reimage`, `restart`, or an escalation list such as `restart,reimage,replace`" },
+    SettingDoc { name: REPAIR_TIMEOUT, default: "`900` s", meaning: "a repaired instance must be healthy within this, else next step" },
+    SettingDoc { name: MAX_ATTEMPTS, default: "`3`", meaning: "repairs of one incident before giving up and alerting" },
+    SettingDoc { name: MAX_PARALLEL, default: "`10%`", meaning: "repairs in flight per scale set (count or percent, at least 1)" },
+    SettingDoc { name: MAX_UNHEALTHY, default: "`40%`", meaning: "above this share unhealthy, a scale set's repairs pause (short-circuit)" },
+    SettingDoc { name: MIRROR_MAX_AGE, default: "`300` s", meaning: "no repair decided on a mirror older than this" },
+    SettingDoc { name: DRY_RUN, default: "`false`", meaning: "decide and journal, but do not act" },
+    SettingDoc { name: WEBHOOK_URL, default: "(none)", meaning: "JSON POST on repair, give-up and pause" },
+    SettingDoc { name: STATUS_SCHEDULE, default: "`0 */1 * * * *`", meaning: "NCRONTAB schedule of `monitor-status`, referenced from its function.json as `%HEALER_STATUS_SCHEDULE%`" },
+    SettingDoc { name: STATE_SCHEDULE, default: "`0 */1 * * * *`", meaning: "NCRONTAB schedule of `monitor-state`, referenced from its function.json as `%HEALER_STATE_SCHEDULE%`" },
+    SettingDoc { name: HANDLER_PORT, default: "`8080`", meaning: "set by the Functions host: the port the handler listens on (127.0.0.1 only)" },
+];
+
+/// Where the tables live.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StorageSettings {
+    /// A storage connection string (also `UseDevelopmentStorage=true`).
+    ConnectionString(String),
+    /// Identity-based: the table service URI, reached with the app's managed identity.
+    Identity {
+        table_service_uri: Url,
+        client_id: Option<String>,
+    },
+}
+
+/// One watched scale set with its effective policy.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WatchedScaleSet {
+    pub id: ScaleSetId,
+    pub policy: Policy,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub scale_sets: Vec<WatchedScaleSet>,
+    pub storage: StorageSettings,
+    pub arm_endpoint: Url,
+    pub mirror_max_age: Duration,
+    pub dry_run: bool,
+    pub webhook_url: Option<Url>,
+    pub status_schedule: String,
+    pub state_schedule: String,
+    pub port: u16,
+    /// The global policy, before per-set overrides.
+    pub defaults: Policy,
+}
+
+/// Every problem found in the settings, reported together.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct SettingsErrors(pub Vec<String>);
+
+impl fmt::Display for SettingsErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "invalid configuration ({} problem{}):",
+            self.0.len(),
+            if self.0.len() == 1 { "" } else { "s" }
+        )?;
+        for p in &self.0 {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Settings {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, SettingsErrors> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads settings through `lookup`, so tests can pass a map instead of the process environment.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, SettingsErrors> {
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        let mut problems = Vec::new();
+
+        let defaults = Policy {
+            heartbeat_timeout: duration(
+                get(HEARTBEAT_TIMEOUT),
+                "180",
+                HEARTBEAT_TIMEOUT,
+                &mut problems,
+            ),
+            startup_timeout: duration(get(STARTUP_TIMEOUT), "600", STARTUP_TIMEOUT, &mut problems),
+            grace_period: duration(get(GRACE_PERIOD), "300", GRACE_PERIOD, &mut problems),
+            down_for: duration(get(DOWN_FOR), "60", DOWN_FOR, &mut problems),
+            repair_actions: value(
+                get(REPAIR_ACTIONS),
+                "replace",
+                REPAIR_ACTIONS,
+                &mut problems,
+            ),
+            repair_timeout: duration(get(REPAIR_TIMEOUT), "900", REPAIR_TIMEOUT, &mut problems),
+            max_attempts: attempts(get(MAX_ATTEMPTS), MAX_ATTEMPTS, &mut problems),
+            max_parallel: value(get(MAX_PARALLEL), "10%", MAX_PARALLEL, &mut problems),
+            max_unhealthy: value(get(MAX_UNHEALTHY), "40%", MAX_UNHEALTHY, &mut problems),
+        };
+
+        let scale_sets = match get(SCALE_SETS) {
+            None => {
+                problems.push(format!(
+                    "{SCALE_SETS} is required: the resource ids of the scale sets to watch"
+                ));
+                Vec::new()
+            }
+            Some(raw) => parse_scale_sets(&raw, &defaults, &mut problems),
+        };
+
+        let storage = storage(&get, &mut problems);
+        let arm_endpoint = url_setting(
+            Some(get(ARM_ENDPOINT).unwrap_or_else(|| "https://management.azure.com".into())),
+            ARM_ENDPOINT,
+            &mut problems,
+        )
+        .unwrap_or_else(|| Url::parse("https://management.azure.com").expect("constant URL"));
+        let mirror_max_age = duration(get(MIRROR_MAX_AGE), "300", MIRROR_MAX_AGE, &mut problems);
+        let dry_run = match get(DRY_RUN).map(|v| v.trim().to_ascii_lowercase()) {
+            None => false,
+            Some(v) if ["true", "1", "yes"].contains(&v.as_str()) => true,
+            Some(v) if ["false", "0", "no"].contains(&v.as_str()) => false,
+            Some(v) => {
+                problems.push(format!("{DRY_RUN}: `{v}` is not true or false"));
+                false
+            }
+        };
+        let webhook_url = url_setting(get(WEBHOOK_URL), WEBHOOK_URL, &mut problems);
+        let status_schedule = schedule(get(STATUS_SCHEDULE), STATUS_SCHEDULE, &mut problems);
+        let state_schedule = schedule(get(STATE_SCHEDULE), STATE_SCHEDULE, &mut problems);
+        let port = match get(HANDLER_PORT) {
+            None => 8080,
+            Some(p) => p.trim().parse::<u16>().unwrap_or_else(|_| {
+                problems.push(format!("{HANDLER_PORT}: `{p}` is not a TCP port"));
+                0
+            }),
+        };
+
+        if !problems.is_empty() {
+            return Err(SettingsErrors(problems));
+        }
+        Ok(Settings {
+            scale_sets,
+            storage: storage.expect("storage is Some when no problem was recorded"),
+            arm_endpoint,
+            mirror_max_age,
+            dry_run,
+            webhook_url,
+            status_schedule,
+            state_schedule,
+            port,
+            defaults,
+        })
+    }
+
+    /// The watched scale set with this id, if any.
+    pub fn scale_set(&self, id: &ScaleSetId) -> Option<&WatchedScaleSet> {
+        self.scale_sets.iter().find(|s| &s.id == id)
+    }
+}
+
+fn duration(
+    raw: Option<String>,
+    default: &str,
+    name: &str,
+    problems: &mut Vec<String>,
+) -> Duration {
+    let raw = raw.unwrap_or_else(|| default.to_string());
+    match parse_duration(&raw) {
+        Ok(d) if d.is_positive() => d,
+        Ok(_) => {
+            problems.push(format!("{name}: must be above zero"));
+            Duration::ZERO
+        }
+        Err(e) => {
+            problems.push(format!("{name}: {e}"));
+            Duration::ZERO
+        }
+    }
+}
+
+fn value<T: std::str::FromStr<Err = String>>(
+    raw: Option<String>,
+    default: &str,
+    name: &str,
+    problems: &mut Vec<String>,
+) -> T {
+    let raw = raw.unwrap_or_else(|| default.to_string());
+    raw.parse::<T>().unwrap_or_else(|e| {
+        problems.push(format!("{name}: {e}"));
+        default
+            .parse::<T>()
+            .unwrap_or_else(|_| unreachable!("defaults parse"))
+    })
+}
+
+fn attempts(raw: Option<String>, name: &str, problems: &mut Vec<String>) -> u32 {
+    match raw {
+        None => 3,
+        Some(v) => match v.trim().parse::<u32>() {
+            Ok(n) if n >= 1 => n,
+            _ => {
+                problems.push(format!("{name}: `{v}` is not a whole number of at least 1"));
+                3
+            }
+        },
+    }
+}
+
+fn url_setting(raw: Option<String>, name: &str, problems: &mut Vec<String>) -> Option<Url> {
+    let raw = raw?;
+    match Url::parse(raw.trim()) {
+        Ok(u) if u.scheme() == "https" || u.scheme() == "http" => Some(u),
+        Ok(u) => {
+            problems.push(format!(
+                "{name}: `{raw}` has scheme `{}`, expected https",
+                u.scheme()
+            ));
+            None
+        }
+        Err(e) => {
+            problems.push(format!("{name}: `{raw}` is not a URL ({e})"));
+            None
+        }
+    }
+}
+
+/// NCRONTAB as the Functions host reads it: six fields (with seconds), or a `hh:mm:ss` TimeSpan.
+fn schedule(raw: Option<String>, name: &str, problems: &mut Vec<String>) -> String {
+    let raw = raw.unwrap_or_else(|| "0 */1 * * * *".to_string());
+    let fields: Vec<&str> = raw.split_whitespace().collect();
+    let is_timespan = fields.len() == 1
+        && raw.trim().split(':').count() == 3
+        && raw
+            .trim()
+            .split(':')
+            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()));
+    let field_ok = |f: &&str| {
+        f.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '*' | '/' | ',' | '-'))
+    };
+    if !(is_timespan || (fields.len() == 6 && fields.iter().all(field_ok))) {
+        problems.push(format!(
+            "{name}: `{raw}` is not an NCRONTAB expression with six fields ({{second}} {{minute}} {{hour}} {{day}} {{month}} {{day-of-week}}), e.g. `0 */1 * * * *`"
+        ));
+    }
+    raw.trim().to_string()
+}
+
+fn storage(
+    get: &impl Fn(&str) -> Option<String>,
+    problems: &mut Vec<String>,
+) -> Option<StorageSettings> {
+    for prefix in [STORAGE, WEBJOBS_STORAGE] {
+        if let Some(cs) = get(prefix) {
+            if !cs.contains('=') {
+                problems.push(format!(
+                    "{prefix}: not a connection string (expected `Key=Value;…` pairs such as `UseDevelopmentStorage=true`)"
+                ));
+                return None;
+            }
+            return Some(StorageSettings::ConnectionString(cs.trim().to_string()));
+        }
+        let client_id = get(&format!("{prefix}__clientId")).map(|s| s.trim().to_string());
+        if let Some(uri) = get(&format!("{prefix}__tableServiceUri")) {
+            return match Url::parse(uri.trim()) {
+                Ok(table_service_uri) => Some(StorageSettings::Identity {
+                    table_service_uri,
+                    client_id,
+                }),
+                Err(e) => {
+                    problems.push(format!(
+                        "{prefix}__tableServiceUri: `{uri}` is not a URL ({e})"
+                    ));
+                    None
+                }
+            };
+        }
+        if let Some(account) = get(&format!("{prefix}__accountName")) {
+            let account = account.trim();
+            if !account
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+                || !(3..=24).contains(&account.len())
+            {
+                problems.push(format!(
+                    "{prefix}__accountName: `{account}` is not a storage account name (3-24 lower-case letters and digits)"
+                ));
+                return None;
+            }
+            return Url::parse(&format!("https://{account}.table.core.windows.net"))
+                .ok()
+                .map(|table_service_uri| StorageSettings::Identity {
+                    table_service_uri,
+                    client_id,
+                });
+        }
+    }
+    problems.push(format!(
+        "no table storage configured: set {STORAGE} (or {WEBJOBS_STORAGE}) to a connection string, or {STORAGE}__tableServiceUri / {STORAGE}__accountName for identity-based access"
+    ));
+    None
+}
+
+/// Splits `HEALER_SCALE_SETS` on `,` `;` and white space, except inside `[…]` override blocks.
+fn split_entries(raw: &str) -> Result<Vec<String>, String> {
+    let mut entries = Vec::new();
+    let mut current = String::new();
+    let mut depth = 0u32;
+    for c in raw.chars() {
+        match c {
+            '[' => {
+                depth += 1;
+                current.push(c);
+            }
+            ']' => {
+                if depth == 0 {
+                    return Err("`]` without a matching `[`".into());
+                }
+                depth -= 1;
+                current.push(c);
+            }
+            c if depth == 0 && (c == ',' || c == ';' || c.is_whitespace()) => {
+                if !current.is_empty() {
+                    entries.push(std::mem::take(&mut current));
+                }
+            }
+            c => current.push(c),
+        }
+    }
+    if depth != 0 {
+        return Err("`[` without a matching `]`".into());
+    }
+    if !current.is_empty() {
+        entries.push(current);
+    }
+    Ok(entries)
+}
+
+fn parse_scale_sets(
+    raw: &str,
+    defaults: &Policy,
+    problems: &mut Vec<String>,
+) -> Vec<WatchedScaleSet> {
+    let entries = match split_entries(raw) {
+        Ok(e) => e,
+        Err(e) => {
+            problems.push(format!("{SCALE_SETS}: {e}"));
+            return Vec::new();
+        }
+    };
+    let mut sets: Vec<WatchedScaleSet> = Vec::new();
+    for entry in entries {
+        let (id_part, overrides) = match entry.split_once('[') {
+            Some((id, rest)) => (id, Some(rest.trim_end_matches(']'))),
+            None => (entry.as_str(), None),
+        };
+        let id = match ScaleSetId::parse(id_part) {
+            Ok(id) => id,
+            Err(e) => {
+                problems.push(format!("{SCALE_SETS}: {e}"));
+                continue;
+            }
+        };
+        if sets.iter().any(|s| s.id == id) {
+            problems.push(format!(
+                "{SCALE_SETS}: `{}` is listed twice",
+                id.resource_id()
+            ));
+            continue;
+        }
+        let mut policy = defaults.clone();
+        if let Some(overrides) = overrides {
+            apply_overrides(&id, overrides, &mut policy, problems);
+        }
+        sets.push(WatchedScaleSet { id, policy });
+    }
+    if sets.is_empty() && problems.is_empty() {
+        problems.push(format!("{SCALE_SETS}: no scale set resource id found"));
+    }
+    sets
+}
+
+fn apply_overrides(id: &ScaleSetId, raw: &str, policy: &mut Policy, problems: &mut Vec<String>) {
+    for pair in raw
+        .split(|c: char| c.is_whitespace() || c == ';')
+        .filter(|p| !p.is_empty())
+    {
+        let Some((key, val)) = pair.split_once('=') else {
+            problems.push(format!(
+                "{SCALE_SETS}: override `{pair}` for {id} is not KEY=VALUE"
+            ));
+            continue;
+        };
+        let key = key.trim().to_ascii_uppercase();
+        let name = if key.starts_with("HEALER_") {
+            key.clone()
+        } else {
+            format!("HEALER_{key}")
+        };
+        let label = format!("{SCALE_SETS} override {name} for {id}");
+        let val = Some(val.to_string());
+        match name.as_str() {
+            HEARTBEAT_TIMEOUT => policy.heartbeat_timeout = duration(val, "", &label, problems),
+            STARTUP_TIMEOUT => policy.startup_timeout = duration(val, "", &label, problems),
+            GRACE_PERIOD => policy.grace_period = duration(val, "", &label, problems),
+            DOWN_FOR => policy.down_for = duration(val, "", &label, problems),
+            REPAIR_TIMEOUT => policy.repair_timeout = duration(val, "", &label, problems),
+            REPAIR_ACTIONS => {
+                policy.repair_actions = value::<Escalation>(val, "replace", &label, problems)
+            }
+            MAX_ATTEMPTS => policy.max_attempts = attempts(val, &label, problems),
+            MAX_PARALLEL => policy.max_parallel = value::<Limit>(val, "10%", &label, problems),
+            MAX_UNHEALTHY => policy.max_unhealthy = value::<Limit>(val, "40%", &label, problems),
+            _ => problems.push(format!(
+                "{SCALE_SETS}: `{key}` for {id} cannot be overridden per scale set (allowed: HEARTBEAT_TIMEOUT, STARTUP_TIMEOUT, GRACE_PERIOD, DOWN_FOR, REPAIR_ACTIONS, REPAIR_TIMEOUT, MAX_ATTEMPTS, MAX_PARALLEL, MAX_UNHEALTHY)"
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::RepairAction;
+    use std::collections::HashMap;
+
+    const WEB: &str =
+        "/subscriptions/s1/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/web";
+    const API: &str =
+        "/subscriptions/s1/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/api";
+
+    fn load(pairs: &[(&str, &str)]) -> Result<Settings, SettingsErrors> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn minimal_settings_take_the_documented_defaults() {
+        let s = load(&[
+            (SCALE_SETS, WEB),
+            (WEBJOBS_STORAGE, "UseDevelopmentStorage=true"),
+        ])
+        .unwrap();
+        assert_eq!(s.scale_sets.len(), 1);
+        assert_eq!(s.defaults.heartbeat_timeout, Duration::seconds(180));
+        assert_eq!(s.defaults.startup_timeout, Duration::seconds(600));
+        assert_eq!(s.defaults.grace_period, Duration::seconds(300));
+        assert_eq!(s.defaults.down_for, Duration::seconds(60));
+        assert_eq!(s.defaults.repair_actions.steps(), &[RepairAction::Replace]);
+        assert_eq!(s.defaults.repair_timeout, Duration::seconds(900));
+        assert_eq!(s.defaults.max_attempts, 3);
+        assert_eq!(s.defaults.max_parallel, Limit::Percent(10.0));
+        assert_eq!(s.defaults.max_unhealthy, Limit::Percent(40.0));
+        assert_eq!(s.mirror_max_age, Duration::seconds(300));
+        assert!(!s.dry_run);
+        assert_eq!(s.webhook_url, None);
+        assert_eq!(s.status_schedule, "0 */1 * * * *");
+        assert_eq!(s.arm_endpoint.as_str(), "https://management.azure.com/");
+        assert_eq!(s.port, 8080);
+        assert_eq!(
+            s.storage,
+            StorageSettings::ConnectionString("UseDevelopmentStorage=true".into())
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let err = load(&[
+            (HEARTBEAT_TIMEOUT, "soon"),
+            (REPAIR_ACTIONS, "delete,restart"),
+            (MAX_PARALLEL, "0"),
+            (DRY_RUN, "maybe"),
+            (WEBHOOK_URL, "not a url"),
+            (STATUS_SCHEDULE, "every minute"),
+            (HANDLER_PORT, "99999"),
+        ])
+        .unwrap_err();
+        let text = err.to_string();
+        for needle in [
+            SCALE_SETS,
+            "no table storage configured",
+            HEARTBEAT_TIMEOUT,
+            REPAIR_ACTIONS,
+            MAX_PARALLEL,
+            DRY_RUN,
+            WEBHOOK_URL,
+            STATUS_SCHEDULE,
+            HANDLER_PORT,
+        ] {
+            assert!(text.contains(needle), "missing {needle} in:\n{text}");
+        }
+        assert_eq!(err.0.len(), 9, "{text}");
+    }
+
+    #[test]
+    fn scale_sets_split_on_any_separator_and_take_overrides() {
+        let raw = format!("{WEB}[REPAIR_ACTIONS=restart,replace max_parallel=2];\n {API}");
+        let s = load(&[(SCALE_SETS, &raw), (STORAGE, "UseDevelopmentStorage=true")]).unwrap();
+        assert_eq!(s.scale_sets.len(), 2);
+        let web = &s.scale_sets[0];
+        assert_eq!(web.id.name, "web");
+        assert_eq!(
+            web.policy.repair_actions.steps(),
+            &[RepairAction::Restart, RepairAction::Replace]
+        );
+        assert_eq!(web.policy.max_parallel, Limit::Count(2));
+        assert_eq!(s.scale_sets[1].policy, s.defaults);
+    }
+
+    #[test]
+    fn bad_scale_set_entries_are_each_named() {
+        let raw = format!("{WEB},{WEB} /subscriptions/x {API}[COLOUR=blue] {API}[MAX_ATTEMPTS=0");
+        let err = load(&[(SCALE_SETS, &raw), (STORAGE, "UseDevelopmentStorage=true")]).unwrap_err();
+        assert_eq!(err.0.len(), 1, "unbalanced brackets stop the parse: {err}");
+        let raw = format!("{WEB},{WEB} /subscriptions/x {API}[COLOUR=blue]");
+        let err = load(&[(SCALE_SETS, &raw), (STORAGE, "UseDevelopmentStorage=true")]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("listed twice"), "{text}");
+        assert!(text.contains("/subscriptions/x"), "{text}");
+        assert!(text.contains("COLOUR"), "{text}");
+    }
+
+    #[test]
+    fn identity_based_storage_is_recognised() {
+        let s = load(&[
+            (SCALE_SETS, WEB),
+            ("HEALER_STORAGE__accountName", "healerstate"),
+            ("HEALER_STORAGE__clientId", "abc"),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.storage,
+            StorageSettings::Identity {
+                table_service_uri: Url::parse("https://healerstate.table.core.windows.net")
+                    .unwrap(),
+                client_id: Some("abc".into())
+            }
+        );
+        let s = load(&[
+            (SCALE_SETS, WEB),
+            (
+                "AzureWebJobsStorage__tableServiceUri",
+                "https://x.table.core.windows.net",
+            ),
+        ])
+        .unwrap();
+        assert!(matches!(
+            s.storage,
+            StorageSettings::Identity {
+                client_id: None,
+                ..
+            }
+        ));
+        let err = load(&[
+            (SCALE_SETS, WEB),
+            ("HEALER_STORAGE__accountName", "Bad_Name"),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("accountName"));
+    }
+}

@@ -1,0 +1,572 @@
+//! The shared table-storage state layer (design §3). The only code that knows table names, keys,
+//! property names and ETags; everything above it speaks in domain types.
+
+pub mod table;
+
+use crate::heartbeat::{Heartbeat, Origin, Status};
+use crate::journal::{Entry, EntryKind};
+use crate::mirror::{AppHealth, Instance, MirroredInstance, ScaleSetRecord};
+use crate::policy::RepairAction;
+use crate::scaleset::ScaleSetId;
+use crate::settings::StorageSettings;
+use anyhow::{bail, Context};
+use azure_core::auth::TokenCredential;
+use azure_data_tables::clients::TableServiceClientBuilder;
+use azure_storage::{CloudLocation, ConnectionString, StorageCredentials};
+use std::collections::HashMap;
+use std::sync::Arc;
+use table::{quote, Entity, Row, RowError, Table};
+pub use table::{StoreError, MAX_BATCH};
+use time::OffsetDateTime;
+
+pub const INSTANCES: &str = "instances";
+pub const HEARTBEATS: &str = "heartbeats";
+pub const REPAIRS: &str = "repairs";
+pub const SCALESETS: &str = "scalesets";
+const SCALESET_PARTITION: &str = "scaleset";
+
+/// Handles to the four tables.
+#[derive(Debug, Clone)]
+pub struct Store {
+    instances: Table,
+    heartbeats: Table,
+    repairs: Table,
+    scalesets: Table,
+}
+
+/// A stored heartbeat with the ETag it was read at, for conditional replacement.
+#[derive(Debug, Clone)]
+pub struct StoredHeartbeat {
+    pub heartbeat: Heartbeat,
+    pub etag: String,
+}
+
+/// How a write of a heartbeat went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeartbeatWrite {
+    Stored,
+    /// An equal or newer reading was already stored.
+    Ignored,
+}
+
+/// Rows that could not be read back, skipped and reported rather than failing a whole pass.
+#[derive(Debug, Default)]
+pub struct Skipped(pub Vec<RowError>);
+
+impl Store {
+    /// Connects with the configured storage settings. `credential` is used for identity-based
+    /// settings only.
+    pub fn connect(
+        settings: &StorageSettings,
+        credential: impl FnOnce(Option<&str>) -> anyhow::Result<Arc<dyn TokenCredential>>,
+    ) -> anyhow::Result<Self> {
+        let (location, credentials) = match settings {
+            StorageSettings::ConnectionString(cs) => from_connection_string(cs)?,
+            StorageSettings::Identity {
+                table_service_uri,
+                client_id,
+            } => {
+                let account = table_service_uri
+                    .host_str()
+                    .and_then(|h| h.split('.').next())
+                    .unwrap_or_default()
+                    .to_string();
+                (
+                    CloudLocation::Custom {
+                        account,
+                        uri: table_service_uri.as_str().trim_end_matches('/').to_string(),
+                    },
+                    StorageCredentials::token_credential(credential(client_id.as_deref())?),
+                )
+            }
+        };
+        let service = TableServiceClientBuilder::with_location(location, credentials)
+            .client_options(client_options()?)
+            .build();
+        let table = |name: &'static str| Table {
+            name,
+            client: service.table_client(name),
+        };
+        Ok(Store {
+            instances: table(INSTANCES),
+            heartbeats: table(HEARTBEATS),
+            repairs: table(REPAIRS),
+            scalesets: table(SCALESETS),
+        })
+    }
+
+    /// Creates the four tables if they do not exist. Idempotent.
+    pub async fn ensure_tables(&self) -> Result<(), StoreError> {
+        for t in [
+            &self.instances,
+            &self.heartbeats,
+            &self.repairs,
+            &self.scalesets,
+        ] {
+            t.ensure_exists().await?;
+        }
+        Ok(())
+    }
+
+    // ---- instances: the mirror ----
+
+    pub async fn mirror(
+        &self,
+        set: &ScaleSetId,
+    ) -> Result<(Vec<MirroredInstance>, Skipped), StoreError> {
+        let rows = self
+            .instances
+            .query(Some(format!("PartitionKey eq {}", quote(&set.key()))))
+            .await?;
+        Ok(collect(rows, instance_from_row))
+    }
+
+    pub async fn mirrored_instance(
+        &self,
+        set: &ScaleSetId,
+        instance_id: &str,
+    ) -> Result<Option<Instance>, StoreError> {
+        match self.instances.get(&set.key(), instance_id).await? {
+            Some(row) => Ok(instance_from_row(&row).ok().map(|m| m.instance)),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes new and changed instances, and refreshes the sync time of unchanged ones.
+    pub async fn write_mirror(
+        &self,
+        set: &ScaleSetId,
+        instances: &[Instance],
+        synced_at: OffsetDateTime,
+    ) -> Result<usize, StoreError> {
+        let entities = instances
+            .iter()
+            .map(|i| instance_entity(set, i, synced_at))
+            .collect();
+        self.instances.upsert_batch(&set.key(), entities).await
+    }
+
+    pub async fn remove_instances(
+        &self,
+        set: &ScaleSetId,
+        instance_ids: &[String],
+    ) -> Result<usize, StoreError> {
+        let removed = self
+            .instances
+            .delete_batch(&set.key(), instance_ids)
+            .await?;
+        // A heartbeat of a VM that no longer exists would only confuse a reader.
+        self.heartbeats
+            .delete_batch(&set.key(), instance_ids)
+            .await?;
+        Ok(removed)
+    }
+
+    // ---- heartbeats ----
+
+    pub async fn heartbeats(
+        &self,
+        set: &ScaleSetId,
+    ) -> Result<(HashMap<String, Heartbeat>, Skipped), StoreError> {
+        let rows = self
+            .heartbeats
+            .query(Some(format!("PartitionKey eq {}", quote(&set.key()))))
+            .await?;
+        let (list, skipped) = collect(rows, |r| heartbeat_from_row(set, r));
+        Ok((
+            list.into_iter()
+                .map(|h| (h.target.instance_id.clone(), h))
+                .collect(),
+            skipped,
+        ))
+    }
+
+    pub async fn heartbeat(
+        &self,
+        set: &ScaleSetId,
+        instance_id: &str,
+    ) -> Result<Option<StoredHeartbeat>, StoreError> {
+        let Some(row) = self.heartbeats.get(&set.key(), instance_id).await? else {
+            return Ok(None);
+        };
+        let etag = row.etag().unwrap_or_default().to_string();
+        match heartbeat_from_row(set, &row) {
+            Ok(heartbeat) => Ok(Some(StoredHeartbeat { heartbeat, etag })),
+            // An unreadable stored row is replaced by the next good heartbeat.
+            Err(_) => Ok(Some(StoredHeartbeat {
+                heartbeat: unreadable_placeholder(set, instance_id),
+                etag,
+            })),
+        }
+    }
+
+    /// Stores a heartbeat unless a newer one is stored; concurrent writers are ordered by ETag.
+    pub async fn store_heartbeat(
+        &self,
+        hb: &Heartbeat,
+        is_newer: impl Fn(&Heartbeat, &Heartbeat) -> bool,
+    ) -> Result<HeartbeatWrite, StoreError> {
+        let set = &hb.target.scale_set;
+        for _ in 0..5 {
+            let entity = heartbeat_entity(hb);
+            match self.heartbeat(set, &hb.target.instance_id).await? {
+                None => match self.heartbeats.insert(entity).await {
+                    Ok(()) => return Ok(HeartbeatWrite::Stored),
+                    Err(StoreError::Conflict { .. }) => continue,
+                    Err(e) => return Err(e),
+                },
+                Some(stored) => {
+                    if !is_newer(hb, &stored.heartbeat) {
+                        return Ok(HeartbeatWrite::Ignored);
+                    }
+                    match self
+                        .heartbeats
+                        .replace_if(&set.key(), entity, &stored.etag)
+                        .await
+                    {
+                        Ok(()) => return Ok(HeartbeatWrite::Stored),
+                        Err(StoreError::PreconditionFailed { .. }) => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        Err(StoreError::PreconditionFailed {
+            table: HEARTBEATS,
+            key: format!("{}/{}", set.key(), hb.target.instance_id),
+        })
+    }
+
+    // ---- scalesets ----
+
+    pub async fn scale_set(&self, set: &ScaleSetId) -> Result<Option<ScaleSetRecord>, StoreError> {
+        match self.scalesets.get(SCALESET_PARTITION, &set.key()).await? {
+            Some(row) => Ok(scaleset_from_row(&row).ok()),
+            None => Ok(None),
+        }
+    }
+
+    pub async fn write_scale_set(
+        &self,
+        set: &ScaleSetId,
+        record: &ScaleSetRecord,
+    ) -> Result<(), StoreError> {
+        self.scalesets
+            .upsert(SCALESET_PARTITION, scaleset_entity(set, record))
+            .await
+    }
+
+    /// Marks a scale set as changed outside a sync (a Resource Manager event), so the next
+    /// `monitor-state` pass resyncs it.
+    pub async fn mark_scale_set_changed(
+        &self,
+        set: &ScaleSetId,
+        at: OffsetDateTime,
+        exists: bool,
+    ) -> Result<(), StoreError> {
+        let entity = Entity::new(SCALESET_PARTITION, &set.key())
+            .time("changedAt", at)
+            .bool("exists", exists);
+        self.scalesets.merge(SCALESET_PARTITION, entity).await
+    }
+
+    // ---- repairs: the journal ----
+
+    pub async fn append_journal(&self, entries: &[Entry]) -> Result<(), StoreError> {
+        let mut by_set: HashMap<String, Vec<Entity>> = HashMap::new();
+        for (i, e) in entries.iter().enumerate() {
+            by_set
+                .entry(e.scale_set.key())
+                .or_default()
+                .push(journal_entity(e, i));
+        }
+        for (pk, entities) in by_set {
+            self.repairs.upsert_batch(&pk, entities).await?;
+        }
+        Ok(())
+    }
+
+    /// Journal rows of a scale set at or after `since`, newest first.
+    pub async fn journal(
+        &self,
+        set: &ScaleSetId,
+        since: OffsetDateTime,
+    ) -> Result<(Vec<Entry>, Skipped), StoreError> {
+        // Row keys start with the inverted time, so "newer than" is "row key below".
+        let upper = format!("{:020}~", inverted_micros(since));
+        let filter = format!(
+            "PartitionKey eq {} and RowKey lt {}",
+            quote(&set.key()),
+            quote(&upper)
+        );
+        let rows = self.repairs.query(Some(filter)).await?;
+        Ok(collect(rows, |r| journal_from_row(set, r)))
+    }
+}
+
+/// Bounded retries: a storage hiccup is retried briefly inside the call; a longer outage fails
+/// the invocation (and Event Grid redelivers) instead of holding it for minutes.
+fn client_options() -> anyhow::Result<azure_core::ClientOptions> {
+    let http = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .context("building the storage HTTP client")?;
+    let retry = azure_core::ExponentialRetryOptions {
+        initial_delay: std::time::Duration::from_millis(200),
+        max_retries: 2,
+        max_total_elapsed: std::time::Duration::from_secs(5),
+        max_delay: std::time::Duration::from_secs(1),
+    };
+    Ok(azure_core::ClientOptions::default()
+        .retry(azure_core::RetryOptions::exponential(retry))
+        .transport(azure_core::TransportOptions::new(Arc::new(http))))
+}
+
+fn collect<T>(rows: Vec<Row>, f: impl Fn(&Row) -> Result<T, RowError>) -> (Vec<T>, Skipped) {
+    let mut out = Vec::with_capacity(rows.len());
+    let mut skipped = Skipped::default();
+    for row in &rows {
+        match f(row) {
+            Ok(v) => out.push(v),
+            Err(e) => skipped.0.push(e),
+        }
+    }
+    (out, skipped)
+}
+
+fn from_connection_string(cs: &str) -> anyhow::Result<(CloudLocation, StorageCredentials)> {
+    let parsed = ConnectionString::new(cs).context("the storage connection string is malformed")?;
+    if parsed.use_development_storage == Some(true) {
+        let uri = parsed
+            .development_storage_proxy_uri
+            .map(|p| format!("{}/devstoreaccount1", p.trim_end_matches('/')));
+        let location = match uri {
+            Some(uri) => CloudLocation::Custom {
+                account: "devstoreaccount1".into(),
+                uri,
+            },
+            None => CloudLocation::Emulator {
+                address: "127.0.0.1".into(),
+                port: 10002,
+            },
+        };
+        return Ok((location, StorageCredentials::emulator()));
+    }
+    let credentials = parsed.storage_credentials().context(
+        "the storage connection string has neither AccountKey nor SharedAccessSignature",
+    )?;
+    let Some(account) = parsed.account_name else {
+        if let Some(endpoint) = parsed.table_endpoint {
+            // A SAS connection string may name only the endpoint.
+            return Ok((
+                CloudLocation::Custom {
+                    account: String::new(),
+                    uri: endpoint.trim_end_matches('/').to_string(),
+                },
+                credentials,
+            ));
+        }
+        bail!("the storage connection string names no AccountName and no TableEndpoint");
+    };
+    let location = match parsed.table_endpoint {
+        Some(endpoint) => CloudLocation::Custom {
+            account: account.to_string(),
+            uri: endpoint.trim_end_matches('/').to_string(),
+        },
+        None => {
+            let scheme = match parsed.default_endpoints_protocol {
+                Some(azure_storage::EndpointProtocol::Http) => "http",
+                _ => "https",
+            };
+            let suffix = parsed.endpoint_suffix.unwrap_or("core.windows.net");
+            CloudLocation::Custom {
+                account: account.to_string(),
+                uri: format!("{scheme}://{account}.table.{suffix}"),
+            }
+        }
+    };
+    Ok((location, credentials))
+}
+
+fn instance_entity(set: &ScaleSetId, i: &Instance, synced_at: OffsetDateTime) -> Entity {
+    Entity::new(&set.key(), &i.instance_id)
+        .opt_str("vmId", i.vm_id.clone())
+        .opt_str("computerName", i.computer_name.clone())
+        .opt_str("provisioningState", i.provisioning_state.clone())
+        .opt_str("powerState", i.power_state.clone())
+        .opt_str("healthState", i.health.map(|h| h.as_str()))
+        .opt_bool("latestModelApplied", i.latest_model_applied)
+        .bool(
+            "protectFromScaleSetActions",
+            i.protected_from_scale_set_actions,
+        )
+        .bool("protectFromScaleIn", i.protected_from_scale_in)
+        .opt_str("zone", i.zone.clone())
+        .opt_time("createdAt", i.created_at)
+        .time("syncedAt", synced_at)
+}
+
+fn instance_from_row(r: &Row) -> Result<MirroredInstance, RowError> {
+    Ok(MirroredInstance {
+        instance: Instance {
+            instance_id: r.row_key().to_string(),
+            vm_id: r.opt_str("vmId"),
+            computer_name: r.opt_str("computerName"),
+            provisioning_state: r.opt_str("provisioningState"),
+            power_state: r.opt_str("powerState"),
+            health: r
+                .opt_str("healthState")
+                .and_then(|h| AppHealth::from_code(&h)),
+            latest_model_applied: r.opt_bool("latestModelApplied"),
+            protected_from_scale_set_actions: r
+                .opt_bool("protectFromScaleSetActions")
+                .unwrap_or(false),
+            protected_from_scale_in: r.opt_bool("protectFromScaleIn").unwrap_or(false),
+            zone: r.opt_str("zone"),
+            created_at: r.opt_time("createdAt")?,
+        },
+        synced_at: r.time("syncedAt")?,
+    })
+}
+
+fn heartbeat_entity(hb: &Heartbeat) -> Entity {
+    let until = match hb.status {
+        Status::Maintenance { until } => Some(until),
+        _ => None,
+    };
+    Entity::new(&hb.target.scale_set.key(), &hb.target.instance_id)
+        .str("status", hb.status.label())
+        .opt_time("until", until)
+        .time("eventTime", hb.event_time)
+        .time("receivedAt", hb.received_at)
+        .opt_i64("sequence", hb.sequence)
+        .opt_str("vmId", hb.vm_id.clone())
+        .opt_str("computerName", hb.computer_name.clone())
+        .opt_str("detail", hb.detail.clone())
+        .str("origin", hb.origin.as_str())
+        .str("eventId", hb.event_id.clone())
+}
+
+fn heartbeat_from_row(set: &ScaleSetId, r: &Row) -> Result<Heartbeat, RowError> {
+    let status_text = r.str("status")?;
+    let status = match status_text.as_str() {
+        "UP" => Status::Up,
+        "DOWN" => Status::Down,
+        "MAINTENANCE" => Status::Maintenance {
+            until: r.time("until")?,
+        },
+        other => {
+            return Err(RowError {
+                row_key: r.row_key().into(),
+                property: "status".into(),
+                why: format!("is `{other}`"),
+            })
+        }
+    };
+    Ok(Heartbeat {
+        target: set.instance(r.row_key()),
+        status,
+        event_time: r.time("eventTime")?,
+        received_at: r.time("receivedAt")?,
+        sequence: r.opt_i64("sequence")?,
+        vm_id: r.opt_str("vmId"),
+        computer_name: r.opt_str("computerName"),
+        detail: r.opt_str("detail"),
+        origin: match r.opt_str("origin").as_deref() {
+            Some("prunella") => Origin::Prunella,
+            _ => Origin::Agent,
+        },
+        event_id: r.opt_str("eventId").unwrap_or_default(),
+    })
+}
+
+/// Stands in for a stored row that cannot be parsed, so that any real heartbeat supersedes it.
+fn unreadable_placeholder(set: &ScaleSetId, instance_id: &str) -> Heartbeat {
+    Heartbeat {
+        target: set.instance(instance_id),
+        status: Status::Up,
+        event_time: OffsetDateTime::UNIX_EPOCH,
+        received_at: OffsetDateTime::UNIX_EPOCH,
+        sequence: None,
+        vm_id: None,
+        computer_name: None,
+        detail: None,
+        origin: Origin::Agent,
+        event_id: String::new(),
+    }
+}
+
+fn scaleset_entity(set: &ScaleSetId, r: &ScaleSetRecord) -> Entity {
+    Entity::new(SCALESET_PARTITION, &set.key())
+        .str("resourceId", set.resource_id())
+        .opt_i64("capacity", r.capacity)
+        .opt_str("orchestrationMode", r.orchestration_mode.clone())
+        .bool("platformAutoRepair", r.platform_auto_repair)
+        .opt_time("lastSync", r.synced_at)
+        .str("syncError", r.sync_error.clone().unwrap_or_default())
+        .opt_time("throttledUntil", r.throttled_until)
+        .bool("exists", r.exists)
+}
+
+fn scaleset_from_row(r: &Row) -> Result<ScaleSetRecord, RowError> {
+    Ok(ScaleSetRecord {
+        capacity: r.opt_i64("capacity")?,
+        orchestration_mode: r.opt_str("orchestrationMode"),
+        platform_auto_repair: r.opt_bool("platformAutoRepair").unwrap_or(false),
+        synced_at: r.opt_time("lastSync")?,
+        sync_error: r.opt_str("syncError").filter(|s| !s.is_empty()),
+        throttled_until: r.opt_time("throttledUntil")?,
+        exists: r.opt_bool("exists").unwrap_or(true),
+    })
+}
+
+/// Microseconds until the far future: newer rows get smaller keys and list first.
+fn inverted_micros(t: OffsetDateTime) -> i128 {
+    const FAR: i128 = 99_999_999_999_999_999; // year ~5138 in microseconds
+    FAR - t.unix_timestamp_nanos() / 1000
+}
+
+fn journal_entity(e: &Entry, seq: usize) -> Entity {
+    let row_key = format!("{:020}-{}-{seq:03}", inverted_micros(e.at), e.instance_id);
+    Entity::new(&e.scale_set.key(), &row_key)
+        .str("instanceId", e.instance_id.clone())
+        .time("at", e.at)
+        .str("incident", e.incident.clone())
+        .str("kind", e.kind.as_str())
+        .opt_str("action", e.action.map(|a| a.as_str()))
+        .i64("attempt", i64::from(e.attempt))
+        .str("outcome", e.outcome.clone())
+        .str("reason", e.reason.clone())
+        .str("evidence", e.evidence.to_string())
+        .bool("dryRun", e.dry_run)
+}
+
+fn journal_from_row(set: &ScaleSetId, r: &Row) -> Result<Entry, RowError> {
+    let kind_text = r.str("kind")?;
+    let bad = |p: &str, why: String| RowError {
+        row_key: r.row_key().into(),
+        property: p.into(),
+        why,
+    };
+    Ok(Entry {
+        scale_set: set.clone(),
+        instance_id: r.str("instanceId")?,
+        at: r.time("at")?,
+        incident: r.str("incident")?,
+        kind: EntryKind::parse(&kind_text)
+            .ok_or_else(|| bad("kind", format!("is `{kind_text}`")))?,
+        action: match r.opt_str("action") {
+            Some(a) => Some(a.parse::<RepairAction>().map_err(|e| bad("action", e))?),
+            None => None,
+        },
+        attempt: r.opt_i64("attempt")?.unwrap_or(0).clamp(0, u32::MAX as i64) as u32,
+        outcome: r.opt_str("outcome").unwrap_or_default(),
+        reason: r.opt_str("reason").unwrap_or_default(),
+        evidence: r
+            .opt_str("evidence")
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or(serde_json::Value::Null),
+        dry_run: r.opt_bool("dryRun").unwrap_or(false),
+    })
+}

@@ -1,0 +1,137 @@
+//! Starts a private Azurite table service for one test, installing it first if needed.
+
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const DEV_ACCOUNT: &str = "devstoreaccount1";
+pub const DEV_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+pub struct Azurite {
+    child: Child,
+    pub port: u16,
+    _workspace: tempfile::TempDir,
+}
+
+fn azurite_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("azurite")
+}
+
+/// Installs the pinned Azurite into `tests/azurite/node_modules` once, whichever test gets here
+/// first; the others wait on the lock file.
+pub fn ensure_installed() -> PathBuf {
+    let dir = azurite_dir();
+    let bin = dir
+        .join("node_modules")
+        .join("azurite")
+        .join("dist")
+        .join("src")
+        .join("table")
+        .join("main.js");
+    if bin.exists() {
+        return bin;
+    }
+    let lock = File::create(std::env::temp_dir().join("vmss-healer-azurite-install.lock"))
+        .expect("create the install lock file");
+    lock.lock().expect("take the install lock");
+    if !bin.exists() {
+        let status = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(&dir)
+            .status()
+            .expect("run npm (Node.js 20 and npm are needed to install Azurite)");
+        assert!(status.success(), "npm ci in {} failed", dir.display());
+    }
+    lock.unlock().ok();
+    assert!(
+        bin.exists(),
+        "Azurite installed but {} is missing",
+        bin.display()
+    );
+    bin
+}
+
+/// Reserves a free loopback port (Azurite 3.35 misreports port 0, so a real one is passed).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind a free port")
+}
+
+/// Waits until something accepts TCP connections on the port, or panics after `limit`.
+pub fn wait_for_port(port: u16, limit: Duration, what: &str, child: &mut Child) {
+    let deadline = Instant::now() + limit;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    loop {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited with {status} before listening on port {port}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not listen on port {port} within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+impl Azurite {
+    pub fn start() -> Self {
+        let main_js = ensure_installed();
+        let workspace = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let mut child = Command::new("node")
+            .arg(&main_js)
+            .args(["--tableHost", "127.0.0.1", "--tablePort", &port.to_string()])
+            .args([
+                "--inMemoryPersistence",
+                "--disableTelemetry",
+                "--skipApiVersionCheck",
+                "--silent",
+            ])
+            // In-memory persistence refuses --location; the cwd keeps any stray files out of the repo.
+            .current_dir(workspace.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start Azurite with node");
+        wait_for_port(port, Duration::from_secs(30), "Azurite", &mut child);
+        Azurite {
+            child,
+            port,
+            _workspace: workspace,
+        }
+    }
+
+    pub fn table_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}/{DEV_ACCOUNT}", self.port)
+    }
+
+    /// An explicit account + key connection string, as a real deployment would have.
+    pub fn connection_string(&self) -> String {
+        format!(
+            "DefaultEndpointsProtocol=http;AccountName={DEV_ACCOUNT};AccountKey={DEV_KEY};TableEndpoint={};",
+            self.table_endpoint()
+        )
+    }
+
+    /// Stops the emulator now (a test of "storage down").
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

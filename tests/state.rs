@@ -1,0 +1,275 @@
+//! The table layer against a real Azurite: tables, typed rows, paging, batches and ETags.
+
+mod common;
+
+use common::azurite::Azurite;
+use std::sync::Arc;
+use time::{Duration, OffsetDateTime};
+use vmss_healer::heartbeat::{supersedes, Heartbeat, Origin, Status};
+use vmss_healer::journal::{Entry, EntryKind};
+use vmss_healer::mirror::{AppHealth, Instance, ScaleSetRecord};
+use vmss_healer::policy::RepairAction;
+use vmss_healer::scaleset::ScaleSetId;
+use vmss_healer::settings::StorageSettings;
+use vmss_healer::state::{HeartbeatWrite, Store};
+
+fn store_for(cs: String) -> Store {
+    Store::connect(&StorageSettings::ConnectionString(cs), |_| {
+        anyhow::bail!("no identity in these tests")
+    })
+    .expect("connect")
+}
+
+fn set() -> ScaleSetId {
+    ScaleSetId::new("sub", "rg", "web")
+}
+
+fn instance(id: usize) -> Instance {
+    Instance {
+        instance_id: id.to_string(),
+        vm_id: Some(format!("vm-{id}")),
+        computer_name: Some(format!("web{id:06}")),
+        provisioning_state: Some("Succeeded".into()),
+        power_state: Some("running".into()),
+        health: if id % 2 == 0 {
+            Some(AppHealth::Healthy)
+        } else {
+            None
+        },
+        latest_model_applied: Some(true),
+        protected_from_scale_set_actions: id == 3,
+        protected_from_scale_in: false,
+        zone: Some("1".into()),
+        created_at: Some(
+            OffsetDateTime::UNIX_EPOCH + Duration::days(20_000) + Duration::microseconds(id as i64),
+        ),
+    }
+}
+
+fn heartbeat(at: OffsetDateTime, seq: i64) -> Heartbeat {
+    Heartbeat {
+        target: set().instance("7"),
+        status: Status::Up,
+        event_time: at,
+        received_at: at,
+        sequence: Some(seq),
+        vm_id: Some("vm-7".into()),
+        computer_name: None,
+        detail: Some("ok".into()),
+        origin: Origin::Agent,
+        event_id: format!("e{seq}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_round_trips_through_batches_and_continuation_pages() {
+    let azurite = Azurite::start();
+    let store = store_for(azurite.connection_string());
+    store.ensure_tables().await.unwrap();
+    store
+        .ensure_tables()
+        .await
+        .expect("creating tables twice is fine");
+
+    // More rows than one query page (1,000) and than one batch (100).
+    let written: Vec<Instance> = (0..1_150).map(instance).collect();
+    let synced = OffsetDateTime::now_utc();
+    assert_eq!(
+        store.write_mirror(&set(), &written, synced).await.unwrap(),
+        1_150
+    );
+
+    let (mut read, skipped) = store.mirror(&set()).await.unwrap();
+    assert!(skipped.0.is_empty());
+    assert_eq!(read.len(), 1_150, "every page was followed");
+    read.sort_by_key(|m| m.instance.instance_id.parse::<usize>().unwrap());
+    for (got, want) in read.iter().zip(&written) {
+        assert_eq!(&got.instance, want);
+    }
+
+    // Removal in batches, tolerating rows that are already gone.
+    let gone: Vec<String> = (0..150)
+        .map(|i| i.to_string())
+        .chain(["missing".to_string()])
+        .collect();
+    assert_eq!(store.remove_instances(&set(), &gone).await.unwrap(), 150);
+    let (read, _) = store.mirror(&set()).await.unwrap();
+    assert_eq!(read.len(), 1_000);
+    assert!(store
+        .mirrored_instance(&set(), "149")
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(
+        store.mirrored_instance(&set(), "150").await.unwrap(),
+        Some(instance(150))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_keep_the_newest_reading_even_with_concurrent_writers() {
+    let azurite = Azurite::start();
+    let store = Arc::new(store_for(azurite.connection_string()));
+    store.ensure_tables().await.unwrap();
+    let t0 = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+
+    assert_eq!(
+        store
+            .store_heartbeat(&heartbeat(t0, 1), supersedes)
+            .await
+            .unwrap(),
+        HeartbeatWrite::Stored
+    );
+    assert_eq!(
+        store
+            .store_heartbeat(&heartbeat(t0, 1), supersedes)
+            .await
+            .unwrap(),
+        HeartbeatWrite::Ignored
+    );
+    assert_eq!(
+        store
+            .store_heartbeat(&heartbeat(t0 - Duration::seconds(60), 0), supersedes)
+            .await
+            .unwrap(),
+        HeartbeatWrite::Ignored,
+        "an older, late delivery does not overwrite"
+    );
+
+    let tasks: Vec<_> = (2..22)
+        .map(|seq| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .store_heartbeat(&heartbeat(t0 + Duration::seconds(seq), seq), supersedes)
+                    .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await
+            .unwrap()
+            .expect("each write either stores or is ignored");
+    }
+    let stored = store
+        .heartbeat(&set(), "7")
+        .await
+        .unwrap()
+        .unwrap()
+        .heartbeat;
+    assert_eq!(
+        stored.sequence,
+        Some(21),
+        "the newest of the racing writers won"
+    );
+    assert_eq!(stored.event_time, t0 + Duration::seconds(21));
+    assert_eq!(
+        stored,
+        heartbeat(t0 + Duration::seconds(21), 21),
+        "every field round-trips"
+    );
+
+    let maintenance = Heartbeat {
+        status: Status::Maintenance {
+            until: t0 + Duration::hours(1),
+        },
+        ..heartbeat(t0 + Duration::seconds(30), 30)
+    };
+    store
+        .store_heartbeat(&maintenance, supersedes)
+        .await
+        .unwrap();
+    let (all, _) = store.heartbeats(&set()).await.unwrap();
+    assert_eq!(all.get("7"), Some(&maintenance));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_lists_newest_first_and_scale_set_records_round_trip() {
+    let azurite = Azurite::start();
+    let store = store_for(azurite.connection_string());
+    store.ensure_tables().await.unwrap();
+    let t0 = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let entry = |i: i64, kind| Entry {
+        scale_set: set(),
+        instance_id: format!("{i}"),
+        at: t0 + Duration::seconds(i),
+        incident: format!("inc-{i}"),
+        kind,
+        action: Some(RepairAction::Delete),
+        attempt: 1,
+        outcome: "requested".into(),
+        reason: "the instance reported DOWN".into(),
+        evidence: serde_json::json!({"status": "DOWN"}),
+        dry_run: false,
+    };
+    let entries: Vec<Entry> = (0..5).map(|i| entry(i, EntryKind::Repair)).collect();
+    store.append_journal(&entries).await.unwrap();
+
+    let (recent, skipped) = store
+        .journal(&set(), t0 + Duration::seconds(2))
+        .await
+        .unwrap();
+    assert!(skipped.0.is_empty());
+    let ids: Vec<&str> = recent.iter().map(|e| e.instance_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["4", "3", "2"],
+        "newest first, nothing older than `since`"
+    );
+    assert_eq!(recent[0], entries[4]);
+
+    assert_eq!(store.scale_set(&set()).await.unwrap(), None);
+    let record = ScaleSetRecord {
+        capacity: Some(20),
+        orchestration_mode: Some("Uniform".into()),
+        platform_auto_repair: true,
+        synced_at: Some(t0),
+        sync_error: None,
+        throttled_until: Some(t0 + Duration::minutes(5)),
+        exists: true,
+    };
+    store.write_scale_set(&set(), &record).await.unwrap();
+    assert_eq!(store.scale_set(&set()).await.unwrap(), Some(record));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn development_storage_connection_strings_reach_azurite() {
+    let azurite = Azurite::start();
+    let cs = format!(
+        "UseDevelopmentStorage=true;DevelopmentStorageProxyUri=http://127.0.0.1:{}",
+        azurite.port
+    );
+    let store = store_for(cs);
+    store
+        .ensure_tables()
+        .await
+        .expect("the dev-storage form authenticates");
+    store
+        .write_mirror(&set(), &[instance(1)], OffsetDateTime::now_utc())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.mirrored_instance(&set(), "1").await.unwrap(),
+        Some(instance(1))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_down_is_a_transient_error_and_bad_strings_fail_at_connect() {
+    let mut azurite = Azurite::start();
+    let store = store_for(azurite.connection_string());
+    store.ensure_tables().await.unwrap();
+    azurite.stop();
+    let err = store
+        .store_heartbeat(&heartbeat(OffsetDateTime::now_utc(), 1), supersedes)
+        .await
+        .unwrap_err();
+    assert!(err.is_transient(), "{err}");
+
+    let err = Store::connect(
+        &StorageSettings::ConnectionString("AccountName=x".into()),
+        |_| anyhow::bail!("unused"),
+    )
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("AccountKey"), "{err:#}");
+}
