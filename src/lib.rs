@@ -4,13 +4,20 @@
 //! `journal`) decide; the edges (`state` for tables, `compute` for ARM, `host` for the Functions
 //! host) do I/O; `functions` holds one thin module per Azure Function.
 
+pub mod compute;
 pub mod event;
+pub mod functions;
 pub mod heartbeat;
+pub mod host;
+pub mod identity;
 pub mod journal;
+pub mod lifecycle;
 pub mod mirror;
 pub mod plan;
 pub mod policy;
+pub mod repair;
 pub mod scaleset;
 pub mod settings;
 pub mod state;
+pub mod sync;
 pub mod verdict;

@@ -1,4 +1,322 @@
-//! Test harness: real Azurite, the Compute simulator and the handler on free ports.
+//! Test harness: a real Azurite, the Compute simulator and the handler binary on free ports,
+//! driven the way the Functions host drives the handler.
 #![allow(dead_code)]
 
 pub mod azurite;
+
+use azurite::{free_port, wait_for_port, Azurite};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use vmss_healer::scaleset::ScaleSetId;
+use vmss_healer::settings::StorageSettings;
+use vmss_healer::state::Store;
+
+pub const SUB: &str = "00000000-0000-0000-0000-000000000001";
+pub const RG: &str = "rg-fleet";
+pub const IDENTITY_SECRET: &str = "test-identity-secret";
+
+pub fn scale_set_id(name: &str) -> String {
+    format!("/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Compute/virtualMachineScaleSets/{name}")
+}
+
+pub fn now_rfc3339(offset: time::Duration) -> String {
+    (OffsetDateTime::now_utc() + offset)
+        .format(&Rfc3339)
+        .unwrap()
+}
+
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub struct TestApp {
+    pub azurite: Azurite,
+    sim: Process,
+    handler: Process,
+    pub sim_url: String,
+    pub handler_url: String,
+    pub http: reqwest::Client,
+    pub store: Store,
+}
+
+pub struct Builder {
+    sets: Vec<(String, usize)>,
+    env: BTreeMap<String, String>,
+    page_size: usize,
+}
+
+pub fn spawn_app() -> Builder {
+    Builder {
+        sets: Vec::new(),
+        env: BTreeMap::new(),
+        page_size: 100,
+    }
+}
+
+impl Builder {
+    pub fn scale_set(mut self, name: &str, capacity: usize) -> Self {
+        self.sets.push((name.to_string(), capacity));
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.insert(key.to_string(), value.to_string());
+        self
+    }
+
+    /// The simulator's page size for instance lists (to exercise nextLink paging).
+    pub fn page_size(mut self, n: usize) -> Self {
+        self.page_size = n;
+        self
+    }
+
+    pub async fn start(self) -> TestApp {
+        let azurite = Azurite::start();
+        let sim_port = free_port();
+        let mut sim = Command::new(env!("CARGO_BIN_EXE_compute-sim"))
+            .args([
+                "--port",
+                &sim_port.to_string(),
+                "--page-size",
+                &self.page_size.to_string(),
+            ])
+            .args(["--identity-secret", IDENTITY_SECRET])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start compute-sim");
+        wait_for_port(sim_port, Duration::from_secs(20), "compute-sim", &mut sim);
+        let sim_url = format!("http://127.0.0.1:{sim_port}");
+        let http = reqwest::Client::new();
+        for (name, capacity) in &self.sets {
+            let r = http
+                .post(format!("{sim_url}/admin/scalesets"))
+                .json(&json!({"subscription": SUB, "resourceGroup": RG, "name": name, "capacity": capacity}))
+                .send()
+                .await
+                .expect("create scale set");
+            assert!(r.status().is_success(), "creating {name}: {}", r.status());
+        }
+
+        let handler_port = free_port();
+        let ids: Vec<String> = self.sets.iter().map(|(n, _)| scale_set_id(n)).collect();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_handler"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .env("FUNCTIONS_CUSTOMHANDLER_PORT", handler_port.to_string())
+            .env("HEALER_SCALE_SETS", ids.join(","))
+            .env("HEALER_STORAGE", azurite.connection_string())
+            .env("HEALER_ARM_ENDPOINT", &sim_url)
+            .env("IDENTITY_ENDPOINT", format!("{sim_url}/msi/token"))
+            .env("IDENTITY_HEADER", IDENTITY_SECRET)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut handler = cmd.spawn().expect("start handler");
+        wait_for_port(
+            handler_port,
+            Duration::from_secs(20),
+            "handler",
+            &mut handler,
+        );
+        let handler_url = format!("http://127.0.0.1:{handler_port}");
+
+        let store = Store::connect(
+            &StorageSettings::ConnectionString(azurite.connection_string()),
+            |_| anyhow::bail!("no identity in tests"),
+        )
+        .expect("connect to Azurite");
+        // Wait for the handler's own startup task to create the tables.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while store
+            .scale_set(&ScaleSetId::new("x", "x", "x"))
+            .await
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the handler did not create its tables"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        TestApp {
+            azurite,
+            sim: Process(sim),
+            handler: Process(handler),
+            sim_url,
+            handler_url,
+            http,
+            store,
+        }
+    }
+}
+
+impl TestApp {
+    /// POSTs a raw body to the handler as the host would; returns status and JSON answer.
+    pub async fn post_raw(&self, function: &str, body: String) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}/{function}", self.handler_url))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("reach the handler");
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap_or_default();
+        let value =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("answer is not JSON: {text:?}"));
+        (status, value)
+    }
+
+    pub async fn invoke_timer(&self, function: &str) -> (u16, Value) {
+        let body = json!({
+            "Data": {"timer": {"Schedule": {"AdjustForDST": true},
+                "ScheduleStatus": {"Last": now_rfc3339(time::Duration::minutes(-1)), "Next": now_rfc3339(time::Duration::minutes(1)),
+                                   "LastUpdated": now_rfc3339(time::Duration::minutes(-1))},
+                "IsPastDue": false}},
+            "Metadata": {"sys": {"MethodName": function, "UtcNow": now_rfc3339(time::Duration::ZERO),
+                                 "RandGuid": "9cd4c06c-fc8f-4b63-af94-56bc75c3f0cb"}}
+        });
+        self.post_raw(function, body.to_string()).await
+    }
+
+    /// Delivers one event to monitor-events exactly as the host's Event Grid trigger does.
+    pub async fn deliver_event(&self, event: Value) -> (u16, Value) {
+        let body = json!({
+            "Data": {"event": event},
+            "Metadata": {"sys": {"MethodName": "monitor-events", "UtcNow": now_rfc3339(time::Duration::ZERO),
+                                 "RandGuid": "1b5e3f4e-0000-4000-8000-000000000000"}}
+        });
+        self.post_raw("monitor-events", body.to_string()).await
+    }
+
+    pub fn key(name: &str) -> String {
+        format!("{SUB}:{RG}:{name}").to_lowercase()
+    }
+
+    /// The simulator's view of a scale set: its VMs with their ids, vmIds and states.
+    pub async fn fleet(&self, name: &str) -> Value {
+        self.http
+            .get(format!(
+                "{}/admin/scalesets/{}",
+                self.sim_url,
+                Self::key(name)
+            ))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn vm(&self, name: &str, instance: u64) -> Value {
+        let fleet = self.fleet(name).await;
+        fleet["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["instance_id"] == json!(instance))
+            .cloned()
+            .unwrap_or_else(|| panic!("instance {instance} not in {name}"))
+    }
+
+    pub async fn break_vm(&self, name: &str, instance: u64, patch: Value) {
+        let r = self
+            .http
+            .patch(format!(
+                "{}/admin/scalesets/{}/vms/{instance}",
+                self.sim_url,
+                Self::key(name)
+            ))
+            .json(&patch)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status().is_success(),
+            "patching vm {instance}: {}",
+            r.status()
+        );
+    }
+
+    /// Every live VM that is not silent publishes one heartbeat through the handler.
+    pub async fn heartbeat_round(&self) -> Value {
+        self.http
+            .post(format!("{}/admin/heartbeats", self.sim_url))
+            .json(&json!({"target": self.handler_url}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn inject_fault(&self, fault: Value) {
+        let r = self
+            .http
+            .post(format!("{}/admin/faults", self.sim_url))
+            .json(&fault)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
+    /// The ARM calls the simulator received, oldest first.
+    pub async fn compute_calls(&self) -> Vec<Value> {
+        self.http
+            .get(format!("{}/admin/calls", self.sim_url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn clear_compute_calls(&self) {
+        self.http
+            .delete(format!("{}/admin/calls", self.sim_url))
+            .send()
+            .await
+            .unwrap();
+    }
+
+    pub fn scale_set(name: &str) -> ScaleSetId {
+        ScaleSetId::parse(&scale_set_id(name)).unwrap()
+    }
+}
+
+/// A design §2 heartbeat event (Event Grid schema) for one VM.
+pub fn heartbeat_event(
+    set: &str,
+    instance: u64,
+    vm_id: &str,
+    status: &str,
+    event_time: &str,
+) -> Value {
+    json!({
+        "id": uuid::Uuid::new_v4().to_string(),
+        "topic": "/subscriptions/x/resourceGroups/x/providers/Microsoft.EventGrid/topics/heartbeats",
+        "subject": format!("{}/virtualMachines/{instance}", scale_set_id(set)),
+        "eventType": "VmssHealer.Heartbeat",
+        "eventTime": event_time,
+        "dataVersion": "1",
+        "metadataVersion": "1",
+        "data": {"status": status, "vmId": vm_id, "computerName": format!("{set}{instance:06}"), "sequence": 1}
+    })
+}

@@ -1,0 +1,317 @@
+//! The simulator's own API: build fleets, break VMs, inject faults, read the call log, and make the
+//! VMs publish heartbeats. Not part of ARM; never authenticated.
+
+use crate::arm::vm_json;
+use crate::world::{Beat, Fault, FaultRule};
+use crate::Shared;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, patch, post, put};
+use axum::{Json, Router};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+pub fn routes() -> Router<Shared> {
+    Router::new()
+        .route("/admin/scalesets", post(create_set))
+        .route("/admin/scalesets/{key}", get(show_set).delete(delete_set))
+        .route("/admin/scalesets/{key}/capacity", put(set_capacity))
+        .route("/admin/scalesets/{key}/vms/{id}", patch(patch_vm))
+        .route("/admin/faults", post(add_fault).delete(clear_faults))
+        .route("/admin/calls", get(calls).delete(clear_calls))
+        .route("/admin/operations/complete", post(complete_operations))
+        .route("/admin/heartbeats", post(send_heartbeats))
+}
+
+fn not_found(what: &str) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({"error": format!("{what} not found")})),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NewSet {
+    subscription: String,
+    resource_group: String,
+    name: String,
+    capacity: usize,
+    #[serde(default = "default_location")]
+    location: String,
+    #[serde(default)]
+    zones: Vec<String>,
+    #[serde(default = "default_mode")]
+    orchestration_mode: String,
+    #[serde(default)]
+    automatic_repairs: bool,
+}
+
+fn default_location() -> String {
+    "westeurope".into()
+}
+
+fn default_mode() -> String {
+    "Uniform".into()
+}
+
+async fn create_set(State(s): State<Shared>, Json(n): Json<NewSet>) -> Response {
+    let mut w = s.world.lock().await;
+    let key = w.create_set(
+        &n.subscription,
+        &n.resource_group,
+        &n.name,
+        n.capacity,
+        &n.location,
+        n.zones,
+        &n.orchestration_mode,
+        n.automatic_repairs,
+    );
+    let id = w.sets[&key].resource_id();
+    (StatusCode::CREATED, Json(json!({"key": key, "id": id}))).into_response()
+}
+
+async fn show_set(State(s): State<Shared>, Path(key): Path<String>) -> Response {
+    let mut w = s.world.lock().await;
+    w.advance();
+    match w.sets.get(&key.to_lowercase()) {
+        Some(set) => Json(json!({
+            "id": set.resource_id(),
+            "capacity": set.capacity(),
+            "vms": set.vms.values().collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        None => not_found("scale set"),
+    }
+}
+
+async fn delete_set(State(s): State<Shared>, Path(key): Path<String>) -> Response {
+    let mut w = s.world.lock().await;
+    match w.sets.remove(&key.to_lowercase()) {
+        Some(_) => StatusCode::NO_CONTENT.into_response(),
+        None => not_found("scale set"),
+    }
+}
+
+#[derive(Deserialize)]
+struct Capacity {
+    capacity: usize,
+}
+
+async fn set_capacity(
+    State(s): State<Shared>,
+    Path(key): Path<String>,
+    Json(c): Json<Capacity>,
+) -> Response {
+    let mut w = s.world.lock().await;
+    let key = key.to_lowercase();
+    if !w.sets.contains_key(&key) {
+        return not_found("scale set");
+    }
+    let op = w.start_operation(&key, crate::world::Effect::Scale(c.capacity));
+    Json(json!({"operation": op})).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VmPatch {
+    health: Option<Option<String>>,
+    power_state: Option<String>,
+    provisioning_state: Option<String>,
+    protect_from_scale_set_actions: Option<bool>,
+    protect_from_scale_in: Option<bool>,
+    beat: Option<Beat>,
+    fault: Option<Fault>,
+    maintenance_until: Option<String>,
+}
+
+async fn patch_vm(
+    State(s): State<Shared>,
+    Path((key, id)): Path<(String, u64)>,
+    Json(p): Json<VmPatch>,
+) -> Response {
+    let mut w = s.world.lock().await;
+    let Some(set) = w.sets.get_mut(&key.to_lowercase()) else {
+        return not_found("scale set");
+    };
+    let Some(vm) = set.vms.get_mut(&id) else {
+        return not_found("instance");
+    };
+    if let Some(h) = p.health {
+        vm.health = h;
+    }
+    if let Some(v) = p.power_state {
+        vm.power_state = v;
+    }
+    if let Some(v) = p.provisioning_state {
+        vm.provisioning_state = v;
+    }
+    if let Some(v) = p.protect_from_scale_set_actions {
+        vm.protect_from_scale_set_actions = v;
+    }
+    if let Some(v) = p.protect_from_scale_in {
+        vm.protect_from_scale_in = v;
+    }
+    if let Some(v) = p.beat {
+        vm.beat = v;
+    }
+    if let Some(v) = p.fault {
+        vm.fault = v;
+    }
+    if let Some(v) = p.maintenance_until {
+        match OffsetDateTime::parse(&v, &Rfc3339) {
+            Ok(t) => vm.maintenance_until = Some(t),
+            Err(e) => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    Json(json!({"error": format!("maintenanceUntil: {e}")})),
+                )
+                    .into_response()
+            }
+        }
+    }
+    let set = &w.sets[&key.to_lowercase()];
+    Json(vm_json(set, &set.vms[&id], true)).into_response()
+}
+
+async fn add_fault(State(s): State<Shared>, Json(rule): Json<FaultRule>) -> Response {
+    s.world.lock().await.faults.push_back(rule);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn clear_faults(State(s): State<Shared>) -> Response {
+    s.world.lock().await.faults.clear();
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn calls(State(s): State<Shared>) -> Response {
+    Json(json!(s.world.lock().await.calls)).into_response()
+}
+
+async fn clear_calls(State(s): State<Shared>) -> Response {
+    s.world.lock().await.calls.clear();
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn complete_operations(State(s): State<Shared>) -> Response {
+    let mut w = s.world.lock().await;
+    let open: Vec<String> = w
+        .operations
+        .values()
+        .filter(|o| o.ended.is_none())
+        .map(|o| o.id.clone())
+        .collect();
+    for id in &open {
+        w.complete(id);
+    }
+    Json(json!({"completed": open.len()})).into_response()
+}
+
+#[derive(Deserialize, Default)]
+pub struct HeartbeatRound {
+    /// The handler's base URL; defaults to the one given on the command line.
+    target: Option<String>,
+}
+
+/// Builds one round of heartbeat invocations: what every live, publishing VM would send now.
+pub async fn heartbeat_round(s: &Shared) -> Vec<Value> {
+    let mut w = s.world.lock().await;
+    w.advance();
+    let now = OffsetDateTime::now_utc();
+    let stamp = |t: OffsetDateTime| t.format(&Rfc3339).unwrap_or_default();
+    let mut out = Vec::new();
+    for set in w.sets.values_mut() {
+        let set_id = set.resource_id();
+        for vm in set.vms.values_mut() {
+            let live = vm.provisioning_state == "Succeeded" && vm.power_state == "running";
+            if !live || vm.beat == Beat::Silent {
+                continue;
+            }
+            vm.sequence += 1;
+            let mut data = json!({
+                "vmId": vm.vm_id,
+                "computerName": vm.computer_name,
+                "sequence": vm.sequence,
+            });
+            match vm.beat {
+                Beat::Up => data["status"] = json!("UP"),
+                Beat::Down => {
+                    data["status"] = json!("DOWN");
+                    data["detail"] = json!("health check failed: connection refused on :8080");
+                }
+                Beat::Maintenance => {
+                    data["status"] = json!("MAINTENANCE");
+                    data["until"] = json!(stamp(
+                        vm.maintenance_until
+                            .unwrap_or(now + time::Duration::minutes(30))
+                    ));
+                }
+                Beat::Silent => unreachable!("filtered above"),
+            }
+            let event = json!({
+                "id": uuid::Uuid::new_v4().to_string(),
+                "topic": "/subscriptions/sim/resourceGroups/sim/providers/Microsoft.EventGrid/topics/heartbeats",
+                "subject": format!("{set_id}/virtualMachines/{}", vm.instance_id),
+                "eventType": "VmssHealer.Heartbeat",
+                "eventTime": stamp(now),
+                "dataVersion": "1",
+                "metadataVersion": "1",
+                "data": data,
+            });
+            out.push(json!({
+                "Data": {"event": event},
+                "Metadata": {"sys": {"MethodName": "monitor-events", "UtcNow": stamp(now),
+                                      "RandGuid": uuid::Uuid::new_v4().to_string()}},
+            }));
+        }
+    }
+    out
+}
+
+/// Posts invocations to the handler as the Functions host would; returns (sent, failed).
+pub async fn deliver(
+    client: &reqwest::Client,
+    target: &str,
+    invocations: Vec<Value>,
+) -> (usize, usize) {
+    let url = format!("{}/monitor-events", target.trim_end_matches('/'));
+    let results: Vec<bool> = futures::stream::iter(invocations)
+        .map(|body| {
+            let url = url.clone();
+            async move {
+                client
+                    .post(&url)
+                    .json(&body)
+                    .send()
+                    .await
+                    .map(|r| r.status().is_success())
+                    .unwrap_or(false)
+            }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    let ok = results.iter().filter(|r| **r).count();
+    (ok, results.len() - ok)
+}
+
+async fn send_heartbeats(State(s): State<Shared>, body: Option<Json<HeartbeatRound>>) -> Response {
+    let target = body
+        .and_then(|Json(b)| b.target)
+        .or_else(|| s.heartbeat_target.clone());
+    let Some(target) = target else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "no target: pass {\"target\": \"http://127.0.0.1:PORT\"} or start with --heartbeat-target"})),
+        )
+            .into_response();
+    };
+    let round = heartbeat_round(&s).await;
+    let (sent, failed) = deliver(&s.http, &target, round).await;
+    Json(json!({"sent": sent, "failed": failed})).into_response()
+}

@@ -1,0 +1,143 @@
+//! `monitor-events` (Event Grid trigger): heartbeats and scale-set lifecycle events in.
+//!
+//! A permanently bad event is logged, counted and answered 2xx so Event Grid does not redeliver
+//! it forever; only storage faults answer non-2xx.
+
+use super::store_error;
+use crate::event::{decode, Event};
+use crate::heartbeat::{self, supersedes, HEARTBEAT_TYPE, PRUNELLA_TYPE};
+use crate::host::{AppState, HostError, Invocation, Outcome};
+use crate::lifecycle::{self, Change};
+use crate::state::HeartbeatWrite;
+use serde_json::json;
+use time::OffsetDateTime;
+
+pub async fn run(state: &AppState, invocation: Invocation) -> Result<Outcome, HostError> {
+    let raw = invocation
+        .trigger("event")
+        .cloned()
+        .ok_or_else(|| HostError::BadRequest("event invocation has no Data.event".into()))?;
+    let now = OffsetDateTime::now_utc();
+    let event = match decode(raw) {
+        Ok(e) => e,
+        Err(e) => return Ok(rejected(state, "bad_envelope", None, &e.to_string())),
+    };
+    if event.event_type.eq_ignore_ascii_case(HEARTBEAT_TYPE)
+        || event.event_type.eq_ignore_ascii_case(PRUNELLA_TYPE)
+    {
+        on_heartbeat(state, &event, now).await
+    } else if lifecycle::is_lifecycle(&event.event_type) {
+        on_lifecycle(state, &event, now).await
+    } else {
+        let why = format!("event type `{}` is not handled", event.event_type);
+        Ok(rejected(state, "unknown_event_type", Some(&event.id), &why))
+    }
+}
+
+fn rejected(state: &AppState, label: &'static str, event_id: Option<&str>, why: &str) -> Outcome {
+    let count = state.counters.reject(label);
+    tracing::warn!(
+        event_id = event_id.unwrap_or(""),
+        reason = label,
+        rejected_total = count,
+        error = why,
+        "event rejected"
+    );
+    Outcome::new(
+        format!("rejected: {why}"),
+        json!({"accepted": false, "reason": label, "detail": why}),
+    )
+}
+
+async fn on_heartbeat(
+    state: &AppState,
+    event: &Event,
+    now: OffsetDateTime,
+) -> Result<Outcome, HostError> {
+    let hb = match heartbeat::read(event, now) {
+        Ok(hb) => hb,
+        Err(r) => return Ok(rejected(state, r.label(), Some(&event.id), &r.to_string())),
+    };
+    let set = &hb.target.scale_set;
+    if state.settings.scale_set(set).is_none() {
+        let r = heartbeat::Rejection::UnknownScaleSet(set.resource_id());
+        return Ok(rejected(state, r.label(), Some(&event.id), &r.to_string()));
+    }
+    let mirrored = state
+        .store
+        .mirrored_instance(set, &hb.target.instance_id)
+        .await
+        .map_err(store_error)?;
+    if let Err(r) = heartbeat::verify(&hb, mirrored.as_ref()) {
+        return Ok(rejected(state, r.label(), Some(&event.id), &r.to_string()));
+    }
+    let write = state
+        .store
+        .store_heartbeat(&hb, supersedes)
+        .await
+        .map_err(store_error)?;
+    let stored = write == HeartbeatWrite::Stored;
+    tracing::info!(scale_set = %set, instance = %hb.target.instance_id, status = hb.status.label(),
+        event_id = %hb.event_id, stored, "heartbeat");
+    let note = if stored {
+        "stored"
+    } else {
+        "ignored: an equal or newer heartbeat is stored"
+    };
+    Ok(Outcome::new(
+        format!("heartbeat {} from {}: {note}", hb.status.label(), hb.target),
+        json!({"accepted": true, "stored": stored, "instance": hb.target.to_string(), "status": hb.status.label()}),
+    ))
+}
+
+async fn on_lifecycle(
+    state: &AppState,
+    event: &Event,
+    now: OffsetDateTime,
+) -> Result<Outcome, HostError> {
+    let change = match lifecycle::read(event) {
+        Ok(c) => c,
+        Err(e) => {
+            return Ok(rejected(
+                state,
+                "not_a_scale_set",
+                Some(&event.id),
+                &e.to_string(),
+            ))
+        }
+    };
+    let set = change.scale_set().clone();
+    if state.settings.scale_set(&set).is_none() {
+        let why = format!("scale set {} is not watched", set.resource_id());
+        return Ok(rejected(state, "unknown_scale_set", Some(&event.id), &why));
+    }
+    let store = &state.store;
+    let note = match &change {
+        Change::InstanceDeleted(i) => {
+            store
+                .remove_instances(&set, std::slice::from_ref(&i.instance_id))
+                .await
+                .map_err(store_error)?;
+            format!("instance {} removed from the mirror", i.instance_id)
+        }
+        Change::ScaleSetDeleted(_) => {
+            store
+                .mark_scale_set_changed(&set, now, false)
+                .await
+                .map_err(store_error)?;
+            "scale set marked deleted".to_string()
+        }
+        Change::ScaleSetChanged(_) => {
+            store
+                .mark_scale_set_changed(&set, now, true)
+                .await
+                .map_err(store_error)?;
+            "scale set marked for resync".to_string()
+        }
+    };
+    tracing::info!(scale_set = %set, event_type = %event.event_type, event_id = %event.id, "{note}");
+    Ok(Outcome::new(
+        format!("lifecycle: {note}"),
+        json!({"accepted": true, "change": note}),
+    ))
+}

@@ -1,0 +1,28 @@
+//! `monitor-state` (timer): mirror each watched scale set's instances into the `instances` table.
+
+use super::{store_error, timer};
+use crate::host::{AppState, HostError, Invocation, Outcome};
+use time::OffsetDateTime;
+
+pub async fn run(state: &AppState, invocation: Invocation) -> Result<Outcome, HostError> {
+    let timer = timer(&invocation)?;
+    let now = OffsetDateTime::now_utc();
+    if timer.is_past_due {
+        tracing::warn!(function = "monitor-state", "timer is past due");
+    }
+    let report = crate::sync::sync_all(&state.store, &state.compute, &state.settings, now)
+        .await
+        .map_err(store_error)?;
+    let synced = report
+        .scale_sets
+        .iter()
+        .filter(|s| s.outcome == "synced")
+        .count();
+    let log = format!(
+        "monitor-state: {synced}/{} scale sets synced with {} Compute calls",
+        report.scale_sets.len(),
+        report.compute_calls
+    );
+    let value = serde_json::to_value(&report).map_err(|e| HostError::Internal(e.into()))?;
+    Ok(Outcome::new(log, value))
+}

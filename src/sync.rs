@@ -1,0 +1,134 @@
+//! One mirror pass (`monitor-state`): read each watched scale set from the Compute API, write only
+//! what changed, drop instances that are gone, and record the sync on the scale set's row.
+
+use crate::compute::{Compute, ComputeError};
+use crate::mirror::{diff, ScaleSetRecord};
+use crate::scaleset::ScaleSetId;
+use crate::settings::Settings;
+use crate::state::{Store, StoreError};
+use serde::Serialize;
+use time::{Duration, OffsetDateTime};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SetSync {
+    pub scale_set: String,
+    pub outcome: &'static str,
+    pub instances: usize,
+    pub written: usize,
+    pub removed: usize,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncReport {
+    pub scale_sets: Vec<SetSync>,
+    pub compute_calls: u64,
+}
+
+/// Mirrors every watched scale set. A failure of one set is recorded on its row and does not stop
+/// the others; only storage being unreachable fails the pass.
+pub async fn sync_all(
+    store: &Store,
+    compute: &Compute,
+    settings: &Settings,
+    now: OffsetDateTime,
+) -> Result<SyncReport, StoreError> {
+    let calls_before = compute.observed().calls();
+    let mut report = Vec::new();
+    for watched in &settings.scale_sets {
+        report.push(sync_one(store, compute, &watched.id, now).await?);
+    }
+    Ok(SyncReport {
+        scale_sets: report,
+        compute_calls: compute.observed().calls() - calls_before,
+    })
+}
+
+async fn sync_one(
+    store: &Store,
+    compute: &Compute,
+    id: &ScaleSetId,
+    now: OffsetDateTime,
+) -> Result<SetSync, StoreError> {
+    let mut record = store
+        .scale_set(id)
+        .await?
+        .unwrap_or_else(ScaleSetRecord::unsynced);
+    let mut result = SetSync {
+        scale_set: id.key(),
+        outcome: "synced",
+        instances: 0,
+        written: 0,
+        removed: 0,
+        detail: None,
+    };
+    if let Some(until) = record.throttled_until.filter(|u| *u > now) {
+        result.outcome = "throttled";
+        result.detail = Some(format!("Compute API asked to wait until {until}"));
+        tracing::warn!(scale_set = %id, until = %until, "mirror sync skipped: still throttled");
+        return Ok(result);
+    }
+
+    let read = async {
+        let info = compute.scale_set(id).await?;
+        let instances = compute.instances(id).await?;
+        Ok::<_, ComputeError>((info, instances))
+    };
+    match read.await {
+        Ok((info, observed)) => {
+            let (stored, skipped) = store.mirror(id).await?;
+            if !skipped.0.is_empty() {
+                tracing::warn!(scale_set = %id, rows = skipped.0.len(), first = %skipped.0[0], "unreadable mirror rows will be rewritten");
+            }
+            result.instances = observed.len();
+            let mut changes = diff(&stored, observed);
+            // Unreadable rows are rewritten from what ARM reports.
+            for bad in &skipped.0 {
+                if let Some(pos) = changes.unchanged.iter().position(|u| *u == bad.row_key) {
+                    changes.unchanged.remove(pos);
+                }
+            }
+            result.written = store.write_mirror(id, &changes.upserts, now).await?;
+            result.removed = store.remove_instances(id, &changes.removals).await?;
+            record = ScaleSetRecord {
+                capacity: info.capacity,
+                orchestration_mode: info.orchestration_mode,
+                platform_auto_repair: info.platform_auto_repair,
+                synced_at: Some(now),
+                sync_error: None,
+                throttled_until: None,
+                exists: true,
+            };
+            if record.platform_auto_repair {
+                tracing::warn!(scale_set = %id, "the scale set has the platform's automatic repairs enabled: two healers may act on one instance");
+            }
+            tracing::info!(scale_set = %id, instances = result.instances, written = result.written, removed = result.removed, "mirror synced");
+        }
+        Err(ComputeError::NotFound(why)) => {
+            let (stored, _) = store.mirror(id).await?;
+            let ids: Vec<String> = stored.into_iter().map(|m| m.instance.instance_id).collect();
+            result.removed = store.remove_instances(id, &ids).await?;
+            result.outcome = "not_found";
+            result.detail = Some(why.clone());
+            record.exists = false;
+            record.synced_at = Some(now);
+            record.sync_error = Some(why.clone());
+            tracing::error!(scale_set = %id, error = %why, "watched scale set does not exist; its mirror was emptied");
+        }
+        Err(ComputeError::Throttled { retry_after_s }) => {
+            record.throttled_until = Some(now + Duration::seconds(retry_after_s));
+            record.sync_error = Some(format!("throttled for {retry_after_s} s"));
+            result.outcome = "throttled";
+            result.detail = record.sync_error.clone();
+            tracing::warn!(scale_set = %id, retry_after_s, "mirror sync throttled; the mirror keeps its last state");
+        }
+        Err(e) => {
+            record.sync_error = Some(e.to_string());
+            result.outcome = e.label();
+            result.detail = Some(e.to_string());
+            tracing::error!(scale_set = %id, error = %e, "mirror sync failed; the mirror keeps its last state");
+        }
+    }
+    store.write_scale_set(id, &record).await?;
+    Ok(result)
+}

@@ -1,0 +1,263 @@
+//! End to end: Azurite + Compute simulator + handler, driven as the Functions host drives it.
+
+mod common;
+
+use common::{heartbeat_event, now_rfc3339, spawn_app, TestApp};
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use time::{Duration, OffsetDateTime};
+use vmss_healer::journal::EntryKind;
+
+fn mutating(calls: &[Value]) -> Vec<&Value> {
+    calls.iter().filter(|c| c["method"] != "GET").collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_and_a_silent_instance_are_deleted_and_the_rest_untouched() {
+    let app = spawn_app()
+        .scale_set("web", 20)
+        .page_size(7)
+        .env("HEALER_REPAIR_ACTIONS", "delete")
+        .start()
+        .await;
+    let set = TestApp::scale_set("web");
+
+    // The mirror follows nextLink across all three pages.
+    let (status, answer) = app.invoke_timer("monitor-state").await;
+    assert_eq!(status, 200, "{answer}");
+    let (mirror, _) = app.store.mirror(&set).await.unwrap();
+    assert_eq!(mirror.len(), 20);
+    let lists = app
+        .compute_calls()
+        .await
+        .iter()
+        .filter(|c| {
+            c["method"] == "GET" && c["path"].as_str().unwrap().ends_with("/virtualMachines")
+        })
+        .count();
+    assert_eq!(lists, 3, "20 instances at 7 per page is three list calls");
+
+    // Instance 5 reports DOWN; instance 9 hangs: its last heartbeat is ten minutes old.
+    app.break_vm("web", 5, json!({"beat": "down"})).await;
+    app.break_vm("web", 9, json!({"beat": "silent"})).await;
+    let vm9 = app.vm("web", 9).await;
+    let old = heartbeat_event(
+        "web",
+        9,
+        vm9["vm_id"].as_str().unwrap(),
+        "UP",
+        &now_rfc3339(Duration::minutes(-10)),
+    );
+    let (status, answer) = app.deliver_event(old).await;
+    assert_eq!(
+        (status, answer["ReturnValue"]["stored"].clone()),
+        (200, json!(true)),
+        "{answer}"
+    );
+    let round = app.heartbeat_round().await;
+    assert_eq!(round, json!({"sent": 19, "failed": 0}));
+    let (beats, _) = app.store.heartbeats(&set).await.unwrap();
+    assert_eq!(beats.len(), 20);
+
+    app.clear_compute_calls().await;
+    let (status, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["repairs_requested"],
+        json!(2),
+        "{answer}"
+    );
+
+    // One batched delete naming exactly the two instances; nothing else was changed.
+    let calls = app.compute_calls().await;
+    let writes = mutating(&calls);
+    assert_eq!(writes.len(), 1, "{writes:?}");
+    assert!(writes[0]["path"]
+        .as_str()
+        .unwrap()
+        .ends_with("/virtualMachineScaleSets/web/delete"));
+    let fleet = app.fleet("web").await;
+    let remaining: BTreeSet<u64> = fleet["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["instance_id"].as_u64().unwrap())
+        .collect();
+    let expected: BTreeSet<u64> = (0..20).filter(|i| *i != 5 && *i != 9).collect();
+    assert_eq!(remaining, expected);
+    assert!(fleet["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|v| v["provisioning_state"] == "Succeeded"));
+
+    // The journal says what was done and why.
+    let (journal, _) = app
+        .store
+        .journal(&set, OffsetDateTime::now_utc() - Duration::hours(1))
+        .await
+        .unwrap();
+    let repairs: Vec<_> = journal
+        .iter()
+        .filter(|e| e.kind == EntryKind::Repair)
+        .collect();
+    assert_eq!(repairs.len(), 2);
+    let down = repairs.iter().find(|e| e.instance_id == "5").unwrap();
+    assert_eq!(down.outcome, "requested");
+    assert!(down.reason.contains("reported DOWN"), "{}", down.reason);
+    let silent = repairs.iter().find(|e| e.instance_id == "9").unwrap();
+    assert!(
+        silent.reason.contains("no heartbeat for"),
+        "{}",
+        silent.reason
+    );
+    assert_eq!(silent.evidence["verdict"]["reason"], "silent");
+
+    // The next passes see the instances gone and close both incidents; nothing more is repaired.
+    app.invoke_timer("monitor-state").await;
+    let (mirror, _) = app.store.mirror(&set).await.unwrap();
+    assert_eq!(mirror.len(), 18);
+    app.clear_compute_calls().await;
+    let (_, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["repairs_requested"],
+        json!(0),
+        "{answer}"
+    );
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["outcomes"],
+        json!(2),
+        "{answer}"
+    );
+    assert!(mutating(&app.compute_calls().await).is_empty());
+    let (journal, _) = app
+        .store
+        .journal(&set, OffsetDateTime::now_utc() - Duration::hours(1))
+        .await
+        .unwrap();
+    let outcomes: BTreeSet<(&str, &str)> = journal
+        .iter()
+        .filter(|e| e.kind == EntryKind::Outcome)
+        .map(|e| (e.instance_id.as_str(), e.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        BTreeSet::from([("5", "removed"), ("9", "removed")])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_status_calls_the_compute_api_only_to_act() {
+    let app = spawn_app().scale_set("api", 5).start().await;
+    app.invoke_timer("monitor-state").await;
+    app.heartbeat_round().await;
+    app.clear_compute_calls().await;
+    let (status, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["healthy"],
+        json!(5),
+        "{answer}"
+    );
+    assert!(
+        app.compute_calls().await.is_empty(),
+        "a healthy fleet costs no Compute call"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_keeps_the_mirror_and_is_carried_to_later_passes() {
+    let app = spawn_app().scale_set("web", 4).start().await;
+    let set = TestApp::scale_set("web");
+    app.invoke_timer("monitor-state").await;
+    app.inject_fault(
+        json!({"status": 429, "retryAfter": 1200, "pathContains": "/virtualMachines"}),
+    )
+    .await;
+
+    let (status, answer) = app.invoke_timer("monitor-state").await;
+    assert_eq!(
+        status, 200,
+        "throttling is reported, not retried inside the call: {answer}"
+    );
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["outcome"],
+        "throttled"
+    );
+    let record = app.store.scale_set(&set).await.unwrap().unwrap();
+    let until = record.throttled_until.expect("throttle recorded");
+    assert!(
+        until > OffsetDateTime::now_utc() + Duration::minutes(19),
+        "Retry-After honoured: {until}"
+    );
+    assert_eq!(
+        app.store.mirror(&set).await.unwrap().0.len(),
+        4,
+        "the mirror kept its last state"
+    );
+
+    // The next pass does not call the Compute API at all until the throttle expires.
+    app.clear_compute_calls().await;
+    let (_, answer) = app.invoke_timer("monitor-state").await;
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["outcome"],
+        "throttled"
+    );
+    assert!(app.compute_calls().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vanished_instances_and_deleted_scale_sets_leave_the_mirror() {
+    let app = spawn_app().scale_set("web", 6).start().await;
+    let set = TestApp::scale_set("web");
+    app.invoke_timer("monitor-state").await;
+
+    // A Resource Manager delete event removes the instance at once.
+    let event = json!({"id": "rm-1", "topic": "/subscriptions/x/resourceGroups/rg-fleet",
+        "subject": format!("{}/virtualMachines/2", common::scale_set_id("web")),
+        "eventType": "Microsoft.Resources.ResourceDeleteSuccess", "eventTime": now_rfc3339(Duration::ZERO),
+        "data": {"resourceUri": format!("{}/virtualMachines/2", common::scale_set_id("web")),
+                 "operationName": "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/delete"},
+        "dataVersion": "2", "metadataVersion": "1"});
+    let (status, answer) = app.deliver_event(event).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(app
+        .store
+        .mirrored_instance(&set, "2")
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(app.store.mirror(&set).await.unwrap().0.len(), 5);
+
+    // Scale-in in the simulator: the next sync drops what is gone.
+    app.http
+        .put(format!(
+            "{}/admin/scalesets/{}/capacity",
+            app.sim_url,
+            TestApp::key("web")
+        ))
+        .json(&json!({"capacity": 3}))
+        .send()
+        .await
+        .unwrap();
+    app.invoke_timer("monitor-state").await;
+    assert_eq!(app.store.mirror(&set).await.unwrap().0.len(), 3);
+
+    // A deleted scale set empties its mirror and says so on its row.
+    app.http
+        .delete(format!(
+            "{}/admin/scalesets/{}",
+            app.sim_url,
+            TestApp::key("web")
+        ))
+        .send()
+        .await
+        .unwrap();
+    let (_, answer) = app.invoke_timer("monitor-state").await;
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["outcome"], "not_found",
+        "{answer}"
+    );
+    assert!(app.store.mirror(&set).await.unwrap().0.is_empty());
+    assert!(!app.store.scale_set(&set).await.unwrap().unwrap().exists);
+}
