@@ -171,8 +171,16 @@ pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDat
             continue;
         };
         let gone = !present.contains_key(instance_id) && synced_at.is_some_and(|s| s > repair.at);
+        let recovered = !action.removes_instance()
+            && present.get(instance_id).is_some_and(|m| {
+                let hb = obs.heartbeats.get(*instance_id);
+                hb.is_some_and(|hb| hb.event_time > repair.at)
+                    && judge(&m.instance, hb, m.synced_at, policy, now) == Verdict::Healthy
+            });
         let result = if gone && action.removes_instance() {
             Some(OutcomeResult::Removed)
+        } else if recovered {
+            Some(OutcomeResult::Recovered)
         } else if now - repair.at > policy.repair_timeout {
             Some(OutcomeResult::TimedOut)
         } else {
@@ -269,4 +277,335 @@ pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDat
     }
     plan.next_check = next;
     plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::heartbeat::{Origin, Status};
+    use crate::mirror::fixtures::instance;
+    use crate::scaleset::ScaleSetId;
+    use crate::settings::Settings;
+    use proptest::prelude::*;
+    use time::macros::datetime;
+
+    const NOW: OffsetDateTime = datetime!(2026-11-22 12:00 UTC);
+    const BRAKES: Brakes = Brakes {
+        mirror_max_age: Duration::seconds(300),
+    };
+
+    fn policy(actions: &str) -> Policy {
+        let mut p = Settings::from_lookup(|k| match k {
+            "HEALER_SCALE_SETS" => Some("/subscriptions/s/resourceGroups/r/providers/Microsoft.Compute/virtualMachineScaleSets/w".into()),
+            "HEALER_STORAGE" => Some("UseDevelopmentStorage=true".into()),
+            _ => None,
+        })
+        .unwrap()
+        .defaults;
+        p.repair_actions = actions.parse().unwrap();
+        p
+    }
+
+    fn set() -> ScaleSetId {
+        ScaleSetId::new("s", "r", "w")
+    }
+
+    /// A fleet of `n` instances, mirrored 30 s ago, each with an UP heartbeat 10 s old.
+    struct Fleet(Observation);
+
+    fn fleet(n: usize) -> Fleet {
+        let mut obs = Observation {
+            record: Some(ScaleSetRecord {
+                synced_at: Some(NOW - Duration::seconds(30)),
+                ..ScaleSetRecord::unsynced()
+            }),
+            instances: Vec::new(),
+            heartbeats: HashMap::new(),
+            journal: Vec::new(),
+        };
+        for i in 0..n {
+            let id = i.to_string();
+            obs.instances.push(MirroredInstance {
+                instance: instance(&id),
+                synced_at: NOW - Duration::hours(2),
+            });
+            obs.heartbeats.insert(id.clone(), beat(&id, Status::Up, 10));
+        }
+        Fleet(obs)
+    }
+
+    fn beat(id: &str, status: Status, age_s: i64) -> Heartbeat {
+        Heartbeat {
+            target: set().instance(id),
+            status,
+            event_time: NOW - Duration::seconds(age_s),
+            received_at: NOW - Duration::seconds(age_s),
+            sequence: None,
+            vm_id: Some(format!("vm-{id}")),
+            computer_name: None,
+            detail: None,
+            origin: Origin::Agent,
+            event_id: "e".into(),
+        }
+    }
+
+    impl Fleet {
+        fn down(mut self, id: &str) -> Self {
+            self.0
+                .heartbeats
+                .insert(id.into(), beat(id, Status::Down, 5));
+            self
+        }
+        fn up_at(mut self, id: &str, age_s: i64) -> Self {
+            self.0
+                .heartbeats
+                .insert(id.into(), beat(id, Status::Up, age_s));
+            self
+        }
+        fn protected(mut self, id: &str) -> Self {
+            self.0
+                .instances
+                .iter_mut()
+                .find(|m| m.instance.instance_id == id)
+                .unwrap()
+                .instance
+                .protected_from_scale_set_actions = true;
+            self
+        }
+        fn gone(mut self, id: &str) -> Self {
+            self.0.instances.retain(|m| m.instance.instance_id != id);
+            self
+        }
+        fn mirror_age(mut self, secs: i64) -> Self {
+            self.0.record.as_mut().unwrap().synced_at = Some(NOW - Duration::seconds(secs));
+            self
+        }
+        fn never_synced(mut self) -> Self {
+            self.0.record = None;
+            self
+        }
+        fn repaired(mut self, id: &str, action: RepairAction, ago_s: i64, outcome: &str) -> Self {
+            self.0.journal.push(Entry {
+                scale_set: set(),
+                instance_id: id.into(),
+                at: NOW - Duration::seconds(ago_s),
+                incident: format!("{id}-inc"),
+                kind: EntryKind::Repair,
+                action: Some(action),
+                attempt: 1,
+                outcome: outcome.into(),
+                reason: String::new(),
+                evidence: serde_json::Value::Null,
+                dry_run: false,
+            });
+            self
+        }
+        fn decide(&self, actions: &str) -> Plan {
+            decide(&self.0, &policy(actions), BRAKES, NOW)
+        }
+    }
+
+    fn repaired(plan: &Plan) -> Vec<(&str, RepairAction, u32)> {
+        plan.repairs
+            .iter()
+            .map(|r| (r.instance_id.as_str(), r.action, r.attempt))
+            .collect()
+    }
+
+    fn withheld(plan: &Plan) -> Vec<(Option<&str>, &'static str)> {
+        plan.withheld
+            .iter()
+            .map(|w| (w.instance_id.as_deref(), w.why.label()))
+            .collect()
+    }
+
+    fn outcomes(plan: &Plan) -> Vec<(&str, OutcomeResult)> {
+        plan.outcomes
+            .iter()
+            .map(|o| (o.instance_id.as_str(), o.result))
+            .collect()
+    }
+
+    use RepairAction::*;
+
+    #[test]
+    fn decision_table() {
+        struct Case {
+            name: &'static str,
+            fleet: Fleet,
+            actions: &'static str,
+            repairs: Vec<(&'static str, RepairAction, u32)>,
+            withheld: Vec<(Option<&'static str>, &'static str)>,
+            outcomes: Vec<(&'static str, OutcomeResult)>,
+        }
+        let cases = vec![
+            Case {
+                name: "healthy fleet",
+                fleet: fleet(4),
+                actions: "delete",
+                repairs: vec![],
+                withheld: vec![],
+                outcomes: vec![],
+            },
+            Case {
+                name: "one DOWN",
+                fleet: fleet(4).down("2"),
+                actions: "delete",
+                repairs: vec![("2", Delete, 1)],
+                withheld: vec![],
+                outcomes: vec![],
+            },
+            Case {
+                name: "one silent",
+                fleet: fleet(4).up_at("1", 400),
+                actions: "replace",
+                repairs: vec![("1", Replace, 1)],
+                withheld: vec![],
+                outcomes: vec![],
+            },
+            Case {
+                name: "protected",
+                fleet: fleet(4).down("3").protected("3"),
+                actions: "delete",
+                repairs: vec![],
+                withheld: vec![(Some("3"), "protected")],
+                outcomes: vec![],
+            },
+            Case {
+                name: "repair in flight",
+                fleet: fleet(4).down("2").repaired("2", Restart, 60, "requested"),
+                actions: "restart,replace",
+                repairs: vec![],
+                withheld: vec![(Some("2"), "repair_in_flight")],
+                outcomes: vec![],
+            },
+            Case {
+                name: "repair timed out escalates",
+                fleet: fleet(4).down("2").repaired("2", Restart, 1000, "requested"),
+                actions: "restart,replace",
+                repairs: vec![("2", Replace, 2)],
+                withheld: vec![],
+                outcomes: vec![("2", OutcomeResult::TimedOut)],
+            },
+            Case {
+                name: "deleted instance is gone",
+                fleet: fleet(4).gone("2").repaired("2", Delete, 60, "requested"),
+                actions: "delete",
+                repairs: vec![],
+                withheld: vec![],
+                outcomes: vec![("2", OutcomeResult::Removed)],
+            },
+            Case {
+                name: "restart recovered",
+                fleet: fleet(4)
+                    .up_at("2", 5)
+                    .repaired("2", Restart, 60, "requested"),
+                actions: "restart",
+                repairs: vec![],
+                withheld: vec![],
+                outcomes: vec![("2", OutcomeResult::Recovered)],
+            },
+            Case {
+                name: "throttled repair is decided again",
+                fleet: fleet(4).down("2").repaired("2", Delete, 60, "throttled"),
+                actions: "delete",
+                repairs: vec![("2", Delete, 1)],
+                withheld: vec![],
+                outcomes: vec![],
+            },
+            Case {
+                name: "stale mirror",
+                fleet: fleet(4).down("1").mirror_age(301),
+                actions: "delete",
+                repairs: vec![],
+                withheld: vec![(None, "stale_mirror")],
+                outcomes: vec![],
+            },
+            Case {
+                name: "never mirrored",
+                fleet: fleet(4).down("1").never_synced(),
+                actions: "delete",
+                repairs: vec![],
+                withheld: vec![(None, "no_mirror")],
+                outcomes: vec![],
+            },
+        ];
+        for c in cases {
+            let plan = c.fleet.decide(c.actions);
+            assert_eq!(repaired(&plan), c.repairs, "{}: repairs", c.name);
+            assert_eq!(withheld(&plan), c.withheld, "{}: withheld", c.name);
+            assert_eq!(outcomes(&plan), c.outcomes, "{}: outcomes", c.name);
+        }
+    }
+
+    #[test]
+    fn the_next_check_is_the_nearest_deadline() {
+        let plan = fleet(3).up_at("1", 170).decide("delete");
+        assert_eq!(
+            plan.next_check,
+            Some(Duration::seconds(11)),
+            "heartbeat timeout 180 s - 170 s + 1 s"
+        );
+        assert_eq!(plan.healthy, 3);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Beat {
+        None,
+        Up(i64),
+        Down,
+    }
+
+    fn arb_instance() -> impl Strategy<Value = (Beat, bool, Option<(i64, bool)>)> {
+        (
+            prop_oneof![
+                Just(Beat::None),
+                (0i64..1000).prop_map(Beat::Up),
+                Just(Beat::Down)
+            ],
+            any::<bool>(),
+            proptest::option::of((0i64..2000, any::<bool>())),
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn repairs_only_target_unhealthy_unprotected_idle_instances(
+            fleet_spec in proptest::collection::vec(arb_instance(), 0..40),
+            mirror_age in 0i64..600,
+        ) {
+            let mut f = fleet(fleet_spec.len()).mirror_age(mirror_age);
+            for (i, (b, protected, repair)) in fleet_spec.iter().enumerate() {
+                let id = i.to_string();
+                f = match b {
+                    Beat::None => { f.0.heartbeats.remove(&id); f }
+                    Beat::Up(age) => f.up_at(&id, *age),
+                    Beat::Down => f.down(&id),
+                };
+                if *protected { f = f.protected(&id); }
+                if let Some((ago, done)) = repair {
+                    f = f.repaired(&id, Restart, *ago, if *done { "throttled" } else { "requested" });
+                }
+            }
+            let p = policy("restart,replace");
+            let plan = decide(&f.0, &p, BRAKES, NOW);
+            if mirror_age > 300 {
+                prop_assert!(plan.repairs.is_empty());
+            }
+            let mut seen = std::collections::HashSet::new();
+            for r in &plan.repairs {
+                prop_assert!(seen.insert(r.instance_id.clone()), "repaired twice: {}", r.instance_id);
+                let m = f.0.instances.iter().find(|m| m.instance.instance_id == r.instance_id).unwrap();
+                prop_assert!(!m.instance.protected_from_scale_set_actions);
+                let v = judge(&m.instance, f.0.heartbeats.get(&r.instance_id), m.synced_at, &p, NOW);
+                prop_assert!(matches!(v, Verdict::Unhealthy(_)), "{:?}", v);
+                let (_, _, repair) = &fleet_spec[r.instance_id.parse::<usize>().unwrap()];
+                if let Some((ago, false)) = repair {
+                    prop_assert!(*ago > p.repair_timeout.whole_seconds(), "a repair in flight was repeated");
+                }
+            }
+            let instance_rows = plan.withheld.iter().filter(|w| w.instance_id.is_some()).count();
+            prop_assert!(plan.repairs.len() + instance_rows + plan.healthy <= fleet_spec.len());
+        }
+    }
 }
