@@ -340,7 +340,8 @@ mod tests {
 
     #[test]
     fn bad_heartbeats_are_rejected_with_a_reason() {
-        let cases: Vec<(Box<dyn Fn(&mut Event)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut Event)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (
                 Box::new(|e| e.data["status"] = json!("SLEEPY")),
                 "unknown_status",

@@ -12,6 +12,10 @@ use vmss_healer::settings::Settings;
 use vmss_healer::state::Store;
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("--settings-table") {
+        print!("{}", vmss_healer::settings::markdown_table());
+        return;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),

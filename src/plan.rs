@@ -138,10 +138,11 @@ fn open_repairs(journal: &[Entry]) -> HashMap<&str, &Entry> {
             EntryKind::Outcome => {
                 closed.insert(e.incident.as_str(), ());
             }
-            EntryKind::Repair if e.outcome == "requested" || e.outcome == "dry_run" => {
-                if !closed.contains_key(e.incident.as_str()) {
-                    open.entry(e.instance_id.as_str()).or_insert(e);
-                }
+            EntryKind::Repair
+                if (e.outcome == "requested" || e.outcome == "dry_run")
+                    && !closed.contains_key(e.incident.as_str()) =>
+            {
+                open.entry(e.instance_id.as_str()).or_insert(e);
             }
             _ => {}
         }

@@ -191,14 +191,19 @@ async fn act(
             }
         };
         let (outcome, note) = match &result {
-            Ok(_) if settings.dry_run => ("dry_run", "dry run: nothing was called".to_string()),
-            Ok(a) => ("requested", a.operation.clone().unwrap_or_default()),
+            Ok(_) if settings.dry_run => {
+                ("dry_run", Some("dry run: nothing was called".to_string()))
+            }
+            Ok(_) => ("requested", None),
             Err(ComputeError::Throttled { retry_after_s }) => (
                 "throttled",
-                format!("Compute API throttled; retried on a later pass after {retry_after_s} s"),
+                Some(format!(
+                    "Compute API throttled; retried on a later pass after {retry_after_s} s"
+                )),
             ),
-            Err(e) => ("failed", e.to_string()),
+            Err(e) => ("failed", Some(e.to_string())),
         };
+        let operation = result.as_ref().ok().and_then(|a| a.operation.clone());
         for r in repairs {
             let ok = result.is_ok();
             if ok {
@@ -217,8 +222,18 @@ async fn act(
                 action: Some(action),
                 attempt: r.attempt,
                 outcome: outcome.into(),
-                reason: format!("{}; {note}", r.reason.describe()),
-                evidence: r.evidence.clone(),
+                reason: match &note {
+                    Some(note) => format!("{}; {note}", r.reason.describe()),
+                    None => r.reason.describe(),
+                },
+                evidence: {
+                    let mut evidence = r.evidence.clone();
+                    // The Azure-AsyncOperation URL, for an operator following the repair in ARM.
+                    if let Some(op) = &operation {
+                        evidence["operation"] = json!(op);
+                    }
+                    evidence
+                },
                 dry_run: settings.dry_run,
             });
         }

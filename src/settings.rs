@@ -464,6 +464,18 @@ fn apply_overrides(id: &ScaleSetId, raw: &str, policy: &mut Policy, problems: &m
     }
 }
 
+/// The README's settings table, generated from [`CATALOG`] (`handler --settings-table`).
+pub fn markdown_table() -> String {
+    let mut out = String::from("| setting | default | meaning |\n|---|---|---|\n");
+    for s in CATALOG {
+        out.push_str(&format!(
+            "| `{}` | {} | {} |\n",
+            s.name, s.default, s.meaning
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -261,3 +261,150 @@ async fn vanished_instances_and_deleted_scale_sets_leave_the_mirror() {
     assert!(app.store.mirror(&set).await.unwrap().0.is_empty());
     assert!(!app.store.scale_set(&set).await.unwrap().unwrap().exists);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_deletes_then_restores_capacity_with_a_fresh_instance() {
+    let app = spawn_app().scale_set("web", 5).start().await;
+    app.invoke_timer("monitor-state").await;
+    app.break_vm("web", 3, json!({"beat": "down"})).await;
+    app.heartbeat_round().await;
+    app.clear_compute_calls().await;
+
+    let (status, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(status, 200, "{answer}");
+    let calls = app.compute_calls().await;
+    let writes: Vec<(String, String)> = mutating(&calls)
+        .iter()
+        .map(|c| {
+            (
+                c["method"].as_str().unwrap().to_string(),
+                c["path"]
+                    .as_str()
+                    .unwrap()
+                    .rsplit('/')
+                    .next()
+                    .unwrap()
+                    .to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        writes,
+        [
+            ("POST".to_string(), "delete".to_string()),
+            ("PATCH".to_string(), "web".to_string())
+        ]
+    );
+    let fleet = app.fleet("web").await;
+    assert_eq!(fleet["capacity"], json!(5), "capacity restored");
+    let ids: BTreeSet<u64> = fleet["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["instance_id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        BTreeSet::from([0, 1, 2, 4, 5]),
+        "instance 3 replaced by a new instance 5"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_that_works_closes_the_incident_as_recovered() {
+    let app = spawn_app()
+        .scale_set("web", 3)
+        .env("HEALER_REPAIR_ACTIONS", "restart,replace")
+        .start()
+        .await;
+    let set = TestApp::scale_set("web");
+    app.invoke_timer("monitor-state").await;
+    app.break_vm("web", 1, json!({"beat": "down"})).await;
+    app.heartbeat_round().await;
+    app.clear_compute_calls().await;
+
+    let (_, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["repairs_requested"],
+        json!(1),
+        "{answer}"
+    );
+    let calls = app.compute_calls().await;
+    let writes = mutating(&calls);
+    assert_eq!(writes.len(), 1);
+    assert!(writes[0]["path"]
+        .as_str()
+        .unwrap()
+        .ends_with("/web/restart"));
+    assert_eq!(
+        app.vm("web", 1).await["beat"],
+        "up",
+        "the simulated restart cleared the soft fault"
+    );
+
+    // While the restarted VM has not reported yet, the repair is in flight: nothing is repeated.
+    let (_, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["repairs_requested"],
+        json!(0),
+        "{answer}"
+    );
+
+    // Its next heartbeat is UP: the incident closes as recovered.
+    app.heartbeat_round().await;
+    let (_, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["outcomes"],
+        json!(1),
+        "{answer}"
+    );
+    let (journal, _) = app
+        .store
+        .journal(&set, OffsetDateTime::now_utc() - Duration::hours(1))
+        .await
+        .unwrap();
+    let outcome = journal
+        .iter()
+        .find(|e| e.kind == EntryKind::Outcome)
+        .expect("an outcome row");
+    assert_eq!(
+        (outcome.instance_id.as_str(), outcome.outcome.as_str()),
+        ("1", "recovered")
+    );
+    let repair = journal
+        .iter()
+        .find(|e| e.kind == EntryKind::Repair)
+        .unwrap();
+    assert_eq!(
+        outcome.incident, repair.incident,
+        "one incident from repair to outcome"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_journals_the_decision_and_calls_nothing() {
+    let app = spawn_app()
+        .scale_set("web", 3)
+        .env("HEALER_DRY_RUN", "true")
+        .start()
+        .await;
+    let set = TestApp::scale_set("web");
+    app.invoke_timer("monitor-state").await;
+    app.break_vm("web", 0, json!({"beat": "down"})).await;
+    app.heartbeat_round().await;
+    app.clear_compute_calls().await;
+    let (_, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(answer["ReturnValue"]["dry_run"], json!(true));
+    assert!(app.compute_calls().await.is_empty());
+    let (journal, _) = app
+        .store
+        .journal(&set, OffsetDateTime::now_utc() - Duration::hours(1))
+        .await
+        .unwrap();
+    assert_eq!(journal.len(), 1);
+    assert_eq!(
+        (journal[0].outcome.as_str(), journal[0].dry_run),
+        ("dry_run", true)
+    );
+    assert_eq!(app.fleet("web").await["capacity"], json!(3));
+}

@@ -31,7 +31,7 @@ fn instance(id: usize) -> Instance {
         computer_name: Some(format!("web{id:06}")),
         provisioning_state: Some("Succeeded".into()),
         power_state: Some("running".into()),
-        health: if id % 2 == 0 {
+        health: if id.is_multiple_of(2) {
             Some(AppHealth::Healthy)
         } else {
             None

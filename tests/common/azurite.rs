@@ -1,4 +1,5 @@
-//! Starts a private Azurite table service for one test, installing it first if needed.
+//! Starts a private Azurite table service, installing the pinned version first if needed.
+//! Shared by the tests and the demo (which includes this file by path).
 
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -13,7 +14,7 @@ pub const DEV_KEY: &str =
 pub struct Azurite {
     child: Child,
     pub port: u16,
-    _workspace: tempfile::TempDir,
+    workspace: PathBuf,
 }
 
 fn azurite_dir() -> PathBuf {
@@ -25,6 +26,11 @@ fn azurite_dir() -> PathBuf {
 /// Installs the pinned Azurite into `tests/azurite/node_modules` once, whichever test gets here
 /// first; the others wait on the lock file.
 pub fn ensure_installed() -> PathBuf {
+    ensure_installed_quietly(false)
+}
+
+/// As [`ensure_installed`]; `announce` prints a line before a first-time install.
+pub fn ensure_installed_quietly(announce: bool) -> PathBuf {
     let dir = azurite_dir();
     let bin = dir
         .join("node_modules")
@@ -40,6 +46,12 @@ pub fn ensure_installed() -> PathBuf {
         .expect("create the install lock file");
     lock.lock().expect("take the install lock");
     if !bin.exists() {
+        if announce {
+            eprintln!(
+                "installing the pinned Azurite into {} (first run only)…",
+                dir.display()
+            );
+        }
         let status = Command::new("npm")
             .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
             .current_dir(&dir)
@@ -86,8 +98,10 @@ pub fn wait_for_port(port: u16, limit: Duration, what: &str, child: &mut Child) 
 impl Azurite {
     pub fn start() -> Self {
         let main_js = ensure_installed();
-        let workspace = tempfile::tempdir().expect("temp dir");
         let port = free_port();
+        let workspace =
+            std::env::temp_dir().join(format!("vmss-healer-azurite-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&workspace).expect("create Azurite's working directory");
         let mut child = Command::new("node")
             .arg(&main_js)
             .args(["--tableHost", "127.0.0.1", "--tablePort", &port.to_string()])
@@ -98,7 +112,7 @@ impl Azurite {
                 "--silent",
             ])
             // In-memory persistence refuses --location; the cwd keeps any stray files out of the repo.
-            .current_dir(workspace.path())
+            .current_dir(&workspace)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -107,7 +121,7 @@ impl Azurite {
         Azurite {
             child,
             port,
-            _workspace: workspace,
+            workspace,
         }
     }
 
@@ -133,5 +147,6 @@ impl Azurite {
 impl Drop for Azurite {
     fn drop(&mut self) {
         self.stop();
+        let _ = std::fs::remove_dir_all(&self.workspace);
     }
 }

@@ -273,20 +273,38 @@ pub async fn heartbeat_round(s: &Shared) -> Vec<Value> {
     out
 }
 
-/// Posts invocations to the handler as the Functions host would; returns (sent, failed).
+/// How heartbeats reach the healer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// As the Functions host invokes a custom handler: `POST {target}/monitor-events` with the
+    /// invocation envelope (the tests and the demo run the handler without a host).
+    Handler,
+    /// As Event Grid delivers to a Functions host: `POST {target}` with a JSON array of events and
+    /// `aeg-event-type: Notification` (the target being the host's
+    /// `/runtime/webhooks/eventgrid?functionName=monitor-events`).
+    EventGrid,
+}
+
+/// Delivers heartbeat invocations; returns (sent, failed).
 pub async fn deliver(
     client: &reqwest::Client,
     target: &str,
+    delivery: Delivery,
     invocations: Vec<Value>,
 ) -> (usize, usize) {
-    let url = format!("{}/monitor-events", target.trim_end_matches('/'));
     let results: Vec<bool> = futures::stream::iter(invocations)
-        .map(|body| {
-            let url = url.clone();
+        .map(|invocation| {
+            let request = match delivery {
+                Delivery::Handler => client
+                    .post(format!("{}/monitor-events", target.trim_end_matches('/')))
+                    .json(&invocation),
+                Delivery::EventGrid => client
+                    .post(target)
+                    .header("aeg-event-type", "Notification")
+                    .json(&json!([invocation["Data"]["event"]])),
+            };
             async move {
-                client
-                    .post(&url)
-                    .json(&body)
+                request
                     .send()
                     .await
                     .map(|r| r.status().is_success())
@@ -312,6 +330,6 @@ async fn send_heartbeats(State(s): State<Shared>, body: Option<Json<HeartbeatRou
             .into_response();
     };
     let round = heartbeat_round(&s).await;
-    let (sent, failed) = deliver(&s.http, &target, round).await;
+    let (sent, failed) = deliver(&s.http, &target, s.delivery, round).await;
     Json(json!({"sent": sent, "failed": failed})).into_response()
 }

@@ -239,7 +239,9 @@ fn respond(
         (Method::POST, [verb @ ("delete" | "restart" | "reimage")]) => {
             let ids = match instance_ids(world, &key, &parsed_body, *verb == "delete") {
                 Ok(ids) => ids,
-                Err(r) => return r,
+                Err(InvalidParameter(m)) => {
+                    return arm_error(StatusCode::BAD_REQUEST, "InvalidParameter", m)
+                }
             };
             let effect = match *verb {
                 "delete" => Effect::Delete(ids),
@@ -274,19 +276,20 @@ fn vm_not_found(set: &str, id: &str) -> Response {
     )
 }
 
+/// A 400 `InvalidParameter` message, turned into an ARM error response by the caller.
+struct InvalidParameter(String);
+
 fn instance_ids(
     world: &World,
     key: &str,
     body: &Value,
     required: bool,
-) -> Result<Vec<u64>, Response> {
+) -> Result<Vec<u64>, InvalidParameter> {
     let set = &world.sets[key];
     let Some(list) = body.get("instanceIds").and_then(Value::as_array) else {
         if required {
-            return Err(arm_error(
-                StatusCode::BAD_REQUEST,
-                "InvalidParameter",
-                "The value of parameter instanceIds is invalid.",
+            return Err(InvalidParameter(
+                "The value of parameter instanceIds is invalid.".into(),
             ));
         }
         return Ok(set.vms.keys().copied().collect());
@@ -297,19 +300,15 @@ fn instance_ids(
         match id {
             Some(id) if set.vms.contains_key(&id) => ids.push(id),
             _ => {
-                return Err(arm_error(
-                    StatusCode::BAD_REQUEST,
-                    "InvalidParameter",
-                    format!("The provided instanceId {v} is not an active Virtual Machine Scale Set VM instanceId."),
-                ))
+                return Err(InvalidParameter(format!(
+                    "The provided instanceId {v} is not an active Virtual Machine Scale Set VM instanceId."
+                )))
             }
         }
     }
     if ids.is_empty() && required {
-        return Err(arm_error(
-            StatusCode::BAD_REQUEST,
-            "InvalidParameter",
-            "The value of parameter instanceIds is invalid.",
+        return Err(InvalidParameter(
+            "The value of parameter instanceIds is invalid.".into(),
         ));
     }
     Ok(ids)

@@ -6,32 +6,16 @@
 
 mod admin;
 mod arm;
+mod server;
 mod world;
 
-use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
-use serde_json::json;
-use std::collections::HashMap;
-use std::sync::Arc;
+pub use server::Shared;
 use std::time::Duration;
-use time::OffsetDateTime;
-use tokio::sync::Mutex;
 use world::World;
 
-#[derive(Clone)]
-pub struct Shared {
-    pub world: Arc<Mutex<World>>,
-    pub base_url: String,
-    pub identity_secret: String,
-    pub heartbeat_target: Option<String>,
-    pub http: reqwest::Client,
-}
-
 const USAGE: &str = "usage: compute-sim [--port N] [--operation-ms N] [--page-size N] [--identity-secret S]
-                   [--scale-set SUB/RG/NAME=CAPACITY]... [--heartbeat-target URL] [--heartbeat-interval-ms N]";
+                   [--scale-set SUB/RG/NAME=CAPACITY]... [--heartbeat-target URL] [--heartbeat-interval-ms N]
+                   [--heartbeat-via handler|eventgrid]";
 
 struct Args {
     port: u16,
@@ -41,6 +25,7 @@ struct Args {
     scale_sets: Vec<(String, String, String, usize)>,
     heartbeat_target: Option<String>,
     heartbeat_interval_ms: Option<u64>,
+    delivery: admin::Delivery,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -52,6 +37,7 @@ fn parse_args() -> Result<Args, String> {
         scale_sets: Vec::new(),
         heartbeat_target: None,
         heartbeat_interval_ms: None,
+        delivery: admin::Delivery::Handler,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -78,6 +64,17 @@ fn parse_args() -> Result<Args, String> {
                         .map_err(|e| format!("--heartbeat-interval-ms: {e}"))?,
                 )
             }
+            "--heartbeat-via" => {
+                a.delivery = match value()?.as_str() {
+                    "handler" => admin::Delivery::Handler,
+                    "eventgrid" => admin::Delivery::EventGrid,
+                    other => {
+                        return Err(format!(
+                            "--heartbeat-via {other}: expected handler or eventgrid"
+                        ))
+                    }
+                }
+            }
             "--scale-set" => {
                 let v = value()?;
                 let (path, cap) = v
@@ -96,46 +93,6 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     Ok(a)
-}
-
-/// The App Service managed-identity endpoint (`IDENTITY_ENDPOINT`), api-version 2019-08-01.
-async fn token(
-    State(s): State<Shared>,
-    headers: HeaderMap,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    let secret = headers
-        .get("x-identity-header")
-        .and_then(|v| v.to_str().ok());
-    if secret != Some(s.identity_secret.as_str()) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            Json(json!({"error": "invalid or missing X-IDENTITY-HEADER"})),
-        )
-            .into_response();
-    }
-    let Some(resource) = q.get("resource") else {
-        return (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"error": "resource is required"})),
-        )
-            .into_response();
-    };
-    let access_token = format!("sim-{}", uuid::Uuid::new_v4());
-    let expires = OffsetDateTime::now_utc() + time::Duration::hours(1);
-    s.world
-        .lock()
-        .await
-        .tokens
-        .insert(access_token.clone(), expires);
-    Json(json!({
-        "access_token": access_token,
-        "expires_on": expires.unix_timestamp().to_string(),
-        "resource": resource,
-        "token_type": "Bearer",
-        "client_id": q.get("client_id").cloned().unwrap_or_else(|| "system-assigned".into()),
-    }))
-    .into_response()
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -160,33 +117,21 @@ async fn main() {
             false,
         );
     }
-    let base_url = format!("http://127.0.0.1:{}", args.port);
-    let shared = Shared {
-        world: Arc::new(Mutex::new(world)),
-        base_url: base_url.clone(),
-        identity_secret: args.identity_secret,
-        heartbeat_target: args.heartbeat_target.clone(),
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .unwrap_or_default(),
-    };
-    let app = Router::new()
-        .route("/msi/token", get(token))
-        .merge(admin::routes())
-        .fallback(arm::handle)
-        .with_state(shared.clone());
-
+    let shared = Shared::new(
+        world,
+        args.port,
+        args.identity_secret,
+        args.heartbeat_target.clone(),
+        args.delivery,
+    );
+    let base_url = shared.base_url.clone();
+    let app = server::router(shared.clone());
     if let (Some(target), Some(ms)) = (args.heartbeat_target, args.heartbeat_interval_ms) {
-        let s = shared.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(ms.max(50)));
-            loop {
-                tick.tick().await;
-                let round = admin::heartbeat_round(&s).await;
-                admin::deliver(&s.http, &target, round).await;
-            }
-        });
+        tokio::spawn(server::publish_heartbeats(
+            shared.clone(),
+            target,
+            Duration::from_millis(ms),
+        ));
     }
 
     let listener = match tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await {
