@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex};
 use time::{Duration, OffsetDateTime};
 use url::Url;
 
+const READ_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(300);
+
 /// Why a Compute call failed, in the terms a caller branches on.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ComputeError {
@@ -109,14 +111,16 @@ impl HttpClient for ObservingTransport {
                 self.observed.remaining.store(m, Ordering::Relaxed);
             }
         }
-        if matches!(
-            response.status(),
-            StatusCode::TooManyRequests | StatusCode::ServiceUnavailable
-        ) {
-            let secs = headers
-                .get_optional_str(&azure_core::headers::RETRY_AFTER)
-                .and_then(|v| v.trim().parse::<i64>().ok())
-                .unwrap_or(60);
+        let retry_after = headers
+            .get_optional_str(&azure_core::headers::RETRY_AFTER)
+            .and_then(|v| v.trim().parse::<i64>().ok());
+        // A 429 always means back off (60 s when unsaid); a 503 only when it says for how long.
+        let backoff = match response.status() {
+            StatusCode::TooManyRequests => Some(retry_after.unwrap_or(60)),
+            StatusCode::ServiceUnavailable => retry_after,
+            _ => None,
+        };
+        if let Some(secs) = backoff {
             if let Ok(mut g) = self.observed.throttled_until.lock() {
                 let until = OffsetDateTime::now_utc() + Duration::seconds(secs);
                 *g = Some(g.map_or(until, |old| old.max(until)));
@@ -191,7 +195,28 @@ impl Compute {
         }
     }
 
+    /// Runs an idempotent read, retrying once after a transient failure: one 5xx should not
+    /// cost a whole timer period of staleness. Throttling is never retried here.
+    async fn read<T, F, Fut>(&self, call: F) -> Result<T, ComputeError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ComputeError>>,
+    {
+        match call().await {
+            Err(ComputeError::Transient(why)) => {
+                tracing::warn!(error = %why, "transient Compute API failure on a read; retrying once");
+                tokio::time::sleep(READ_RETRY_DELAY).await;
+                call().await
+            }
+            other => other,
+        }
+    }
+
     pub async fn scale_set(&self, id: &ScaleSetId) -> Result<ScaleSetInfo, ComputeError> {
+        self.read(|| self.scale_set_once(id)).await
+    }
+
+    async fn scale_set_once(&self, id: &ScaleSetId) -> Result<ScaleSetInfo, ComputeError> {
         let vmss = self
             .client
             .virtual_machine_scale_sets_client()
@@ -214,6 +239,10 @@ impl Compute {
 
     /// Every instance of the scale set, with its instance view, following `nextLink` to the end.
     pub async fn instances(&self, id: &ScaleSetId) -> Result<Vec<Instance>, ComputeError> {
+        self.read(|| self.instances_once(id)).await
+    }
+
+    async fn instances_once(&self, id: &ScaleSetId) -> Result<Vec<Instance>, ComputeError> {
         let mut pages = self
             .client
             .virtual_machine_scale_set_v_ms_client()
