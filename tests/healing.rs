@@ -230,29 +230,12 @@ async fn vanished_instances_and_deleted_scale_sets_leave_the_mirror() {
     assert_eq!(app.store.mirror(&set).await.unwrap().0.len(), 5);
 
     // Scale-in in the simulator: the next sync drops what is gone.
-    app.http
-        .put(format!(
-            "{}/admin/scalesets/{}/capacity",
-            app.sim_url,
-            TestApp::key("web")
-        ))
-        .json(&json!({"capacity": 3}))
-        .send()
-        .await
-        .unwrap();
+    app.set_capacity("web", 3).await;
     app.invoke_timer("monitor-state").await;
     assert_eq!(app.store.mirror(&set).await.unwrap().0.len(), 3);
 
     // A deleted scale set empties its mirror and says so on its row.
-    app.http
-        .delete(format!(
-            "{}/admin/scalesets/{}",
-            app.sim_url,
-            TestApp::key("web")
-        ))
-        .send()
-        .await
-        .unwrap();
+    app.delete_scale_set("web").await;
     let (_, answer) = app.invoke_timer("monitor-state").await;
     assert_eq!(
         answer["ReturnValue"]["scale_sets"][0]["outcome"], "not_found",

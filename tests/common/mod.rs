@@ -206,20 +206,33 @@ impl TestApp {
         format!("{SUB}:{RG}:{name}").to_lowercase()
     }
 
+    /// Calls the simulator's admin API; panics unless it answers 2xx. Returns the JSON answer
+    /// (null for an empty body).
+    pub async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut request = self
+            .http
+            .request(method.clone(), format!("{}/admin/{path}", self.sim_url));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("reach the simulator");
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        assert!(
+            status.is_success(),
+            "{method} /admin/{path}: {status} {text}"
+        );
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
     /// The simulator's view of a scale set: its VMs with their ids, vmIds and states.
     pub async fn fleet(&self, name: &str) -> Value {
-        self.http
-            .get(format!(
-                "{}/admin/scalesets/{}",
-                self.sim_url,
-                Self::key(name)
-            ))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        self.admin(
+            reqwest::Method::GET,
+            &format!("scalesets/{}", Self::key(name)),
+            None,
+        )
+        .await
     }
 
     pub async fn vm(&self, name: &str, instance: u64) -> Value {
@@ -234,66 +247,49 @@ impl TestApp {
     }
 
     pub async fn break_vm(&self, name: &str, instance: u64, patch: Value) {
-        let r = self
-            .http
-            .patch(format!(
-                "{}/admin/scalesets/{}/vms/{instance}",
-                self.sim_url,
-                Self::key(name)
-            ))
-            .json(&patch)
-            .send()
-            .await
-            .unwrap();
-        assert!(
-            r.status().is_success(),
-            "patching vm {instance}: {}",
-            r.status()
-        );
+        let path = format!("scalesets/{}/vms/{instance}", Self::key(name));
+        self.admin(reqwest::Method::PATCH, &path, Some(patch)).await;
+    }
+
+    pub async fn set_capacity(&self, name: &str, capacity: usize) {
+        let path = format!("scalesets/{}/capacity", Self::key(name));
+        self.admin(
+            reqwest::Method::PUT,
+            &path,
+            Some(json!({"capacity": capacity})),
+        )
+        .await;
+    }
+
+    pub async fn delete_scale_set(&self, name: &str) {
+        self.admin(
+            reqwest::Method::DELETE,
+            &format!("scalesets/{}", Self::key(name)),
+            None,
+        )
+        .await;
     }
 
     /// Every live VM that is not silent publishes one heartbeat through the handler.
     pub async fn heartbeat_round(&self) -> Value {
-        self.http
-            .post(format!("{}/admin/heartbeats", self.sim_url))
-            .json(&json!({"target": self.handler_url}))
-            .send()
+        let target = json!({"target": self.handler_url});
+        self.admin(reqwest::Method::POST, "heartbeats", Some(target))
             .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
     }
 
     pub async fn inject_fault(&self, fault: Value) {
-        let r = self
-            .http
-            .post(format!("{}/admin/faults", self.sim_url))
-            .json(&fault)
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success());
+        self.admin(reqwest::Method::POST, "faults", Some(fault))
+            .await;
     }
 
     /// The ARM calls the simulator received, oldest first.
     pub async fn compute_calls(&self) -> Vec<Value> {
-        self.http
-            .get(format!("{}/admin/calls", self.sim_url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        let calls = self.admin(reqwest::Method::GET, "calls", None).await;
+        calls.as_array().cloned().unwrap_or_default()
     }
 
     pub async fn clear_compute_calls(&self) {
-        self.http
-            .delete(format!("{}/admin/calls", self.sim_url))
-            .send()
-            .await
-            .unwrap();
+        self.admin(reqwest::Method::DELETE, "calls", None).await;
     }
 
     pub fn scale_set(name: &str) -> ScaleSetId {
