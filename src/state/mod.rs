@@ -353,6 +353,9 @@ fn from_connection_string(cs: &str) -> anyhow::Result<(CloudLocation, StorageCre
         };
         return Ok((location, StorageCredentials::emulator()));
     }
+    if parsed.account_key.is_some() && parsed.account_name.is_none() {
+        bail!("the storage connection string has an AccountKey but no AccountName");
+    }
     let credentials = parsed.storage_credentials().context(
         "the storage connection string has neither AccountKey nor SharedAccessSignature",
     )?;
@@ -569,4 +572,62 @@ fn journal_from_row(set: &ScaleSetId, r: &Row) -> Result<Entry, RowError> {
             .unwrap_or(serde_json::Value::Null),
         dry_run: r.opt_bool("dryRun").unwrap_or(false),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use azure_storage::clients::ServiceType;
+
+    fn table_url(cs: &str) -> String {
+        let (location, _) = from_connection_string(cs).unwrap();
+        location.url(ServiceType::Table).unwrap().to_string()
+    }
+
+    #[test]
+    fn connection_strings_point_at_the_right_table_endpoint() {
+        assert_eq!(
+            table_url("UseDevelopmentStorage=true"),
+            "http://127.0.0.1:10002/devstoreaccount1"
+        );
+        assert_eq!(
+            table_url(
+                "UseDevelopmentStorage=true;DevelopmentStorageProxyUri=http://127.0.0.1:4000/"
+            ),
+            "http://127.0.0.1:4000/devstoreaccount1"
+        );
+        assert_eq!(
+            table_url("DefaultEndpointsProtocol=https;AccountName=healer;AccountKey=a2V5;EndpointSuffix=core.windows.net"),
+            "https://healer.table.core.windows.net/"
+        );
+        assert_eq!(
+            table_url("AccountName=healer;AccountKey=a2V5;EndpointSuffix=core.chinacloudapi.cn"),
+            "https://healer.table.core.chinacloudapi.cn/"
+        );
+        assert_eq!(
+            table_url(
+                "AccountName=healer;AccountKey=a2V5;TableEndpoint=https://tables.example.net/"
+            ),
+            "https://tables.example.net/"
+        );
+        assert_eq!(
+            table_url("TableEndpoint=https://t.example.net;SharedAccessSignature=sv=2024&sig=x"),
+            "https://t.example.net/"
+        );
+    }
+
+    #[test]
+    fn unusable_connection_strings_say_what_is_missing() {
+        for (cs, needle) in [
+            (
+                "AccountName=healer",
+                "neither AccountKey nor SharedAccessSignature",
+            ),
+            ("AccountKey=a2V5", "but no AccountName"),
+            ("NoEquals", "malformed"),
+        ] {
+            let err = format!("{:#}", from_connection_string(cs).unwrap_err());
+            assert!(err.contains(needle), "{cs}: {err}");
+        }
+    }
 }
