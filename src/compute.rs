@@ -375,6 +375,7 @@ pub fn to_instance(vm: models::VirtualMachineScaleSetVm) -> Option<Instance> {
             .and_then(|h| h.status.as_ref())
             .and_then(|s| s.code.as_deref())
             .and_then(AppHealth::from_code),
+        health_since: None,
         latest_model_applied: props.as_ref().and_then(|p| p.latest_model_applied),
         protected_from_scale_set_actions: protection
             .and_then(|p| p.protect_from_scale_set_actions)

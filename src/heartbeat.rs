@@ -71,6 +71,10 @@ pub struct Heartbeat {
     pub detail: Option<String>,
     pub origin: Origin,
     pub event_id: String,
+    /// When the current run of DOWN readings began (kept by the state layer across writes);
+    /// `None` unless the status is DOWN.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub down_since: Option<OffsetDateTime>,
 }
 
 /// Why a heartbeat is refused. Each is permanent: redelivering the event cannot fix it.
@@ -206,6 +210,7 @@ pub fn read(event: &Event, now: OffsetDateTime) -> Result<Heartbeat, Rejection> 
         detail,
         origin,
         event_id: event.id.clone(),
+        down_since: None,
     })
 }
 

@@ -50,6 +50,8 @@ pub struct Instance {
     /// The `PowerState/…` suffix: `running`, `stopped`, `deallocated`, `starting`, …
     pub power_state: Option<String>,
     pub health: Option<AppHealth>,
+    /// When `health` last changed, as seen by the mirror (set by the sync, not by ARM).
+    pub health_since: Option<OffsetDateTime>,
     pub latest_model_applied: Option<bool>,
     pub protected_from_scale_set_actions: bool,
     pub protected_from_scale_in: bool,
@@ -143,6 +145,7 @@ pub(crate) mod fixtures {
             provisioning_state: Some("Succeeded".into()),
             power_state: Some("running".into()),
             health: None,
+            health_since: None,
             latest_model_applied: Some(true),
             protected_from_scale_set_actions: false,
             protected_from_scale_in: false,

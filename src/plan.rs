@@ -347,6 +347,7 @@ mod tests {
             detail: None,
             origin: Origin::Agent,
             event_id: "e".into(),
+            down_since: None,
         }
     }
 

@@ -2,11 +2,12 @@
 //! what changed, drop instances that are gone, and record the sync on the scale set's row.
 
 use crate::compute::{Compute, ComputeError};
-use crate::mirror::{diff, ScaleSetRecord};
+use crate::mirror::{diff, Instance, MirroredInstance, ScaleSetRecord};
 use crate::scaleset::ScaleSetId;
 use crate::settings::Settings;
 use crate::state::{Store, StoreError};
 use serde::Serialize;
+use std::collections::HashMap;
 use time::{Duration, OffsetDateTime};
 
 #[derive(Debug, Clone, Serialize)]
@@ -81,6 +82,7 @@ async fn sync_one(
                 tracing::warn!(scale_set = %id, rows = skipped.0.len(), first = %skipped.0[0], "unreadable mirror rows will be rewritten");
             }
             result.instances = observed.len();
+            let observed = carry_health_since(&stored, observed, now);
             let mut changes = diff(&stored, observed);
             // Unreadable rows are rewritten from what ARM reports.
             for bad in &skipped.0 {
@@ -131,4 +133,27 @@ async fn sync_one(
     }
     store.write_scale_set(id, &record).await?;
     Ok(result)
+}
+
+/// The Compute API reports the Application Health state, not since when: the mirror keeps the time
+/// it first saw the current state, so "unhealthy past its grace" can be judged.
+fn carry_health_since(
+    stored: &[MirroredInstance],
+    observed: Vec<Instance>,
+    now: OffsetDateTime,
+) -> Vec<Instance> {
+    let previous: HashMap<&str, &Instance> = stored
+        .iter()
+        .map(|m| (m.instance.instance_id.as_str(), &m.instance))
+        .collect();
+    observed
+        .into_iter()
+        .map(|mut inst| {
+            inst.health_since = match previous.get(inst.instance_id.as_str()) {
+                Some(prev) if prev.health == inst.health => prev.health_since,
+                _ => inst.health.map(|_| now),
+            };
+            inst
+        })
+        .collect()
 }

@@ -31,6 +31,7 @@ fn instance(id: usize) -> Instance {
         computer_name: Some(format!("web{id:06}")),
         provisioning_state: Some("Succeeded".into()),
         power_state: Some("running".into()),
+        health_since: None,
         health: if id.is_multiple_of(2) {
             Some(AppHealth::Healthy)
         } else {
@@ -58,6 +59,7 @@ fn heartbeat(at: OffsetDateTime, seq: i64) -> Heartbeat {
         detail: Some("ok".into()),
         origin: Origin::Agent,
         event_id: format!("e{seq}"),
+        down_since: None,
     }
 }
 
@@ -272,4 +274,60 @@ async fn storage_down_is_a_transient_error_and_bad_strings_fail_at_connect() {
     )
     .unwrap_err();
     assert!(format!("{err:#}").contains("AccountKey"), "{err:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_streak_remembers_when_it_began() {
+    let azurite = Azurite::start();
+    let store = store_for(azurite.connection_string());
+    store.ensure_tables().await.unwrap();
+    let t0 = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let at = |s: i64, status: Status| Heartbeat {
+        status,
+        ..heartbeat(t0 + Duration::seconds(s), s)
+    };
+    let down_since = |store: &Store| {
+        let store = store.clone();
+        async move {
+            store
+                .heartbeat(&set(), "7")
+                .await
+                .unwrap()
+                .unwrap()
+                .heartbeat
+                .down_since
+        }
+    };
+
+    store
+        .store_heartbeat(&at(0, Status::Up), supersedes)
+        .await
+        .unwrap();
+    assert_eq!(down_since(&store).await, None);
+    store
+        .store_heartbeat(&at(10, Status::Down), supersedes)
+        .await
+        .unwrap();
+    store
+        .store_heartbeat(&at(20, Status::Down), supersedes)
+        .await
+        .unwrap();
+    assert_eq!(
+        down_since(&store).await,
+        Some(t0 + Duration::seconds(10)),
+        "the streak began at the first DOWN"
+    );
+    store
+        .store_heartbeat(&at(30, Status::Up), supersedes)
+        .await
+        .unwrap();
+    store
+        .store_heartbeat(&at(40, Status::Down), supersedes)
+        .await
+        .unwrap();
+    assert_eq!(
+        down_since(&store).await,
+        Some(t0 + Duration::seconds(40)),
+        "an UP ends the streak"
+    );
 }

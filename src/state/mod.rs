@@ -208,8 +208,10 @@ impl Store {
     ) -> Result<HeartbeatWrite, StoreError> {
         let set = &hb.target.scale_set;
         for _ in 0..5 {
-            let entity = heartbeat_entity(hb);
-            match self.heartbeat(set, &hb.target.instance_id).await? {
+            let stored = self.heartbeat(set, &hb.target.instance_id).await?;
+            let entity =
+                heartbeat_entity(&with_down_since(hb, stored.as_ref().map(|s| &s.heartbeat)));
+            match stored {
                 None => match self.heartbeats.insert(entity).await {
                     Ok(()) => return Ok(HeartbeatWrite::Stored),
                     Err(StoreError::Conflict { .. }) => continue,
@@ -399,6 +401,8 @@ fn instance_entity(set: &ScaleSetId, i: &Instance, synced_at: OffsetDateTime) ->
         .opt_str("provisioningState", i.provisioning_state.clone())
         .opt_str("powerState", i.power_state.clone())
         .opt_str("healthState", i.health.map(|h| h.as_str()))
+        .opt_time("healthSince", i.health_since)
+        .opt_time("healthSince", i.health_since)
         .opt_bool("latestModelApplied", i.latest_model_applied)
         .bool(
             "protectFromScaleSetActions",
@@ -421,6 +425,7 @@ fn instance_from_row(r: &Row) -> Result<MirroredInstance, RowError> {
             health: r
                 .opt_str("healthState")
                 .and_then(|h| AppHealth::from_code(&h)),
+            health_since: r.opt_time("healthSince")?,
             latest_model_applied: r.opt_bool("latestModelApplied"),
             protected_from_scale_set_actions: r
                 .opt_bool("protectFromScaleSetActions")
@@ -449,6 +454,7 @@ fn heartbeat_entity(hb: &Heartbeat) -> Entity {
         .opt_str("detail", hb.detail.clone())
         .str("origin", hb.origin.as_str())
         .str("eventId", hb.event_id.clone())
+        .opt_time("downSince", hb.down_since)
 }
 
 fn heartbeat_from_row(set: &ScaleSetId, r: &Row) -> Result<Heartbeat, RowError> {
@@ -481,7 +487,23 @@ fn heartbeat_from_row(set: &ScaleSetId, r: &Row) -> Result<Heartbeat, RowError> 
             _ => Origin::Agent,
         },
         event_id: r.opt_str("eventId").unwrap_or_default(),
+        down_since: r.opt_time("downSince")?,
     })
+}
+
+/// Carries the start of a DOWN streak from the stored reading to the new one.
+fn with_down_since(new: &Heartbeat, stored: Option<&Heartbeat>) -> Heartbeat {
+    let down_since = match (&new.status, stored) {
+        (Status::Down, Some(prev)) if prev.status == Status::Down => {
+            Some(prev.down_since.unwrap_or(prev.event_time))
+        }
+        (Status::Down, _) => Some(new.event_time),
+        _ => None,
+    };
+    Heartbeat {
+        down_since,
+        ..new.clone()
+    }
 }
 
 /// Stands in for a stored row that cannot be parsed, so that any real heartbeat supersedes it.
@@ -497,6 +519,7 @@ fn unreadable_placeholder(set: &ScaleSetId, instance_id: &str) -> Heartbeat {
         detail: None,
         origin: Origin::Agent,
         event_id: String::new(),
+        down_since: None,
     }
 }
 
