@@ -10,6 +10,7 @@ pub mod functions;
 pub mod heartbeat;
 pub mod host;
 pub mod identity;
+pub mod incident;
 pub mod journal;
 pub mod lifecycle;
 pub mod mirror;

@@ -1,50 +1,112 @@
-//! `decide`: one scale set's observation + policy + now → a plan. Synchronous, no I/O, no clock,
-//! no logging; the caller acts on the plan and journals every line of it.
+//! `decide`: one scale set's observation + policy + brakes + now → a plan. Synchronous, no I/O, no
+//! clock, no logging; the caller claims each transition, acts, and journals every line of the plan.
+//!
+//! Order of reasoning: what became of running incidents (always true, whatever the brakes say);
+//! then the scale-set brakes; then, per instance, whether to open or escalate an incident, up to
+//! the parallel limit.
 
 use crate::heartbeat::Heartbeat;
-use crate::journal::{Entry, EntryKind};
+use crate::incident::{Incident, Resolution, State, Versioned};
 use crate::mirror::{MirroredInstance, ScaleSetRecord};
-use crate::policy::{Policy, RepairAction};
-use crate::verdict::{judge, recheck_in, Reason, Verdict};
+use crate::policy::{PlatformRepairs, Policy, RepairAction};
+use crate::verdict::{judge, recheck_in, History, Reason, Verdict};
 use serde::Serialize;
 use std::collections::HashMap;
 use time::{Duration, OffsetDateTime};
 
 /// Everything `decide` may look at for one scale set, read from the tables.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Observation {
     pub record: Option<ScaleSetRecord>,
     pub instances: Vec<MirroredInstance>,
     pub heartbeats: HashMap<String, Heartbeat>,
-    /// Recent journal rows of the scale set (at least the last `repair_timeout`), newest first.
-    pub journal: Vec<Entry>,
+    /// The incident row of each instance that has one, with its version (the claim token).
+    pub incidents: HashMap<String, Versioned<Incident>>,
 }
 
-/// Settings that are global rather than per scale set.
-#[derive(Debug, Clone, Copy)]
+/// Brakes that are global rather than per scale set.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Brakes {
     pub mirror_max_age: Duration,
+    /// Set when most of the fleet fell silent at once (see [`pipeline_fault`]).
+    pub pipeline_fault: Option<PipelineFault>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PipelineFault {
+    pub silent: usize,
+    pub reporting: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Plan {
-    pub repairs: Vec<PlannedRepair>,
+    pub transitions: Vec<Transition>,
     pub withheld: Vec<Withheld>,
-    /// Earlier repairs whose effect is now visible.
-    pub outcomes: Vec<Outcome>,
+    pub total: usize,
     pub healthy: usize,
+    pub unhealthy: usize,
     /// When something could next change by the clock alone.
+    #[serde(skip)]
     pub next_check: Option<Duration>,
 }
 
+impl Plan {
+    /// The scale-set-wide brake in force, if any.
+    pub fn paused(&self) -> Option<&WithheldReason> {
+        self.withheld
+            .iter()
+            .find(|w| w.instance_id.is_none())
+            .map(|w| &w.why)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// Open an incident and take its first repair step.
+    Open,
+    /// The step before did not work in time: take the next one.
+    Escalate,
+    Close(Resolution),
+    /// Every attempt failed: stop and alert.
+    GiveUp,
+}
+
+impl Step {
+    pub fn label(self) -> &'static str {
+        match self {
+            Step::Open => "open",
+            Step::Escalate => "escalate",
+            Step::Close(Resolution::Recovered) => "recovered",
+            Step::Close(Resolution::Removed) => "removed",
+            Step::GiveUp => "given_up",
+        }
+    }
+
+    /// Whether the step calls the Compute API.
+    pub fn acts(self) -> bool {
+        matches!(self, Step::Open | Step::Escalate)
+    }
+}
+
+/// A change of one incident: claimed by replacing the row at `claim` (or inserting it if `None`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct PlannedRepair {
-    pub instance_id: String,
-    pub incident: String,
-    pub action: RepairAction,
-    pub attempt: u32,
-    pub reason: Reason,
+pub struct Transition {
+    pub step: Step,
+    pub incident: Incident,
+    #[serde(skip)]
+    pub claim: Option<String>,
+    /// The row as it was read, to put back if the step could not be carried out.
+    #[serde(skip)]
+    pub previous: Option<Incident>,
+    pub reason: Option<Reason>,
     pub evidence: serde_json::Value,
+}
+
+impl Transition {
+    pub fn action(&self) -> Option<RepairAction> {
+        self.incident.action
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -61,14 +123,38 @@ pub enum WithheldReason {
     NoMirror,
     /// The mirror is older than `HEALER_MIRROR_MAX_AGE`.
     StaleMirror { age_seconds: i64, max_seconds: i64 },
+    /// Most of the fleet fell silent at once: the heartbeat pipeline is broken, not the VMs.
+    PipelineFault { silent: usize, reporting: usize },
+    /// More of the scale set is unhealthy than `HEALER_MAX_UNHEALTHY` allows.
+    TooManyUnhealthy {
+        unhealthy: usize,
+        total: usize,
+        max: u32,
+    },
+    /// The platform's automatic repairs are on and the policy defers to them.
+    PlatformRepairs,
     /// The instance is protected from scale set actions.
     Protected { reason: Reason },
-    /// A repair of this instance is already in flight.
+    /// A repair of this instance is in flight until its deadline.
     RepairInFlight {
-        #[serde(with = "time::serde::rfc3339")]
-        since: OffsetDateTime,
         incident: String,
+        #[serde(with = "time::serde::rfc3339")]
+        until: OffsetDateTime,
     },
+    /// `HEALER_MAX_PARALLEL` repairs are already in flight.
+    MaxParallel {
+        in_flight: usize,
+        max: u32,
+        reason: Reason,
+    },
+    /// Recently repaired: left to settle before another repair.
+    Cooldown {
+        #[serde(with = "time::serde::rfc3339")]
+        until: OffsetDateTime,
+        reason: Reason,
+    },
+    /// Its incident was given up; nothing more until it recovers or is removed.
+    GivenUp { incident: String },
 }
 
 impl WithheldReason {
@@ -76,8 +162,14 @@ impl WithheldReason {
         match self {
             WithheldReason::NoMirror => "no_mirror",
             WithheldReason::StaleMirror { .. } => "stale_mirror",
+            WithheldReason::PipelineFault { .. } => "pipeline_fault",
+            WithheldReason::TooManyUnhealthy { .. } => "too_many_unhealthy",
+            WithheldReason::PlatformRepairs => "platform_repairs",
             WithheldReason::Protected { .. } => "protected",
             WithheldReason::RepairInFlight { .. } => "repair_in_flight",
+            WithheldReason::MaxParallel { .. } => "max_parallel",
+            WithheldReason::Cooldown { .. } => "cooldown",
+            WithheldReason::GivenUp { .. } => "given_up",
         }
     }
 
@@ -87,193 +179,333 @@ impl WithheldReason {
             WithheldReason::StaleMirror { age_seconds, max_seconds } => format!(
                 "the mirror is {age_seconds} s old, older than HEALER_MIRROR_MAX_AGE ({max_seconds} s)"
             ),
+            WithheldReason::PipelineFault { silent, reporting } => format!(
+                "{silent} of {reporting} reporting instances fell silent at once: a heartbeat pipeline fault, not a fleet fault; all repairs paused until heartbeats return"
+            ),
+            WithheldReason::TooManyUnhealthy { unhealthy, total, max } => format!(
+                "{unhealthy} of {total} instances unhealthy, more than HEALER_MAX_UNHEALTHY allows ({max}); repairs paused"
+            ),
+            WithheldReason::PlatformRepairs => {
+                "the platform's automatic repairs are enabled on this scale set and HEALER_PLATFORM_REPAIRS=defer".into()
+            }
             WithheldReason::Protected { reason } => format!(
                 "{} but the instance is protected from scale set actions",
                 reason.describe()
             ),
-            WithheldReason::RepairInFlight { incident, .. } => {
-                format!("repair of incident {incident} is still in flight")
+            WithheldReason::RepairInFlight { incident, until } => {
+                format!("repair of incident {incident} is in flight until {until}")
+            }
+            WithheldReason::MaxParallel { in_flight, max, reason } => format!(
+                "{} but {in_flight} repairs are in flight, HEALER_MAX_PARALLEL allows {max}",
+                reason.describe()
+            ),
+            WithheldReason::Cooldown { until, reason } => {
+                format!("{} but the instance was repaired recently; cooling down until {until}", reason.describe())
+            }
+            WithheldReason::GivenUp { incident } => {
+                format!("incident {incident} was given up; waiting for the instance to recover or be removed")
             }
         }
     }
-}
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Outcome {
-    pub instance_id: String,
-    pub incident: String,
-    pub action: RepairAction,
-    pub attempt: u32,
-    pub result: OutcomeResult,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OutcomeResult {
-    /// The instance is gone from the mirror after a delete or replace.
-    Removed,
-    /// The instance is healthy again after a restart or reimage.
-    Recovered,
-    /// The repair did not take effect within `HEALER_REPAIR_TIMEOUT`.
-    TimedOut,
-}
-
-impl OutcomeResult {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OutcomeResult::Removed => "removed",
-            OutcomeResult::Recovered => "recovered",
-            OutcomeResult::TimedOut => "timed_out",
-        }
+    /// Set-wide brakes whose every pass is journaled (per-instance repeats are only logged).
+    pub fn is_pause(&self) -> bool {
+        matches!(
+            self,
+            WithheldReason::NoMirror
+                | WithheldReason::StaleMirror { .. }
+                | WithheldReason::PipelineFault { .. }
+                | WithheldReason::TooManyUnhealthy { .. }
+                | WithheldReason::PlatformRepairs
+        )
     }
 }
 
-/// The repair whose outcome is not yet known, per instance.
-fn open_repairs(journal: &[Entry]) -> HashMap<&str, &Entry> {
-    let mut closed: HashMap<&str, ()> = HashMap::new();
-    let mut open = HashMap::new();
-    // Newest first: an outcome seen before its repair closes that incident.
-    for e in journal {
-        match e.kind {
-            EntryKind::Outcome => {
-                closed.insert(e.incident.as_str(), ());
+/// Fleet-wide: most instances that report heartbeats fell silent. More than half of them, and at
+/// least two (one silent VM is a VM problem).
+pub fn pipeline_fault(
+    sets: &[(&Observation, &Policy)],
+    now: OffsetDateTime,
+) -> Option<PipelineFault> {
+    let (mut silent, mut reporting) = (0, 0);
+    for (obs, policy) in sets {
+        for m in &obs.instances {
+            if let Some(hb) = obs.heartbeats.get(&m.instance.instance_id) {
+                reporting += 1;
+                if now - hb.event_time > policy.heartbeat_timeout {
+                    silent += 1;
+                }
             }
-            EntryKind::Repair
-                if (e.outcome == "requested" || e.outcome == "dry_run")
-                    && !closed.contains_key(e.incident.as_str()) =>
-            {
-                open.entry(e.instance_id.as_str()).or_insert(e);
-            }
-            _ => {}
         }
     }
-    open
+    (silent >= 2 && silent * 2 > reporting).then_some(PipelineFault { silent, reporting })
+}
+
+fn evidence(
+    reason: &Reason,
+    hb: Option<&Heartbeat>,
+    m: Option<&MirroredInstance>,
+) -> serde_json::Value {
+    serde_json::json!({"verdict": reason, "heartbeat": hb, "instance": m.map(|m| &m.instance)})
 }
 
 pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDateTime) -> Plan {
-    let mut plan = Plan {
-        repairs: Vec::new(),
-        withheld: Vec::new(),
-        outcomes: Vec::new(),
-        healthy: 0,
-        next_check: None,
-    };
-    let open = open_repairs(&obs.journal);
-
-    // Outcomes first: they only read the mirror, and are true whatever the brakes say.
     let present: HashMap<&str, &MirroredInstance> = obs
         .instances
         .iter()
         .map(|m| (m.instance.instance_id.as_str(), m))
         .collect();
     let synced_at = obs.record.as_ref().and_then(|r| r.synced_at);
-    for (instance_id, repair) in &open {
-        let Some(action) = repair.action else {
-            continue;
-        };
-        let gone = !present.contains_key(instance_id) && synced_at.is_some_and(|s| s > repair.at);
-        let recovered = !action.removes_instance()
-            && present.get(instance_id).is_some_and(|m| {
-                let hb = obs.heartbeats.get(*instance_id);
-                hb.is_some_and(|hb| hb.event_time > repair.at)
-                    && judge(&m.instance, hb, m.synced_at, policy, now) == Verdict::Healthy
-            });
-        let result = if gone && action.removes_instance() {
-            Some(OutcomeResult::Removed)
-        } else if recovered {
-            Some(OutcomeResult::Recovered)
-        } else if now - repair.at > policy.repair_timeout {
-            Some(OutcomeResult::TimedOut)
-        } else {
-            None
-        };
-        if let Some(result) = result {
-            plan.outcomes.push(Outcome {
-                instance_id: instance_id.to_string(),
-                incident: repair.incident.clone(),
-                action,
-                attempt: repair.attempt,
-                result,
-            });
-        }
-    }
-    plan.outcomes
-        .sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
-
-    let Some(synced_at) = synced_at else {
-        plan.withheld.push(Withheld {
-            instance_id: None,
-            why: WithheldReason::NoMirror,
-        });
-        return plan;
+    let history = |m: &MirroredInstance| History {
+        first_seen: m.synced_at,
+        last_repair: obs
+            .incidents
+            .get(&m.instance.instance_id)
+            .and_then(|i| i.value.step_started),
     };
-    let age = now - synced_at;
-    if age > brakes.mirror_max_age {
+    let verdicts: HashMap<&str, Verdict> = obs
+        .instances
+        .iter()
+        .map(|m| {
+            let id = m.instance.instance_id.as_str();
+            (
+                id,
+                judge(&m.instance, obs.heartbeats.get(id), history(m), policy, now),
+            )
+        })
+        .collect();
+
+    let mut plan = Plan {
+        transitions: Vec::new(),
+        withheld: Vec::new(),
+        total: obs.instances.len(),
+        healthy: verdicts
+            .values()
+            .filter(|v| **v == Verdict::Healthy)
+            .count(),
+        unhealthy: verdicts.values().filter(|v| v.is_unhealthy()).count(),
+        next_check: None,
+    };
+
+    // 1. Outcomes of incidents, in target order so the plan is deterministic.
+    let mut incidents: Vec<&Versioned<Incident>> = obs.incidents.values().collect();
+    incidents.sort_by(|a, b| a.value.target.cmp(&b.value.target));
+    let mut escalations = Vec::new();
+    for v in &incidents {
+        let inc = &v.value;
+        let close = |resolution| Transition {
+            step: Step::Close(resolution),
+            incident: inc.close(resolution, now),
+            claim: Some(v.version.clone()),
+            previous: Some(inc.clone()),
+            reason: None,
+            evidence: serde_json::Value::Null,
+        };
+        let since = inc.step_started.or(inc.ended_at).unwrap_or(inc.opened_at);
+        match inc.state {
+            State::Closed => continue,
+            State::Repairing | State::GivenUp => {
+                let gone = !present.contains_key(inc.target.as_str())
+                    && synced_at.is_some_and(|s| s > since);
+                let recovered = present.get(inc.target.as_str()).is_some_and(|_| {
+                    let hb = obs.heartbeats.get(&inc.target);
+                    hb.is_some_and(|hb| hb.event_time > since)
+                        && verdicts.get(inc.target.as_str()) == Some(&Verdict::Healthy)
+                });
+                if gone {
+                    plan.transitions.push(close(Resolution::Removed));
+                } else if recovered {
+                    plan.transitions.push(close(Resolution::Recovered));
+                } else if inc.state == State::Repairing && !inc.in_flight(now) {
+                    if inc.attempt >= policy.max_attempts {
+                        plan.transitions.push(Transition {
+                            step: Step::GiveUp,
+                            incident: inc.give_up(now),
+                            claim: Some(v.version.clone()),
+                            previous: Some(inc.clone()),
+                            reason: None,
+                            evidence: serde_json::json!({"attempts": inc.attempt}),
+                        });
+                    } else {
+                        escalations.push(*v);
+                    }
+                }
+            }
+        }
+    }
+    let settled: std::collections::HashSet<String> = plan
+        .transitions
+        .iter()
+        .map(|t| t.incident.target.clone())
+        .collect();
+
+    // 2. Scale-set brakes: nothing new is started while one holds.
+    let pause = match synced_at {
+        None => Some(WithheldReason::NoMirror),
+        Some(s) if now - s > brakes.mirror_max_age => Some(WithheldReason::StaleMirror {
+            age_seconds: (now - s).whole_seconds(),
+            max_seconds: brakes.mirror_max_age.whole_seconds(),
+        }),
+        Some(_) => None,
+    }
+    .or_else(|| {
+        brakes
+            .pipeline_fault
+            .map(|f| WithheldReason::PipelineFault {
+                silent: f.silent,
+                reporting: f.reporting,
+            })
+    })
+    .or_else(|| {
+        let max = policy.max_unhealthy.of(plan.total, 0);
+        (plan.unhealthy as u32 > max).then_some(WithheldReason::TooManyUnhealthy {
+            unhealthy: plan.unhealthy,
+            total: plan.total,
+            max,
+        })
+    })
+    .or_else(|| {
+        let platform = obs.record.as_ref().is_some_and(|r| r.platform_auto_repair);
+        (platform && policy.platform_repairs == PlatformRepairs::Defer)
+            .then_some(WithheldReason::PlatformRepairs)
+    });
+    if let Some(why) = pause {
         plan.withheld.push(Withheld {
             instance_id: None,
-            why: WithheldReason::StaleMirror {
-                age_seconds: age.whole_seconds(),
-                max_seconds: brakes.mirror_max_age.whole_seconds(),
-            },
+            why,
         });
         return plan;
     }
 
-    let mut next: Option<Duration> = None;
-    for m in &obs.instances {
-        let inst = &m.instance;
-        let hb = obs.heartbeats.get(&inst.instance_id);
-        let verdict = judge(inst, hb, m.synced_at, policy, now);
-        if let Some(d) = recheck_in(
-            &verdict,
-            hb,
-            inst.created_at.unwrap_or(m.synced_at),
-            policy,
-            now,
-        ) {
-            next = Some(next.map_or(d, |n| n.min(d)));
-        }
-        let Verdict::Unhealthy(reason) = verdict else {
-            if verdict == Verdict::Healthy {
-                plan.healthy += 1;
-            }
-            continue;
+    // 3. Candidates: escalations of timed-out steps first (oldest incident first), then new
+    //    incidents in instance order.
+    let max_parallel = policy.max_parallel.of(plan.total, 1);
+    let mut in_flight = obs
+        .incidents
+        .values()
+        .filter(|v| v.value.in_flight(now) && !settled.contains(&v.value.target))
+        .count();
+    escalations.sort_by_key(|v| v.value.opened_at);
+    for v in escalations {
+        let inc = &v.value;
+        let m = present.get(inc.target.as_str()).copied();
+        let hb = obs.heartbeats.get(&inc.target);
+        let reason = match verdicts.get(inc.target.as_str()) {
+            Some(Verdict::Unhealthy(r)) | Some(Verdict::Suspect { reason: r, .. }) => r.clone(),
+            // Not healthy enough to close, not judged unhealthy either (e.g. still starting):
+            // the step timed out all the same.
+            _ => Reason::Silent {
+                last: hb.map_or(inc.opened_at, |h| h.event_time),
+                seconds: hb.map_or(0, |h| (now - h.event_time).whole_seconds()),
+            },
         };
-        if let Some(repair) = open.get(inst.instance_id.as_str()) {
-            let timed_out = plan.outcomes.iter().any(|o| o.incident == repair.incident);
-            if !timed_out {
-                plan.withheld.push(Withheld {
-                    instance_id: Some(inst.instance_id.clone()),
-                    why: WithheldReason::RepairInFlight {
-                        since: repair.at,
-                        incident: repair.incident.clone(),
-                    },
-                });
-                continue;
-            }
-        }
-        if inst.protected_from_scale_set_actions {
+        if m.is_some_and(|m| m.instance.protected_from_scale_set_actions) {
             plan.withheld.push(Withheld {
-                instance_id: Some(inst.instance_id.clone()),
+                instance_id: Some(inc.target.clone()),
                 why: WithheldReason::Protected { reason },
             });
             continue;
         }
-        let (incident, attempt) = match open.get(inst.instance_id.as_str()) {
-            Some(prev) => (prev.incident.clone(), prev.attempt + 1),
-            None => (crate::journal::incident_id(&inst.instance_id, now), 1),
+        if in_flight as u32 >= max_parallel {
+            plan.withheld.push(Withheld {
+                instance_id: Some(inc.target.clone()),
+                why: WithheldReason::MaxParallel {
+                    in_flight,
+                    max: max_parallel,
+                    reason,
+                },
+            });
+            continue;
+        }
+        in_flight += 1;
+        let action = policy.repair_actions.step(inc.attempt as usize);
+        plan.transitions.push(Transition {
+            step: Step::Escalate,
+            incident: inc.escalate(action, now, policy.repair_timeout),
+            claim: Some(v.version.clone()),
+            previous: Some(inc.clone()),
+            evidence: evidence(&reason, hb, m),
+            reason: Some(reason),
+        });
+    }
+
+    let mut next: Option<Duration> = None;
+    for m in &obs.instances {
+        let id = m.instance.instance_id.as_str();
+        let hb = obs.heartbeats.get(id);
+        let verdict = &verdicts[id];
+        let created = m.instance.created_at.unwrap_or(m.synced_at);
+        if let Some(d) = recheck_in(verdict, hb, created, policy, now) {
+            next = Some(next.map_or(d, |n| n.min(d)));
+        }
+        let Verdict::Unhealthy(reason) = verdict else {
+            continue;
         };
-        plan.repairs.push(PlannedRepair {
-            evidence: serde_json::json!({
-                "verdict": &reason,
-                "heartbeat": hb,
-                "instance": inst,
-            }),
-            instance_id: inst.instance_id.clone(),
-            incident,
-            action: policy.repair_actions.step(attempt as usize - 1),
-            attempt,
-            reason,
+        let existing = obs.incidents.get(id);
+        if settled.contains(id) || plan.transitions.iter().any(|t| t.incident.target == id) {
+            continue;
+        }
+        let withhold = |why| Withheld {
+            instance_id: Some(id.to_string()),
+            why,
+        };
+        if let Some(v) = existing {
+            match v.value.state {
+                State::Repairing if v.value.in_flight(now) => {
+                    plan.withheld.push(withhold(WithheldReason::RepairInFlight {
+                        incident: v.value.id.clone(),
+                        until: v.value.deadline.unwrap_or(now),
+                    }));
+                    continue;
+                }
+                // Timed out but not escalated: withheld above already said why.
+                State::Repairing => continue,
+                State::GivenUp => {
+                    plan.withheld.push(withhold(WithheldReason::GivenUp {
+                        incident: v.value.id.clone(),
+                    }));
+                    continue;
+                }
+                State::Closed => {
+                    let until = v.value.ended_at.unwrap_or(now) + policy.grace_period;
+                    if now < until {
+                        plan.withheld.push(withhold(WithheldReason::Cooldown {
+                            until,
+                            reason: reason.clone(),
+                        }));
+                        continue;
+                    }
+                }
+            }
+        }
+        if m.instance.protected_from_scale_set_actions {
+            plan.withheld.push(withhold(WithheldReason::Protected {
+                reason: reason.clone(),
+            }));
+            continue;
+        }
+        if in_flight as u32 >= max_parallel {
+            plan.withheld.push(withhold(WithheldReason::MaxParallel {
+                in_flight,
+                max: max_parallel,
+                reason: reason.clone(),
+            }));
+            continue;
+        }
+        in_flight += 1;
+        plan.transitions.push(Transition {
+            step: Step::Open,
+            incident: Incident::open(
+                id,
+                reason.label(),
+                policy.repair_actions.step(0),
+                now,
+                policy.repair_timeout,
+            ),
+            claim: existing.map(|v| v.version.clone()),
+            previous: existing.map(|v| v.value.clone()),
+            evidence: evidence(reason, hb, Some(m)),
+            reason: Some(reason.clone()),
         });
     }
     plan.next_check = next;
@@ -281,333 +513,4 @@ pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDat
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::heartbeat::{Origin, Status};
-    use crate::mirror::fixtures::instance;
-    use crate::scaleset::ScaleSetId;
-    use crate::settings::Settings;
-    use proptest::prelude::*;
-    use time::macros::datetime;
-
-    const NOW: OffsetDateTime = datetime!(2026-11-22 12:00 UTC);
-    const BRAKES: Brakes = Brakes {
-        mirror_max_age: Duration::seconds(300),
-    };
-
-    fn policy(actions: &str) -> Policy {
-        let mut p = Settings::from_lookup(|k| match k {
-            "HEALER_SCALE_SETS" => Some("/subscriptions/s/resourceGroups/r/providers/Microsoft.Compute/virtualMachineScaleSets/w".into()),
-            "HEALER_STORAGE" => Some("UseDevelopmentStorage=true".into()),
-            _ => None,
-        })
-        .unwrap()
-        .defaults;
-        p.repair_actions = actions.parse().unwrap();
-        p
-    }
-
-    fn set() -> ScaleSetId {
-        ScaleSetId::new("s", "r", "w")
-    }
-
-    /// A fleet of `n` instances, mirrored 30 s ago, each with an UP heartbeat 10 s old.
-    struct Fleet(Observation);
-
-    fn fleet(n: usize) -> Fleet {
-        let mut obs = Observation {
-            record: Some(ScaleSetRecord {
-                synced_at: Some(NOW - Duration::seconds(30)),
-                ..ScaleSetRecord::unsynced()
-            }),
-            instances: Vec::new(),
-            heartbeats: HashMap::new(),
-            journal: Vec::new(),
-        };
-        for i in 0..n {
-            let id = i.to_string();
-            obs.instances.push(MirroredInstance {
-                instance: instance(&id),
-                synced_at: NOW - Duration::hours(2),
-            });
-            obs.heartbeats.insert(id.clone(), beat(&id, Status::Up, 10));
-        }
-        Fleet(obs)
-    }
-
-    fn beat(id: &str, status: Status, age_s: i64) -> Heartbeat {
-        Heartbeat {
-            target: set().instance(id),
-            status,
-            event_time: NOW - Duration::seconds(age_s),
-            received_at: NOW - Duration::seconds(age_s),
-            sequence: None,
-            vm_id: Some(format!("vm-{id}")),
-            computer_name: None,
-            detail: None,
-            origin: Origin::Agent,
-            event_id: "e".into(),
-            down_since: None,
-        }
-    }
-
-    impl Fleet {
-        fn down(mut self, id: &str) -> Self {
-            self.0
-                .heartbeats
-                .insert(id.into(), beat(id, Status::Down, 5));
-            self
-        }
-        fn up_at(mut self, id: &str, age_s: i64) -> Self {
-            self.0
-                .heartbeats
-                .insert(id.into(), beat(id, Status::Up, age_s));
-            self
-        }
-        fn protected(mut self, id: &str) -> Self {
-            self.0
-                .instances
-                .iter_mut()
-                .find(|m| m.instance.instance_id == id)
-                .unwrap()
-                .instance
-                .protected_from_scale_set_actions = true;
-            self
-        }
-        fn gone(mut self, id: &str) -> Self {
-            self.0.instances.retain(|m| m.instance.instance_id != id);
-            self
-        }
-        fn mirror_age(mut self, secs: i64) -> Self {
-            self.0.record.as_mut().unwrap().synced_at = Some(NOW - Duration::seconds(secs));
-            self
-        }
-        fn never_synced(mut self) -> Self {
-            self.0.record = None;
-            self
-        }
-        fn repaired(mut self, id: &str, action: RepairAction, ago_s: i64, outcome: &str) -> Self {
-            self.0.journal.push(Entry {
-                scale_set: set(),
-                instance_id: id.into(),
-                at: NOW - Duration::seconds(ago_s),
-                incident: format!("{id}-inc"),
-                kind: EntryKind::Repair,
-                action: Some(action),
-                attempt: 1,
-                outcome: outcome.into(),
-                reason: String::new(),
-                evidence: serde_json::Value::Null,
-                dry_run: false,
-            });
-            self
-        }
-        fn decide(&self, actions: &str) -> Plan {
-            decide(&self.0, &policy(actions), BRAKES, NOW)
-        }
-    }
-
-    fn repaired(plan: &Plan) -> Vec<(&str, RepairAction, u32)> {
-        plan.repairs
-            .iter()
-            .map(|r| (r.instance_id.as_str(), r.action, r.attempt))
-            .collect()
-    }
-
-    fn withheld(plan: &Plan) -> Vec<(Option<&str>, &'static str)> {
-        plan.withheld
-            .iter()
-            .map(|w| (w.instance_id.as_deref(), w.why.label()))
-            .collect()
-    }
-
-    fn outcomes(plan: &Plan) -> Vec<(&str, OutcomeResult)> {
-        plan.outcomes
-            .iter()
-            .map(|o| (o.instance_id.as_str(), o.result))
-            .collect()
-    }
-
-    use RepairAction::*;
-
-    #[test]
-    fn decision_table() {
-        struct Case {
-            name: &'static str,
-            fleet: Fleet,
-            actions: &'static str,
-            repairs: Vec<(&'static str, RepairAction, u32)>,
-            withheld: Vec<(Option<&'static str>, &'static str)>,
-            outcomes: Vec<(&'static str, OutcomeResult)>,
-        }
-        let cases = vec![
-            Case {
-                name: "healthy fleet",
-                fleet: fleet(4),
-                actions: "delete",
-                repairs: vec![],
-                withheld: vec![],
-                outcomes: vec![],
-            },
-            Case {
-                name: "one DOWN",
-                fleet: fleet(4).down("2"),
-                actions: "delete",
-                repairs: vec![("2", Delete, 1)],
-                withheld: vec![],
-                outcomes: vec![],
-            },
-            Case {
-                name: "one silent",
-                fleet: fleet(4).up_at("1", 400),
-                actions: "replace",
-                repairs: vec![("1", Replace, 1)],
-                withheld: vec![],
-                outcomes: vec![],
-            },
-            Case {
-                name: "protected",
-                fleet: fleet(4).down("3").protected("3"),
-                actions: "delete",
-                repairs: vec![],
-                withheld: vec![(Some("3"), "protected")],
-                outcomes: vec![],
-            },
-            Case {
-                name: "repair in flight",
-                fleet: fleet(4).down("2").repaired("2", Restart, 60, "requested"),
-                actions: "restart,replace",
-                repairs: vec![],
-                withheld: vec![(Some("2"), "repair_in_flight")],
-                outcomes: vec![],
-            },
-            Case {
-                name: "repair timed out escalates",
-                fleet: fleet(4).down("2").repaired("2", Restart, 1000, "requested"),
-                actions: "restart,replace",
-                repairs: vec![("2", Replace, 2)],
-                withheld: vec![],
-                outcomes: vec![("2", OutcomeResult::TimedOut)],
-            },
-            Case {
-                name: "deleted instance is gone",
-                fleet: fleet(4).gone("2").repaired("2", Delete, 60, "requested"),
-                actions: "delete",
-                repairs: vec![],
-                withheld: vec![],
-                outcomes: vec![("2", OutcomeResult::Removed)],
-            },
-            Case {
-                name: "restart recovered",
-                fleet: fleet(4)
-                    .up_at("2", 5)
-                    .repaired("2", Restart, 60, "requested"),
-                actions: "restart",
-                repairs: vec![],
-                withheld: vec![],
-                outcomes: vec![("2", OutcomeResult::Recovered)],
-            },
-            Case {
-                name: "throttled repair is decided again",
-                fleet: fleet(4).down("2").repaired("2", Delete, 60, "throttled"),
-                actions: "delete",
-                repairs: vec![("2", Delete, 1)],
-                withheld: vec![],
-                outcomes: vec![],
-            },
-            Case {
-                name: "stale mirror",
-                fleet: fleet(4).down("1").mirror_age(301),
-                actions: "delete",
-                repairs: vec![],
-                withheld: vec![(None, "stale_mirror")],
-                outcomes: vec![],
-            },
-            Case {
-                name: "never mirrored",
-                fleet: fleet(4).down("1").never_synced(),
-                actions: "delete",
-                repairs: vec![],
-                withheld: vec![(None, "no_mirror")],
-                outcomes: vec![],
-            },
-        ];
-        for c in cases {
-            let plan = c.fleet.decide(c.actions);
-            assert_eq!(repaired(&plan), c.repairs, "{}: repairs", c.name);
-            assert_eq!(withheld(&plan), c.withheld, "{}: withheld", c.name);
-            assert_eq!(outcomes(&plan), c.outcomes, "{}: outcomes", c.name);
-        }
-    }
-
-    #[test]
-    fn the_next_check_is_the_nearest_deadline() {
-        let plan = fleet(3).up_at("1", 170).decide("delete");
-        assert_eq!(
-            plan.next_check,
-            Some(Duration::seconds(11)),
-            "heartbeat timeout 180 s - 170 s + 1 s"
-        );
-        assert_eq!(plan.healthy, 3);
-    }
-
-    #[derive(Debug, Clone)]
-    enum Beat {
-        None,
-        Up(i64),
-        Down,
-    }
-
-    fn arb_instance() -> impl Strategy<Value = (Beat, bool, Option<(i64, bool)>)> {
-        (
-            prop_oneof![
-                Just(Beat::None),
-                (0i64..1000).prop_map(Beat::Up),
-                Just(Beat::Down)
-            ],
-            any::<bool>(),
-            proptest::option::of((0i64..2000, any::<bool>())),
-        )
-    }
-
-    proptest! {
-        #[test]
-        fn repairs_only_target_unhealthy_unprotected_idle_instances(
-            fleet_spec in proptest::collection::vec(arb_instance(), 0..40),
-            mirror_age in 0i64..600,
-        ) {
-            let mut f = fleet(fleet_spec.len()).mirror_age(mirror_age);
-            for (i, (b, protected, repair)) in fleet_spec.iter().enumerate() {
-                let id = i.to_string();
-                f = match b {
-                    Beat::None => { f.0.heartbeats.remove(&id); f }
-                    Beat::Up(age) => f.up_at(&id, *age),
-                    Beat::Down => f.down(&id),
-                };
-                if *protected { f = f.protected(&id); }
-                if let Some((ago, done)) = repair {
-                    f = f.repaired(&id, Restart, *ago, if *done { "throttled" } else { "requested" });
-                }
-            }
-            let p = policy("restart,replace");
-            let plan = decide(&f.0, &p, BRAKES, NOW);
-            if mirror_age > 300 {
-                prop_assert!(plan.repairs.is_empty());
-            }
-            let mut seen = std::collections::HashSet::new();
-            for r in &plan.repairs {
-                prop_assert!(seen.insert(r.instance_id.clone()), "repaired twice: {}", r.instance_id);
-                let m = f.0.instances.iter().find(|m| m.instance.instance_id == r.instance_id).unwrap();
-                prop_assert!(!m.instance.protected_from_scale_set_actions);
-                let v = judge(&m.instance, f.0.heartbeats.get(&r.instance_id), m.synced_at, &p, NOW);
-                prop_assert!(matches!(v, Verdict::Unhealthy(_)), "{:?}", v);
-                let (_, _, repair) = &fleet_spec[r.instance_id.parse::<usize>().unwrap()];
-                if let Some((ago, false)) = repair {
-                    prop_assert!(*ago > p.repair_timeout.whole_seconds(), "a repair in flight was repeated");
-                }
-            }
-            let instance_rows = plan.withheld.iter().filter(|w| w.instance_id.is_some()).count();
-            prop_assert!(plan.repairs.len() + instance_rows + plan.healthy <= fleet_spec.len());
-        }
-    }
-}
+mod tests;

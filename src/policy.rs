@@ -155,6 +155,28 @@ impl fmt::Display for Limit {
     }
 }
 
+/// What to do on a scale set whose platform automatic repairs are also enabled: two healers acting
+/// on one instance is a known failure, so by default we leave it to the platform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlatformRepairs {
+    /// Report it and repair nothing on that scale set.
+    Defer,
+    /// Report it and repair anyway.
+    Act,
+}
+
+impl FromStr for PlatformRepairs {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "defer" => Ok(PlatformRepairs::Defer),
+            "act" => Ok(PlatformRepairs::Act),
+            other => Err(format!("`{other}` is neither defer nor act")),
+        }
+    }
+}
+
 /// Thresholds and actions for one scale set: the global defaults with the set's overrides.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Policy {
@@ -167,6 +189,7 @@ pub struct Policy {
     pub max_attempts: u32,
     pub max_parallel: Limit,
     pub max_unhealthy: Limit,
+    pub platform_repairs: PlatformRepairs,
 }
 
 /// Parses a duration in seconds: `180`, `180s`, `3m` or `1h`.

@@ -1,9 +1,10 @@
-//! One repair pass (`monitor-status`): gather → decide → act → journal → report. Reads only the
-//! tables; calls the Compute API only to act.
+//! One repair pass (`monitor-status`): gather → decide → claim → act → journal → report. Reads
+//! only the tables; calls the Compute API only to act.
 
 use crate::compute::{Accepted, Compute, ComputeError};
+use crate::incident::Incident;
 use crate::journal::{Entry, EntryKind};
-use crate::plan::{decide, Brakes, Observation, Plan, PlannedRepair};
+use crate::plan::{decide, pipeline_fault, Brakes, Observation, Plan, Step, Transition};
 use crate::policy::RepairAction;
 use crate::scaleset::ScaleSetId;
 use crate::settings::{Settings, WatchedScaleSet};
@@ -11,22 +12,28 @@ use crate::state::{Store, StoreError};
 use serde::Serialize;
 use serde_json::json;
 use std::collections::BTreeMap;
-use time::{Duration, OffsetDateTime};
+use time::OffsetDateTime;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Default)]
 pub struct SetReport {
     pub scale_set: String,
+    pub total: usize,
     pub healthy: usize,
+    pub unhealthy: usize,
     pub repairs_requested: usize,
     pub repairs_failed: usize,
+    /// Transitions another overlapping pass claimed first.
+    pub claimed_elsewhere: usize,
     pub withheld: usize,
     pub outcomes: usize,
+    pub paused: Option<&'static str>,
     pub next_check_s: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RepairReport {
     pub dry_run: bool,
+    pub pipeline_fault: bool,
     pub scale_sets: Vec<SetReport>,
 }
 
@@ -36,31 +43,47 @@ pub async fn repair_all(
     settings: &Settings,
     now: OffsetDateTime,
 ) -> Result<RepairReport, StoreError> {
-    let mut reports = Vec::new();
+    let mut observations = Vec::with_capacity(settings.scale_sets.len());
     for watched in &settings.scale_sets {
-        reports.push(repair_one(store, compute, settings, watched, now).await?);
+        observations.push(gather(store, &watched.id).await?);
+    }
+    let pairs: Vec<(&Observation, &crate::policy::Policy)> = observations
+        .iter()
+        .zip(&settings.scale_sets)
+        .map(|(o, w)| (o, &w.policy))
+        .collect();
+    let fault = pipeline_fault(&pairs, now);
+    if let Some(f) = fault {
+        tracing::error!(silent = f.silent, reporting = f.reporting, decision = "pause",
+            "most of the fleet fell silent at once: heartbeat pipeline fault; no repairs until heartbeats return");
+    }
+    let brakes = Brakes {
+        mirror_max_age: settings.mirror_max_age,
+        pipeline_fault: fault,
+    };
+    let mut reports = Vec::new();
+    for (watched, obs) in settings.scale_sets.iter().zip(&observations) {
+        let plan = decide(obs, &watched.policy, brakes, now);
+        let capacity = obs.record.as_ref().and_then(|r| r.capacity);
+        reports.push(carry_out(store, compute, settings, watched, plan, capacity, now).await?);
     }
     Ok(RepairReport {
         dry_run: settings.dry_run,
+        pipeline_fault: fault.is_some(),
         scale_sets: reports,
     })
 }
 
-async fn gather(
-    store: &Store,
-    id: &ScaleSetId,
-    window: Duration,
-    now: OffsetDateTime,
-) -> Result<Observation, StoreError> {
+async fn gather(store: &Store, id: &ScaleSetId) -> Result<Observation, StoreError> {
     let record = store.scale_set(id).await?;
     let (instances, bad_instances) = store.mirror(id).await?;
     let (heartbeats, bad_heartbeats) = store.heartbeats(id).await?;
-    let (journal, bad_journal) = store.journal(id, now - window).await?;
+    let (incidents, bad_incidents) = store.incidents(id).await?;
     for bad in bad_instances
         .0
         .iter()
         .chain(&bad_heartbeats.0)
-        .chain(&bad_journal.0)
+        .chain(&bad_incidents.0)
     {
         tracing::warn!(scale_set = %id, error = %bad, "skipped an unreadable row");
     }
@@ -68,32 +91,21 @@ async fn gather(
         record,
         instances,
         heartbeats,
-        journal,
+        incidents,
     })
 }
 
-async fn repair_one(
-    store: &Store,
-    compute: &Compute,
-    settings: &Settings,
-    watched: &WatchedScaleSet,
+fn entry(
+    id: &ScaleSetId,
+    instance: &str,
+    incident: &str,
+    kind: EntryKind,
+    dry_run: bool,
     now: OffsetDateTime,
-) -> Result<SetReport, StoreError> {
-    let id = &watched.id;
-    let policy = &watched.policy;
-    // Long enough to see every repair that can still be in flight.
-    let window = policy.repair_timeout * 2 + Duration::hours(1);
-    let obs = gather(store, id, window, now).await?;
-    let brakes = Brakes {
-        mirror_max_age: settings.mirror_max_age,
-    };
-    let plan = decide(&obs, policy, brakes, now);
-    let capacity = obs.record.as_ref().and_then(|r| r.capacity);
-
-    let mut journal = Vec::new();
-    let entry = |instance_id: &str, incident: &str, kind: EntryKind| Entry {
+) -> Entry {
+    Entry {
         scale_set: id.clone(),
-        instance_id: instance_id.to_string(),
+        instance_id: instance.to_string(),
         at: now,
         incident: incident.to_string(),
         kind,
@@ -102,141 +114,229 @@ async fn repair_one(
         outcome: String::new(),
         reason: String::new(),
         evidence: serde_json::Value::Null,
-        dry_run: settings.dry_run,
-    };
-
-    for o in &plan.outcomes {
-        tracing::info!(scale_set = %id, instance = %o.instance_id, incident = %o.incident, action = %o.action, outcome = o.result.as_str(), "repair outcome");
-        journal.push(Entry {
-            action: Some(o.action),
-            attempt: o.attempt,
-            outcome: o.result.as_str().into(),
-            reason: format!(
-                "{} of attempt {}: {}",
-                o.action,
-                o.attempt,
-                o.result.as_str()
-            ),
-            ..entry(&o.instance_id, &o.incident, EntryKind::Outcome)
-        });
+        dry_run,
     }
+}
 
-    let mut withheld = 0;
+async fn carry_out(
+    store: &Store,
+    compute: &Compute,
+    settings: &Settings,
+    watched: &WatchedScaleSet,
+    plan: Plan,
+    capacity: Option<i64>,
+    now: OffsetDateTime,
+) -> Result<SetReport, StoreError> {
+    let id = &watched.id;
+    let dry_run = settings.dry_run;
+    let mut report = SetReport {
+        scale_set: id.key(),
+        total: plan.total,
+        healthy: plan.healthy,
+        unhealthy: plan.unhealthy,
+        withheld: plan.withheld.len(),
+        paused: plan.paused().map(|w| w.label()),
+        next_check_s: plan.next_check.map(|d| d.whole_seconds()),
+        ..SetReport::default()
+    };
+    let mut journal = Vec::new();
+
     for w in &plan.withheld {
         let instance = w.instance_id.as_deref().unwrap_or("*");
         tracing::info!(scale_set = %id, instance, decision = "withheld", why = w.why.label(), reason = %w.why.describe(), "repair withheld");
-        withheld += 1;
-        // An in-flight repair is already journaled; repeating it every pass would bury the rest.
-        if matches!(w.why, crate::plan::WithheldReason::RepairInFlight { .. }) {
+        // A running or given-up incident already has its rows; repeating them every pass would bury the rest.
+        if matches!(
+            w.why,
+            crate::plan::WithheldReason::RepairInFlight { .. }
+                | crate::plan::WithheldReason::GivenUp { .. }
+        ) {
             continue;
         }
         journal.push(Entry {
             outcome: w.why.label().into(),
             reason: w.why.describe(),
             evidence: json!(w.why),
-            ..entry(instance, "", EntryKind::Withheld)
+            ..entry(id, instance, "", EntryKind::Withheld, dry_run, now)
         });
     }
 
-    let (requested, failed) = act(compute, settings, id, &plan, capacity, now, &mut journal).await;
-    store.append_journal(&journal).await?;
-    Ok(SetReport {
-        scale_set: id.key(),
-        healthy: plan.healthy,
-        repairs_requested: requested,
-        repairs_failed: failed,
-        withheld,
-        outcomes: plan.outcomes.len(),
-        next_check_s: plan.next_check.map(|d| d.whole_seconds()),
-    })
-}
-
-/// Sends the plan's repairs, one batched call per action, and journals each.
-async fn act(
-    compute: &Compute,
-    settings: &Settings,
-    id: &ScaleSetId,
-    plan: &Plan,
-    capacity: Option<i64>,
-    now: OffsetDateTime,
-    journal: &mut Vec<Entry>,
-) -> (usize, usize) {
-    let mut by_action: BTreeMap<&'static str, (RepairAction, Vec<&PlannedRepair>)> =
-        BTreeMap::new();
-    for r in &plan.repairs {
-        by_action
-            .entry(r.action.as_str())
-            .or_insert((r.action, Vec::new()))
-            .1
-            .push(r);
+    // Claim every transition; only what this pass claimed is acted on.
+    let mut claimed: Vec<Claimed> = Vec::new();
+    for t in plan.transitions {
+        match store
+            .claim_incident(id, &t.incident, t.claim.as_deref())
+            .await?
+        {
+            Some(version) => claimed.push((t, version)),
+            None => {
+                report.claimed_elsewhere += 1;
+                tracing::info!(scale_set = %id, instance = %t.incident.target, incident = %t.incident.id, step = t.step.label(),
+                    decision = "skipped", "another monitor-status run claimed this incident first");
+            }
+        }
     }
-    let (mut requested, mut failed) = (0, 0);
-    for (action, repairs) in by_action.into_values() {
-        let ids: Vec<String> = repairs.iter().map(|r| r.instance_id.clone()).collect();
-        let result: Result<Accepted, ComputeError> = if settings.dry_run {
+
+    let mut by_action: BTreeMap<&'static str, (RepairAction, Vec<Claimed>)> = BTreeMap::new();
+    for (t, version) in claimed {
+        match t.step {
+            Step::Close(resolution) => {
+                report.outcomes += 1;
+                tracing::info!(scale_set = %id, instance = %t.incident.target, incident = %t.incident.id, decision = "close", outcome = resolution.as_str(), "incident closed");
+                journal.push(Entry {
+                    action: t.incident.action,
+                    attempt: t.incident.attempt,
+                    outcome: resolution.as_str().into(),
+                    reason: format!(
+                        "{} after {} attempt(s)",
+                        resolution.as_str(),
+                        t.incident.attempt
+                    ),
+                    ..entry(
+                        id,
+                        &t.incident.target,
+                        &t.incident.id,
+                        EntryKind::Outcome,
+                        dry_run,
+                        now,
+                    )
+                });
+            }
+            Step::GiveUp => {
+                report.outcomes += 1;
+                tracing::error!(scale_set = %id, instance = %t.incident.target, incident = %t.incident.id, attempts = t.incident.attempt,
+                    decision = "give_up", "every allowed repair failed; giving up on this instance");
+                journal.push(Entry {
+                    action: t.incident.action,
+                    attempt: t.incident.attempt,
+                    outcome: "given_up".into(),
+                    reason: format!(
+                        "still unhealthy after {} attempt(s) (HEALER_MAX_ATTEMPTS); needs a person",
+                        t.incident.attempt
+                    ),
+                    evidence: t.evidence.clone(),
+                    ..entry(
+                        id,
+                        &t.incident.target,
+                        &t.incident.id,
+                        EntryKind::Outcome,
+                        dry_run,
+                        now,
+                    )
+                });
+            }
+            Step::Open | Step::Escalate => {
+                if let Some(action) = t.action() {
+                    by_action
+                        .entry(action.as_str())
+                        .or_insert((action, Vec::new()))
+                        .1
+                        .push((t, version));
+                }
+            }
+        }
+    }
+
+    for (action, group) in by_action.into_values() {
+        let ids: Vec<String> = group
+            .iter()
+            .map(|(t, _)| t.incident.target.clone())
+            .collect();
+        let result = if dry_run {
             Ok(Accepted { operation: None })
         } else {
-            match action {
-                RepairAction::Delete => compute.delete_instances(id, &ids).await,
-                RepairAction::Replace => match compute.delete_instances(id, &ids).await {
-                    // The delete lowers capacity; setting it back makes the scale set create fresh VMs.
-                    Ok(accepted) => match capacity {
-                        Some(c) => compute.set_capacity(id, c).await.map(|_| accepted),
-                        None => Ok(accepted),
-                    },
-                    Err(e) => Err(e),
-                },
-                RepairAction::Reimage => compute.reimage_instances(id, &ids).await,
-                RepairAction::Restart => compute.restart_instances(id, &ids).await,
-            }
+            send(compute, id, action, &ids, capacity).await
         };
         let (outcome, note) = match &result {
-            Ok(_) if settings.dry_run => {
-                ("dry_run", Some("dry run: nothing was called".to_string()))
-            }
+            Ok(_) if dry_run => ("dry_run", Some("dry run: nothing was called".to_string())),
             Ok(_) => ("requested", None),
             Err(ComputeError::Throttled { retry_after_s }) => (
                 "throttled",
-                Some(format!(
-                    "Compute API throttled; retried on a later pass after {retry_after_s} s"
-                )),
+                Some(format!("Compute API throttled; decided again on a later pass (retry after {retry_after_s} s)")),
             ),
             Err(e) => ("failed", Some(e.to_string())),
         };
         let operation = result.as_ref().ok().and_then(|a| a.operation.clone());
-        for r in repairs {
-            let ok = result.is_ok();
-            if ok {
-                requested += 1;
+        for (t, version) in group {
+            if result.is_ok() {
+                report.repairs_requested += 1;
             } else {
-                failed += 1;
+                report.repairs_failed += 1;
+                // Not carried out: give the claim back, so the attempt is not counted.
+                release(store, id, &t, &version).await?;
             }
-            tracing::info!(scale_set = %id, instance = %r.instance_id, incident = %r.incident, action = %action,
-                attempt = r.attempt, outcome, reason = %r.reason.describe(), "repair decided");
+            let reason = t.reason.as_ref().map(|r| r.describe()).unwrap_or_default();
+            tracing::info!(scale_set = %id, instance = %t.incident.target, incident = %t.incident.id, action = %action,
+                attempt = t.incident.attempt, step = t.step.label(), outcome, reason = %reason, "repair decided");
+            let mut evidence = t.evidence.clone();
+            if let Some(op) = &operation {
+                // The Azure-AsyncOperation URL, for an operator following the repair in ARM.
+                evidence["operation"] = json!(op);
+            }
             journal.push(Entry {
-                scale_set: id.clone(),
-                instance_id: r.instance_id.clone(),
-                at: now,
-                incident: r.incident.clone(),
-                kind: EntryKind::Repair,
                 action: Some(action),
-                attempt: r.attempt,
+                attempt: t.incident.attempt,
                 outcome: outcome.into(),
                 reason: match &note {
-                    Some(note) => format!("{}; {note}", r.reason.describe()),
-                    None => r.reason.describe(),
+                    Some(note) => format!("{reason}; {note}"),
+                    None => reason,
                 },
-                evidence: {
-                    let mut evidence = r.evidence.clone();
-                    // The Azure-AsyncOperation URL, for an operator following the repair in ARM.
-                    if let Some(op) = &operation {
-                        evidence["operation"] = json!(op);
-                    }
-                    evidence
-                },
-                dry_run: settings.dry_run,
+                evidence,
+                ..entry(
+                    id,
+                    &t.incident.target,
+                    &t.incident.id,
+                    EntryKind::Repair,
+                    dry_run,
+                    now,
+                )
             });
         }
     }
-    (requested, failed)
+    store.append_journal(&journal).await?;
+    Ok(report)
+}
+
+/// A transition this pass claimed, with the row version the claim wrote.
+type Claimed = (Transition, String);
+
+/// One batched Compute call for every instance that takes this action.
+async fn send(
+    compute: &Compute,
+    id: &ScaleSetId,
+    action: RepairAction,
+    ids: &[String],
+    capacity: Option<i64>,
+) -> Result<Accepted, ComputeError> {
+    match action {
+        RepairAction::Delete => compute.delete_instances(id, ids).await,
+        RepairAction::Replace => {
+            let accepted = compute.delete_instances(id, ids).await?;
+            // The delete lowers capacity; setting it back makes the scale set create fresh VMs.
+            if let Some(c) = capacity {
+                compute.set_capacity(id, c).await?;
+            }
+            Ok(accepted)
+        }
+        RepairAction::Reimage => compute.reimage_instances(id, ids).await,
+        RepairAction::Restart => compute.restart_instances(id, ids).await,
+    }
+}
+
+/// Puts an incident row back as it was before this pass claimed it.
+async fn release(
+    store: &Store,
+    id: &ScaleSetId,
+    t: &Transition,
+    version: &str,
+) -> Result<(), StoreError> {
+    let restored: Option<&Incident> = t.previous.as_ref();
+    if store
+        .release_incident(id, &t.incident.target, restored, version)
+        .await?
+    {
+        Ok(())
+    } else {
+        tracing::warn!(scale_set = %id, instance = %t.incident.target, "could not release a claim (changed meanwhile); its deadline will expire it");
+        Ok(())
+    }
 }

@@ -1,7 +1,7 @@
 //! Application settings (design §4): read from the environment once at startup, validated as a
 //! whole so that a misconfiguration is reported with every problem at once.
 
-use crate::policy::{parse_duration, Escalation, Limit, Policy};
+use crate::policy::{parse_duration, Escalation, Limit, PlatformRepairs, Policy};
 use crate::scaleset::ScaleSetId;
 use serde::Serialize;
 use std::fmt;
@@ -29,6 +29,7 @@ pub const MAX_ATTEMPTS: &str = "HEALER_MAX_ATTEMPTS";
 pub const MAX_PARALLEL: &str = "HEALER_MAX_PARALLEL";
 pub const MAX_UNHEALTHY: &str = "HEALER_MAX_UNHEALTHY";
 pub const MIRROR_MAX_AGE: &str = "HEALER_MIRROR_MAX_AGE";
+pub const PLATFORM_REPAIRS: &str = "HEALER_PLATFORM_REPAIRS";
 pub const DRY_RUN: &str = "HEALER_DRY_RUN";
 pub const WEBHOOK_URL: &str = "HEALER_WEBHOOK_URL";
 pub const STATUS_SCHEDULE: &str = "HEALER_STATUS_SCHEDULE";
@@ -49,6 +50,7 @@ pub const CATALOG: &[SettingDoc] = &[
     SettingDoc { name: MAX_ATTEMPTS, default: "`3`", meaning: "repairs of one incident before giving up and alerting" },
     SettingDoc { name: MAX_PARALLEL, default: "`10%`", meaning: "repairs in flight per scale set (count or percent, at least 1)" },
     SettingDoc { name: MAX_UNHEALTHY, default: "`40%`", meaning: "above this share unhealthy, a scale set's repairs pause (short-circuit)" },
+    SettingDoc { name: PLATFORM_REPAIRS, default: "`defer`", meaning: "on a scale set with the platform's automatic instance repairs enabled: `defer` (report it, repair nothing there) or `act` (report it, repair anyway)" },
     SettingDoc { name: MIRROR_MAX_AGE, default: "`300` s", meaning: "no repair decided on a mirror older than this" },
     SettingDoc { name: DRY_RUN, default: "`false`", meaning: "decide and journal, but do not act" },
     SettingDoc { name: WEBHOOK_URL, default: "(none)", meaning: "JSON POST on repair, give-up and pause" },
@@ -129,8 +131,8 @@ impl Settings {
                 &mut problems,
             ),
             startup_timeout: duration(get(STARTUP_TIMEOUT), "600", STARTUP_TIMEOUT, &mut problems),
-            grace_period: duration(get(GRACE_PERIOD), "300", GRACE_PERIOD, &mut problems),
-            down_for: duration(get(DOWN_FOR), "60", DOWN_FOR, &mut problems),
+            grace_period: wait(get(GRACE_PERIOD), "300", GRACE_PERIOD, &mut problems),
+            down_for: wait(get(DOWN_FOR), "60", DOWN_FOR, &mut problems),
             repair_actions: value(
                 get(REPAIR_ACTIONS),
                 "replace",
@@ -141,6 +143,12 @@ impl Settings {
             max_attempts: attempts(get(MAX_ATTEMPTS), MAX_ATTEMPTS, &mut problems),
             max_parallel: value(get(MAX_PARALLEL), "10%", MAX_PARALLEL, &mut problems),
             max_unhealthy: value(get(MAX_UNHEALTHY), "40%", MAX_UNHEALTHY, &mut problems),
+            platform_repairs: value(
+                get(PLATFORM_REPAIRS),
+                "defer",
+                PLATFORM_REPAIRS,
+                &mut problems,
+            ),
         };
 
         let scale_sets = match get(SCALE_SETS) {
@@ -222,6 +230,15 @@ fn duration(
             Duration::ZERO
         }
     }
+}
+
+/// A wait that may be zero (act at once), unlike the timeouts.
+fn wait(raw: Option<String>, default: &str, name: &str, problems: &mut Vec<String>) -> Duration {
+    let raw = raw.unwrap_or_else(|| default.to_string());
+    parse_duration(&raw).unwrap_or_else(|e| {
+        problems.push(format!("{name}: {e}"));
+        Duration::ZERO
+    })
 }
 
 fn value<T: std::str::FromStr<Err = String>>(
@@ -448,8 +465,8 @@ fn apply_overrides(id: &ScaleSetId, raw: &str, policy: &mut Policy, problems: &m
         match name.as_str() {
             HEARTBEAT_TIMEOUT => policy.heartbeat_timeout = duration(val, "", &label, problems),
             STARTUP_TIMEOUT => policy.startup_timeout = duration(val, "", &label, problems),
-            GRACE_PERIOD => policy.grace_period = duration(val, "", &label, problems),
-            DOWN_FOR => policy.down_for = duration(val, "", &label, problems),
+            GRACE_PERIOD => policy.grace_period = wait(val, "", &label, problems),
+            DOWN_FOR => policy.down_for = wait(val, "", &label, problems),
             REPAIR_TIMEOUT => policy.repair_timeout = duration(val, "", &label, problems),
             REPAIR_ACTIONS => {
                 policy.repair_actions = value::<Escalation>(val, "replace", &label, problems)
@@ -457,8 +474,11 @@ fn apply_overrides(id: &ScaleSetId, raw: &str, policy: &mut Policy, problems: &m
             MAX_ATTEMPTS => policy.max_attempts = attempts(val, &label, problems),
             MAX_PARALLEL => policy.max_parallel = value::<Limit>(val, "10%", &label, problems),
             MAX_UNHEALTHY => policy.max_unhealthy = value::<Limit>(val, "40%", &label, problems),
+            PLATFORM_REPAIRS => {
+                policy.platform_repairs = value::<PlatformRepairs>(val, "defer", &label, problems)
+            }
             _ => problems.push(format!(
-                "{SCALE_SETS}: `{key}` for {id} cannot be overridden per scale set (allowed: HEARTBEAT_TIMEOUT, STARTUP_TIMEOUT, GRACE_PERIOD, DOWN_FOR, REPAIR_ACTIONS, REPAIR_TIMEOUT, MAX_ATTEMPTS, MAX_PARALLEL, MAX_UNHEALTHY)"
+                "{SCALE_SETS}: `{key}` for {id} cannot be overridden per scale set (allowed: HEARTBEAT_TIMEOUT, STARTUP_TIMEOUT, GRACE_PERIOD, DOWN_FOR, REPAIR_ACTIONS, REPAIR_TIMEOUT, MAX_ATTEMPTS, MAX_PARALLEL, MAX_UNHEALTHY, PLATFORM_REPAIRS)"
             )),
         }
     }

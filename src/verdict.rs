@@ -1,8 +1,9 @@
-//! Is this instance healthy, and if not, why — from the mirror and its last heartbeat only.
-//! Pure: the clock is passed in.
+//! Is this instance healthy, and if not, why — and if not yet, when to look again. Pure: the clock
+//! is passed in. Weighs all the evidence together: the VM's own heartbeat, the platform's view
+//! (provisioning and power state), and the Application Health extension.
 
 use crate::heartbeat::{Heartbeat, Status};
-use crate::mirror::Instance;
+use crate::mirror::{AppHealth, Instance};
 use crate::policy::Policy;
 use serde::Serialize;
 use time::{Duration, OffsetDateTime};
@@ -11,23 +12,35 @@ use time::{Duration, OffsetDateTime};
 #[serde(tag = "verdict", rename_all = "snake_case")]
 pub enum Verdict {
     Healthy,
-    /// Not judged: planned work until the given time.
+    /// Planned work announced by the VM: not judged until then.
     Maintenance {
         #[serde(with = "time::serde::rfc3339")]
         until: OffsetDateTime,
     },
-    /// No evidence yet, still within the startup timeout.
+    /// Too early to judge: new and quiet within the startup timeout, or being provisioned.
     Starting,
+    /// Evidence of trouble that does not count yet; it counts at `until` if it persists.
+    Suspect {
+        reason: Reason,
+        #[serde(with = "time::serde::rfc3339")]
+        until: OffsetDateTime,
+    },
     Unhealthy(Reason),
+}
+
+impl Verdict {
+    pub fn is_unhealthy(&self) -> bool {
+        matches!(self, Verdict::Unhealthy(_))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "reason", rename_all = "snake_case")]
 pub enum Reason {
-    /// The VM itself reported DOWN.
+    /// The VM itself reports DOWN, since `since`.
     ReportedDown {
         #[serde(with = "time::serde::rfc3339")]
-        at: OffsetDateTime,
+        since: OffsetDateTime,
     },
     /// The VM stopped publishing.
     Silent {
@@ -37,9 +50,30 @@ pub enum Reason {
     },
     /// The VM never published within the startup timeout.
     NeverReported { seconds_since_creation: i64 },
+    /// The platform failed to provision the instance.
+    ProvisioningFailed,
+    /// The instance is stopped or deallocated though nothing of ours asked for it.
+    Stopped { power_state: String },
+    /// The Application Health extension reports the instance unhealthy (or unknown).
+    AppUnhealthy {
+        state: AppHealth,
+        #[serde(with = "time::serde::rfc3339")]
+        since: OffsetDateTime,
+    },
 }
 
 impl Reason {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Reason::ReportedDown { .. } => "reported_down",
+            Reason::Silent { .. } => "silent",
+            Reason::NeverReported { .. } => "never_reported",
+            Reason::ProvisioningFailed => "provisioning_failed",
+            Reason::Stopped { .. } => "stopped",
+            Reason::AppUnhealthy { .. } => "app_unhealthy",
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             Reason::ReportedDown { .. } => "the instance reported DOWN".into(),
@@ -47,48 +81,122 @@ impl Reason {
             Reason::NeverReported {
                 seconds_since_creation,
             } => format!("no heartbeat since creation {seconds_since_creation} s ago"),
+            Reason::ProvisioningFailed => "provisioning failed".into(),
+            Reason::Stopped { power_state } => format!("the instance is {power_state}"),
+            Reason::AppUnhealthy { state, .. } => {
+                format!(
+                    "the Application Health extension reports {}",
+                    state.as_str()
+                )
+            }
         }
     }
 }
 
-/// Judges one instance. `first_seen` stands in for the creation time when ARM did not report one.
+/// What the judge knows about an instance besides its own rows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct History {
+    /// When the mirror first saw the instance (stands in for an unknown creation time).
+    pub first_seen: OffsetDateTime,
+    /// When we last repaired it, if we did.
+    pub last_repair: Option<OffsetDateTime>,
+}
+
+const PROVISIONING_IN_PROGRESS: [&str; 4] = ["creating", "updating", "deleting", "migrating"];
+const STOPPED: [&str; 3] = ["stopped", "deallocated", "deallocating"];
+
+/// Judges one instance.
 pub fn judge(
     instance: &Instance,
     heartbeat: Option<&Heartbeat>,
-    first_seen: OffsetDateTime,
+    history: History,
     policy: &Policy,
     now: OffsetDateTime,
 ) -> Verdict {
+    if let Some(Status::Maintenance { until }) = heartbeat.map(|h| &h.status) {
+        if *until > now {
+            return Verdict::Maintenance { until: *until };
+        }
+    }
+    let provisioning = instance
+        .provisioning_state
+        .as_deref()
+        .unwrap_or("succeeded")
+        .to_ascii_lowercase();
+    if provisioning == "failed" {
+        return Verdict::Unhealthy(Reason::ProvisioningFailed);
+    }
+    if PROVISIONING_IN_PROGRESS.contains(&provisioning.as_str()) {
+        return Verdict::Starting;
+    }
+
+    let created = instance.created_at.unwrap_or(history.first_seen);
+    // After creation or one of our repairs, an instance gets time to settle before DOWN counts.
+    let grace_until = [Some(created), history.last_repair]
+        .into_iter()
+        .flatten()
+        .map(|t| t + policy.grace_period)
+        .max()
+        .unwrap_or(created);
+    let unless_in_grace = |reason: Reason, counts_from: OffsetDateTime| {
+        let until = grace_until.max(counts_from);
+        if now < until {
+            Verdict::Suspect { reason, until }
+        } else {
+            Verdict::Unhealthy(reason)
+        }
+    };
+
+    if let Some(power) = instance.power_state.as_deref() {
+        if STOPPED.contains(&power) {
+            return unless_in_grace(
+                Reason::Stopped {
+                    power_state: power.to_string(),
+                },
+                now,
+            );
+        }
+    }
+
     match heartbeat {
-        Some(hb) => match hb.status {
-            Status::Maintenance { until } if until > now => Verdict::Maintenance { until },
-            Status::Down => Verdict::Unhealthy(Reason::ReportedDown { at: hb.event_time }),
-            _ => {
-                let silent = now - hb.event_time;
-                if silent > policy.heartbeat_timeout {
-                    Verdict::Unhealthy(Reason::Silent {
-                        last: hb.event_time,
-                        seconds: silent.whole_seconds(),
-                    })
-                } else {
-                    Verdict::Healthy
-                }
+        Some(hb) if hb.status == Status::Down => {
+            let since = hb.down_since.unwrap_or(hb.event_time);
+            return unless_in_grace(Reason::ReportedDown { since }, since + policy.down_for);
+        }
+        Some(hb) => {
+            let silent = now - hb.event_time;
+            if silent > policy.heartbeat_timeout {
+                return Verdict::Unhealthy(Reason::Silent {
+                    last: hb.event_time,
+                    seconds: silent.whole_seconds(),
+                });
             }
-        },
+        }
         None => {
-            let age = now - instance.created_at.unwrap_or(first_seen);
+            let age = now - created;
             if age > policy.startup_timeout {
-                Verdict::Unhealthy(Reason::NeverReported {
+                return Verdict::Unhealthy(Reason::NeverReported {
                     seconds_since_creation: age.whole_seconds(),
-                })
-            } else {
-                Verdict::Starting
+                });
             }
         }
     }
+
+    if let Some(state @ (AppHealth::Unhealthy | AppHealth::Unknown)) = instance.health {
+        let since = instance.health_since.unwrap_or(history.first_seen);
+        return unless_in_grace(
+            Reason::AppUnhealthy { state, since },
+            since + policy.grace_period,
+        );
+    }
+    if heartbeat.is_none() {
+        return Verdict::Starting;
+    }
+    Verdict::Healthy
 }
 
-/// When this verdict could change by the clock alone (for logs and the next-check hint).
+/// When this verdict could change by the clock alone (the next-check hint), one second late so
+/// the deadline has surely passed.
 pub fn recheck_in(
     verdict: &Verdict,
     heartbeat: Option<&Heartbeat>,
@@ -99,10 +207,10 @@ pub fn recheck_in(
     match verdict {
         Verdict::Healthy => heartbeat.map(|hb| hb.event_time + policy.heartbeat_timeout - now),
         Verdict::Starting => Some(created + policy.startup_timeout - now),
-        Verdict::Maintenance { until } => Some(*until - now),
+        Verdict::Maintenance { until } | Verdict::Suspect { until, .. } => Some(*until - now),
         Verdict::Unhealthy(_) => None,
     }
-    .map(|d| d + Duration::SECOND)
+    .map(|d| d.max(Duration::ZERO) + Duration::SECOND)
 }
 
 #[cfg(test)]
@@ -116,9 +224,11 @@ mod tests {
 
     const NOW: OffsetDateTime = datetime!(2026-11-22 12:00 UTC);
 
-    fn policy() -> Policy {
+    pub(crate) fn policy() -> Policy {
         Settings::from_lookup(|k| match k {
-            "HEALER_SCALE_SETS" => Some("/subscriptions/s/resourceGroups/r/providers/Microsoft.Compute/virtualMachineScaleSets/w".into()),
+            "HEALER_SCALE_SETS" => Some(
+                "/subscriptions/s/resourceGroups/r/providers/Microsoft.Compute/virtualMachineScaleSets/w".into(),
+            ),
             "HEALER_STORAGE" => Some("UseDevelopmentStorage=true".into()),
             _ => None,
         })
@@ -126,12 +236,16 @@ mod tests {
         .defaults
     }
 
+    fn secs(n: i64) -> Duration {
+        Duration::seconds(n)
+    }
+
     fn hb(status: Status, age_s: i64) -> Heartbeat {
         Heartbeat {
             target: ScaleSetId::new("s", "r", "w").instance("1"),
             status,
-            event_time: NOW - Duration::seconds(age_s),
-            received_at: NOW - Duration::seconds(age_s),
+            event_time: NOW - secs(age_s),
+            received_at: NOW - secs(age_s),
             sequence: None,
             vm_id: None,
             computer_name: None,
@@ -142,77 +256,79 @@ mod tests {
         }
     }
 
+    fn down_for(streak_s: i64) -> Heartbeat {
+        Heartbeat {
+            down_since: Some(NOW - secs(streak_s)),
+            ..hb(Status::Down, 5)
+        }
+    }
+
+    /// An instance created an hour ago (well past every grace), with optional changes.
+    fn old(change: impl FnOnce(&mut Instance)) -> Instance {
+        let mut i = instance("1");
+        i.created_at = Some(NOW - Duration::hours(1));
+        change(&mut i);
+        i
+    }
+
     #[test]
     fn verdict_table() {
         let p = policy();
-        let created_long_ago = NOW - Duration::hours(1);
-        let mut fresh = instance("1");
-        fresh.created_at = Some(NOW - Duration::seconds(100));
-        let old = instance("1");
+        let quiet = History {
+            first_seen: NOW - Duration::hours(1),
+            last_repair: None,
+        };
+        let just_repaired = History {
+            last_repair: Some(NOW - secs(100)),
+            ..quiet
+        };
         let until = NOW + Duration::minutes(10);
-        let cases: Vec<(&str, &Instance, Option<Heartbeat>, Verdict)> = vec![
-            (
-                "recent UP",
-                &old,
-                Some(hb(Status::Up, 30)),
-                Verdict::Healthy,
-            ),
-            (
-                "UP at the timeout edge",
-                &old,
-                Some(hb(Status::Up, 180)),
-                Verdict::Healthy,
-            ),
-            (
-                "UP gone silent",
-                &old,
-                Some(hb(Status::Up, 181)),
-                Verdict::Unhealthy(Reason::Silent {
-                    last: NOW - Duration::seconds(181),
-                    seconds: 181,
-                }),
-            ),
-            (
-                "DOWN",
-                &old,
-                Some(hb(Status::Down, 5)),
-                Verdict::Unhealthy(Reason::ReportedDown {
-                    at: NOW - Duration::seconds(5),
-                }),
-            ),
-            (
-                "in maintenance",
-                &old,
-                Some(hb(Status::Maintenance { until }, 5)),
-                Verdict::Maintenance { until },
-            ),
-            (
-                "maintenance over and silent",
-                &old,
-                Some(hb(
-                    Status::Maintenance {
-                        until: NOW - Duration::seconds(1),
-                    },
-                    600,
-                )),
-                Verdict::Unhealthy(Reason::Silent {
-                    last: NOW - Duration::seconds(600),
-                    seconds: 600,
-                }),
-            ),
-            ("new and quiet", &fresh, None, Verdict::Starting),
-            (
-                "never reported",
-                &old,
-                None,
-                Verdict::Unhealthy(Reason::NeverReported {
-                    seconds_since_creation: 3600,
-                }),
-            ),
+        let fresh = |i: &mut Instance| i.created_at = Some(NOW - secs(100));
+        let app = |state: AppHealth, since_s: i64| {
+            move |i: &mut Instance| {
+                i.health = Some(state);
+                i.health_since = Some(NOW - secs(since_s));
+            }
+        };
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Instance, Option<Heartbeat>, History, Verdict)> = vec![
+            ("recent UP", old(|_| ()), Some(hb(Status::Up, 30)), quiet, Verdict::Healthy),
+            ("UP at the timeout edge", old(|_| ()), Some(hb(Status::Up, 180)), quiet, Verdict::Healthy),
+            ("UP gone silent", old(|_| ()), Some(hb(Status::Up, 181)), quiet,
+                Verdict::Unhealthy(Reason::Silent { last: NOW - secs(181), seconds: 181 })),
+            ("DOWN long enough", old(|_| ()), Some(down_for(60)), quiet,
+                Verdict::Unhealthy(Reason::ReportedDown { since: NOW - secs(60) })),
+            ("DOWN not yet for HEALER_DOWN_FOR", old(|_| ()), Some(down_for(20)), quiet,
+                Verdict::Suspect { reason: Reason::ReportedDown { since: NOW - secs(20) }, until: NOW + secs(40) }),
+            ("DOWN within grace after creation", old(fresh), Some(down_for(90)), quiet,
+                Verdict::Suspect { reason: Reason::ReportedDown { since: NOW - secs(90) }, until: NOW + secs(200) }),
+            ("DOWN within grace after a repair", old(|_| ()), Some(down_for(90)), just_repaired,
+                Verdict::Suspect { reason: Reason::ReportedDown { since: NOW - secs(90) }, until: NOW + secs(200) }),
+            ("in maintenance", old(|_| ()), Some(hb(Status::Maintenance { until }, 5)), quiet, Verdict::Maintenance { until }),
+            ("maintenance trumps a stopped VM", old(|i| i.power_state = Some("deallocated".into())),
+                Some(hb(Status::Maintenance { until }, 5)), quiet, Verdict::Maintenance { until }),
+            ("maintenance over and silent", old(|_| ()), Some(hb(Status::Maintenance { until: NOW - secs(1) }, 600)), quiet,
+                Verdict::Unhealthy(Reason::Silent { last: NOW - secs(600), seconds: 600 })),
+            ("new and quiet", old(fresh), None, quiet, Verdict::Starting),
+            ("never reported", old(|_| ()), None, quiet, Verdict::Unhealthy(Reason::NeverReported { seconds_since_creation: 3600 })),
+            ("provisioning failed", old(|i| i.provisioning_state = Some("Failed".into())), Some(hb(Status::Up, 5)), quiet,
+                Verdict::Unhealthy(Reason::ProvisioningFailed)),
+            ("being updated", old(|i| i.provisioning_state = Some("Updating".into())), Some(hb(Status::Up, 900)), quiet, Verdict::Starting),
+            ("unexpectedly deallocated", old(|i| i.power_state = Some("deallocated".into())), Some(hb(Status::Up, 30)), quiet,
+                Verdict::Unhealthy(Reason::Stopped { power_state: "deallocated".into() })),
+            ("app health unhealthy past grace", old(app(AppHealth::Unhealthy, 400)), Some(hb(Status::Up, 5)), quiet,
+                Verdict::Unhealthy(Reason::AppUnhealthy { state: AppHealth::Unhealthy, since: NOW - secs(400) })),
+            ("app health unknown within grace", old(app(AppHealth::Unknown, 100)), Some(hb(Status::Up, 5)), quiet,
+                Verdict::Suspect { reason: Reason::AppUnhealthy { state: AppHealth::Unknown, since: NOW - secs(100) }, until: NOW + secs(200) }),
+            ("hung VM with a healthy extension is still caught", old(app(AppHealth::Healthy, 4000)), Some(hb(Status::Up, 600)), quiet,
+                Verdict::Unhealthy(Reason::Silent { last: NOW - secs(600), seconds: 600 })),
         ];
-        for (name, inst, heartbeat, want) in cases {
-            let got = judge(inst, heartbeat.as_ref(), created_long_ago, &p, NOW);
-            assert_eq!(got, want, "{name}");
+        for (name, inst, heartbeat, history, want) in cases {
+            assert_eq!(
+                judge(&inst, heartbeat.as_ref(), history, &p, NOW),
+                want,
+                "{name}"
+            );
         }
     }
 
@@ -220,10 +336,13 @@ mod tests {
     fn recheck_is_when_the_deadline_passes() {
         let p = policy();
         let beat = hb(Status::Up, 100);
-        let v = judge(&instance("1"), Some(&beat), NOW, &p, NOW);
-        assert_eq!(
-            recheck_in(&v, Some(&beat), NOW, &p, NOW),
-            Some(Duration::seconds(81))
-        );
+        let history = History {
+            first_seen: NOW - Duration::hours(1),
+            last_repair: None,
+        };
+        let v = judge(&old(|_| ()), Some(&beat), history, &p, NOW);
+        assert_eq!(recheck_in(&v, Some(&beat), NOW, &p, NOW), Some(secs(81)));
+        let v = judge(&old(|_| ()), Some(&down_for(20)), history, &p, NOW);
+        assert_eq!(recheck_in(&v, None, NOW, &p, NOW), Some(secs(41)));
     }
 }

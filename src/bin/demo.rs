@@ -65,6 +65,7 @@ const STORY: [Fault; 2] = [
 struct Timing {
     tick: Duration,
     heartbeat_timeout_s: u32,
+    down_for_s: u32,
     max_ticks: u32,
 }
 
@@ -74,12 +75,14 @@ fn main() {
         Timing {
             tick: Duration::from_millis(250),
             heartbeat_timeout_s: 2,
+            down_for_s: 1,
             max_ticks: 120,
         }
     } else {
         Timing {
             tick: Duration::from_secs(1),
             heartbeat_timeout_s: 6,
+            down_for_s: 3,
             max_ticks: 90,
         }
     };
@@ -121,17 +124,28 @@ fn timer_invocation(function: &str) -> Value {
 async fn run(sim_port: u16, connection_string: String, timing: Timing) -> bool {
     // The simulated fleet; operations take two ticks, as real ones take minutes.
     let mut world = world::World::new(timing.tick * 2, 100);
+    // A fleet that has been running for a day, past every creation grace period.
+    let day_ago = OffsetDateTime::now_utc() - time::Duration::days(1);
     for (name, capacity) in SETS {
-        world.create_set(
+        let zones = vec!["1".into(), "2".into(), "3".into()];
+        let key = world.create_set(
             SUB,
             RG,
             name,
             capacity,
             "westeurope",
-            vec!["1".into(), "2".into(), "3".into()],
+            zones,
             "Uniform",
             false,
         );
+        for vm in world
+            .sets
+            .get_mut(&key)
+            .into_iter()
+            .flat_map(|s| s.vms.values_mut())
+        {
+            vm.time_created = day_ago;
+        }
     }
     let sim = Shared::new(
         world,
@@ -159,6 +173,7 @@ async fn run(sim_port: u16, connection_string: String, timing: Timing) -> bool {
             "HEALER_HEARTBEAT_TIMEOUT",
             timing.heartbeat_timeout_s.to_string(),
         ),
+        ("HEALER_DOWN_FOR", timing.down_for_s.to_string()),
         ("HEALER_MIRROR_MAX_AGE", "30".into()),
         ("HEALER_REPAIR_ACTIONS", "replace".into()),
         ("FUNCTIONS_CUSTOMHANDLER_PORT", handler_port.to_string()),

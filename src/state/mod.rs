@@ -4,6 +4,7 @@
 pub mod table;
 
 use crate::heartbeat::{Heartbeat, Origin, Status};
+use crate::incident::{Incident, Resolution, State, Versioned};
 use crate::journal::{Entry, EntryKind};
 use crate::mirror::{AppHealth, Instance, MirroredInstance, ScaleSetRecord};
 use crate::policy::RepairAction;
@@ -24,6 +25,7 @@ pub const HEARTBEATS: &str = "heartbeats";
 pub const REPAIRS: &str = "repairs";
 pub const SCALESETS: &str = "scalesets";
 const SCALESET_PARTITION: &str = "scaleset";
+const INCIDENT_PREFIX: &str = "incident:";
 
 /// Handles to the four tables.
 #[derive(Debug, Clone)]
@@ -213,7 +215,7 @@ impl Store {
                 heartbeat_entity(&with_down_since(hb, stored.as_ref().map(|s| &s.heartbeat)));
             match stored {
                 None => match self.heartbeats.insert(entity).await {
-                    Ok(()) => return Ok(HeartbeatWrite::Stored),
+                    Ok(_) => return Ok(HeartbeatWrite::Stored),
                     Err(StoreError::Conflict { .. }) => continue,
                     Err(e) => return Err(e),
                 },
@@ -226,7 +228,7 @@ impl Store {
                         .replace_if(&set.key(), entity, &stored.etag)
                         .await
                     {
-                        Ok(()) => return Ok(HeartbeatWrite::Stored),
+                        Ok(_) => return Ok(HeartbeatWrite::Stored),
                         Err(StoreError::PreconditionFailed { .. }) => continue,
                         Err(e) => return Err(e),
                     }
@@ -270,6 +272,80 @@ impl Store {
             .time("changedAt", at)
             .bool("exists", exists);
         self.scalesets.merge(SCALESET_PARTITION, entity).await
+    }
+
+    // ---- repairs: incident rows (one per instance, the claim) ----
+
+    /// The incident row of every instance of the scale set that has one.
+    pub async fn incidents(
+        &self,
+        set: &ScaleSetId,
+    ) -> Result<(HashMap<String, Versioned<Incident>>, Skipped), StoreError> {
+        // `incident:` rows sort after the journal's numeric keys; `;` is the character after `:`.
+        let filter = format!(
+            "PartitionKey eq {} and RowKey ge {} and RowKey lt {}",
+            quote(&set.key()),
+            quote(INCIDENT_PREFIX),
+            quote("incident;")
+        );
+        let rows = self.repairs.query(Some(filter)).await?;
+        let (list, skipped) = collect(rows, |r| {
+            let version = r.etag().unwrap_or_default().to_string();
+            incident_from_row(r).map(|value| Versioned { value, version })
+        });
+        Ok((
+            list.into_iter()
+                .map(|v| (v.value.target.clone(), v))
+                .collect(),
+            skipped,
+        ))
+    }
+
+    /// Writes an incident only if its row is still at `claim` (or absent when `claim` is `None`).
+    /// `Ok(None)` means another writer got there first: the caller must not act.
+    pub async fn claim_incident(
+        &self,
+        set: &ScaleSetId,
+        incident: &Incident,
+        claim: Option<&str>,
+    ) -> Result<Option<String>, StoreError> {
+        let entity = incident_entity(set, incident);
+        let written = match claim {
+            None => self.repairs.insert(entity).await,
+            Some(version) => self.repairs.replace_if(&set.key(), entity, version).await,
+        };
+        match written {
+            Ok(version) => Ok(Some(version)),
+            Err(StoreError::Conflict { .. } | StoreError::PreconditionFailed { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Undoes a claim: puts `previous` back (or removes the row if there was none), only if the
+    /// row is still at `version`. `Ok(false)` if it changed meanwhile.
+    pub async fn release_incident(
+        &self,
+        set: &ScaleSetId,
+        target: &str,
+        previous: Option<&Incident>,
+        version: &str,
+    ) -> Result<bool, StoreError> {
+        match previous {
+            Some(p) => match self
+                .repairs
+                .replace_if(&set.key(), incident_entity(set, p), version)
+                .await
+            {
+                Ok(_) => Ok(true),
+                Err(StoreError::PreconditionFailed { .. }) => Ok(false),
+                Err(e) => Err(e),
+            },
+            None => {
+                self.repairs
+                    .delete_if(&set.key(), &format!("{INCIDENT_PREFIX}{target}"), version)
+                    .await
+            }
+        }
     }
 
     // ---- repairs: the journal ----
@@ -551,6 +627,60 @@ fn scaleset_from_row(r: &Row) -> Result<ScaleSetRecord, RowError> {
 fn inverted_micros(t: OffsetDateTime) -> i128 {
     const FAR: i128 = 99_999_999_999_999_999; // year ~5138 in microseconds
     FAR - t.unix_timestamp_nanos() / 1000
+}
+
+fn incident_entity(set: &ScaleSetId, i: &Incident) -> Entity {
+    let state = match i.state {
+        State::Repairing => "repairing",
+        State::GivenUp => "given_up",
+        State::Closed => "closed",
+    };
+    Entity::new(&set.key(), &format!("{INCIDENT_PREFIX}{}", i.target))
+        .str("incident", i.id.clone())
+        .str("instanceId", i.target.clone())
+        .time("openedAt", i.opened_at)
+        .str("cause", i.cause.clone())
+        .str("state", state)
+        .i64("attempt", i64::from(i.attempt))
+        .opt_str("action", i.action.map(|a| a.as_str()))
+        .opt_time("stepStarted", i.step_started)
+        .opt_time("deadline", i.deadline)
+        .opt_time("endedAt", i.ended_at)
+        .opt_str("resolution", i.resolution.map(|r| r.as_str()))
+}
+
+fn incident_from_row(r: &Row) -> Result<Incident, RowError> {
+    let bad = |p: &str, why: String| RowError {
+        row_key: r.row_key().into(),
+        property: p.into(),
+        why,
+    };
+    let state = match r.str("state")?.as_str() {
+        "repairing" => State::Repairing,
+        "given_up" => State::GivenUp,
+        "closed" => State::Closed,
+        other => return Err(bad("state", format!("is `{other}`"))),
+    };
+    Ok(Incident {
+        id: r.str("incident")?,
+        target: r.str("instanceId")?,
+        opened_at: r.time("openedAt")?,
+        cause: r.opt_str("cause").unwrap_or_default(),
+        state,
+        attempt: r.opt_i64("attempt")?.unwrap_or(0).clamp(0, u32::MAX as i64) as u32,
+        action: match r.opt_str("action") {
+            Some(a) => Some(a.parse::<RepairAction>().map_err(|e| bad("action", e))?),
+            None => None,
+        },
+        step_started: r.opt_time("stepStarted")?,
+        deadline: r.opt_time("deadline")?,
+        ended_at: r.opt_time("endedAt")?,
+        resolution: match r.opt_str("resolution").as_deref() {
+            Some("recovered") => Some(Resolution::Recovered),
+            Some("removed") => Some(Resolution::Removed),
+            _ => None,
+        },
+    })
 }
 
 fn journal_entity(e: &Entry, seq: usize) -> Entity {

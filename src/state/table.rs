@@ -317,8 +317,9 @@ impl Table {
         Ok(self.query(Some(filter)).await?.into_iter().next())
     }
 
-    /// Inserts a row that must not exist yet ([`StoreError::Conflict`] if it does).
-    pub async fn insert(&self, entity: Entity) -> Result<(), StoreError> {
+    /// Inserts a row that must not exist yet ([`StoreError::Conflict`] if it does); returns its
+    /// ETag.
+    pub async fn insert(&self, entity: Entity) -> Result<String, StoreError> {
         let key = entity.row_key().to_string();
         let op = self
             .client
@@ -326,17 +327,18 @@ impl Table {
             .map_err(|e| StoreError::from_azure(self.name, "insert", &key, e))?
             .return_entity(false);
         op.await
-            .map(|_| ())
+            .map(|r| r.etag.to_string())
             .map_err(|e| StoreError::from_azure(self.name, "insert", &key, e))
     }
 
-    /// Replaces a row only if it still has `etag` ([`StoreError::PreconditionFailed`] if not).
+    /// Replaces a row only if it still has `etag` ([`StoreError::PreconditionFailed`] if not);
+    /// returns the new ETag.
     pub async fn replace_if(
         &self,
         partition_key: &str,
         entity: Entity,
         etag: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<String, StoreError> {
         let key = entity.row_key().to_string();
         let client = self
             .client
@@ -349,7 +351,7 @@ impl Table {
             )
             .map_err(|e| StoreError::from_azure(self.name, "replace", &key, e))?;
         op.await
-            .map(|_| ())
+            .map(|r| r.etag.to_string())
             .map_err(|e| StoreError::from_azure(self.name, "replace", &key, e))
     }
 
@@ -441,6 +443,29 @@ impl Table {
             }
         }
         Ok(deleted)
+    }
+
+    /// Deletes one row only if it still has `etag`; `Ok(false)` if it changed or is gone.
+    pub async fn delete_if(
+        &self,
+        partition_key: &str,
+        row_key: &str,
+        etag: &str,
+    ) -> Result<bool, StoreError> {
+        let client = self
+            .client
+            .partition_key_client(partition_key)
+            .entity_client(row_key);
+        let op = client
+            .delete()
+            .if_match(IfMatchCondition::Etag(etag.to_string().into()));
+        match op.await {
+            Ok(_) => Ok(true),
+            Err(e) => match StoreError::from_azure(self.name, "delete", row_key, e) {
+                StoreError::PreconditionFailed { .. } => Ok(false),
+                other => Err(other),
+            },
+        }
     }
 
     /// Deletes one row; `Ok(false)` if it was not there.

@@ -54,10 +54,11 @@ pub struct Builder {
     page_size: usize,
 }
 
+/// A handler whose DOWN counts at once (tests about `HEALER_DOWN_FOR` set it back).
 pub fn spawn_app() -> Builder {
     Builder {
         sets: Vec::new(),
-        env: BTreeMap::new(),
+        env: BTreeMap::from([("HEALER_DOWN_FOR".to_string(), "0".to_string())]),
         page_size: 100,
     }
 }
@@ -99,7 +100,8 @@ impl Builder {
         for (name, capacity) in &self.sets {
             let r = http
                 .post(format!("{sim_url}/admin/scalesets"))
-                .json(&json!({"subscription": SUB, "resourceGroup": RG, "name": name, "capacity": capacity}))
+                .json(&json!({"subscription": SUB, "resourceGroup": RG, "name": name, "capacity": capacity,
+                               "ageSeconds": 86_400}))
                 .send()
                 .await
                 .expect("create scale set");

@@ -50,6 +50,9 @@ struct NewSet {
     orchestration_mode: String,
     #[serde(default)]
     automatic_repairs: bool,
+    /// How long ago the VMs were created (a fleet that has been running a while).
+    #[serde(default)]
+    age_seconds: i64,
 }
 
 fn default_location() -> String {
@@ -72,6 +75,15 @@ async fn create_set(State(s): State<Shared>, Json(n): Json<NewSet>) -> Response 
         &n.orchestration_mode,
         n.automatic_repairs,
     );
+    let created = OffsetDateTime::now_utc() - time::Duration::seconds(n.age_seconds);
+    for vm in w
+        .sets
+        .get_mut(&key)
+        .into_iter()
+        .flat_map(|s| s.vms.values_mut())
+    {
+        vm.time_created = created;
+    }
     let id = w.sets[&key].resource_id();
     (StatusCode::CREATED, Json(json!({"key": key, "id": id}))).into_response()
 }

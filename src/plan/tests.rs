@@ -1,0 +1,410 @@
+use super::*;
+use crate::heartbeat::{Origin, Status};
+use crate::incident::{Incident, State, Versioned};
+use crate::mirror::fixtures::instance;
+use crate::policy::RepairAction::{self, *};
+use crate::scaleset::ScaleSetId;
+use crate::settings::Settings;
+use proptest::prelude::*;
+use std::collections::HashSet;
+use time::macros::datetime;
+
+const NOW: OffsetDateTime = datetime!(2026-11-22 12:00 UTC);
+const BRAKES: Brakes = Brakes {
+    mirror_max_age: Duration::seconds(300),
+    pipeline_fault: None,
+};
+
+fn secs(n: i64) -> Duration {
+    Duration::seconds(n)
+}
+
+fn policy(overrides: &[(&str, &str)]) -> Policy {
+    let overrides: Vec<(String, String)> = overrides
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Settings::from_lookup(|k| {
+        if let Some((_, v)) = overrides.iter().find(|(name, _)| name == k) {
+            return Some(v.clone());
+        }
+        match k {
+            "HEALER_SCALE_SETS" => Some("/subscriptions/s/resourceGroups/r/providers/Microsoft.Compute/virtualMachineScaleSets/w".into()),
+            "HEALER_STORAGE" => Some("UseDevelopmentStorage=true".into()),
+            "HEALER_MAX_PARALLEL" => Some("100%".into()),
+            "HEALER_MAX_UNHEALTHY" => Some("100%".into()),
+            _ => None,
+        }
+    })
+    .unwrap()
+    .defaults
+}
+
+fn beat(id: &str, status: Status, age_s: i64) -> Heartbeat {
+    let down_since = (status == Status::Down).then(|| NOW - secs(age_s.max(600)));
+    Heartbeat {
+        target: ScaleSetId::new("s", "r", "w").instance(id),
+        status,
+        event_time: NOW - secs(age_s),
+        received_at: NOW - secs(age_s),
+        sequence: None,
+        vm_id: Some(format!("vm-{id}")),
+        computer_name: None,
+        detail: None,
+        origin: Origin::Agent,
+        event_id: "e".into(),
+        down_since,
+    }
+}
+
+/// A fleet of `n` instances created a day ago, mirrored 30 s ago, each with a fresh UP heartbeat.
+struct Fleet(Observation);
+
+fn fleet(n: usize) -> Fleet {
+    let mut obs = Observation {
+        record: Some(ScaleSetRecord {
+            synced_at: Some(NOW - secs(30)),
+            capacity: Some(n as i64),
+            ..ScaleSetRecord::unsynced()
+        }),
+        ..Observation::default()
+    };
+    for i in 0..n {
+        let id = i.to_string();
+        let mut inst = instance(&id);
+        inst.created_at = Some(NOW - Duration::days(1));
+        obs.instances.push(MirroredInstance {
+            instance: inst,
+            synced_at: NOW - Duration::days(1),
+        });
+        obs.heartbeats.insert(id.clone(), beat(&id, Status::Up, 10));
+    }
+    Fleet(obs)
+}
+
+impl Fleet {
+    fn down(mut self, id: &str) -> Self {
+        self.0
+            .heartbeats
+            .insert(id.into(), beat(id, Status::Down, 5));
+        self
+    }
+    fn up(mut self, id: &str, age_s: i64) -> Self {
+        self.0
+            .heartbeats
+            .insert(id.into(), beat(id, Status::Up, age_s));
+        self
+    }
+    fn protected(mut self, id: &str) -> Self {
+        self.0
+            .instances
+            .iter_mut()
+            .find(|m| m.instance.instance_id == id)
+            .unwrap()
+            .instance
+            .protected_from_scale_set_actions = true;
+        self
+    }
+    fn gone(mut self, id: &str) -> Self {
+        self.0.instances.retain(|m| m.instance.instance_id != id);
+        self
+    }
+    fn mirror_age(mut self, s: i64) -> Self {
+        self.0.record.as_mut().unwrap().synced_at = Some(NOW - secs(s));
+        self
+    }
+    fn never_synced(mut self) -> Self {
+        self.0.record = None;
+        self
+    }
+    fn platform_repairs(mut self) -> Self {
+        self.0.record.as_mut().unwrap().platform_auto_repair = true;
+        self
+    }
+    /// An incident for `id` whose current step (attempt `attempt`, `action`) began `ago_s` ago.
+    fn repairing(mut self, id: &str, action: RepairAction, attempt: u32, ago_s: i64) -> Self {
+        let mut inc = Incident::open(
+            id,
+            "reported_down",
+            action,
+            NOW - secs(ago_s),
+            Duration::seconds(900),
+        );
+        inc.attempt = attempt;
+        self.0.incidents.insert(
+            id.into(),
+            Versioned {
+                value: inc,
+                version: format!("v-{id}"),
+            },
+        );
+        self
+    }
+    fn incident_state(mut self, id: &str, state: State, ended_ago_s: i64) -> Self {
+        let v = self.0.incidents.get_mut(id).unwrap();
+        v.value.state = state;
+        v.value.ended_at = Some(NOW - secs(ended_ago_s));
+        self
+    }
+    fn decide(&self, overrides: &[(&str, &str)]) -> Plan {
+        decide(&self.0, &policy(overrides), BRAKES, NOW)
+    }
+}
+
+fn steps(plan: &Plan) -> Vec<(&str, &'static str, Option<RepairAction>, u32)> {
+    plan.transitions
+        .iter()
+        .map(|t| {
+            (
+                t.incident.target.as_str(),
+                t.step.label(),
+                t.incident.action,
+                t.incident.attempt,
+            )
+        })
+        .collect()
+}
+
+fn withheld(plan: &Plan) -> Vec<(Option<&str>, &'static str)> {
+    plan.withheld
+        .iter()
+        .map(|w| (w.instance_id.as_deref(), w.why.label()))
+        .collect()
+}
+
+type Expect = (
+    Vec<(&'static str, &'static str, Option<RepairAction>, u32)>,
+    Vec<(Option<&'static str>, &'static str)>,
+);
+type Case = (
+    &'static str,
+    Fleet,
+    &'static [(&'static str, &'static str)],
+    Expect,
+);
+
+#[test]
+fn decision_table() {
+    let esc: &[(&str, &str)] = &[("HEALER_REPAIR_ACTIONS", "restart,reimage,replace")];
+    #[rustfmt::skip]
+    let cases: Vec<Case> = vec![
+        ("healthy fleet", fleet(4), &[], (vec![], vec![])),
+        ("one DOWN opens an incident", fleet(4).down("2"), &[("HEALER_REPAIR_ACTIONS", "delete")], (vec![("2", "open", Some(Delete), 1)], vec![])),
+        ("silent", fleet(4).up("1", 400), &[], (vec![("1", "open", Some(Replace), 1)], vec![])),
+        ("protected", fleet(4).down("3").protected("3"), &[], (vec![], vec![(Some("3"), "protected")])),
+        ("in flight", fleet(4).up("2", 400).repairing("2", Restart, 1, 60), esc, (vec![], vec![(Some("2"), "repair_in_flight")])),
+        ("DOWN within the grace after a repair is not acted on", fleet(4).down("2").repairing("2", Restart, 1, 60), esc, (vec![], vec![])),
+        ("timed out: escalate restart → reimage", fleet(4).down("2").repairing("2", Restart, 1, 1000), esc, (vec![("2", "escalate", Some(Reimage), 2)], vec![])),
+        ("timed out again: reimage → replace", fleet(4).down("2").repairing("2", Reimage, 2, 1000), esc, (vec![("2", "escalate", Some(Replace), 3)], vec![])),
+        ("last attempt timed out: give up", fleet(4).down("2").repairing("2", Replace, 3, 1000), esc, (vec![("2", "given_up", Some(Replace), 3)], vec![])),
+        ("given up stays given up", fleet(4).down("2").repairing("2", Replace, 3, 2000).incident_state("2", State::GivenUp, 900), esc, (vec![], vec![(Some("2"), "given_up")])),
+        ("given up, then healthy: closed", fleet(4).repairing("2", Replace, 3, 2000).incident_state("2", State::GivenUp, 900), esc, (vec![("2", "recovered", Some(Replace), 3)], vec![])),
+        ("removed after delete", fleet(4).gone("2").repairing("2", Delete, 1, 60), &[], (vec![("2", "removed", Some(Delete), 1)], vec![])),
+        ("recovered after restart", fleet(4).up("2", 5).repairing("2", Restart, 1, 60), esc, (vec![("2", "recovered", Some(Restart), 1)], vec![])),
+        ("cool-down after a closed incident", fleet(4).down("2").repairing("2", Restart, 1, 400).incident_state("2", State::Closed, 100), esc, (vec![], vec![(Some("2"), "cooldown")])),
+        ("after the cool-down a new incident", fleet(4).down("2").repairing("2", Restart, 1, 4000).incident_state("2", State::Closed, 3000), esc, (vec![("2", "open", Some(Restart), 1)], vec![])),
+        ("max parallel", fleet(10).down("1").down("2").down("3"), &[("HEALER_MAX_PARALLEL", "2")], (vec![("1", "open", Some(Replace), 1), ("2", "open", Some(Replace), 1)], vec![(Some("3"), "max_parallel")])),
+        ("max parallel counts running incidents", fleet(10).up("1", 400).down("2").repairing("1", Restart, 1, 60), &[("HEALER_MAX_PARALLEL", "1"), ("HEALER_REPAIR_ACTIONS", "restart")], (vec![], vec![(Some("1"), "repair_in_flight"), (Some("2"), "max_parallel")])),
+        ("too many unhealthy: short-circuit", fleet(5).down("0").down("1").down("2"), &[("HEALER_MAX_UNHEALTHY", "40%")], (vec![], vec![(None, "too_many_unhealthy")])),
+        ("at the unhealthy limit still heals", fleet(5).down("0").down("1"), &[("HEALER_MAX_UNHEALTHY", "40%")], (vec![("0", "open", Some(Replace), 1), ("1", "open", Some(Replace), 1)], vec![])),
+        ("outcomes are recorded even while paused", fleet(5).down("0").down("1").down("2").gone("4").repairing("4", Delete, 1, 60), &[("HEALER_MAX_UNHEALTHY", "1")], (vec![("4", "removed", Some(Delete), 1)], vec![(None, "too_many_unhealthy")])),
+        ("stale mirror", fleet(4).down("1").mirror_age(301), &[], (vec![], vec![(None, "stale_mirror")])),
+        ("never mirrored", fleet(4).down("1").never_synced(), &[], (vec![], vec![(None, "no_mirror")])),
+        ("platform repairs on: defer", fleet(4).down("1").platform_repairs(), &[], (vec![], vec![(None, "platform_repairs")])),
+        ("platform repairs on: act", fleet(4).down("1").platform_repairs(), &[("HEALER_PLATFORM_REPAIRS", "act")], (vec![("1", "open", Some(Replace), 1)], vec![])),
+    ];
+    for (name, f, overrides, (want_steps, want_withheld)) in cases {
+        let plan = f.decide(overrides);
+        assert_eq!(steps(&plan), want_steps, "{name}: transitions");
+        assert_eq!(withheld(&plan), want_withheld, "{name}: withheld");
+    }
+}
+
+#[test]
+fn claims_carry_the_version_read_and_the_previous_row() {
+    let plan = fleet(3)
+        .down("1")
+        .repairing("1", Restart, 1, 1000)
+        .decide(&[("HEALER_REPAIR_ACTIONS", "restart,replace")]);
+    let t = &plan.transitions[0];
+    assert_eq!(t.claim.as_deref(), Some("v-1"));
+    assert_eq!(t.previous.as_ref().map(|p| p.attempt), Some(1));
+    let plan = fleet(3).down("2").decide(&[]);
+    assert_eq!(
+        (
+            plan.transitions[0].claim.as_deref(),
+            plan.transitions[0].previous.is_none()
+        ),
+        (None, true),
+        "a new incident is inserted"
+    );
+}
+
+#[test]
+fn a_fleet_wide_silence_is_a_pipeline_fault() {
+    let p = policy(&[]);
+    let mut a = fleet(4);
+    let mut b = fleet(4);
+    for id in ["0", "1", "2"] {
+        a = a.up(id, 400);
+        b = b.up(id, 400);
+    }
+    let fault = pipeline_fault(&[(&a.0, &p), (&b.0, &p)], NOW);
+    assert_eq!(
+        fault,
+        Some(PipelineFault {
+            silent: 6,
+            reporting: 8
+        })
+    );
+    let plan = decide(
+        &a.0,
+        &p,
+        Brakes {
+            pipeline_fault: fault,
+            ..BRAKES
+        },
+        NOW,
+    );
+    assert!(plan.transitions.is_empty());
+    assert_eq!(withheld(&plan), vec![(None, "pipeline_fault")]);
+
+    // Half silent is not "most"; a single silent VM is a VM problem.
+    let half = fleet(4).up("0", 400).up("1", 400);
+    assert_eq!(pipeline_fault(&[(&half.0, &p)], NOW), None);
+    let one = fleet(1).up("0", 400);
+    assert_eq!(pipeline_fault(&[(&one.0, &p)], NOW), None);
+}
+
+#[test]
+fn the_next_check_is_the_nearest_deadline() {
+    let plan = fleet(3).up("1", 170).decide(&[]);
+    assert_eq!(
+        plan.next_check,
+        Some(secs(11)),
+        "heartbeat timeout 180 s - 170 s + 1 s"
+    );
+    assert_eq!((plan.healthy, plan.unhealthy, plan.total), (3, 0, 3));
+}
+
+#[derive(Debug, Clone)]
+enum Beat {
+    None,
+    Up(i64),
+    Down,
+}
+
+#[derive(Debug, Clone)]
+struct Spec {
+    beat: Beat,
+    protected: bool,
+    gone: bool,
+    /// (action step index, attempt, started ago, state)
+    incident: Option<(usize, u32, i64, u8)>,
+}
+
+fn arb_spec() -> impl Strategy<Value = Spec> {
+    (
+        prop_oneof![
+            Just(Beat::None),
+            (0i64..1000).prop_map(Beat::Up),
+            Just(Beat::Down)
+        ],
+        any::<bool>(),
+        prop::bool::weighted(0.1),
+        proptest::option::of((0usize..3, 1u32..4, 0i64..3000, 0u8..3)),
+    )
+        .prop_map(|(beat, protected, gone, incident)| Spec {
+            beat,
+            protected,
+            gone,
+            incident,
+        })
+}
+
+proptest! {
+    #[test]
+    fn safety_invariants_hold_for_any_fleet_and_history(
+        specs in proptest::collection::vec(arb_spec(), 0..40),
+        mirror_age in 0i64..600,
+        max_parallel in 1u32..6,
+        max_unhealthy in 1u32..100,
+        silent_fleet in any::<bool>(),
+    ) {
+        let mut f = fleet(specs.len()).mirror_age(mirror_age);
+        let actions = [Restart, Reimage, Replace];
+        for (i, s) in specs.iter().enumerate() {
+            let id = i.to_string();
+            f = match s.beat {
+                Beat::None => { f.0.heartbeats.remove(&id); f }
+                Beat::Up(age) => f.up(&id, age),
+                Beat::Down => f.down(&id),
+            };
+            if s.protected { f = f.protected(&id); }
+            if let Some((step, attempt, ago, state)) = s.incident {
+                f = f.repairing(&id, actions[step], attempt, ago);
+                match state {
+                    1 => f = f.incident_state(&id, State::GivenUp, ago / 2),
+                    2 => f = f.incident_state(&id, State::Closed, ago / 2),
+                    _ => {}
+                }
+            }
+            if s.gone { f = f.gone(&id); }
+        }
+        let p = policy(&[
+            ("HEALER_REPAIR_ACTIONS", "restart,reimage,replace"),
+            ("HEALER_MAX_PARALLEL", &max_parallel.to_string()),
+            ("HEALER_MAX_UNHEALTHY", &max_unhealthy.to_string()),
+        ]);
+        let brakes = Brakes {
+            pipeline_fault: silent_fleet.then_some(PipelineFault { silent: 9, reporting: 10 }),
+            ..BRAKES
+        };
+        let plan = decide(&f.0, &p, brakes, NOW);
+
+        // Never two transitions of one instance in a pass.
+        let mut seen = HashSet::new();
+        for t in &plan.transitions {
+            prop_assert!(seen.insert(t.incident.target.clone()), "two transitions for {}", t.incident.target);
+        }
+        let acting: Vec<&Transition> = plan.transitions.iter().filter(|t| t.step.acts()).collect();
+        // Rules 1 and 2: nothing starts on a stale mirror, under a pipeline fault or a short-circuit.
+        if mirror_age > 300 || silent_fleet || plan.unhealthy as u32 > max_unhealthy {
+            prop_assert!(acting.is_empty());
+            prop_assert!(plan.paused().is_some());
+        }
+        // Rule 3: never more repairs in flight than allowed.
+        let still_running = f.0.incidents.values()
+            .filter(|v| v.value.in_flight(NOW) && !plan.transitions.iter().any(|t| t.incident.target == v.value.target))
+            .count();
+        prop_assert!(acting.is_empty() || still_running + acting.len() <= max_parallel as usize,
+            "{} running + {} new > {}", still_running, acting.len(), max_parallel);
+        for t in &acting {
+            let m = f.0.instances.iter().find(|m| m.instance.instance_id == t.incident.target);
+            // Rule 4: protected instances are never acted on; only present instances are.
+            prop_assert!(m.is_some_and(|m| !m.instance.protected_from_scale_set_actions));
+            // Attempts never exceed the limit, and each step follows the escalation list.
+            prop_assert!(t.incident.attempt <= p.max_attempts);
+            prop_assert_eq!(t.incident.action, Some(p.repair_actions.step(t.incident.attempt as usize - 1)));
+            // Only a target without a running step is acted on.
+            if let Some(prev) = &t.previous {
+                prop_assert!(!prev.in_flight(NOW));
+            }
+        }
+        // Rule 5: every unhealthy instance is accounted for — acted on, withheld, or under a pause.
+        if plan.paused().is_none() {
+            for m in &f.0.instances {
+                let id = &m.instance.instance_id;
+                let hb = f.0.heartbeats.get(id);
+                let last_repair = f.0.incidents.get(id).and_then(|v| v.value.step_started);
+                let v = judge(&m.instance, hb, History { first_seen: m.synced_at, last_repair }, &p, NOW);
+                if v.is_unhealthy() {
+                    let accounted = plan.transitions.iter().any(|t| &t.incident.target == id)
+                        || plan.withheld.iter().any(|w| w.instance_id.as_ref() == Some(id))
+                        || f.0.incidents.get(id).is_some_and(|i| i.value.state == State::Repairing && !i.value.in_flight(NOW));
+                    prop_assert!(accounted, "unhealthy {} neither acted on nor withheld", id);
+                }
+            }
+        }
+    }
+}
