@@ -331,3 +331,90 @@ async fn a_down_streak_remembers_when_it_began() {
         "an UP ends the streak"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incident_claims_admit_exactly_one_writer() {
+    use vmss_healer::incident::{Incident, State};
+    let azurite = Azurite::start();
+    let store = Arc::new(store_for(azurite.connection_string()));
+    store.ensure_tables().await.unwrap();
+    let t0 = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let opened = Incident::open(
+        "4",
+        "silent",
+        RepairAction::Restart,
+        t0,
+        Duration::minutes(15),
+    );
+
+    // Ten racers insert the same new incident: one wins.
+    let racers: Vec<_> = (0..10)
+        .map(|_| {
+            let (store, inc) = (store.clone(), opened.clone());
+            tokio::spawn(async move { store.claim_incident(&set(), &inc, None).await.unwrap() })
+        })
+        .collect();
+    let mut wins = Vec::new();
+    for r in racers {
+        wins.extend(r.await.unwrap());
+    }
+    assert_eq!(wins.len(), 1, "exactly one insert wins");
+    let version = wins.pop().unwrap();
+
+    // Ten racers escalate from the same version: one wins, the rest see a changed row.
+    let escalated = opened.escalate(
+        RepairAction::Replace,
+        t0 + Duration::minutes(16),
+        Duration::minutes(15),
+    );
+    let racers: Vec<_> = (0..10)
+        .map(|_| {
+            let (store, inc, v) = (store.clone(), escalated.clone(), version.clone());
+            tokio::spawn(async move { store.claim_incident(&set(), &inc, Some(&v)).await.unwrap() })
+        })
+        .collect();
+    let mut wins = Vec::new();
+    for r in racers {
+        wins.extend(r.await.unwrap());
+    }
+    assert_eq!(wins.len(), 1, "exactly one replace wins");
+    let (rows, _) = store.incidents(&set()).await.unwrap();
+    assert_eq!(rows["4"].value, escalated);
+
+    // Releasing puts the previous row back; a stale release changes nothing.
+    assert!(store
+        .release_incident(&set(), "4", Some(&opened), &wins[0])
+        .await
+        .unwrap());
+    let (rows, _) = store.incidents(&set()).await.unwrap();
+    assert_eq!(rows["4"].value, opened);
+    assert!(
+        !store
+            .release_incident(&set(), "4", None, &wins[0])
+            .await
+            .unwrap(),
+        "stale version"
+    );
+    let current = rows["4"].version.clone();
+    assert!(store
+        .release_incident(&set(), "4", None, &current)
+        .await
+        .unwrap());
+    assert!(
+        store.incidents(&set()).await.unwrap().0.is_empty(),
+        "a released new incident is gone"
+    );
+
+    // Incident rows never show up as journal rows.
+    let closed = Incident {
+        state: State::Closed,
+        ..opened.clone()
+    };
+    store.claim_incident(&set(), &closed, None).await.unwrap();
+    assert!(store
+        .journal(&set(), t0 - Duration::days(1))
+        .await
+        .unwrap()
+        .0
+        .is_empty());
+}

@@ -1,0 +1,244 @@
+//! Design §6's safety rules, end to end: Azurite + simulator + handler.
+
+mod common;
+
+use common::{heartbeat_event, now_rfc3339, spawn_app, TestApp};
+use serde_json::{json, Value};
+use time::{Duration, OffsetDateTime};
+use vmss_healer::journal::EntryKind;
+
+fn repair_calls(calls: &[Value]) -> usize {
+    calls.iter().filter(|c| c["method"] != "GET").count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_runs_never_repair_one_instance_twice() {
+    let app = spawn_app()
+        .scale_set("web", 10)
+        .env("HEALER_REPAIR_ACTIONS", "delete")
+        .start()
+        .await;
+    let set = TestApp::scale_set("web");
+    app.invoke_timer("monitor-state").await;
+    app.break_vm("web", 3, json!({"beat": "down"})).await;
+    app.heartbeat_round().await;
+    app.clear_compute_calls().await;
+
+    // Two timer runs at once, as when a run overlaps the next or the host retries.
+    for round in 0..3 {
+        let (a, b) = tokio::join!(
+            app.invoke_timer("monitor-status"),
+            app.invoke_timer("monitor-status")
+        );
+        assert_eq!((a.0, b.0), (200, 200), "round {round}: {} {}", a.1, b.1);
+    }
+    assert_eq!(
+        repair_calls(&app.compute_calls().await),
+        1,
+        "exactly one delete call"
+    );
+    let (journal, _) = app
+        .store
+        .journal(&set, OffsetDateTime::now_utc() - Duration::hours(1))
+        .await
+        .unwrap();
+    let repairs: Vec<_> = journal
+        .iter()
+        .filter(|e| e.kind == EntryKind::Repair)
+        .collect();
+    assert_eq!(repairs.len(), 1, "{repairs:?}");
+    assert_eq!(repairs[0].instance_id, "3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_wide_silence_pauses_everything_and_resumes_when_heartbeats_return() {
+    let app = spawn_app()
+        .scale_set("web", 6)
+        .scale_set("api", 6)
+        .start()
+        .await;
+    app.invoke_timer("monitor-state").await;
+    // Every VM last reported ten minutes ago: the pipeline broke, not the fleet.
+    for set in ["web", "api"] {
+        for i in 0..6 {
+            let vm = app.vm(set, i).await;
+            let old = heartbeat_event(
+                set,
+                i,
+                vm["vm_id"].as_str().unwrap(),
+                "UP",
+                &now_rfc3339(Duration::minutes(-10)),
+            );
+            assert_eq!(app.deliver_event(old).await.0, 200);
+        }
+    }
+    app.clear_compute_calls().await;
+    let (_, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(
+        answer["ReturnValue"]["pipeline_fault"],
+        json!(true),
+        "{answer}"
+    );
+    for s in answer["ReturnValue"]["scale_sets"].as_array().unwrap() {
+        assert_eq!(s["paused"], json!("pipeline_fault"), "{answer}");
+        assert_eq!(s["repairs_requested"], json!(0));
+    }
+    assert_eq!(
+        repair_calls(&app.compute_calls().await),
+        0,
+        "nothing deleted"
+    );
+
+    // Heartbeats come back, except from one VM that really hung: only that one is repaired.
+    app.break_vm("web", 2, json!({"beat": "silent"})).await;
+    app.heartbeat_round().await;
+    let (_, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(
+        answer["ReturnValue"]["pipeline_fault"],
+        json!(false),
+        "{answer}"
+    );
+    let web = &answer["ReturnValue"]["scale_sets"][0];
+    assert_eq!(
+        (web["paused"].clone(), web["repairs_requested"].clone()),
+        (Value::Null, json!(1)),
+        "{answer}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_set_mostly_down_short_circuits_while_others_still_heal() {
+    let app = spawn_app()
+        .scale_set("web", 5)
+        .scale_set("api", 5)
+        .start()
+        .await;
+    app.invoke_timer("monitor-state").await;
+    for i in 0..3 {
+        app.break_vm("web", i, json!({"beat": "down"})).await; // 60 % of web
+    }
+    app.break_vm("api", 4, json!({"beat": "down"})).await;
+    app.heartbeat_round().await;
+    app.clear_compute_calls().await;
+    let (_, answer) = app.invoke_timer("monitor-status").await;
+    let sets = answer["ReturnValue"]["scale_sets"].as_array().unwrap();
+    assert_eq!(sets[0]["paused"], json!("too_many_unhealthy"), "{answer}");
+    assert_eq!(sets[0]["repairs_requested"], json!(0));
+    assert_eq!(sets[1]["repairs_requested"], json!(1), "{answer}");
+    let calls = app.compute_calls().await;
+    let writes: Vec<&str> = calls
+        .iter()
+        .filter(|c| c["method"] != "GET")
+        .map(|c| c["path"].as_str().unwrap())
+        .collect();
+    assert!(
+        writes
+            .iter()
+            .all(|p| p.contains("/virtualMachineScaleSets/api")),
+        "{writes:?}"
+    );
+    let (journal, _) = app
+        .store
+        .journal(
+            &TestApp::scale_set("web"),
+            OffsetDateTime::now_utc() - Duration::hours(1),
+        )
+        .await
+        .unwrap();
+    assert!(
+        journal
+            .iter()
+            .any(|e| e.kind == EntryKind::Withheld
+                && e.reason.contains("3 of 5 instances unhealthy")),
+        "{journal:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_vm_is_not_repaired_until_down_persists() {
+    let app = spawn_app()
+        .scale_set("web", 5)
+        .env("HEALER_DOWN_FOR", "60")
+        .env("HEALER_REPAIR_ACTIONS", "delete")
+        .start()
+        .await;
+    let set = TestApp::scale_set("web");
+    app.invoke_timer("monitor-state").await;
+    for i in [1, 2] {
+        app.break_vm("web", i, json!({"beat": "silent"})).await; // their readings come from below
+    }
+    app.heartbeat_round().await; // the others report UP now
+    let vm_id = |i: u64| {
+        let app = &app;
+        async move {
+            app.vm("web", i).await["vm_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let (flapper, steady) = (vm_id(1).await, vm_id(2).await);
+    // Instance 1 flaps: DOWN, UP, DOWN, UP, DOWN over two minutes, never DOWN for a whole minute.
+    for (status, ago) in [
+        ("DOWN", 120),
+        ("UP", 100),
+        ("DOWN", 80),
+        ("UP", 40),
+        ("DOWN", 30),
+        ("DOWN", 0),
+    ] {
+        app.deliver_event(heartbeat_event(
+            "web",
+            1,
+            &flapper,
+            status,
+            &now_rfc3339(Duration::seconds(-ago)),
+        ))
+        .await;
+    }
+    // Instance 2 has reported DOWN for 90 s without a break.
+    for ago in [90, 60, 30, 0] {
+        app.deliver_event(heartbeat_event(
+            "web",
+            2,
+            &steady,
+            "DOWN",
+            &now_rfc3339(Duration::seconds(-ago)),
+        ))
+        .await;
+    }
+    let flapping = app
+        .store
+        .heartbeat(&set, "1")
+        .await
+        .unwrap()
+        .unwrap()
+        .heartbeat;
+    let since = flapping.down_since.expect("a DOWN streak");
+    assert!(
+        (OffsetDateTime::now_utc() - since).whole_seconds() < 60,
+        "the last UP ended the earlier streak"
+    );
+
+    app.clear_compute_calls().await;
+    let (_, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["repairs_requested"],
+        json!(1),
+        "{answer}"
+    );
+    let calls = app.compute_calls().await;
+    let deletes: Vec<&Value> = calls.iter().filter(|c| c["method"] == "POST").collect();
+    assert_eq!(deletes.len(), 1);
+    let (journal, _) = app
+        .store
+        .journal(&set, OffsetDateTime::now_utc() - Duration::hours(1))
+        .await
+        .unwrap();
+    let repaired: Vec<&str> = journal
+        .iter()
+        .filter(|e| e.kind == EntryKind::Repair)
+        .map(|e| e.instance_id.as_str())
+        .collect();
+    assert_eq!(repaired, ["2"], "only the VM that stayed DOWN");
+}
