@@ -22,6 +22,7 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub store: Store,
     pub compute: Compute,
+    pub notifier: crate::alert::Notifier,
     pub counters: Arc<Counters>,
 }
 

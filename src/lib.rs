@@ -4,6 +4,7 @@
 //! `journal`) decide; the edges (`state` for tables, `compute` for ARM, `host` for the Functions
 //! host) do I/O; `functions` holds one thin module per Azure Function.
 
+pub mod alert;
 pub mod compute;
 pub mod event;
 pub mod functions;

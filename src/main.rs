@@ -83,10 +83,12 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         }
     });
 
+    let notifier = vmss_healer::alert::Notifier::new(settings.webhook_url.clone());
     let state = AppState {
         settings: Arc::new(settings),
         store,
         compute,
+        notifier,
         counters: Arc::new(Counters::default()),
     };
     axum::serve(listener, app(state))

@@ -89,6 +89,9 @@ pub struct ScaleSetRecord {
     pub throttled_until: Option<OffsetDateTime>,
     /// False once the scale set is found deleted (404).
     pub exists: bool,
+    /// The brake holding the scale set's repairs (a reason label), if any, and since when.
+    pub breaker: Option<String>,
+    pub breaker_since: Option<OffsetDateTime>,
 }
 
 impl ScaleSetRecord {
@@ -101,6 +104,8 @@ impl ScaleSetRecord {
             sync_error: None,
             throttled_until: None,
             exists: true,
+            breaker: None,
+            breaker_since: None,
         }
     }
 }

@@ -1,9 +1,11 @@
 //! One repair pass (`monitor-status`): gather → decide → claim → act → journal → report. Reads
 //! only the tables; calls the Compute API only to act.
 
+use crate::alert::{Alert, Kind as AlertKind, Notifier};
 use crate::compute::{Accepted, Compute, ComputeError};
 use crate::incident::Incident;
 use crate::journal::{Entry, EntryKind};
+use crate::mirror::ScaleSetRecord;
 use crate::plan::{decide, pipeline_fault, Brakes, Observation, Plan, Step, Transition};
 use crate::policy::RepairAction;
 use crate::scaleset::ScaleSetId;
@@ -40,6 +42,7 @@ pub struct RepairReport {
 pub async fn repair_all(
     store: &Store,
     compute: &Compute,
+    notifier: &Notifier,
     settings: &Settings,
     now: OffsetDateTime,
 ) -> Result<RepairReport, StoreError> {
@@ -64,8 +67,18 @@ pub async fn repair_all(
     let mut reports = Vec::new();
     for (watched, obs) in settings.scale_sets.iter().zip(&observations) {
         let plan = decide(obs, &watched.policy, brakes, now);
-        let capacity = obs.record.as_ref().and_then(|r| r.capacity);
-        reports.push(carry_out(store, compute, settings, watched, plan, capacity, now).await?);
+        let (report, alerts) = carry_out(
+            store,
+            compute,
+            settings,
+            watched,
+            plan,
+            obs.record.as_ref(),
+            now,
+        )
+        .await?;
+        notifier.send(alerts);
+        reports.push(report);
     }
     Ok(RepairReport {
         dry_run: settings.dry_run,
@@ -124,11 +137,45 @@ async fn carry_out(
     settings: &Settings,
     watched: &WatchedScaleSet,
     plan: Plan,
-    capacity: Option<i64>,
+    record: Option<&ScaleSetRecord>,
     now: OffsetDateTime,
-) -> Result<SetReport, StoreError> {
+) -> Result<(SetReport, Vec<Alert>), StoreError> {
     let id = &watched.id;
     let dry_run = settings.dry_run;
+    let capacity = record.and_then(|r| r.capacity);
+    let alert = |kind, t: Option<&Transition>, reason: String| Alert {
+        kind,
+        scale_set: id.resource_id(),
+        instance: t.map(|t| t.incident.target.clone()),
+        incident: t.map(|t| t.incident.id.clone()),
+        action: t.and_then(|t| t.incident.action).map(|a| a.to_string()),
+        attempt: t.map(|t| t.incident.attempt),
+        reason,
+        at: now,
+        dry_run,
+    };
+    let mut alerts = Vec::new();
+
+    // Pause and resume are the breaker's edges: alert once when it changes, not every pass.
+    let breaker_now = plan.paused().map(|w| w.label());
+    let breaker_before = record.and_then(|r| r.breaker.as_deref());
+    if breaker_now != breaker_before {
+        store.set_breaker(id, breaker_now, now).await?;
+        match plan.paused() {
+            Some(why) => {
+                tracing::warn!(scale_set = %id, decision = "pause", why = why.label(), reason = %why.describe(), "repairs paused");
+                alerts.push(alert(AlertKind::Pause, None, why.describe()));
+            }
+            None => {
+                tracing::info!(scale_set = %id, decision = "resume", was = breaker_before.unwrap_or(""), "repairs resumed");
+                alerts.push(alert(
+                    AlertKind::Resume,
+                    None,
+                    format!("the brake `{}` released", breaker_before.unwrap_or("")),
+                ));
+            }
+        }
+    }
     let mut report = SetReport {
         scale_set: id.key(),
         total: plan.total,
@@ -203,6 +250,14 @@ async fn carry_out(
             }
             Step::GiveUp => {
                 report.outcomes += 1;
+                alerts.push(alert(
+                    AlertKind::GiveUp,
+                    Some(&t),
+                    format!(
+                        "still unhealthy after {} attempt(s); needs a person",
+                        t.incident.attempt
+                    ),
+                ));
                 tracing::error!(scale_set = %id, instance = %t.incident.target, incident = %t.incident.id, attempts = t.incident.attempt,
                     decision = "give_up", "every allowed repair failed; giving up on this instance");
                 journal.push(Entry {
@@ -259,6 +314,8 @@ async fn carry_out(
         for (t, version) in group {
             if result.is_ok() {
                 report.repairs_requested += 1;
+                let why = t.reason.as_ref().map(|r| r.describe()).unwrap_or_default();
+                alerts.push(alert(AlertKind::Repair, Some(&t), why));
             } else {
                 report.repairs_failed += 1;
                 // Not carried out: give the claim back, so the attempt is not counted.
@@ -293,7 +350,7 @@ async fn carry_out(
         }
     }
     store.append_journal(&journal).await?;
-    Ok(report)
+    Ok((report, alerts))
 }
 
 /// A transition this pass claimed, with the row version the claim wrote.

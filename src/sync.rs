@@ -100,6 +100,9 @@ async fn sync_one(
                 sync_error: None,
                 throttled_until: None,
                 exists: true,
+                // The breaker belongs to monitor-status; a sync keeps it.
+                breaker: record.breaker.clone(),
+                breaker_since: record.breaker_since,
             };
             if record.platform_auto_repair {
                 tracing::warn!(scale_set = %id, "the scale set has the platform's automatic repairs enabled: two healers may act on one instance");

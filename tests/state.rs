@@ -229,6 +229,8 @@ async fn journal_lists_newest_first_and_scale_set_records_round_trip() {
         sync_error: None,
         throttled_until: Some(t0 + Duration::minutes(5)),
         exists: true,
+        breaker: Some("too_many_unhealthy".into()),
+        breaker_since: Some(t0),
     };
     store.write_scale_set(&set(), &record).await.unwrap();
     assert_eq!(store.scale_set(&set()).await.unwrap(), Some(record));

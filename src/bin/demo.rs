@@ -195,6 +195,7 @@ async fn run(sim_port: u16, connection_string: String, timing: Timing) -> bool {
         return false;
     }
     let state = AppState {
+        notifier: vmss_healer::alert::Notifier::new(None),
         settings: Arc::new(settings),
         store: store.clone(),
         compute,

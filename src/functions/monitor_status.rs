@@ -11,9 +11,15 @@ pub async fn run(state: &AppState, invocation: Invocation) -> Result<Outcome, Ho
     if timer.is_past_due {
         tracing::warn!(function = "monitor-status", "timer is past due");
     }
-    let report = crate::repair::repair_all(&state.store, &state.compute, &state.settings, now)
-        .await
-        .map_err(store_error)?;
+    let report = crate::repair::repair_all(
+        &state.store,
+        &state.compute,
+        &state.notifier,
+        &state.settings,
+        now,
+    )
+    .await
+    .map_err(store_error)?;
     let requested: usize = report.scale_sets.iter().map(|s| s.repairs_requested).sum();
     let withheld: usize = report.scale_sets.iter().map(|s| s.withheld).sum();
     let log = format!(

@@ -260,6 +260,20 @@ impl Store {
             .await
     }
 
+    /// Records the brake now holding the scale set (`None`: released), leaving the rest of its
+    /// row as it is.
+    pub async fn set_breaker(
+        &self,
+        set: &ScaleSetId,
+        breaker: Option<&str>,
+        since: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let entity = Entity::new(SCALESET_PARTITION, &set.key())
+            .str("breaker", breaker.unwrap_or_default())
+            .time("breakerSince", since);
+        self.scalesets.merge(SCALESET_PARTITION, entity).await
+    }
+
     /// Marks a scale set as changed outside a sync (a Resource Manager event), so the next
     /// `monitor-state` pass resyncs it.
     pub async fn mark_scale_set_changed(
@@ -609,6 +623,8 @@ fn scaleset_entity(set: &ScaleSetId, r: &ScaleSetRecord) -> Entity {
         .str("syncError", r.sync_error.clone().unwrap_or_default())
         .opt_time("throttledUntil", r.throttled_until)
         .bool("exists", r.exists)
+        .str("breaker", r.breaker.clone().unwrap_or_default())
+        .opt_time("breakerSince", r.breaker_since)
 }
 
 fn scaleset_from_row(r: &Row) -> Result<ScaleSetRecord, RowError> {
@@ -620,6 +636,8 @@ fn scaleset_from_row(r: &Row) -> Result<ScaleSetRecord, RowError> {
         sync_error: r.opt_str("syncError").filter(|s| !s.is_empty()),
         throttled_until: r.opt_time("throttledUntil")?,
         exists: r.opt_bool("exists").unwrap_or(true),
+        breaker: r.opt_str("breaker").filter(|s| !s.is_empty()),
+        breaker_since: r.opt_time("breakerSince")?,
     })
 }
 
