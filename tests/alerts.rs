@@ -161,3 +161,53 @@ async fn a_webhook_that_never_answers_does_not_delay_a_repair() {
     }
     assert!(receiver.received.lock().unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_wide_silence_alerts_a_pipeline_fault_and_repairs_nothing() {
+    let (url, receiver) = start_receiver(Receiver::default()).await;
+    let app = spawn_app()
+        .scale_set("web", 4)
+        .scale_set("api", 4)
+        .env("HEALER_WEBHOOK_URL", &url)
+        .start()
+        .await;
+    app.invoke_timer("monitor-state").await;
+    for set in ["web", "api"] {
+        for i in 0..4 {
+            let vm_id = app.vm(set, i).await["vm_id"].as_str().unwrap().to_string();
+            let stale = common::heartbeat_event(
+                set,
+                i,
+                &vm_id,
+                "UP",
+                &common::now_rfc3339(time::Duration::minutes(-10)),
+            );
+            app.deliver_event(stale).await;
+        }
+    }
+    app.clear_compute_calls().await;
+    let (_, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(
+        answer["ReturnValue"]["pipeline_fault"],
+        json!(true),
+        "{answer}"
+    );
+    assert!(
+        app.compute_calls()
+            .await
+            .iter()
+            .all(|c| c["method"] == "GET"),
+        "zero repairs"
+    );
+    let alerts = wait_for_alerts(&receiver, 2, Duration::from_secs(10)).await;
+    for a in &alerts {
+        assert_eq!(a["kind"], "pause", "{a}");
+        assert!(
+            a["reason"]
+                .as_str()
+                .unwrap()
+                .contains("heartbeat pipeline fault"),
+            "{a}"
+        );
+    }
+}

@@ -242,3 +242,243 @@ async fn a_flapping_vm_is_not_repaired_until_down_persists() {
         .collect();
     assert_eq!(repaired, ["2"], "only the VM that stayed DOWN");
 }
+
+/// Drives passes until `done` holds for the journal, or fails after `limit`. Each pass waits for
+/// nothing but the clock the repair timeout needs.
+async fn drive_until(
+    app: &TestApp,
+    limit: std::time::Duration,
+    done: impl Fn(&[vmss_healer::journal::Entry]) -> bool,
+) -> Vec<vmss_healer::journal::Entry> {
+    let set = TestApp::scale_set("web");
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        app.heartbeat_round().await;
+        app.invoke_timer("monitor-state").await;
+        let (status, answer) = app.invoke_timer("monitor-status").await;
+        assert_eq!(status, 200, "{answer}");
+        let (mut journal, _) = app
+            .store
+            .journal(&set, OffsetDateTime::now_utc() - Duration::hours(1))
+            .await
+            .unwrap();
+        journal.reverse(); // oldest first
+        if done(&journal) {
+            return journal;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not done in time; journal: {journal:#?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escalation_restart_reimage_replace_with_the_journal_showing_each_step() {
+    let app = spawn_app()
+        .scale_set("web", 5)
+        .env("HEALER_REPAIR_ACTIONS", "restart,reimage,replace")
+        .env("HEALER_REPAIR_TIMEOUT", "1")
+        .start()
+        .await;
+    app.invoke_timer("monitor-state").await;
+    // A fault that survives a restart and a reimage: only a new VM helps.
+    app.break_vm("web", 3, json!({"beat": "down", "fault": "hard"}))
+        .await;
+
+    let journal = drive_until(&app, std::time::Duration::from_secs(60), |j| {
+        j.iter()
+            .any(|e| e.kind == EntryKind::Outcome && e.outcome == "removed")
+    })
+    .await;
+    let steps: Vec<(String, u32)> = journal
+        .iter()
+        .filter(|e| e.kind == EntryKind::Repair && e.outcome == "requested")
+        .map(|e| (e.action.unwrap().to_string(), e.attempt))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("restart".to_string(), 1),
+            ("reimage".to_string(), 2),
+            ("replace".to_string(), 3)
+        ]
+    );
+    let incidents: std::collections::HashSet<&str> = journal
+        .iter()
+        .filter(|e| e.instance_id == "3")
+        .map(|e| e.incident.as_str())
+        .collect();
+    assert_eq!(
+        incidents.len(),
+        1,
+        "one incident from first step to outcome"
+    );
+    let fleet = app.fleet("web").await;
+    assert_eq!(fleet["capacity"], json!(5), "replaced, capacity restored");
+    assert!(fleet["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|v| v["instance_id"] != json!(3)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_max_attempts_the_healer_gives_up_and_stops() {
+    let app = spawn_app()
+        .scale_set("web", 5)
+        .env("HEALER_REPAIR_ACTIONS", "restart")
+        .env("HEALER_MAX_ATTEMPTS", "2")
+        .env("HEALER_REPAIR_TIMEOUT", "1")
+        .start()
+        .await;
+    app.invoke_timer("monitor-state").await;
+    app.break_vm("web", 1, json!({"beat": "down", "fault": "hard"}))
+        .await;
+    drive_until(&app, std::time::Duration::from_secs(60), |j| {
+        j.iter().any(|e| e.outcome == "given_up")
+    })
+    .await;
+
+    // Given up means left alone: further passes call nothing.
+    app.clear_compute_calls().await;
+    for _ in 0..3 {
+        app.heartbeat_round().await;
+        app.invoke_timer("monitor-status").await;
+    }
+    assert_eq!(repair_calls(&app.compute_calls().await), 0);
+    let restarts = app
+        .store
+        .journal(
+            &TestApp::scale_set("web"),
+            OffsetDateTime::now_utc() - Duration::hours(1),
+        )
+        .await
+        .unwrap()
+        .0
+        .iter()
+        .filter(|e| e.kind == EntryKind::Repair && e.outcome == "requested")
+        .count();
+    assert_eq!(restarts, 2, "HEALER_MAX_ATTEMPTS restarts, then nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_instance_that_never_reports_is_replaced_after_the_startup_timeout() {
+    let app = spawn_app()
+        .scale_set("web", 4)
+        .env("HEALER_STARTUP_TIMEOUT", "2")
+        .start()
+        .await;
+    app.invoke_timer("monitor-state").await;
+    // Scale-out adds instance 4, whose agent never starts.
+    app.set_capacity("web", 5).await;
+    app.break_vm("web", 4, json!({"beat": "silent"})).await;
+    app.heartbeat_round().await;
+    app.invoke_timer("monitor-state").await;
+    let (_, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["repairs_requested"],
+        json!(0),
+        "new: not judged yet: {answer}"
+    );
+
+    let journal = drive_until(&app, std::time::Duration::from_secs(30), |j| {
+        j.iter().any(|e| e.kind == EntryKind::Repair)
+    })
+    .await;
+    let repair = journal
+        .iter()
+        .find(|e| e.kind == EntryKind::Repair)
+        .unwrap();
+    assert_eq!(repair.instance_id, "4");
+    assert!(
+        repair.reason.contains("no heartbeat since creation"),
+        "{}",
+        repair.reason
+    );
+    assert_eq!(
+        repair.action.map(|a| a.to_string()).as_deref(),
+        Some("replace")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protected_instances_and_maintenance_are_not_touched() {
+    let app = spawn_app().scale_set("web", 10).start().await;
+    app.invoke_timer("monitor-state").await;
+    app.break_vm(
+        "web",
+        1,
+        json!({"beat": "down", "protectFromScaleSetActions": true}),
+    )
+    .await;
+    app.break_vm(
+        "web",
+        2,
+        json!({"beat": "maintenance", "maintenanceUntil": common::now_rfc3339(Duration::hours(1))}),
+    )
+    .await;
+    app.invoke_timer("monitor-state").await;
+    app.heartbeat_round().await;
+    app.break_vm("web", 2, json!({"beat": "silent"})).await; // rebooting for the planned work
+    app.clear_compute_calls().await;
+    let (_, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["repairs_requested"],
+        json!(0),
+        "{answer}"
+    );
+    assert_eq!(repair_calls(&app.compute_calls().await), 0);
+    let (journal, _) = app
+        .store
+        .journal(
+            &TestApp::scale_set("web"),
+            OffsetDateTime::now_utc() - Duration::hours(1),
+        )
+        .await
+        .unwrap();
+    let withheld: Vec<(&str, &str)> = journal
+        .iter()
+        .map(|e| (e.instance_id.as_str(), e.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        withheld,
+        [("1", "protected")],
+        "the protected instance is journaled as withheld"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn platform_automatic_repairs_are_reported_and_deferred_to_unless_told_to_act() {
+    for (setting, expected) in [("defer", 0), ("act", 1)] {
+        let app = spawn_app()
+            .scale_set_spec(json!({"name": "web", "capacity": 4, "automaticRepairs": true}))
+            .env("HEALER_PLATFORM_REPAIRS", setting)
+            .start()
+            .await;
+        app.invoke_timer("monitor-state").await;
+        let record = app
+            .store
+            .scale_set(&TestApp::scale_set("web"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            record.platform_auto_repair,
+            "mirrored from automaticRepairsPolicy"
+        );
+        app.break_vm("web", 1, json!({"beat": "down"})).await;
+        app.heartbeat_round().await;
+        let (_, answer) = app.invoke_timer("monitor-status").await;
+        let web = &answer["ReturnValue"]["scale_sets"][0];
+        assert_eq!(
+            web["repairs_requested"],
+            json!(expected),
+            "{setting}: {answer}"
+        );
+        if setting == "defer" {
+            assert_eq!(web["paused"], json!("platform_repairs"));
+        }
+    }
+}

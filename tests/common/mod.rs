@@ -49,7 +49,8 @@ pub struct TestApp {
 }
 
 pub struct Builder {
-    sets: Vec<(String, usize)>,
+    /// The simulator's admin bodies for the scale sets to create.
+    sets: Vec<Value>,
     env: BTreeMap<String, String>,
     page_size: usize,
 }
@@ -64,8 +65,18 @@ pub fn spawn_app() -> Builder {
 }
 
 impl Builder {
-    pub fn scale_set(mut self, name: &str, capacity: usize) -> Self {
-        self.sets.push((name.to_string(), capacity));
+    /// A scale set of `capacity` VMs that have been running for a day.
+    pub fn scale_set(self, name: &str, capacity: usize) -> Self {
+        self.scale_set_spec(json!({"name": name, "capacity": capacity}))
+    }
+
+    /// A scale set described by the simulator's admin body (`automaticRepairs`, `zones`, …).
+    pub fn scale_set_spec(mut self, spec: Value) -> Self {
+        let mut body = json!({"subscription": SUB, "resourceGroup": RG, "ageSeconds": 86_400});
+        for (k, v) in spec.as_object().expect("a JSON object") {
+            body[k] = v.clone();
+        }
+        self.sets.push(body);
         self
     }
 
@@ -97,19 +108,22 @@ impl Builder {
         wait_for_port(sim_port, Duration::from_secs(20), "compute-sim", &mut sim);
         let sim_url = format!("http://127.0.0.1:{sim_port}");
         let http = reqwest::Client::new();
-        for (name, capacity) in &self.sets {
+        for body in &self.sets {
             let r = http
                 .post(format!("{sim_url}/admin/scalesets"))
-                .json(&json!({"subscription": SUB, "resourceGroup": RG, "name": name, "capacity": capacity,
-                               "ageSeconds": 86_400}))
+                .json(body)
                 .send()
                 .await
                 .expect("create scale set");
-            assert!(r.status().is_success(), "creating {name}: {}", r.status());
+            assert!(r.status().is_success(), "creating {body}: {}", r.status());
         }
 
         let handler_port = free_port();
-        let ids: Vec<String> = self.sets.iter().map(|(n, _)| scale_set_id(n)).collect();
+        let ids: Vec<String> = self
+            .sets
+            .iter()
+            .map(|b| scale_set_id(b["name"].as_str().expect("a scale set name")))
+            .collect();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_handler"));
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
