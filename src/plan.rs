@@ -133,6 +133,11 @@ pub enum WithheldReason {
     },
     /// The platform's automatic repairs are on and the policy defers to them.
     PlatformRepairs,
+    /// The Compute API asked us to back off (429 `Retry-After`) until then.
+    Throttled {
+        #[serde(with = "time::serde::rfc3339")]
+        until: OffsetDateTime,
+    },
     /// The instance is protected from scale set actions.
     Protected { reason: Reason },
     /// A repair of this instance is in flight until its deadline.
@@ -165,6 +170,7 @@ impl WithheldReason {
             WithheldReason::PipelineFault { .. } => "pipeline_fault",
             WithheldReason::TooManyUnhealthy { .. } => "too_many_unhealthy",
             WithheldReason::PlatformRepairs => "platform_repairs",
+            WithheldReason::Throttled { .. } => "throttled",
             WithheldReason::Protected { .. } => "protected",
             WithheldReason::RepairInFlight { .. } => "repair_in_flight",
             WithheldReason::MaxParallel { .. } => "max_parallel",
@@ -187,6 +193,9 @@ impl WithheldReason {
             ),
             WithheldReason::PlatformRepairs => {
                 "the platform's automatic repairs are enabled on this scale set and HEALER_PLATFORM_REPAIRS=defer".into()
+            }
+            WithheldReason::Throttled { until } => {
+                format!("the Compute API is throttling this scale set until {until}")
             }
             WithheldReason::Protected { reason } => format!(
                 "{} but the instance is protected from scale set actions",
@@ -217,6 +226,7 @@ impl WithheldReason {
                 | WithheldReason::PipelineFault { .. }
                 | WithheldReason::TooManyUnhealthy { .. }
                 | WithheldReason::PlatformRepairs
+                | WithheldReason::Throttled { .. }
         )
     }
 }
@@ -368,6 +378,13 @@ pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDat
         let platform = obs.record.as_ref().is_some_and(|r| r.platform_auto_repair);
         (platform && policy.platform_repairs == PlatformRepairs::Defer)
             .then_some(WithheldReason::PlatformRepairs)
+    })
+    .or_else(|| {
+        obs.record
+            .as_ref()
+            .and_then(|r| r.throttled_until)
+            .filter(|until| *until > now)
+            .map(|until| WithheldReason::Throttled { until })
     });
     if let Some(why) = pause {
         plan.withheld.push(Withheld {

@@ -311,6 +311,12 @@ async fn carry_out(
             Err(e) => ("failed", Some(e.to_string())),
         };
         let operation = result.as_ref().ok().and_then(|a| a.operation.clone());
+        if let Err(ComputeError::Throttled { retry_after_s }) = &result {
+            // Later passes (and the mirror sync) hold off until Retry-After has passed.
+            store
+                .set_throttled(id, now + time::Duration::seconds(*retry_after_s))
+                .await?;
+        }
         for (t, version) in group {
             if result.is_ok() {
                 report.repairs_requested += 1;

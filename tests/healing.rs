@@ -391,3 +391,71 @@ async fn dry_run_journals_the_decision_and_calls_nothing() {
     );
     assert_eq!(app.fleet("web").await["capacity"], json!(3));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_repair_is_journaled_held_until_retry_after_and_then_carried_out() {
+    let app = spawn_app()
+        .scale_set("web", 10)
+        .env("HEALER_REPAIR_ACTIONS", "delete")
+        .start()
+        .await;
+    let set = TestApp::scale_set("web");
+    app.invoke_timer("monitor-state").await;
+    app.break_vm("web", 6, json!({"beat": "down"})).await;
+    app.heartbeat_round().await;
+    app.inject_fault(json!({"status": 429, "retryAfter": 2, "method": "POST"}))
+        .await;
+    app.clear_compute_calls().await;
+
+    let (_, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["repairs_failed"],
+        json!(1),
+        "{answer}"
+    );
+    let (journal, _) = app
+        .store
+        .journal(&set, OffsetDateTime::now_utc() - Duration::hours(1))
+        .await
+        .unwrap();
+    assert!(
+        journal
+            .iter()
+            .any(|e| e.kind == EntryKind::Repair && e.outcome == "throttled"),
+        "{journal:?}"
+    );
+    assert!(
+        app.store.incidents(&set).await.unwrap().0.is_empty(),
+        "the claim was released: no attempt spent"
+    );
+
+    // Until Retry-After passes, no pass calls the Compute API to act.
+    let (_, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["paused"],
+        json!("throttled"),
+        "{answer}"
+    );
+    let posts = |calls: &[Value]| calls.iter().filter(|c| c["method"] == "POST").count();
+    assert_eq!(posts(&app.compute_calls().await), 1);
+
+    // Then the repair is decided again and carried out.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, answer) = app.invoke_timer("monitor-status").await;
+        if answer["ReturnValue"]["scale_sets"][0]["repairs_requested"] == json!(1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the repair never went out: {answer}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        posts(&app.compute_calls().await),
+        2,
+        "one throttled call, one that worked"
+    );
+    assert_eq!(app.fleet("web").await["capacity"], json!(9));
+}

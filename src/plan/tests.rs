@@ -117,6 +117,10 @@ impl Fleet {
         self.0.record = None;
         self
     }
+    fn throttled(mut self, for_s: i64) -> Self {
+        self.0.record.as_mut().unwrap().throttled_until = Some(NOW + secs(for_s));
+        self
+    }
     fn platform_repairs(mut self) -> Self {
         self.0.record.as_mut().unwrap().platform_auto_repair = true;
         self
@@ -211,6 +215,8 @@ fn decision_table() {
         ("stale mirror", fleet(4).down("1").mirror_age(301), &[], (vec![], vec![(None, "stale_mirror")])),
         ("never mirrored", fleet(4).down("1").never_synced(), &[], (vec![], vec![(None, "no_mirror")])),
         ("platform repairs on: defer", fleet(4).down("1").platform_repairs(), &[], (vec![], vec![(None, "platform_repairs")])),
+        ("throttled: no repair until Retry-After passes", fleet(4).down("1").throttled(60), &[], (vec![], vec![(None, "throttled")])),
+        ("throttle expired", fleet(4).down("1").throttled(-1), &[], (vec![("1", "open", Some(Replace), 1)], vec![])),
         ("platform repairs on: act", fleet(4).down("1").platform_repairs(), &[("HEALER_PLATFORM_REPAIRS", "act")], (vec![("1", "open", Some(Replace), 1)], vec![])),
     ];
     for (name, f, overrides, (want_steps, want_withheld)) in cases {

@@ -274,6 +274,16 @@ impl Store {
         self.scalesets.merge(SCALESET_PARTITION, entity).await
     }
 
+    /// Records that the Compute API asked us to back off from this scale set until `until`.
+    pub async fn set_throttled(
+        &self,
+        set: &ScaleSetId,
+        until: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let entity = Entity::new(SCALESET_PARTITION, &set.key()).time("throttledUntil", until);
+        self.scalesets.merge(SCALESET_PARTITION, entity).await
+    }
+
     /// Marks a scale set as changed outside a sync (a Resource Manager event), so the next
     /// `monitor-state` pass resyncs it.
     pub async fn mark_scale_set_changed(
