@@ -155,6 +155,16 @@ async fn carry_out(
         dry_run,
     };
     let mut alerts = Vec::new();
+    let outcome_entry = |t: &Transition| {
+        entry(
+            id,
+            &t.incident.target,
+            &t.incident.id,
+            EntryKind::Outcome,
+            dry_run,
+            now,
+        )
+    };
 
     // Pause and resume are the breaker's edges: alert once when it changes, not every pass.
     let breaker_now = plan.paused().map(|w| w.label());
@@ -238,14 +248,7 @@ async fn carry_out(
                         resolution.as_str(),
                         t.incident.attempt
                     ),
-                    ..entry(
-                        id,
-                        &t.incident.target,
-                        &t.incident.id,
-                        EntryKind::Outcome,
-                        dry_run,
-                        now,
-                    )
+                    ..outcome_entry(&t)
                 });
             }
             Step::GiveUp => {
@@ -269,14 +272,7 @@ async fn carry_out(
                         t.incident.attempt
                     ),
                     evidence: t.evidence.clone(),
-                    ..entry(
-                        id,
-                        &t.incident.target,
-                        &t.incident.id,
-                        EntryKind::Outcome,
-                        dry_run,
-                        now,
-                    )
+                    ..outcome_entry(&t)
                 });
             }
             Step::Open | Step::Escalate => {

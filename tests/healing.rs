@@ -248,10 +248,7 @@ async fn vanished_instances_and_deleted_scale_sets_leave_the_mirror() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replace_deletes_then_restores_capacity_with_a_fresh_instance() {
     let app = spawn_app().scale_set("web", 5).start().await;
-    app.invoke_timer("monitor-state").await;
-    app.break_vm("web", 3, json!({"beat": "down"})).await;
-    app.heartbeat_round().await;
-    app.clear_compute_calls().await;
+    app.sync_and_break("web", 3, json!({"beat": "down"})).await;
 
     let (status, answer) = app.invoke_timer("monitor-status").await;
     assert_eq!(status, 200, "{answer}");
@@ -301,10 +298,7 @@ async fn a_restart_that_works_closes_the_incident_as_recovered() {
         .start()
         .await;
     let set = TestApp::scale_set("web");
-    app.invoke_timer("monitor-state").await;
-    app.break_vm("web", 1, json!({"beat": "down"})).await;
-    app.heartbeat_round().await;
-    app.clear_compute_calls().await;
+    app.sync_and_break("web", 1, json!({"beat": "down"})).await;
 
     let (_, answer) = app.invoke_timer("monitor-status").await;
     assert_eq!(
@@ -372,10 +366,7 @@ async fn dry_run_journals_the_decision_and_calls_nothing() {
         .start()
         .await;
     let set = TestApp::scale_set("web");
-    app.invoke_timer("monitor-state").await;
-    app.break_vm("web", 0, json!({"beat": "down"})).await;
-    app.heartbeat_round().await;
-    app.clear_compute_calls().await;
+    app.sync_and_break("web", 0, json!({"beat": "down"})).await;
     let (_, answer) = app.invoke_timer("monitor-status").await;
     assert_eq!(answer["ReturnValue"]["dry_run"], json!(true));
     assert!(app.compute_calls().await.is_empty());

@@ -19,10 +19,7 @@ async fn overlapping_runs_never_repair_one_instance_twice() {
         .start()
         .await;
     let set = TestApp::scale_set("web");
-    app.invoke_timer("monitor-state").await;
-    app.break_vm("web", 3, json!({"beat": "down"})).await;
-    app.heartbeat_round().await;
-    app.clear_compute_calls().await;
+    app.sync_and_break("web", 3, json!({"beat": "down"})).await;
 
     // Two timer runs at once, as when a run overlaps the next or the host retries.
     for round in 0..3 {

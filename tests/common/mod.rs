@@ -286,6 +286,16 @@ impl TestApp {
         .await;
     }
 
+    /// The usual start of a scenario: mirror the fleet, break one VM, let every VM report once,
+    /// and forget the Compute calls so far.
+    pub async fn sync_and_break(&self, name: &str, instance: u64, patch: Value) {
+        let (status, answer) = self.invoke_timer("monitor-state").await;
+        assert_eq!(status, 200, "{answer}");
+        self.break_vm(name, instance, patch).await;
+        self.heartbeat_round().await;
+        self.clear_compute_calls().await;
+    }
+
     /// Every live VM that is not silent publishes one heartbeat through the handler.
     pub async fn heartbeat_round(&self) -> Value {
         let target = json!({"target": self.handler_url});
