@@ -92,11 +92,7 @@ async fn a_down_and_a_silent_instance_are_deleted_and_the_rest_untouched() {
         .all(|v| v["provisioning_state"] == "Succeeded"));
 
     // The journal says what was done and why.
-    let (journal, _) = app
-        .store
-        .journal(&set, OffsetDateTime::now_utc() - Duration::hours(1))
-        .await
-        .unwrap();
+    let (journal, _) = app.recent_journal(&set).await;
     let repairs: Vec<_> = journal
         .iter()
         .filter(|e| e.kind == EntryKind::Repair)
@@ -130,11 +126,7 @@ async fn a_down_and_a_silent_instance_are_deleted_and_the_rest_untouched() {
         "{answer}"
     );
     assert!(mutating(&app.compute_calls().await).is_empty());
-    let (journal, _) = app
-        .store
-        .journal(&set, OffsetDateTime::now_utc() - Duration::hours(1))
-        .await
-        .unwrap();
+    let (journal, _) = app.recent_journal(&set).await;
     let outcomes: BTreeSet<(&str, &str)> = journal
         .iter()
         .filter(|e| e.kind == EntryKind::Outcome)
@@ -335,11 +327,7 @@ async fn a_restart_that_works_closes_the_incident_as_recovered() {
         json!(1),
         "{answer}"
     );
-    let (journal, _) = app
-        .store
-        .journal(&set, OffsetDateTime::now_utc() - Duration::hours(1))
-        .await
-        .unwrap();
+    let (journal, _) = app.recent_journal(&set).await;
     let outcome = journal
         .iter()
         .find(|e| e.kind == EntryKind::Outcome)
@@ -370,11 +358,7 @@ async fn dry_run_journals_the_decision_and_calls_nothing() {
     let (_, answer) = app.invoke_timer("monitor-status").await;
     assert_eq!(answer["ReturnValue"]["dry_run"], json!(true));
     assert!(app.compute_calls().await.is_empty());
-    let (journal, _) = app
-        .store
-        .journal(&set, OffsetDateTime::now_utc() - Duration::hours(1))
-        .await
-        .unwrap();
+    let (journal, _) = app.recent_journal(&set).await;
     assert_eq!(journal.len(), 1);
     assert_eq!(
         (journal[0].outcome.as_str(), journal[0].dry_run),
@@ -404,11 +388,7 @@ async fn a_throttled_repair_is_journaled_held_until_retry_after_and_then_carried
         json!(1),
         "{answer}"
     );
-    let (journal, _) = app
-        .store
-        .journal(&set, OffsetDateTime::now_utc() - Duration::hours(1))
-        .await
-        .unwrap();
+    let (journal, _) = app.recent_journal(&set).await;
     assert!(
         journal
             .iter()

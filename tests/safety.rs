@@ -34,11 +34,7 @@ async fn overlapping_runs_never_repair_one_instance_twice() {
         1,
         "exactly one delete call"
     );
-    let (journal, _) = app
-        .store
-        .journal(&set, OffsetDateTime::now_utc() - Duration::hours(1))
-        .await
-        .unwrap();
+    let (journal, _) = app.recent_journal(&set).await;
     let repairs: Vec<_> = journal
         .iter()
         .filter(|e| e.kind == EntryKind::Repair)
@@ -134,14 +130,7 @@ async fn a_scale_set_mostly_down_short_circuits_while_others_still_heal() {
             .all(|p| p.contains("/virtualMachineScaleSets/api")),
         "{writes:?}"
     );
-    let (journal, _) = app
-        .store
-        .journal(
-            &TestApp::scale_set("web"),
-            OffsetDateTime::now_utc() - Duration::hours(1),
-        )
-        .await
-        .unwrap();
+    let (journal, _) = app.recent_journal(&TestApp::scale_set("web")).await;
     assert!(
         journal
             .iter()
@@ -227,11 +216,7 @@ async fn a_flapping_vm_is_not_repaired_until_down_persists() {
     let calls = app.compute_calls().await;
     let deletes: Vec<&Value> = calls.iter().filter(|c| c["method"] == "POST").collect();
     assert_eq!(deletes.len(), 1);
-    let (journal, _) = app
-        .store
-        .journal(&set, OffsetDateTime::now_utc() - Duration::hours(1))
-        .await
-        .unwrap();
+    let (journal, _) = app.recent_journal(&set).await;
     let repaired: Vec<&str> = journal
         .iter()
         .filter(|e| e.kind == EntryKind::Repair)
@@ -254,11 +239,7 @@ async fn drive_until(
         app.invoke_timer("monitor-state").await;
         let (status, answer) = app.invoke_timer("monitor-status").await;
         assert_eq!(status, 200, "{answer}");
-        let (mut journal, _) = app
-            .store
-            .journal(&set, OffsetDateTime::now_utc() - Duration::hours(1))
-            .await
-            .unwrap();
+        let (mut journal, _) = app.recent_journal(&set).await;
         journal.reverse(); // oldest first
         if done(&journal) {
             return journal;
@@ -346,13 +327,8 @@ async fn after_max_attempts_the_healer_gives_up_and_stops() {
     }
     assert_eq!(repair_calls(&app.compute_calls().await), 0);
     let restarts = app
-        .store
-        .journal(
-            &TestApp::scale_set("web"),
-            OffsetDateTime::now_utc() - Duration::hours(1),
-        )
+        .recent_journal(&TestApp::scale_set("web"))
         .await
-        .unwrap()
         .0
         .iter()
         .filter(|e| e.kind == EntryKind::Repair && e.outcome == "requested")
@@ -427,14 +403,7 @@ async fn protected_instances_and_maintenance_are_not_touched() {
         "{answer}"
     );
     assert_eq!(repair_calls(&app.compute_calls().await), 0);
-    let (journal, _) = app
-        .store
-        .journal(
-            &TestApp::scale_set("web"),
-            OffsetDateTime::now_utc() - Duration::hours(1),
-        )
-        .await
-        .unwrap();
+    let (journal, _) = app.recent_journal(&TestApp::scale_set("web")).await;
     let withheld: Vec<(&str, &str)> = journal
         .iter()
         .map(|e| (e.instance_id.as_str(), e.outcome.as_str()))

@@ -318,6 +318,20 @@ impl TestApp {
         self.admin(reqwest::Method::DELETE, "calls", None).await;
     }
 
+    /// The last hour of a scale set's journal, newest first.
+    pub async fn recent_journal(
+        &self,
+        set: &ScaleSetId,
+    ) -> (
+        Vec<vmss_healer::journal::Entry>,
+        vmss_healer::state::Skipped,
+    ) {
+        self.store
+            .journal(set, OffsetDateTime::now_utc() - time::Duration::hours(1))
+            .await
+            .expect("read the journal")
+    }
+
     pub fn scale_set(name: &str) -> ScaleSetId {
         ScaleSetId::parse(&scale_set_id(name)).unwrap()
     }
