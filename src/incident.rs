@@ -122,6 +122,18 @@ impl Incident {
         }
     }
 
+    /// How the journal names the end of a closed incident: `recovered`, or for a removed target
+    /// what removed it — `replaced`, `deleted`, or `removed` when it was not our step.
+    pub fn closing(&self) -> &'static str {
+        match (self.resolution, self.action) {
+            (Some(Resolution::Recovered), _) => "recovered",
+            (Some(Resolution::Removed), Some(RepairAction::Replace)) => "replaced",
+            (Some(Resolution::Removed), Some(RepairAction::Delete)) => "deleted",
+            (Some(Resolution::Removed), _) => "removed",
+            (None, _) => "open",
+        }
+    }
+
     /// A step is running and its deadline has not passed.
     pub fn in_flight(&self, now: OffsetDateTime) -> bool {
         self.state == State::Repairing && self.deadline.is_some_and(|d| now <= d)
@@ -156,6 +168,14 @@ mod tests {
             (State::Closed, Some(Resolution::Removed))
         );
         assert!(!done.in_flight(t0 + Duration::minutes(20)));
+        assert_eq!(done.closing(), "replaced");
+        let restarted = i.close(Resolution::Removed, t0);
+        assert_eq!(
+            restarted.closing(),
+            "removed",
+            "a restarted VM that vanished"
+        );
+        assert_eq!(i.close(Resolution::Recovered, t0).closing(), "recovered");
         assert_eq!(j.give_up(t0 + Duration::hours(1)).state, State::GivenUp);
     }
 }

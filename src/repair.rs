@@ -236,16 +236,16 @@ async fn carry_out(
     let mut by_action: BTreeMap<&'static str, (RepairAction, Vec<Claimed>)> = BTreeMap::new();
     for (t, version) in claimed {
         match t.step {
-            Step::Close(resolution) => {
+            Step::Close(_) => {
                 report.outcomes += 1;
-                tracing::info!(scale_set = %id, instance = %t.incident.target, incident = %t.incident.id, decision = "close", outcome = resolution.as_str(), "incident closed");
+                tracing::info!(scale_set = %id, instance = %t.incident.target, incident = %t.incident.id, decision = "close", outcome = t.incident.closing(), "incident closed");
                 journal.push(Entry {
                     action: t.incident.action,
                     attempt: t.incident.attempt,
-                    outcome: resolution.as_str().into(),
+                    outcome: t.incident.closing().into(),
                     reason: format!(
                         "{} after {} attempt(s)",
-                        resolution.as_str(),
+                        t.incident.closing(),
                         t.incident.attempt
                     ),
                     ..outcome_entry(&t)

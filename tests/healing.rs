@@ -134,7 +134,7 @@ async fn a_down_and_a_silent_instance_are_deleted_and_the_rest_untouched() {
         .collect();
     assert_eq!(
         outcomes,
-        BTreeSet::from([("5", "removed"), ("9", "removed")])
+        BTreeSet::from([("5", "deleted"), ("9", "deleted")])
     );
 }
 

@@ -267,7 +267,7 @@ async fn escalation_restart_reimage_replace_with_the_journal_showing_each_step()
 
     let journal = drive_until(&app, std::time::Duration::from_secs(60), |j| {
         j.iter()
-            .any(|e| e.kind == EntryKind::Outcome && e.outcome == "removed")
+            .any(|e| e.kind == EntryKind::Outcome && e.outcome == "replaced")
     })
     .await;
     let steps: Vec<(String, u32)> = journal
