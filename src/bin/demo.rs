@@ -291,13 +291,16 @@ async fn run(sim_port: u16, connection_string: String, timing: Timing) -> bool {
                 EntryKind::Withheld => "withheld",
                 EntryKind::Outcome => "outcome",
             };
-            let action = e.action.map(|a| a.to_string()).unwrap_or_default();
+            let what = match (e.kind, e.action) {
+                (EntryKind::Repair, Some(action)) => {
+                    format!("{action} {}: {}", e.outcome, e.reason)
+                }
+                _ => format!("{}: {}", e.outcome, e.reason),
+            };
             println!(
-                "{:>6.1}s  {kind} {name}#{} {action} {}: {}",
+                "{:>6.1}s  {kind} {name}#{} {what}",
                 started.elapsed().as_secs_f32(),
-                e.instance_id,
-                e.outcome,
-                e.reason
+                e.instance_id
             );
             if e.kind == EntryKind::Repair && e.outcome == "requested" {
                 repaired_at
