@@ -420,3 +420,89 @@ async fn incident_claims_admit_exactly_one_writer() {
         .0
         .is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_ingest_costs_one_write_and_duplicates_cost_nothing() {
+    let azurite = Azurite::start();
+    let store = store_for(azurite.connection_string());
+    store.ensure_tables().await.unwrap();
+    store
+        .write_mirror(&set(), &[instance(7)], OffsetDateTime::now_utc())
+        .await
+        .unwrap();
+    let t0 = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+
+    // First sight of the instance: read, then insert.
+    let before = store.requests();
+    store
+        .store_heartbeat(&heartbeat(t0, 0), supersedes)
+        .await
+        .unwrap();
+    assert_eq!(store.requests() - before, 2);
+
+    // Steady state: each newer reading is exactly one request.
+    let before = store.requests();
+    for s in 1..=10 {
+        let r = store
+            .store_heartbeat(&heartbeat(t0 + Duration::seconds(s), s), supersedes)
+            .await
+            .unwrap();
+        assert_eq!(r, HeartbeatWrite::Stored);
+    }
+    assert_eq!(store.requests() - before, 10, "one write per heartbeat");
+
+    // Duplicates and late deliveries cost nothing.
+    let before = store.requests();
+    for s in [10, 9, 3] {
+        let r = store
+            .store_heartbeat(&heartbeat(t0 + Duration::seconds(s), s), supersedes)
+            .await
+            .unwrap();
+        assert_eq!(r, HeartbeatWrite::Ignored);
+    }
+    assert_eq!(store.requests() - before, 0);
+
+    // Another worker writes meanwhile: the stale memory costs a retry, never a wrong write.
+    let other = store_for(azurite.connection_string());
+    other
+        .store_heartbeat(&heartbeat(t0 + Duration::seconds(20), 20), supersedes)
+        .await
+        .unwrap();
+    let r = store
+        .store_heartbeat(&heartbeat(t0 + Duration::seconds(15), 15), supersedes)
+        .await
+        .unwrap();
+    assert_eq!(
+        r,
+        HeartbeatWrite::Ignored,
+        "older than what the other worker stored"
+    );
+    let stored = store
+        .heartbeat(&set(), "7")
+        .await
+        .unwrap()
+        .unwrap()
+        .heartbeat;
+    assert_eq!(stored.sequence, Some(20));
+    let before = store.requests();
+    store
+        .store_heartbeat(&heartbeat(t0 + Duration::seconds(21), 21), supersedes)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.requests() - before,
+        1,
+        "memory refreshed by the re-read"
+    );
+
+    // The identity check reads the mirror once, then remembers it.
+    let before = store.requests();
+    for _ in 0..5 {
+        assert!(store
+            .mirrored_identity(&set(), "7")
+            .await
+            .unwrap()
+            .is_some());
+    }
+    assert_eq!(store.requests() - before, 1);
+}

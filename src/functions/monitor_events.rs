@@ -65,7 +65,7 @@ async fn on_heartbeat(
     }
     let mirrored = state
         .store
-        .mirrored_instance(set, &hb.target.instance_id)
+        .mirrored_identity(set, &hb.target.instance_id)
         .await
         .map_err(store_error)?;
     if let Err(r) = heartbeat::verify(&hb, mirrored.as_ref()) {

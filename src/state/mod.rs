@@ -15,7 +15,9 @@ use azure_core::auth::TokenCredential;
 use azure_data_tables::clients::TableServiceClientBuilder;
 use azure_storage::{CloudLocation, ConnectionString, StorageCredentials};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use table::{quote, Entity, Row, RowError, Table};
 pub use table::{StoreError, MAX_BATCH};
 use time::OffsetDateTime;
@@ -27,14 +29,29 @@ pub const SCALESETS: &str = "scalesets";
 const SCALESET_PARTITION: &str = "scaleset";
 const INCIDENT_PREFIX: &str = "incident:";
 
-/// Handles to the four tables.
+/// Handles to the four tables, plus what this process remembers to save requests.
 #[derive(Debug, Clone)]
 pub struct Store {
     instances: Table,
     heartbeats: Table,
     repairs: Table,
     scalesets: Table,
+    requests: Arc<AtomicU64>,
+    /// The last heartbeat this process wrote or read per instance, with its ETag: a newer reading
+    /// is then one conditional write. The cache may lag the table (other workers write too) but
+    /// never runs ahead of it, so the ETag check keeps every write correct.
+    last_heartbeat: PerInstance<StoredHeartbeat>,
+    /// Mirrored identities (vmId, computer name) for heartbeat checks, briefly.
+    identities: PerInstance<(Instance, Instant)>,
 }
+
+/// A process-local cache keyed by (scale set key, instance id).
+type PerInstance<V> = Arc<Mutex<HashMap<(String, String), V>>>;
+
+/// How long a mirrored identity is trusted without re-reading it.
+const IDENTITY_TTL: Duration = Duration::from_secs(60);
+/// Caches are cleared past this many entries (about 100 MB of the largest fleet's state).
+const CACHE_LIMIT: usize = 250_000;
 
 /// A stored heartbeat with the ETag it was read at, for conditional replacement.
 #[derive(Debug, Clone)]
@@ -82,8 +99,9 @@ impl Store {
                 )
             }
         };
+        let requests = Arc::new(AtomicU64::new(0));
         let service = TableServiceClientBuilder::with_location(location, credentials)
-            .client_options(client_options()?)
+            .client_options(client_options(requests.clone())?)
             .build();
         let table = |name: &'static str| Table {
             name,
@@ -94,7 +112,15 @@ impl Store {
             heartbeats: table(HEARTBEATS),
             repairs: table(REPAIRS),
             scalesets: table(SCALESETS),
+            requests,
+            last_heartbeat: Arc::default(),
+            identities: Arc::default(),
         })
+    }
+
+    /// Requests sent to table storage by this store since it was created.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
     }
 
     /// Creates the four tables if they do not exist. Idempotent.
@@ -121,6 +147,29 @@ impl Store {
             .query(Some(format!("PartitionKey eq {}", quote(&set.key()))))
             .await?;
         Ok(collect(rows, instance_from_row))
+    }
+
+    /// The mirrored instance for a heartbeat's identity check, from a short-lived cache.
+    pub async fn mirrored_identity(
+        &self,
+        set: &ScaleSetId,
+        instance_id: &str,
+    ) -> Result<Option<Instance>, StoreError> {
+        let key = (set.key(), instance_id.to_string());
+        if let Some((inst, at)) = lock(&self.identities).get(&key) {
+            if at.elapsed() < IDENTITY_TTL {
+                return Ok(Some(inst.clone()));
+            }
+        }
+        let found = self.mirrored_instance(set, instance_id).await?;
+        if let Some(inst) = &found {
+            let mut cache = lock(&self.identities);
+            if cache.len() >= CACHE_LIMIT {
+                cache.clear();
+            }
+            cache.insert(key, (inst.clone(), Instant::now()));
+        }
+        Ok(found)
     }
 
     pub async fn mirrored_instance(
@@ -202,43 +251,78 @@ impl Store {
         }
     }
 
-    /// Stores a heartbeat unless a newer one is stored; concurrent writers are ordered by ETag.
+    /// Stores a heartbeat unless a newer one is stored. With the last write of this instance
+    /// remembered, a newer reading costs one conditional write and an older or duplicate one
+    /// costs nothing; otherwise the stored row is read first. Concurrent writers are ordered by
+    /// ETag.
     pub async fn store_heartbeat(
         &self,
         hb: &Heartbeat,
         is_newer: impl Fn(&Heartbeat, &Heartbeat) -> bool,
     ) -> Result<HeartbeatWrite, StoreError> {
         let set = &hb.target.scale_set;
+        let key = (set.key(), hb.target.instance_id.clone());
+        let remembered = lock(&self.last_heartbeat).get(&key).cloned();
+        if let Some(last) = remembered {
+            if !is_newer(hb, &last.heartbeat) {
+                return Ok(HeartbeatWrite::Ignored);
+            }
+            let next = with_down_since(hb, Some(&last.heartbeat));
+            match self
+                .heartbeats
+                .replace_if(&set.key(), heartbeat_entity(&next), &last.etag)
+                .await
+            {
+                Ok(etag) => {
+                    self.remember(key, next, etag);
+                    return Ok(HeartbeatWrite::Stored);
+                }
+                // Another worker wrote meanwhile: read what is there, as without a memory.
+                Err(StoreError::PreconditionFailed { .. }) => {
+                    lock(&self.last_heartbeat).remove(&key);
+                }
+                Err(e) => return Err(e),
+            }
+        }
         for _ in 0..5 {
             let stored = self.heartbeat(set, &hb.target.instance_id).await?;
-            let entity =
-                heartbeat_entity(&with_down_since(hb, stored.as_ref().map(|s| &s.heartbeat)));
-            match stored {
-                None => match self.heartbeats.insert(entity).await {
-                    Ok(_) => return Ok(HeartbeatWrite::Stored),
-                    Err(StoreError::Conflict { .. }) => continue,
-                    Err(e) => return Err(e),
-                },
+            let next = with_down_since(hb, stored.as_ref().map(|s| &s.heartbeat));
+            let entity = heartbeat_entity(&next);
+            let written = match &stored {
+                None => self.heartbeats.insert(entity).await,
+                Some(stored) if !is_newer(hb, &stored.heartbeat) => {
+                    self.remember(key, stored.heartbeat.clone(), stored.etag.clone());
+                    return Ok(HeartbeatWrite::Ignored);
+                }
                 Some(stored) => {
-                    if !is_newer(hb, &stored.heartbeat) {
-                        return Ok(HeartbeatWrite::Ignored);
-                    }
-                    match self
-                        .heartbeats
+                    self.heartbeats
                         .replace_if(&set.key(), entity, &stored.etag)
                         .await
-                    {
-                        Ok(_) => return Ok(HeartbeatWrite::Stored),
-                        Err(StoreError::PreconditionFailed { .. }) => continue,
-                        Err(e) => return Err(e),
-                    }
                 }
+            };
+            match written {
+                Ok(etag) => {
+                    self.remember(key, next, etag);
+                    return Ok(HeartbeatWrite::Stored);
+                }
+                Err(StoreError::Conflict { .. } | StoreError::PreconditionFailed { .. }) => {
+                    continue
+                }
+                Err(e) => return Err(e),
             }
         }
         Err(StoreError::PreconditionFailed {
             table: HEARTBEATS,
             key: format!("{}/{}", set.key(), hb.target.instance_id),
         })
+    }
+
+    fn remember(&self, key: (String, String), heartbeat: Heartbeat, etag: String) {
+        let mut cache = lock(&self.last_heartbeat);
+        if cache.len() >= CACHE_LIMIT {
+            cache.clear();
+        }
+        cache.insert(key, StoredHeartbeat { heartbeat, etag });
     }
 
     // ---- scalesets ----
@@ -408,7 +492,7 @@ impl Store {
 
 /// Bounded retries: a storage hiccup is retried briefly inside the call; a longer outage fails
 /// the invocation (and Event Grid redelivers) instead of holding it for minutes.
-fn client_options() -> anyhow::Result<azure_core::ClientOptions> {
+fn client_options(requests: Arc<AtomicU64>) -> anyhow::Result<azure_core::ClientOptions> {
     let http = reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(5))
         .timeout(std::time::Duration::from_secs(30))
@@ -422,7 +506,18 @@ fn client_options() -> anyhow::Result<azure_core::ClientOptions> {
     };
     Ok(azure_core::ClientOptions::default()
         .retry(azure_core::RetryOptions::exponential(retry))
-        .transport(azure_core::TransportOptions::new(Arc::new(http))))
+        .transport(azure_core::TransportOptions::new(Arc::new(
+            table::CountingTransport {
+                inner: http,
+                requests,
+            },
+        ))))
+}
+
+/// A poisoned cache lock only means another task panicked mid-update of a cache; the data is
+/// still a valid (if possibly stale) cache, which the ETag checks tolerate.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn collect<T>(rows: Vec<Row>, f: impl Fn(&Row) -> Result<T, RowError>) -> (Vec<T>, Skipped) {

@@ -10,6 +10,25 @@ use serde_json::{Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+/// Counts the requests sent to table storage, for tests and benchmarks of write economy.
+#[derive(Debug)]
+pub(crate) struct CountingTransport {
+    pub(crate) inner: reqwest::Client,
+    pub(crate) requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+#[async_trait::async_trait]
+impl azure_core::HttpClient for CountingTransport {
+    async fn execute_request(
+        &self,
+        request: &azure_core::Request,
+    ) -> azure_core::Result<azure_core::Response> {
+        self.requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.execute_request(request).await
+    }
+}
+
 /// Largest entity group transaction the Table service accepts.
 pub const MAX_BATCH: usize = 100;
 
