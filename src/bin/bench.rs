@@ -1,0 +1,313 @@
+//! bench: the speed and memory figures of docs/benchmarks.md, measured on this machine.
+//!
+//! `bench ingest [--instances N] [--rounds R] [--concurrency C]`: heartbeat ingest through the
+//! handler (HTTP, JSON, validation, identity check, conditional write) side by side with a plain
+//! loop writing the same rows straight to Azurite.
+//! `bench startup [--runs N]`: the handler binary's start-to-ready time and idle RSS.
+//!
+//! Build first: `cargo build --release --bins` (startup runs the `handler` next to this binary).
+
+#[allow(dead_code)]
+#[path = "../../tests/common/azurite.rs"]
+mod azurite;
+
+use azure_data_tables::clients::TableServiceClientBuilder;
+use azure_storage::{CloudLocation, StorageCredentials};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use time::OffsetDateTime;
+use vmss_healer::mirror::Instance;
+use vmss_healer::scaleset::ScaleSetId;
+use vmss_healer::settings::Settings;
+use vmss_healer::state::Store;
+
+const SET: &str = "/subscriptions/00000000-0000-0000-0000-0000000000be/resourceGroups/rg-bench/providers/Microsoft.Compute/virtualMachineScaleSets/web";
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let mode = std::env::args().nth(1).unwrap_or_default();
+    match mode.as_str() {
+        "ingest" => ingest(
+            arg("--instances", 1000),
+            arg("--rounds", 5),
+            arg("--concurrency", 16),
+        ),
+        "startup" => startup(arg("--runs", 20)),
+        _ => {
+            eprintln!("usage: bench ingest [--instances N] [--rounds R] [--concurrency C] | bench startup [--runs N]");
+            std::process::exit(2);
+        }
+    }
+}
+
+struct Run {
+    events: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+    requests: Option<u64>,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile(&self, p: f64) -> Duration {
+        let mut l = self.latencies.clone();
+        l.sort_unstable();
+        l[((l.len() as f64 - 1.0) * p).round() as usize]
+    }
+
+    fn report(&self, name: &str) {
+        println!(
+            "| {name} | {} | {:.0} | {:.2} | {:.2} | {} |",
+            self.events,
+            self.rate(),
+            self.percentile(0.50).as_secs_f64() * 1000.0,
+            self.percentile(0.99).as_secs_f64() * 1000.0,
+            self.requests.map_or("–".to_string(), |r| format!(
+                "{:.2}",
+                r as f64 / self.events as f64
+            )),
+        );
+    }
+}
+
+/// Runs `count` jobs, `concurrency` at a time, timing each.
+async fn timed<F, Fut>(count: usize, concurrency: usize, job: F) -> (Duration, Vec<Duration>)
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let started = Instant::now();
+    let latencies: Vec<Duration> = futures::stream::iter(0..count)
+        .map(|i| {
+            let fut = job(i);
+            async move {
+                let t = Instant::now();
+                fut.await;
+                t.elapsed()
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    (started.elapsed(), latencies)
+}
+
+fn ingest(instances: usize, rounds: usize, concurrency: usize) {
+    azurite::ensure_installed_quietly(true);
+    let storage = azurite::Azurite::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        let handler_port = azurite::free_port();
+        let env: HashMap<&str, String> = HashMap::from([
+            ("HEALER_SCALE_SETS", SET.to_string()),
+            ("HEALER_STORAGE", storage.connection_string()),
+            ("HEALER_ARM_ENDPOINT", "http://127.0.0.1:9".to_string()),
+            ("FUNCTIONS_CUSTOMHANDLER_PORT", handler_port.to_string()),
+        ]);
+        let settings = Settings::from_lookup(|k| env.get(k).cloned()).expect("bench settings");
+        let store = Store::connect(&settings.storage, |_| anyhow::bail!("no identity")).expect("store");
+        store.ensure_tables().await.expect("tables");
+        let set = ScaleSetId::parse(SET).expect("bench id");
+        let mirror: Vec<Instance> = (0..instances)
+            .map(|i| Instance {
+                instance_id: i.to_string(),
+                vm_id: Some(format!("00000000-0000-4000-8000-{i:012}")),
+                computer_name: Some(format!("web{i:06}")),
+                provisioning_state: Some("Succeeded".into()),
+                power_state: Some("running".into()),
+                health: None,
+                health_since: None,
+                latest_model_applied: Some(true),
+                protected_from_scale_set_actions: false,
+                protected_from_scale_in: false,
+                zone: None,
+                created_at: None,
+            })
+            .collect();
+        store.write_mirror(&set, &mirror, OffsetDateTime::now_utc()).await.expect("mirror");
+
+        // The handler's router, served on loopback as the Functions host would reach it. The
+        // Compute client is never called by monitor-events.
+        let credential = azure_identity::create_credential().expect("a credential object (never used)");
+        let compute = vmss_healer::compute::Compute::new(&settings.arm_endpoint, credential).expect("compute client");
+        let state = vmss_healer::host::AppState {
+            settings: Arc::new(settings),
+            store: store.clone(),
+            compute,
+            notifier: vmss_healer::alert::Notifier::new(None),
+            counters: Arc::default(),
+        };
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", handler_port)).await.expect("bind");
+        tokio::spawn(async move { axum::serve(listener, vmss_healer::host::app(state)).await });
+
+        let http = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build().expect("http client");
+        let url = format!("http://127.0.0.1:{handler_port}/monitor-events");
+        let t0 = OffsetDateTime::now_utc() - time::Duration::hours(1);
+        let invocation = |round: usize, i: usize| {
+            let at = t0 + time::Duration::seconds(round as i64);
+            json!({"Data": {"event": {
+                "id": format!("{round}-{i}"), "eventType": "VmssHealer.Heartbeat", "dataVersion": "1",
+                "subject": format!("{SET}/virtualMachines/{i}"),
+                "eventTime": at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+                "data": {"status": "UP", "vmId": format!("00000000-0000-4000-8000-{i:012}"), "sequence": round}}},
+                "Metadata": {"sys": {"MethodName": "monitor-events"}}})
+        };
+        let send = |body: Value| {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                let r = http.post(url).json(&body).send().await.expect("handler reachable");
+                assert!(r.status().is_success(), "handler answered {}", r.status());
+                let answer: Value = r.json().await.expect("JSON answer");
+                assert_eq!(answer["ReturnValue"]["stored"], json!(true), "{answer}");
+            }
+        };
+
+        // The same rows, written straight to Azurite with insert-or-replace, into their own
+        // partition so they do not disturb the handler's rows.
+        let service = TableServiceClientBuilder::with_location(
+            CloudLocation::Custom { account: azurite::DEV_ACCOUNT.into(), uri: storage.table_endpoint() },
+            StorageCredentials::access_key(azurite::DEV_ACCOUNT, azure_core::auth::Secret::new(azurite::DEV_KEY)),
+        )
+        // The same pooled HTTP client the state layer uses: the SDK's default disables pooling,
+        // which would slow the baseline rather than measure the handler.
+        .transport(azure_core::TransportOptions::new(Arc::new(reqwest::Client::new())))
+        .build();
+        let table = service.table_client("heartbeats");
+        let pk = format!("{}-plain", set.key());
+        let row = |round: usize, i: usize| {
+            let at = t0 + time::Duration::seconds(round as i64);
+            json!({"PartitionKey": pk, "RowKey": i.to_string(), "status": "UP",
+                   "eventTime": at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+                   "eventTime@odata.type": "Edm.DateTime", "sequence": round.to_string(), "sequence@odata.type": "Edm.Int64",
+                   "vmId": format!("00000000-0000-4000-8000-{i:012}")})
+        };
+        let plain = || async {
+            let (elapsed, latencies) = timed(instances * rounds, concurrency, |n| {
+                let client = table.partition_key_client(&pk).entity_client((n % instances).to_string());
+                let body = row(1 + n / instances, n % instances);
+                async move {
+                    client.insert_or_replace(body).expect("entity").await.expect("plain write");
+                }
+            })
+            .await;
+            Run { events: instances * rounds, elapsed, latencies, requests: Some((instances * rounds) as u64) }
+        };
+
+        // Warm-up: first sight of each instance (read + insert) and of each plain row; not measured.
+        timed(instances, concurrency, |i| send(invocation(0, i))).await;
+        let plain_before = plain().await;
+        let before = store.requests();
+        let (elapsed, latencies) = timed(instances * rounds, concurrency, |n| send(invocation(1 + n / instances, n % instances))).await;
+        let handler = Run { events: instances * rounds, elapsed, latencies, requests: Some(store.requests() - before) };
+        let plain_after = plain().await;
+
+        println!("\nheartbeat ingest: {instances} instances × {rounds} rounds, concurrency {concurrency}\n");
+        println!("| path | events | events/s | p50 ms | p99 ms | table requests/event |");
+        println!("|---|---|---|---|---|---|");
+        plain_before.report("plain loop to Azurite (before)");
+        handler.report("handler (monitor-events)");
+        plain_after.report("plain loop to Azurite (after)");
+        let plain_rate = (plain_before.rate() + plain_after.rate()) / 2.0;
+        println!("\nhandler / plain throughput (mean of the two plain runs): {:.0} %", 100.0 * handler.rate() / plain_rate);
+    });
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn startup(runs: usize) {
+    let exe = std::env::current_exe().expect("own path");
+    let handler = exe.with_file_name("handler");
+    if !handler.exists() {
+        eprintln!(
+            "{} not found: run `cargo build --release --bins` first",
+            handler.display()
+        );
+        std::process::exit(2);
+    }
+    let mut ready = Vec::new();
+    let mut rss = Vec::new();
+    for _ in 0..runs {
+        let port = azurite::free_port();
+        let started = Instant::now();
+        let mut child = Command::new(&handler)
+            .env_clear()
+            .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
+            .env("HEALER_SCALE_SETS", SET)
+            // Unreachable storage: readiness must not wait for it.
+            .env(
+                "HEALER_STORAGE",
+                "UseDevelopmentStorage=true;DevelopmentStorageProxyUri=http://127.0.0.1:9",
+            )
+            .env("IDENTITY_ENDPOINT", "http://127.0.0.1:9/msi/token")
+            .env("IDENTITY_HEADER", "x")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start handler");
+        let answered = loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                use std::io::{Read, Write};
+                let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                let mut buf = [0u8; 12];
+                if s.read_exact(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.1 200") {
+                    break started.elapsed();
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "handler not ready in 10 s"
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        // Idle: after readiness, with its background table retry sleeping.
+        std::thread::sleep(Duration::from_millis(300));
+        rss.push(rss_kib(child.id()).unwrap_or(0));
+        ready.push(answered);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    ready.sort_unstable();
+    rss.sort_unstable();
+    println!("\nhandler startup over {runs} runs\n");
+    println!("| measure | min | median | max |");
+    println!("|---|---|---|---|");
+    println!(
+        "| start to ready (GET / answers) | {:.1} ms | {:.1} ms | {:.1} ms |",
+        ready[0].as_secs_f64() * 1000.0,
+        ready[runs / 2].as_secs_f64() * 1000.0,
+        ready[runs - 1].as_secs_f64() * 1000.0
+    );
+    println!(
+        "| idle RSS | {:.1} MiB | {:.1} MiB | {:.1} MiB |",
+        rss[0] as f64 / 1024.0,
+        rss[runs / 2] as f64 / 1024.0,
+        rss[runs - 1] as f64 / 1024.0
+    );
+}

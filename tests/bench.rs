@@ -1,0 +1,48 @@
+//! The benchmark binary keeps working (tiny sizes; the figures live in docs/benchmarks.md).
+
+use std::process::Command;
+
+#[test]
+fn the_benchmarks_run_and_report() {
+    let ingest = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args([
+            "ingest",
+            "--instances",
+            "20",
+            "--rounds",
+            "2",
+            "--concurrency",
+            "4",
+        ])
+        .output()
+        .expect("run bench ingest");
+    let out = String::from_utf8_lossy(&ingest.stdout);
+    assert!(
+        ingest.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&ingest.stderr)
+    );
+    let handler_row = out
+        .lines()
+        .find(|l| l.starts_with("| handler"))
+        .expect("a handler row");
+    assert!(
+        handler_row.ends_with("| 1.00 |"),
+        "one table request per heartbeat: {handler_row}"
+    );
+    assert!(out.contains("handler / plain throughput"), "{out}");
+
+    // The handler binary sits next to the bench binary in the same target directory.
+    let startup = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(["startup", "--runs", "2"])
+        .output()
+        .expect("run bench startup");
+    let out = String::from_utf8_lossy(&startup.stdout);
+    assert!(
+        startup.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&startup.stderr)
+    );
+    assert!(out.contains("| start to ready (GET / answers) |"), "{out}");
+    assert!(out.contains("| idle RSS |"), "{out}");
+}
