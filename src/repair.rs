@@ -47,8 +47,10 @@ pub async fn repair_all(
     now: OffsetDateTime,
 ) -> Result<RepairReport, StoreError> {
     let mut observations = Vec::with_capacity(settings.scale_sets.len());
+    let records = store.scale_sets().await?;
     for watched in &settings.scale_sets {
-        observations.push(gather(store, &watched.id).await?);
+        let record = records.get(&watched.id.key()).cloned();
+        observations.push(gather(store, &watched.id, record).await?);
     }
     let pairs: Vec<(&Observation, &crate::policy::Policy)> = observations
         .iter()
@@ -87,8 +89,11 @@ pub async fn repair_all(
     })
 }
 
-async fn gather(store: &Store, id: &ScaleSetId) -> Result<Observation, StoreError> {
-    let record = store.scale_set(id).await?;
+async fn gather(
+    store: &Store,
+    id: &ScaleSetId,
+    record: Option<ScaleSetRecord>,
+) -> Result<Observation, StoreError> {
     let (instances, bad_instances) = store.mirror(id).await?;
     let (heartbeats, bad_heartbeats) = store.heartbeats(id).await?;
     let (incidents, bad_incidents) = store.incidents(id).await?;

@@ -10,6 +10,10 @@ use serde::Serialize;
 use std::collections::HashMap;
 use time::{Duration, OffsetDateTime};
 
+/// Below this many reads left in the Compute API's budget, a pass stops reading: ARM's throttle
+/// would otherwise stop us for minutes, repairs included.
+const READ_RESERVE: i64 = 20;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct SetSync {
     pub scale_set: String,
@@ -35,10 +39,40 @@ pub async fn sync_all(
     now: OffsetDateTime,
 ) -> Result<SyncReport, StoreError> {
     let calls_before = compute.observed().calls();
-    let mut report = Vec::new();
-    for watched in &settings.scale_sets {
-        report.push(sync_one(store, compute, &watched.id, now).await?);
+    let records = store.scale_sets().await?;
+    // Least recently synced first, so a pass cut short by the rate budget is caught up next time.
+    let mut order: Vec<(usize, &crate::settings::WatchedScaleSet)> =
+        settings.scale_sets.iter().enumerate().collect();
+    order.sort_by_key(|(_, w)| records.get(&w.id.key()).and_then(|r| r.synced_at));
+    let mut report: Vec<(usize, SetSync)> = Vec::new();
+    for (position, watched) in order {
+        let budget = compute.observed().remaining_budget();
+        // The first read of a pass always goes out: it also refreshes the budget figure.
+        if let Some(left) = budget.filter(|left| !report.is_empty() && *left < READ_RESERVE) {
+            tracing::warn!(scale_set = %watched.id, remaining = left, "Compute read budget nearly spent; sync deferred to the next pass");
+            report.push((
+                position,
+                SetSync {
+                    scale_set: watched.id.key(),
+                    outcome: "deferred",
+                    instances: 0,
+                    written: 0,
+                    removed: 0,
+                    detail: Some(format!(
+                        "Compute read budget nearly spent ({left} left); deferred to the next pass"
+                    )),
+                },
+            ));
+            continue;
+        }
+        let record = records.get(&watched.id.key()).cloned();
+        report.push((
+            position,
+            sync_one(store, compute, &watched.id, record, now).await?,
+        ));
     }
+    report.sort_by_key(|(position, _)| *position);
+    let report = report.into_iter().map(|(_, r)| r).collect();
     Ok(SyncReport {
         scale_sets: report,
         compute_calls: compute.observed().calls() - calls_before,
@@ -49,12 +83,10 @@ async fn sync_one(
     store: &Store,
     compute: &Compute,
     id: &ScaleSetId,
+    record: Option<ScaleSetRecord>,
     now: OffsetDateTime,
 ) -> Result<SetSync, StoreError> {
-    let mut record = store
-        .scale_set(id)
-        .await?
-        .unwrap_or_else(ScaleSetRecord::unsynced);
+    let mut record = record.unwrap_or_else(ScaleSetRecord::unsynced);
     let mut result = SetSync {
         scale_set: id.key(),
         outcome: "synced",

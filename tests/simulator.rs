@@ -195,3 +195,56 @@ async fn server_errors_keep_the_last_mirror_and_say_why() {
         None
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nearly_spent_read_budget_defers_the_rest_of_a_pass_and_catches_up_next() {
+    let app = spawn_app()
+        .scale_set("a", 2)
+        .scale_set("b", 2)
+        .scale_set("c", 2)
+        .start()
+        .await;
+    app.admin(
+        reqwest::Method::PUT,
+        "ratelimit",
+        Some(json!({"remaining": 5})),
+    )
+    .await;
+    let (_, answer) = app.invoke_timer("monitor-state").await;
+    let outcomes: Vec<&str> = answer["ReturnValue"]["scale_sets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["synced", "deferred", "deferred"], "{answer}");
+    assert!(answer["ReturnValue"]["scale_sets"][1]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("5 left"));
+
+    // The budget recovers: the deferred scale sets go first, and all are synced.
+    app.admin(
+        reqwest::Method::PUT,
+        "ratelimit",
+        Some(json!({"remaining": 1000})),
+    )
+    .await;
+    app.clear_compute_calls().await;
+    let (_, answer) = app.invoke_timer("monitor-state").await;
+    let outcomes: Vec<&str> = answer["ReturnValue"]["scale_sets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["synced", "synced", "synced"], "{answer}");
+    let first_read = app.compute_calls().await[0]["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        !first_read.ends_with("/virtualMachineScaleSets/a"),
+        "a was synced last time; {first_read} went first"
+    );
+}

@@ -334,6 +334,21 @@ impl Store {
         }
     }
 
+    /// Every scale set's row, in one query.
+    pub async fn scale_sets(&self) -> Result<HashMap<String, ScaleSetRecord>, StoreError> {
+        let rows = self
+            .scalesets
+            .query(Some(format!(
+                "PartitionKey eq {}",
+                quote(SCALESET_PARTITION)
+            )))
+            .await?;
+        let (records, _) = collect(rows, |r| {
+            scaleset_from_row(r).map(|rec| (r.row_key().to_string(), rec))
+        });
+        Ok(records.into_iter().collect())
+    }
+
     pub async fn write_scale_set(
         &self,
         set: &ScaleSetId,

@@ -25,6 +25,7 @@ pub fn routes() -> Router<Shared> {
         .route("/admin/calls", get(calls).delete(clear_calls))
         .route("/admin/operations/complete", post(complete_operations))
         .route("/admin/heartbeats", post(send_heartbeats))
+        .route("/admin/ratelimit", put(set_rate_limit))
 }
 
 fn not_found(what: &str) -> Response {
@@ -189,6 +190,17 @@ async fn patch_vm(
     }
     let set = &w.sets[&key.to_lowercase()];
     Json(vm_json(set, &set.vms[&id], true)).into_response()
+}
+
+#[derive(Deserialize)]
+struct RateLimit {
+    /// The budget to report; null returns to the default countdown.
+    remaining: Option<usize>,
+}
+
+async fn set_rate_limit(State(s): State<Shared>, Json(r): Json<RateLimit>) -> Response {
+    s.world.lock().await.rate_limit_remaining = r.remaining;
+    StatusCode::NO_CONTENT.into_response()
 }
 
 async fn add_fault(State(s): State<Shared>, Json(rule): Json<FaultRule>) -> Response {

@@ -63,7 +63,9 @@ pub async fn handle(State(shared): State<Shared>, request: Request) -> Response 
     });
     let mut response = response;
     // Every Compute answer carries the remaining budget, as ARM's throttling headers do.
-    let remaining = 1200usize.saturating_sub(world.calls.len() % 1200);
+    let remaining = world
+        .rate_limit_remaining
+        .unwrap_or_else(|| 1200usize.saturating_sub(world.calls.len() % 1200));
     if let Ok(v) = HeaderValue::from_str(&format!(
         "Microsoft.Compute/GetVMScaleSet3Min;{remaining},Microsoft.Compute/GetVMScaleSet30Min;{}",
         remaining * 5

@@ -192,6 +192,8 @@ pub struct World {
     pub tokens: HashMap<String, OffsetDateTime>,
     pub operation_delay: Duration,
     pub page_size: usize,
+    /// Overrides the read budget reported in `x-ms-ratelimit-remaining-resource`.
+    pub rate_limit_remaining: Option<usize>,
 }
 
 pub fn set_key(sub: &str, rg: &str, name: &str) -> String {
@@ -213,6 +215,7 @@ impl World {
             tokens: HashMap::new(),
             operation_delay,
             page_size: page_size.max(1),
+            rate_limit_remaining: None,
         }
     }
 
