@@ -384,6 +384,9 @@ pub fn to_instance(vm: models::VirtualMachineScaleSetVm) -> Option<Instance> {
             .and_then(|p| p.protect_from_scale_in)
             .unwrap_or(false),
         zone: vm.zones.first().cloned(),
-        created_at: props.as_ref().and_then(|p| p.time_created),
+        created_at: props
+            .as_ref()
+            .and_then(|p| p.time_created)
+            .map(crate::mirror::at_storage_precision),
     })
 }

@@ -39,6 +39,13 @@ impl AppHealth {
     }
 }
 
+/// Times as the tables keep them (microseconds): ARM reports finer ones, and comparing a fresh
+/// read with a stored row must not see a change that is only precision.
+pub fn at_storage_precision(t: OffsetDateTime) -> OffsetDateTime {
+    t.replace_nanosecond(t.nanosecond() / 1_000 * 1_000)
+        .unwrap_or(t)
+}
+
 /// One mirrored VM of a scale set.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Instance {

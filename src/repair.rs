@@ -11,10 +11,14 @@ use crate::policy::RepairAction;
 use crate::scaleset::ScaleSetId;
 use crate::settings::{Settings, WatchedScaleSet};
 use crate::state::{Store, StoreError};
+use futures::StreamExt;
 use serde::Serialize;
 use serde_json::json;
 use std::collections::BTreeMap;
 use time::OffsetDateTime;
+
+/// Scale sets read concurrently by a repair pass.
+const GATHER_CONCURRENCY: usize = 4;
 
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct SetReport {
@@ -37,6 +41,9 @@ pub struct RepairReport {
     pub dry_run: bool,
     pub pipeline_fault: bool,
     pub scale_sets: Vec<SetReport>,
+    /// What the pass cost (approximate when passes of this process overlap).
+    pub table_requests: u64,
+    pub compute_calls: u64,
 }
 
 pub async fn repair_all(
@@ -47,11 +54,19 @@ pub async fn repair_all(
     now: OffsetDateTime,
 ) -> Result<RepairReport, StoreError> {
     let mut observations = Vec::with_capacity(settings.scale_sets.len());
+    let (requests_before, calls_before) = (store.requests(), compute.observed().calls());
     let records = store.scale_sets().await?;
-    for watched in &settings.scale_sets {
-        let record = records.get(&watched.id.key()).cloned();
-        observations.push(gather(store, &watched.id, record).await?);
+    // A few scale sets are read at once: the pass is bound by table round trips, not CPU.
+    let reads: Vec<_> = settings
+        .scale_sets
+        .iter()
+        .map(|watched| gather(store, &watched.id, records.get(&watched.id.key()).cloned()))
+        .collect();
+    let mut reads = futures::stream::iter(reads).buffered(GATHER_CONCURRENCY);
+    while let Some(observation) = reads.next().await {
+        observations.push(observation?);
     }
+    drop(reads);
     let pairs: Vec<(&Observation, &crate::policy::Policy)> = observations
         .iter()
         .zip(&settings.scale_sets)
@@ -86,6 +101,8 @@ pub async fn repair_all(
         dry_run: settings.dry_run,
         pipeline_fault: fault.is_some(),
         scale_sets: reports,
+        table_requests: store.requests() - requests_before,
+        compute_calls: compute.observed().calls() - calls_before,
     })
 }
 

@@ -28,6 +28,8 @@ pub struct SetSync {
 pub struct SyncReport {
     pub scale_sets: Vec<SetSync>,
     pub compute_calls: u64,
+    /// Table requests of the pass (approximate when passes of this process overlap).
+    pub table_requests: u64,
 }
 
 /// Mirrors every watched scale set. A failure of one set is recorded on its row and does not stop
@@ -39,6 +41,7 @@ pub async fn sync_all(
     now: OffsetDateTime,
 ) -> Result<SyncReport, StoreError> {
     let calls_before = compute.observed().calls();
+    let requests_before = store.requests();
     let records = store.scale_sets().await?;
     // Least recently synced first, so a pass cut short by the rate budget is caught up next time.
     let mut order: Vec<(usize, &crate::settings::WatchedScaleSet)> =
@@ -76,6 +79,7 @@ pub async fn sync_all(
     Ok(SyncReport {
         scale_sets: report,
         compute_calls: compute.observed().calls() - calls_before,
+        table_requests: store.requests() - requests_before,
     })
 }
 
@@ -186,7 +190,9 @@ fn carry_health_since(
         .map(|mut inst| {
             inst.health_since = match previous.get(inst.instance_id.as_str()) {
                 Some(prev) if prev.health == inst.health => prev.health_since,
-                _ => inst.health.map(|_| now),
+                _ => inst
+                    .health
+                    .map(|_| crate::mirror::at_storage_precision(now)),
             };
             inst
         })

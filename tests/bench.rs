@@ -45,4 +45,24 @@ fn the_benchmarks_run_and_report() {
     );
     assert!(out.contains("| start to ready (GET / answers) |"), "{out}");
     assert!(out.contains("| idle RSS |"), "{out}");
+
+    let tick = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(["tick", "--instances", "20"])
+        .output()
+        .expect("run bench tick");
+    let out = String::from_utf8_lossy(&tick.stdout);
+    assert!(
+        tick.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&tick.stderr)
+    );
+    assert!(out.contains("| monitor-status |"), "{out}");
+    let changed = out
+        .lines()
+        .find(|l| l.starts_with("| monitor-state, 0.1 % changed"))
+        .expect("a second sync row");
+    assert!(
+        changed.contains("| 0 rows written, 0 removed |"),
+        "20 instances: none in the changed 0.1 %: {changed}"
+    );
 }

@@ -430,3 +430,32 @@ async fn a_throttled_repair_is_journaled_held_until_retry_after_and_then_carried
     );
     assert_eq!(app.fleet("web").await["capacity"], json!(9));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_writes_only_what_changed() {
+    let app = spawn_app().scale_set("web", 30).page_size(7).start().await;
+    let (_, first) = app.invoke_timer("monitor-state").await;
+    assert_eq!(first["ReturnValue"]["scale_sets"][0]["written"], json!(30));
+    let (_, again) = app.invoke_timer("monitor-state").await;
+    assert_eq!(
+        again["ReturnValue"]["scale_sets"][0]["written"],
+        json!(0),
+        "nothing changed: {again}"
+    );
+    app.break_vm("web", 4, json!({"health": "unhealthy"})).await;
+    app.break_vm("web", 11, json!({"powerState": "stopped"}))
+        .await;
+    let (_, changed) = app.invoke_timer("monitor-state").await;
+    assert_eq!(
+        changed["ReturnValue"]["scale_sets"][0]["written"],
+        json!(2),
+        "{changed}"
+    );
+    // One get, five pages; the table: one query of the set rows, the mirror, one batch, the set row.
+    assert_eq!(changed["ReturnValue"]["compute_calls"], json!(6));
+    assert_eq!(
+        changed["ReturnValue"]["table_requests"],
+        json!(4),
+        "{changed}"
+    );
+}

@@ -4,12 +4,25 @@
 //! handler (HTTP, JSON, validation, identity check, conditional write) side by side with a plain
 //! loop writing the same rows straight to Azurite.
 //! `bench startup [--runs N]`: the handler binary's start-to-ready time and idle RSS.
+//! `bench tick --instances N`: `monitor-state` and `monitor-status` passes of the handler binary
+//! over N simulated instances (scale sets of 1,000): wall time, table requests, Compute calls and
+//! the handler's peak RSS.
 //!
 //! Build first: `cargo build --release --bins` (startup runs the `handler` next to this binary).
 
+#[path = "compute-sim/admin.rs"]
+mod admin;
+#[path = "compute-sim/arm.rs"]
+mod arm;
 #[allow(dead_code)]
 #[path = "../../tests/common/azurite.rs"]
 mod azurite;
+#[path = "compute-sim/server.rs"]
+mod server;
+#[path = "compute-sim/world.rs"]
+mod world;
+
+pub use server::Shared;
 
 use azure_data_tables::clients::TableServiceClientBuilder;
 use azure_storage::{CloudLocation, StorageCredentials};
@@ -45,8 +58,9 @@ fn main() {
             arg("--concurrency", 16),
         ),
         "startup" => startup(arg("--runs", 20)),
+        "tick" => tick(arg("--instances", 1000)),
         _ => {
-            eprintln!("usage: bench ingest [--instances N] [--rounds R] [--concurrency C] | bench startup [--runs N]");
+            eprintln!("usage: bench ingest [--instances N] [--rounds R] [--concurrency C] | bench startup [--runs N] | bench tick [--instances N]");
             std::process::exit(2);
         }
     }
@@ -231,17 +245,21 @@ fn ingest(instances: usize, rounds: usize, concurrency: usize) {
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
+    proc_status_kib(pid, "VmRSS:")
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
+        .find(|l| l.starts_with(field))?
         .split_whitespace()
         .nth(1)?
         .parse()
         .ok()
 }
 
-fn startup(runs: usize) {
+fn handler_binary() -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("own path");
     let handler = exe.with_file_name("handler");
     if !handler.exists() {
@@ -251,6 +269,11 @@ fn startup(runs: usize) {
         );
         std::process::exit(2);
     }
+    handler
+}
+
+fn startup(runs: usize) {
+    let handler = handler_binary();
     let mut ready = Vec::new();
     let mut rss = Vec::new();
     for _ in 0..runs {
@@ -310,4 +333,153 @@ fn startup(runs: usize) {
         rss[runs / 2] as f64 / 1024.0,
         rss[runs - 1] as f64 / 1024.0
     );
+}
+
+const TICK_SUB: &str = "00000000-0000-0000-0000-0000000000be";
+const TICK_RG: &str = "rg-bench";
+const SECRET: &str = "bench-identity-secret";
+const SET_SIZE: usize = 1000;
+
+fn tick(instances: usize) {
+    let sets = instances.div_ceil(SET_SIZE).max(1);
+    azurite::ensure_installed_quietly(true);
+    let storage = azurite::Azurite::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        // The simulated fleet, in this process: a day old, every VM running.
+        let sim_port = azurite::free_port();
+        let mut fleet = world::World::new(Duration::ZERO, 100);
+        let day_ago = OffsetDateTime::now_utc() - time::Duration::days(1);
+        let names: Vec<String> = (0..sets).map(|i| format!("web{i:03}")).collect();
+        for name in &names {
+            let size = SET_SIZE.min(instances - SET_SIZE * names.iter().position(|n| n == name).unwrap_or(0));
+            let key = fleet.create_set(TICK_SUB, TICK_RG, name, size, "westeurope", Vec::new(), "Uniform", false);
+            for vm in fleet.sets.get_mut(&key).into_iter().flat_map(|s| s.vms.values_mut()) {
+                vm.time_created = day_ago;
+            }
+        }
+        let sim = Shared::new(fleet, sim_port, SECRET.into(), None, admin::Delivery::Handler);
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", sim_port)).await.expect("bind the simulator");
+        let router = server::router(sim.clone());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+
+        // The real handler binary, as the Functions host runs it.
+        let port = azurite::free_port();
+        let ids: Vec<String> = names
+            .iter()
+            .map(|n| format!("/subscriptions/{TICK_SUB}/resourceGroups/{TICK_RG}/providers/Microsoft.Compute/virtualMachineScaleSets/{n}"))
+            .collect();
+        let mut child = Command::new(handler_binary())
+            .env_clear()
+            .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
+            .env("HEALER_SCALE_SETS", ids.join(","))
+            .env("HEALER_STORAGE", storage.connection_string())
+            .env("HEALER_ARM_ENDPOINT", format!("http://127.0.0.1:{sim_port}"))
+            .env("HEALER_REPAIR_ACTIONS", "delete")
+            .env("HEALER_DOWN_FOR", "0")
+            .env("IDENTITY_ENDPOINT", format!("http://127.0.0.1:{sim_port}/msi/token"))
+            .env("IDENTITY_HEADER", SECRET)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start handler");
+        let http = reqwest::Client::new();
+        let base = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http.get(&base).send().await.is_err() {
+            assert!(Instant::now() < deadline, "handler not ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let store = Store::connect(
+            &vmss_healer::settings::StorageSettings::ConnectionString(storage.connection_string()),
+            |_| anyhow::bail!("no identity"),
+        )
+        .expect("store");
+        while store.scale_sets().await.is_err() {
+            assert!(Instant::now() < deadline, "tables not created");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let invoke = |function: &'static str| {
+            let (http, url) = (http.clone(), format!("{base}/{function}"));
+            async move {
+                let body = json!({"Data": {"timer": {"ScheduleStatus": null, "IsPastDue": false}}, "Metadata": {}});
+                let started = Instant::now();
+                let r = http.post(url).json(&body).send().await.expect("handler reachable");
+                assert!(r.status().is_success(), "{function} answered {}", r.status());
+                let answer: Value = r.json().await.expect("JSON");
+                (started.elapsed(), answer["ReturnValue"].clone())
+            }
+        };
+
+        // 1. The first mirror: every instance written.
+        let (first_sync, first) = invoke("monitor-state").await;
+
+        // 2. Every VM reports UP now, except one in a thousand that reports DOWN.
+        let now = OffsetDateTime::now_utc();
+        let mut beats = Vec::with_capacity(instances);
+        {
+            let w = sim.world.lock().await;
+            for set in w.sets.values() {
+                let id = ScaleSetId::new(&set.subscription, &set.resource_group, &set.name);
+                for vm in set.vms.values() {
+                    let down = vm.instance_id % 1000 == 999;
+                    beats.push(vmss_healer::heartbeat::Heartbeat {
+                        target: id.instance(&vm.instance_id.to_string()),
+                        status: if down { vmss_healer::heartbeat::Status::Down } else { vmss_healer::heartbeat::Status::Up },
+                        event_time: now,
+                        received_at: now,
+                        sequence: Some(1),
+                        vm_id: Some(vm.vm_id.clone()),
+                        computer_name: Some(vm.computer_name.clone()),
+                        detail: None,
+                        origin: vmss_healer::heartbeat::Origin::Agent,
+                        event_id: String::new(),
+                        down_since: None,
+                    });
+                }
+            }
+        }
+        store.import_heartbeats(&beats).await.expect("seed heartbeats");
+
+        // 3. A repair pass over the whole fleet.
+        let (status_time, status) = invoke("monitor-status").await;
+        let repaired: u64 = status["scale_sets"].as_array().map_or(0, |a| a.iter().map(|s| s["repairs_requested"].as_u64().unwrap_or(0)).sum());
+
+        // 4. 0.1 % of instances change (their Application Health state); the mirror catches up.
+        {
+            let mut w = sim.world.lock().await;
+            for set in w.sets.values_mut() {
+                for vm in set.vms.values_mut().filter(|v| v.instance_id % 1000 == 500) {
+                    vm.health = Some("unhealthy".into());
+                }
+            }
+        }
+        let (second_sync, second) = invoke("monitor-state").await;
+        let written: u64 = second["scale_sets"].as_array().map_or(0, |a| a.iter().map(|s| s["written"].as_u64().unwrap_or(0)).sum());
+        let removed: u64 = second["scale_sets"].as_array().map_or(0, |a| a.iter().map(|s| s["removed"].as_u64().unwrap_or(0)).sum());
+        let peak = proc_status_kib(child.id(), "VmHWM:").unwrap_or(0);
+        let _ = child.kill();
+        let _ = child.wait();
+
+        println!("\n{instances} instances in {sets} scale sets of up to {SET_SIZE}, 100 per page\n");
+        println!("| pass | wall time | table requests | Compute calls | effect |");
+        println!("|---|---|---|---|---|");
+        println!(
+            "| monitor-state, first mirror | {:.2} s | {} | {} | {} instances written |",
+            first_sync.as_secs_f64(), first["table_requests"], first["compute_calls"],
+            first["scale_sets"].as_array().map_or(0, |a| a.iter().map(|s| s["written"].as_u64().unwrap_or(0)).sum::<u64>())
+        );
+        println!(
+            "| monitor-status | {:.2} s | {} | {} | {repaired} repairs of {} DOWN |",
+            status_time.as_secs_f64(), status["table_requests"], status["compute_calls"], instances / 1000
+        );
+        println!(
+            "| monitor-state, 0.1 % changed | {:.2} s | {} | {} | {written} rows written, {removed} removed |",
+            second_sync.as_secs_f64(), second["table_requests"], second["compute_calls"]
+        );
+        println!("\nhandler peak RSS (VmHWM): {:.1} MiB", peak as f64 / 1024.0);
+    });
 }

@@ -317,6 +317,23 @@ impl Store {
         })
     }
 
+    /// Writes many heartbeats unconditionally, in batches per scale set: a bulk import (seeding a
+    /// benchmark, migrating from another healer), not the ingest path.
+    pub async fn import_heartbeats(&self, heartbeats: &[Heartbeat]) -> Result<usize, StoreError> {
+        let mut by_set: HashMap<String, Vec<Entity>> = HashMap::new();
+        for hb in heartbeats {
+            by_set
+                .entry(hb.target.scale_set.key())
+                .or_default()
+                .push(heartbeat_entity(&with_down_since(hb, None)));
+        }
+        let mut written = 0;
+        for (pk, entities) in by_set {
+            written += self.heartbeats.upsert_batch(&pk, entities).await?;
+        }
+        Ok(written)
+    }
+
     fn remember(&self, key: (String, String), heartbeat: Heartbeat, etag: String) {
         let mut cache = lock(&self.last_heartbeat);
         if cache.len() >= CACHE_LIMIT {
