@@ -417,7 +417,7 @@ fn tick(instances: usize) {
         // 1. The first mirror: every instance written.
         let (first_sync, first) = invoke("monitor-state").await;
 
-        // 2. Every VM reports UP now, except one in a thousand that reports DOWN.
+        // 2. Every VM reports UP now, except one in two hundred that reports DOWN.
         let now = OffsetDateTime::now_utc();
         let mut beats = Vec::with_capacity(instances);
         {
@@ -425,7 +425,7 @@ fn tick(instances: usize) {
             for set in w.sets.values() {
                 let id = ScaleSetId::new(&set.subscription, &set.resource_group, &set.name);
                 for vm in set.vms.values() {
-                    let down = vm.instance_id % 1000 == 999;
+                    let down = vm.instance_id % 200 == 199;
                     beats.push(vmss_healer::heartbeat::Heartbeat {
                         target: id.instance(&vm.instance_id.to_string()),
                         status: if down { vmss_healer::heartbeat::Status::Down } else { vmss_healer::heartbeat::Status::Up },
@@ -474,12 +474,139 @@ fn tick(instances: usize) {
         );
         println!(
             "| monitor-status | {:.2} s | {} | {} | {repaired} repairs of {} DOWN |",
-            status_time.as_secs_f64(), status["table_requests"], status["compute_calls"], instances / 1000
+            status_time.as_secs_f64(), status["table_requests"], status["compute_calls"], instances / 200
         );
         println!(
             "| monitor-state, 0.1 % changed | {:.2} s | {} | {} | {written} rows written, {removed} removed |",
             second_sync.as_secs_f64(), second["table_requests"], second["compute_calls"]
         );
         println!("\nhandler peak RSS (VmHWM): {:.1} MiB", peak as f64 / 1024.0);
+
+        // The classic design on the same fleet, built from the same pieces so that only the
+        // strategy differs: every instance rewritten every tick, one delete call per VM.
+        let classic = Classic::new(sim_port, storage.connection_string());
+        let ids: Vec<ScaleSetId> = ids.iter().map(|i| ScaleSetId::parse(i).expect("bench ids")).collect();
+        {
+            let mut w = sim.world.lock().await;
+            for set in w.sets.values_mut() {
+                for vm in set.vms.values_mut().filter(|v| v.instance_id % 1000 == 501) {
+                    vm.health = Some("unhealthy".into());
+                }
+            }
+        }
+        let (sync_time, sync_requests, sync_calls, sync_written) = classic.sync(&ids).await;
+        // The DOWN instances of step 2 were deleted by the handler; mark as many again.
+        let mut down = Vec::new();
+        {
+            let w = sim.world.lock().await;
+            for (set, id) in w.sets.values().zip(&ids) {
+                for vm in set.vms.values().filter(|v| v.instance_id % 200 == 198) {
+                    down.push((id.clone(), vm.instance_id.to_string(), vm.vm_id.clone()));
+                }
+            }
+        }
+        let now = OffsetDateTime::now_utc();
+        let beats: Vec<_> = down
+            .iter()
+            .map(|(id, instance, vm_id)| vmss_healer::heartbeat::Heartbeat {
+                target: id.instance(instance),
+                status: vmss_healer::heartbeat::Status::Down,
+                event_time: now,
+                received_at: now,
+                sequence: Some(2),
+                vm_id: Some(vm_id.clone()),
+                computer_name: None,
+                detail: None,
+                origin: vmss_healer::heartbeat::Origin::Agent,
+                event_id: String::new(),
+                down_since: None,
+            })
+            .collect();
+        store.import_heartbeats(&beats).await.expect("seed DOWN heartbeats");
+        let (status_time, status_requests, status_calls, deleted) = classic.repair(&ids).await;
+        println!("\nbaseline: the classic design on the same fleet\n");
+        println!("| pass | wall time | table requests | Compute calls | effect |");
+        println!("|---|---|---|---|---|");
+        println!(
+            "| classic monitor-status (one delete call per VM) | {:.2} s | {status_requests} | {status_calls} | {deleted} deletes |",
+            status_time.as_secs_f64()
+        );
+        println!(
+            "| classic monitor-state (full rewrite), 0.1 % changed | {:.2} s | {sync_requests} | {sync_calls} | {sync_written} rows written |",
+            sync_time.as_secs_f64()
+        );
+        let written_ratio = sync_written as f64 / written.max(1) as f64;
+        println!("\nrows written per sync, classic / vmss-healer: {written_ratio:.0}×; delete calls for {deleted} repairs: {status_calls} vs {}", status["compute_calls"]);
     });
+}
+
+/// The classic healer's strategy, for the baseline: it re-reads and rewrites the whole mirror
+/// every tick and deletes unhealthy VMs one call each.
+struct Classic {
+    store: Store,
+    compute: vmss_healer::compute::Compute,
+}
+
+impl Classic {
+    fn new(sim_port: u16, connection_string: String) -> Self {
+        let store = Store::connect(
+            &vmss_healer::settings::StorageSettings::ConnectionString(connection_string),
+            |_| anyhow::bail!("no identity"),
+        )
+        .expect("store");
+        // The simulator's identity endpoint, as the handler uses it.
+        std::env::set_var(
+            "IDENTITY_ENDPOINT",
+            format!("http://127.0.0.1:{sim_port}/msi/token"),
+        );
+        std::env::set_var("IDENTITY_HEADER", SECRET);
+        let credential = vmss_healer::identity::credential(None).expect("identity");
+        let endpoint = url::Url::parse(&format!("http://127.0.0.1:{sim_port}")).expect("url");
+        let compute = vmss_healer::compute::Compute::new(&endpoint, credential).expect("compute");
+        Classic { store, compute }
+    }
+
+    fn costs(&self) -> (u64, u64) {
+        (self.store.requests(), self.compute.observed().calls())
+    }
+
+    async fn sync(&self, ids: &[ScaleSetId]) -> (Duration, u64, u64, usize) {
+        let (r0, c0) = self.costs();
+        let started = Instant::now();
+        let mut written = 0;
+        for id in ids {
+            let instances = self.compute.instances(id).await.expect("list");
+            written += self
+                .store
+                .write_mirror(id, &instances, OffsetDateTime::now_utc())
+                .await
+                .expect("rewrite");
+        }
+        let (r1, c1) = self.costs();
+        (started.elapsed(), r1 - r0, c1 - c0, written)
+    }
+
+    async fn repair(&self, ids: &[ScaleSetId]) -> (Duration, u64, u64, usize) {
+        let (r0, c0) = self.costs();
+        let started = Instant::now();
+        let mut deleted = 0;
+        for id in ids {
+            let (mirror, _) = self.store.mirror(id).await.expect("mirror");
+            let (beats, _) = self.store.heartbeats(id).await.expect("heartbeats");
+            for m in mirror {
+                let down = beats
+                    .get(&m.instance.instance_id)
+                    .is_some_and(|b| b.status == vmss_healer::heartbeat::Status::Down);
+                if down {
+                    self.compute
+                        .delete_instances(id, std::slice::from_ref(&m.instance.instance_id))
+                        .await
+                        .expect("delete");
+                    deleted += 1;
+                }
+            }
+        }
+        let (r1, c1) = self.costs();
+        (started.elapsed(), r1 - r0, c1 - c0, deleted)
+    }
 }
