@@ -36,6 +36,14 @@ impl EntryKind {
     }
 }
 
+/// A time as an operator reads it in a journal reason or a log line: UTC, to the second.
+pub fn stamp(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    let t = t.replace_nanosecond(0).unwrap_or(t);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
 /// One journal row.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Entry {

@@ -1,7 +1,7 @@
 //! vmss-healer: keeps Azure Virtual Machine Scale Sets healthy from VM heartbeats.
 //!
 //! Pure domain modules (`scaleset`, `policy`, `event`, `heartbeat`, `mirror`, `verdict`, `plan`,
-//! `journal`) decide; the edges (`state` for tables, `compute` for ARM, `host` for the Functions
+//! `journal`, `resync`) decide; the edges (`state` for tables, `compute` for ARM, `host` for the Functions
 //! host) do I/O; `functions` holds one thin module per Azure Function.
 
 pub mod alert;
@@ -18,6 +18,7 @@ pub mod mirror;
 pub mod plan;
 pub mod policy;
 pub mod repair;
+pub mod resync;
 pub mod scaleset;
 pub mod settings;
 pub mod state;

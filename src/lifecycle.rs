@@ -50,24 +50,40 @@ pub fn read(event: &Event) -> Result<Change, NotAChange> {
         .or(event.subject.as_deref())
         .ok_or(NotAChange::MissingResourceUri)?;
     let deleted = event.event_type.eq_ignore_ascii_case(DELETE);
-    if let Ok(instance) = InstanceRef::parse(uri) {
-        return Ok(if deleted {
-            Change::InstanceDeleted(instance)
-        } else {
-            Change::ScaleSetChanged(instance.scale_set)
-        });
+    let (set, instance, rest) =
+        locate(uri).ok_or_else(|| NotAChange::NotAScaleSet(uri.to_string()))?;
+    // Only the deletion of the resource itself removes it; deleting a sub-resource (an extension)
+    // or an action (`…/restart`, `…/delete` of instances) changes it.
+    Ok(match (deleted && rest == 0, instance) {
+        (true, Some(id)) => Change::InstanceDeleted(set.instance(&id)),
+        (true, None) => Change::ScaleSetDeleted(set),
+        (false, _) => Change::ScaleSetChanged(set),
+    })
+}
+
+/// The scale set a resource URI is about, the instance if it names one, and how many path segments
+/// follow them: `…/virtualMachineScaleSets/web/virtualMachines/3/restart` → (web, 3, 1).
+fn locate(uri: &str) -> Option<(ScaleSetId, Option<String>, usize)> {
+    let segments: Vec<&str> = uri.trim_end_matches('/').split('/').collect();
+    let at = segments
+        .iter()
+        .position(|s| s.eq_ignore_ascii_case("virtualMachineScaleSets"))?;
+    let name_end = at + 2;
+    if segments.len() < name_end {
+        return None;
     }
-    // Actions name a sub-path (`…/virtualMachineScaleSets/web/delete`, `…/restart`).
-    let set = ScaleSetId::parse(uri).or_else(|_| {
-        let trimmed = uri.trim_end_matches('/');
-        let parent = trimmed.rsplit_once('/').map(|(p, _)| p).unwrap_or(trimmed);
-        ScaleSetId::parse(parent)
-    });
-    match set {
-        Ok(set) if deleted && ScaleSetId::parse(uri).is_ok() => Ok(Change::ScaleSetDeleted(set)),
-        Ok(set) => Ok(Change::ScaleSetChanged(set)),
-        Err(_) => Err(NotAChange::NotAScaleSet(uri.to_string())),
-    }
+    let set = ScaleSetId::parse(&segments[..name_end].join("/")).ok()?;
+    let instance = segments
+        .get(name_end)
+        .filter(|s| s.eq_ignore_ascii_case("virtualMachines"))
+        .and(segments.get(name_end + 1))
+        .map(|id| id.to_string());
+    let used = if instance.is_some() {
+        name_end + 2
+    } else {
+        name_end
+    };
+    Some((set, instance, segments.len().saturating_sub(used)))
 }
 
 #[cfg(test)]
@@ -108,7 +124,20 @@ mod tests {
         );
         assert_eq!(
             read(&rm(ACTION, &format!("{SET}/delete"))),
-            Ok(Change::ScaleSetChanged(set))
+            Ok(Change::ScaleSetChanged(set.clone()))
+        );
+        // Actions on instances, and deleting a sub-resource, are changes, not deletions.
+        assert_eq!(
+            read(&rm(ACTION, &format!("{vm}/restart"))),
+            Ok(Change::ScaleSetChanged(set.clone()))
+        );
+        assert_eq!(
+            read(&rm(DELETE, &format!("{vm}/extensions/health"))),
+            Ok(Change::ScaleSetChanged(set.clone()))
+        );
+        assert_eq!(
+            read(&rm(DELETE, &format!("{SET}/extensions/health"))),
+            Ok(Change::ScaleSetChanged(set.clone()))
         );
         assert!(matches!(
             read(&rm(

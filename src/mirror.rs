@@ -96,6 +96,9 @@ pub struct ScaleSetRecord {
     pub throttled_until: Option<OffsetDateTime>,
     /// False once the scale set is found deleted (404).
     pub exists: bool,
+    /// When something last said the scale set changed (a Resource Manager event, a repair of
+    /// ours): later than `synced_at`, the mirror is behind and the next pass reads the set.
+    pub changed_at: Option<OffsetDateTime>,
     /// The brake holding the scale set's repairs (a reason label), if any, and since when.
     pub breaker: Option<String>,
     pub breaker_since: Option<OffsetDateTime>,
@@ -111,6 +114,7 @@ impl ScaleSetRecord {
             sync_error: None,
             throttled_until: None,
             exists: true,
+            changed_at: None,
             breaker: None,
             breaker_since: None,
         }

@@ -7,6 +7,7 @@
 
 use crate::heartbeat::Heartbeat;
 use crate::incident::{Incident, Resolution, State, Versioned};
+use crate::journal::stamp;
 use crate::mirror::{MirroredInstance, ScaleSetRecord};
 use crate::policy::{PlatformRepairs, Policy, RepairAction};
 use crate::verdict::{judge, recheck_in, History, Reason, Verdict};
@@ -28,6 +29,8 @@ pub struct Observation {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Brakes {
     pub mirror_max_age: Duration,
+    /// `HEALER_FULL_RESYNC`: a quiet scale set's mirror is only re-read this often.
+    pub full_resync: Duration,
     /// Set when most of the fleet fell silent at once (see [`pipeline_fault`]).
     pub pipeline_fault: Option<PipelineFault>,
 }
@@ -48,6 +51,9 @@ pub struct Plan {
     /// When something could next change by the clock alone.
     #[serde(skip)]
     pub next_check: Option<Duration>,
+    /// Why the next mirror pass should read this scale set rather than wait for its full resync:
+    /// a repair's effect must be seen, or mirror evidence confirmed before acting on it.
+    pub resync: Option<&'static str>,
 }
 
 impl Plan {
@@ -121,8 +127,13 @@ pub struct Withheld {
 pub enum WithheldReason {
     /// The scale set has never been mirrored.
     NoMirror,
-    /// The mirror is older than `HEALER_MIRROR_MAX_AGE`.
+    /// The mirror has not been read for `HEALER_FULL_RESYNC` + `HEALER_MIRROR_MAX_AGE`.
     StaleMirror { age_seconds: i64, max_seconds: i64 },
+    /// A change was announced (an event, a repair) and not mirrored within `HEALER_MIRROR_MAX_AGE`.
+    MirrorBehind {
+        behind_seconds: i64,
+        max_seconds: i64,
+    },
     /// Most of the fleet fell silent at once: the heartbeat pipeline is broken, not the VMs.
     PipelineFault { silent: usize, reporting: usize },
     /// More of the scale set is unhealthy than `HEALER_MAX_UNHEALTHY` allows.
@@ -160,13 +171,20 @@ pub enum WithheldReason {
     },
     /// Its incident was given up; nothing more until it recovers or is removed.
     GivenUp { incident: String },
+    /// The evidence is the mirror's and older than `HEALER_MIRROR_MAX_AGE`: read again first.
+    AwaitingResync {
+        mirror_age_seconds: i64,
+        reason: Reason,
+    },
 }
 
 impl WithheldReason {
     pub fn label(&self) -> &'static str {
         match self {
             WithheldReason::NoMirror => "no_mirror",
-            WithheldReason::StaleMirror { .. } => "stale_mirror",
+            WithheldReason::StaleMirror { .. } | WithheldReason::MirrorBehind { .. } => {
+                "stale_mirror"
+            }
             WithheldReason::PipelineFault { .. } => "pipeline_fault",
             WithheldReason::TooManyUnhealthy { .. } => "too_many_unhealthy",
             WithheldReason::PlatformRepairs => "platform_repairs",
@@ -176,6 +194,7 @@ impl WithheldReason {
             WithheldReason::MaxParallel { .. } => "max_parallel",
             WithheldReason::Cooldown { .. } => "cooldown",
             WithheldReason::GivenUp { .. } => "given_up",
+            WithheldReason::AwaitingResync { .. } => "awaiting_resync",
         }
     }
 
@@ -183,7 +202,10 @@ impl WithheldReason {
         match self {
             WithheldReason::NoMirror => "the scale set has not been mirrored yet".into(),
             WithheldReason::StaleMirror { age_seconds, max_seconds } => format!(
-                "the mirror is {age_seconds} s old, older than HEALER_MIRROR_MAX_AGE ({max_seconds} s)"
+                "the mirror was last read {age_seconds} s ago, longer than HEALER_FULL_RESYNC + HEALER_MIRROR_MAX_AGE ({max_seconds} s)"
+            ),
+            WithheldReason::MirrorBehind { behind_seconds, max_seconds } => format!(
+                "a change announced {behind_seconds} s ago is not mirrored yet, longer than HEALER_MIRROR_MAX_AGE ({max_seconds} s)"
             ),
             WithheldReason::PipelineFault { silent, reporting } => format!(
                 "{silent} of {reporting} reporting instances fell silent at once: a heartbeat pipeline fault, not a fleet fault; all repairs paused until heartbeats return"
@@ -195,25 +217,29 @@ impl WithheldReason {
                 "the platform's automatic repairs are enabled on this scale set and HEALER_PLATFORM_REPAIRS=defer".into()
             }
             WithheldReason::Throttled { until } => {
-                format!("the Compute API is throttling this scale set until {until}")
+                format!("the Compute API is throttling this scale set until {}", stamp(*until))
             }
             WithheldReason::Protected { reason } => format!(
                 "{} but the instance is protected from scale set actions",
                 reason.describe()
             ),
             WithheldReason::RepairInFlight { incident, until } => {
-                format!("repair of incident {incident} is in flight until {until}")
+                format!("repair of incident {incident} is in flight until {}", stamp(*until))
             }
             WithheldReason::MaxParallel { in_flight, max, reason } => format!(
                 "{} but {in_flight} repairs are in flight, HEALER_MAX_PARALLEL allows {max}",
                 reason.describe()
             ),
             WithheldReason::Cooldown { until, reason } => {
-                format!("{} but the instance was repaired recently; cooling down until {until}", reason.describe())
+                format!("{} but the instance was repaired recently; cooling down until {}", reason.describe(), stamp(*until))
             }
             WithheldReason::GivenUp { incident } => {
                 format!("incident {incident} was given up; waiting for the instance to recover or be removed")
             }
+            WithheldReason::AwaitingResync { mirror_age_seconds, reason } => format!(
+                "{} as of a mirror read {mirror_age_seconds} s ago, older than HEALER_MIRROR_MAX_AGE; confirming with a fresh read first",
+                reason.describe()
+            ),
         }
     }
 
@@ -223,6 +249,7 @@ impl WithheldReason {
             self,
             WithheldReason::NoMirror
                 | WithheldReason::StaleMirror { .. }
+                | WithheldReason::MirrorBehind { .. }
                 | WithheldReason::PipelineFault { .. }
                 | WithheldReason::TooManyUnhealthy { .. }
                 | WithheldReason::PlatformRepairs
@@ -295,6 +322,36 @@ pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDat
             .count(),
         unhealthy: verdicts.values().filter(|v| v.is_unhealthy()).count(),
         next_check: None,
+        resync: None,
+    };
+    let mirror_age = synced_at.map(|s| now - s);
+    let mirror_current = mirror_age.is_some_and(|age| age <= brakes.mirror_max_age);
+
+    // What the next mirror pass must show: the effect of repairs under way, and whether mirror
+    // evidence against an instance still holds. Instances we will not act on do not count, or a
+    // fleet with one protected sick VM per scale set would be read in full every pass.
+    let repairing = obs
+        .incidents
+        .values()
+        .any(|v| v.value.state == State::Repairing);
+    let to_confirm = obs.instances.iter().any(|m| {
+        let id = m.instance.instance_id.as_str();
+        let judged_on_mirror = match &verdicts[id] {
+            Verdict::Unhealthy(r) | Verdict::Suspect { reason: r, .. } => r.from_mirror(),
+            _ => false,
+        };
+        let given_up = obs
+            .incidents
+            .get(id)
+            .is_some_and(|v| v.value.state == State::GivenUp);
+        judged_on_mirror && !m.instance.protected_from_scale_set_actions && !given_up
+    });
+    plan.resync = if repairing {
+        Some("repair_in_flight")
+    } else if to_confirm {
+        Some("confirm_mirror_evidence")
+    } else {
+        None
     };
 
     // 1. Outcomes of incidents, in target order so the plan is deterministic.
@@ -350,13 +407,23 @@ pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDat
         .collect();
 
     // 2. Scale-set brakes: nothing new is started while one holds.
+    // A quiet scale set is only re-read every full resync, so its mirror may be that old; one with
+    // an announced change must catch up within the mirror's maximum age.
+    let changed_at = obs.record.as_ref().and_then(|r| r.changed_at);
     let pause = match synced_at {
         None => Some(WithheldReason::NoMirror),
-        Some(s) if now - s > brakes.mirror_max_age => Some(WithheldReason::StaleMirror {
-            age_seconds: (now - s).whole_seconds(),
-            max_seconds: brakes.mirror_max_age.whole_seconds(),
-        }),
-        Some(_) => None,
+        Some(s) if now - s > brakes.full_resync + brakes.mirror_max_age => {
+            Some(WithheldReason::StaleMirror {
+                age_seconds: (now - s).whole_seconds(),
+                max_seconds: (brakes.full_resync + brakes.mirror_max_age).whole_seconds(),
+            })
+        }
+        Some(s) => changed_at
+            .filter(|c| *c >= s && now - *c > brakes.mirror_max_age)
+            .map(|c| WithheldReason::MirrorBehind {
+                behind_seconds: (now - c).whole_seconds(),
+                max_seconds: brakes.mirror_max_age.whole_seconds(),
+            }),
     }
     .or_else(|| {
         brakes
@@ -501,6 +568,13 @@ pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDat
             }));
             continue;
         }
+        if reason.from_mirror() && !mirror_current {
+            plan.withheld.push(withhold(WithheldReason::AwaitingResync {
+                mirror_age_seconds: mirror_age.map_or(0, |a| a.whole_seconds()),
+                reason: reason.clone(),
+            }));
+            continue;
+        }
         if in_flight as u32 >= max_parallel {
             plan.withheld.push(withhold(WithheldReason::MaxParallel {
                 in_flight,
@@ -526,6 +600,14 @@ pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDat
         });
     }
     plan.next_check = next;
+    if plan.resync.is_none()
+        && plan
+            .transitions
+            .iter()
+            .any(|t| matches!(t.step, Step::Open | Step::Escalate))
+    {
+        plan.resync = Some("repair_started");
+    }
     plan
 }
 

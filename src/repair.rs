@@ -79,11 +79,15 @@ pub async fn repair_all(
     }
     let brakes = Brakes {
         mirror_max_age: settings.mirror_max_age,
+        full_resync: settings.full_resync,
         pipeline_fault: fault,
     };
     let mut reports = Vec::new();
     for (watched, obs) in settings.scale_sets.iter().zip(&observations) {
         let plan = decide(obs, &watched.policy, brakes, now);
+        if let Some(why) = plan.resync {
+            request_resync(store, &watched.id, obs.record.as_ref(), why, now).await?;
+        }
         let (report, alerts) = carry_out(
             store,
             compute,
@@ -401,6 +405,28 @@ async fn send(
         RepairAction::Reimage => compute.reimage_instances(id, ids).await,
         RepairAction::Restart => compute.restart_instances(id, ids).await,
     }
+}
+
+/// Asks the next mirror pass to read the scale set, unless a request is already pending: the
+/// pending one's time is what the mirror-behind brake measures from.
+async fn request_resync(
+    store: &Store,
+    id: &ScaleSetId,
+    record: Option<&ScaleSetRecord>,
+    why: &'static str,
+    now: OffsetDateTime,
+) -> Result<(), StoreError> {
+    let Some(synced) = record.and_then(|r| r.synced_at) else {
+        return Ok(()); // never mirrored: the next pass reads it anyway
+    };
+    if record
+        .and_then(|r| r.changed_at)
+        .is_some_and(|c| c >= synced)
+    {
+        return Ok(());
+    }
+    tracing::debug!(scale_set = %id, why, "next mirror pass asked to read this scale set");
+    store.request_resync(id, now).await
 }
 
 /// Puts an incident row back as it was before this pass claimed it.

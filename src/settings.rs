@@ -29,6 +29,7 @@ pub const MAX_ATTEMPTS: &str = "HEALER_MAX_ATTEMPTS";
 pub const MAX_PARALLEL: &str = "HEALER_MAX_PARALLEL";
 pub const MAX_UNHEALTHY: &str = "HEALER_MAX_UNHEALTHY";
 pub const MIRROR_MAX_AGE: &str = "HEALER_MIRROR_MAX_AGE";
+pub const FULL_RESYNC: &str = "HEALER_FULL_RESYNC";
 pub const PLATFORM_REPAIRS: &str = "HEALER_PLATFORM_REPAIRS";
 pub const DRY_RUN: &str = "HEALER_DRY_RUN";
 pub const WEBHOOK_URL: &str = "HEALER_WEBHOOK_URL";
@@ -52,6 +53,7 @@ pub const CATALOG: &[SettingDoc] = &[
     SettingDoc { name: MAX_UNHEALTHY, default: "`40%`", meaning: "above this share unhealthy, a scale set's repairs pause (short-circuit)" },
     SettingDoc { name: PLATFORM_REPAIRS, default: "`defer`", meaning: "on a scale set with the platform's automatic instance repairs enabled: `defer` (report it, repair nothing there) or `act` (report it, repair anyway)" },
     SettingDoc { name: MIRROR_MAX_AGE, default: "`300` s", meaning: "no repair decided on a mirror older than this" },
+    SettingDoc { name: FULL_RESYNC, default: "`600` s", meaning: "every scale set is read in full at least this often, the safety net for changes no Resource Manager event announced; between full reads `monitor-state` reads only scale sets that changed, failed or have repairs in flight (`0`: read every set every pass)" },
     SettingDoc { name: DRY_RUN, default: "`false`", meaning: "decide and journal, but do not act" },
     SettingDoc { name: WEBHOOK_URL, default: "(none)", meaning: "JSON POST on repair, give-up and pause" },
     SettingDoc { name: STATUS_SCHEDULE, default: "`0 */1 * * * *`", meaning: "NCRONTAB schedule of `monitor-status`, referenced from its function.json as `%HEALER_STATUS_SCHEDULE%`" },
@@ -84,6 +86,8 @@ pub struct Settings {
     pub storage: StorageSettings,
     pub arm_endpoint: Url,
     pub mirror_max_age: Duration,
+    /// The slow safety-net interval: every scale set is read in full at least this often.
+    pub full_resync: Duration,
     pub dry_run: bool,
     pub webhook_url: Option<Url>,
     pub status_schedule: String,
@@ -169,6 +173,7 @@ impl Settings {
         )
         .unwrap_or_else(|| Url::parse("https://management.azure.com").expect("constant URL"));
         let mirror_max_age = duration(get(MIRROR_MAX_AGE), "300", MIRROR_MAX_AGE, &mut problems);
+        let full_resync = wait(get(FULL_RESYNC), "600", FULL_RESYNC, &mut problems);
         let dry_run = match get(DRY_RUN).map(|v| v.trim().to_ascii_lowercase()) {
             None => false,
             Some(v) if ["true", "1", "yes"].contains(&v.as_str()) => true,
@@ -197,6 +202,7 @@ impl Settings {
             storage: storage.expect("storage is Some when no problem was recorded"),
             arm_endpoint,
             mirror_max_age,
+            full_resync,
             dry_run,
             webhook_url,
             status_schedule,
@@ -533,6 +539,7 @@ mod tests {
         assert_eq!(s.defaults.max_parallel, Limit::Percent(10.0));
         assert_eq!(s.defaults.max_unhealthy, Limit::Percent(40.0));
         assert_eq!(s.mirror_max_age, Duration::seconds(300));
+        assert_eq!(s.full_resync, Duration::seconds(600));
         assert!(!s.dry_run);
         assert_eq!(s.webhook_url, None);
         assert_eq!(s.status_schedule, "0 */1 * * * *");
@@ -554,6 +561,7 @@ mod tests {
             (WEBHOOK_URL, "not a url"),
             (STATUS_SCHEDULE, "every minute"),
             (HANDLER_PORT, "99999"),
+            (FULL_RESYNC, "-5m"),
         ])
         .unwrap_err();
         let text = err.to_string();
@@ -567,10 +575,11 @@ mod tests {
             WEBHOOK_URL,
             STATUS_SCHEDULE,
             HANDLER_PORT,
+            FULL_RESYNC,
         ] {
             assert!(text.contains(needle), "missing {needle} in:\n{text}");
         }
-        assert_eq!(err.0.len(), 9, "{text}");
+        assert_eq!(err.0.len(), 10, "{text}");
     }
 
     #[test]

@@ -1,8 +1,10 @@
-//! One mirror pass (`monitor-state`): read each watched scale set from the Compute API, write only
-//! what changed, drop instances that are gone, and record the sync on the scale set's row.
+//! One mirror pass (`monitor-state`): read each scale set that is due from the Compute API, write
+//! only what changed, drop instances that are gone, and record the sync on the scale set's row.
 
 use crate::compute::{Compute, ComputeError};
+use crate::journal::stamp;
 use crate::mirror::{diff, Instance, MirroredInstance, ScaleSetRecord};
+use crate::resync::{self, Hold, Read};
 use crate::scaleset::ScaleSetId;
 use crate::settings::Settings;
 use crate::state::{Store, StoreError};
@@ -17,11 +19,29 @@ const READ_RESERVE: i64 = 20;
 #[derive(Debug, Clone, Serialize)]
 pub struct SetSync {
     pub scale_set: String,
+    /// `synced`, `fresh` (not due), `deferred` (read budget), `throttled`, `not_found`, or the
+    /// Compute error's label.
     pub outcome: &'static str,
+    /// Why the set was read (`first_sync`, `changed`, `retry`, `full_resync`), if it was.
+    pub read: Option<&'static str>,
     pub instances: usize,
     pub written: usize,
     pub removed: usize,
     pub detail: Option<String>,
+}
+
+impl SetSync {
+    fn new(id: &ScaleSetId, outcome: &'static str, read: Option<Read>) -> Self {
+        SetSync {
+            scale_set: id.key(),
+            outcome,
+            read: read.map(Read::label),
+            instances: 0,
+            written: 0,
+            removed: 0,
+            detail: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -32,8 +52,8 @@ pub struct SyncReport {
     pub table_requests: u64,
 }
 
-/// Mirrors every watched scale set. A failure of one set is recorded on its row and does not stop
-/// the others; only storage being unreachable fails the pass.
+/// Mirrors every watched scale set that is due (see [`crate::resync`]). A failure of one set is
+/// recorded on its row and does not stop the others; only storage being unreachable fails the pass.
 pub async fn sync_all(
     store: &Store,
     compute: &Compute,
@@ -48,30 +68,42 @@ pub async fn sync_all(
         settings.scale_sets.iter().enumerate().collect();
     order.sort_by_key(|(_, w)| records.get(&w.id.key()).and_then(|r| r.synced_at));
     let mut report: Vec<(usize, SetSync)> = Vec::new();
+    let mut reads = 0;
     for (position, watched) in order {
+        let id = &watched.id;
+        let record = records.get(&id.key());
+        let read = match resync::due(record, &id.key(), settings.full_resync, now) {
+            Ok(read) => read,
+            Err(Hold::Fresh { next }) => {
+                tracing::debug!(scale_set = %id, next = %next, "mirror fresh; not read this pass");
+                let mut fresh = SetSync::new(id, "fresh", None);
+                fresh.detail = Some(format!("nothing changed; full read due by {}", stamp(next)));
+                report.push((position, fresh));
+                continue;
+            }
+            Err(Hold::Throttled { until }) => {
+                tracing::warn!(scale_set = %id, until = %until, "mirror sync skipped: still throttled");
+                let mut held = SetSync::new(id, "throttled", None);
+                held.detail = Some(format!("Compute API asked to wait until {}", stamp(until)));
+                report.push((position, held));
+                continue;
+            }
+        };
         let budget = compute.observed().remaining_budget();
         // The first read of a pass always goes out: it also refreshes the budget figure.
-        if let Some(left) = budget.filter(|left| !report.is_empty() && *left < READ_RESERVE) {
-            tracing::warn!(scale_set = %watched.id, remaining = left, "Compute read budget nearly spent; sync deferred to the next pass");
-            report.push((
-                position,
-                SetSync {
-                    scale_set: watched.id.key(),
-                    outcome: "deferred",
-                    instances: 0,
-                    written: 0,
-                    removed: 0,
-                    detail: Some(format!(
-                        "Compute read budget nearly spent ({left} left); deferred to the next pass"
-                    )),
-                },
+        if let Some(left) = budget.filter(|left| reads > 0 && *left < READ_RESERVE) {
+            tracing::warn!(scale_set = %id, remaining = left, "Compute read budget nearly spent; sync deferred to the next pass");
+            let mut deferred = SetSync::new(id, "deferred", Some(read));
+            deferred.detail = Some(format!(
+                "Compute read budget nearly spent ({left} left); deferred to the next pass"
             ));
+            report.push((position, deferred));
             continue;
         }
-        let record = records.get(&watched.id.key()).cloned();
+        reads += 1;
         report.push((
             position,
-            sync_one(store, compute, &watched.id, record, now).await?,
+            sync_one(store, compute, id, record.cloned(), read, now).await?,
         ));
     }
     report.sort_by_key(|(position, _)| *position);
@@ -88,23 +120,11 @@ async fn sync_one(
     compute: &Compute,
     id: &ScaleSetId,
     record: Option<ScaleSetRecord>,
+    why: Read,
     now: OffsetDateTime,
 ) -> Result<SetSync, StoreError> {
     let mut record = record.unwrap_or_else(ScaleSetRecord::unsynced);
-    let mut result = SetSync {
-        scale_set: id.key(),
-        outcome: "synced",
-        instances: 0,
-        written: 0,
-        removed: 0,
-        detail: None,
-    };
-    if let Some(until) = record.throttled_until.filter(|u| *u > now) {
-        result.outcome = "throttled";
-        result.detail = Some(format!("Compute API asked to wait until {until}"));
-        tracing::warn!(scale_set = %id, until = %until, "mirror sync skipped: still throttled");
-        return Ok(result);
-    }
+    let mut result = SetSync::new(id, "synced", Some(why));
 
     let read = async {
         let info = compute.scale_set(id).await?;
@@ -136,25 +156,23 @@ async fn sync_one(
                 sync_error: None,
                 throttled_until: None,
                 exists: true,
-                // The breaker belongs to monitor-status; a sync keeps it.
-                breaker: record.breaker.clone(),
-                breaker_since: record.breaker_since,
+                ..record
             };
             if record.platform_auto_repair {
                 tracing::warn!(scale_set = %id, "the scale set has the platform's automatic repairs enabled: two healers may act on one instance");
             }
-            tracing::info!(scale_set = %id, instances = result.instances, written = result.written, removed = result.removed, "mirror synced");
+            tracing::info!(scale_set = %id, read = why.label(), instances = result.instances, written = result.written, removed = result.removed, "mirror synced");
         }
-        Err(ComputeError::NotFound(why)) => {
+        Err(ComputeError::NotFound(why_not)) => {
             let (stored, _) = store.mirror(id).await?;
             let ids: Vec<String> = stored.into_iter().map(|m| m.instance.instance_id).collect();
             result.removed = store.remove_instances(id, &ids).await?;
             result.outcome = "not_found";
-            result.detail = Some(why.clone());
+            result.detail = Some(why_not.clone());
             record.exists = false;
             record.synced_at = Some(now);
-            record.sync_error = Some(why.clone());
-            tracing::error!(scale_set = %id, error = %why, "watched scale set does not exist; its mirror was emptied");
+            record.sync_error = Some(why_not.clone());
+            tracing::error!(scale_set = %id, error = %why_not, "watched scale set does not exist; its mirror was emptied");
         }
         Err(ComputeError::Throttled { retry_after_s }) => {
             record.throttled_until = Some(now + Duration::seconds(retry_after_s));
@@ -170,7 +188,7 @@ async fn sync_one(
             tracing::error!(scale_set = %id, error = %e, "mirror sync failed; the mirror keeps its last state");
         }
     }
-    store.write_scale_set(id, &record).await?;
+    store.record_sync(id, &record).await?;
     Ok(result)
 }
 

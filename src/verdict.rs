@@ -74,6 +74,15 @@ impl Reason {
         }
     }
 
+    /// Whether the evidence is the mirror's (what the Compute API reported at the last read) rather
+    /// than the VM's own heartbeats: such a verdict is only as current as the mirror.
+    pub fn from_mirror(&self) -> bool {
+        matches!(
+            self,
+            Reason::ProvisioningFailed | Reason::Stopped { .. } | Reason::AppUnhealthy { .. }
+        )
+    }
+
     pub fn describe(&self) -> String {
         match self {
             Reason::ReportedDown { .. } => "the instance reported DOWN".into(),

@@ -200,7 +200,12 @@ async fn throttling_keeps_the_mirror_and_is_carried_to_later_passes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vanished_instances_and_deleted_scale_sets_leave_the_mirror() {
-    let app = spawn_app().scale_set("web", 6).start().await;
+    // The deployed default: between full reads only announced changes are read.
+    let app = spawn_app()
+        .scale_set("web", 6)
+        .env("HEALER_FULL_RESYNC", "1h")
+        .start()
+        .await;
     let set = TestApp::scale_set("web");
     app.invoke_timer("monitor-state").await;
 
@@ -221,13 +226,20 @@ async fn vanished_instances_and_deleted_scale_sets_leave_the_mirror() {
         .is_none());
     assert_eq!(app.store.mirror(&set).await.unwrap().0.len(), 5);
 
-    // Scale-in in the simulator: the next sync drops what is gone.
+    // Scale-in in the simulator: its Resource Manager event has the next sync read the set, which
+    // drops what is gone.
     app.set_capacity("web", 3).await;
-    app.invoke_timer("monitor-state").await;
+    assert_eq!(app.resource_events().await, 1);
+    let (_, answer) = app.invoke_timer("monitor-state").await;
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["read"], "changed",
+        "{answer}"
+    );
     assert_eq!(app.store.mirror(&set).await.unwrap().0.len(), 3);
 
     // A deleted scale set empties its mirror and says so on its row.
     app.delete_scale_set("web").await;
+    assert_eq!(app.resource_events().await, 1);
     let (_, answer) = app.invoke_timer("monitor-state").await;
     assert_eq!(
         answer["ReturnValue"]["scale_sets"][0]["outcome"], "not_found",

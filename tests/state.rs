@@ -229,11 +229,34 @@ async fn journal_lists_newest_first_and_scale_set_records_round_trip() {
         sync_error: None,
         throttled_until: Some(t0 + Duration::minutes(5)),
         exists: true,
+        changed_at: None,
         breaker: Some("too_many_unhealthy".into()),
         breaker_since: Some(t0),
     };
     store.write_scale_set(&set(), &record).await.unwrap();
-    assert_eq!(store.scale_set(&set()).await.unwrap(), Some(record));
+    assert_eq!(store.scale_set(&set()).await.unwrap(), Some(record.clone()));
+
+    // A change announced while a sync runs survives the sync's write, and the sync leaves the
+    // breaker (monitor-status's) alone.
+    let t1 = t0 + Duration::seconds(30);
+    store.request_resync(&set(), t1).await.unwrap();
+    let synced = ScaleSetRecord {
+        capacity: Some(21),
+        synced_at: Some(t0 + Duration::seconds(10)),
+        breaker: None,
+        breaker_since: None,
+        ..record.clone()
+    };
+    store.record_sync(&set(), &synced).await.unwrap();
+    assert_eq!(
+        store.scale_set(&set()).await.unwrap(),
+        Some(ScaleSetRecord {
+            changed_at: Some(t1),
+            breaker: record.breaker.clone(),
+            breaker_since: record.breaker_since,
+            ..synced
+        })
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

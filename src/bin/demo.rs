@@ -271,7 +271,9 @@ async fn run(sim_port: u16, connection_string: String, timing: Timing) -> bool {
             );
             faulted_at.insert((f.set, f.instance.to_string()), Instant::now());
         }
-        let round = admin::heartbeat_round(&sim).await;
+        // Heartbeats, and the Resource Manager events the fleet raised since the last tick.
+        let mut round = admin::heartbeat_round(&sim).await;
+        round.extend(admin::resource_event_round(&sim).await);
         admin::deliver(&sim.http, &handler, admin::Delivery::Handler, round).await;
         invoke("monitor-state").await;
         invoke("monitor-status").await;

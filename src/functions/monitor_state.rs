@@ -13,14 +13,18 @@ pub async fn run(state: &AppState, invocation: Invocation) -> Result<Outcome, Ho
     let report = crate::sync::sync_all(&state.store, &state.compute, &state.settings, now)
         .await
         .map_err(store_error)?;
-    let synced = report
-        .scale_sets
-        .iter()
-        .filter(|s| s.outcome == "synced")
-        .count();
+    let count = |outcome: &str| {
+        report
+            .scale_sets
+            .iter()
+            .filter(|s| s.outcome == outcome)
+            .count()
+    };
     let log = format!(
-        "monitor-state: {synced}/{} scale sets synced with {} Compute calls",
+        "monitor-state: {} of {} scale sets synced, {} fresh, with {} Compute calls",
+        count("synced"),
         report.scale_sets.len(),
+        count("fresh"),
         report.compute_calls
     );
     let value = serde_json::to_value(&report).map_err(|e| HostError::Internal(e.into()))?;

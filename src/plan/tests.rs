@@ -12,6 +12,7 @@ use time::macros::datetime;
 const NOW: OffsetDateTime = datetime!(2026-11-22 12:00 UTC);
 const BRAKES: Brakes = Brakes {
     mirror_max_age: Duration::seconds(300),
+    full_resync: Duration::seconds(600),
     pipeline_fault: None,
 };
 
@@ -103,6 +104,20 @@ impl Fleet {
             .unwrap()
             .instance
             .protected_from_scale_set_actions = true;
+        self
+    }
+    fn stopped(mut self, id: &str) -> Self {
+        self.0
+            .instances
+            .iter_mut()
+            .find(|m| m.instance.instance_id == id)
+            .unwrap()
+            .instance
+            .power_state = Some("stopped".into());
+        self
+    }
+    fn changed(mut self, ago_s: i64) -> Self {
+        self.0.record.as_mut().unwrap().changed_at = Some(NOW - secs(ago_s));
         self
     }
     fn gone(mut self, id: &str) -> Self {
@@ -212,7 +227,13 @@ fn decision_table() {
         ("too many unhealthy: short-circuit", fleet(5).down("0").down("1").down("2"), &[("HEALER_MAX_UNHEALTHY", "40%")], (vec![], vec![(None, "too_many_unhealthy")])),
         ("at the unhealthy limit still heals", fleet(5).down("0").down("1"), &[("HEALER_MAX_UNHEALTHY", "40%")], (vec![("0", "open", Some(Replace), 1), ("1", "open", Some(Replace), 1)], vec![])),
         ("outcomes are recorded even while paused", fleet(5).down("0").down("1").down("2").gone("4").repairing("4", Delete, 1, 60), &[("HEALER_MAX_UNHEALTHY", "1")], (vec![("4", "removed", Some(Delete), 1)], vec![(None, "too_many_unhealthy")])),
-        ("stale mirror", fleet(4).down("1").mirror_age(301), &[], (vec![], vec![(None, "stale_mirror")])),
+        ("quiet mirror within the full resync: heartbeats are acted on", fleet(4).down("1").mirror_age(800), &[], (vec![("1", "open", Some(Replace), 1)], vec![])),
+        ("mirror not read for full resync + max age", fleet(4).down("1").mirror_age(901), &[], (vec![], vec![(None, "stale_mirror")])),
+        ("announced change mirrored late", fleet(4).down("1").mirror_age(400).changed(301), &[], (vec![], vec![(None, "stale_mirror")])),
+        ("announced change, the mirror has time to catch up", fleet(4).down("1").mirror_age(400).changed(60), &[], (vec![("1", "open", Some(Replace), 1)], vec![])),
+        ("change before the last read is mirrored", fleet(4).down("1").mirror_age(100).changed(500), &[], (vec![("1", "open", Some(Replace), 1)], vec![])),
+        ("stopped, on a current mirror", fleet(4).stopped("1"), &[], (vec![("1", "open", Some(Replace), 1)], vec![])),
+        ("stopped, on an old mirror: confirm first", fleet(4).stopped("1").mirror_age(301), &[], (vec![], vec![(Some("1"), "awaiting_resync")])),
         ("never mirrored", fleet(4).down("1").never_synced(), &[], (vec![], vec![(None, "no_mirror")])),
         ("platform repairs on: defer", fleet(4).down("1").platform_repairs(), &[], (vec![], vec![(None, "platform_repairs")])),
         ("throttled: no repair until Retry-After passes", fleet(4).down("1").throttled(60), &[], (vec![], vec![(None, "throttled")])),
@@ -305,6 +326,7 @@ struct Spec {
     beat: Beat,
     protected: bool,
     gone: bool,
+    stopped: bool,
     /// (action step index, attempt, started ago, state)
     incident: Option<(usize, u32, i64, u8)>,
 }
@@ -318,12 +340,14 @@ fn arb_spec() -> impl Strategy<Value = Spec> {
         ],
         any::<bool>(),
         prop::bool::weighted(0.1),
+        prop::bool::weighted(0.1),
         proptest::option::of((0usize..3, 1u32..4, 0i64..3000, 0u8..3)),
     )
-        .prop_map(|(beat, protected, gone, incident)| Spec {
+        .prop_map(|(beat, protected, gone, stopped, incident)| Spec {
             beat,
             protected,
             gone,
+            stopped,
             incident,
         })
 }
@@ -332,12 +356,14 @@ proptest! {
     #[test]
     fn safety_invariants_hold_for_any_fleet_and_history(
         specs in proptest::collection::vec(arb_spec(), 0..40),
-        mirror_age in 0i64..600,
+        mirror_age in 0i64..1200,
+        changed_ago in proptest::option::of(0i64..1200),
         max_parallel in 1u32..6,
         max_unhealthy in 1u32..100,
         silent_fleet in any::<bool>(),
     ) {
         let mut f = fleet(specs.len()).mirror_age(mirror_age);
+        if let Some(ago) = changed_ago { f = f.changed(ago); }
         let actions = [Restart, Reimage, Replace];
         for (i, s) in specs.iter().enumerate() {
             let id = i.to_string();
@@ -347,6 +373,7 @@ proptest! {
                 Beat::Down => f.down(&id),
             };
             if s.protected { f = f.protected(&id); }
+            if s.stopped { f = f.stopped(&id); }
             if let Some((step, attempt, ago, state)) = s.incident {
                 f = f.repairing(&id, actions[step], attempt, ago);
                 match state {
@@ -374,8 +401,11 @@ proptest! {
             prop_assert!(seen.insert(t.incident.target.clone()), "two transitions for {}", t.incident.target);
         }
         let acting: Vec<&Transition> = plan.transitions.iter().filter(|t| t.step.acts()).collect();
-        // Rules 1 and 2: nothing starts on a stale mirror, under a pipeline fault or a short-circuit.
-        if mirror_age > 300 || silent_fleet || plan.unhealthy as u32 > max_unhealthy {
+        // Rules 1 and 2: nothing starts on a stale mirror (not read for the full resync + the
+        // maximum age, or an announced change not mirrored within the maximum age), under a
+        // pipeline fault or a short-circuit.
+        let behind = changed_ago.is_some_and(|c| c <= mirror_age && c > 300);
+        if mirror_age > 900 || behind || silent_fleet || plan.unhealthy as u32 > max_unhealthy {
             prop_assert!(acting.is_empty());
             prop_assert!(plan.paused().is_some());
         }
@@ -386,6 +416,10 @@ proptest! {
         prop_assert!(acting.is_empty() || still_running + acting.len() <= max_parallel as usize,
             "{} running + {} new > {}", still_running, acting.len(), max_parallel);
         for t in &acting {
+            // Mirror evidence is only acted on when the mirror is current.
+            if t.step == Step::Open {
+                prop_assert!(mirror_age <= 300 || !t.reason.as_ref().is_some_and(|r| r.from_mirror()));
+            }
             let m = f.0.instances.iter().find(|m| m.instance.instance_id == t.incident.target);
             // Rule 4: protected instances are never acted on; only present instances are.
             prop_assert!(m.is_some_and(|m| !m.instance.protected_from_scale_set_actions));
@@ -412,5 +446,24 @@ proptest! {
                 }
             }
         }
+    }
+}
+
+#[test]
+fn what_the_next_mirror_pass_must_show() {
+    let esc: &[(&str, &str)] = &[("HEALER_REPAIR_ACTIONS", "restart,reimage,replace")];
+    #[rustfmt::skip]
+    let cases: Vec<(&str, Fleet, Option<&str>)> = vec![
+        ("healthy: the full resync will do", fleet(4), None),
+        ("a repair is started", fleet(4).down("1"), Some("repair_started")),
+        ("a repair is in flight", fleet(4).up("2", 400).repairing("2", Restart, 1, 60), Some("repair_in_flight")),
+        ("mirror evidence is confirmed before acting", fleet(4).stopped("1").mirror_age(301), Some("confirm_mirror_evidence")),
+        ("mirror evidence on a protected instance is not", fleet(4).stopped("1").protected("1").mirror_age(301), None),
+        ("a given-up instance is not", fleet(4).down("2").stopped("2").repairing("2", Replace, 3, 2000).incident_state("2", State::GivenUp, 900), None),
+        ("heartbeat evidence needs no read", fleet(4).down("1").protected("1"), None),
+        ("paused sets still ask", fleet(4).stopped("1").mirror_age(400).changed(350), Some("confirm_mirror_evidence")),
+    ];
+    for (name, f, want) in cases {
+        assert_eq!(f.decide(esc).resync, want, "{name}");
     }
 }

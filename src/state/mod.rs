@@ -376,6 +376,27 @@ impl Store {
             .await
     }
 
+    /// Records the outcome of a mirror sync, leaving the columns other writers own as they are.
+    pub async fn record_sync(
+        &self,
+        set: &ScaleSetId,
+        record: &ScaleSetRecord,
+    ) -> Result<(), StoreError> {
+        self.scalesets
+            .merge(SCALESET_PARTITION, sync_result_entity(set, record))
+            .await
+    }
+
+    /// Asks the next mirror pass to read the scale set (one merge, no read).
+    pub async fn request_resync(
+        &self,
+        set: &ScaleSetId,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let entity = Entity::new(SCALESET_PARTITION, &set.key()).time("changedAt", at);
+        self.scalesets.merge(SCALESET_PARTITION, entity).await
+    }
+
     /// Records the brake now holding the scale set (`None`: released), leaving the rest of its
     /// row as it is.
     pub async fn set_breaker(
@@ -760,8 +781,23 @@ fn scaleset_entity(set: &ScaleSetId, r: &ScaleSetRecord) -> Entity {
         .str("syncError", r.sync_error.clone().unwrap_or_default())
         .opt_time("throttledUntil", r.throttled_until)
         .bool("exists", r.exists)
+        .opt_time("changedAt", r.changed_at)
         .str("breaker", r.breaker.clone().unwrap_or_default())
         .opt_time("breakerSince", r.breaker_since)
+}
+
+/// The columns a mirror sync owns; the breaker (monitor-status) and `changedAt` (events, repairs)
+/// are left to their writers, so a change announced during the sync is not lost.
+fn sync_result_entity(set: &ScaleSetId, r: &ScaleSetRecord) -> Entity {
+    Entity::new(SCALESET_PARTITION, &set.key())
+        .str("resourceId", set.resource_id())
+        .opt_i64("capacity", r.capacity)
+        .opt_str("orchestrationMode", r.orchestration_mode.clone())
+        .bool("platformAutoRepair", r.platform_auto_repair)
+        .opt_time("lastSync", r.synced_at)
+        .str("syncError", r.sync_error.clone().unwrap_or_default())
+        .opt_time("throttledUntil", r.throttled_until)
+        .bool("exists", r.exists)
 }
 
 fn scaleset_from_row(r: &Row) -> Result<ScaleSetRecord, RowError> {
@@ -773,6 +809,7 @@ fn scaleset_from_row(r: &Row) -> Result<ScaleSetRecord, RowError> {
         sync_error: r.opt_str("syncError").filter(|s| !s.is_empty()),
         throttled_until: r.opt_time("throttledUntil")?,
         exists: r.opt_bool("exists").unwrap_or(true),
+        changed_at: r.opt_time("changedAt")?,
         breaker: r.opt_str("breaker").filter(|s| !s.is_empty()),
         breaker_since: r.opt_time("breakerSince")?,
     })

@@ -55,11 +55,17 @@ pub struct Builder {
     page_size: usize,
 }
 
-/// A handler whose DOWN counts at once (tests about `HEALER_DOWN_FOR` set it back).
+/// A handler whose DOWN counts at once (tests about `HEALER_DOWN_FOR` set it back) and whose
+/// mirror pass reads every scale set every time (`HEALER_FULL_RESYNC=0`), so a scenario sees what
+/// it changed in the simulator without delivering Resource Manager events; the tests of the
+/// event-driven mirror set the interval back.
 pub fn spawn_app() -> Builder {
     Builder {
         sets: Vec::new(),
-        env: BTreeMap::from([("HEALER_DOWN_FOR".to_string(), "0".to_string())]),
+        env: BTreeMap::from([
+            ("HEALER_DOWN_FOR".to_string(), "0".to_string()),
+            ("HEALER_FULL_RESYNC".to_string(), "0".to_string()),
+        ]),
         page_size: 100,
     }
 }
@@ -117,6 +123,13 @@ impl Builder {
                 .expect("create scale set");
             assert!(r.status().is_success(), "creating {body}: {}", r.status());
         }
+        // The fleet existed before the healer watched it: its creation is not news.
+        let r = http
+            .delete(format!("{sim_url}/admin/resource-events"))
+            .send()
+            .await
+            .expect("clear resource events");
+        assert!(r.status().is_success());
 
         let handler_port = free_port();
         let ids: Vec<String> = self
@@ -301,6 +314,17 @@ impl TestApp {
         let target = json!({"target": self.handler_url});
         self.admin(reqwest::Method::POST, "heartbeats", Some(target))
             .await
+    }
+
+    /// Delivers the Resource Manager events the simulator raised so far to `monitor-events`, as
+    /// the resource group's system topic would; returns how many were sent.
+    pub async fn resource_events(&self) -> u64 {
+        let target = json!({"target": self.handler_url});
+        let answer = self
+            .admin(reqwest::Method::POST, "resource-events", Some(target))
+            .await;
+        assert_eq!(answer["failed"], 0, "{answer}");
+        answer["sent"].as_u64().unwrap_or_default()
     }
 
     pub async fn inject_fault(&self, fault: Value) {

@@ -25,6 +25,12 @@ pub fn routes() -> Router<Shared> {
         .route("/admin/calls", get(calls).delete(clear_calls))
         .route("/admin/operations/complete", post(complete_operations))
         .route("/admin/heartbeats", post(send_heartbeats))
+        .route(
+            "/admin/resource-events",
+            get(pending_resource_events)
+                .post(send_resource_events)
+                .delete(clear_resource_events),
+        )
         .route("/admin/ratelimit", put(set_rate_limit))
 }
 
@@ -86,6 +92,11 @@ async fn create_set(State(s): State<Shared>, Json(n): Json<NewSet>) -> Response 
         vm.time_created = created;
     }
     let id = w.sets[&key].resource_id();
+    w.announce(
+        crate::world::WRITE,
+        &id,
+        "Microsoft.Compute/virtualMachineScaleSets/write",
+    );
     (StatusCode::CREATED, Json(json!({"key": key, "id": id}))).into_response()
 }
 
@@ -106,7 +117,14 @@ async fn show_set(State(s): State<Shared>, Path(key): Path<String>) -> Response 
 async fn delete_set(State(s): State<Shared>, Path(key): Path<String>) -> Response {
     let mut w = s.world.lock().await;
     match w.sets.remove(&key.to_lowercase()) {
-        Some(_) => StatusCode::NO_CONTENT.into_response(),
+        Some(set) => {
+            w.announce(
+                crate::world::DELETE,
+                &set.resource_id(),
+                "Microsoft.Compute/virtualMachineScaleSets/delete",
+            );
+            StatusCode::NO_CONTENT.into_response()
+        }
         None => not_found("scale set"),
     }
 }
@@ -164,6 +182,10 @@ async fn patch_vm(
     if let Some(v) = p.provisioning_state {
         vm.provisioning_state = v;
     }
+    // Protection is set through ARM (a PUT of the instance), so it raises an event; health, power
+    // and provisioning changes here stand for the platform and the guest, which raise none.
+    let protection_changed =
+        p.protect_from_scale_set_actions.is_some() || p.protect_from_scale_in.is_some();
     if let Some(v) = p.protect_from_scale_set_actions {
         vm.protect_from_scale_set_actions = v;
     }
@@ -189,7 +211,16 @@ async fn patch_vm(
         }
     }
     let set = &w.sets[&key.to_lowercase()];
-    Json(vm_json(set, &set.vms[&id], true)).into_response()
+    let body = vm_json(set, &set.vms[&id], true);
+    if protection_changed {
+        let uri = format!("{}/virtualMachines/{id}", set.resource_id());
+        w.announce(
+            crate::world::WRITE,
+            &uri,
+            "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/write",
+        );
+    }
+    Json(body).into_response()
 }
 
 #[derive(Deserialize)]
@@ -295,6 +326,57 @@ pub async fn heartbeat_round(s: &Shared) -> Vec<Value> {
         }
     }
     out
+}
+
+/// The Resource Manager events raised so far and not yet delivered.
+async fn pending_resource_events(State(s): State<Shared>) -> Response {
+    let mut w = s.world.lock().await;
+    w.advance();
+    Json(json!(w.resource_events)).into_response()
+}
+
+async fn clear_resource_events(State(s): State<Shared>) -> Response {
+    s.world.lock().await.resource_events.clear();
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// Delivers the pending Resource Manager events, as the system topic's subscription would.
+async fn send_resource_events(
+    State(s): State<Shared>,
+    body: Option<Json<HeartbeatRound>>,
+) -> Response {
+    let target = body
+        .and_then(|Json(b)| b.target)
+        .or_else(|| s.heartbeat_target.clone());
+    let Some(target) = target else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "no target: pass {\"target\": \"http://127.0.0.1:PORT\"} or start with --heartbeat-target"})),
+        )
+            .into_response();
+    };
+    let round = resource_event_round(&s).await;
+    let (sent, failed) = deliver(&s.http, &target, s.delivery, round).await;
+    Json(json!({"sent": sent, "failed": failed})).into_response()
+}
+
+/// Takes the pending Resource Manager events as `monitor-events` invocations.
+pub async fn resource_event_round(s: &Shared) -> Vec<Value> {
+    let mut w = s.world.lock().await;
+    w.advance();
+    let now = OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_default();
+    std::mem::take(&mut w.resource_events)
+        .into_iter()
+        .map(|event| {
+            json!({
+                "Data": {"event": event},
+                "Metadata": {"sys": {"MethodName": "monitor-events", "UtcNow": now,
+                                      "RandGuid": uuid::Uuid::new_v4().to_string()}},
+            })
+        })
+        .collect()
 }
 
 /// How heartbeats reach the healer.

@@ -56,13 +56,15 @@ pub fn router(shared: Shared) -> Router {
         .with_state(shared)
 }
 
-/// Sends a heartbeat round every `interval`, forever.
+/// Sends a heartbeat round, and the Resource Manager events raised meanwhile, every `interval`,
+/// forever.
 #[allow(dead_code)] // compute-sim's --heartbeat-interval-ms; the demo paces heartbeats itself
 pub async fn publish_heartbeats(shared: Shared, target: String, interval: Duration) {
     let mut tick = tokio::time::interval(interval.max(Duration::from_millis(50)));
     loop {
         tick.tick().await;
-        let round = admin::heartbeat_round(&shared).await;
+        let mut round = admin::heartbeat_round(&shared).await;
+        round.extend(admin::resource_event_round(&shared).await);
         admin::deliver(&shared.http, &target, shared.delivery, round).await;
     }
 }

@@ -194,7 +194,14 @@ pub struct World {
     pub page_size: usize,
     /// Overrides the read budget reported in `x-ms-ratelimit-remaining-resource`.
     pub rate_limit_remaining: Option<usize>,
+    /// Resource Manager events (what the resource group's Event Grid system topic would publish)
+    /// not yet delivered.
+    pub resource_events: Vec<serde_json::Value>,
 }
+
+pub const WRITE: &str = "Microsoft.Resources.ResourceWriteSuccess";
+pub const DELETE: &str = "Microsoft.Resources.ResourceDeleteSuccess";
+pub const ACTION: &str = "Microsoft.Resources.ResourceActionSuccess";
 
 pub fn set_key(sub: &str, rg: &str, name: &str) -> String {
     format!(
@@ -216,7 +223,38 @@ impl World {
             operation_delay,
             page_size: page_size.max(1),
             rate_limit_remaining: None,
+            resource_events: Vec::new(),
         }
+    }
+
+    /// Queues the Resource Manager event a successful operation on `resource_uri` raises, in the
+    /// Event Grid schema of a resource group system topic.
+    pub fn announce(&mut self, event_type: &str, resource_uri: &str, operation: &str) {
+        let Some((topic, _)) = resource_uri.split_once("/providers/") else {
+            return;
+        };
+        let subscription = topic.split('/').nth(2).unwrap_or_default().to_string();
+        let now = OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        self.resource_events.push(serde_json::json!({
+            "id": uuid::Uuid::new_v4().to_string(),
+            "topic": topic,
+            "subject": resource_uri,
+            "eventType": event_type,
+            "eventTime": now,
+            "dataVersion": "2",
+            "metadataVersion": "1",
+            "data": {
+                "resourceProvider": "Microsoft.Compute",
+                "resourceUri": resource_uri,
+                "operationName": operation,
+                "status": "Succeeded",
+                "subscriptionId": subscription,
+                "tenantId": "00000000-0000-0000-0000-00000000beef",
+                "correlationId": uuid::Uuid::new_v4().to_string(),
+            },
+        }));
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -279,6 +317,23 @@ impl World {
         let Some(set) = self.sets.get_mut(&key) else {
             return;
         };
+        let set_uri = set.resource_id();
+        // Resource Manager reports the scale set's action or write once the operation succeeds.
+        let (event_type, operation) = match &effect {
+            Effect::Delete(_) => (
+                ACTION,
+                "Microsoft.Compute/virtualMachineScaleSets/delete/action",
+            ),
+            Effect::Restart(_) => (
+                ACTION,
+                "Microsoft.Compute/virtualMachineScaleSets/restart/action",
+            ),
+            Effect::Reimage(_) => (
+                ACTION,
+                "Microsoft.Compute/virtualMachineScaleSets/reimage/action",
+            ),
+            Effect::Scale(_) => (WRITE, "Microsoft.Compute/virtualMachineScaleSets/write"),
+        };
         let now = OffsetDateTime::now_utc();
         match effect {
             Effect::Delete(ids) => {
@@ -334,6 +389,7 @@ impl World {
                 let _ = now;
             }
         }
+        self.announce(event_type, &set_uri, operation);
     }
 
     /// Starts an operation; its effect lands after the configured delay.
