@@ -101,11 +101,18 @@ mod tests {
         }
     }
 
+    type Case = (
+        &'static str,
+        Option<ScaleSetRecord>,
+        Duration,
+        Result<Read, Hold>,
+    );
+
     #[test]
     fn what_a_pass_reads() {
         let ten_min = Duration::minutes(10);
         let fresh_next = NOW - Duration::seconds(60) + interval(KEY, ten_min);
-        let cases: Vec<(&str, Option<ScaleSetRecord>, Duration, Result<Read, Hold>)> = vec![
+        let cases: Vec<Case> = vec![
             ("no row yet", None, ten_min, Ok(Read::FirstSync)),
             (
                 "row without a sync (an event came first)",
