@@ -83,10 +83,12 @@ pub async fn repair_all(
         pipeline_fault: fault,
     };
     let mut reports = Vec::new();
+    let mut resyncs = Vec::new();
     for (watched, obs) in settings.scale_sets.iter().zip(&observations) {
         let plan = decide(obs, &watched.policy, brakes, now);
-        if let Some(why) = plan.resync {
-            request_resync(store, &watched.id, obs.record.as_ref(), why, now).await?;
+        if let Some(why) = plan.resync.filter(|_| !resync_pending(obs.record.as_ref())) {
+            tracing::debug!(scale_set = %watched.id, why, "next mirror pass asked to read this scale set");
+            resyncs.push(watched.id.clone());
         }
         let (report, alerts) = carry_out(
             store,
@@ -101,6 +103,9 @@ pub async fn repair_all(
         notifier.send(alerts);
         reports.push(report);
     }
+    // Asked for at the end, in one batch: a pass that stops before this point leaves its incidents
+    // in flight, and the next pass asks again.
+    store.request_resync(&resyncs, now).await?;
     Ok(RepairReport {
         dry_run: settings.dry_run,
         pipeline_fault: fault.is_some(),
@@ -407,26 +412,15 @@ async fn send(
     }
 }
 
-/// Asks the next mirror pass to read the scale set, unless a request is already pending: the
-/// pending one's time is what the mirror-behind brake measures from.
-async fn request_resync(
-    store: &Store,
-    id: &ScaleSetId,
-    record: Option<&ScaleSetRecord>,
-    why: &'static str,
-    now: OffsetDateTime,
-) -> Result<(), StoreError> {
-    let Some(synced) = record.and_then(|r| r.synced_at) else {
-        return Ok(()); // never mirrored: the next pass reads it anyway
-    };
-    if record
-        .and_then(|r| r.changed_at)
-        .is_some_and(|c| c >= synced)
-    {
-        return Ok(());
+/// Whether the next mirror pass reads the scale set anyway: never mirrored, or a change already
+/// pending (whose time the mirror-behind brake measures from, so it is not moved on).
+fn resync_pending(record: Option<&ScaleSetRecord>) -> bool {
+    match record.and_then(|r| r.synced_at) {
+        None => true,
+        Some(synced) => record
+            .and_then(|r| r.changed_at)
+            .is_some_and(|c| c >= synced),
     }
-    tracing::debug!(scale_set = %id, why, "next mirror pass asked to read this scale set");
-    store.request_resync(id, now).await
 }
 
 /// Puts an incident row back as it was before this pass claimed it.

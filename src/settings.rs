@@ -52,7 +52,7 @@ pub const CATALOG: &[SettingDoc] = &[
     SettingDoc { name: MAX_PARALLEL, default: "`10%`", meaning: "repairs in flight per scale set (count or percent, at least 1)" },
     SettingDoc { name: MAX_UNHEALTHY, default: "`40%`", meaning: "above this share unhealthy, a scale set's repairs pause (short-circuit)" },
     SettingDoc { name: PLATFORM_REPAIRS, default: "`defer`", meaning: "on a scale set with the platform's automatic instance repairs enabled: `defer` (report it, repair nothing there) or `act` (report it, repair anyway)" },
-    SettingDoc { name: MIRROR_MAX_AGE, default: "`300` s", meaning: "no repair decided on a mirror older than this" },
+    SettingDoc { name: MIRROR_MAX_AGE, default: "`300` s", meaning: "a change announced by an event or a repair must be mirrored within this, and evidence from the mirror (stopped, failed provisioning, Application Health) must be this fresh, or no repair is decided; a quiet scale set's mirror may be `HEALER_FULL_RESYNC` older" },
     SettingDoc { name: FULL_RESYNC, default: "`600` s", meaning: "every scale set is read in full at least this often, the safety net for changes no Resource Manager event announced; between full reads `monitor-state` reads only scale sets that changed, failed or have repairs in flight (`0`: read every set every pass)" },
     SettingDoc { name: DRY_RUN, default: "`false`", meaning: "decide and journal, but do not act" },
     SettingDoc { name: WEBHOOK_URL, default: "(none)", meaning: "JSON POST on repair, give-up and pause" },

@@ -239,7 +239,10 @@ async fn journal_lists_newest_first_and_scale_set_records_round_trip() {
     // A change announced while a sync runs survives the sync's write, and the sync leaves the
     // breaker (monitor-status's) alone.
     let t1 = t0 + Duration::seconds(30);
-    store.request_resync(&set(), t1).await.unwrap();
+    store
+        .request_resync(std::slice::from_ref(&set()), t1)
+        .await
+        .unwrap();
     let synced = ScaleSetRecord {
         capacity: Some(21),
         synced_at: Some(t0 + Duration::seconds(10)),

@@ -457,9 +457,31 @@ fn tick(instances: usize) {
                 }
             }
         }
+        // The repairs' Resource Manager events arrive, as the system topic delivers them.
+        let events = admin::resource_event_round(&sim).await;
+        let event_count = events.len();
+        let (delivered, _) = admin::deliver(&sim.http, &base, admin::Delivery::Handler, events).await;
+        assert_eq!(delivered, event_count, "every Resource Manager event accepted");
         let (second_sync, second) = invoke("monitor-state").await;
-        let written: u64 = second["scale_sets"].as_array().map_or(0, |a| a.iter().map(|s| s["written"].as_u64().unwrap_or(0)).sum());
-        let removed: u64 = second["scale_sets"].as_array().map_or(0, |a| a.iter().map(|s| s["removed"].as_u64().unwrap_or(0)).sum());
+        let sum = |v: &Value, field: &str| -> u64 { v["scale_sets"].as_array().map_or(0, |a| a.iter().map(|s| s[field].as_u64().unwrap_or(0)).sum()) };
+        let count = |v: &Value, outcome: &str| v["scale_sets"].as_array().map_or(0, |a| a.iter().filter(|s| s["outcome"] == outcome).count());
+        let written = sum(&second, "written");
+        let removed = sum(&second, "removed");
+
+        // 5. Nothing changes: the event-driven mirror reads nothing until the full resync.
+        let (quiet_sync, quiet) = invoke("monitor-state").await;
+
+        // 6. Autoscale adds 100 instances to one scale set; its one event has only that set read.
+        {
+            let mut w = sim.world.lock().await;
+            let key = w.sets.keys().next().cloned().expect("a scale set");
+            let target = w.sets[&key].capacity() + 100;
+            w.start_operation(&key, world::Effect::Scale(target));
+        }
+        let events = admin::resource_event_round(&sim).await;
+        let scale_events = events.len();
+        admin::deliver(&sim.http, &base, admin::Delivery::Handler, events).await;
+        let (scaled_sync, scaled) = invoke("monitor-state").await;
         let peak = proc_status_kib(child.id(), "VmHWM:").unwrap_or(0);
         let _ = child.kill();
         let _ = child.wait();
@@ -477,8 +499,16 @@ fn tick(instances: usize) {
             status_time.as_secs_f64(), status["table_requests"], status["compute_calls"], instances / 200
         );
         println!(
-            "| monitor-state, 0.1 % changed | {:.2} s | {} | {} | {written} rows written, {removed} removed |",
-            second_sync.as_secs_f64(), second["table_requests"], second["compute_calls"]
+            "| monitor-state, 0.1 % changed ({} sets read: repairs in flight, {event_count} events) | {:.2} s | {} | {} | {written} rows written, {removed} removed |",
+            count(&second, "synced"), second_sync.as_secs_f64(), second["table_requests"], second["compute_calls"]
+        );
+        println!(
+            "| monitor-state, nothing changed | {:.2} s | {} | {} | {} sets fresh, {} rows written |",
+            quiet_sync.as_secs_f64(), quiet["table_requests"], quiet["compute_calls"], count(&quiet, "fresh"), sum(&quiet, "written")
+        );
+        println!(
+            "| monitor-state after autoscale adds 100 VMs to one set ({scale_events} event) | {:.2} s | {} | {} | {} set read, {} rows written |",
+            scaled_sync.as_secs_f64(), scaled["table_requests"], scaled["compute_calls"], count(&scaled, "synced"), sum(&scaled, "written")
         );
         println!("\nhandler peak RSS (VmHWM): {:.1} MiB", peak as f64 / 1024.0);
 

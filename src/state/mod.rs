@@ -387,14 +387,19 @@ impl Store {
             .await
     }
 
-    /// Asks the next mirror pass to read the scale set (one merge, no read).
+    /// Asks the next mirror pass to read these scale sets: merges only, no read, one request per
+    /// hundred sets (their rows share a partition).
     pub async fn request_resync(
         &self,
-        set: &ScaleSetId,
+        sets: &[ScaleSetId],
         at: OffsetDateTime,
     ) -> Result<(), StoreError> {
-        let entity = Entity::new(SCALESET_PARTITION, &set.key()).time("changedAt", at);
-        self.scalesets.merge(SCALESET_PARTITION, entity).await
+        let rows = sets
+            .iter()
+            .map(|set| Entity::new(SCALESET_PARTITION, &set.key()).time("changedAt", at))
+            .collect();
+        self.scalesets.merge_batch(SCALESET_PARTITION, rows).await?;
+        Ok(())
     }
 
     /// Records the brake now holding the scale set (`None`: released), leaving the rest of its

@@ -409,6 +409,26 @@ impl Table {
         partition_key: &str,
         entities: Vec<Entity>,
     ) -> Result<usize, StoreError> {
+        self.write_batch(partition_key, entities, false).await
+    }
+
+    /// Merges properties into rows of one partition (creating them if needed), in transactions of
+    /// at most [`MAX_BATCH`].
+    pub async fn merge_batch(
+        &self,
+        partition_key: &str,
+        entities: Vec<Entity>,
+    ) -> Result<usize, StoreError> {
+        self.write_batch(partition_key, entities, true).await
+    }
+
+    async fn write_batch(
+        &self,
+        partition_key: &str,
+        entities: Vec<Entity>,
+        merge: bool,
+    ) -> Result<usize, StoreError> {
+        let what = if merge { "batch merge" } else { "batch upsert" };
         let mut written = 0;
         let mut iter = entities.into_iter().peekable();
         while iter.peek().is_some() {
@@ -420,11 +440,15 @@ impl Table {
                 .transaction();
             for entity in chunk {
                 let key = entity.row_key().to_string();
-                tx = tx
-                    .insert_or_replace(key.clone(), entity.into_value())
-                    .map_err(|e| StoreError::from_azure(self.name, "batch upsert", &key, e))?;
+                let value = entity.into_value();
+                tx = if merge {
+                    tx.insert_or_merge(key.clone(), value)
+                } else {
+                    tx.insert_or_replace(key.clone(), value)
+                }
+                .map_err(|e| StoreError::from_azure(self.name, what, &key, e))?;
             }
-            self.run_batch(tx, "batch upsert", &keys).await?;
+            self.run_batch(tx, what, &keys).await?;
             written += keys.len();
         }
         Ok(written)
