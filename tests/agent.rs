@@ -1,0 +1,801 @@
+//! The Linux heartbeat agent (`infra/agent/vmss-healer-agent`), run for real: bash and curl against
+//! a local IMDS stand-in (instance metadata and managed-identity tokens, refusing requests without
+//! `Metadata: true`) and a local receiver speaking the Event Grid publish API (bearer token and
+//! schema checked, 200 / 401 / 5xx on demand). What it publishes goes through the handler's
+//! `monitor-events` and must be accepted.
+
+mod common;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use common::{scale_set_id, spawn_app, TestApp};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const AGENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/infra/agent/vmss-healer-agent");
+
+// ---- the IMDS stand-in ----
+
+#[derive(Clone, Default)]
+struct Imds {
+    inner: Arc<Mutex<ImdsState>>,
+}
+
+#[derive(Default)]
+struct ImdsState {
+    compute: HashMap<&'static str, String>,
+    /// Answer token requests with 400 (the identity is not assigned).
+    refuse_tokens: bool,
+    tokens_issued: u32,
+    token_serial: u32,
+    requests_without_header: u32,
+}
+
+impl Imds {
+    fn for_vm(resource_id: &str, vm_id: &str, computer_name: &str) -> Self {
+        let imds = Imds::default();
+        {
+            let mut s = imds.inner.lock().unwrap();
+            s.compute.insert("resourceId", resource_id.into());
+            s.compute.insert("vmId", vm_id.into());
+            s.compute
+                .insert("osProfile/computerName", computer_name.into());
+        }
+        imds
+    }
+
+    fn current_token(&self) -> String {
+        format!("imds-token-{}", self.inner.lock().unwrap().token_serial)
+    }
+
+    fn tokens_issued(&self) -> u32 {
+        self.inner.lock().unwrap().tokens_issued
+    }
+
+    fn router(self) -> Router {
+        Router::new()
+            .route("/metadata/instance/compute/{*leaf}", get(imds_leaf))
+            .route("/metadata/identity/oauth2/token", get(imds_token))
+            .with_state(self)
+    }
+}
+
+fn metadata_header_ok(headers: &HeaderMap, imds: &Imds) -> bool {
+    let ok = headers.get("metadata").and_then(|v| v.to_str().ok()) == Some("true");
+    if !ok {
+        imds.inner.lock().unwrap().requests_without_header += 1;
+    }
+    ok
+}
+
+fn no_metadata_header() -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"error": "Bad request. Required metadata header not specified"})),
+    )
+        .into_response()
+}
+
+async fn imds_leaf(
+    State(imds): State<Imds>,
+    Path(leaf): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    if !metadata_header_ok(&headers, &imds) {
+        return no_metadata_header();
+    }
+    if q.get("api-version").is_none() || q.get("format").map(String::as_str) != Some("text") {
+        return (
+            StatusCode::BAD_REQUEST,
+            "api-version and format=text expected",
+        )
+            .into_response();
+    }
+    match imds.inner.lock().unwrap().compute.get(leaf.as_str()) {
+        Some(v) => v.clone().into_response(),
+        None => (StatusCode::NOT_FOUND, "no such leaf").into_response(),
+    }
+}
+
+async fn imds_token(
+    State(imds): State<Imds>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    if !metadata_header_ok(&headers, &imds) {
+        return no_metadata_header();
+    }
+    if q.get("resource").map(String::as_str) != Some("https://eventgrid.azure.net") {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "invalid_resource"})),
+        )
+            .into_response();
+    }
+    let mut s = imds.inner.lock().unwrap();
+    if s.refuse_tokens {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "invalid_request", "error_description": "Identity not found"})),
+        )
+            .into_response();
+    }
+    s.tokens_issued += 1;
+    let expires_on = time::OffsetDateTime::now_utc().unix_timestamp() + 3600;
+    Json(json!({
+        "access_token": format!("imds-token-{}", s.token_serial),
+        "expires_in": "3600",
+        "expires_on": expires_on.to_string(),
+        "resource": "https://eventgrid.azure.net",
+        "token_type": "Bearer",
+    }))
+    .into_response()
+}
+
+// ---- the Event Grid topic stand-in, and the VM's own health endpoint ----
+
+#[derive(Clone)]
+struct Topic {
+    imds: Imds,
+    inner: Arc<Mutex<TopicState>>,
+}
+
+#[derive(Default)]
+struct TopicState {
+    /// Answer every publish with this status instead of checking it.
+    fail_with: Option<u16>,
+    accepted: Vec<Value>,
+    answered: HashMap<u16, u32>,
+    /// The health endpoint: 200, 500, or 0 to hang.
+    health: u16,
+}
+
+impl Topic {
+    fn new(imds: Imds) -> Self {
+        let topic = Topic {
+            imds,
+            inner: Arc::default(),
+        };
+        topic.inner.lock().unwrap().health = 200;
+        topic
+    }
+
+    fn set(&self, f: impl FnOnce(&mut TopicState)) {
+        f(&mut self.inner.lock().unwrap());
+    }
+
+    fn accepted(&self) -> Vec<Value> {
+        self.inner.lock().unwrap().accepted.clone()
+    }
+
+    fn answered(&self, status: u16) -> u32 {
+        *self
+            .inner
+            .lock()
+            .unwrap()
+            .answered
+            .get(&status)
+            .unwrap_or(&0)
+    }
+
+    fn router(self) -> Router {
+        Router::new()
+            .route("/api/events", post(publish))
+            .route("/healthz", get(health))
+            .with_state(self)
+    }
+}
+
+fn schema_problem(event: &Value, cloudevents: bool) -> Option<String> {
+    let text = |k: &str| {
+        event
+            .get(k)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    };
+    let required: &[&str] = if cloudevents {
+        &["specversion", "id", "type", "source", "subject", "time"]
+    } else {
+        &["id", "eventType", "subject", "eventTime", "dataVersion"]
+    };
+    if let Some(missing) = required.iter().find(|k| text(k).is_none()) {
+        return Some(format!("missing {missing}"));
+    }
+    let time = text(if cloudevents { "time" } else { "eventTime" })?;
+    if time::OffsetDateTime::parse(time, &time::format_description::well_known::Rfc3339).is_err() {
+        return Some(format!("time `{time}` is not RFC 3339"));
+    }
+    if !event["data"].is_object() {
+        return Some("data is not an object".into());
+    }
+    None
+}
+
+async fn publish(
+    State(topic): State<Topic>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let answer = |status: u16, body: Value| {
+        *topic
+            .inner
+            .lock()
+            .unwrap()
+            .answered
+            .entry(status)
+            .or_default() += 1;
+        (StatusCode::from_u16(status).unwrap(), Json(body)).into_response()
+    };
+    let injected = topic.inner.lock().unwrap().fail_with;
+    if let Some(status) = injected {
+        return answer(
+            status,
+            json!({"error": {"code": "Injected", "message": "on demand"}}),
+        );
+    }
+    if q.get("api-version").map(String::as_str) != Some("2018-01-01") {
+        return answer(
+            400,
+            json!({"error": {"message": "api-version 2018-01-01 expected"}}),
+        );
+    }
+    let expected = format!("Bearer {}", topic.imds.current_token());
+    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
+        return answer(
+            401,
+            json!({"error": {"code": "Unauthorized", "message": "bad bearer token"}}),
+        );
+    }
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let cloudevents = content_type.starts_with("application/cloudevents-batch+json");
+    if !cloudevents && !content_type.starts_with("application/json") {
+        return answer(
+            400,
+            json!({"error": {"message": format!("content type {content_type}")}}),
+        );
+    }
+    let events: Vec<Value> = match serde_json::from_str(&body) {
+        Ok(Value::Array(events)) if !events.is_empty() => events,
+        _ => {
+            return answer(
+                400,
+                json!({"error": {"message": "a JSON array of events expected"}}),
+            )
+        }
+    };
+    for event in &events {
+        if let Some(problem) = schema_problem(event, cloudevents) {
+            return answer(400, json!({"error": {"message": problem}}));
+        }
+    }
+    topic.inner.lock().unwrap().accepted.extend(events);
+    answer(200, Value::Null)
+}
+
+async fn health(State(topic): State<Topic>) -> Response {
+    let status = topic.inner.lock().unwrap().health;
+    if status == 0 {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+    StatusCode::from_u16(status).unwrap().into_response()
+}
+
+async fn serve(router: Router, port: u16) {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("bind a stand-in");
+    tokio::spawn(async move { axum::serve(listener, router).await });
+}
+
+// ---- the agent process ----
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("vmss-agent-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        std::fs::create_dir_all(dir.join("state")).unwrap();
+        // Records what the agent tells systemd, as the watchdog would see it.
+        let notify = dir.join("bin/systemd-notify");
+        std::fs::write(
+            &notify,
+            format!(
+                "#!/bin/sh\necho \"$*\" >> '{}'\n",
+                dir.join("notified").display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&notify, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Scratch(dir)
+    }
+
+    fn notified(&self) -> Vec<String> {
+        std::fs::read_to_string(self.0.join("notified"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.0.join("agent.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Agent {
+    child: Child,
+    scratch: Scratch,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn agent_command(
+    scratch: &Scratch,
+    imds_port: u16,
+    topic_port: u16,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> Command {
+    let mut cmd = Command::new("bash");
+    cmd.arg(AGENT)
+        .args(args)
+        .env_clear()
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                scratch.0.join("bin").display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .env("NOTIFY_SOCKET", "@vmss-healer-test")
+        .env("HEALER_AGENT_ENV", scratch.0.join("no-such.env"))
+        .env(
+            "HEALER_IMDS_ENDPOINT",
+            format!("http://127.0.0.1:{imds_port}"),
+        )
+        .env(
+            "HEALER_TOPIC_ENDPOINT",
+            format!("http://127.0.0.1:{topic_port}/api/events"),
+        )
+        .env("HEALER_STATE_DIR", scratch.0.join("state"))
+        .env("HEALER_INTERVAL", "0.3")
+        .env("HEALER_HEALTH_TIMEOUT", "0.5");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+fn start_agent(imds_port: u16, topic_port: u16, env: &[(&str, &str)]) -> Agent {
+    let scratch = Scratch::new();
+    let log = std::fs::File::create(scratch.0.join("agent.log")).unwrap();
+    let child = agent_command(&scratch, imds_port, topic_port, env, &["run"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("run the agent with bash");
+    Agent { child, scratch }
+}
+
+/// Waits until `done` holds, failing with the agent's log after `seconds`.
+async fn until(agent: &Agent, seconds: u64, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {seconds} s; agent log:\n{}",
+            agent.scratch.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+struct Fixture {
+    app: TestApp,
+    imds: Imds,
+    topic: Topic,
+    imds_port: u16,
+    topic_port: u16,
+}
+
+/// The handler with one scale set, and stand-ins that make the agent instance 1 of it.
+async fn fixture(start_imds: bool) -> Fixture {
+    let app = spawn_app().scale_set("web", 3).start().await;
+    let (status, answer) = app.invoke_timer("monitor-state").await;
+    assert_eq!(status, 200, "{answer}");
+    let vm = app.vm("web", 1).await;
+    let imds = Imds::for_vm(
+        &format!("{}/virtualMachines/1", scale_set_id("web")),
+        vm["vm_id"].as_str().unwrap(),
+        vm["computer_name"].as_str().unwrap(),
+    );
+    let topic = Topic::new(imds.clone());
+    let (imds_port, topic_port) = (common::azurite::free_port(), common::azurite::free_port());
+    if start_imds {
+        serve(imds.clone().router(), imds_port).await;
+    }
+    serve(topic.clone().router(), topic_port).await;
+    Fixture {
+        app,
+        imds,
+        topic,
+        imds_port,
+        topic_port,
+    }
+}
+
+/// Feeds a published event to `monitor-events` as the Event Grid subscription would.
+async fn through_handler(app: &TestApp, event: &Value) -> Value {
+    let (status, answer) = app.deliver_event(event.clone()).await;
+    assert_eq!(status, 200, "{answer}");
+    answer["ReturnValue"].clone()
+}
+
+fn statuses(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| e["data"]["status"].as_str().unwrap_or("?").to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_reports_real_health_with_a_cached_token_and_the_handler_accepts_it() {
+    let f = fixture(true).await;
+    let health = format!("http://127.0.0.1:{}/healthz", f.topic_port);
+    let agent = start_agent(f.imds_port, f.topic_port, &[("HEALER_HEALTH_URL", &health)]);
+
+    until(&agent, 20, "three UP heartbeats", || {
+        f.topic.accepted().len() >= 3
+    })
+    .await;
+    let events = f.topic.accepted();
+    assert!(statuses(&events).iter().all(|s| s == "UP"), "{events:?}");
+    // One token for all of them: cached until near expiry.
+    assert_eq!(f.imds.tokens_issued(), 1);
+    assert_eq!(f.imds.inner.lock().unwrap().requests_without_header, 0);
+    let sequences: Vec<i64> = events
+        .iter()
+        .map(|e| e["data"]["sequence"].as_i64().unwrap())
+        .collect();
+    assert!(sequences.windows(2).all(|w| w[0] < w[1]), "{sequences:?}");
+    for event in &events[..2] {
+        let answer = through_handler(&f.app, event).await;
+        assert_eq!(answer["accepted"], true, "{answer}");
+    }
+    let set = TestApp::scale_set("web");
+    let stored = f.app.store.heartbeats(&set).await.unwrap().0;
+    assert_eq!(
+        stored["1"].vm_id.as_deref(),
+        f.imds
+            .inner
+            .lock()
+            .unwrap()
+            .compute
+            .get("vmId")
+            .map(String::as_str)
+    );
+
+    // The application fails its check: the agent says DOWN, with why.
+    f.topic.set(|t| t.health = 500);
+    let seen = f.topic.accepted().len();
+    until(&agent, 20, "a DOWN heartbeat", || {
+        f.topic.accepted()[seen..]
+            .iter()
+            .any(|e| e["data"]["status"] == "DOWN")
+    })
+    .await;
+    let down = f.topic.accepted()[seen..]
+        .iter()
+        .find(|e| e["data"]["status"] == "DOWN")
+        .cloned()
+        .unwrap();
+    assert!(
+        down["data"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("answered 500"),
+        "{down}"
+    );
+    let answer = through_handler(&f.app, &down).await;
+    assert_eq!(
+        (answer["accepted"].clone(), answer["status"].clone()),
+        (json!(true), json!("DOWN")),
+        "{answer}"
+    );
+
+    // The check hangs: DOWN after the check's timeout, and the agent keeps its rhythm.
+    f.topic.set(|t| t.health = 0);
+    let seen = f.topic.accepted().len();
+    until(&agent, 20, "two heartbeats with a hanging check", || {
+        f.topic.accepted()[seen..]
+            .iter()
+            .filter(|e| {
+                e["data"]["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("timed out"))
+            })
+            .count()
+            >= 2
+    })
+    .await;
+
+    // The watchdog is fed: READY once, WATCHDOG on every round.
+    let notified = agent.scratch.notified();
+    assert_eq!(
+        notified.iter().filter(|n| *n == "READY=1").count(),
+        1,
+        "{notified:?}"
+    );
+    assert!(
+        notified.iter().filter(|n| *n == "WATCHDOG=1").count() >= 3,
+        "{notified:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_survives_imds_and_topic_failures_and_recovers() {
+    // IMDS is not even listening when the agent starts.
+    let f = fixture(false).await;
+    let agent = start_agent(f.imds_port, f.topic_port, &[]);
+    until(&agent, 20, "the agent to report IMDS unavailable", || {
+        agent
+            .scratch
+            .log()
+            .contains("IMDS instance metadata unavailable")
+    })
+    .await;
+    serve(f.imds.clone().router(), f.imds_port).await;
+    until(&agent, 20, "a heartbeat once IMDS is up", || {
+        !f.topic.accepted().is_empty()
+    })
+    .await;
+
+    // The topic answers 5xx: retried with backoff, nothing lost for good.
+    f.topic.set(|t| t.fail_with = Some(503));
+    until(&agent, 20, "a 503 retried", || f.topic.answered(503) >= 2).await;
+    let seen = f.topic.accepted().len();
+    f.topic.set(|t| t.fail_with = None);
+    until(&agent, 20, "publishing again after 5xx", || {
+        f.topic.accepted().len() > seen
+    })
+    .await;
+
+    // The token is revoked (the topic answers 401 to it): the agent fetches a new one.
+    let before = f.imds.tokens_issued();
+    f.imds.inner.lock().unwrap().token_serial += 1;
+    let seen = f.topic.accepted().len();
+    until(&agent, 20, "a new token after 401", || {
+        f.topic.answered(401) >= 1 && f.topic.accepted().len() > seen
+    })
+    .await;
+    assert_eq!(f.imds.tokens_issued(), before + 1);
+
+    // IMDS refuses tokens for a while (identity being re-assigned): no publish without one.
+    f.imds.inner.lock().unwrap().refuse_tokens = true;
+    f.imds.inner.lock().unwrap().token_serial += 1;
+    until(&agent, 20, "the refusal logged", || {
+        agent.scratch.log().contains("no token from IMDS (400)")
+    })
+    .await;
+    let seen = f.topic.accepted().len();
+    f.imds.inner.lock().unwrap().refuse_tokens = false;
+    until(&agent, 20, "publishing again with a new token", || {
+        f.topic.accepted().len() > seen
+    })
+    .await;
+
+    // Through all of it the agent kept running, and what it sent is accepted by the handler.
+    let mut child = agent;
+    assert!(
+        child.child.try_wait().unwrap().is_none(),
+        "the agent exited:\n{}",
+        child.scratch.log()
+    );
+    let last = f.topic.accepted().last().cloned().unwrap();
+    assert_eq!(through_handler(&f.app, &last).await["accepted"], true);
+    let _ = child.child.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_once_and_cloudevents() {
+    let f = fixture(true).await;
+    let scratch = Scratch::new();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let out = agent_command(&scratch, f.imds_port, f.topic_port, env, args)
+            .output()
+            .expect("run the agent");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+
+    // `maintenance 30m` publishes MAINTENANCE at once, with the end of the window.
+    let (code, log) = run(&["maintenance", "30m"], &[]);
+    assert_eq!(code, Some(0), "{log}");
+    let event = f.topic.accepted().last().cloned().unwrap();
+    assert_eq!(event["data"]["status"], "MAINTENANCE", "{event}");
+    let until = time::OffsetDateTime::parse(
+        event["data"]["until"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let left = until - time::OffsetDateTime::now_utc();
+    assert!(
+        left > time::Duration::minutes(29) && left <= time::Duration::minutes(30),
+        "{left}"
+    );
+    let answer = through_handler(&f.app, &event).await;
+    assert_eq!(answer["status"], "MAINTENANCE", "{answer}");
+    // … and every heartbeat until then says so, whatever the check says.
+    let (code, log) = run(&["once"], &[("HEALER_HEALTH_COMMAND", "exit 3")]);
+    assert_eq!(code, Some(0), "{log}");
+    assert_eq!(
+        f.topic.accepted().last().unwrap()["data"]["status"],
+        "MAINTENANCE"
+    );
+    let (code, log) = run(
+        &["maintenance", "off"],
+        &[("HEALER_HEALTH_COMMAND", "exit 3")],
+    );
+    assert_eq!(code, Some(0), "{log}");
+    let event = f.topic.accepted().last().cloned().unwrap();
+    assert_eq!(
+        (
+            event["data"]["status"].clone(),
+            event["data"]["detail"].clone()
+        ),
+        (json!("DOWN"), json!("health command exited 3"))
+    );
+
+    // CloudEvents schema, accepted by the topic and by the handler.
+    let (code, log) = run(&["once"], &[("HEALER_SCHEMA", "cloudevents")]);
+    assert_eq!(code, Some(0), "{log}");
+    let event = f.topic.accepted().last().cloned().unwrap();
+    assert_eq!(event["specversion"], "1.0", "{event}");
+    assert_eq!(through_handler(&f.app, &event).await["accepted"], true);
+
+    // `once` fails when it could not publish.
+    f.topic.set(|t| t.fail_with = Some(500));
+    let (code, log) = run(&["once"], &[]);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("not published"), "{log}");
+
+    // Every configuration problem at once, exit 2.
+    let (code, log) = run(
+        &["once"],
+        &[
+            ("HEALER_TOPIC_ENDPOINT", "http://topic.example/api/events"),
+            ("HEALER_INTERVAL", "soon"),
+            ("HEALER_SCHEMA", "xml"),
+            ("HEALER_HEALTH_URL", "http://127.0.0.1:1/"),
+            ("HEALER_HEALTH_COMMAND", "true"),
+        ],
+    );
+    assert_eq!(code, Some(2), "{log}");
+    for needle in [
+        "https://",
+        "HEALER_INTERVAL",
+        "HEALER_SCHEMA",
+        "not both",
+        "4 problem",
+    ] {
+        assert!(log.contains(needle), "missing {needle} in {log}");
+    }
+}
+
+#[test]
+fn the_installer_lays_out_a_service_systemd_accepts() {
+    let scratch = Scratch::new();
+    let root = scratch.0.join("root");
+    let installer = concat!(env!("CARGO_MANIFEST_DIR"), "/infra/agent/install.sh");
+    let command = r#"systemctl is-active --quiet "nginx" && test -d /srv\app"#;
+    let out = Command::new("bash")
+        .arg(installer)
+        .args([
+            "--topic",
+            "https://heartbeats.westeurope-1.eventgrid.azure.net/api/events",
+        ])
+        .args(["--health-command", command, "--interval", "45"])
+        .arg("--root")
+        .arg(&root)
+        .arg("--no-start")
+        .output()
+        .expect("run install.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    use std::os::unix::fs::PermissionsExt;
+    let agent = root.join("usr/local/bin/vmss-healer-agent");
+    let mode = std::fs::metadata(&agent).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o755);
+    assert_eq!(
+        std::fs::read(&agent).unwrap(),
+        std::fs::read(AGENT).unwrap(),
+        "the installed agent is the repository's"
+    );
+
+    // The agent reads the environment file the unit uses, quotes and backslashes intact.
+    let out = Command::new("bash")
+        .arg(&agent)
+        .arg("config")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HEALER_AGENT_ENV", root.join("etc/vmss-healer/agent.env"))
+        .output()
+        .unwrap();
+    let config = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        config.contains(&format!("HEALER_HEALTH_COMMAND={command}\n")),
+        "{config}"
+    );
+    assert!(config.contains("HEALER_INTERVAL=45.000\n"), "{config}");
+    assert!(
+        config.contains("HEALER_TOPIC_ENDPOINT=https://heartbeats.westeurope-1.eventgrid.azure.net/api/events?api-version=2018-01-01\n"),
+        "{config}"
+    );
+
+    // systemd accepts the unit without a warning (pointed at the repository's agent, which exists
+    // here where /usr/local/bin/vmss-healer-agent does not).
+    let unit = std::fs::read_to_string(root.join("etc/systemd/system/vmss-healer-agent.service"))
+        .unwrap()
+        .replace("/usr/local/bin/vmss-healer-agent", AGENT);
+    for line in [
+        "Type=notify",
+        "NotifyAccess=all",
+        "WatchdogSec=",
+        "RestartPreventExitStatus=2",
+    ] {
+        assert!(unit.contains(line), "the unit lacks {line}");
+    }
+    let unit_path = scratch.0.join("vmss-healer-agent.service");
+    std::fs::write(&unit_path, unit).unwrap();
+    match Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit_path)
+        .output()
+    {
+        Ok(out) => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success() && stderr.trim().is_empty(),
+                "systemd-analyze: {stderr}"
+            );
+        }
+        Err(e) => eprintln!("systemd-analyze not available ({e}); unit checked by content only"),
+    }
+}
