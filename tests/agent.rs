@@ -92,7 +92,7 @@ async fn imds_leaf(
     if !metadata_header_ok(&headers, &imds) {
         return no_metadata_header();
     }
-    if q.get("api-version").is_none() || q.get("format").map(String::as_str) != Some("text") {
+    if !q.contains_key("api-version") || q.get("format").map(String::as_str) != Some("text") {
         return (
             StatusCode::BAD_REQUEST,
             "api-version and format=text expected",
