@@ -1,0 +1,236 @@
+<#
+.SYNOPSIS
+  vmss-healer-agent for Windows: publishes this VM's heartbeat (design §2) to the healer's Event
+  Grid topic. A line-by-line mirror of the Linux agent (infra/agent/vmss-healer-agent); keep the two
+  in step.
+
+.DESCRIPTION
+  vmss-healer-agent.ps1 run                      publish every HEALER_INTERVAL, forever
+  vmss-healer-agent.ps1 once                     publish one heartbeat; exit 1 if it could not
+  vmss-healer-agent.ps1 maintenance <duration>   MAINTENANCE until now + duration, sent at once
+  vmss-healer-agent.ps1 maintenance off          back to reporting health
+  vmss-healer-agent.ps1 config                   print the effective settings
+
+  Settings: the same HEALER_* variables as the Linux agent, from the environment or from
+  %ProgramData%\vmss-healer\agent.env (KEY="value" lines, written by install.ps1). Identity and the
+  Entra token come from IMDS (managed identity, role EventGrid Data Sender): no keys on the VM.
+  Logs go to the Application event log, source "vmss-healer-agent".
+
+  This script cannot run on the project's Linux CI; its logic mirrors the tested Linux agent.
+#>
+param(
+    [Parameter(Position = 0)][string]$Command = 'run',
+    [Parameter(Position = 1)][string]$Argument = ''
+)
+
+$ErrorActionPreference = 'Stop'
+Set-StrictMode -Version 3
+
+$TokenResource = 'https://eventgrid.azure.net'
+$EventType = 'VmssHealer.Heartbeat'
+$TokenMarginSeconds = 300
+$StateDir = if ($env:HEALER_STATE_DIR) { $env:HEALER_STATE_DIR } else { Join-Path $env:ProgramData 'vmss-healer' }
+$EnvFile = if ($env:HEALER_AGENT_ENV) { $env:HEALER_AGENT_ENV } else { Join-Path $StateDir 'agent.env' }
+$MaintenanceFile = Join-Path $StateDir 'maintenance-until'
+
+function Write-Log([string]$Level, [string]$Message) {
+    $type = switch ($Level) { 'error' { 'Error' } 'warn' { 'Warning' } default { 'Information' } }
+    try { Write-EventLog -LogName Application -Source 'vmss-healer-agent' -EventId 1 -EntryType $type -Message $Message }
+    catch { }
+    [Console]::Error.WriteLine("$Level $Message")
+}
+
+# Same format as the Linux agent: KEY="value", \\ and \" escaped, never expanded; set variables win.
+function Import-EnvFile([string]$Path) {
+    if (-not (Test-Path $Path)) { return }
+    foreach ($line in Get-Content $Path) {
+        if ($line -notmatch '^\s*([A-Za-z_][A-Za-z0-9_]*)=(.*)$') { continue }
+        $key = $Matches[1]; $value = $Matches[2]
+        if ([Environment]::GetEnvironmentVariable($key)) { continue }
+        if ($value -match '^"(.*)"\s*$') { $value = $Matches[1].Replace('\"', '"').Replace('\\', '\') }
+        [Environment]::SetEnvironmentVariable($key, $value)
+    }
+}
+
+function ConvertTo-Milliseconds([string]$Text) {
+    if ($Text -notmatch '^(\d+)(\.(\d{1,3}))?(s|m|h)?$') { return $null }
+    $ms = [int64]$Matches[1] * 1000 + [int64]($Matches[3] + '000').Substring(0, 3)
+    switch ($Matches[4]) { 'm' { $ms *= 60 } 'h' { $ms *= 3600 } }
+    return $ms
+}
+
+Import-EnvFile $EnvFile
+$Imds = if ($env:HEALER_IMDS_ENDPOINT) { $env:HEALER_IMDS_ENDPOINT.TrimEnd('/') } else { 'http://169.254.169.254' }
+$Topic = $env:HEALER_TOPIC_ENDPOINT
+$HealthUrl = $env:HEALER_HEALTH_URL
+$HealthCommand = $env:HEALER_HEALTH_COMMAND
+$Schema = if ($env:HEALER_SCHEMA) { $env:HEALER_SCHEMA } else { 'eventgrid' }
+
+# ---- settings, all problems at once ----
+$problems = @()
+if (-not $Topic) { $problems += "HEALER_TOPIC_ENDPOINT is required: the topic's .../api/events URL" }
+elseif ($Topic -notmatch '^https://' -and $Topic -notmatch '^http://(127\.0\.0\.1|localhost)[:/]') {
+    $problems += 'HEALER_TOPIC_ENDPOINT must be https:// (the bearer token must not travel in clear)'
+}
+if ($HealthUrl -and $HealthCommand) { $problems += 'set HEALER_HEALTH_URL or HEALER_HEALTH_COMMAND, not both' }
+$IntervalMs = ConvertTo-Milliseconds $(if ($env:HEALER_INTERVAL) { $env:HEALER_INTERVAL } else { '60' })
+if (-not $IntervalMs) { $problems += "HEALER_INTERVAL: '$($env:HEALER_INTERVAL)' is not a duration above zero" }
+$HealthTimeoutMs = ConvertTo-Milliseconds $(if ($env:HEALER_HEALTH_TIMEOUT) { $env:HEALER_HEALTH_TIMEOUT } else { '5' })
+if (-not $HealthTimeoutMs) { $problems += "HEALER_HEALTH_TIMEOUT: '$($env:HEALER_HEALTH_TIMEOUT)' is not a duration above zero" }
+if ($Schema -notin @('eventgrid', 'cloudevents')) { $problems += "HEALER_SCHEMA: '$Schema' is not eventgrid or cloudevents" }
+if ($problems.Count -gt 0) {
+    Write-Log error "invalid configuration ($($problems.Count) problem(s)):"
+    foreach ($p in $problems) { Write-Log error "  - $p" }
+    exit 2
+}
+if ($Topic -notmatch 'api-version=') { $Topic += $(if ($Topic.Contains('?')) { '&' } else { '?' }) + 'api-version=2018-01-01' }
+
+$script:Token = $null
+$script:TokenExpires = [int64]0
+$script:Identity = $null
+
+function Get-Identity {
+    if ($script:Identity) { return $true }
+    try {
+        $compute = Invoke-RestMethod -Uri "$Imds/metadata/instance/compute?api-version=2021-02-01" -Headers @{ Metadata = 'true' } -TimeoutSec 5
+    }
+    catch { Write-Log warn "IMDS instance metadata unavailable: $($_.Exception.Message)"; return $false }
+    $subject = $compute.resourceId
+    if ($subject -notmatch '/virtualMachineScaleSets/.+/virtualMachines/') {
+        # Flexible orchestration: name the VM under its scale set.
+        if (-not $compute.vmScaleSetName) { Write-Log error 'this VM is not in a scale set (IMDS vmScaleSetName is empty)'; return $false }
+        $subject = "/subscriptions/$($compute.subscriptionId)/resourceGroups/$($compute.resourceGroupName)/providers/Microsoft.Compute/virtualMachineScaleSets/$($compute.vmScaleSetName)/virtualMachines/$($compute.name)"
+    }
+    $script:Identity = @{ Subject = $subject; VmId = $compute.vmId; ComputerName = $compute.osProfile.computerName }
+    Write-Log info "identity: $subject vmId=$($compute.vmId) computerName=$($compute.osProfile.computerName)"
+    return $true
+}
+
+function Get-Token {
+    $now = [DateTimeOffset]::UtcNow.ToUnixTimeSeconds()
+    if ($script:Token -and ($script:TokenExpires - $now) -gt $TokenMarginSeconds) { return $true }
+    try {
+        $answer = Invoke-RestMethod -Uri "$Imds/metadata/identity/oauth2/token?api-version=2018-02-01&resource=$TokenResource" -Headers @{ Metadata = 'true' } -TimeoutSec 10
+    }
+    catch { Write-Log warn "no token from IMDS: $($_.Exception.Message)"; return $false }
+    $script:Token = $answer.access_token
+    $script:TokenExpires = if ($answer.expires_on -match '^\d+$') { [int64]$answer.expires_on }
+        elseif ($answer.expires_in -match '^\d+$') { $now + [int64]$answer.expires_in }
+        else { $now + $TokenMarginSeconds + 60 }
+    Write-Log info "token for $TokenResource obtained"
+    return $true
+}
+
+function Get-Health {
+    $result = @{ Status = 'UP'; Detail = ''; Until = '' }
+    if (Test-Path $MaintenanceFile) {
+        $until = [int64](Get-Content $MaintenanceFile -TotalCount 1)
+        if ($until -gt [DateTimeOffset]::UtcNow.ToUnixTimeSeconds()) {
+            $result.Status = 'MAINTENANCE'
+            $result.Until = [DateTimeOffset]::FromUnixTimeSeconds($until).UtcDateTime.ToString('yyyy-MM-ddTHH:mm:ssZ')
+            return $result
+        }
+    }
+    $timeoutS = [math]::Max(1, [math]::Ceiling($HealthTimeoutMs / 1000))
+    if ($HealthUrl) {
+        try { $null = Invoke-WebRequest -Uri $HealthUrl -UseBasicParsing -TimeoutSec $timeoutS }
+        catch {
+            $result.Status = 'DOWN'
+            $code = $_.Exception.Response.StatusCode.value__
+            $result.Detail = if ($code) { "health check $HealthUrl answered $code" } else { "health check ${HealthUrl}: $($_.Exception.Message)" }
+        }
+    }
+    elseif ($HealthCommand) {
+        $process = Start-Process -FilePath 'powershell.exe' -ArgumentList @('-NoProfile', '-Command', $HealthCommand) -PassThru -WindowStyle Hidden
+        if (-not $process.WaitForExit($HealthTimeoutMs)) {
+            $process.Kill()
+            $result.Status = 'DOWN'; $result.Detail = "health command timed out after $($HealthTimeoutMs / 1000) s"
+        }
+        elseif ($process.ExitCode -ne 0) {
+            $result.Status = 'DOWN'; $result.Detail = "health command exited $($process.ExitCode)"
+        }
+    }
+    if ($result.Detail.Length -gt 1000) { $result.Detail = $result.Detail.Substring(0, 1000) }
+    return $result
+}
+
+function New-HeartbeatBody($Health) {
+    $now = [DateTimeOffset]::UtcNow
+    $data = [ordered]@{ status = $Health.Status; vmId = $script:Identity.VmId; computerName = $script:Identity.ComputerName
+        # Milliseconds since the epoch: increases across restarts without a counter file.
+        sequence = $now.ToUnixTimeMilliseconds() }
+    if ($Health.Detail) { $data.detail = $Health.Detail }
+    if ($Health.Until) { $data.until = $Health.Until }
+    $time = $now.UtcDateTime.ToString('yyyy-MM-ddTHH:mm:ss.fffZ')
+    if ($Schema -eq 'cloudevents') {
+        $event = [ordered]@{ specversion = '1.0'; id = [guid]::NewGuid().ToString(); type = $EventType; source = $Topic.Split('?')[0]
+            subject = $script:Identity.Subject; time = $time; datacontenttype = 'application/json'; data = $data }
+        return @{ ContentType = 'application/cloudevents-batch+json; charset=utf-8'; Body = ConvertTo-Json @($event) -Depth 5 -Compress }
+    }
+    $event = [ordered]@{ id = [guid]::NewGuid().ToString(); eventType = $EventType; subject = $script:Identity.Subject
+        eventTime = $time; dataVersion = '1'; data = $data }
+    return @{ ContentType = 'application/json'; Body = ConvertTo-Json @($event) -Depth 5 -Compress }
+}
+
+# One heartbeat, with retries and backoff inside $BudgetMs. Returns whether it was published.
+function Send-Heartbeat([int64]$BudgetMs) {
+    $deadline = [DateTimeOffset]::UtcNow.ToUnixTimeMilliseconds() + $BudgetMs
+    $wait = 1000; $attempt = 0
+    while ($true) {
+        $attempt++
+        if ((Get-Identity) -and (Get-Token)) {
+            $health = Get-Health
+            $message = New-HeartbeatBody $health
+            try {
+                $null = Invoke-WebRequest -Uri $Topic -Method Post -UseBasicParsing -TimeoutSec 10 -ContentType $message.ContentType `
+                    -Headers @{ Authorization = "Bearer $($script:Token)" } -Body $message.Body
+                Write-Log info "heartbeat $($health.Status) published $($health.Detail) $($health.Until)"
+                return $true
+            }
+            catch {
+                $code = $_.Exception.Response.StatusCode.value__
+                if ($code -in 401, 403) { Write-Log warn "topic refused the token ($code); fetching a new one"; $script:Token = $null }
+                elseif ($code -in 400, 413) { Write-Log error "topic rejected the event ($code): $($_.Exception.Message)"; return $false }
+                else { Write-Log warn "publish failed ($code): $($_.Exception.Message)" }
+            }
+        }
+        if ([DateTimeOffset]::UtcNow.ToUnixTimeMilliseconds() + $wait -ge $deadline) {
+            Write-Log error "heartbeat not published after $attempt attempt(s); next one at the next interval"
+            return $false
+        }
+        Start-Sleep -Milliseconds $wait
+        $wait = [math]::Min($wait * 2, 30000)
+    }
+}
+
+switch ($Command) {
+    'run' {
+        Write-Log info "vmss-healer-agent starting: topic $($Topic.Split('?')[0]), interval $($IntervalMs / 1000) s"
+        while ($true) {
+            # Retries may use most of an interval, not all: the next reading must stay on time.
+            $null = Send-Heartbeat ([int64]($IntervalMs * 0.8))
+            # ±10 % jitter, so a fleet started together does not publish in lockstep.
+            $jitter = [int64]($IntervalMs / 10)
+            Start-Sleep -Milliseconds ($IntervalMs - $jitter + (Get-Random -Minimum 0 -Maximum (2 * $jitter + 1)))
+        }
+    }
+    'once' { if (Send-Heartbeat 10000) { exit 0 } else { exit 1 } }
+    'config' {
+        "HEALER_TOPIC_ENDPOINT=$Topic"; "HEALER_HEALTH_URL=$HealthUrl"; "HEALER_HEALTH_COMMAND=$HealthCommand"
+        "HEALER_HEALTH_TIMEOUT=$($HealthTimeoutMs / 1000)"; "HEALER_INTERVAL=$($IntervalMs / 1000)"; "HEALER_SCHEMA=$Schema"; "HEALER_STATE_DIR=$StateDir"
+    }
+    'maintenance' {
+        $null = New-Item -ItemType Directory -Force -Path $StateDir
+        if ($Argument -eq 'off') { Remove-Item -Force -ErrorAction SilentlyContinue $MaintenanceFile; Write-Log info 'maintenance ended' }
+        else {
+            $ms = ConvertTo-Milliseconds $Argument
+            if (-not $ms) { Write-Log error 'usage: vmss-healer-agent.ps1 maintenance <duration, e.g. 30m> | off'; exit 2 }
+            $until = [DateTimeOffset]::UtcNow.ToUnixTimeSeconds() + [int64]($ms / 1000)
+            Set-Content -Path $MaintenanceFile -Value $until
+            Write-Log info "maintenance until $([DateTimeOffset]::FromUnixTimeSeconds($until).UtcDateTime.ToString('o'))"
+        }
+        # Say so now: a reboot may follow before the next interval.
+        if (Send-Heartbeat 15000) { exit 0 } else { exit 1 }
+    }
+    default { Write-Log error "unknown command '$Command': run | once | config | maintenance <duration>|off"; exit 2 }
+}
