@@ -77,6 +77,49 @@ pub struct Heartbeat {
     pub down_since: Option<OffsetDateTime>,
 }
 
+/// How far a heartbeat's source has proven it is the VM it speaks for. Ordered: a policy names
+/// the least proof a DOWN needs to count on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Proof {
+    /// Only the computer name matches the mirror (legacy Prunella agents): any host on the
+    /// network can learn it.
+    Name,
+    /// The IMDS `vmId` matches the mirror: known to the VM itself and to readers of the scale
+    /// set in ARM.
+    VmId,
+}
+
+impl Proof {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proof::Name => "name",
+            Proof::VmId => "vmid",
+        }
+    }
+}
+
+impl std::str::FromStr for Proof {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "name" => Ok(Proof::Name),
+            "vmid" => Ok(Proof::VmId),
+            other => Err(format!("`{other}` is neither name nor vmid")),
+        }
+    }
+}
+
+impl Heartbeat {
+    /// What the source proved, once [`verify`] accepted it.
+    pub fn proof(&self) -> Proof {
+        match self.origin {
+            Origin::Agent => Proof::VmId,
+            Origin::Prunella => Proof::Name,
+        }
+    }
+}
+
 /// Why a heartbeat is refused. Each is permanent: redelivering the event cannot fix it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {

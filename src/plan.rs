@@ -171,6 +171,9 @@ pub enum WithheldReason {
     },
     /// Its incident was given up; nothing more until it recovers or is removed.
     GivenUp { incident: String },
+    /// The only evidence is a DOWN from a source with less proof of identity than
+    /// `HEALER_DOWN_PROOF` asks.
+    UnprovenDown { reason: Reason },
     /// The evidence is the mirror's and older than `HEALER_MIRROR_MAX_AGE`: read again first.
     AwaitingResync {
         mirror_age_seconds: i64,
@@ -195,6 +198,7 @@ impl WithheldReason {
             WithheldReason::Cooldown { .. } => "cooldown",
             WithheldReason::GivenUp { .. } => "given_up",
             WithheldReason::AwaitingResync { .. } => "awaiting_resync",
+            WithheldReason::UnprovenDown { .. } => "unproven_down",
         }
     }
 
@@ -236,6 +240,10 @@ impl WithheldReason {
             WithheldReason::GivenUp { incident } => {
                 format!("incident {incident} was given up; waiting for the instance to recover or be removed")
             }
+            WithheldReason::UnprovenDown { reason } => format!(
+                "{} but its source proved no more than the computer name, less than HEALER_DOWN_PROOF asks; a DOWN like that is not enough on its own",
+                reason.describe()
+            ),
             WithheldReason::AwaitingResync { mirror_age_seconds, reason } => format!(
                 "{} as of a mirror read {mirror_age_seconds} s ago, older than HEALER_MIRROR_MAX_AGE; confirming with a fresh read first",
                 reason.describe()
@@ -522,8 +530,18 @@ pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDat
         if let Some(d) = recheck_in(verdict, hb, created, policy, now) {
             next = Some(next.map_or(d, |n| n.min(d)));
         }
-        let Verdict::Unhealthy(reason) = verdict else {
-            continue;
+        let reason = match verdict {
+            Verdict::Unhealthy(reason) => reason,
+            Verdict::Unproven(reason) => {
+                plan.withheld.push(Withheld {
+                    instance_id: Some(id.to_string()),
+                    why: WithheldReason::UnprovenDown {
+                        reason: reason.clone(),
+                    },
+                });
+                continue;
+            }
+            _ => continue,
         };
         let existing = obs.incidents.get(id);
         if settled.contains(id) || plan.transitions.iter().any(|t| t.incident.target == id) {

@@ -190,6 +190,9 @@ pub struct Policy {
     pub max_parallel: Limit,
     pub max_unhealthy: Limit,
     pub platform_repairs: PlatformRepairs,
+    /// The least proof of identity a DOWN needs to count on its own (a forged DOWN deletes a
+    /// healthy VM).
+    pub down_proof: crate::heartbeat::Proof,
 }
 
 /// Parses a duration in seconds: `180`, `180s`, `3m` or `1h`.

@@ -31,6 +31,7 @@ pub const MAX_UNHEALTHY: &str = "HEALER_MAX_UNHEALTHY";
 pub const MIRROR_MAX_AGE: &str = "HEALER_MIRROR_MAX_AGE";
 pub const FULL_RESYNC: &str = "HEALER_FULL_RESYNC";
 pub const PLATFORM_REPAIRS: &str = "HEALER_PLATFORM_REPAIRS";
+pub const DOWN_PROOF: &str = "HEALER_DOWN_PROOF";
 pub const DRY_RUN: &str = "HEALER_DRY_RUN";
 pub const WEBHOOK_URL: &str = "HEALER_WEBHOOK_URL";
 pub const STATUS_SCHEDULE: &str = "HEALER_STATUS_SCHEDULE";
@@ -52,6 +53,7 @@ pub const CATALOG: &[SettingDoc] = &[
     SettingDoc { name: MAX_PARALLEL, default: "`10%`", meaning: "repairs in flight per scale set (count or percent, at least 1)" },
     SettingDoc { name: MAX_UNHEALTHY, default: "`40%`", meaning: "above this share unhealthy, a scale set's repairs pause (short-circuit)" },
     SettingDoc { name: PLATFORM_REPAIRS, default: "`defer`", meaning: "on a scale set with the platform's automatic instance repairs enabled: `defer` (report it, repair nothing there) or `act` (report it, repair anyway)" },
+    SettingDoc { name: DOWN_PROOF, default: "`vmid`", meaning: "the least proof of identity a DOWN needs to count on its own: `vmid` (the heartbeat's vmId matches the mirror) or `name` (the computer name is enough: legacy Prunella agents; anyone who knows a VM's hostname can then have it repaired). A DOWN with less is journaled `unproven_down` and the instance judged on the rest of the evidence" },
     SettingDoc { name: MIRROR_MAX_AGE, default: "`300` s", meaning: "a change announced by an event or a repair must be mirrored within this, and evidence from the mirror (stopped, failed provisioning, Application Health) must be this fresh, or no repair is decided; a quiet scale set's mirror may be `HEALER_FULL_RESYNC` older" },
     SettingDoc { name: FULL_RESYNC, default: "`600` s", meaning: "every scale set is read in full at least this often, the safety net for changes no Resource Manager event announced; between full reads `monitor-state` reads only scale sets that changed, failed or have repairs in flight (`0`: read every set every pass)" },
     SettingDoc { name: DRY_RUN, default: "`false`", meaning: "decide and journal, but do not act" },
@@ -153,6 +155,7 @@ impl Settings {
                 PLATFORM_REPAIRS,
                 &mut problems,
             ),
+            down_proof: value(get(DOWN_PROOF), "vmid", DOWN_PROOF, &mut problems),
         };
 
         let scale_sets = match get(SCALE_SETS) {
@@ -483,8 +486,11 @@ fn apply_overrides(id: &ScaleSetId, raw: &str, policy: &mut Policy, problems: &m
             PLATFORM_REPAIRS => {
                 policy.platform_repairs = value::<PlatformRepairs>(val, "defer", &label, problems)
             }
+            DOWN_PROOF => {
+                policy.down_proof = value::<crate::heartbeat::Proof>(val, "vmid", &label, problems)
+            }
             _ => problems.push(format!(
-                "{SCALE_SETS}: `{key}` for {id} cannot be overridden per scale set (allowed: HEARTBEAT_TIMEOUT, STARTUP_TIMEOUT, GRACE_PERIOD, DOWN_FOR, REPAIR_ACTIONS, REPAIR_TIMEOUT, MAX_ATTEMPTS, MAX_PARALLEL, MAX_UNHEALTHY, PLATFORM_REPAIRS)"
+                "{SCALE_SETS}: `{key}` for {id} cannot be overridden per scale set (allowed: HEARTBEAT_TIMEOUT, STARTUP_TIMEOUT, GRACE_PERIOD, DOWN_FOR, REPAIR_ACTIONS, REPAIR_TIMEOUT, MAX_ATTEMPTS, MAX_PARALLEL, MAX_UNHEALTHY, PLATFORM_REPAIRS, DOWN_PROOF)"
             )),
         }
     }
@@ -580,6 +586,26 @@ mod tests {
             assert!(text.contains(needle), "missing {needle} in:\n{text}");
         }
         assert_eq!(err.0.len(), 10, "{text}");
+    }
+
+    #[test]
+    fn down_proof_defaults_to_vmid_and_is_overridable_per_set() {
+        use crate::heartbeat::Proof;
+        let raw = format!("{WEB}[DOWN_PROOF=name] {API}");
+        let s = load(&[(SCALE_SETS, &raw), (STORAGE, "UseDevelopmentStorage=true")]).unwrap();
+        assert_eq!(s.defaults.down_proof, Proof::VmId);
+        assert_eq!(s.scale_sets[0].policy.down_proof, Proof::Name);
+        assert_eq!(s.scale_sets[1].policy.down_proof, Proof::VmId);
+        let err = load(&[
+            (SCALE_SETS, WEB),
+            (STORAGE, "UseDevelopmentStorage=true"),
+            (DOWN_PROOF, "trust-me"),
+        ])
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("HEALER_DOWN_PROOF: `trust-me`"),
+            "{err}"
+        );
     }
 
     #[test]

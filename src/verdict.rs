@@ -26,6 +26,9 @@ pub enum Verdict {
         until: OffsetDateTime,
     },
     Unhealthy(Reason),
+    /// The only evidence of trouble is a DOWN from a source that has not proven it is the VM
+    /// (less than the policy's `down_proof`): never enough on its own.
+    Unproven(Reason),
 }
 
 impl Verdict {
@@ -167,12 +170,18 @@ pub fn judge(
         }
     }
 
+    let mut unproven = None;
     match heartbeat {
-        Some(hb) if hb.status == Status::Down => {
+        Some(hb) if hb.status == Status::Down && hb.proof() >= policy.down_proof => {
             let since = hb.down_since.unwrap_or(hb.event_time);
             return unless_in_grace(Reason::ReportedDown { since }, since + policy.down_for);
         }
         Some(hb) => {
+            if hb.status == Status::Down {
+                unproven = Some(Reason::ReportedDown {
+                    since: hb.down_since.unwrap_or(hb.event_time),
+                });
+            }
             let silent = now - hb.event_time;
             if silent > policy.heartbeat_timeout {
                 return Verdict::Unhealthy(Reason::Silent {
@@ -201,7 +210,10 @@ pub fn judge(
     if heartbeat.is_none() {
         return Verdict::Starting;
     }
-    Verdict::Healthy
+    match unproven {
+        Some(reason) => Verdict::Unproven(reason),
+        None => Verdict::Healthy,
+    }
 }
 
 /// When this verdict could change by the clock alone (the next-check hint), one second late so
@@ -217,6 +229,9 @@ pub fn recheck_in(
         Verdict::Healthy => heartbeat.map(|hb| hb.event_time + policy.heartbeat_timeout - now),
         Verdict::Starting => Some(created + policy.startup_timeout - now),
         Verdict::Maintenance { until } | Verdict::Suspect { until, .. } => Some(*until - now),
+        // A source that has not proven itself still shows the VM's channel is alive; it falls
+        // silent like any other.
+        Verdict::Unproven(_) => heartbeat.map(|hb| hb.event_time + policy.heartbeat_timeout - now),
         Verdict::Unhealthy(_) => None,
     }
     .map(|d| d.max(Duration::ZERO) + Duration::SECOND)
@@ -262,6 +277,15 @@ mod tests {
             origin: Origin::Agent,
             event_id: "e".into(),
             down_since: None,
+        }
+    }
+
+    /// A DOWN from a legacy Prunella agent: identified by computer name only.
+    fn prunella_down(age_s: i64) -> Heartbeat {
+        Heartbeat {
+            origin: Origin::Prunella,
+            down_since: Some(NOW - secs(600)),
+            ..hb(Status::Down, age_s)
         }
     }
 
@@ -331,6 +355,12 @@ mod tests {
                 Verdict::Suspect { reason: Reason::AppUnhealthy { state: AppHealth::Unknown, since: NOW - secs(100) }, until: NOW + secs(200) }),
             ("hung VM with a healthy extension is still caught", old(app(AppHealth::Healthy, 4000)), Some(hb(Status::Up, 600)), quiet,
                 Verdict::Unhealthy(Reason::Silent { last: NOW - secs(600), seconds: 600 })),
+            ("DOWN proven by no more than a name: not enough on its own", old(|_| ()), Some(prunella_down(5)), quiet,
+                Verdict::Unproven(Reason::ReportedDown { since: NOW - secs(600) })),
+            ("… with the mirror's evidence it is", old(app(AppHealth::Unhealthy, 400)), Some(prunella_down(5)), quiet,
+                Verdict::Unhealthy(Reason::AppUnhealthy { state: AppHealth::Unhealthy, since: NOW - secs(400) })),
+            ("… and it still falls silent", old(|_| ()), Some(prunella_down(600)), quiet,
+                Verdict::Unhealthy(Reason::Silent { last: NOW - secs(600), seconds: 600 })),
         ];
         for (name, inst, heartbeat, history, want) in cases {
             assert_eq!(
@@ -339,6 +369,17 @@ mod tests {
                 "{name}"
             );
         }
+        // Where the operator accepts computer names as proof, a Prunella DOWN counts.
+        let by_name = Policy {
+            down_proof: crate::heartbeat::Proof::Name,
+            ..p
+        };
+        assert_eq!(
+            judge(&old(|_| ()), Some(&prunella_down(5)), quiet, &by_name, NOW),
+            Verdict::Unhealthy(Reason::ReportedDown {
+                since: NOW - secs(600)
+            })
+        );
     }
 
     #[test]

@@ -448,3 +448,102 @@ async fn platform_automatic_repairs_are_reported_and_deferred_to_unless_told_to_
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_heartbeats_never_repair_a_healthy_vm() {
+    // `legacy` still runs Prunella agents and its operator accepts computer names as proof.
+    let sets = format!(
+        "{} {}[DOWN_PROOF=name]",
+        common::scale_set_id("web"),
+        common::scale_set_id("legacy")
+    );
+    let app = spawn_app()
+        .scale_set("web", 6)
+        .scale_set("legacy", 6)
+        .env("HEALER_SCALE_SETS", &sets)
+        .env("HEALER_REPAIR_ACTIONS", "delete")
+        .start()
+        .await;
+    let (web, legacy) = (TestApp::scale_set("web"), TestApp::scale_set("legacy"));
+    app.sync_and_break("web", 0, json!({})).await;
+
+    // Another VM's vmId: refused as a spoof, and counted.
+    let other = app.vm("web", 3).await["vm_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut totals = Vec::new();
+    for _ in 0..2 {
+        let forged = heartbeat_event("web", 2, &other, "DOWN", &now_rfc3339(Duration::ZERO));
+        let (status, answer) = app.deliver_event(forged).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(
+            answer["ReturnValue"]["reason"], "vm_id_mismatch",
+            "{answer}"
+        );
+        totals.push(answer["ReturnValue"]["rejected_total"].as_u64().unwrap());
+    }
+    assert_eq!(totals[1], totals[0] + 1);
+    assert_eq!(
+        app.store
+            .heartbeat(&web, "2")
+            .await
+            .unwrap()
+            .unwrap()
+            .heartbeat
+            .status
+            .label(),
+        "UP",
+        "the stored heartbeat is untouched"
+    );
+
+    // A DOWN that proves only a computer name (anyone on the network can learn one) is stored,
+    // and not enough on its own where vmId proof is required.
+    let prunella_down = |set: &str, name: &str| {
+        json!({"id": uuid::Uuid::new_v4().to_string(), "eventType": "prunella-status",
+            "subject": common::scale_set_id(set), "eventTime": now_rfc3339(Duration::ZERO),
+            "dataVersion": "1", "data": {"name": name, "status": "DOWN"}})
+    };
+    for set in ["web", "legacy"] {
+        let name = app.vm(set, 4).await["computer_name"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let (_, answer) = app.deliver_event(prunella_down(set, &name)).await;
+        assert_eq!(answer["ReturnValue"]["stored"], true, "{answer}");
+    }
+    let (_, status) = app.invoke_timer("monitor-status").await;
+    let report = |name: &str| {
+        status["ReturnValue"]["scale_sets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["scale_set"] == TestApp::key(name))
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(report("web")["repairs_requested"], 0, "{status}");
+    assert_eq!(report("legacy")["repairs_requested"], 1, "{status}");
+    let deletes: Vec<String> = app
+        .compute_calls()
+        .await
+        .iter()
+        .filter(|c| c["method"] == "POST")
+        .map(|c| c["path"].as_str().unwrap().to_lowercase())
+        .collect();
+    assert_eq!(deletes.len(), 1, "{deletes:?}");
+    assert!(
+        deletes[0].contains("/virtualmachinescalesets/legacy/"),
+        "{deletes:?}"
+    );
+    let (journal, _) = app.recent_journal(&web).await;
+    let unproven = journal
+        .iter()
+        .find(|e| e.kind == EntryKind::Withheld && e.instance_id == "4")
+        .expect("the unproven DOWN is journaled");
+    assert_eq!(unproven.outcome, "unproven_down");
+    let (journal, _) = app.recent_journal(&legacy).await;
+    assert!(journal
+        .iter()
+        .any(|e| e.kind == EntryKind::Repair && e.instance_id == "4"));
+}

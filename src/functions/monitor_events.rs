@@ -45,7 +45,7 @@ fn rejected(state: &AppState, label: &'static str, event_id: Option<&str>, why: 
     );
     Outcome::new(
         format!("rejected: {why}"),
-        json!({"accepted": false, "reason": label, "detail": why}),
+        json!({"accepted": false, "reason": label, "detail": why, "rejected_total": count}),
     )
 }
 

@@ -90,6 +90,13 @@ impl Fleet {
             .insert(id.into(), beat(id, Status::Down, 5));
         self
     }
+    /// DOWN from a legacy agent that proves only the computer name.
+    fn name_only_down(mut self, id: &str) -> Self {
+        let mut hb = beat(id, Status::Down, 5);
+        hb.origin = crate::heartbeat::Origin::Prunella;
+        self.0.heartbeats.insert(id.into(), hb);
+        self
+    }
     fn up(mut self, id: &str, age_s: i64) -> Self {
         self.0
             .heartbeats
@@ -234,6 +241,8 @@ fn decision_table() {
         ("change before the last read is mirrored", fleet(4).down("1").mirror_age(100).changed(500), &[], (vec![("1", "open", Some(Replace), 1)], vec![])),
         ("stopped, on a current mirror", fleet(4).stopped("1"), &[], (vec![("1", "open", Some(Replace), 1)], vec![])),
         ("stopped, on an old mirror: confirm first", fleet(4).stopped("1").mirror_age(301), &[], (vec![], vec![(Some("1"), "awaiting_resync")])),
+        ("a DOWN proven by a name only is not acted on", fleet(4).name_only_down("1"), &[], (vec![], vec![(Some("1"), "unproven_down")])),
+        ("unless names are accepted as proof", fleet(4).name_only_down("1"), &[("HEALER_DOWN_PROOF", "name")], (vec![("1", "open", Some(Replace), 1)], vec![])),
         ("never mirrored", fleet(4).down("1").never_synced(), &[], (vec![], vec![(None, "no_mirror")])),
         ("platform repairs on: defer", fleet(4).down("1").platform_repairs(), &[], (vec![], vec![(None, "platform_repairs")])),
         ("throttled: no repair until Retry-After passes", fleet(4).down("1").throttled(60), &[], (vec![], vec![(None, "throttled")])),
