@@ -13,6 +13,8 @@ use time::{Duration, OffsetDateTime};
 pub const HEARTBEAT_TYPE: &str = "VmssHealer.Heartbeat";
 pub const PRUNELLA_TYPE: &str = "prunella-status";
 pub const MAX_DETAIL_BYTES: usize = 1024;
+/// IMDS attested documents are about 4 KiB; anything much larger is not one.
+const MAX_ATTESTATION_BYTES: usize = 16 * 1024;
 /// A VM clock this far ahead would pin its heartbeat in the future and mask later ones.
 pub const MAX_CLOCK_SKEW: Duration = Duration::minutes(5);
 
@@ -75,6 +77,13 @@ pub struct Heartbeat {
     /// `None` unless the status is DOWN.
     #[serde(with = "time::serde::rfc3339::option")]
     pub down_since: Option<OffsetDateTime>,
+    /// The platform vouched for the source (a verified IMDS attested document): see
+    /// [`crate::attestation`].
+    pub attested: bool,
+    /// The attested document sent with the heartbeat (base64 PKCS#7), until it is checked; not
+    /// stored.
+    #[serde(skip)]
+    pub attestation: Option<String>,
 }
 
 /// How far a heartbeat's source has proven it is the VM it speaks for. Ordered: a policy names
@@ -88,6 +97,8 @@ pub enum Proof {
     /// The IMDS `vmId` matches the mirror: known to the VM itself and to readers of the scale
     /// set in ARM.
     VmId,
+    /// The platform signed the VM's identity for this very heartbeat (IMDS attested document).
+    Attested,
 }
 
 impl Proof {
@@ -95,6 +106,7 @@ impl Proof {
         match self {
             Proof::Name => "name",
             Proof::VmId => "vmid",
+            Proof::Attested => "attested",
         }
     }
 }
@@ -105,7 +117,8 @@ impl std::str::FromStr for Proof {
         match s.trim().to_ascii_lowercase().as_str() {
             "name" => Ok(Proof::Name),
             "vmid" => Ok(Proof::VmId),
-            other => Err(format!("`{other}` is neither name nor vmid")),
+            "attested" => Ok(Proof::Attested),
+            other => Err(format!("`{other}` is not name, vmid or attested")),
         }
     }
 }
@@ -114,6 +127,7 @@ impl Heartbeat {
     /// What the source proved, once [`verify`] accepted it.
     pub fn proof(&self) -> Proof {
         match self.origin {
+            Origin::Agent if self.attested => Proof::Attested,
             Origin::Agent => Proof::VmId,
             Origin::Prunella => Proof::Name,
         }
@@ -157,6 +171,8 @@ pub enum Rejection {
     MissingVmId(String),
     #[error("computer name `{claimed}` does not match the mirrored computer name of {instance}")]
     ComputerNameMismatch { instance: String, claimed: String },
+    #[error("the attested document sent for {instance} is refused: {why}; possible spoof")]
+    AttestationRefused { instance: String, why: String },
 }
 
 impl Rejection {
@@ -179,6 +195,7 @@ impl Rejection {
             Rejection::VmIdMismatch { .. } => "vm_id_mismatch",
             Rejection::MissingVmId(_) => "missing_vm_id",
             Rejection::ComputerNameMismatch { .. } => "computer_name_mismatch",
+            Rejection::AttestationRefused { .. } => "attestation_refused",
         }
     }
 }
@@ -242,6 +259,17 @@ pub fn read(event: &Event, now: OffsetDateTime) -> Result<Heartbeat, Rejection> 
         })?),
     };
 
+    let attestation = optional_str(data, "attestation")?.map(str::to_string);
+    if attestation
+        .as_ref()
+        .is_some_and(|a| a.len() > MAX_ATTESTATION_BYTES)
+    {
+        return Err(Rejection::BadField {
+            field: "attestation",
+            why: format!("longer than {MAX_ATTESTATION_BYTES} bytes"),
+        });
+    }
+
     Ok(Heartbeat {
         target,
         status,
@@ -254,6 +282,8 @@ pub fn read(event: &Event, now: OffsetDateTime) -> Result<Heartbeat, Rejection> 
         origin,
         event_id: event.id.clone(),
         down_since: None,
+        attested: false,
+        attestation,
     })
 }
 

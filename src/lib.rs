@@ -5,6 +5,7 @@
 //! host) do I/O; `functions` holds one thin module per Azure Function.
 
 pub mod alert;
+pub mod attestation;
 pub mod compute;
 pub mod event;
 pub mod functions;

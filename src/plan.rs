@@ -173,7 +173,11 @@ pub enum WithheldReason {
     GivenUp { incident: String },
     /// The only evidence is a DOWN from a source with less proof of identity than
     /// `HEALER_DOWN_PROOF` asks.
-    UnprovenDown { reason: Reason },
+    UnprovenDown {
+        reason: Reason,
+        proof: crate::heartbeat::Proof,
+        required: crate::heartbeat::Proof,
+    },
     /// The evidence is the mirror's and older than `HEALER_MIRROR_MAX_AGE`: read again first.
     AwaitingResync {
         mirror_age_seconds: i64,
@@ -240,9 +244,11 @@ impl WithheldReason {
             WithheldReason::GivenUp { incident } => {
                 format!("incident {incident} was given up; waiting for the instance to recover or be removed")
             }
-            WithheldReason::UnprovenDown { reason } => format!(
-                "{} but its source proved no more than the computer name, less than HEALER_DOWN_PROOF asks; a DOWN like that is not enough on its own",
-                reason.describe()
+            WithheldReason::UnprovenDown { reason, proof, required } => format!(
+                "{} but its source proved only `{}`, less than HEALER_DOWN_PROOF={}; a DOWN like that is not enough on its own",
+                reason.describe(),
+                proof.as_str(),
+                required.as_str()
             ),
             WithheldReason::AwaitingResync { mirror_age_seconds, reason } => format!(
                 "{} as of a mirror read {mirror_age_seconds} s ago, older than HEALER_MIRROR_MAX_AGE; confirming with a fresh read first",
@@ -537,6 +543,8 @@ pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDat
                     instance_id: Some(id.to_string()),
                     why: WithheldReason::UnprovenDown {
                         reason: reason.clone(),
+                        proof: hb.map_or(crate::heartbeat::Proof::Name, |h| h.proof()),
+                        required: policy.down_proof,
                     },
                 });
                 continue;

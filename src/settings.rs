@@ -32,6 +32,7 @@ pub const MIRROR_MAX_AGE: &str = "HEALER_MIRROR_MAX_AGE";
 pub const FULL_RESYNC: &str = "HEALER_FULL_RESYNC";
 pub const PLATFORM_REPAIRS: &str = "HEALER_PLATFORM_REPAIRS";
 pub const DOWN_PROOF: &str = "HEALER_DOWN_PROOF";
+pub const ATTESTATION_CA: &str = "HEALER_ATTESTATION_CA";
 pub const DRY_RUN: &str = "HEALER_DRY_RUN";
 pub const WEBHOOK_URL: &str = "HEALER_WEBHOOK_URL";
 pub const STATUS_SCHEDULE: &str = "HEALER_STATUS_SCHEDULE";
@@ -54,6 +55,7 @@ pub const CATALOG: &[SettingDoc] = &[
     SettingDoc { name: MAX_UNHEALTHY, default: "`40%`", meaning: "above this share unhealthy, a scale set's repairs pause (short-circuit)" },
     SettingDoc { name: PLATFORM_REPAIRS, default: "`defer`", meaning: "on a scale set with the platform's automatic instance repairs enabled: `defer` (report it, repair nothing there) or `act` (report it, repair anyway)" },
     SettingDoc { name: DOWN_PROOF, default: "`vmid`", meaning: "the least proof of identity a DOWN needs to count on its own: `vmid` (the heartbeat's vmId matches the mirror) or `name` (the computer name is enough: legacy Prunella agents; anyone who knows a VM's hostname can then have it repaired). A DOWN with less is journaled `unproven_down` and the instance judged on the rest of the evidence" },
+    SettingDoc { name: ATTESTATION_CA, default: "(none)", meaning: "PEM certificates (inline, or a file path relative to the app) of the CAs that issue IMDS's `metadata.azure.com` signing certificate; set, heartbeats carrying an IMDS attested document are checked (an invalid one is rejected, a valid one proves `attested`)" },
     SettingDoc { name: MIRROR_MAX_AGE, default: "`300` s", meaning: "a change announced by an event or a repair must be mirrored within this, and evidence from the mirror (stopped, failed provisioning, Application Health) must be this fresh, or no repair is decided; a quiet scale set's mirror may be `HEALER_FULL_RESYNC` older" },
     SettingDoc { name: FULL_RESYNC, default: "`600` s", meaning: "every scale set is read in full at least this often, the safety net for changes no Resource Manager event announced; between full reads `monitor-state` reads only scale sets that changed, failed or have repairs in flight (`0`: read every set every pass)" },
     SettingDoc { name: DRY_RUN, default: "`false`", meaning: "decide and journal, but do not act" },
@@ -90,6 +92,8 @@ pub struct Settings {
     pub mirror_max_age: Duration,
     /// The slow safety-net interval: every scale set is read in full at least this often.
     pub full_resync: Duration,
+    /// Trust anchors for IMDS attested documents, if configured.
+    pub attestation: Option<crate::attestation::Trust>,
     pub dry_run: bool,
     pub webhook_url: Option<Url>,
     pub status_schedule: String,
@@ -177,6 +181,32 @@ impl Settings {
         .unwrap_or_else(|| Url::parse("https://management.azure.com").expect("constant URL"));
         let mirror_max_age = duration(get(MIRROR_MAX_AGE), "300", MIRROR_MAX_AGE, &mut problems);
         let full_resync = wait(get(FULL_RESYNC), "600", FULL_RESYNC, &mut problems);
+        let attestation = get(ATTESTATION_CA).and_then(|raw| {
+            let pem = if raw.contains("-----BEGIN") {
+                Ok(raw)
+            } else {
+                std::fs::read_to_string(raw.trim())
+                    .map_err(|e| format!("{ATTESTATION_CA}: cannot read `{}`: {e}", raw.trim()))
+            };
+            match pem.and_then(|pem| {
+                crate::attestation::Trust::from_pem(&pem)
+                    .map_err(|e| format!("{ATTESTATION_CA}: {e}"))
+            }) {
+                Ok(trust) => Some(trust),
+                Err(problem) => {
+                    problems.push(problem);
+                    None
+                }
+            }
+        });
+        let wants_attestation = std::iter::once(&defaults)
+            .chain(scale_sets.iter().map(|s| &s.policy))
+            .any(|p| p.down_proof == crate::heartbeat::Proof::Attested);
+        if wants_attestation && attestation.is_none() && get(ATTESTATION_CA).is_none() {
+            problems.push(format!(
+                "{DOWN_PROOF}=attested needs {ATTESTATION_CA}: without trust anchors no heartbeat can prove it"
+            ));
+        }
         let dry_run = match get(DRY_RUN).map(|v| v.trim().to_ascii_lowercase()) {
             None => false,
             Some(v) if ["true", "1", "yes"].contains(&v.as_str()) => true,
@@ -206,6 +236,7 @@ impl Settings {
             arm_endpoint,
             mirror_max_age,
             full_resync,
+            attestation,
             dry_run,
             webhook_url,
             status_schedule,
@@ -606,6 +637,34 @@ mod tests {
             err.to_string().contains("HEALER_DOWN_PROOF: `trust-me`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn attestation_needs_trust_anchors_that_load() {
+        let base = [(SCALE_SETS, WEB), (STORAGE, "UseDevelopmentStorage=true")];
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut all = base.to_vec();
+            all.extend_from_slice(extra);
+            load(&all)
+        };
+        let err = with(&[(DOWN_PROOF, "attested")]).unwrap_err();
+        assert!(
+            err.to_string().contains("needs HEALER_ATTESTATION_CA"),
+            "{err}"
+        );
+        let err = with(&[(ATTESTATION_CA, "/no/such/bundle.pem")]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("cannot read `/no/such/bundle.pem`"),
+            "{err}"
+        );
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/attestation/trusted-ca.pem"
+        );
+        let s = with(&[(ATTESTATION_CA, path), (DOWN_PROOF, "attested")]).unwrap();
+        assert_eq!(s.attestation.map(|t| t.len()), Some(1));
+        assert_eq!(s.defaults.down_proof, crate::heartbeat::Proof::Attested);
     }
 
     #[test]

@@ -277,6 +277,8 @@ mod tests {
             origin: Origin::Agent,
             event_id: "e".into(),
             down_since: None,
+            attested: false,
+            attestation: None,
         }
     }
 

@@ -36,6 +36,8 @@ struct ImdsState {
     tokens_issued: u32,
     token_serial: u32,
     requests_without_header: u32,
+    /// Which test chain signs attested documents (`trusted` stands in for the platform).
+    signer: &'static str,
 }
 
 impl Imds {
@@ -47,6 +49,7 @@ impl Imds {
             s.compute.insert("vmId", vm_id.into());
             s.compute
                 .insert("osProfile/computerName", computer_name.into());
+            s.signer = "trusted";
         }
         imds
     }
@@ -63,6 +66,7 @@ impl Imds {
         Router::new()
             .route("/metadata/instance/compute/{*leaf}", get(imds_leaf))
             .route("/metadata/identity/oauth2/token", get(imds_token))
+            .route("/metadata/attested/document", get(imds_attested))
             .with_state(self)
     }
 }
@@ -138,6 +142,89 @@ async fn imds_token(
         "token_type": "Bearer",
     }))
     .into_response()
+}
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/attestation");
+
+/// Signs `content` as IMDS does (PKCS#7 with the content inside), with a test chain.
+fn sign_document(chain: &str, content: &str) -> String {
+    use base64::Engine;
+    let dir = std::env::temp_dir().join(format!("imds-doc-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("doc.json"), content).unwrap();
+    let out = Command::new("openssl")
+        .args([
+            "cms",
+            "-sign",
+            "-nodetach",
+            "-binary",
+            "-outform",
+            "DER",
+            "-md",
+            "sha256",
+        ])
+        .arg("-signer")
+        .arg(format!("{FIXTURES}/{chain}-leaf.pem"))
+        .arg("-inkey")
+        .arg(format!("{FIXTURES}/{chain}-leaf.key"))
+        .arg("-in")
+        .arg(dir.join("doc.json"))
+        .output()
+        .expect("openssl signs the test documents");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    base64::engine::general_purpose::STANDARD.encode(out.stdout)
+}
+
+fn imds_document(vm_id: &str, nonce: &str) -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let stamp = |t: time::OffsetDateTime| {
+        format!(
+            "{:02}/{:02}/{:02} {:02}:{:02}:{:02} -0000",
+            u8::from(t.month()),
+            t.day(),
+            t.year() % 100,
+            t.hour(),
+            t.minute(),
+            t.second()
+        )
+    };
+    json!({"licenseType": "", "nonce": nonce, "plan": {"name": "", "product": "", "publisher": ""},
+        "sku": "22_04-lts-gen2", "subscriptionId": common::SUB,
+        "timeStamp": {"createdOn": stamp(now), "expiresOn": stamp(now + time::Duration::hours(6))},
+        "vmId": vm_id})
+    .to_string()
+}
+
+async fn imds_attested(
+    State(imds): State<Imds>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    if !metadata_header_ok(&headers, &imds) {
+        return no_metadata_header();
+    }
+    let nonce = q.get("nonce").cloned().unwrap_or_default();
+    if nonce.len() > 10 || !nonce.chars().all(|c| c.is_ascii_digit()) {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "nonce must be up to 10 digits"})),
+        )
+            .into_response();
+    }
+    let (vm_id, signer) = {
+        let s = imds.inner.lock().unwrap();
+        (s.compute.get("vmId").cloned().unwrap_or_default(), s.signer)
+    };
+    let signature =
+        tokio::task::spawn_blocking(move || sign_document(signer, &imds_document(&vm_id, &nonce)))
+            .await
+            .unwrap();
+    Json(json!({"encoding": "pkcs7", "signature": signature})).into_response()
 }
 
 // ---- the Event Grid topic stand-in, and the VM's own health endpoint ----
@@ -426,7 +513,15 @@ struct Fixture {
 
 /// The handler with one scale set, and stand-ins that make the agent instance 1 of it.
 async fn fixture(start_imds: bool) -> Fixture {
-    let app = spawn_app().scale_set("web", 3).start().await;
+    fixture_with(start_imds, &[]).await
+}
+
+async fn fixture_with(start_imds: bool, env: &[(&str, &str)]) -> Fixture {
+    let mut app = spawn_app().scale_set("web", 3);
+    for (k, v) in env {
+        app = app.env(k, v);
+    }
+    let app = app.start().await;
     let (status, answer) = app.invoke_timer("monitor-state").await;
     assert_eq!(status, 200, "{answer}");
     let vm = app.vm("web", 1).await;
@@ -798,4 +893,116 @@ fn the_installer_lays_out_a_service_systemd_accepts() {
         }
         Err(e) => eprintln!("systemd-analyze not available ({e}); unit checked by content only"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attested_heartbeats_prove_what_a_known_vm_id_cannot() {
+    let ca = format!("{FIXTURES}/trusted-ca.pem");
+    let f = fixture_with(
+        true,
+        &[
+            ("HEALER_ATTESTATION_CA", ca.as_str()),
+            ("HEALER_DOWN_PROOF", "attested"),
+            ("HEALER_REPAIR_ACTIONS", "delete"),
+        ],
+    )
+    .await;
+    let set = TestApp::scale_set("web");
+    f.app.heartbeat_round().await;
+    f.app.clear_compute_calls().await;
+
+    // The real VM 1 fails its check and says so with the platform's signature.
+    let scratch = Scratch::new();
+    let out = agent_command(
+        &scratch,
+        f.imds_port,
+        f.topic_port,
+        &[
+            ("HEALER_ATTEST", "true"),
+            ("HEALER_HEALTH_COMMAND", "exit 1"),
+        ],
+        &["once"],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let real = f.topic.accepted().last().cloned().unwrap();
+    assert!(
+        real["data"]["attestation"]
+            .as_str()
+            .is_some_and(|a| a.len() > 1000),
+        "{real}"
+    );
+    let answer = through_handler(&f.app, &real).await;
+    assert_eq!(
+        (answer["status"].clone(), answer["proof"].clone()),
+        (json!("DOWN"), json!("attested")),
+        "{answer}"
+    );
+
+    // A forger who learned VM 2's vmId says VM 2 is DOWN: accepted as a reading, not as proof.
+    let vm2 = f.app.vm("web", 2).await["vm_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let now = common::now_rfc3339(time::Duration::ZERO);
+    let forged = common::heartbeat_event("web", 2, &vm2, "DOWN", &now);
+    let answer = through_handler(&f.app, &forged).await;
+    assert_eq!(answer["proof"], "vmid", "{answer}");
+
+    // … replays VM 1's document for VM 2, or signs one with a look-alike chain: refused.
+    let mut replayed = forged.clone();
+    replayed["data"]["attestation"] = real["data"]["attestation"].clone();
+    let answer = through_handler(&f.app, &replayed).await;
+    assert_eq!(answer["reason"], "attestation_refused", "{answer}");
+    assert!(
+        answer["detail"]
+            .as_str()
+            .unwrap()
+            .contains("is not the instance's"),
+        "{answer}"
+    );
+    let t =
+        time::OffsetDateTime::parse(&now, &time::format_description::well_known::Rfc3339).unwrap();
+    let mut rogue = forged.clone();
+    rogue["data"]["attestation"] = json!(sign_document(
+        "rogue",
+        &imds_document(&vm2, &t.unix_timestamp().to_string())
+    ));
+    let answer = through_handler(&f.app, &rogue).await;
+    assert_eq!(answer["reason"], "attestation_refused", "{answer}");
+    assert!(
+        answer["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not issued by a trusted CA"),
+        "{answer}"
+    );
+
+    // Only the attested DOWN is repaired.
+    let (_, status) = f.app.invoke_timer("monitor-status").await;
+    assert_eq!(
+        status["ReturnValue"]["scale_sets"][0]["repairs_requested"], 1,
+        "{status}"
+    );
+    let (journal, _) = f.app.recent_journal(&set).await;
+    let repaired: Vec<&str> = journal
+        .iter()
+        .filter(|e| e.kind == vmss_healer::journal::EntryKind::Repair)
+        .map(|e| e.instance_id.as_str())
+        .collect();
+    assert_eq!(repaired, ["1"], "{journal:?}");
+    let unproven = journal
+        .iter()
+        .find(|e| e.instance_id == "2" && e.outcome == "unproven_down")
+        .expect("the forged DOWN is journaled as unproven");
+    assert!(
+        unproven.reason.contains("proved only `vmid`"),
+        "{}",
+        unproven.reason
+    );
 }

@@ -60,6 +60,8 @@ fn heartbeat(at: OffsetDateTime, seq: i64) -> Heartbeat {
         origin: Origin::Agent,
         event_id: format!("e{seq}"),
         down_since: None,
+        attested: false,
+        attestation: None,
     }
 }
 

@@ -5,13 +5,13 @@
 #
 #   install.sh --topic <…/api/events URL> [--health-url URL | --health-command CMD]
 #              [--health-timeout 5] [--interval 60] [--schema eventgrid|cloudevents]
-#              [--root DIR] [--no-start]
+#              [--attest] [--root DIR] [--no-start]
 #
 # --root installs under another root (tests, image builds); --no-start leaves the service stopped.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-root="" start=1 topic="" health_url="" health_command="" health_timeout=5 interval=60 schema=eventgrid
+root="" start=1 attest=false topic="" health_url="" health_command="" health_timeout=5 interval=60 schema=eventgrid
 while (($# > 0)); do
     case $1 in
         --topic) topic=$2; shift 2 ;;
@@ -21,6 +21,7 @@ while (($# > 0)); do
         --interval) interval=$2; shift 2 ;;
         --schema) schema=$2; shift 2 ;;
         --root) root=$2; shift 2 ;;
+        --attest) attest=true; shift ;;
         --no-start) start=0; shift ;;
         *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
     esac
@@ -44,6 +45,7 @@ install -d -m 0755 "$root/etc/vmss-healer"
     echo "HEALER_HEALTH_TIMEOUT=$(quote "$health_timeout")"
     echo "HEALER_INTERVAL=$(quote "$interval")"
     echo "HEALER_SCHEMA=$(quote "$schema")"
+    echo "HEALER_ATTEST=$(quote "$attest")"
 } >"$root/etc/vmss-healer/agent.env.tmp"
 chmod 0644 "$root/etc/vmss-healer/agent.env.tmp"
 mv "$root/etc/vmss-healer/agent.env.tmp" "$root/etc/vmss-healer/agent.env"

@@ -438,6 +438,8 @@ fn tick(instances: usize) {
                         origin: vmss_healer::heartbeat::Origin::Agent,
                         event_id: String::new(),
                         down_since: None,
+                        attested: false,
+                        attestation: None,
                     });
                 }
             }
@@ -550,6 +552,8 @@ fn tick(instances: usize) {
                 origin: vmss_healer::heartbeat::Origin::Agent,
                 event_id: String::new(),
                 down_since: None,
+                attested: false,
+                attestation: None,
             })
             .collect();
         store.import_heartbeats(&beats).await.expect("seed DOWN heartbeats");

@@ -4,6 +4,7 @@
 //! it forever; only storage faults answer non-2xx.
 
 use super::store_error;
+use crate::attestation;
 use crate::event::{decode, Event};
 use crate::heartbeat::{self, supersedes, HEARTBEAT_TYPE, PRUNELLA_TYPE};
 use crate::host::{AppState, HostError, Invocation, Outcome};
@@ -54,11 +55,12 @@ async fn on_heartbeat(
     event: &Event,
     now: OffsetDateTime,
 ) -> Result<Outcome, HostError> {
-    let hb = match heartbeat::read(event, now) {
+    let mut hb = match heartbeat::read(event, now) {
         Ok(hb) => hb,
         Err(r) => return Ok(rejected(state, r.label(), Some(&event.id), &r.to_string())),
     };
-    let set = &hb.target.scale_set;
+    let set = hb.target.scale_set.clone();
+    let set = &set;
     if state.settings.scale_set(set).is_none() {
         let r = heartbeat::Rejection::UnknownScaleSet(set.resource_id());
         return Ok(rejected(state, r.label(), Some(&event.id), &r.to_string()));
@@ -71,6 +73,15 @@ async fn on_heartbeat(
     if let Err(r) = heartbeat::verify(&hb, mirrored.as_ref()) {
         return Ok(rejected(state, r.label(), Some(&event.id), &r.to_string()));
     }
+    let mirrored_vm_id = mirrored.as_ref().and_then(|m| m.vm_id.as_deref());
+    if let Err(r) = attestation::prove(
+        &mut hb,
+        mirrored_vm_id,
+        state.settings.attestation.as_ref(),
+        now,
+    ) {
+        return Ok(rejected(state, r.label(), Some(&event.id), &r.to_string()));
+    }
     let write = state
         .store
         .store_heartbeat(&hb, supersedes)
@@ -78,7 +89,7 @@ async fn on_heartbeat(
         .map_err(store_error)?;
     let stored = write == HeartbeatWrite::Stored;
     tracing::info!(scale_set = %set, instance = %hb.target.instance_id, status = hb.status.label(),
-        event_id = %hb.event_id, stored, "heartbeat");
+        proof = hb.proof().as_str(), event_id = %hb.event_id, stored, "heartbeat");
     let note = if stored {
         "stored"
     } else {
@@ -86,7 +97,7 @@ async fn on_heartbeat(
     };
     Ok(Outcome::new(
         format!("heartbeat {} from {}: {note}", hb.status.label(), hb.target),
-        json!({"accepted": true, "stored": stored, "instance": hb.target.to_string(), "status": hb.status.label()}),
+        json!({"accepted": true, "stored": stored, "instance": hb.target.to_string(), "status": hb.status.label(), "proof": hb.proof().as_str()}),
     ))
 }
 

@@ -55,6 +55,8 @@ fn beat(id: &str, status: Status, age_s: i64) -> Heartbeat {
         origin: Origin::Agent,
         event_id: "e".into(),
         down_since,
+        attested: false,
+        attestation: None,
     }
 }
 

@@ -708,6 +708,7 @@ fn heartbeat_entity(hb: &Heartbeat) -> Entity {
         .str("origin", hb.origin.as_str())
         .str("eventId", hb.event_id.clone())
         .opt_time("downSince", hb.down_since)
+        .bool("attested", hb.attested)
 }
 
 fn heartbeat_from_row(set: &ScaleSetId, r: &Row) -> Result<Heartbeat, RowError> {
@@ -741,6 +742,8 @@ fn heartbeat_from_row(set: &ScaleSetId, r: &Row) -> Result<Heartbeat, RowError> 
         },
         event_id: r.opt_str("eventId").unwrap_or_default(),
         down_since: r.opt_time("downSince")?,
+        attested: r.opt_bool("attested").unwrap_or(false),
+        attestation: None,
     })
 }
 
@@ -773,6 +776,8 @@ fn unreadable_placeholder(set: &ScaleSetId, instance_id: &str) -> Heartbeat {
         origin: Origin::Agent,
         event_id: String::new(),
         down_since: None,
+        attested: false,
+        attestation: None,
     }
 }
 

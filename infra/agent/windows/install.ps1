@@ -11,7 +11,8 @@ param(
     [string]$HealthCommand = '',
     [string]$HealthTimeout = '5',
     [string]$Interval = '60',
-    [ValidateSet('eventgrid', 'cloudevents')][string]$Schema = 'eventgrid'
+    [ValidateSet('eventgrid', 'cloudevents')][string]$Schema = 'eventgrid',
+    [switch]$Attest
 )
 $ErrorActionPreference = 'Stop'
 if ($HealthUrl -and $HealthCommand) { throw 'pass -HealthUrl or -HealthCommand, not both' }
@@ -26,7 +27,7 @@ function Format-Value([string]$v) { '"' + $v.Replace('\', '\\').Replace('"', '\"
 $lines = @('# written by vmss-healer install.ps1', "HEALER_TOPIC_ENDPOINT=$(Format-Value $Topic)")
 if ($HealthUrl) { $lines += "HEALER_HEALTH_URL=$(Format-Value $HealthUrl)" }
 if ($HealthCommand) { $lines += "HEALER_HEALTH_COMMAND=$(Format-Value $HealthCommand)" }
-$lines += "HEALER_HEALTH_TIMEOUT=$(Format-Value $HealthTimeout)", "HEALER_INTERVAL=$(Format-Value $Interval)", "HEALER_SCHEMA=$(Format-Value $Schema)"
+$lines += "HEALER_HEALTH_TIMEOUT=$(Format-Value $HealthTimeout)", "HEALER_INTERVAL=$(Format-Value $Interval)", "HEALER_SCHEMA=$(Format-Value $Schema)", "HEALER_ATTEST=$(Format-Value $(if ($Attest) { 'true' } else { 'false' }))"
 Set-Content -Path (Join-Path $stateDir 'agent.env') -Value $lines -Encoding UTF8
 
 if (-not [System.Diagnostics.EventLog]::SourceExists('vmss-healer-agent')) {

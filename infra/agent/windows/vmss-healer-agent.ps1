@@ -65,6 +65,7 @@ $Topic = $env:HEALER_TOPIC_ENDPOINT
 $HealthUrl = $env:HEALER_HEALTH_URL
 $HealthCommand = $env:HEALER_HEALTH_COMMAND
 $Schema = if ($env:HEALER_SCHEMA) { $env:HEALER_SCHEMA } else { 'eventgrid' }
+$Attest = $env:HEALER_ATTEST -in @('true', '1', 'yes')
 
 # ---- settings, all problems at once ----
 $problems = @()
@@ -161,6 +162,14 @@ function New-HeartbeatBody($Health) {
         sequence = $now.ToUnixTimeMilliseconds() }
     if ($Health.Detail) { $data.detail = $Health.Detail }
     if ($Health.Until) { $data.until = $Health.Until }
+    if ($Attest) {
+        # The nonce binds the platform's signature to this reading: its time in whole seconds.
+        try {
+            $doc = Invoke-RestMethod -Uri "$Imds/metadata/attested/document?api-version=2020-09-01&nonce=$($now.ToUnixTimeSeconds())" -Headers @{ Metadata = 'true' } -TimeoutSec 5
+            $data.attestation = $doc.signature
+        }
+        catch { Write-Log warn "no attested document from IMDS; heartbeat sent without it: $($_.Exception.Message)" }
+    }
     $time = $now.UtcDateTime.ToString('yyyy-MM-ddTHH:mm:ss.fffZ')
     if ($Schema -eq 'cloudevents') {
         $event = [ordered]@{ specversion = '1.0'; id = [guid]::NewGuid().ToString(); type = $EventType; source = $Topic.Split('?')[0]
@@ -217,7 +226,7 @@ switch ($Command) {
     'once' { if (Send-Heartbeat 10000) { exit 0 } else { exit 1 } }
     'config' {
         "HEALER_TOPIC_ENDPOINT=$Topic"; "HEALER_HEALTH_URL=$HealthUrl"; "HEALER_HEALTH_COMMAND=$HealthCommand"
-        "HEALER_HEALTH_TIMEOUT=$($HealthTimeoutMs / 1000)"; "HEALER_INTERVAL=$($IntervalMs / 1000)"; "HEALER_SCHEMA=$Schema"; "HEALER_STATE_DIR=$StateDir"
+        "HEALER_HEALTH_TIMEOUT=$($HealthTimeoutMs / 1000)"; "HEALER_INTERVAL=$($IntervalMs / 1000)"; "HEALER_SCHEMA=$Schema"; "HEALER_ATTEST=$Attest"; "HEALER_STATE_DIR=$StateDir"
     }
     'maintenance' {
         $null = New-Item -ItemType Directory -Force -Path $StateDir
