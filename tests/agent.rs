@@ -573,6 +573,16 @@ async fn the_agent_reports_real_health_with_a_cached_token_and_the_handler_accep
     assert!(statuses(&events).iter().all(|s| s == "UP"), "{events:?}");
     // One token for all of them: cached until near expiry.
     assert_eq!(f.imds.tokens_issued(), 1);
+    // The stand-in is as strict as IMDS: without `Metadata: true` it answers 400 (the agent never
+    // got one).
+    let bare = reqwest::get(format!(
+        "http://127.0.0.1:{}/metadata/identity/oauth2/token?resource=https://eventgrid.azure.net",
+        f.imds_port
+    ))
+    .await
+    .unwrap();
+    assert_eq!(bare.status(), 400);
+    f.imds.inner.lock().unwrap().requests_without_header -= 1;
     assert_eq!(f.imds.inner.lock().unwrap().requests_without_header, 0);
     let sequences: Vec<i64> = events
         .iter()
