@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Builds the handler as one static Linux x86-64 binary and stages the Function App:
+#
+#   publish/
+#     host.json  handler  .funcignore  [local.settings.json]
+#     monitor-events/function.json  monitor-state/function.json  monitor-status/function.json
+#
+# `func azure functionapp publish <app>` and `func start` are both run from that folder.
+#
+#   infra/package.sh [--out DIR]
+#
+# The target is x86_64-unknown-linux-musl when its standard library is installed
+# (`rustup target add x86_64-unknown-linux-musl`); otherwise the glibc target linked statically
+# (`-C target-feature=+crt-static`), which runs on the same hosts. Either way the binary needs no
+# shared library, which is what the Functions host's Linux images require of a custom handler.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+out="$root/publish"
+while (($# > 0)); do
+    case $1 in
+        --out) out=$2; shift 2 ;;
+        *) echo "package.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+
+if rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
+    target=x86_64-unknown-linux-musl
+    rustflags=""
+else
+    echo "package.sh: the musl target is not installed; building a statically linked glibc binary" >&2
+    target=x86_64-unknown-linux-gnu
+    rustflags="-C target-feature=+crt-static"
+fi
+(cd "$root" && RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }$rustflags" cargo build --release --locked --target "$target" --bin handler)
+
+rm -rf "$out"
+mkdir -p "$out"
+install -m 0755 "$root/target/$target/release/handler" "$out/handler"
+install -m 0644 "$root/host.json" "$out/host.json"
+for dir in "$root"/functions/*/; do
+    name=$(basename "$dir")
+    install -D -m 0644 "$dir/function.json" "$out/$name/function.json"
+done
+if [[ -f $root/local.settings.json ]]; then
+    # For `func start` in the staged folder; .funcignore keeps it out of a publish.
+    install -m 0600 "$root/local.settings.json" "$out/local.settings.json"
+fi
+cat >"$out/.funcignore" <<'IGNORE'
+local.settings.json
+.funcignore
+*.tmp
+IGNORE
+echo "staged $out ($target): $(cd "$out" && find . -type f | sort | tr '\n' ' ')"
