@@ -7,7 +7,9 @@
 #
 # `func azure functionapp publish <app>` and `func start` are both run from that folder.
 #
-#   infra/package.sh [--out DIR]
+#   infra/package.sh [--out DIR] [--azd]
+#
+# --azd (the azd prepackage hook) adds an empty package.json: azd packages the folder as Node.
 #
 # The target is x86_64-unknown-linux-musl when its standard library is installed
 # (`rustup target add x86_64-unknown-linux-musl`); otherwise the glibc target linked statically
@@ -17,9 +19,11 @@ set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out="$root/publish"
+azd=0
 while (($# > 0)); do
     case $1 in
         --out) out=$2; shift 2 ;;
+        --azd) azd=1; shift ;;
         *) echo "package.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -51,4 +55,9 @@ local.settings.json
 .funcignore
 *.tmp
 IGNORE
+if ((azd)); then
+    # azd has no Rust language; as a Node project with no dependencies it zips the folder as is.
+    printf '{"name":"vmss-healer","private":true,"version":"0.0.0"}\n' >"$out/package.json"
+    printf 'package.json\n' >>"$out/.funcignore"
+fi
 echo "staged $out ($target): $(cd "$out" && find . -type f | sort | tr '\n' ' ')"

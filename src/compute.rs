@@ -17,6 +17,39 @@ use url::Url;
 
 const READ_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(300);
 
+/// The Resource Manager actions the handler performs, and no other: the custom role the
+/// infrastructure grants on the watched scale sets (`infra/`) is exactly this list.
+pub const REQUIRED_ACTIONS: &[&str] = &[
+    "Microsoft.Compute/virtualMachineScaleSets/read",
+    "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/read",
+    "Microsoft.Compute/virtualMachineScaleSets/write",
+    "Microsoft.Compute/virtualMachineScaleSets/delete/action",
+    "Microsoft.Compute/virtualMachineScaleSets/reimage/action",
+    "Microsoft.Compute/virtualMachineScaleSets/restart/action",
+];
+
+/// The action Resource Manager authorizes a request of ours by (`None`: not a request we make).
+/// Lets tests hold every call the handler sends against [`REQUIRED_ACTIONS`].
+pub fn required_action(method: &str, path: &str) -> Option<&'static str> {
+    let path = path.to_ascii_lowercase();
+    let rest = path
+        .split("/providers/microsoft.compute/virtualmachinescalesets/")
+        .nth(1)?;
+    let mut segments = rest.split('/').filter(|s| !s.is_empty());
+    let _name = segments.next()?;
+    let tail: Vec<&str> = segments.collect();
+    let action = match (method.to_ascii_uppercase().as_str(), tail.as_slice()) {
+        ("GET", []) => REQUIRED_ACTIONS[0],
+        ("GET", ["virtualmachines"]) | ("GET", ["virtualmachines", _]) => REQUIRED_ACTIONS[1],
+        ("PATCH", []) | ("PUT", []) => REQUIRED_ACTIONS[2],
+        ("POST", ["delete"]) => REQUIRED_ACTIONS[3],
+        ("POST", ["reimage"]) => REQUIRED_ACTIONS[4],
+        ("POST", ["restart"]) => REQUIRED_ACTIONS[5],
+        _ => return None,
+    };
+    Some(action)
+}
+
 /// Why a Compute call failed, in the terms a caller branches on.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ComputeError {
@@ -389,4 +422,42 @@ pub fn to_instance(vm: models::VirtualMachineScaleSetVm) -> Option<Instance> {
             .and_then(|p| p.time_created)
             .map(crate::mirror::at_storage_precision),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_request_maps_to_the_action_resource_manager_checks() {
+        let set = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/web";
+        let cases = [
+            ("GET", set.to_string(), Some(REQUIRED_ACTIONS[0])),
+            (
+                "GET",
+                format!("{set}/virtualMachines"),
+                Some(REQUIRED_ACTIONS[1]),
+            ),
+            (
+                "GET",
+                format!("{set}/virtualMachines/3"),
+                Some(REQUIRED_ACTIONS[1]),
+            ),
+            ("PATCH", set.to_string(), Some(REQUIRED_ACTIONS[2])),
+            ("POST", format!("{set}/delete"), Some(REQUIRED_ACTIONS[3])),
+            ("POST", format!("{set}/reimage"), Some(REQUIRED_ACTIONS[4])),
+            ("POST", format!("{set}/restart"), Some(REQUIRED_ACTIONS[5])),
+            // Requests we never make are not covered: deleting the scale set, powering off.
+            ("DELETE", set.to_string(), None),
+            ("POST", format!("{set}/poweroff"), None),
+            (
+                "GET",
+                "/subscriptions/s/providers/Microsoft.Compute/locations/x/operations/1".into(),
+                None,
+            ),
+        ];
+        for (method, path, want) in cases {
+            assert_eq!(required_action(method, &path), want, "{method} {path}");
+        }
+    }
 }
