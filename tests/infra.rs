@@ -121,3 +121,22 @@ async fn every_compute_request_is_covered_by_the_role_and_every_action_is_used()
     let all: BTreeSet<&str> = REQUIRED_ACTIONS.iter().copied().collect();
     assert_eq!(used, all, "an action of the role is never used");
 }
+
+#[test]
+fn the_sample_points_its_agents_at_the_topic_main_creates() {
+    let main = read("infra/main.bicep");
+    let sample = read("infra/sample/sample.bicep");
+    // The sample computes the topic endpoint before the topic exists: both files must name it the
+    // same way.
+    let suffix = "uniqueString(resourceGroup().id, name)";
+    assert!(main.contains(&format!("var suffix = {suffix}")));
+    assert!(sample.contains(&format!("var suffix = {suffix}")));
+    assert!(main.contains("name: '${name}-heartbeats-${suffix}'"));
+    assert!(sample.contains("https://${name}-heartbeats-${suffix}.${location}-1.eventgrid.azure.net/api/events"));
+    // It installs the repository's agent files, and watches and authorizes its own scale set.
+    for file in ["vmss-healer-agent", "vmss-healer-agent.service", "install.sh"] {
+        assert!(sample.contains(&format!("loadTextContent('../agent/{file}')")), "{file}");
+    }
+    assert!(sample.contains("watchedScaleSets: [{ id: scaleSet.id"));
+    assert!(sample.contains("senderPrincipalIds: [scaleSet.identity.principalId]"));
+}
