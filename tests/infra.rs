@@ -132,10 +132,19 @@ fn the_sample_points_its_agents_at_the_topic_main_creates() {
     assert!(main.contains(&format!("var suffix = {suffix}")));
     assert!(sample.contains(&format!("var suffix = {suffix}")));
     assert!(main.contains("name: '${name}-heartbeats-${suffix}'"));
-    assert!(sample.contains("https://${name}-heartbeats-${suffix}.${location}-1.eventgrid.azure.net/api/events"));
+    assert!(sample.contains(
+        "https://${name}-heartbeats-${suffix}.${location}-1.eventgrid.azure.net/api/events"
+    ));
     // It installs the repository's agent files, and watches and authorizes its own scale set.
-    for file in ["vmss-healer-agent", "vmss-healer-agent.service", "install.sh"] {
-        assert!(sample.contains(&format!("loadTextContent('../agent/{file}')")), "{file}");
+    for file in [
+        "vmss-healer-agent",
+        "vmss-healer-agent.service",
+        "install.sh",
+    ] {
+        assert!(
+            sample.contains(&format!("loadTextContent('../agent/{file}')")),
+            "{file}"
+        );
     }
     assert!(sample.contains("watchedScaleSets: [{ id: scaleSet.id"));
     assert!(sample.contains("senderPrincipalIds: [scaleSet.identity.principalId]"));
