@@ -11,10 +11,33 @@ use vmss_healer::identity::credential;
 use vmss_healer::settings::Settings;
 use vmss_healer::state::Store;
 
+const USAGE: &str = "usage: handler                          serve the Functions host (FUNCTIONS_CUSTOMHANDLER_PORT)
+       handler status [--json]          each scale set's health, brake, incidents and recent journal
+       handler pause <scale set> [--reason TEXT]
+                                        a manual brake: monitor-status starts no repair there
+       handler resume <scale set>       lift it
+       handler --settings-table         the README's settings table
+<scale set> is a watched resource id or its name. The commands read the same settings as the
+Function App (HEALER_STORAGE or AzureWebJobsStorage, HEALER_SCALE_SETS, ...).
+";
+
 fn main() {
-    if std::env::args().nth(1).as_deref() == Some("--settings-table") {
-        print!("{}", vmss_healer::settings::markdown_table());
-        return;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("--settings-table") => {
+            print!("{}", vmss_healer::settings::markdown_table());
+            return;
+        }
+        Some("status" | "pause" | "resume") => std::process::exit(command(&args)),
+        Some("--help" | "-h" | "help") => {
+            print!("{USAGE}");
+            return;
+        }
+        Some(other) => {
+            eprint!("handler: unknown command `{other}`\n{USAGE}");
+            std::process::exit(2);
+        }
+        None => {}
     }
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -46,6 +69,87 @@ fn main() {
         eprintln!("handler: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// An operator's command; returns the exit code (2: bad usage or settings).
+fn command(args: &[String]) -> i32 {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new("warn"))
+        .with_target(false)
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
+    let settings = match Settings::from_env() {
+        Ok(s) => s,
+        Err(problems) => {
+            eprint!("{problems}");
+            return 2;
+        }
+    };
+    let mut rest = args[1..].iter().map(String::as_str);
+    let (json, target, note) = match args[0].as_str() {
+        "status" => match rest.next() {
+            None => (false, None, None),
+            Some("--json") => (true, None, None),
+            Some(other) => return usage(&format!("status takes --json, not `{other}`")),
+        },
+        "pause" => {
+            let Some(set) = rest.next() else {
+                return usage("pause needs a scale set");
+            };
+            let note = match (rest.next(), rest.next()) {
+                (None, _) => "no reason given".to_string(),
+                (Some("--reason"), Some(text)) => text.to_string(),
+                _ => return usage("pause takes --reason TEXT"),
+            };
+            (false, Some(set), Some(note))
+        }
+        _ => match rest.next() {
+            Some(set) => (false, Some(set), None),
+            None => return usage("resume needs a scale set"),
+        },
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    let result = runtime.block_on(async {
+        let store =
+            Store::connect(&settings.storage, credential).context("configuring table storage")?;
+        match target {
+            None => vmss_healer::operator::status(&settings, &store, json).await,
+            Some(set) => {
+                vmss_healer::operator::set_pause(&settings, &store, set, note.as_deref()).await
+            }
+        }
+    });
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            0
+        }
+        Err(e) => {
+            eprintln!("handler {}: {e:#}", args[0]);
+            if e.downcast_ref::<vmss_healer::operator::NoSuchScaleSet>()
+                .is_some()
+            {
+                2
+            } else {
+                1
+            }
+        }
+    }
+}
+
+fn usage(problem: &str) -> i32 {
+    eprint!("handler: {problem}\n{USAGE}");
+    2
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {

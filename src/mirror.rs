@@ -102,6 +102,9 @@ pub struct ScaleSetRecord {
     /// The brake holding the scale set's repairs (a reason label), if any, and since when.
     pub breaker: Option<String>,
     pub breaker_since: Option<OffsetDateTime>,
+    /// An operator's manual brake (`handler pause`): the note they gave, and since when.
+    pub operator_pause: Option<String>,
+    pub operator_pause_since: Option<OffsetDateTime>,
 }
 
 impl ScaleSetRecord {
@@ -117,6 +120,8 @@ impl ScaleSetRecord {
             changed_at: None,
             breaker: None,
             breaker_since: None,
+            operator_pause: None,
+            operator_pause_since: None,
         }
     }
 }

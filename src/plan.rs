@@ -125,6 +125,12 @@ pub struct Withheld {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "why", rename_all = "snake_case")]
 pub enum WithheldReason {
+    /// An operator paused the scale set (`handler pause`).
+    PausedByOperator {
+        note: String,
+        #[serde(with = "time::serde::rfc3339::option")]
+        since: Option<OffsetDateTime>,
+    },
     /// The scale set has never been mirrored.
     NoMirror,
     /// The mirror has not been read for `HEALER_FULL_RESYNC` + `HEALER_MIRROR_MAX_AGE`.
@@ -188,6 +194,7 @@ pub enum WithheldReason {
 impl WithheldReason {
     pub fn label(&self) -> &'static str {
         match self {
+            WithheldReason::PausedByOperator { .. } => "paused_by_operator",
             WithheldReason::NoMirror => "no_mirror",
             WithheldReason::StaleMirror { .. } | WithheldReason::MirrorBehind { .. } => {
                 "stale_mirror"
@@ -208,6 +215,10 @@ impl WithheldReason {
 
     pub fn describe(&self) -> String {
         match self {
+            WithheldReason::PausedByOperator { note, since } => format!(
+                "paused by an operator{}: {note}; `handler resume` lifts it",
+                since.map(|s| format!(" since {}", stamp(s))).unwrap_or_default()
+            ),
             WithheldReason::NoMirror => "the scale set has not been mirrored yet".into(),
             WithheldReason::StaleMirror { age_seconds, max_seconds } => format!(
                 "the mirror was last read {age_seconds} s ago, longer than HEALER_FULL_RESYNC + HEALER_MIRROR_MAX_AGE ({max_seconds} s)"
@@ -261,7 +272,8 @@ impl WithheldReason {
     pub fn is_pause(&self) -> bool {
         matches!(
             self,
-            WithheldReason::NoMirror
+            WithheldReason::PausedByOperator { .. }
+                | WithheldReason::NoMirror
                 | WithheldReason::StaleMirror { .. }
                 | WithheldReason::MirrorBehind { .. }
                 | WithheldReason::PipelineFault { .. }
@@ -300,13 +312,12 @@ fn evidence(
     serde_json::json!({"verdict": reason, "heartbeat": hb, "instance": m.map(|m| &m.instance)})
 }
 
-pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDateTime) -> Plan {
-    let present: HashMap<&str, &MirroredInstance> = obs
-        .instances
-        .iter()
-        .map(|m| (m.instance.instance_id.as_str(), m))
-        .collect();
-    let synced_at = obs.record.as_ref().and_then(|r| r.synced_at);
+/// Every mirrored instance's verdict, by instance id.
+pub fn verdicts<'a>(
+    obs: &'a Observation,
+    policy: &Policy,
+    now: OffsetDateTime,
+) -> HashMap<&'a str, Verdict> {
     let history = |m: &MirroredInstance| History {
         first_seen: m.synced_at,
         last_repair: obs
@@ -314,8 +325,7 @@ pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDat
             .get(&m.instance.instance_id)
             .and_then(|i| i.value.step_started),
     };
-    let verdicts: HashMap<&str, Verdict> = obs
-        .instances
+    obs.instances
         .iter()
         .map(|m| {
             let id = m.instance.instance_id.as_str();
@@ -324,7 +334,17 @@ pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDat
                 judge(&m.instance, obs.heartbeats.get(id), history(m), policy, now),
             )
         })
+        .collect()
+}
+
+pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDateTime) -> Plan {
+    let present: HashMap<&str, &MirroredInstance> = obs
+        .instances
+        .iter()
+        .map(|m| (m.instance.instance_id.as_str(), m))
         .collect();
+    let synced_at = obs.record.as_ref().and_then(|r| r.synced_at);
+    let verdicts = verdicts(obs, policy, now);
 
     let mut plan = Plan {
         transitions: Vec::new(),
@@ -424,49 +444,58 @@ pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDat
     // A quiet scale set is only re-read every full resync, so its mirror may be that old; one with
     // an announced change must catch up within the mirror's maximum age.
     let changed_at = obs.record.as_ref().and_then(|r| r.changed_at);
-    let pause = match synced_at {
-        None => Some(WithheldReason::NoMirror),
-        Some(s) if now - s > brakes.full_resync + brakes.mirror_max_age => {
-            Some(WithheldReason::StaleMirror {
-                age_seconds: (now - s).whole_seconds(),
-                max_seconds: (brakes.full_resync + brakes.mirror_max_age).whole_seconds(),
+    let operator = obs.record.as_ref().and_then(|r| {
+        r.operator_pause
+            .clone()
+            .map(|note| WithheldReason::PausedByOperator {
+                note,
+                since: r.operator_pause_since,
             })
-        }
-        Some(s) => changed_at
-            .filter(|c| *c >= s && now - *c > brakes.mirror_max_age)
-            .map(|c| WithheldReason::MirrorBehind {
-                behind_seconds: (now - c).whole_seconds(),
-                max_seconds: brakes.mirror_max_age.whole_seconds(),
-            }),
-    }
-    .or_else(|| {
-        brakes
-            .pipeline_fault
-            .map(|f| WithheldReason::PipelineFault {
-                silent: f.silent,
-                reporting: f.reporting,
-            })
-    })
-    .or_else(|| {
-        let max = policy.max_unhealthy.of(plan.total, 0);
-        (plan.unhealthy as u32 > max).then_some(WithheldReason::TooManyUnhealthy {
-            unhealthy: plan.unhealthy,
-            total: plan.total,
-            max,
-        })
-    })
-    .or_else(|| {
-        let platform = obs.record.as_ref().is_some_and(|r| r.platform_auto_repair);
-        (platform && policy.platform_repairs == PlatformRepairs::Defer)
-            .then_some(WithheldReason::PlatformRepairs)
-    })
-    .or_else(|| {
-        obs.record
-            .as_ref()
-            .and_then(|r| r.throttled_until)
-            .filter(|until| *until > now)
-            .map(|until| WithheldReason::Throttled { until })
     });
+    let pause = operator
+        .or(match synced_at {
+            None => Some(WithheldReason::NoMirror),
+            Some(s) if now - s > brakes.full_resync + brakes.mirror_max_age => {
+                Some(WithheldReason::StaleMirror {
+                    age_seconds: (now - s).whole_seconds(),
+                    max_seconds: (brakes.full_resync + brakes.mirror_max_age).whole_seconds(),
+                })
+            }
+            Some(s) => changed_at
+                .filter(|c| *c >= s && now - *c > brakes.mirror_max_age)
+                .map(|c| WithheldReason::MirrorBehind {
+                    behind_seconds: (now - c).whole_seconds(),
+                    max_seconds: brakes.mirror_max_age.whole_seconds(),
+                }),
+        })
+        .or_else(|| {
+            brakes
+                .pipeline_fault
+                .map(|f| WithheldReason::PipelineFault {
+                    silent: f.silent,
+                    reporting: f.reporting,
+                })
+        })
+        .or_else(|| {
+            let max = policy.max_unhealthy.of(plan.total, 0);
+            (plan.unhealthy as u32 > max).then_some(WithheldReason::TooManyUnhealthy {
+                unhealthy: plan.unhealthy,
+                total: plan.total,
+                max,
+            })
+        })
+        .or_else(|| {
+            let platform = obs.record.as_ref().is_some_and(|r| r.platform_auto_repair);
+            (platform && policy.platform_repairs == PlatformRepairs::Defer)
+                .then_some(WithheldReason::PlatformRepairs)
+        })
+        .or_else(|| {
+            obs.record
+                .as_ref()
+                .and_then(|r| r.throttled_until)
+                .filter(|until| *until > now)
+                .map(|until| WithheldReason::Throttled { until })
+        });
     if let Some(why) = pause {
         plan.withheld.push(Withheld {
             instance_id: None,

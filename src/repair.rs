@@ -115,7 +115,8 @@ pub async fn repair_all(
     })
 }
 
-async fn gather(
+/// Reads what `decide` looks at for one scale set (also the operator's `handler status`).
+pub async fn gather(
     store: &Store,
     id: &ScaleSetId,
     record: Option<ScaleSetRecord>,

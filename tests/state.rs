@@ -234,6 +234,8 @@ async fn journal_lists_newest_first_and_scale_set_records_round_trip() {
         changed_at: None,
         breaker: Some("too_many_unhealthy".into()),
         breaker_since: Some(t0),
+        operator_pause: Some("deploying v2".into()),
+        operator_pause_since: Some(t0),
     };
     store.write_scale_set(&set(), &record).await.unwrap();
     assert_eq!(store.scale_set(&set()).await.unwrap(), Some(record.clone()));

@@ -125,6 +125,12 @@ impl Fleet {
             .power_state = Some("stopped".into());
         self
     }
+    fn paused_by_operator(mut self) -> Self {
+        let record = self.0.record.as_mut().unwrap();
+        record.operator_pause = Some("deploying".into());
+        record.operator_pause_since = Some(NOW - secs(60));
+        self
+    }
     fn changed(mut self, ago_s: i64) -> Self {
         self.0.record.as_mut().unwrap().changed_at = Some(NOW - secs(ago_s));
         self
@@ -245,6 +251,8 @@ fn decision_table() {
         ("stopped, on an old mirror: confirm first", fleet(4).stopped("1").mirror_age(301), &[], (vec![], vec![(Some("1"), "awaiting_resync")])),
         ("a DOWN proven by a name only is not acted on", fleet(4).name_only_down("1"), &[], (vec![], vec![(Some("1"), "unproven_down")])),
         ("unless names are accepted as proof", fleet(4).name_only_down("1"), &[("HEALER_DOWN_PROOF", "name")], (vec![("1", "open", Some(Replace), 1)], vec![])),
+        ("paused by an operator", fleet(4).down("1").paused_by_operator(), &[], (vec![], vec![(None, "paused_by_operator")])),
+        ("paused by an operator: outcomes still recorded", fleet(4).gone("2").repairing("2", Delete, 1, 60).paused_by_operator(), &[], (vec![("2", "removed", Some(Delete), 1)], vec![(None, "paused_by_operator")])),
         ("never mirrored", fleet(4).down("1").never_synced(), &[], (vec![], vec![(None, "no_mirror")])),
         ("platform repairs on: defer", fleet(4).down("1").platform_repairs(), &[], (vec![], vec![(None, "platform_repairs")])),
         ("throttled: no repair until Retry-After passes", fleet(4).down("1").throttled(60), &[], (vec![], vec![(None, "throttled")])),

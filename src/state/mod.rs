@@ -416,6 +416,21 @@ impl Store {
         self.scalesets.merge(SCALESET_PARTITION, entity).await
     }
 
+    /// Sets (`Some(note)`) or lifts (`None`) an operator's manual brake on the scale set, leaving
+    /// the rest of its row as it is.
+    pub async fn set_operator_pause(
+        &self,
+        set: &ScaleSetId,
+        note: Option<&str>,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let entity = Entity::new(SCALESET_PARTITION, &set.key())
+            .str("resourceId", set.resource_id())
+            .str("operatorPause", note.unwrap_or_default())
+            .time("operatorPauseSince", at);
+        self.scalesets.merge(SCALESET_PARTITION, entity).await
+    }
+
     /// Records that the Compute API asked us to back off from this scale set until `until`.
     pub async fn set_throttled(
         &self,
@@ -794,6 +809,11 @@ fn scaleset_entity(set: &ScaleSetId, r: &ScaleSetRecord) -> Entity {
         .opt_time("changedAt", r.changed_at)
         .str("breaker", r.breaker.clone().unwrap_or_default())
         .opt_time("breakerSince", r.breaker_since)
+        .str(
+            "operatorPause",
+            r.operator_pause.clone().unwrap_or_default(),
+        )
+        .opt_time("operatorPauseSince", r.operator_pause_since)
 }
 
 /// The columns a mirror sync owns; the breaker (monitor-status) and `changedAt` (events, repairs)
@@ -822,6 +842,8 @@ fn scaleset_from_row(r: &Row) -> Result<ScaleSetRecord, RowError> {
         changed_at: r.opt_time("changedAt")?,
         breaker: r.opt_str("breaker").filter(|s| !s.is_empty()),
         breaker_since: r.opt_time("breakerSince")?,
+        operator_pause: r.opt_str("operatorPause").filter(|s| !s.is_empty()),
+        operator_pause_since: r.opt_time("operatorPauseSince")?,
     })
 }
 

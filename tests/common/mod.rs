@@ -46,6 +46,8 @@ pub struct TestApp {
     pub handler_url: String,
     pub http: reqwest::Client,
     pub store: Store,
+    /// The handler's environment, for running its operator commands against the same deployment.
+    handler_env: Vec<(String, String)>,
 }
 
 pub struct Builder {
@@ -137,21 +139,25 @@ impl Builder {
             .iter()
             .map(|b| scale_set_id(b["name"].as_str().expect("a scale set name")))
             .collect();
+        let mut handler_env: Vec<(String, String)> = vec![
+            ("PATH".into(), std::env::var("PATH").unwrap_or_default()),
+            ("RUST_LOG".into(), "info".into()),
+            (
+                "FUNCTIONS_CUSTOMHANDLER_PORT".into(),
+                handler_port.to_string(),
+            ),
+            ("HEALER_SCALE_SETS".into(), ids.join(",")),
+            ("HEALER_STORAGE".into(), azurite.connection_string()),
+            ("HEALER_ARM_ENDPOINT".into(), sim_url.clone()),
+            ("IDENTITY_ENDPOINT".into(), format!("{sim_url}/msi/token")),
+            ("IDENTITY_HEADER".into(), IDENTITY_SECRET.into()),
+        ];
+        handler_env.extend(self.env.clone());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_handler"));
         cmd.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("RUST_LOG", "info")
-            .env("FUNCTIONS_CUSTOMHANDLER_PORT", handler_port.to_string())
-            .env("HEALER_SCALE_SETS", ids.join(","))
-            .env("HEALER_STORAGE", azurite.connection_string())
-            .env("HEALER_ARM_ENDPOINT", &sim_url)
-            .env("IDENTITY_ENDPOINT", format!("{sim_url}/msi/token"))
-            .env("IDENTITY_HEADER", IDENTITY_SECRET)
+            .envs(handler_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
         let mut handler = cmd.spawn().expect("start handler");
         wait_for_port(
             handler_port,
@@ -187,11 +193,28 @@ impl Builder {
             handler_url,
             http,
             store,
+            handler_env,
         }
     }
 }
 
 impl TestApp {
+    /// Runs `handler <args>` (an operator command) with the deployment's settings; returns the
+    /// exit code, stdout and stderr.
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_handler"))
+            .args(args)
+            .env_clear()
+            .envs(self.handler_env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .expect("run the handler's command");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// POSTs a raw body to the handler as the host would; returns status and JSON answer.
     pub async fn post_raw(&self, function: &str, body: String) -> (u16, Value) {
         let r = self

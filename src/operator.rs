@@ -1,0 +1,167 @@
+//! The operator's commands of the `handler` binary, against a deployment's tables with the same
+//! settings as the Function App: `status` (what the healer sees and did), `pause` / `resume` (a
+//! manual brake `monitor-status` obeys). Reads and writes the tables only, never the Compute API.
+
+use crate::journal::{Entry, EntryKind};
+use crate::plan::{pipeline_fault, Brakes};
+use crate::repair::gather;
+use crate::settings::{Settings, WatchedScaleSet};
+use crate::state::Store;
+use crate::status::{render, summarize, Report};
+use anyhow::Context;
+use futures::StreamExt;
+use time::{Duration, OffsetDateTime};
+
+/// Journal rows shown per scale set.
+const RECENT: usize = 10;
+
+/// `handler status [--json]`.
+pub async fn status(settings: &Settings, store: &Store, json: bool) -> anyhow::Result<String> {
+    let now = OffsetDateTime::now_utc();
+    let records = store
+        .scale_sets()
+        .await
+        .context("reading the scalesets table")?;
+    let reads: Vec<_> = settings
+        .scale_sets
+        .iter()
+        .map(|w| gather(store, &w.id, records.get(&w.id.key()).cloned()))
+        .collect();
+    let observations: Vec<_> = futures::stream::iter(reads)
+        .buffered(4)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .context("reading the mirror, heartbeats and incidents")?;
+    let pairs: Vec<_> = observations
+        .iter()
+        .zip(&settings.scale_sets)
+        .map(|(o, w)| (o, &w.policy))
+        .collect();
+    let brakes = Brakes {
+        mirror_max_age: settings.mirror_max_age,
+        full_resync: settings.full_resync,
+        pipeline_fault: pipeline_fault(&pairs, now),
+    };
+    let mut scale_sets = Vec::new();
+    for (watched, obs) in settings.scale_sets.iter().zip(&observations) {
+        let (journal, _) = store
+            .journal(&watched.id, now - Duration::hours(24))
+            .await
+            .with_context(|| format!("reading the journal of {}", watched.id))?;
+        let recent: Vec<Entry> = journal.into_iter().take(RECENT).collect();
+        scale_sets.push(summarize(
+            &watched.id,
+            &watched.policy,
+            obs,
+            brakes,
+            &recent,
+            now,
+        ));
+    }
+    let report = Report {
+        at: now,
+        dry_run: settings.dry_run,
+        scale_sets,
+    };
+    Ok(if json {
+        serde_json::to_string_pretty(&report)? + "\n"
+    } else {
+        render(&report)
+    })
+}
+
+/// `handler pause <scale set> [--reason TEXT]` (`note: Some`) and `handler resume <scale set>`.
+pub async fn set_pause(
+    settings: &Settings,
+    store: &Store,
+    which: &str,
+    note: Option<&str>,
+) -> anyhow::Result<String> {
+    let watched = find(settings, which)?;
+    let now = OffsetDateTime::now_utc();
+    store
+        .set_operator_pause(&watched.id, note, now)
+        .await
+        .with_context(|| format!("writing the brake of {}", watched.id))?;
+    let (outcome, reason, told) = match note {
+        Some(note) => (
+            "operator_pause",
+            format!("paused by an operator: {note}"),
+            format!(
+                "paused {}: monitor-status starts no repair there until `handler resume {}`",
+                watched.id, watched.id.name
+            ),
+        ),
+        None => (
+            "operator_resume",
+            "resumed by an operator".to_string(),
+            format!("resumed {}", watched.id),
+        ),
+    };
+    // The audit trail: who paused what is in the journal, not only in the row that holds it.
+    store
+        .append_journal(&[Entry {
+            scale_set: watched.id.clone(),
+            instance_id: "*".into(),
+            at: now,
+            incident: String::new(),
+            kind: EntryKind::Withheld,
+            action: None,
+            attempt: 0,
+            outcome: outcome.into(),
+            reason,
+            evidence: serde_json::Value::Null,
+            dry_run: settings.dry_run,
+        }])
+        .await
+        .context("journaling the operator's brake")?;
+    tracing::warn!(scale_set = %watched.id, decision = outcome, note = note.unwrap_or(""), "operator brake changed");
+    Ok(told + "\n")
+}
+
+/// The command names no (or no single) watched scale set: the caller's mistake, not the
+/// deployment's.
+#[derive(Debug, thiserror::Error)]
+pub enum NoSuchScaleSet {
+    #[error("`{which}` is not a watched scale set (HEALER_SCALE_SETS); watched:\n  {watched}")]
+    NotWatched { which: String, watched: String },
+    #[error("`{which}` names more than one watched scale set; give the resource id:\n  {watched}")]
+    Ambiguous { which: String, watched: String },
+}
+
+/// A watched scale set by resource id or by name (when the name is unique).
+fn find<'a>(settings: &'a Settings, which: &str) -> anyhow::Result<&'a WatchedScaleSet> {
+    let matches: Vec<&WatchedScaleSet> = settings
+        .scale_sets
+        .iter()
+        .filter(|w| {
+            w.id.resource_id()
+                .eq_ignore_ascii_case(which.trim_end_matches('/'))
+                || w.id.name.eq_ignore_ascii_case(which)
+        })
+        .collect();
+    let names = || {
+        settings
+            .scale_sets
+            .iter()
+            .map(|w| w.id.resource_id())
+            .collect::<Vec<_>>()
+            .join("\n  ")
+    };
+    let which = which.to_string();
+    match matches.as_slice() {
+        [one] => Ok(one),
+        [] => Err(NoSuchScaleSet::NotWatched {
+            which,
+            watched: names(),
+        }
+        .into()),
+        _ => Err(NoSuchScaleSet::Ambiguous {
+            which,
+            watched: names(),
+        }
+        .into()),
+    }
+}

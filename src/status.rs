@@ -1,0 +1,290 @@
+//! The operator's view of a deployment (`handler status`): per scale set, how many instances are
+//! healthy, unhealthy, being repaired or in maintenance, the brake in force, the open incidents and
+//! the latest journal rows. Built by the same judgement `monitor-status` uses, so it shows what the
+//! next pass would see. Pure: observations in, a report and its text out.
+
+use crate::incident::State;
+use crate::journal::{stamp, Entry};
+use crate::plan::{decide, Brakes, Observation};
+use crate::policy::Policy;
+use crate::scaleset::ScaleSetId;
+use crate::verdict::Verdict;
+use serde::Serialize;
+use time::OffsetDateTime;
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    pub dry_run: bool,
+    pub scale_sets: Vec<SetStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SetStatus {
+    pub scale_set: String,
+    pub name: String,
+    pub total: usize,
+    pub healthy: usize,
+    pub unhealthy: usize,
+    /// Trouble that does not count yet (within a grace, DOWN not long enough), or a DOWN whose
+    /// source proved too little.
+    pub suspect: usize,
+    pub starting: usize,
+    pub maintenance: usize,
+    /// Incidents with a repair step under way.
+    pub repairing: usize,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub mirrored_at: Option<OffsetDateTime>,
+    /// The brake holding the scale set's repairs, if any: its label and why.
+    pub brake: Option<String>,
+    pub brake_reason: Option<String>,
+    pub incidents: Vec<IncidentLine>,
+    pub recent: Vec<JournalLine>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct IncidentLine {
+    pub instance: String,
+    pub incident: String,
+    pub state: &'static str,
+    pub cause: String,
+    pub action: Option<String>,
+    pub attempt: u32,
+    #[serde(with = "time::serde::rfc3339")]
+    pub opened_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub deadline: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JournalLine {
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    pub instance: String,
+    pub kind: &'static str,
+    pub outcome: String,
+    pub reason: String,
+    pub dry_run: bool,
+}
+
+/// One scale set's status. `recent` is its journal, newest first.
+pub fn summarize(
+    id: &ScaleSetId,
+    policy: &Policy,
+    obs: &Observation,
+    brakes: Brakes,
+    recent: &[Entry],
+    now: OffsetDateTime,
+) -> SetStatus {
+    let verdicts = crate::plan::verdicts(obs, policy, now);
+    let count = |f: fn(&Verdict) -> bool| verdicts.values().filter(|v| f(v)).count();
+    let plan = decide(obs, policy, brakes, now);
+    let brake = plan.paused();
+    let mut incidents: Vec<IncidentLine> = obs
+        .incidents
+        .values()
+        .map(|v| &v.value)
+        .filter(|i| i.state != State::Closed)
+        .map(|i| IncidentLine {
+            instance: i.target.clone(),
+            incident: i.id.clone(),
+            state: match i.state {
+                State::Repairing => "repairing",
+                State::GivenUp => "given_up",
+                State::Closed => "closed",
+            },
+            cause: i.cause.clone(),
+            action: i.action.map(|a| a.to_string()),
+            attempt: i.attempt,
+            opened_at: i.opened_at,
+            deadline: i.deadline,
+        })
+        .collect();
+    incidents.sort_by_key(|i| i.opened_at);
+    SetStatus {
+        scale_set: id.resource_id(),
+        name: id.name.clone(),
+        total: obs.instances.len(),
+        healthy: count(|v| *v == Verdict::Healthy),
+        unhealthy: count(Verdict::is_unhealthy),
+        suspect: count(|v| matches!(v, Verdict::Suspect { .. } | Verdict::Unproven(_))),
+        starting: count(|v| *v == Verdict::Starting),
+        maintenance: count(|v| matches!(v, Verdict::Maintenance { .. })),
+        repairing: incidents.iter().filter(|i| i.state == "repairing").count(),
+        mirrored_at: obs.record.as_ref().and_then(|r| r.synced_at),
+        brake: brake.map(|b| b.label().to_string()),
+        brake_reason: brake.map(|b| b.describe()),
+        incidents,
+        recent: recent
+            .iter()
+            .map(|e| JournalLine {
+                at: e.at,
+                instance: e.instance_id.clone(),
+                kind: e.kind.as_str(),
+                outcome: e.outcome.clone(),
+                reason: e.reason.clone(),
+                dry_run: e.dry_run,
+            })
+            .collect(),
+    }
+}
+
+/// A health bar of `width` cells: healthy `#`, repairing `R`, unhealthy `!`, maintenance `M`,
+/// the rest (starting, suspect) `.`.
+pub fn bar(s: &SetStatus, width: usize) -> String {
+    if s.total == 0 {
+        return " ".repeat(width);
+    }
+    let cells = |n: usize| (n * width + s.total / 2) / s.total;
+    let repairing = s.repairing.min(s.unhealthy + s.suspect);
+    let parts = [
+        ('#', cells(s.healthy)),
+        ('R', cells(repairing)),
+        ('!', cells(s.unhealthy.saturating_sub(repairing))),
+        ('M', cells(s.maintenance)),
+    ];
+    let mut out: String = parts
+        .iter()
+        .flat_map(|(c, n)| std::iter::repeat_n(*c, *n))
+        .take(width)
+        .collect();
+    while out.chars().count() < width {
+        out.push('.');
+    }
+    out
+}
+
+/// The report as text for a terminal or a log.
+pub fn render(report: &Report) -> String {
+    let mut out = format!(
+        "vmss-healer status at {}{}: {} scale set(s)\n",
+        stamp(report.at),
+        if report.dry_run { " (DRY RUN)" } else { "" },
+        report.scale_sets.len()
+    );
+    for s in &report.scale_sets {
+        out.push_str(&format!(
+            "\n{}  [{}]  {} instances: {} healthy, {} unhealthy, {} repairing, {} suspect, {} starting, {} maintenance\n",
+            s.name,
+            bar(s, 30),
+            s.total,
+            s.healthy,
+            s.unhealthy,
+            s.repairing,
+            s.suspect,
+            s.starting,
+            s.maintenance
+        ));
+        out.push_str(&format!("  {}\n", s.scale_set));
+        let mirror = s
+            .mirrored_at
+            .map(|t| format!("mirror read {} s ago", (report.at - t).whole_seconds()))
+            .unwrap_or_else(|| "never mirrored".into());
+        match (&s.brake, &s.brake_reason) {
+            (Some(label), Some(why)) => {
+                out.push_str(&format!("  PAUSED ({label}): {why}; {mirror}\n"))
+            }
+            _ => out.push_str(&format!("  repairs active; {mirror}\n")),
+        }
+        if s.incidents.is_empty() {
+            out.push_str("  no open incident\n");
+        }
+        for i in &s.incidents {
+            out.push_str(&format!(
+                "  incident {} on #{}: {} ({}), {} attempt {}{}\n",
+                i.incident,
+                i.instance,
+                i.state,
+                i.cause,
+                i.action.as_deref().unwrap_or("-"),
+                i.attempt,
+                i.deadline
+                    .map(|d| format!(", deadline {}", stamp(d)))
+                    .unwrap_or_default()
+            ));
+        }
+        if !s.recent.is_empty() {
+            out.push_str("  recent:\n");
+        }
+        for j in &s.recent {
+            out.push_str(&format!(
+                "    {}  {:<8} #{:<6} {:<20} {}{}\n",
+                stamp(j.at),
+                j.kind,
+                j.instance,
+                j.outcome,
+                j.reason,
+                if j.dry_run { " [dry run]" } else { "" }
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(healthy: usize, unhealthy: usize, repairing: usize, maintenance: usize) -> SetStatus {
+        SetStatus {
+            scale_set: "/subscriptions/s/resourceGroups/r/providers/Microsoft.Compute/virtualMachineScaleSets/web".into(),
+            name: "web".into(),
+            total: healthy + unhealthy + maintenance,
+            healthy,
+            unhealthy,
+            suspect: 0,
+            starting: 0,
+            maintenance,
+            repairing,
+            mirrored_at: None,
+            brake: None,
+            brake_reason: None,
+            incidents: vec![],
+            recent: vec![],
+        }
+    }
+
+    #[test]
+    fn the_bar_shows_shares_at_a_glance() {
+        assert_eq!(bar(&status(10, 0, 0, 0), 10), "##########");
+        assert_eq!(bar(&status(8, 2, 1, 0), 10), "########R!");
+        assert_eq!(bar(&status(5, 0, 0, 5), 10), "#####MMMMM");
+        assert_eq!(bar(&status(0, 0, 0, 0), 4), "    ");
+        // Rounding never makes it longer or shorter than asked.
+        for (h, u, r, m) in [(1, 1, 0, 1), (33, 1, 1, 0), (2, 97, 50, 1)] {
+            assert_eq!(bar(&status(h, u, r, m), 30).chars().count(), 30);
+        }
+    }
+
+    #[test]
+    fn the_text_names_the_brake_and_the_incidents() {
+        let mut s = status(9, 1, 1, 0);
+        s.brake = Some("paused_by_operator".into());
+        s.brake_reason = Some("paused by an operator: deploying".into());
+        s.incidents.push(IncidentLine {
+            instance: "4".into(),
+            incident: "4-1".into(),
+            state: "repairing",
+            cause: "reported_down".into(),
+            action: Some("restart".into()),
+            attempt: 1,
+            opened_at: OffsetDateTime::UNIX_EPOCH,
+            deadline: None,
+        });
+        let text = render(&Report {
+            at: OffsetDateTime::UNIX_EPOCH,
+            dry_run: true,
+            scale_sets: vec![s],
+        });
+        assert!(text.contains("(DRY RUN)"), "{text}");
+        assert!(
+            text.contains("PAUSED (paused_by_operator): paused by an operator: deploying"),
+            "{text}"
+        );
+        assert!(
+            text.contains("incident 4-1 on #4: repairing (reported_down), restart attempt 1"),
+            "{text}"
+        );
+    }
+}

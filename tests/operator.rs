@@ -1,0 +1,117 @@
+//! The operator's commands of the `handler` binary against a running deployment: `status` shows
+//! what the healer sees and did; `pause` / `resume` set a manual brake `monitor-status` obeys.
+
+mod common;
+
+use common::{spawn_app, TestApp};
+use serde_json::{json, Value};
+use vmss_healer::journal::EntryKind;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_pause_and_resume() {
+    let app = spawn_app()
+        .scale_set("web", 6)
+        .scale_set("api", 4)
+        .env("HEALER_REPAIR_ACTIONS", "restart,replace")
+        .start()
+        .await;
+    let web = TestApp::scale_set("web");
+
+    // An operator pauses `web` before maintenance work; the pause is journaled.
+    app.invoke_timer("monitor-state").await;
+    let (code, out, err) = app.cli(&["pause", "web", "--reason", "kernel upgrade, ticket 4711"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("paused"), "{out}");
+    app.sync_and_break("web", 2, json!({"beat": "down"})).await;
+    app.break_vm("api", 1, json!({"beat": "down"})).await;
+    app.heartbeat_round().await;
+
+    // monitor-status obeys: nothing on `web`, `api` heals.
+    let (_, answer) = app.invoke_timer("monitor-status").await;
+    let report = |answer: &Value, key: &str| {
+        answer["ReturnValue"]["scale_sets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["scale_set"] == TestApp::key(key))
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(
+        report(&answer, "web")["paused"],
+        "paused_by_operator",
+        "{answer}"
+    );
+    assert_eq!(report(&answer, "web")["repairs_requested"], 0, "{answer}");
+    assert_eq!(report(&answer, "api")["repairs_requested"], 1, "{answer}");
+
+    // status, as JSON: counts, the brake with its note, api's incident, the journal.
+    let (code, out, err) = app.cli(&["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let status: Value = serde_json::from_str(&out).unwrap();
+    let set = |name: &str| {
+        status["scale_sets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    let (w, a) = (set("web"), set("api"));
+    assert_eq!(
+        (
+            w["total"].clone(),
+            w["healthy"].clone(),
+            w["unhealthy"].clone()
+        ),
+        (json!(6), json!(5), json!(1)),
+        "{w}"
+    );
+    assert_eq!(w["brake"], "paused_by_operator", "{w}");
+    assert!(
+        w["brake_reason"].as_str().unwrap().contains("ticket 4711"),
+        "{w}"
+    );
+    assert_eq!(a["repairing"], 1, "{a}");
+    assert_eq!(a["incidents"][0]["instance"], "1", "{a}");
+    assert_eq!(a["incidents"][0]["action"], "restart", "{a}");
+    assert!(
+        w["recent"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["outcome"] == "operator_pause"),
+        "{w}"
+    );
+
+    // … and as text.
+    let (code, text, _) = app.cli(&["status"]);
+    assert_eq!(code, 0);
+    assert!(text.contains("PAUSED (paused_by_operator)"), "{text}");
+    assert!(text.contains("on #1: repairing"), "{text}");
+
+    // Mistakes are the operator's: exit 2, with the watched list.
+    let (code, _, err) = app.cli(&["pause", "nope"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("not a watched scale set") && err.contains("virtualMachineScaleSets/web"),
+        "{err}"
+    );
+    let (code, _, _) = app.cli(&["resume"]);
+    assert_eq!(code, 2);
+
+    // Resumed: the next pass repairs `web` too.
+    let (code, _, err) = app.cli(&["resume", &common::scale_set_id("web")]);
+    assert_eq!(code, 0, "{err}");
+    let (_, answer) = app.invoke_timer("monitor-status").await;
+    assert!(report(&answer, "web")["paused"].is_null(), "{answer}");
+    assert_eq!(report(&answer, "web")["repairs_requested"], 1, "{answer}");
+    let (journal, _) = app.recent_journal(&web).await;
+    let operator: Vec<&str> = journal
+        .iter()
+        .filter(|e| e.kind == EntryKind::Withheld && e.outcome.starts_with("operator_"))
+        .map(|e| e.outcome.as_str())
+        .collect();
+    assert_eq!(operator, ["operator_resume", "operator_pause"]);
+}
