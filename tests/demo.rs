@@ -1,25 +1,28 @@
-//! README command one: the demo heals its simulated fleet and says so.
+//! README command one: the demo plays its story on the simulated fleet, heals what must be healed,
+//! spares what must be spared, and says so (short mode, plain output).
 
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[test]
-fn the_demo_repairs_every_fault_and_touches_nothing_else() {
+fn the_demo_plays_its_story_and_the_healer_gets_every_act_right() {
+    let svg = std::env::temp_dir().join(format!("demo-{}.svg", std::process::id()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_demo"))
-        .arg("--fast")
+        .args(["--fast", "--plain", "--svg"])
+        .arg(&svg)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start the demo");
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(180);
     let status = loop {
         if let Some(status) = child.try_wait().expect("poll the demo") {
             break status;
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("the demo did not finish within 120 s");
+            panic!("the demo did not finish within 180 s");
         }
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -31,16 +34,33 @@ fn the_demo_repairs_every_fault_and_touches_nothing_else() {
         .read_to_string(&mut out)
         .unwrap();
     assert!(status.success(), "demo failed:\n{out}");
+    for line in [
+        "repair  web#4 replace requested: the instance reported DOWN",
+        "repair  api#7 replace requested: no heartbeat for",
+        "replace requested: no heartbeat since creation",
+        "withheld web#* pipeline_fault",
+        "withheld api#* too_many_unhealthy",
+        "resumed api: the brake `too_many_unhealthy` released",
+        "pause `pipeline_fault`: held, then released",
+        "every fault repaired, nothing repaired wrongly",
+    ] {
+        assert!(out.contains(line), "missing `{line}` in:\n{out}");
+    }
+    // The planned reboot and the mass DOWN are never repaired.
+    assert!(!out.contains("repair  web#10"), "{out}");
+    assert!(!out.contains("repair  api#2"), "{out}");
+    // Every repair line names an instance from the story.
+    let repairs = out.lines().filter(|l| l.contains(" repair  ")).count();
+    assert_eq!(repairs, 3, "{out}");
+
+    let picture = std::fs::read_to_string(&svg).expect("the timeline is written");
+    let _ = std::fs::remove_file(&svg);
     assert!(
-        out.contains("repaired 2/2 faults; no healthy instance touched"),
-        "{out}"
+        picture.starts_with("<svg"),
+        "{}",
+        &picture[..80.min(picture.len())]
     );
-    assert!(
-        out.contains("repair  web#4 replace requested: the instance reported DOWN"),
-        "{out}"
-    );
-    assert!(
-        out.contains("repair  api#7 replace requested: no heartbeat for"),
-        "{out}"
-    );
+    assert_eq!(picture.matches("<circle").count(), 3, "one mark per repair");
+    assert!(picture.contains("paused: pipeline_fault"));
+    assert!(picture.contains("6. half of api reports DOWN"));
 }

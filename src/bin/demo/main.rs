@@ -1,0 +1,556 @@
+//! demo: heal a simulated fleet on this machine (README command one).
+//!
+//! Starts Azurite (installing the pinned version on first use), the Compute simulator with three
+//! scale sets of 50 VMs that publish heartbeats, and the real handler, driven exactly as the
+//! Functions host drives it: timer invocations and Event Grid deliveries over HTTP. A scripted
+//! story (`story`) plays six acts — a DOWN VM, a hung VM, a VM that never comes up, a planned
+//! reboot, a heartbeat-pipeline outage, a scale set past its unhealthy limit — shown live on a
+//! terminal (`view`) or as plain lines, summarized at the end, and drawn as an SVG timeline
+//! (`timeline`). Exits non-zero if a fault was missed or anything was repaired wrongly.
+//!
+//!   demo [--fast] [--plain] [--svg PATH]
+
+#[path = "../compute-sim/admin.rs"]
+mod admin;
+#[path = "../compute-sim/arm.rs"]
+mod arm;
+#[allow(dead_code)]
+#[path = "../../../tests/common/azurite.rs"]
+mod azurite;
+#[path = "../compute-sim/server.rs"]
+mod server;
+mod story;
+mod timeline;
+mod view;
+#[path = "../compute-sim/world.rs"]
+mod world;
+
+pub use server::Shared;
+
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use story::SETS;
+use time::OffsetDateTime;
+use timeline::{Cell, Timeline};
+use vmss_healer::compute::Compute;
+use vmss_healer::host::{app, AppState, Counters};
+use vmss_healer::incident::State as IncidentState;
+use vmss_healer::journal::EntryKind;
+use vmss_healer::plan::{decide, pipeline_fault, verdicts, Brakes};
+use vmss_healer::scaleset::ScaleSetId;
+use vmss_healer::settings::Settings;
+use vmss_healer::state::Store;
+use vmss_healer::verdict::Verdict;
+
+const SUB: &str = "00000000-0000-0000-0000-0000000000de";
+const RG: &str = "rg-demo";
+const SECRET: &str = "demo-identity-secret";
+
+struct Options {
+    tick: Duration,
+    live: bool,
+    svg: std::path::PathBuf,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let fast = args.iter().any(|a| a == "--fast");
+    let plain = args.iter().any(|a| a == "--plain");
+    let svg = args
+        .iter()
+        .position(|a| a == "--svg")
+        .and_then(|i| args.get(i + 1))
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from("target/demo-timeline.svg"));
+    let options = Options {
+        // The healer's timeouts are whole seconds and the story counts ticks: 8 ticks of silence
+        // are 2 s fast and 6 s at the watchable pace.
+        tick: Duration::from_millis(if fast { 250 } else { 750 }),
+        live: !plain && std::io::stdout().is_terminal(),
+        svg,
+    };
+    story::set_tick(options.tick);
+    let sim_port = azurite::free_port();
+    // The handler's credential reads these, exactly as in a Function App.
+    std::env::set_var(
+        "IDENTITY_ENDPOINT",
+        format!("http://127.0.0.1:{sim_port}/msi/token"),
+    );
+    std::env::set_var("IDENTITY_HEADER", SECRET);
+    azurite::ensure_installed_quietly(true);
+    println!("starting Azurite, the Compute simulator and the handler…");
+    let storage = azurite::Azurite::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let ok = runtime.block_on(run(sim_port, storage.connection_string(), options));
+    drop(storage);
+    std::process::exit(if ok { 0 } else { 1 });
+}
+
+fn set_id(name: &str) -> String {
+    format!("/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Compute/virtualMachineScaleSets/{name}")
+}
+
+fn key(name: &str) -> String {
+    format!("{SUB}:{RG}:{name}")
+}
+
+fn timer_invocation(function: &str) -> Value {
+    let now = OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    json!({"Data": {"timer": {"Schedule": {"AdjustForDST": true}, "ScheduleStatus": null, "IsPastDue": false}},
+           "Metadata": {"sys": {"MethodName": function, "UtcNow": now, "RandGuid": uuid::Uuid::new_v4().to_string()}}})
+}
+
+/// Starts the simulated fleet and the handler; returns the simulator, the store and the handler's
+/// base URL.
+async fn start(
+    sim_port: u16,
+    connection_string: String,
+    tick: Duration,
+) -> Option<(Shared, Store, String)> {
+    // Operations take two ticks, as real ones take minutes.
+    let mut world = world::World::new(tick * 2, 100);
+    // A fleet that has been running for a day, past every creation grace period.
+    let day_ago = OffsetDateTime::now_utc() - time::Duration::days(1);
+    for (name, capacity) in SETS {
+        let zones = vec!["1".into(), "2".into(), "3".into()];
+        let key = world.create_set(
+            SUB,
+            RG,
+            name,
+            capacity,
+            "westeurope",
+            zones,
+            "Uniform",
+            false,
+        );
+        for vm in world
+            .sets
+            .get_mut(&key)
+            .into_iter()
+            .flat_map(|s| s.vms.values_mut())
+        {
+            vm.time_created = day_ago;
+        }
+    }
+    world.resource_events.clear();
+    let sim = Shared::new(
+        world,
+        sim_port,
+        SECRET.into(),
+        None,
+        admin::Delivery::Handler,
+    );
+    let sim_router = sim.clone();
+    let sim_listener = tokio::net::TcpListener::bind(("127.0.0.1", sim_port))
+        .await
+        .expect("bind the simulator");
+    tokio::spawn(async move { axum::serve(sim_listener, server::router(sim_router)).await });
+
+    let seconds = |ticks: u32| (tick * ticks).as_secs().max(1).to_string();
+    let handler_port = azurite::free_port();
+    let ids: Vec<String> = SETS.iter().map(|(n, _)| set_id(n)).collect();
+    let env: HashMap<&str, String> = HashMap::from([
+        ("HEALER_SCALE_SETS", ids.join(",")),
+        ("HEALER_STORAGE", connection_string),
+        (
+            "HEALER_ARM_ENDPOINT",
+            format!("http://127.0.0.1:{sim_port}"),
+        ),
+        (
+            "HEALER_HEARTBEAT_TIMEOUT",
+            seconds(story::HEARTBEAT_TIMEOUT),
+        ),
+        ("HEALER_DOWN_FOR", seconds(story::DOWN_FOR)),
+        ("HEALER_STARTUP_TIMEOUT", seconds(story::STARTUP_TIMEOUT)),
+        ("HEALER_GRACE_PERIOD", seconds(story::GRACE)),
+        ("HEALER_MIRROR_MAX_AGE", "30".into()),
+        ("HEALER_REPAIR_ACTIONS", "replace".into()),
+        ("FUNCTIONS_CUSTOMHANDLER_PORT", handler_port.to_string()),
+    ]);
+    let settings = match Settings::from_lookup(|k| env.get(k).cloned()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprint!("{e}");
+            return None;
+        }
+    };
+    let store = Store::connect(&settings.storage, vmss_healer::identity::credential).ok()?;
+    let credential = vmss_healer::identity::credential(None).ok()?;
+    let compute = Compute::new(&settings.arm_endpoint, credential).ok()?;
+    if let Err(e) = store.ensure_tables().await {
+        eprintln!("cannot create the tables in Azurite: {e}");
+        return None;
+    }
+    let state = AppState {
+        notifier: vmss_healer::alert::Notifier::new(None),
+        settings: Arc::new(settings),
+        store: store.clone(),
+        compute,
+        counters: Arc::new(Counters::default()),
+    };
+    let handler_listener = tokio::net::TcpListener::bind(("127.0.0.1", handler_port))
+        .await
+        .expect("bind the handler");
+    tokio::spawn(async move { axum::serve(handler_listener, app(state)).await });
+    Some((sim, store, format!("http://127.0.0.1:{handler_port}")))
+}
+
+async fn run(sim_port: u16, connection_string: String, options: Options) -> bool {
+    let tick_len = options.tick;
+    let Some((sim, store, handler)) = start(sim_port, connection_string, tick_len).await else {
+        return false;
+    };
+    let settings = Settings::from_lookup(|k| match k {
+        "HEALER_SCALE_SETS" => Some(
+            SETS.iter()
+                .map(|(n, _)| set_id(n))
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        "HEALER_STORAGE" => Some("UseDevelopmentStorage=true".into()),
+        "HEALER_HEARTBEAT_TIMEOUT" => {
+            Some((tick_len * story::HEARTBEAT_TIMEOUT).as_secs().to_string())
+        }
+        "HEALER_DOWN_FOR" => Some((tick_len * story::DOWN_FOR).as_secs().to_string()),
+        "HEALER_STARTUP_TIMEOUT" => Some((tick_len * story::STARTUP_TIMEOUT).as_secs().to_string()),
+        "HEALER_GRACE_PERIOD" => Some((tick_len * story::GRACE).as_secs().to_string()),
+        "HEALER_MIRROR_MAX_AGE" => Some("30".into()),
+        _ => None,
+    })
+    .expect("the demo's own policy, for the live view");
+    let http = reqwest::Client::new();
+    let invoke = |function: &'static str| {
+        let (http, url) = (http.clone(), format!("{handler}/{function}"));
+        async move {
+            match http
+                .post(url)
+                .json(&timer_invocation(function))
+                .send()
+                .await
+            {
+                Ok(r) if r.status().is_success() => r.json::<Value>().await.ok(),
+                _ => None,
+            }
+        }
+    };
+
+    let originals: BTreeMap<&str, BTreeSet<u64>> = SETS
+        .iter()
+        .map(|(n, c)| (*n, (0..*c as u64).collect()))
+        .collect();
+    let mut view = view::View::new(options.live);
+    let mut picture = Timeline::default();
+    println!(
+        "fleet: {} scale sets × 50 VMs; one tick = {:?}; a VM is silent after {} ticks; repair = replace\n",
+        SETS.len(),
+        tick_len,
+        story::HEARTBEAT_TIMEOUT
+    );
+    let started = Instant::now();
+    let since = OffsetDateTime::now_utc() - time::Duration::seconds(1);
+    let mut jobs_new = None;
+    let mut repairs: Vec<(String, u64, u32)> = Vec::new();
+    let mut pauses_seen: Vec<(String, String, u32)> = Vec::new();
+    let mut shown_brake: HashMap<&str, Option<String>> = HashMap::new();
+    let mut withheld_rows = 0usize;
+    let mut detected: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut seen_rows = 0usize;
+    let mut ticker = tokio::time::interval(tick_len);
+    let mut tick = 0u32;
+    // The fleet was running and reporting before the healer's first pass.
+    let round = admin::heartbeat_round(&sim).await;
+    admin::deliver(&sim.http, &handler, admin::Delivery::Handler, round).await;
+    invoke("monitor-state").await;
+
+    loop {
+        ticker.tick().await;
+        {
+            let mut w = sim.world.lock().await;
+            for said in story::play(tick, &mut w, key, &mut jobs_new) {
+                if let Some(act) = story::ACTS
+                    .iter()
+                    .position(|a| a.tick == tick && a.title == said)
+                {
+                    picture.act(tick, &said);
+                    view.line(
+                        started.elapsed().as_secs_f32(),
+                        &format!("story   act {}: {said}", act + 1),
+                    );
+                } else {
+                    view.line(started.elapsed().as_secs_f32(), &format!("story   {said}"));
+                }
+            }
+        }
+        let mut round = if story::heartbeats_flow(tick) {
+            admin::heartbeat_round(&sim).await
+        } else {
+            Vec::new()
+        };
+        round.extend(admin::resource_event_round(&sim).await);
+        admin::deliver(&sim.http, &handler, admin::Delivery::Handler, round).await;
+        invoke("monitor-state").await;
+        invoke("monitor-status").await;
+
+        // What the healer sees now, judged as monitor-status judges it.
+        let now = OffsetDateTime::now_utc();
+        let records = store.scale_sets().await.unwrap_or_default();
+        let mut observations = Vec::new();
+        for (name, _) in SETS {
+            let id = ScaleSetId::parse(&set_id(name)).expect("demo ids parse");
+            let record = records.get(&id.key()).cloned();
+            match vmss_healer::repair::gather(&store, &id, record).await {
+                Ok(obs) => observations.push((name, id, obs)),
+                Err(e) => view.line(
+                    started.elapsed().as_secs_f32(),
+                    &format!("! cannot read {name}: {e}"),
+                ),
+            }
+        }
+        let pairs: Vec<_> = observations
+            .iter()
+            .map(|(_, _, o)| (o, &settings.scale_sets[0].policy))
+            .collect();
+        let brakes = Brakes {
+            mirror_max_age: settings.mirror_max_age,
+            full_resync: settings.full_resync,
+            pipeline_fault: pipeline_fault(&pairs, now),
+        };
+        let mut statuses = Vec::new();
+        for (name, id, obs) in &observations {
+            let policy = &settings.scale_sets[0].policy;
+            for (instance, verdict) in verdicts(obs, policy, now) {
+                let repairing = obs
+                    .incidents
+                    .get(instance)
+                    .is_some_and(|v| v.value.state == IncidentState::Repairing);
+                let cell = match verdict {
+                    _ if repairing => Cell::Repairing,
+                    Verdict::Healthy => Cell::Healthy,
+                    Verdict::Unhealthy(_) => Cell::Unhealthy,
+                    Verdict::Suspect { .. } | Verdict::Unproven(_) => Cell::Suspect,
+                    Verdict::Maintenance { .. } => Cell::Maintenance,
+                    Verdict::Starting => Cell::Starting,
+                };
+                if let Ok(n) = instance.parse::<u64>() {
+                    picture.cell(name, n, tick, cell);
+                }
+            }
+            if let Some(brake) = decide(obs, policy, brakes, now).paused() {
+                picture.pause(name, tick, brake.label());
+            }
+            statuses.push(vmss_healer::status::summarize(
+                id,
+                policy,
+                obs,
+                brakes,
+                &[],
+                now,
+            ));
+        }
+
+        // What it decided, from its journal.
+        let mut rows = Vec::new();
+        for (name, _) in SETS {
+            let id = ScaleSetId::parse(&set_id(name)).expect("demo ids parse");
+            if let Ok((entries, _)) = store.journal(&id, since).await {
+                rows.extend(entries.into_iter().map(|e| (name, e)));
+            }
+        }
+        rows.sort_by_key(|(_, e)| e.at);
+        for (name, e) in rows.iter().skip(seen_rows) {
+            let what = match (e.kind, e.action) {
+                (EntryKind::Repair, Some(action)) => {
+                    format!("{action} {}: {}", e.outcome, e.reason)
+                }
+                _ => format!("{}: {}", e.outcome, e.reason),
+            };
+            let kind = match e.kind {
+                EntryKind::Repair => "repair ",
+                EntryKind::Withheld => "withheld",
+                EntryKind::Outcome => "outcome",
+            };
+            // A pause is journaled every pass it holds; say it once per change.
+            let repeat = e.kind == EntryKind::Withheld
+                && e.instance_id == "*"
+                && shown_brake.get(name).cloned().flatten().as_deref() == Some(e.outcome.as_str());
+            if !repeat {
+                view.line(
+                    started.elapsed().as_secs_f32(),
+                    &format!("{kind} {name}#{} {what}", e.instance_id),
+                );
+            }
+            if e.kind == EntryKind::Withheld && e.instance_id == "*" {
+                shown_brake.insert(name, Some(e.outcome.clone()));
+            }
+            if e.instance_id != "*" {
+                detected.insert((name.to_string(), e.instance_id.clone()));
+            }
+            match e.kind {
+                EntryKind::Repair if e.outcome == "requested" => {
+                    if let Ok(n) = e.instance_id.parse::<u64>() {
+                        repairs.push((name.to_string(), n, tick));
+                        picture.repair(name, n, tick);
+                    }
+                }
+                EntryKind::Withheld => {
+                    withheld_rows += 1;
+                    if e.instance_id == "*" {
+                        pauses_seen.push((name.to_string(), e.outcome.clone(), tick));
+                    }
+                }
+                _ => {}
+            }
+        }
+        seen_rows = rows.len();
+        for s in &statuses {
+            let name = SETS
+                .iter()
+                .map(|(n, _)| *n)
+                .find(|n| *n == s.name)
+                .unwrap_or("?");
+            if s.brake.is_none() {
+                if let Some(Some(was)) = shown_brake.insert(name, None) {
+                    view.line(
+                        started.elapsed().as_secs_f32(),
+                        &format!("resumed {name}: the brake `{was}` released"),
+                    );
+                }
+            }
+        }
+
+        let act = story::act_at(tick);
+        let title = act
+            .checked_sub(1)
+            .map_or("the fleet runs", |i| story::ACTS[i].title);
+        view.frame(
+            tick,
+            story::LAST_TICK,
+            act,
+            story::ACTS.len(),
+            title,
+            &statuses,
+        );
+
+        let expected = story::expectations(jobs_new);
+        let all_repaired = expected
+            .must_repair
+            .iter()
+            .all(|(s, i, _)| repairs.iter().any(|(rs, ri, _)| rs == s && ri == i));
+        let calm = statuses
+            .iter()
+            .all(|s| s.brake.is_none() && s.repairing == 0);
+        if (tick >= story::LAST_TICK && all_repaired && calm) || tick >= story::LAST_TICK + 40 {
+            break;
+        }
+        tick += 1;
+    }
+
+    // The verdict on the healer.
+    let expected = story::expectations(jobs_new);
+    let mut ok = true;
+    println!("\nsummary");
+    for (set, instance, fault_tick) in &expected.must_repair {
+        match repairs.iter().find(|(s, i, _)| s == set && i == instance) {
+            Some((_, _, t)) => println!(
+                "  {set}#{instance}: detected and repaired {:.1} s after the fault",
+                (tick_len * (t - fault_tick)).as_secs_f32()
+            ),
+            None => {
+                println!("  {set}#{instance}: MISSED — never repaired");
+                ok = false;
+            }
+        }
+    }
+    for (set, instance, t) in &repairs {
+        let expected_repair = expected
+            .must_repair
+            .iter()
+            .any(|(s, i, _)| s == set && i == instance);
+        if !expected_repair {
+            println!("  {set}#{instance}: repaired WRONGLY at tick {t}");
+            ok = false;
+        }
+        if expected.must_spare.contains(&(set.as_str(), *instance))
+            || expected.quiet_ticks.contains(t)
+        {
+            println!("  {set}#{instance}: repaired at tick {t}, where nothing may be");
+            ok = false;
+        }
+    }
+    for (set, brake, from) in &expected.pauses {
+        let seen = pauses_seen
+            .iter()
+            .any(|(s, b, t)| (*set == "*" || s == set) && b == brake && t >= from);
+        println!(
+            "  pause `{brake}`{}: {}",
+            if *set == "*" {
+                String::new()
+            } else {
+                format!(" on {set}")
+            },
+            if seen {
+                "held, then released"
+            } else {
+                "NOT SEEN"
+            }
+        );
+        ok &= seen;
+    }
+    {
+        let w = sim.world.lock().await;
+        for (name, capacity) in SETS {
+            let Some(set) = w.sets.get(&key(name)) else {
+                continue;
+            };
+            let repaired: BTreeSet<u64> = repairs
+                .iter()
+                .filter(|(s, _, _)| s == name)
+                .map(|(_, i, _)| *i)
+                .collect();
+            let lost: Vec<u64> = originals[name]
+                .iter()
+                .filter(|i| !repaired.contains(i) && !set.vms.contains_key(i))
+                .copied()
+                .collect();
+            if !lost.is_empty() {
+                println!("  {name}: healthy instances {lost:?} disappeared");
+                ok = false;
+            }
+            let want = capacity + usize::from(name == "jobs");
+            if set.capacity() != want {
+                println!("  {name}: capacity {} instead of {want}", set.capacity());
+                ok = false;
+            }
+        }
+    }
+    println!(
+        "  {} instances detected, {} repaired, {} decisions withheld (journaled with their reasons)",
+        detected.len(),
+        repairs.len(),
+        withheld_rows
+    );
+    if let Some(dir) = options.svg.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    match std::fs::write(&options.svg, picture.svg()) {
+        Ok(()) => println!("  timeline: {}", options.svg.display()),
+        Err(e) => println!("  timeline not written to {}: {e}", options.svg.display()),
+    }
+    println!(
+        "  {}",
+        if ok {
+            "every fault repaired, nothing repaired wrongly"
+        } else {
+            "FAILED"
+        }
+    );
+    ok
+}

@@ -1,0 +1,182 @@
+//! The demo's script: six acts, each a fault (or a non-fault) played on the simulated fleet at a
+//! given tick, with what the healer must and must not do about it. Times are in ticks; the
+//! healer's timeouts are set in ticks too (see `Timing`), so the story is the same fast or slow.
+
+use crate::world::{Beat, Effect, World};
+use std::collections::BTreeSet;
+
+pub const SETS: [(&str, usize); 3] = [("web", 50), ("api", 50), ("jobs", 50)];
+
+/// The healer's timeouts, in ticks.
+pub const HEARTBEAT_TIMEOUT: u32 = 8;
+pub const DOWN_FOR: u32 = 4;
+pub const STARTUP_TIMEOUT: u32 = 12;
+pub const GRACE: u32 = 4;
+
+const OUTAGE: (u32, u32) = (26, 42);
+const REBOOT: u32 = 6;
+const MASS_DOWN: (u32, u32) = (46, 58);
+const MASS_SET: &str = "api";
+const MASS: std::ops::Range<u64> = 20..45;
+/// The story is over once this tick has passed and the fleet has settled.
+pub const LAST_TICK: u32 = 64;
+
+pub struct Act {
+    pub tick: u32,
+    pub title: &'static str,
+}
+
+pub const ACTS: [Act; 6] = [
+    Act {
+        tick: 2,
+        title: "web#4 reports DOWN: its health check fails",
+    },
+    Act {
+        tick: 3,
+        title: "api#7 hangs: no more heartbeats",
+    },
+    Act {
+        tick: 4,
+        title: "jobs scales out; the new VM never comes up",
+    },
+    Act {
+        tick: REBOOT,
+        title: "web#10 announces MAINTENANCE and reboots (planned: not an outage)",
+    },
+    Act {
+        tick: OUTAGE.0,
+        title: "the heartbeat pipeline fails: every VM falls silent at once",
+    },
+    Act {
+        tick: MASS_DOWN.0,
+        title: "half of api reports DOWN: past its unhealthy limit, it must pause",
+    },
+];
+
+/// The act running at `tick` (1-based), for the progress line.
+pub fn act_at(tick: u32) -> usize {
+    ACTS.iter().filter(|a| a.tick <= tick).count()
+}
+
+/// Whether heartbeats reach the healer at this tick (not during the pipeline outage).
+pub fn heartbeats_flow(tick: u32) -> bool {
+    !(OUTAGE.0..OUTAGE.1).contains(&tick)
+}
+
+/// What the healer must do.
+pub struct Expectations {
+    /// (set, instance) that must be repaired, with the tick the fault began.
+    pub must_repair: Vec<(&'static str, u64, u32)>,
+    /// (set, instance) that must never be repaired.
+    pub must_spare: BTreeSet<(&'static str, u64)>,
+    /// No repair may be requested in these ticks (the pipeline outage, and its settling).
+    pub quiet_ticks: std::ops::Range<u32>,
+    /// (set or "*", brake label, from tick) that must be seen in the journal after its act began.
+    pub pauses: Vec<(&'static str, &'static str, u32)>,
+}
+
+/// Plays the acts due at `tick`; returns what happened, for the log. `jobs_new` receives the
+/// instance id the scale-out created.
+pub fn play(
+    tick: u32,
+    world: &mut World,
+    key: impl Fn(&str) -> String,
+    jobs_new: &mut Option<u64>,
+) -> Vec<String> {
+    let mut said = Vec::new();
+    let set_beat = |world: &mut World, set: &str, id: u64, beat: Beat| {
+        if let Some(vm) = world
+            .sets
+            .get_mut(&key(set))
+            .and_then(|s| s.vms.get_mut(&id))
+        {
+            vm.beat = beat;
+        }
+    };
+    match tick {
+        2 => set_beat(world, "web", 4, Beat::Down),
+        3 => set_beat(world, "api", 7, Beat::Silent),
+        4 => {
+            let k = key("jobs");
+            let target = world.sets.get(&k).map_or(0, |s| s.capacity()) + 1;
+            world.start_operation(&k, Effect::Scale(target));
+            if let Some(set) = world.sets.get_mut(&k) {
+                if let Some((id, vm)) = set.vms.iter_mut().next_back() {
+                    vm.beat = Beat::Silent;
+                    *jobs_new = Some(*id);
+                    said.push(format!("jobs#{id} created; it will never send a heartbeat"));
+                }
+            }
+        }
+        REBOOT => {
+            let until = time::OffsetDateTime::now_utc();
+            if let Some(vm) = world
+                .sets
+                .get_mut(&key("web"))
+                .and_then(|s| s.vms.get_mut(&10))
+            {
+                vm.beat = Beat::Maintenance;
+                // Long enough for the reboot and a margin; the agent's `maintenance` command sets it.
+                vm.maintenance_until = Some(until + maintenance_window());
+            }
+        }
+        t if t == REBOOT + 1 => set_beat(world, "web", 10, Beat::Silent),
+        t if t == REBOOT + 11 => {
+            set_beat(world, "web", 10, Beat::Up);
+            said.push("web#10 is back from its reboot".into());
+        }
+        t if t == OUTAGE.1 => said.push("the heartbeat pipeline works again".into()),
+        t if t == MASS_DOWN.0 => {
+            for id in MASS {
+                set_beat(world, MASS_SET, id, Beat::Down);
+            }
+        }
+        t if t == MASS_DOWN.1 => {
+            for id in MASS {
+                set_beat(world, MASS_SET, id, Beat::Up);
+            }
+            said.push(format!(
+                "{MASS_SET}#{}..#{} recover",
+                MASS.start,
+                MASS.end - 1
+            ));
+        }
+        _ => {}
+    }
+    if let Some(act) = ACTS.iter().find(|a| a.tick == tick) {
+        said.insert(0, act.title.to_string());
+    }
+    said
+}
+
+/// Set from `main` once the tick length is known.
+static TICK_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(250);
+
+pub fn set_tick(tick: std::time::Duration) {
+    TICK_MS.store(
+        tick.as_millis() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+fn maintenance_window() -> time::Duration {
+    time::Duration::milliseconds((14 * TICK_MS.load(std::sync::atomic::Ordering::Relaxed)) as i64)
+}
+
+pub fn expectations(jobs_new: Option<u64>) -> Expectations {
+    let mut must_spare: BTreeSet<(&'static str, u64)> = MASS.map(|id| (MASS_SET, id)).collect();
+    must_spare.insert(("web", 10));
+    let mut must_repair = vec![("web", 4, 2), ("api", 7, 3)];
+    if let Some(id) = jobs_new {
+        must_repair.push(("jobs", id, 4));
+    }
+    Expectations {
+        must_repair,
+        must_spare,
+        quiet_ticks: OUTAGE.0..OUTAGE.1 + 2,
+        pauses: vec![
+            ("*", "pipeline_fault", OUTAGE.0),
+            (MASS_SET, "too_many_unhealthy", MASS_DOWN.0),
+        ],
+    }
+}
