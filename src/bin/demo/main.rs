@@ -457,52 +457,9 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
     let expected = story::expectations(jobs_new);
     let mut ok = true;
     println!("\nsummary");
-    for (set, instance, fault_tick) in &expected.must_repair {
-        match repairs.iter().find(|(s, i, _)| s == set && i == instance) {
-            Some((_, _, t)) => println!(
-                "  {set}#{instance}: detected and repaired {:.1} s after the fault",
-                (tick_len * (t - fault_tick)).as_secs_f32()
-            ),
-            None => {
-                println!("  {set}#{instance}: MISSED — never repaired");
-                ok = false;
-            }
-        }
-    }
-    for (set, instance, t) in &repairs {
-        let expected_repair = expected
-            .must_repair
-            .iter()
-            .any(|(s, i, _)| s == set && i == instance);
-        if !expected_repair {
-            println!("  {set}#{instance}: repaired WRONGLY at tick {t}");
-            ok = false;
-        }
-        if expected.must_spare.contains(&(set.as_str(), *instance))
-            || expected.quiet_ticks.contains(t)
-        {
-            println!("  {set}#{instance}: repaired at tick {t}, where nothing may be");
-            ok = false;
-        }
-    }
-    for (set, brake, from) in &expected.pauses {
-        let seen = pauses_seen
-            .iter()
-            .any(|(s, b, t)| (*set == "*" || s == set) && b == brake && t >= from);
-        println!(
-            "  pause `{brake}`{}: {}",
-            if *set == "*" {
-                String::new()
-            } else {
-                format!(" on {set}")
-            },
-            if seen {
-                "held, then released"
-            } else {
-                "NOT SEEN"
-            }
-        );
-        ok &= seen;
+    for line in story::grade(&expected, &repairs, &pauses_seen, tick_len) {
+        println!("  {}", line.text);
+        ok &= line.ok;
     }
     {
         let w = sim.world.lock().await;

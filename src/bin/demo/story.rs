@@ -180,3 +180,152 @@ pub fn expectations(jobs_new: Option<u64>) -> Expectations {
         ],
     }
 }
+
+/// One line of the demo's verdict on the healer.
+pub struct Graded {
+    pub text: String,
+    pub ok: bool,
+}
+
+/// Grades a run: every fault repaired (and how fast), nothing else repaired, nothing in the quiet
+/// ticks or of the spared instances, every expected pause seen after its act began.
+pub fn grade(
+    expected: &Expectations,
+    repairs: &[(String, u64, u32)],
+    pauses: &[(String, String, u32)],
+    tick: std::time::Duration,
+) -> Vec<Graded> {
+    let mut out = Vec::new();
+    for (set, instance, fault_tick) in &expected.must_repair {
+        out.push(
+            match repairs.iter().find(|(s, i, _)| s == set && i == instance) {
+                Some((_, _, t)) => Graded {
+                    text: format!(
+                        "{set}#{instance}: detected and repaired {:.1} s after the fault",
+                        (tick * t.saturating_sub(*fault_tick)).as_secs_f32()
+                    ),
+                    ok: true,
+                },
+                None => Graded {
+                    text: format!("{set}#{instance}: MISSED — never repaired"),
+                    ok: false,
+                },
+            },
+        );
+    }
+    for (set, instance, t) in repairs {
+        if !expected
+            .must_repair
+            .iter()
+            .any(|(s, i, _)| s == set && i == instance)
+        {
+            out.push(Graded {
+                text: format!("{set}#{instance}: repaired WRONGLY at tick {t}"),
+                ok: false,
+            });
+        }
+        if expected.must_spare.contains(&(set.as_str(), *instance))
+            || expected.quiet_ticks.contains(t)
+        {
+            out.push(Graded {
+                text: format!("{set}#{instance}: repaired at tick {t}, where nothing may be"),
+                ok: false,
+            });
+        }
+    }
+    for (set, brake, from) in &expected.pauses {
+        let seen = pauses
+            .iter()
+            .any(|(s, b, t)| (*set == "*" || s == set) && b == brake && t >= from);
+        let on = if *set == "*" {
+            String::new()
+        } else {
+            format!(" on {set}")
+        };
+        out.push(Graded {
+            text: format!(
+                "pause `{brake}`{on}: {}",
+                if seen {
+                    "held, then released"
+                } else {
+                    "NOT SEEN"
+                }
+            ),
+            ok: seen,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn run(repairs: &[(&str, u64, u32)], pauses: &[(&str, &str, u32)]) -> Vec<(bool, String)> {
+        let repairs: Vec<_> = repairs
+            .iter()
+            .map(|(s, i, t)| (s.to_string(), *i, *t))
+            .collect();
+        let pauses: Vec<_> = pauses
+            .iter()
+            .map(|(s, b, t)| (s.to_string(), b.to_string(), *t))
+            .collect();
+        grade(
+            &expectations(Some(50)),
+            &repairs,
+            &pauses,
+            Duration::from_millis(250),
+        )
+        .into_iter()
+        .map(|g| (g.ok, g.text))
+        .collect()
+    }
+
+    const GOOD_REPAIRS: [(&str, u64, u32); 3] = [("web", 4, 7), ("api", 7, 12), ("jobs", 50, 18)];
+    const GOOD_PAUSES: [(&str, &str, u32); 4] = [
+        ("web", "pipeline_fault", 35),
+        ("api", "pipeline_fault", 35),
+        ("api", "too_many_unhealthy", 51),
+        // A pause before its act counts for nothing (the fleet's first pass, say).
+        ("api", "too_many_unhealthy", 0),
+    ];
+
+    #[test]
+    fn a_run_that_got_everything_right_passes() {
+        let lines = run(&GOOD_REPAIRS, &GOOD_PAUSES);
+        assert!(lines.iter().all(|(ok, _)| *ok), "{lines:?}");
+        assert!(
+            lines[0]
+                .1
+                .contains("web#4: detected and repaired 1.2 s after the fault"),
+            "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn a_missed_fault_a_wrong_repair_or_a_missing_pause_fails() {
+        let failed = |repairs: &[(&str, u64, u32)], pauses: &[(&str, &str, u32)]| {
+            run(repairs, pauses)
+                .into_iter()
+                .filter(|(ok, _)| !ok)
+                .map(|(_, text)| text)
+                .collect::<Vec<_>>()
+        };
+        let missed = failed(&GOOD_REPAIRS[..2], &GOOD_PAUSES);
+        assert_eq!(missed, ["jobs#50: MISSED — never repaired"]);
+        let mut wrong = GOOD_REPAIRS.to_vec();
+        wrong.push(("web", 10, 12)); // the planned reboot
+        wrong.push(("web", 33, 30)); // during the pipeline outage
+        let bad = failed(&wrong, &GOOD_PAUSES);
+        assert_eq!(bad.len(), 4, "{bad:?}");
+        assert!(bad.iter().any(|t| t.contains("web#10: repaired WRONGLY")));
+        assert!(bad
+            .iter()
+            .any(|t| t.contains("web#33: repaired at tick 30, where nothing may be")));
+        let unpaused = failed(&GOOD_REPAIRS, &GOOD_PAUSES[..2]);
+        assert_eq!(unpaused, ["pause `too_many_unhealthy` on api: NOT SEEN"]);
+        let early_only = failed(&GOOD_REPAIRS, &[GOOD_PAUSES[0], GOOD_PAUSES[3]]);
+        assert_eq!(early_only, ["pause `too_many_unhealthy` on api: NOT SEEN"]);
+    }
+}
