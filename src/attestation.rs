@@ -329,40 +329,17 @@ mod tests {
     use super::*;
     use time::macros::datetime;
 
-    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/attestation");
+    // The same signer as tests/agent.rs (a file of tests/, not of the library).
+    mod attested {
+        include!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/common/attested.rs"
+        ));
+    }
+    use attested::{sign_document, FIXTURES};
 
     fn fixture(name: &str) -> String {
         std::fs::read_to_string(format!("{FIXTURES}/{name}")).unwrap()
-    }
-
-    /// Signs like IMDS, with the openssl command line (an implementation independent of ours).
-    fn openssl_signed(chain: &str, content: &str) -> Option<String> {
-        let dir = std::env::temp_dir().join(format!("attest-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).ok()?;
-        std::fs::write(dir.join("doc.json"), content).ok()?;
-        let out = std::process::Command::new("openssl")
-            .args([
-                "cms",
-                "-sign",
-                "-nodetach",
-                "-binary",
-                "-outform",
-                "DER",
-                "-md",
-                "sha256",
-            ])
-            .arg("-signer")
-            .arg(format!("{FIXTURES}/{chain}-leaf.pem"))
-            .arg("-inkey")
-            .arg(format!("{FIXTURES}/{chain}-leaf.key"))
-            .arg("-in")
-            .arg(dir.join("doc.json"))
-            .output()
-            .ok()?;
-        let _ = std::fs::remove_dir_all(&dir);
-        out.status
-            .success()
-            .then(|| base64::engine::general_purpose::STANDARD.encode(out.stdout))
     }
 
     const NOW: OffsetDateTime = datetime!(2026-11-23 10:00 UTC);
@@ -375,10 +352,7 @@ mod tests {
 
     #[test]
     fn a_platform_signed_document_opens_and_vouches_for_one_heartbeat() {
-        let Some(signed) = openssl_signed("trusted", &document("vm-1", "1795428000")) else {
-            eprintln!("openssl not available: skipped the cross-check against its CMS output");
-            return;
-        };
+        let signed = sign_document("trusted", &document("vm-1", "1795428000"));
         let trust = Trust::from_pem(&fixture("trusted-ca.pem")).unwrap();
         let doc = open(&signed, &trust, NOW).unwrap();
         assert_eq!(doc.vm_id, "vm-1");
@@ -391,7 +365,7 @@ mod tests {
         assert!(vouches(&doc, "vm-1", event_time, NOW + time::Duration::hours(6)).is_err());
 
         // A look-alike chain, a trust bundle without its CA, a tampered document: refused.
-        let rogue = openssl_signed("rogue", &document("vm-1", "1795428000")).unwrap();
+        let rogue = sign_document("rogue", &document("vm-1", "1795428000"));
         let err = open(&rogue, &trust, NOW).unwrap_err();
         assert!(err.contains("not issued by a trusted CA"), "{err}");
         let mut der = base64::engine::general_purpose::STANDARD

@@ -144,41 +144,7 @@ async fn imds_token(
     .into_response()
 }
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/attestation");
-
-/// Signs `content` as IMDS does (PKCS#7 with the content inside), with a test chain.
-fn sign_document(chain: &str, content: &str) -> String {
-    use base64::Engine;
-    let dir = std::env::temp_dir().join(format!("imds-doc-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("doc.json"), content).unwrap();
-    let out = Command::new("openssl")
-        .args([
-            "cms",
-            "-sign",
-            "-nodetach",
-            "-binary",
-            "-outform",
-            "DER",
-            "-md",
-            "sha256",
-        ])
-        .arg("-signer")
-        .arg(format!("{FIXTURES}/{chain}-leaf.pem"))
-        .arg("-inkey")
-        .arg(format!("{FIXTURES}/{chain}-leaf.key"))
-        .arg("-in")
-        .arg(dir.join("doc.json"))
-        .output()
-        .expect("openssl signs the test documents");
-    let _ = std::fs::remove_dir_all(&dir);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    base64::engine::general_purpose::STANDARD.encode(out.stdout)
-}
+use common::attested::{sign_document, FIXTURES};
 
 fn imds_document(vm_id: &str, nonce: &str) -> String {
     let now = time::OffsetDateTime::now_utc();

@@ -2,6 +2,7 @@
 //! driven the way the Functions host drives the handler.
 #![allow(dead_code)]
 
+pub mod attested;
 pub mod azurite;
 
 use azurite::{free_port, wait_for_port, Azurite};

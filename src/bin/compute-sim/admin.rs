@@ -345,19 +345,26 @@ async fn send_resource_events(
     State(s): State<Shared>,
     body: Option<Json<HeartbeatRound>>,
 ) -> Response {
-    let target = body
-        .and_then(|Json(b)| b.target)
-        .or_else(|| s.heartbeat_target.clone());
-    let Some(target) = target else {
-        return (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"error": "no target: pass {\"target\": \"http://127.0.0.1:PORT\"} or start with --heartbeat-target"})),
-        )
-            .into_response();
+    let Some(target) = delivery_target(&s, body) else {
+        return no_target();
     };
     let round = resource_event_round(&s).await;
     let (sent, failed) = deliver(&s.http, &target, s.delivery, round).await;
     Json(json!({"sent": sent, "failed": failed})).into_response()
+}
+
+/// Where a round goes: the request's `target`, else the one given on the command line.
+fn delivery_target(s: &Shared, body: Option<Json<HeartbeatRound>>) -> Option<String> {
+    body.and_then(|Json(b)| b.target)
+        .or_else(|| s.heartbeat_target.clone())
+}
+
+fn no_target() -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"error": "no target: pass {\"target\": \"http://127.0.0.1:PORT\"} or start with --heartbeat-target"})),
+    )
+        .into_response()
 }
 
 /// Takes the pending Resource Manager events as `monitor-events` invocations.
@@ -425,15 +432,8 @@ pub async fn deliver(
 }
 
 async fn send_heartbeats(State(s): State<Shared>, body: Option<Json<HeartbeatRound>>) -> Response {
-    let target = body
-        .and_then(|Json(b)| b.target)
-        .or_else(|| s.heartbeat_target.clone());
-    let Some(target) = target else {
-        return (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"error": "no target: pass {\"target\": \"http://127.0.0.1:PORT\"} or start with --heartbeat-target"})),
-        )
-            .into_response();
+    let Some(target) = delivery_target(&s, body) else {
+        return no_target();
     };
     let round = heartbeat_round(&s).await;
     let (sent, failed) = deliver(&s.http, &target, s.delivery, round).await;
