@@ -229,16 +229,28 @@ async fn carry_out(
         ..SetReport::default()
     };
     let mut journal = Vec::new();
+    if let (Some(was), None) = (breaker_before, breaker_now) {
+        journal.push(Entry {
+            outcome: "resumed".into(),
+            reason: format!("the brake `{was}` released; repairs resume"),
+            ..entry(id, "*", "", EntryKind::Withheld, dry_run, now)
+        });
+    }
 
     for w in &plan.withheld {
         let instance = w.instance_id.as_deref().unwrap_or("*");
         tracing::info!(scale_set = %id, instance, decision = "withheld", why = w.why.label(), reason = %w.why.describe(), "repair withheld");
-        // A running or given-up incident already has its rows; repeating them every pass would bury the rest.
-        if matches!(
-            w.why,
-            crate::plan::WithheldReason::RepairInFlight { .. }
-                | crate::plan::WithheldReason::GivenUp { .. }
-        ) {
+        // A running or given-up incident already has its rows, and a scale-set pause its row from
+        // the pass it began (the breaker column remembers it): repeating them every pass would bury
+        // the rest.
+        let repeated_pause = w.instance_id.is_none() && breaker_now == breaker_before;
+        if repeated_pause
+            || matches!(
+                w.why,
+                crate::plan::WithheldReason::RepairInFlight { .. }
+                    | crate::plan::WithheldReason::GivenUp { .. }
+            )
+        {
             continue;
         }
         journal.push(Entry {

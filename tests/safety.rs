@@ -118,6 +118,26 @@ async fn a_scale_set_mostly_down_short_circuits_while_others_still_heal() {
     assert_eq!(sets[0]["paused"], json!("too_many_unhealthy"), "{answer}");
     assert_eq!(sets[0]["repairs_requested"], json!(0));
     assert_eq!(sets[1]["repairs_requested"], json!(1), "{answer}");
+    // Held for two more passes, then the VMs recover: the journal says when the pause began and
+    // when it ended, once each.
+    app.invoke_timer("monitor-status").await;
+    app.invoke_timer("monitor-status").await;
+    for i in 0..3 {
+        app.break_vm("web", i, json!({"beat": "up"})).await;
+    }
+    app.heartbeat_round().await;
+    app.invoke_timer("monitor-status").await;
+    let (journal, _) = app.recent_journal(&TestApp::scale_set("web")).await;
+    let pause_rows: Vec<&str> = journal
+        .iter()
+        .filter(|e| e.instance_id == "*")
+        .map(|e| e.outcome.as_str())
+        .collect();
+    assert_eq!(
+        pause_rows,
+        ["resumed", "too_many_unhealthy"],
+        "newest first"
+    );
     let calls = app.compute_calls().await;
     let writes: Vec<&str> = calls
         .iter()

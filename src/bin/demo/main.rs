@@ -259,19 +259,24 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
     let mut jobs_new = None;
     let mut repairs: Vec<(String, u64, u32)> = Vec::new();
     let mut pauses_seen: Vec<(String, String, u32)> = Vec::new();
-    let mut shown_brake: HashMap<&str, Option<String>> = HashMap::new();
     let mut withheld_rows = 0usize;
     let mut detected: BTreeSet<(String, String)> = BTreeSet::new();
     let mut seen_rows = 0usize;
     let mut ticker = tokio::time::interval(tick_len);
+    // The healer keeps wall-clock time: a slow tick may stretch the story, never squeeze it (a
+    // burst of late ticks would end the pipeline outage before any VM looked silent).
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tick = 0u32;
     // The fleet was running and reporting before the healer's first pass.
     let round = admin::heartbeat_round(&sim).await;
     admin::deliver(&sim.http, &handler, admin::Delivery::Handler, round).await;
     invoke("monitor-state").await;
 
+    // When each tick began (s since the start): times to repair are wall-clock times.
+    let mut tick_started: Vec<f32> = Vec::new();
     loop {
         ticker.tick().await;
+        tick_started.push(started.elapsed().as_secs_f32());
         {
             let mut w = sim.world.lock().await;
             for said in story::play(tick, &mut w, key, &mut jobs_new) {
@@ -377,19 +382,14 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
                 EntryKind::Withheld => "withheld",
                 EntryKind::Outcome => "outcome",
             };
-            // A pause is journaled every pass it holds; say it once per change.
-            let repeat = e.kind == EntryKind::Withheld
-                && e.instance_id == "*"
-                && shown_brake.get(name).cloned().flatten().as_deref() == Some(e.outcome.as_str());
-            if !repeat {
-                view.line(
-                    started.elapsed().as_secs_f32(),
-                    &format!("{kind} {name}#{} {what}", e.instance_id),
-                );
-            }
-            if e.kind == EntryKind::Withheld && e.instance_id == "*" {
-                shown_brake.insert(name, Some(e.outcome.clone()));
-            }
+            // The journal records a pause when it begins and `resumed` when it ends.
+            let released = e.kind == EntryKind::Withheld && e.outcome == "resumed";
+            let line = if released {
+                format!("resumed {name}: {}", e.reason)
+            } else {
+                format!("{kind} {name}#{} {what}", e.instance_id)
+            };
+            view.line(started.elapsed().as_secs_f32(), &line);
             if e.instance_id != "*" {
                 detected.insert((name.to_string(), e.instance_id.clone()));
             }
@@ -400,7 +400,7 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
                         picture.repair(name, n, tick);
                     }
                 }
-                EntryKind::Withheld => {
+                EntryKind::Withheld if !released => {
                     withheld_rows += 1;
                     if e.instance_id == "*" {
                         pauses_seen.push((name.to_string(), e.outcome.clone(), tick));
@@ -410,22 +410,6 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
             }
         }
         seen_rows = rows.len();
-        for s in &statuses {
-            let name = SETS
-                .iter()
-                .map(|(n, _)| *n)
-                .find(|n| *n == s.name)
-                .unwrap_or("?");
-            if s.brake.is_none() {
-                if let Some(Some(was)) = shown_brake.insert(name, None) {
-                    view.line(
-                        started.elapsed().as_secs_f32(),
-                        &format!("resumed {name}: the brake `{was}` released"),
-                    );
-                }
-            }
-        }
-
         let act = story::act_at(tick);
         let title = act
             .checked_sub(1)
@@ -457,7 +441,13 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
     let expected = story::expectations(jobs_new);
     let mut ok = true;
     println!("\nsummary");
-    for line in story::grade(&expected, &repairs, &pauses_seen, tick_len) {
+    let seconds_at = |t: u32| {
+        tick_started
+            .get(t as usize)
+            .copied()
+            .unwrap_or(t as f32 * tick_len.as_secs_f32())
+    };
+    for line in story::grade(&expected, &repairs, &pauses_seen, seconds_at) {
         println!("  {}", line.text);
         ok &= line.ok;
     }
