@@ -283,6 +283,17 @@ module scaleSetAccess 'modules/scaleset-access.bicep' = [for id in scaleSetIds: 
   }
 }]
 
+// Reading how our repairs' operations ended needs a role at the resource group (see
+// modules/compute-role.bicep); it holds that one action and nothing else.
+module operationAccess 'modules/operation-access.bicep' = [for rg in watchedResourceGroups: {
+  name: 'healer-operations-${rg}'
+  scope: resourceGroup(rg)
+  params: {
+    roleDefinitionId: computeRole.outputs.operationReaderRoleId
+    principalId: app.identity.principalId
+  }
+}]
+
 // Resource Manager events of each watched resource group.
 module rmEvents 'modules/rm-events.bicep' = [for rg in watchedResourceGroups: {
   name: 'healer-rm-events-${rg}'

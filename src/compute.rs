@@ -1,6 +1,6 @@
 //! The Compute API edge: the only code that knows ARM. Reads scale sets and their instances for
-//! the mirror, and sends repairs. Long-running operations are fired (`send()`, 202) and never
-//! awaited: a later timer pass sees their effect in the mirror.
+//! the mirror, sends repairs, and follows the long-running operations they start: a 202 only
+//! starts one, and its `Azure-AsyncOperation` status says how it ended.
 
 use crate::mirror::{AppHealth, Instance};
 use crate::scaleset::ScaleSetId;
@@ -9,45 +9,95 @@ use azure_core::auth::TokenCredential;
 use azure_core::error::ErrorKind;
 use azure_core::{HttpClient, StatusCode};
 use azure_mgmt_compute::package_2024_07_01::{models, Client};
-use futures::StreamExt;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use futures::{StreamExt, TryStreamExt};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use time::format_description::well_known::Rfc3339;
 use time::{Duration, OffsetDateTime};
 use url::Url;
 
 const READ_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(300);
 
-/// The Resource Manager actions the handler performs, and no other: the custom role the
-/// infrastructure grants on the watched scale sets (`infra/`) is exactly this list.
-pub const REQUIRED_ACTIONS: &[&str] = &[
+/// Below this many calls left in a subscription's Compute budget, passes stop reading: ARM's
+/// throttle would otherwise stop us for minutes, repairs included.
+pub const READ_RESERVE: i64 = 20;
+const RATE_LIMIT_HEADER: &str = "x-ms-ratelimit-remaining-resource";
+
+/// The Resource Manager actions the handler performs on each watched scale set, and no other: the
+/// custom role the infrastructure grants on the scale sets (`infra/`) is exactly this list.
+pub const SCALE_SET_ACTIONS: &[&str] = &[
     "Microsoft.Compute/virtualMachineScaleSets/read",
     "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/read",
     "Microsoft.Compute/virtualMachineScaleSets/write",
     "Microsoft.Compute/virtualMachineScaleSets/delete/action",
     "Microsoft.Compute/virtualMachineScaleSets/reimage/action",
     "Microsoft.Compute/virtualMachineScaleSets/restart/action",
+    "Microsoft.Compute/virtualMachineScaleSets/start/action",
+];
+
+/// What the handler needs on each watched resource group: reading the status of the long-running
+/// operations its writes start. Azure checks it at the resource group, not the scale set ("If you
+/// only have permission at the resource level, you can start the operation but you can't track its
+/// status", Track asynchronous Azure operations, learn.microsoft.com).
+pub const RESOURCE_GROUP_ACTIONS: &[&str] = &["Microsoft.Compute/locations/operations/read"];
+
+/// Every action the handler performs.
+pub const REQUIRED_ACTIONS: &[&str] = &[
+    SCALE_SET_ACTIONS[0],
+    SCALE_SET_ACTIONS[1],
+    SCALE_SET_ACTIONS[2],
+    SCALE_SET_ACTIONS[3],
+    SCALE_SET_ACTIONS[4],
+    SCALE_SET_ACTIONS[5],
+    SCALE_SET_ACTIONS[6],
+    RESOURCE_GROUP_ACTIONS[0],
 ];
 
 /// The action Resource Manager authorizes a request of ours by (`None`: not a request we make).
 /// Lets tests hold every call the handler sends against [`REQUIRED_ACTIONS`].
 pub fn required_action(method: &str, path: &str) -> Option<&'static str> {
     let path = path.to_ascii_lowercase();
+    let method = method.to_ascii_uppercase();
+    if let Some(rest) = path.split("/providers/microsoft.compute/locations/").nth(1) {
+        let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+        return match (method.as_str(), segments.as_slice()) {
+            ("GET", [_, "operations", _]) => Some(REQUIRED_ACTIONS[7]),
+            _ => None,
+        };
+    }
     let rest = path
         .split("/providers/microsoft.compute/virtualmachinescalesets/")
         .nth(1)?;
     let mut segments = rest.split('/').filter(|s| !s.is_empty());
     let _name = segments.next()?;
     let tail: Vec<&str> = segments.collect();
-    let action = match (method.to_ascii_uppercase().as_str(), tail.as_slice()) {
+    let action = match (method.as_str(), tail.as_slice()) {
         ("GET", []) => REQUIRED_ACTIONS[0],
         ("GET", ["virtualmachines"]) | ("GET", ["virtualmachines", _]) => REQUIRED_ACTIONS[1],
         ("PATCH", []) | ("PUT", []) => REQUIRED_ACTIONS[2],
         ("POST", ["delete"]) => REQUIRED_ACTIONS[3],
         ("POST", ["reimage"]) => REQUIRED_ACTIONS[4],
         ("POST", ["restart"]) => REQUIRED_ACTIONS[5],
+        ("POST", ["start"]) => REQUIRED_ACTIONS[6],
         _ => return None,
     };
     Some(action)
+}
+
+/// ARM's answer to a request it did not carry out: status, `error.code` and `error.message`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ArmError {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ArmError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HTTP {} {}: {}", self.status, self.code, self.message)
+    }
 }
 
 /// Why a Compute call failed, in the terms a caller branches on.
@@ -55,12 +105,27 @@ pub fn required_action(method: &str, path: &str) -> Option<&'static str> {
 pub enum ComputeError {
     #[error("throttled by the Compute API; retry after {retry_after_s} s")]
     Throttled { retry_after_s: i64 },
+    /// Another operation is changing the resource (409 `Conflict`, or the scale set is
+    /// `Updating`): the same request can work later.
+    #[error("busy: {0}")]
+    Busy(ArmError),
+    /// The scale set changed since it was read (412 on `If-Match`).
+    #[error("the scale set changed since it was read: {0}")]
+    Stale(ArmError),
+    /// ARM refused the request itself (a 4xx other than 408/409 `Conflict`/412/429, including 409
+    /// `OperationNotAllowed`): sending it again unchanged will not help.
+    #[error("refused: {0}")]
+    Refused(ArmError),
     #[error("not found: {0}")]
     NotFound(String),
     #[error("not authorized: {0}")]
     Unauthorized(String),
+    /// A server error: the request was answered and not carried out.
     #[error("Compute API unavailable: {0}")]
     Transient(String),
+    /// No answer came (connection lost, timeout): whether a write landed is unknown.
+    #[error("no answer from the Compute API: {0}")]
+    NoAnswer(String),
     #[error("Compute API call failed: {0}")]
     Failed(String),
 }
@@ -69,10 +134,22 @@ impl ComputeError {
     pub fn label(&self) -> &'static str {
         match self {
             ComputeError::Throttled { .. } => "throttled",
+            ComputeError::Busy(_) => "busy",
+            ComputeError::Stale(_) => "stale",
+            ComputeError::Refused(_) => "refused",
             ComputeError::NotFound(_) => "not_found",
             ComputeError::Unauthorized(_) => "unauthorized",
             ComputeError::Transient(_) => "transient",
+            ComputeError::NoAnswer(_) => "no_answer",
             ComputeError::Failed(_) => "failed",
+        }
+    }
+
+    /// ARM's error, when ARM answered with one.
+    pub fn arm(&self) -> Option<&ArmError> {
+        match self {
+            ComputeError::Busy(e) | ComputeError::Stale(e) | ComputeError::Refused(e) => Some(e),
+            _ => None,
         }
     }
 }
@@ -83,23 +160,91 @@ pub struct ScaleSetInfo {
     pub capacity: Option<i64>,
     pub orchestration_mode: Option<String>,
     pub platform_auto_repair: bool,
+    /// The version of the scale set, for `If-Match`.
+    pub etag: Option<String>,
+    pub provisioning_state: Option<String>,
+}
+
+/// How a long-running operation is followed: ARM's `Azure-AsyncOperation` status resource (a body
+/// with `status`), or, failing that, the `Location` URL (202 while it runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationKind {
+    AsyncOperation,
+    Location,
+}
+
+impl OperationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperationKind::AsyncOperation => "async_operation",
+            OperationKind::Location => "location",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "async_operation" => Some(OperationKind::AsyncOperation),
+            "location" => Some(OperationKind::Location),
+            _ => None,
+        }
+    }
+}
+
+/// Where to read how a long-running operation went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OperationRef {
+    pub url: String,
+    pub kind: OperationKind,
 }
 
 /// A long-running operation the Compute API accepted.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Accepted {
-    /// The `Azure-AsyncOperation` URL, journaled so an operator can follow it.
-    pub operation: Option<String>,
+    /// Its status URL; `None` when ARM gave none we can follow (the deadline then decides).
+    pub operation: Option<OperationRef>,
+}
+
+/// A capacity change: what the fresh read said, and what was asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grown {
+    pub accepted: Accepted,
+    pub from: i64,
+    pub to: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum OperationState {
+    InProgress,
+    Succeeded,
+    Failed,
+    Canceled,
+}
+
+/// How a long-running operation stands.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OperationStatus {
+    pub state: OperationState,
+    /// When ARM says it ended (its `endTime`), if it did and said so.
+    pub ended_at: Option<OffsetDateTime>,
+    pub error: Option<ArmError>,
 }
 
 /// Throttling and volume, observed on every raw response before the SDK turns errors into values
-/// (the SDK's errors do not keep headers such as `Retry-After`).
+/// (the SDK's errors do not keep headers such as `Retry-After`, and its header map keeps one value
+/// per name while Compute sends one `x-ms-ratelimit-remaining-resource` header per policy).
+/// Compute throttles per subscription and region, so both are kept per subscription.
 #[derive(Debug, Default)]
 pub struct Observed {
     calls: AtomicU64,
-    /// Lowest `x-ms-ratelimit-remaining-resource` count seen on the last response, -1 if none.
-    remaining: AtomicI64,
-    throttled_until: Mutex<Option<OffsetDateTime>>,
+    by_subscription: Mutex<HashMap<String, Budget>>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Budget {
+    /// The tightest policy's remaining count on the last answer, if it said.
+    remaining: Option<i64>,
+    throttled_until: Option<OffsetDateTime>,
 }
 
 impl Observed {
@@ -107,16 +252,74 @@ impl Observed {
         self.calls.load(Ordering::Relaxed)
     }
 
-    pub fn remaining_budget(&self) -> Option<i64> {
-        let r = self.remaining.load(Ordering::Relaxed);
-        (r >= 0).then_some(r)
+    fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, Budget>) -> T) -> T {
+        let mut map = self
+            .by_subscription
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut map)
     }
 
-    pub fn throttled_until(&self) -> Option<OffsetDateTime> {
-        self.throttled_until.lock().ok().and_then(|g| *g)
+    /// The smallest remaining count of any throttling policy on the subscription's last answer.
+    pub fn remaining_budget(&self, subscription: &str) -> Option<i64> {
+        self.with(|m| m.get(&subscription.to_ascii_lowercase())?.remaining)
+    }
+
+    /// Until when the Compute API asked us to leave the subscription alone.
+    pub fn throttled_until(&self, subscription: &str) -> Option<OffsetDateTime> {
+        self.with(|m| m.get(&subscription.to_ascii_lowercase())?.throttled_until)
+    }
+
+    /// Every subscription throttled beyond `now`, with until when.
+    pub fn throttled(&self, now: OffsetDateTime) -> Vec<(String, OffsetDateTime)> {
+        self.with(|m| {
+            m.iter()
+                .filter_map(|(s, b)| {
+                    b.throttled_until
+                        .filter(|u| *u > now)
+                        .map(|u| (s.clone(), u))
+                })
+                .collect()
+        })
+    }
+
+    fn record(&self, subscription: &str, remaining: Option<i64>, backoff_s: Option<i64>) {
+        self.with(|m| {
+            let budget = m.entry(subscription.to_ascii_lowercase()).or_default();
+            if remaining.is_some() {
+                budget.remaining = remaining;
+            }
+            if let Some(secs) = backoff_s {
+                let until = OffsetDateTime::now_utc() + Duration::seconds(secs);
+                budget.throttled_until =
+                    Some(budget.throttled_until.map_or(until, |u| u.max(until)));
+            }
+        });
     }
 }
 
+/// The subscription a Resource Manager URL addresses, lower case.
+fn subscription_of(url: &Url) -> String {
+    let mut segments = url.path_segments().into_iter().flatten();
+    while let Some(s) = segments.next() {
+        if s.eq_ignore_ascii_case("subscriptions") {
+            return segments.next().unwrap_or_default().to_ascii_lowercase();
+        }
+    }
+    String::new()
+}
+
+/// The smallest count across every `x-ms-ratelimit-remaining-resource` value: each is
+/// `Policy;count`, several may share one header, and each policy may come in a header of its own.
+fn tightest_budget<'a>(values: impl Iterator<Item = &'a str>) -> Option<i64> {
+    values
+        .flat_map(|v| v.split(','))
+        .filter_map(|b| b.rsplit(';').next()?.trim().parse::<i64>().ok())
+        .min()
+}
+
+/// The HTTP transport under the Compute client: sends with reqwest, as azure_core's own transport
+/// does, but reads throttling headers from the raw answer, where repeated headers are still there.
 #[derive(Debug)]
 struct ObservingTransport {
     inner: reqwest::Client,
@@ -129,37 +332,64 @@ impl HttpClient for ObservingTransport {
         &self,
         request: &azure_core::Request,
     ) -> azure_core::Result<azure_core::Response> {
-        let response = self.inner.execute_request(request).await?;
-        self.observed.calls.fetch_add(1, Ordering::Relaxed);
-        let headers = response.headers();
-        if let Some(v) = headers.get_optional_str(&azure_core::headers::HeaderName::from_static(
-            "x-ms-ratelimit-remaining-resource",
-        )) {
-            // `Bucket;count,Bucket;count`: the tightest bucket is what matters.
-            let min = v
-                .split(',')
-                .filter_map(|b| b.rsplit(';').next()?.trim().parse::<i64>().ok())
-                .min();
-            if let Some(m) = min {
-                self.observed.remaining.store(m, Ordering::Relaxed);
-            }
+        let url = request.url().clone();
+        let method = reqwest::Method::from_bytes(request.method().as_ref().as_bytes())
+            .map_err(|e| azure_core::Error::full(ErrorKind::DataConversion, e, "bad method"))?;
+        let mut builder = self.inner.request(method, url.clone());
+        for (name, value) in request.headers().iter() {
+            builder = builder.header(name.as_str(), value.as_str());
         }
-        let retry_after = headers
-            .get_optional_str(&azure_core::headers::RETRY_AFTER)
+        let body = match request.body() {
+            azure_core::Body::Bytes(bytes) => bytes.clone(),
+            azure_core::Body::SeekableStream(_) => {
+                return Err(azure_core::Error::message(
+                    ErrorKind::Other,
+                    "streamed request bodies are never sent to the Compute API",
+                ))
+            }
+        };
+        let response = builder.body(body).send().await.map_err(|e| {
+            azure_core::Error::full(ErrorKind::Io, e, "failed to execute the Compute request")
+        })?;
+        self.observed.calls.fetch_add(1, Ordering::Relaxed);
+        let status = response.status();
+        let raw = response.headers();
+        let remaining = tightest_budget(
+            raw.get_all(RATE_LIMIT_HEADER)
+                .iter()
+                .filter_map(|v| v.to_str().ok()),
+        );
+        let retry_after = raw
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<i64>().ok());
         // A 429 always means back off (60 s when unsaid); a 503 only when it says for how long.
-        let backoff = match response.status() {
-            StatusCode::TooManyRequests => Some(retry_after.unwrap_or(60)),
-            StatusCode::ServiceUnavailable => retry_after,
+        let backoff = match status.as_u16() {
+            429 => Some(retry_after.unwrap_or(60).max(1)),
+            503 => retry_after,
             _ => None,
         };
-        if let Some(secs) = backoff {
-            if let Ok(mut g) = self.observed.throttled_until.lock() {
-                let until = OffsetDateTime::now_utc() + Duration::seconds(secs);
-                *g = Some(g.map_or(until, |old| old.max(until)));
-            }
-        }
-        Ok(response)
+        self.observed
+            .record(&subscription_of(&url), remaining, backoff);
+        let headers: HashMap<azure_core::headers::HeaderName, azure_core::headers::HeaderValue> =
+            raw.iter()
+                .filter_map(|(k, v)| {
+                    Some((
+                        azure_core::headers::HeaderName::from(k.as_str().to_owned()),
+                        azure_core::headers::HeaderValue::from(v.to_str().ok()?.to_owned()),
+                    ))
+                })
+                .collect();
+        let status = StatusCode::try_from(status.as_u16()).map_err(|_| {
+            azure_core::Error::message(ErrorKind::DataConversion, "invalid HTTP status")
+        })?;
+        Ok(azure_core::Response::new(
+            status,
+            headers.into(),
+            Box::pin(response.bytes_stream().map_err(|e| {
+                azure_core::Error::full(ErrorKind::Io, e, "reading the Compute answer")
+            })),
+        ))
     }
 }
 
@@ -167,11 +397,16 @@ impl HttpClient for ObservingTransport {
 pub struct Compute {
     client: Client,
     observed: Arc<Observed>,
+    /// Operation status reads go around the generated client (it has no such call).
+    transport: Arc<ObservingTransport>,
+    credential: Arc<dyn TokenCredential>,
+    endpoint: Url,
 }
 
 impl std::fmt::Debug for Compute {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Compute")
+            .field("endpoint", &self.endpoint.as_str())
             .field("observed", &self.observed)
             .finish()
     }
@@ -184,32 +419,52 @@ impl Compute {
             .connect_timeout(std::time::Duration::from_secs(5))
             .timeout(std::time::Duration::from_secs(60))
             .build()?;
-        let transport = ObservingTransport {
+        let transport = Arc::new(ObservingTransport {
             inner: http,
             observed: observed.clone(),
-        };
-        let client = Client::builder(credential)
+        });
+        let client = Client::builder(credential.clone())
             .endpoint(endpoint.clone())
             // ARM's Retry-After is minutes long: never sleep on it inside a call. Throttling is
             // recorded and carried to later passes instead.
             .retry(azure_core::RetryOptions::none())
-            .transport(azure_core::TransportOptions::new(Arc::new(transport)))
+            .transport(azure_core::TransportOptions::new(transport.clone()))
             .build()?;
-        Ok(Compute { client, observed })
+        Ok(Compute {
+            client,
+            observed,
+            transport,
+            credential,
+            endpoint: endpoint.clone(),
+        })
     }
 
     pub fn observed(&self) -> &Observed {
         &self.observed
     }
 
-    fn classify(&self, what: &str, e: azure_core::Error) -> ComputeError {
+    fn classify(&self, what: &str, subscription: &str, e: azure_core::Error) -> ComputeError {
         let message = format!("{what}: {e}");
+        let arm = |status: StatusCode| {
+            let http = e.as_http_error();
+            ArmError {
+                status: u16::from(status),
+                code: http
+                    .and_then(|h| h.error_code())
+                    .unwrap_or("Unknown")
+                    .to_string(),
+                message: http
+                    .and_then(|h| h.error_message())
+                    .map(|m| format!("{what}: {m}"))
+                    .unwrap_or_else(|| what.to_string()),
+            }
+        };
         match e.kind() {
             ErrorKind::HttpResponse { status, .. } => match *status {
                 StatusCode::TooManyRequests => ComputeError::Throttled {
                     retry_after_s: self
                         .observed
-                        .throttled_until()
+                        .throttled_until(subscription)
                         .map(|t| (t - OffsetDateTime::now_utc()).whole_seconds().max(1))
                         .unwrap_or(60),
                 },
@@ -217,12 +472,24 @@ impl Compute {
                 StatusCode::Unauthorized | StatusCode::Forbidden => {
                     ComputeError::Unauthorized(message)
                 }
+                StatusCode::PreconditionFailed => ComputeError::Stale(arm(*status)),
+                // 409 is two things: a concurrent request (try later) or an operation the
+                // resource's state forbids (OperationNotAllowed: never as it stands).
+                StatusCode::Conflict => {
+                    let error = arm(*status);
+                    if error.code.eq_ignore_ascii_case("OperationNotAllowed") {
+                        ComputeError::Refused(error)
+                    } else {
+                        ComputeError::Busy(error)
+                    }
+                }
                 s if u16::from(s) >= 500 || s == StatusCode::RequestTimeout => {
                     ComputeError::Transient(message)
                 }
+                s if u16::from(s) >= 400 => ComputeError::Refused(arm(s)),
                 _ => ComputeError::Failed(message),
             },
-            ErrorKind::Io => ComputeError::Transient(message),
+            ErrorKind::Io => ComputeError::NoAnswer(message),
             ErrorKind::Credential => ComputeError::Unauthorized(message),
             _ => ComputeError::Failed(message),
         }
@@ -236,7 +503,7 @@ impl Compute {
         Fut: std::future::Future<Output = Result<T, ComputeError>>,
     {
         match call().await {
-            Err(ComputeError::Transient(why)) => {
+            Err(ComputeError::Transient(why) | ComputeError::NoAnswer(why)) => {
                 tracing::warn!(error = %why, "transient Compute API failure on a read; retrying once");
                 tokio::time::sleep(READ_RETRY_DELAY).await;
                 call().await
@@ -250,12 +517,21 @@ impl Compute {
     }
 
     async fn scale_set_once(&self, id: &ScaleSetId) -> Result<ScaleSetInfo, ComputeError> {
-        let vmss = self
+        let response = self
             .client
             .virtual_machine_scale_sets_client()
             .get(&id.resource_group, &id.name, &id.subscription)
+            .send()
             .await
-            .map_err(|e| self.classify("get scale set", e))?;
+            .map_err(|e| self.classify("get scale set", &id.subscription, e))?;
+        let header_etag = response
+            .as_raw_response()
+            .headers()
+            .get_optional_string(&azure_core::headers::ETAG);
+        let vmss = response
+            .into_body()
+            .await
+            .map_err(|e| self.classify("get scale set", &id.subscription, e))?;
         let props = vmss.properties.as_ref();
         Ok(ScaleSetInfo {
             capacity: vmss.sku.as_ref().and_then(|s| s.capacity),
@@ -267,6 +543,8 @@ impl Compute {
                 .and_then(|p| p.automatic_repairs_policy.as_ref())
                 .and_then(|a| a.enabled)
                 .unwrap_or(false),
+            etag: vmss.etag.clone().or(header_etag),
+            provisioning_state: props.and_then(|p| p.provisioning_state.clone()),
         })
     }
 
@@ -284,7 +562,7 @@ impl Compute {
             .into_stream();
         let mut out = Vec::new();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| self.classify("list instances", e))?;
+            let page = page.map_err(|e| self.classify("list instances", &id.subscription, e))?;
             out.extend(page.value.into_iter().filter_map(to_instance));
         }
         Ok(out)
@@ -306,8 +584,8 @@ impl Compute {
             )
             .send()
             .await
-            .map_err(|e| self.classify("delete instances", e))?;
-        Ok(accepted(response.as_raw_response()))
+            .map_err(|e| self.classify("delete instances", &id.subscription, e))?;
+        Ok(self.accepted(response.as_raw_response()))
     }
 
     pub async fn restart_instances(
@@ -315,17 +593,49 @@ impl Compute {
         id: &ScaleSetId,
         instance_ids: &[String],
     ) -> Result<Accepted, ComputeError> {
+        self.power(id, instance_ids, Power::Restart).await
+    }
+
+    /// Starts stopped or deallocated instances (a restart of one is refused by Azure).
+    pub async fn start_instances(
+        &self,
+        id: &ScaleSetId,
+        instance_ids: &[String],
+    ) -> Result<Accepted, ComputeError> {
+        self.power(id, instance_ids, Power::Start).await
+    }
+
+    async fn power(
+        &self,
+        id: &ScaleSetId,
+        instance_ids: &[String],
+        power: Power,
+    ) -> Result<Accepted, ComputeError> {
         let mut ids = models::VirtualMachineScaleSetVmInstanceIDs::new();
         ids.instance_ids = instance_ids.to_vec();
-        let response = self
-            .client
-            .virtual_machine_scale_sets_client()
-            .restart(&id.resource_group, &id.name, &id.subscription)
-            .vm_instance_i_ds(ids)
-            .send()
-            .await
-            .map_err(|e| self.classify("restart instances", e))?;
-        Ok(accepted(response.as_raw_response()))
+        let client = self.client.virtual_machine_scale_sets_client();
+        let (what, sent) = match power {
+            Power::Restart => (
+                "restart instances",
+                client
+                    .restart(&id.resource_group, &id.name, &id.subscription)
+                    .vm_instance_i_ds(ids)
+                    .send()
+                    .await
+                    .map(|r| r.into_raw_response()),
+            ),
+            Power::Start => (
+                "start instances",
+                client
+                    .start(&id.resource_group, &id.name, &id.subscription)
+                    .vm_instance_i_ds(ids)
+                    .send()
+                    .await
+                    .map(|r| r.into_raw_response()),
+            ),
+        };
+        let response = sent.map_err(|e| self.classify(what, &id.subscription, e))?;
+        Ok(self.accepted(&response))
     }
 
     pub async fn reimage_instances(
@@ -342,38 +652,221 @@ impl Compute {
             .vm_scale_set_reimage_input(params)
             .send()
             .await
-            .map_err(|e| self.classify("reimage instances", e))?;
-        Ok(accepted(response.as_raw_response()))
+            .map_err(|e| self.classify("reimage instances", &id.subscription, e))?;
+        Ok(self.accepted(response.as_raw_response()))
     }
 
-    /// Sets the scale set's capacity (used by `replace` to restore what a delete took away).
-    pub async fn set_capacity(
-        &self,
-        id: &ScaleSetId,
-        capacity: i64,
-    ) -> Result<Accepted, ComputeError> {
+    /// Adds `n` instances: reads the scale set afresh and raises its capacity by `n` from what it
+    /// is now, with `If-Match` on the version read, so a change by autoscale or an operator in
+    /// between is never overwritten (412 ⇒ [`ComputeError::Stale`]). A scale set that is already
+    /// changing is left alone ([`ComputeError::Busy`]), as cluster-autoscaler does.
+    pub async fn grow(&self, id: &ScaleSetId, n: u32) -> Result<Grown, ComputeError> {
+        let info = self.scale_set(id).await?;
+        if info
+            .provisioning_state
+            .as_deref()
+            .is_some_and(|p| p.eq_ignore_ascii_case("updating"))
+        {
+            return Err(ComputeError::Busy(ArmError {
+                status: 200,
+                code: "ScaleSetUpdating".into(),
+                message: "the scale set is Updating: another change of it runs".into(),
+            }));
+        }
+        let (Some(from), Some(etag)) = (info.capacity, info.etag) else {
+            return Err(ComputeError::Failed(
+                "the scale set reported no capacity or no ETag; a capacity change without If-Match could override a concurrent one".into(),
+            ));
+        };
+        let to = from + i64::from(n);
         let mut update = models::VirtualMachineScaleSetUpdate::new();
         update.sku = Some(models::Sku {
             name: None,
             tier: None,
-            capacity: Some(capacity),
+            capacity: Some(to),
         });
         let response = self
             .client
             .virtual_machine_scale_sets_client()
             .update(&id.resource_group, &id.name, update, &id.subscription)
+            .if_match(etag)
             .send()
             .await
-            .map_err(|e| self.classify("set capacity", e))?;
-        Ok(accepted(response.as_raw_response()))
+            .map_err(|e| self.classify("grow scale set", &id.subscription, e))?;
+        Ok(Grown {
+            accepted: self.accepted(response.as_raw_response()),
+            from,
+            to,
+        })
+    }
+
+    /// Reads how a long-running operation stands. The URL came from ARM's answer, so it is only
+    /// followed on the Resource Manager endpoint itself: our token never goes anywhere else.
+    pub async fn operation_status(
+        &self,
+        operation: &OperationRef,
+    ) -> Result<OperationStatus, ComputeError> {
+        let url = self.follow_url(&operation.url).ok_or_else(|| {
+            ComputeError::Failed(format!(
+                "operation URL {} is not on the Resource Manager endpoint {}",
+                operation.url, self.endpoint
+            ))
+        })?;
+        let subscription = subscription_of(&url);
+        let what = "read operation status";
+        let scope = format!("{}/.default", self.endpoint.as_str().trim_end_matches('/'));
+        let token = self
+            .credential
+            .get_token(&[scope.as_str()])
+            .await
+            .map_err(|e| self.classify(what, &subscription, e))?;
+        let mut request = azure_core::Request::new(url, azure_core::Method::Get);
+        request.insert_header(
+            azure_core::headers::AUTHORIZATION,
+            format!("Bearer {}", token.token.secret()),
+        );
+        let response = self
+            .transport
+            .execute_request(&request)
+            .await
+            .map_err(|e| self.classify(what, &subscription, e))?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.classify(what, &subscription, e))?;
+        parse_operation_status(operation.kind, u16::from(status), &body).map_err(|e| match e {
+            StatusError::Http(status, error) => match status {
+                429 => ComputeError::Throttled {
+                    retry_after_s: self
+                        .observed
+                        .throttled_until(&subscription)
+                        .map(|t| (t - OffsetDateTime::now_utc()).whole_seconds().max(1))
+                        .unwrap_or(60),
+                },
+                404 => ComputeError::NotFound(format!("{what}: {error}")),
+                s if s >= 500 => ComputeError::Transient(format!("{what}: {error}")),
+                _ => ComputeError::Refused(error),
+            },
+            StatusError::Unreadable(why) => ComputeError::Failed(format!("{what}: {why}")),
+        })
+    }
+
+    /// The URL if it is on our Resource Manager endpoint (same scheme, host and port).
+    fn follow_url(&self, raw: &str) -> Option<Url> {
+        let url = Url::parse(raw).ok()?;
+        (url.scheme() == self.endpoint.scheme()
+            && url.host_str() == self.endpoint.host_str()
+            && url.port_or_known_default() == self.endpoint.port_or_known_default())
+        .then_some(url)
+    }
+
+    fn accepted(&self, response: &azure_core::Response) -> Accepted {
+        let header = |name: &'static str| {
+            response
+                .headers()
+                .get_optional_string(&azure_core::headers::HeaderName::from_static(name))
+        };
+        let operation = header("azure-asyncoperation")
+            .map(|url| (url, OperationKind::AsyncOperation))
+            .or_else(|| header("location").map(|url| (url, OperationKind::Location)));
+        let operation = match operation {
+            Some((url, kind)) if self.follow_url(&url).is_some() => {
+                Some(OperationRef { url, kind })
+            }
+            Some((url, _)) => {
+                tracing::warn!(operation = %url, "ignored an operation URL outside the Resource Manager endpoint; the repair deadline decides instead");
+                None
+            }
+            None => None,
+        };
+        Accepted { operation }
     }
 }
 
-fn accepted(response: &azure_core::Response) -> Accepted {
-    let header = azure_core::headers::HeaderName::from_static("azure-asyncoperation");
-    Accepted {
-        operation: response.headers().get_optional_string(&header),
+#[derive(Clone, Copy)]
+enum Power {
+    Restart,
+    Start,
+}
+
+enum StatusError {
+    Http(u16, ArmError),
+    Unreadable(String),
+}
+
+/// Reads an operation status answer. `Azure-AsyncOperation`: a body whose `status` is
+/// `InProgress`, `Succeeded`, `Failed` or `Canceled` (any other value: still running), with
+/// `error.code` / `error.message` when it failed. `Location`: 202 while it runs, 200 or 204 once done.
+fn parse_operation_status(
+    kind: OperationKind,
+    status: u16,
+    body: &[u8],
+) -> Result<OperationStatus, StatusError> {
+    let json: serde_json::Value = serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
+    let error = |fallback_code: &str| {
+        let e = json.get("error").unwrap_or(&json);
+        ArmError {
+            status,
+            code: e
+                .get("code")
+                .and_then(|c| c.as_str())
+                .unwrap_or(fallback_code)
+                .to_string(),
+            message: e
+                .get("message")
+                .and_then(|m| m.as_str())
+                .unwrap_or("")
+                .chars()
+                .take(1024)
+                .collect(),
+        }
+    };
+    if status >= 400 {
+        return Err(StatusError::Http(status, error("Unknown")));
     }
+    let ended_at = json
+        .get("endTime")
+        .and_then(|t| t.as_str())
+        .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok());
+    if kind == OperationKind::Location {
+        return Ok(match status {
+            202 => OperationStatus {
+                state: OperationState::InProgress,
+                ended_at: None,
+                error: None,
+            },
+            _ => OperationStatus {
+                state: OperationState::Succeeded,
+                ended_at,
+                error: None,
+            },
+        });
+    }
+    let Some(state) = json.get("status").and_then(|s| s.as_str()) else {
+        return Err(StatusError::Unreadable(format!(
+            "HTTP {status} without a status in its body"
+        )));
+    };
+    let state = match state.to_ascii_lowercase().as_str() {
+        "succeeded" => OperationState::Succeeded,
+        "failed" => OperationState::Failed,
+        "canceled" | "cancelled" => OperationState::Canceled,
+        _ => OperationState::InProgress,
+    };
+    let error = matches!(state, OperationState::Failed | OperationState::Canceled).then(|| {
+        error(if state == OperationState::Canceled {
+            "Canceled"
+        } else {
+            "Failed"
+        })
+    });
+    Ok(OperationStatus {
+        state,
+        ended_at,
+        error,
+    })
 }
 
 /// Converts an ARM scale-set VM into a mirrored instance; `None` without an instance id.
@@ -447,17 +940,153 @@ mod tests {
             ("POST", format!("{set}/delete"), Some(REQUIRED_ACTIONS[3])),
             ("POST", format!("{set}/reimage"), Some(REQUIRED_ACTIONS[4])),
             ("POST", format!("{set}/restart"), Some(REQUIRED_ACTIONS[5])),
+            ("POST", format!("{set}/start"), Some(REQUIRED_ACTIONS[6])),
+            (
+                "GET",
+                "/subscriptions/s/providers/Microsoft.Compute/locations/westeurope/operations/1"
+                    .into(),
+                Some(REQUIRED_ACTIONS[7]),
+            ),
             // Requests we never make are not covered: deleting the scale set, powering off.
             ("DELETE", set.to_string(), None),
             ("POST", format!("{set}/poweroff"), None),
-            (
-                "GET",
-                "/subscriptions/s/providers/Microsoft.Compute/locations/x/operations/1".into(),
-                None,
-            ),
         ];
         for (method, path, want) in cases {
             assert_eq!(required_action(method, &path), want, "{method} {path}");
         }
+    }
+
+    #[test]
+    fn the_tightest_budget_across_every_header_and_policy_wins() {
+        let headers = [
+            "Microsoft.Compute/GetVMScaleSet3Min;7",
+            "Microsoft.Compute/GetVMScaleSet30Min;900",
+        ];
+        assert_eq!(tightest_budget(headers.iter().copied()), Some(7));
+        assert_eq!(
+            tightest_budget(
+                ["Microsoft.Compute/PutVM3Min;237,Microsoft.Compute/PutVM30Min;1188"].into_iter()
+            ),
+            Some(237),
+            "several policies in one header"
+        );
+        assert_eq!(tightest_budget(["garbage"].into_iter()), None);
+    }
+
+    #[test]
+    fn operation_statuses_read_as_arm_writes_them() {
+        use OperationKind::*;
+        let read = |kind, status, body: &str| match parse_operation_status(
+            kind,
+            status,
+            body.as_bytes(),
+        ) {
+            Ok(s) => Ok((s.state, s.error.map(|e| e.code), s.ended_at.is_some())),
+            Err(StatusError::Http(s, e)) => Err(format!("{s} {}", e.code)),
+            Err(StatusError::Unreadable(w)) => Err(w),
+        };
+        assert_eq!(
+            read(AsyncOperation, 200, r#"{"status":"InProgress"}"#),
+            Ok((OperationState::InProgress, None, false))
+        );
+        assert_eq!(
+            read(
+                AsyncOperation,
+                200,
+                r#"{"status":"Succeeded","endTime":"2026-11-22T10:00:00Z"}"#
+            ),
+            Ok((OperationState::Succeeded, None, true))
+        );
+        assert_eq!(
+            read(
+                AsyncOperation,
+                200,
+                r#"{"status":"Failed","error":{"code":"OperationPreempted","message":"m"}}"#
+            ),
+            Ok((
+                OperationState::Failed,
+                Some("OperationPreempted".into()),
+                false
+            ))
+        );
+        assert_eq!(
+            read(AsyncOperation, 200, r#"{"status":"Canceled"}"#),
+            Ok((OperationState::Canceled, Some("Canceled".into()), false))
+        );
+        assert_eq!(
+            read(AsyncOperation, 200, r#"{"status":"Deleting"}"#),
+            Ok((OperationState::InProgress, None, false)),
+            "unknown: still running"
+        );
+        assert!(read(AsyncOperation, 200, "not json").is_err());
+        assert_eq!(
+            read(
+                AsyncOperation,
+                404,
+                r#"{"error":{"code":"OperationNotFound"}}"#
+            ),
+            Err("404 OperationNotFound".into())
+        );
+        assert_eq!(
+            read(Location, 202, ""),
+            Ok((OperationState::InProgress, None, false))
+        );
+        assert_eq!(
+            read(Location, 204, ""),
+            Ok((OperationState::Succeeded, None, false))
+        );
+    }
+
+    /// A credential that must never be asked: a token handed out would be a token sent.
+    #[derive(Debug, Default)]
+    struct Untouchable(std::sync::atomic::AtomicBool);
+
+    #[async_trait]
+    impl TokenCredential for Untouchable {
+        async fn get_token(&self, _: &[&str]) -> azure_core::Result<azure_core::auth::AccessToken> {
+            self.0.store(true, Ordering::SeqCst);
+            Err(azure_core::Error::message(
+                ErrorKind::Credential,
+                "no token in this test",
+            ))
+        }
+        async fn clear_cache(&self) -> azure_core::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn status_urls_off_the_resource_manager_endpoint_never_get_our_token() {
+        let credential = Arc::new(Untouchable::default());
+        let arm = Url::parse("https://management.azure.com").unwrap();
+        let compute = Compute::new(&arm, credential.clone()).unwrap();
+        for foreign in [
+            "https://attacker.example/subscriptions/s/providers/Microsoft.Compute/locations/x/operations/1",
+            "http://management.azure.com/subscriptions/s/providers/Microsoft.Compute/locations/x/operations/1",
+            "https://management.azure.com:8443/subscriptions/s/operations/1",
+            "https://management.azure.com.attacker.example/operations/1",
+            "not a url",
+        ] {
+            let op = OperationRef {
+                url: foreign.into(),
+                kind: OperationKind::AsyncOperation,
+            };
+            let e = compute.operation_status(&op).await.unwrap_err();
+            assert!(e.to_string().contains("not on the Resource Manager endpoint"), "{foreign}: {e}");
+        }
+        assert!(
+            !credential.0.load(Ordering::SeqCst),
+            "no token was asked for"
+        );
+        assert!(compute
+            .follow_url("https://MANAGEMENT.azure.com/subscriptions/s/providers/Microsoft.Compute/locations/x/operations/1?api-version=2024-07-01")
+            .is_some());
+    }
+
+    #[test]
+    fn subscriptions_are_read_from_any_arm_url() {
+        let url = Url::parse("https://management.azure.com/subscriptions/ABC/providers/Microsoft.Compute/locations/x/operations/1").unwrap();
+        assert_eq!(subscription_of(&url), "abc");
+        assert_eq!(subscription_of(&Url::parse("https://x/other").unwrap()), "");
     }
 }

@@ -85,7 +85,10 @@ impl Outcome {
     }
 }
 
-/// Errors answered to the host. Only `Transient` is worth a retry (non-2xx ⇒ redelivery).
+/// Why an invocation was not carried out. Only `Transient` is worth a retry: the host turns any
+/// non-2xx answer into a failed invocation (and drops its `Logs`), and the Event Grid extension
+/// then answers 500 to Event Grid, which redelivers for up to 24 h and slows every delivery to the
+/// endpoint. So everything else is answered 2xx, logged with its reason and counted.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     #[error("{0}")]
@@ -98,18 +101,41 @@ pub enum HostError {
     Internal(anyhow::Error),
 }
 
+impl HostError {
+    pub fn label(&self) -> &'static str {
+        match self {
+            HostError::BadRequest(_) => "bad_invocation",
+            HostError::UnknownFunction(_) => "unknown_function",
+            HostError::Transient(_) => "transient",
+            HostError::Internal(_) => "internal",
+        }
+    }
+
+    /// The answer's status: 503 where a retry can help, else 200.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            HostError::Transient(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::OK,
+        }
+    }
+
+    /// The answer, in the host's shape, with the error for whoever reads it.
+    fn answer(&self, count: Option<u64>) -> Response {
+        let message = self.to_string();
+        let mut return_value =
+            json!({"accepted": false, "reason": self.label(), "detail": message});
+        if let Some(n) = count {
+            return_value["failed_total"] = json!(n);
+        }
+        let body = json!({"Outputs": {}, "Logs": [message.clone()], "ReturnValue": return_value, "error": message});
+        (self.status(), Json(body)).into_response()
+    }
+}
+
 impl IntoResponse for HostError {
     fn into_response(self) -> Response {
-        let status = match &self {
-            HostError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            HostError::UnknownFunction(_) => StatusCode::NOT_FOUND,
-            HostError::Transient(_) => StatusCode::SERVICE_UNAVAILABLE,
-            HostError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        let message = self.to_string();
-        tracing::error!(status = status.as_u16(), error = %message, "invocation failed");
-        let body = json!({"Outputs": {}, "Logs": [message.clone()], "ReturnValue": null, "error": message});
-        (status, Json(body)).into_response()
+        tracing::error!(status = self.status().as_u16(), reason = self.label(), error = %self, "request not served");
+        self.answer(None)
     }
 }
 
@@ -136,10 +162,27 @@ async fn invoke(
     State(state): State<AppState>,
     Path(function): Path<String>,
     body: Result<Json<Invocation>, JsonRejection>,
-) -> Result<Json<Outcome>, HostError> {
+) -> Response {
+    match run(&state, &function, body).await {
+        Ok(outcome) => Json(outcome).into_response(),
+        Err(e) => {
+            // The host records our stdout, not a non-2xx answer's Logs: log it here, always.
+            let count = state.counters.reject(e.label());
+            tracing::error!(function = %function, status = e.status().as_u16(), reason = e.label(),
+                failed_total = count, error = %e, "invocation not carried out");
+            e.answer(Some(count))
+        }
+    }
+}
+
+async fn run(
+    state: &AppState,
+    function: &str,
+    body: Result<Json<Invocation>, JsonRejection>,
+) -> Result<Outcome, HostError> {
     let known = ["monitor-events", "monitor-status", "monitor-state"];
-    if !known.contains(&function.as_str()) {
-        return Err(HostError::UnknownFunction(function));
+    if !known.contains(&function) {
+        return Err(HostError::UnknownFunction(function.to_string()));
     }
     let Json(invocation) = body.map_err(|e| {
         HostError::BadRequest(format!(
@@ -147,10 +190,9 @@ async fn invoke(
             e.body_text()
         ))
     })?;
-    let outcome = match function.as_str() {
-        "monitor-events" => functions::monitor_events::run(&state, invocation).await?,
-        "monitor-status" => functions::monitor_status::run(&state, invocation).await?,
-        _ => functions::monitor_state::run(&state, invocation).await?,
-    };
-    Ok(Json(outcome))
+    match function {
+        "monitor-events" => functions::monitor_events::run(state, invocation).await,
+        "monitor-status" => functions::monitor_status::run(state, invocation).await,
+        _ => functions::monitor_state::run(state, invocation).await,
+    }
 }

@@ -15,6 +15,8 @@ pub enum EntryKind {
     Withheld,
     /// What became of an earlier repair.
     Outcome,
+    /// A step's Compute call ended (its operation succeeded, failed or was canceled).
+    Step,
 }
 
 impl EntryKind {
@@ -23,6 +25,7 @@ impl EntryKind {
             EntryKind::Repair => "repair",
             EntryKind::Withheld => "withheld",
             EntryKind::Outcome => "outcome",
+            EntryKind::Step => "step",
         }
     }
 
@@ -31,6 +34,7 @@ impl EntryKind {
             "repair" => Some(EntryKind::Repair),
             "withheld" => Some(EntryKind::Withheld),
             "outcome" => Some(EntryKind::Outcome),
+            "step" => Some(EntryKind::Step),
             _ => None,
         }
     }
@@ -56,7 +60,7 @@ pub struct Entry {
     pub kind: EntryKind,
     pub action: Option<RepairAction>,
     pub attempt: u32,
-    /// `requested`, `failed`, `throttled`, `completed`, `dry_run`, …
+    /// `requested`, `busy`, `refused`, `throttled`, `succeeded`, `failed`, `dry_run`, …
     pub outcome: String,
     /// Why, in one sentence.
     pub reason: String,

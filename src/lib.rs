@@ -8,6 +8,7 @@ pub mod alert;
 pub mod attestation;
 pub mod compute;
 pub mod event;
+pub mod follow;
 pub mod functions;
 pub mod heartbeat;
 pub mod host;

@@ -1,12 +1,13 @@
 //! `decide`: one scale set's observation + policy + brakes + now → a plan. Synchronous, no I/O, no
 //! clock, no logging; the caller claims each transition, acts, and journals every line of the plan.
 //!
-//! Order of reasoning: what became of running incidents (always true, whatever the brakes say);
-//! then the scale-set brakes; then, per instance, whether to open or escalate an incident, up to
-//! the parallel limit.
+//! Order of reasoning: what became of incidents (always true, whatever the brakes say); then the
+//! scale-set brakes; then the steps to take — continuing steps under way, escalating those that
+//! ended without working, opening new incidents — up to the parallel limit; last, the writes to the
+//! scale set are kept apart, so two of ours never run at once.
 
 use crate::heartbeat::Heartbeat;
-use crate::incident::{Incident, Resolution, State, Versioned};
+use crate::incident::{Call, Hold, Incident, Phase, Resolution, Stage, State, Versioned};
 use crate::journal::stamp;
 use crate::mirror::{MirroredInstance, ScaleSetRecord};
 use crate::policy::{PlatformRepairs, Policy, RepairAction};
@@ -25,7 +26,7 @@ pub struct Observation {
     pub incidents: HashMap<String, Versioned<Incident>>,
 }
 
-/// Brakes that are global rather than per scale set.
+/// Brakes and modes that are global rather than per scale set.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Brakes {
     pub mirror_max_age: Duration,
@@ -33,6 +34,9 @@ pub struct Brakes {
     pub full_resync: Duration,
     /// Set when most of the fleet fell silent at once (see [`pipeline_fault`]).
     pub pipeline_fault: Option<PipelineFault>,
+    /// `HEALER_DRY_RUN`: decide as if acting, call nothing. A live pass ignores what a dry run
+    /// decided, and a dry run leaves live incidents' next steps for a live pass.
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -71,8 +75,12 @@ impl Plan {
 pub enum Step {
     /// Open an incident and take its first repair step.
     Open,
-    /// The step before did not work in time: take the next one.
+    /// The step before ended without working (timed out, failed, refused): take the next one.
     Escalate,
+    /// Send the current step again: ARM did not take it yet (busy, stale, split from its batch).
+    Resend,
+    /// The next stage of a replace (surge done → delete; deleted first → restore the capacity).
+    Advance,
     Close(Resolution),
     /// Every attempt failed: stop and alert.
     GiveUp,
@@ -83,6 +91,8 @@ impl Step {
         match self {
             Step::Open => "open",
             Step::Escalate => "escalate",
+            Step::Resend => "resend",
+            Step::Advance => "advance",
             Step::Close(Resolution::Recovered) => "recovered",
             Step::Close(Resolution::Removed) => "removed",
             Step::GiveUp => "given_up",
@@ -91,6 +101,15 @@ impl Step {
 
     /// Whether the step calls the Compute API.
     pub fn acts(self) -> bool {
+        matches!(
+            self,
+            Step::Open | Step::Escalate | Step::Resend | Step::Advance
+        )
+    }
+
+    /// Whether the step starts a repair the parallel limit counts (a resend or an advance
+    /// continues one already counted).
+    pub fn starts(self) -> bool {
         matches!(self, Step::Open | Step::Escalate)
     }
 }
@@ -112,6 +131,17 @@ pub struct Transition {
 impl Transition {
     pub fn action(&self) -> Option<RepairAction> {
         self.incident.action
+    }
+
+    /// The Compute call the transition makes, if it acts.
+    pub fn call(&self) -> Option<Call> {
+        self.step.acts().then(|| self.incident.call()).flatten()
+    }
+
+    /// Whether it must go in a call of its own (its batch was refused once). A capacity change
+    /// is one write whatever it carries, so it never goes alone.
+    pub fn alone(&self) -> bool {
+        self.incident.hold == Some(Hold::Alone) && self.call() != Some(Call::Grow)
     }
 }
 
@@ -189,6 +219,11 @@ pub enum WithheldReason {
         mirror_age_seconds: i64,
         reason: Reason,
     },
+    /// A write of ours to the scale set (a capacity change, a delete) runs or goes out this pass:
+    /// this one waits, so two never overlap (a scale set write preempts a running delete).
+    ScaleSetBusy { call: Call, waiting_for: Call },
+    /// A live incident's next step, during a dry run: it waits for a live pass.
+    DryRunHolds { incident: String },
 }
 
 impl WithheldReason {
@@ -210,6 +245,8 @@ impl WithheldReason {
             WithheldReason::GivenUp { .. } => "given_up",
             WithheldReason::AwaitingResync { .. } => "awaiting_resync",
             WithheldReason::UnprovenDown { .. } => "unproven_down",
+            WithheldReason::ScaleSetBusy { .. } => "scale_set_busy",
+            WithheldReason::DryRunHolds { .. } => "dry_run_holds",
         }
     }
 
@@ -265,6 +302,14 @@ impl WithheldReason {
                 "{} as of a mirror read {mirror_age_seconds} s ago, older than HEALER_MIRROR_MAX_AGE; confirming with a fresh read first",
                 reason.describe()
             ),
+            WithheldReason::ScaleSetBusy { call, waiting_for } => format!(
+                "its {} waits for our {} on this scale set to end: two writes to one scale set never overlap",
+                call.as_str(),
+                waiting_for.as_str()
+            ),
+            WithheldReason::DryRunHolds { incident } => format!(
+                "incident {incident} is a live repair; its next step waits until HEALER_DRY_RUN is off"
+            ),
         }
     }
 
@@ -312,17 +357,28 @@ fn evidence(
     serde_json::json!({"verdict": reason, "heartbeat": hb, "instance": m.map(|m| &m.instance)})
 }
 
+/// The incidents a pass in this mode reasons about: a live pass does not see what a dry run
+/// decided (it was never done), so switching dry run off acts at once, as attempt 1.
+pub fn visible(obs: &Observation, dry_run: bool) -> HashMap<&str, &Versioned<Incident>> {
+    obs.incidents
+        .iter()
+        .filter(|(_, v)| dry_run || !v.value.dry_run)
+        .map(|(k, v)| (k.as_str(), v))
+        .collect()
+}
+
 /// Every mirrored instance's verdict, by instance id.
 pub fn verdicts<'a>(
     obs: &'a Observation,
     policy: &Policy,
+    dry_run: bool,
     now: OffsetDateTime,
 ) -> HashMap<&'a str, Verdict> {
+    let incidents = visible(obs, dry_run);
     let history = |m: &MirroredInstance| History {
         first_seen: m.synced_at,
-        last_repair: obs
-            .incidents
-            .get(&m.instance.instance_id)
+        last_repair: incidents
+            .get(m.instance.instance_id.as_str())
             .and_then(|i| i.value.step_started),
     };
     obs.instances
@@ -337,114 +393,358 @@ pub fn verdicts<'a>(
         .collect()
 }
 
-pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDateTime) -> Plan {
-    let present: HashMap<&str, &MirroredInstance> = obs
-        .instances
-        .iter()
-        .map(|m| (m.instance.instance_id.as_str(), m))
-        .collect();
-    let synced_at = obs.record.as_ref().and_then(|r| r.synced_at);
-    let verdicts = verdicts(obs, policy, now);
+/// What one pass looks at, read once.
+struct View<'a> {
+    obs: &'a Observation,
+    policy: &'a Policy,
+    brakes: Brakes,
+    now: OffsetDateTime,
+    present: HashMap<&'a str, &'a MirroredInstance>,
+    incidents: HashMap<&'a str, &'a Versioned<Incident>>,
+    verdicts: HashMap<&'a str, Verdict>,
+    synced_at: Option<OffsetDateTime>,
+}
 
+impl<'a> View<'a> {
+    fn new(obs: &'a Observation, policy: &'a Policy, brakes: Brakes, now: OffsetDateTime) -> Self {
+        View {
+            obs,
+            policy,
+            brakes,
+            now,
+            present: obs
+                .instances
+                .iter()
+                .map(|m| (m.instance.instance_id.as_str(), m))
+                .collect(),
+            incidents: visible(obs, brakes.dry_run),
+            verdicts: verdicts(obs, policy, brakes.dry_run, now),
+            synced_at: obs.record.as_ref().and_then(|r| r.synced_at),
+        }
+    }
+
+    /// The row to replace to claim `id` (whatever mode wrote it), and the row to put back.
+    fn claim(&self, id: &str) -> (Option<String>, Option<Incident>) {
+        match self.obs.incidents.get(id) {
+            Some(v) => (Some(v.version.clone()), Some(v.value.clone())),
+            None => (None, None),
+        }
+    }
+
+    /// The reason an incident's target is still in trouble, for the journal of its next step.
+    fn reason(&self, inc: &Incident) -> Reason {
+        let hb = self.obs.heartbeats.get(&inc.target);
+        match self.verdicts.get(inc.target.as_str()) {
+            Some(Verdict::Unhealthy(r)) | Some(Verdict::Suspect { reason: r, .. }) => r.clone(),
+            // Not healthy enough to close, not judged unhealthy either (e.g. still starting):
+            // the step ended without working all the same.
+            _ => Reason::Silent {
+                last: hb.map_or(inc.opened_at, |h| h.event_time),
+                seconds: hb.map_or(0, |h| (self.now - h.event_time).whole_seconds()),
+            },
+        }
+    }
+
+    fn transition(&self, step: Step, v: &Versioned<Incident>, incident: Incident) -> Transition {
+        let reason = step.acts().then(|| self.reason(&v.value));
+        let evidence = match &reason {
+            Some(r) => {
+                let mut e = evidence(
+                    r,
+                    self.obs.heartbeats.get(&v.value.target),
+                    self.present.get(v.value.target.as_str()).copied(),
+                );
+                if let Some(error) = &v.value.error {
+                    e["error"] = serde_json::json!(error);
+                }
+                e
+            }
+            None => {
+                serde_json::json!({"phase": v.value.phase.as_str(), "stage": v.value.stage.as_str(), "error": v.value.error})
+            }
+        };
+        Transition {
+            step,
+            incident,
+            claim: Some(v.version.clone()),
+            previous: Some(v.value.clone()),
+            reason,
+            evidence,
+        }
+    }
+
+    /// The action of attempt `attempt` (0-based) as the target's state allows it.
+    fn action(&self, target: &str, attempt: usize) -> RepairAction {
+        let power = self
+            .present
+            .get(target)
+            .and_then(|m| m.instance.power_state.as_deref());
+        self.policy
+            .repair_actions
+            .step(attempt)
+            .for_power_state(power)
+    }
+}
+
+/// What an incident's step needs next.
+enum Next {
+    /// Nothing this pass: it runs, or waits for its deadline or the mirror.
+    Wait,
+    /// Send again (pending), or take the next stage.
+    Continue(Step, Box<Incident>),
+    /// It ended without working: escalate, or give up.
+    Over,
+}
+
+pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDateTime) -> Plan {
+    let view = View::new(obs, policy, brakes, now);
     let mut plan = Plan {
         transitions: Vec::new(),
         withheld: Vec::new(),
         total: obs.instances.len(),
-        healthy: verdicts
+        healthy: view
+            .verdicts
             .values()
             .filter(|v| **v == Verdict::Healthy)
             .count(),
-        unhealthy: verdicts.values().filter(|v| v.is_unhealthy()).count(),
+        unhealthy: view.verdicts.values().filter(|v| v.is_unhealthy()).count(),
         next_check: None,
         resync: None,
     };
-    let mirror_age = synced_at.map(|s| now - s);
-    let mirror_current = mirror_age.is_some_and(|age| age <= brakes.mirror_max_age);
-
-    // What the next mirror pass must show: the effect of repairs under way, and whether mirror
-    // evidence against an instance still holds. Instances we will not act on do not count, or a
-    // fleet with one protected sick VM per scale set would be read in full every pass.
-    let repairing = obs
+    let (continuing, escalations) = outcomes(&view, &mut plan);
+    plan.resync = resync(&view, &plan);
+    if let Some(why) = pause(&view, &plan) {
+        plan.withheld.push(Withheld {
+            instance_id: None,
+            why,
+        });
+        return plan;
+    }
+    let mut in_flight = view
         .incidents
         .values()
-        .any(|v| v.value.state == State::Repairing);
-    let to_confirm = obs.instances.iter().any(|m| {
+        .filter(|v| v.value.in_flight(now))
+        .filter(|v| {
+            !plan
+                .transitions
+                .iter()
+                .any(|t| t.incident.target == v.value.target)
+        })
+        .count();
+    // Continuing steps are counted already (they are in flight); a target protected meanwhile is
+    // not touched (restoring capacity touches no instance).
+    for t in continuing {
+        let protected = view
+            .present
+            .get(t.incident.target.as_str())
+            .is_some_and(|m| m.instance.protected_from_scale_set_actions);
+        if protected && t.call() != Some(Call::Grow) {
+            plan.withheld.push(Withheld {
+                instance_id: Some(t.incident.target.clone()),
+                why: WithheldReason::Protected {
+                    reason: view.reason(&t.incident),
+                },
+            });
+        } else {
+            plan.transitions.push(t);
+        }
+    }
+    escalate(&view, escalations, &mut in_flight, &mut plan);
+    open(&view, &mut in_flight, &mut plan);
+    keep_writes_apart(&view, &mut plan);
+    if plan.resync.is_none() && plan.transitions.iter().any(|t| t.step.acts()) {
+        plan.resync = Some("repair_started");
+    }
+    plan
+}
+
+/// What the next mirror pass must show: the effect of repairs under way, and whether mirror
+/// evidence against an instance still holds. Instances we will not act on do not count, or a
+/// fleet with one protected sick VM per scale set would be read in full every pass.
+fn resync(view: &View, plan: &Plan) -> Option<&'static str> {
+    // Incidents this plan closes have nothing left to show.
+    let closed = |target: &str| {
+        plan.transitions
+            .iter()
+            .any(|t| t.incident.target == target && matches!(t.step, Step::Close(_)))
+    };
+    let repairing = view
+        .incidents
+        .values()
+        .any(|v| v.value.state == State::Repairing && !closed(&v.value.target));
+    let to_confirm = view.obs.instances.iter().any(|m| {
         let id = m.instance.instance_id.as_str();
-        let judged_on_mirror = match &verdicts[id] {
+        let judged_on_mirror = match &view.verdicts[id] {
             Verdict::Unhealthy(r) | Verdict::Suspect { reason: r, .. } => r.from_mirror(),
             _ => false,
         };
-        let given_up = obs
+        let given_up = view
             .incidents
             .get(id)
             .is_some_and(|v| v.value.state == State::GivenUp);
         judged_on_mirror && !m.instance.protected_from_scale_set_actions && !given_up
     });
-    plan.resync = if repairing {
+    if repairing {
         Some("repair_in_flight")
     } else if to_confirm {
         Some("confirm_mirror_evidence")
     } else {
         None
-    };
+    }
+}
 
-    // 1. Outcomes of incidents, in target order so the plan is deterministic.
-    let mut incidents: Vec<&Versioned<Incident>> = obs.incidents.values().collect();
+/// What became of each incident: closes and give-ups go straight into the plan (they are true
+/// whatever the brakes say); steps to continue and incidents to escalate are returned, for after
+/// the brakes.
+fn outcomes<'a>(
+    view: &View<'a>,
+    plan: &mut Plan,
+) -> (Vec<Transition>, Vec<&'a Versioned<Incident>>) {
+    let mut incidents: Vec<&&Versioned<Incident>> = view.incidents.values().collect();
     incidents.sort_by(|a, b| a.value.target.cmp(&b.value.target));
-    let mut escalations = Vec::new();
-    for v in &incidents {
+    let (mut continuing, mut escalations) = (Vec::new(), Vec::new());
+    for v in incidents {
         let inc = &v.value;
-        let close = |resolution| Transition {
-            step: Step::Close(resolution),
-            incident: inc.close(resolution, now),
-            claim: Some(v.version.clone()),
-            previous: Some(inc.clone()),
-            reason: None,
-            evidence: serde_json::Value::Null,
+        if inc.state == State::Closed {
+            continue;
+        }
+        let close = |resolution| {
+            view.transition(Step::Close(resolution), v, inc.close(resolution, view.now))
         };
         let since = inc.step_started.or(inc.ended_at).unwrap_or(inc.opened_at);
-        match inc.state {
-            State::Closed => continue,
-            State::Repairing | State::GivenUp => {
-                let gone = !present.contains_key(inc.target.as_str())
-                    && synced_at.is_some_and(|s| s > since);
-                let recovered = present.get(inc.target.as_str()).is_some_and(|_| {
-                    let hb = obs.heartbeats.get(&inc.target);
-                    hb.is_some_and(|hb| hb.event_time > since)
-                        && verdicts.get(inc.target.as_str()) == Some(&Verdict::Healthy)
-                });
-                if gone {
+        let gone = !view.present.contains_key(inc.target.as_str())
+            && view.synced_at.is_some_and(|s| s > since);
+        let recovered = view.present.contains_key(inc.target.as_str())
+            && !inc.deleting()
+            && view
+                .obs
+                .heartbeats
+                .get(&inc.target)
+                .is_some_and(|hb| hb.event_time > since)
+            && view.verdicts.get(inc.target.as_str()) == Some(&Verdict::Healthy);
+        let next = if gone {
+            match removed(view, inc) {
+                Some(next) => next,
+                None => {
                     plan.transitions.push(close(Resolution::Removed));
-                } else if recovered {
-                    plan.transitions.push(close(Resolution::Recovered));
-                } else if inc.state == State::Repairing && !inc.in_flight(now) {
-                    if inc.attempt >= policy.max_attempts {
-                        plan.transitions.push(Transition {
-                            step: Step::GiveUp,
-                            incident: inc.give_up(now),
-                            claim: Some(v.version.clone()),
-                            previous: Some(inc.clone()),
-                            reason: None,
-                            evidence: serde_json::json!({"attempts": inc.attempt}),
-                        });
-                    } else {
-                        escalations.push(*v);
-                    }
+                    continue;
                 }
             }
+        } else if recovered {
+            plan.transitions.push(close(Resolution::Recovered));
+            continue;
+        } else if inc.state == State::GivenUp {
+            continue;
+        } else {
+            step(view, inc)
+        };
+        let live_in_dry_run = view.brakes.dry_run && !inc.dry_run;
+        // A target missing from a mirror read before its step began was removed by an event: act
+        // on nothing until the next read says it is gone (then the incident closes).
+        let absent = !view.present.contains_key(inc.target.as_str());
+        let next = match next {
+            Next::Continue(_, ref i) if absent && i.call() != Some(Call::Grow) => Next::Wait,
+            Next::Over if absent && inc.attempt < view.policy.max_attempts => Next::Wait,
+            other => other,
+        };
+        match next {
+            Next::Wait => {}
+            Next::Over if inc.attempt >= view.policy.max_attempts => {
+                plan.transitions.push(Transition {
+                    evidence: serde_json::json!({"attempts": inc.attempt, "error": inc.error}),
+                    ..view.transition(Step::GiveUp, v, inc.give_up(view.now))
+                });
+            }
+            Next::Over | Next::Continue(..) if live_in_dry_run => {
+                plan.withheld.push(Withheld {
+                    instance_id: Some(inc.target.clone()),
+                    why: WithheldReason::DryRunHolds {
+                        incident: inc.id.clone(),
+                    },
+                });
+            }
+            Next::Over => escalations.push(*v),
+            Next::Continue(step, incident) => continuing.push(view.transition(step, v, *incident)),
         }
     }
-    let settled: std::collections::HashSet<String> = plan
-        .transitions
-        .iter()
-        .map(|t| t.incident.target.clone())
-        .collect();
+    (continuing, escalations)
+}
 
-    // 2. Scale-set brakes: nothing new is started while one holds.
-    // A quiet scale set is only re-read every full resync, so its mirror may be that old; one with
-    // an announced change must catch up within the mirror's maximum age.
-    let changed_at = obs.record.as_ref().and_then(|r| r.changed_at);
-    let operator = obs.record.as_ref().and_then(|r| {
+/// For a target gone from the mirror: what remains of a replace that deleted first (restore the
+/// capacity); `None` when the incident is simply over.
+fn removed(view: &View, inc: &Incident) -> Option<Next> {
+    if inc.state != State::Repairing || inc.timed_out(view.now) {
+        return None;
+    }
+    match (inc.stage, inc.phase) {
+        (Stage::DeleteFirst, Phase::Succeeded) => Some(Next::Continue(
+            Step::Advance,
+            Box::new(inc.advance(Stage::Restore)),
+        )),
+        // A write of ours still runs and we can learn when it ends: the incident stays open (and
+        // the write counted, so no other write overlaps it) until then, or the deadline.
+        (_, Phase::Running)
+            if inc.operation.is_some() && matches!(inc.call(), Some(Call::Grow | Call::Delete)) =>
+        {
+            Some(Next::Wait)
+        }
+        (Stage::Restore, Phase::Pending) => {
+            Some(Next::Continue(Step::Resend, Box::new(inc.resend())))
+        }
+        (Stage::Restore, Phase::Sending | Phase::Running) => Some(Next::Wait),
+        _ => None,
+    }
+}
+
+/// The next move of a present target's running step.
+fn step(view: &View, inc: &Incident) -> Next {
+    let now = view.now;
+    match inc.phase {
+        Phase::Failed => Next::Over,
+        _ if inc.timed_out(now) => match (inc.stage, inc.phase) {
+            // Deleted and restored by ARM's word: the mirror just has not caught up.
+            (Stage::Restore, Phase::Succeeded) => Next::Wait,
+            _ => Next::Over,
+        },
+        Phase::Pending => {
+            // Sent again as the instance's state now allows (stopped since: started instead).
+            let power = view
+                .present
+                .get(inc.target.as_str())
+                .and_then(|m| m.instance.power_state.as_deref());
+            let mut again = inc.resend();
+            again.action = inc.action.map(|a| a.for_power_state(power));
+            Next::Continue(Step::Resend, Box::new(again))
+        }
+        Phase::Sending | Phase::Running => Next::Wait,
+        Phase::Succeeded => match inc.stage {
+            // The new instances must be in the mirror before the broken one goes.
+            Stage::Surge => {
+                let mirrored = match (view.synced_at, inc.settled_at) {
+                    (Some(synced), Some(settled)) => synced > settled,
+                    _ => false,
+                };
+                if mirrored {
+                    Next::Continue(Step::Advance, Box::new(inc.advance(Stage::Delete)))
+                } else {
+                    Next::Wait
+                }
+            }
+            Stage::DeleteFirst => {
+                Next::Continue(Step::Advance, Box::new(inc.advance(Stage::Restore)))
+            }
+            Stage::Act | Stage::Delete | Stage::Restore => Next::Wait,
+        },
+    }
+}
+
+/// The scale-set brake in force, if any: nothing new is started while one holds. A quiet scale
+/// set is only re-read every full resync, so its mirror may be that old; one with an announced
+/// change must catch up within the mirror's maximum age.
+fn pause(view: &View, plan: &Plan) -> Option<WithheldReason> {
+    let (record, brakes, now) = (view.obs.record.as_ref(), view.brakes, view.now);
+    let changed_at = record.and_then(|r| r.changed_at);
+    let operator = record.and_then(|r| {
         r.operator_pause
             .clone()
             .map(|note| WithheldReason::PausedByOperator {
@@ -452,8 +752,8 @@ pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDat
                 since: r.operator_pause_since,
             })
     });
-    let pause = operator
-        .or(match synced_at {
+    operator
+        .or(match view.synced_at {
             None => Some(WithheldReason::NoMirror),
             Some(s) if now - s > brakes.full_resync + brakes.mirror_max_age => {
                 Some(WithheldReason::StaleMirror {
@@ -477,7 +777,7 @@ pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDat
                 })
         })
         .or_else(|| {
-            let max = policy.max_unhealthy.of(plan.total, 0);
+            let max = view.policy.max_unhealthy.of(plan.total, 0);
             (plan.unhealthy as u32 > max).then_some(WithheldReason::TooManyUnhealthy {
                 unhealthy: plan.unhealthy,
                 total: plan.total,
@@ -485,47 +785,32 @@ pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDat
             })
         })
         .or_else(|| {
-            let platform = obs.record.as_ref().is_some_and(|r| r.platform_auto_repair);
-            (platform && policy.platform_repairs == PlatformRepairs::Defer)
+            let platform = record.is_some_and(|r| r.platform_auto_repair);
+            (platform && view.policy.platform_repairs == PlatformRepairs::Defer)
                 .then_some(WithheldReason::PlatformRepairs)
         })
         .or_else(|| {
-            obs.record
-                .as_ref()
+            record
                 .and_then(|r| r.throttled_until)
                 .filter(|until| *until > now)
                 .map(|until| WithheldReason::Throttled { until })
-        });
-    if let Some(why) = pause {
-        plan.withheld.push(Withheld {
-            instance_id: None,
-            why,
-        });
-        return plan;
-    }
+        })
+}
 
-    // 3. Candidates: escalations of timed-out steps first (oldest incident first), then new
-    //    incidents in instance order.
-    let max_parallel = policy.max_parallel.of(plan.total, 1);
-    let mut in_flight = obs
-        .incidents
-        .values()
-        .filter(|v| v.value.in_flight(now) && !settled.contains(&v.value.target))
-        .count();
+/// Escalations of steps that ended without working, oldest incident first, up to the parallel
+/// limit.
+fn escalate(
+    view: &View,
+    mut escalations: Vec<&Versioned<Incident>>,
+    in_flight: &mut usize,
+    plan: &mut Plan,
+) {
+    let max_parallel = view.policy.max_parallel.of(plan.total, 1);
     escalations.sort_by_key(|v| v.value.opened_at);
     for v in escalations {
         let inc = &v.value;
-        let m = present.get(inc.target.as_str()).copied();
-        let hb = obs.heartbeats.get(&inc.target);
-        let reason = match verdicts.get(inc.target.as_str()) {
-            Some(Verdict::Unhealthy(r)) | Some(Verdict::Suspect { reason: r, .. }) => r.clone(),
-            // Not healthy enough to close, not judged unhealthy either (e.g. still starting):
-            // the step timed out all the same.
-            _ => Reason::Silent {
-                last: hb.map_or(inc.opened_at, |h| h.event_time),
-                seconds: hb.map_or(0, |h| (now - h.event_time).whole_seconds()),
-            },
-        };
+        let m = view.present.get(inc.target.as_str()).copied();
+        let reason = view.reason(inc);
         if m.is_some_and(|m| m.instance.protected_from_scale_set_actions) {
             plan.withheld.push(Withheld {
                 instance_id: Some(inc.target.clone()),
@@ -533,34 +818,38 @@ pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDat
             });
             continue;
         }
-        if in_flight as u32 >= max_parallel {
+        if *in_flight as u32 >= max_parallel {
             plan.withheld.push(Withheld {
                 instance_id: Some(inc.target.clone()),
                 why: WithheldReason::MaxParallel {
-                    in_flight,
+                    in_flight: *in_flight,
                     max: max_parallel,
                     reason,
                 },
             });
             continue;
         }
-        in_flight += 1;
-        let action = policy.repair_actions.step(inc.attempt as usize);
-        plan.transitions.push(Transition {
-            step: Step::Escalate,
-            incident: inc.escalate(action, now, policy.repair_timeout),
-            claim: Some(v.version.clone()),
-            previous: Some(inc.clone()),
-            evidence: evidence(&reason, hb, m),
-            reason: Some(reason),
-        });
+        *in_flight += 1;
+        let action = view.action(&inc.target, inc.attempt as usize);
+        let mut next = inc.escalate(action, view.now, view.policy.repair_timeout);
+        next.dry_run = view.brakes.dry_run;
+        plan.transitions
+            .push(view.transition(Step::Escalate, v, next));
     }
+}
 
+/// New incidents for unhealthy instances without one, in instance order, up to the parallel limit.
+fn open(view: &View, in_flight: &mut usize, plan: &mut Plan) {
+    let (policy, now) = (view.policy, view.now);
+    let max_parallel = policy.max_parallel.of(plan.total, 1);
+    let synced_at = view.synced_at;
+    let mirror_age = synced_at.map(|s| now - s);
+    let mirror_current = mirror_age.is_some_and(|age| age <= view.brakes.mirror_max_age);
     let mut next: Option<Duration> = None;
-    for m in &obs.instances {
+    for m in &view.obs.instances {
         let id = m.instance.instance_id.as_str();
-        let hb = obs.heartbeats.get(id);
-        let verdict = &verdicts[id];
+        let hb = view.obs.heartbeats.get(id);
+        let verdict = &view.verdicts[id];
         let created = m.instance.created_at.unwrap_or(m.synced_at);
         if let Some(d) = recheck_in(verdict, hb, created, policy, now) {
             next = Some(next.map_or(d, |n| n.min(d)));
@@ -580,15 +869,19 @@ pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDat
             }
             _ => continue,
         };
-        let existing = obs.incidents.get(id);
-        if settled.contains(id) || plan.transitions.iter().any(|t| t.incident.target == id) {
+        if plan.transitions.iter().any(|t| t.incident.target == id)
+            || plan
+                .withheld
+                .iter()
+                .any(|w| w.instance_id.as_deref() == Some(id))
+        {
             continue;
         }
         let withhold = |why| Withheld {
             instance_id: Some(id.to_string()),
             why,
         };
-        if let Some(v) = existing {
+        if let Some(v) = view.incidents.get(id) {
             match v.value.state {
                 State::Repairing if v.value.in_flight(now) => {
                     plan.withheld.push(withhold(WithheldReason::RepairInFlight {
@@ -597,7 +890,7 @@ pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDat
                     }));
                     continue;
                 }
-                // Timed out but not escalated: withheld above already said why.
+                // Ended but not escalated: withheld above already said why.
                 State::Repairing => continue,
                 State::GivenUp => {
                     plan.withheld.push(withhold(WithheldReason::GivenUp {
@@ -630,40 +923,92 @@ pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDat
             }));
             continue;
         }
-        if in_flight as u32 >= max_parallel {
+        if *in_flight as u32 >= max_parallel {
             plan.withheld.push(withhold(WithheldReason::MaxParallel {
-                in_flight,
+                in_flight: *in_flight,
                 max: max_parallel,
                 reason: reason.clone(),
             }));
             continue;
         }
-        in_flight += 1;
+        *in_flight += 1;
+        let (claim, previous) = view.claim(id);
+        let mut incident = Incident::open(
+            id,
+            reason.label(),
+            view.action(id, 0),
+            now,
+            policy.repair_timeout,
+        );
+        incident.dry_run = view.brakes.dry_run;
         plan.transitions.push(Transition {
             step: Step::Open,
-            incident: Incident::open(
-                id,
-                reason.label(),
-                policy.repair_actions.step(0),
-                now,
-                policy.repair_timeout,
-            ),
-            claim: existing.map(|v| v.version.clone()),
-            previous: existing.map(|v| v.value.clone()),
+            incident,
+            claim,
+            previous,
             evidence: evidence(reason, hb, Some(m)),
             reason: Some(reason.clone()),
         });
     }
     plan.next_check = next;
-    if plan.resync.is_none()
-        && plan
-            .transitions
-            .iter()
-            .any(|t| matches!(t.step, Step::Open | Step::Escalate))
-    {
-        plan.resync = Some("repair_started");
+}
+
+/// Keeps our writes to the scale set apart: a capacity change (`grow`) and a delete never run at
+/// once, nor two of either — ARM preempts a running delete with a scale set write, and concurrent
+/// deletes race for the capacity (kubernetes/autoscaler#3284). A pass sends at most one write: the
+/// batched delete first (it frees what a surge added), else one delete split from its batch, else
+/// the batched grow. Restarts, starts and reimages act on instances only and go out as they are.
+fn keep_writes_apart(view: &View, plan: &mut Plan) {
+    let is_write = |c: Option<Call>| matches!(c, Some(Call::Grow | Call::Delete));
+    let running = view
+        .incidents
+        .values()
+        // A write past its deadline is taken as over: the deadline bounds what we believe.
+        .filter(|v| !v.value.dry_run && v.value.call_in_flight() && !v.value.timed_out(view.now))
+        .filter(|v| {
+            !plan
+                .transitions
+                .iter()
+                .any(|t| t.incident.target == v.value.target)
+        })
+        .map(|v| v.value.call())
+        .find(|c| is_write(*c))
+        .flatten();
+    let writes = || plan.transitions.iter().filter(|t| is_write(t.call()));
+    // (the call that goes out, and the one target it is limited to when split from its batch)
+    let chosen: Option<(Call, Option<String>)> = if running.is_some() {
+        None
+    } else if writes().any(|t| t.call() == Some(Call::Delete) && !t.alone()) {
+        Some((Call::Delete, None))
+    } else if let Some(t) = writes().find(|t| t.call() == Some(Call::Delete)) {
+        Some((Call::Delete, Some(t.incident.target.clone())))
+    } else if writes().any(|t| t.call() == Some(Call::Grow)) {
+        Some((Call::Grow, None))
+    } else {
+        None
+    };
+    let admitted = |t: &Transition| match (&chosen, t.call()) {
+        (_, c) if !is_write(c) => true,
+        (Some((Call::Delete, None)), Some(Call::Delete)) => !t.alone(),
+        (Some((Call::Delete, Some(only))), Some(Call::Delete)) => &t.incident.target == only,
+        (Some((Call::Grow, _)), Some(Call::Grow)) => true,
+        _ => false,
+    };
+    let waiting_for = running.or(chosen.as_ref().map(|(c, _)| *c));
+    let (kept, held): (Vec<Transition>, Vec<Transition>) = std::mem::take(&mut plan.transitions)
+        .into_iter()
+        .partition(|t| admitted(t));
+    for t in held {
+        let call = t.call().unwrap_or(Call::Grow);
+        plan.withheld.push(Withheld {
+            instance_id: Some(t.incident.target.clone()),
+            why: WithheldReason::ScaleSetBusy {
+                call,
+                waiting_for: waiting_for.unwrap_or(call),
+            },
+        });
     }
-    plan
+    plan.transitions = kept;
 }
 
 #[cfg(test)]

@@ -18,6 +18,8 @@ pub enum RepairAction {
     Reimage,
     /// Restart the instance.
     Restart,
+    /// Start a stopped or deallocated instance (Azure refuses to restart one).
+    Start,
 }
 
 impl RepairAction {
@@ -27,12 +29,26 @@ impl RepairAction {
             RepairAction::Replace => "replace",
             RepairAction::Reimage => "reimage",
             RepairAction::Restart => "restart",
+            RepairAction::Start => "start",
         }
     }
 
     /// Whether the instance is gone once the action has worked.
     pub fn removes_instance(self) -> bool {
         matches!(self, RepairAction::Delete | RepairAction::Replace)
+    }
+
+    /// The action as the instance's state allows it: a stopped or deallocated instance is started,
+    /// never restarted (Azure answers 409 `OperationNotAllowed`, "The operation requires the VM to
+    /// be running").
+    pub fn for_power_state(self, power_state: Option<&str>) -> Self {
+        let stopped = power_state.is_some_and(|p| {
+            ["stopped", "deallocated", "deallocating"].contains(&p.to_ascii_lowercase().as_str())
+        });
+        match self {
+            RepairAction::Restart if stopped => RepairAction::Start,
+            other => other,
+        }
     }
 }
 
@@ -50,8 +66,9 @@ impl FromStr for RepairAction {
             "replace" => Ok(RepairAction::Replace),
             "reimage" => Ok(RepairAction::Reimage),
             "restart" => Ok(RepairAction::Restart),
+            "start" => Ok(RepairAction::Start),
             other => Err(format!(
-                "unknown repair action `{other}` (expected delete, replace, reimage or restart)"
+                "unknown repair action `{other}` (expected delete, replace, reimage, restart or start)"
             )),
         }
     }
@@ -245,6 +262,36 @@ mod tests {
             .parse::<Escalation>()
             .unwrap_err()
             .contains("reboot"));
+    }
+
+    #[test]
+    fn a_stopped_instance_is_started_not_restarted() {
+        for (action, power, want) in [
+            (
+                RepairAction::Restart,
+                Some("deallocated"),
+                RepairAction::Start,
+            ),
+            (RepairAction::Restart, Some("Stopped"), RepairAction::Start),
+            (
+                RepairAction::Restart,
+                Some("running"),
+                RepairAction::Restart,
+            ),
+            (RepairAction::Restart, None, RepairAction::Restart),
+            (
+                RepairAction::Reimage,
+                Some("stopped"),
+                RepairAction::Reimage,
+            ),
+            (
+                RepairAction::Replace,
+                Some("deallocated"),
+                RepairAction::Replace,
+            ),
+        ] {
+            assert_eq!(action.for_power_state(power), want, "{action} on {power:?}");
+        }
     }
 
     #[test]

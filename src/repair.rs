@@ -1,13 +1,12 @@
-//! One repair pass (`monitor-status`): gather → decide → claim → act → journal → report. Reads
-//! only the tables; calls the Compute API only to act.
+//! One repair pass (`monitor-status`): gather → follow → decide → claim → act → journal → report.
+//! Reads the tables; calls the Compute API only to act and to read how its own operations went.
 
 use crate::alert::{Alert, Kind as AlertKind, Notifier};
-use crate::compute::{Accepted, Compute, ComputeError};
-use crate::incident::Incident;
+use crate::compute::{Accepted, ArmError, Compute, ComputeError};
+use crate::incident::{Call, Hold, Incident, Phase, Stage};
 use crate::journal::{Entry, EntryKind};
 use crate::mirror::ScaleSetRecord;
 use crate::plan::{decide, pipeline_fault, Brakes, Observation, Plan, Step, Transition};
-use crate::policy::RepairAction;
 use crate::scaleset::ScaleSetId;
 use crate::settings::{Settings, WatchedScaleSet};
 use crate::state::{Store, StoreError};
@@ -26,12 +25,17 @@ pub struct SetReport {
     pub total: usize,
     pub healthy: usize,
     pub unhealthy: usize,
+    /// Steps ARM accepted this pass (or, in a dry run, would have been sent).
     pub repairs_requested: usize,
+    /// Steps ARM did not take this pass (throttled, busy, refused, no answer).
     pub repairs_failed: usize,
     /// Transitions another overlapping pass claimed first.
     pub claimed_elsewhere: usize,
     pub withheld: usize,
     pub outcomes: usize,
+    /// Operations of earlier steps found ended this pass, and how many of them failed.
+    pub operations_ended: usize,
+    pub operations_failed: usize,
     pub paused: Option<&'static str>,
     pub next_check_s: Option<i64>,
 }
@@ -67,6 +71,18 @@ pub async fn repair_all(
         observations.push(observation?);
     }
     drop(reads);
+
+    // How the operations of earlier passes went, before deciding on them.
+    let mut followed = Vec::with_capacity(observations.len());
+    for (watched, obs) in settings.scale_sets.iter().zip(observations.iter_mut()) {
+        let journal = if settings.dry_run {
+            Vec::new()
+        } else {
+            crate::follow::follow(store, compute, &watched.id, obs, now).await?
+        };
+        followed.push(journal);
+    }
+
     let pairs: Vec<(&Observation, &crate::policy::Policy)> = observations
         .iter()
         .zip(&settings.scale_sets)
@@ -81,11 +97,20 @@ pub async fn repair_all(
         mirror_max_age: settings.mirror_max_age,
         full_resync: settings.full_resync,
         pipeline_fault: fault,
+        dry_run: settings.dry_run,
     };
     let mut reports = Vec::new();
     let mut resyncs = Vec::new();
-    for (watched, obs) in settings.scale_sets.iter().zip(&observations) {
-        let plan = decide(obs, &watched.policy, brakes, now);
+    for ((watched, mut obs), journal) in settings.scale_sets.iter().zip(observations).zip(followed)
+    {
+        // A 429 met anywhere in the subscription this pass holds this scale set too.
+        if let (Some(record), Some(until)) = (
+            obs.record.as_mut(),
+            compute.observed().throttled_until(&watched.id.subscription),
+        ) {
+            record.throttled_until = Some(record.throttled_until.map_or(until, |t| t.max(until)));
+        }
+        let plan = decide(&obs, &watched.policy, brakes, now);
         if let Some(why) = plan.resync.filter(|_| !resync_pending(obs.record.as_ref())) {
             tracing::debug!(scale_set = %watched.id, why, "next mirror pass asked to read this scale set");
             resyncs.push(watched.id.clone());
@@ -97,12 +122,14 @@ pub async fn repair_all(
             watched,
             plan,
             obs.record.as_ref(),
+            journal,
             now,
         )
         .await?;
         notifier.send(alerts);
         reports.push(report);
     }
+    hold_throttled_subscriptions(store, compute, settings, now).await?;
     // Asked for at the end, in one batch: a pass that stops before this point leaves its incidents
     // in flight, and the next pass asks again.
     store.request_resync(&resyncs, now).await?;
@@ -113,6 +140,31 @@ pub async fn repair_all(
         table_requests: store.requests() - requests_before,
         compute_calls: compute.observed().calls() - calls_before,
     })
+}
+
+/// Compute throttles per subscription: a 429 on one scale set holds every watched scale set of
+/// that subscription until its `Retry-After`, in this process and, through their rows, in later
+/// passes of any worker.
+pub async fn hold_throttled_subscriptions(
+    store: &Store,
+    compute: &Compute,
+    settings: &Settings,
+    now: OffsetDateTime,
+) -> Result<(), StoreError> {
+    for (subscription, until) in compute.observed().throttled(now) {
+        let sets: Vec<ScaleSetId> = settings
+            .scale_sets
+            .iter()
+            .filter(|w| w.id.subscription.eq_ignore_ascii_case(&subscription))
+            .map(|w| w.id.clone())
+            .collect();
+        if !sets.is_empty() {
+            tracing::warn!(subscription = %subscription, until = %crate::journal::stamp(until), scale_sets = sets.len(),
+                "the Compute API throttled this subscription: every scale set in it waits");
+            store.set_throttled(&sets, until).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Reads what `decide` looks at for one scale set (also the operator's `handler status`).
@@ -163,6 +215,95 @@ fn entry(
     }
 }
 
+/// What a refused or unanswered call means for the steps it carried: the error policy of a step,
+/// apart from the code that sends it (as controller-rs keeps `error_policy` apart from `reconcile`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Next {
+    /// Throttled: put the rows back as they were (no attempt spent); the subscription waits.
+    Release,
+    /// Not taken now, may be later: send again on a later pass, within the step's deadline.
+    Pending(Hold),
+    /// The batch was refused: each of its instances goes in a call of its own next pass.
+    Split,
+    /// The scale set cannot grow (its limit, quota, SKU): replace deletes first, then restores.
+    DeleteFirst,
+    /// ARM refused this step itself: the attempt is spent.
+    Fail(ArmError),
+    /// No answer: whether it landed is unknown, so it is never sent again; the deadline decides.
+    Unknown,
+}
+
+impl Next {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Next::Release => "throttled",
+            Next::Pending(Hold::Busy) => "busy",
+            Next::Pending(Hold::Stale) => "stale",
+            Next::Pending(Hold::Transient) => "transient",
+            Next::Pending(Hold::Alone) | Next::Split => "split",
+            Next::DeleteFirst => "cannot_grow",
+            Next::Fail(_) => "refused",
+            Next::Unknown => "no_answer",
+        }
+    }
+}
+
+pub fn error_policy(error: &ComputeError, batch: usize, call: Call, stage: Stage) -> Next {
+    let refused = |e: &ComputeError| match e.arm() {
+        Some(arm) => arm.clone(),
+        None => ArmError {
+            status: match e {
+                ComputeError::NotFound(_) => 404,
+                ComputeError::Unauthorized(_) => 403,
+                _ => 0,
+            },
+            code: e.label().into(),
+            message: e.to_string(),
+        },
+    };
+    match error {
+        ComputeError::Throttled { .. } => Next::Release,
+        ComputeError::Busy(_) => Next::Pending(Hold::Busy),
+        ComputeError::Stale(_) => Next::Pending(Hold::Stale),
+        ComputeError::Transient(_) => Next::Pending(Hold::Transient),
+        ComputeError::NoAnswer(_) | ComputeError::Failed(_) => Next::Unknown,
+        ComputeError::Refused(_) | ComputeError::NotFound(_) | ComputeError::Unauthorized(_) => {
+            // A capacity change is one write whatever it carries: it is never split.
+            if call == Call::Grow && stage == Stage::Surge {
+                Next::DeleteFirst
+            } else if call == Call::Grow {
+                Next::Fail(refused(error))
+            } else if batch > 1 {
+                Next::Split
+            } else {
+                Next::Fail(refused(error))
+            }
+        }
+    }
+}
+
+/// The row after the call: accepted, or what the error policy says.
+fn after(
+    inc: &Incident,
+    result: &Result<Accepted, ComputeError>,
+    next: Option<&Next>,
+    now: OffsetDateTime,
+) -> Option<Incident> {
+    match (result, next) {
+        (Ok(accepted), _) => Some(inc.accepted(accepted.operation.clone())),
+        (Err(_), Some(Next::Release)) => None,
+        (Err(e), Some(Next::Pending(hold))) => Some(inc.pending(*hold, e.arm().cloned())),
+        (Err(e), Some(Next::Split)) => Some(inc.pending(Hold::Alone, e.arm().cloned())),
+        (Err(e), Some(Next::DeleteFirst)) => Some(Incident {
+            stage: Stage::DeleteFirst,
+            ..inc.pending(Hold::Busy, e.arm().cloned())
+        }),
+        (Err(_), Some(Next::Fail(arm))) => Some(inc.failed(arm.clone(), now)),
+        (Err(_), Some(Next::Unknown) | None) => Some(inc.clone()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn carry_out(
     store: &Store,
     compute: &Compute,
@@ -170,11 +311,11 @@ async fn carry_out(
     watched: &WatchedScaleSet,
     plan: Plan,
     record: Option<&ScaleSetRecord>,
+    followed: Vec<Entry>,
     now: OffsetDateTime,
 ) -> Result<(SetReport, Vec<Alert>), StoreError> {
     let id = &watched.id;
     let dry_run = settings.dry_run;
-    let capacity = record.and_then(|r| r.capacity);
     let alert = |kind, t: Option<&Transition>, reason: String| Alert {
         kind,
         scale_set: id.resource_id(),
@@ -224,11 +365,13 @@ async fn carry_out(
         healthy: plan.healthy,
         unhealthy: plan.unhealthy,
         withheld: plan.withheld.len(),
+        operations_ended: followed.len(),
+        operations_failed: followed.iter().filter(|e| e.outcome == "failed").count(),
         paused: plan.paused().map(|w| w.label()),
         next_check_s: plan.next_check.map(|d| d.whole_seconds()),
         ..SetReport::default()
     };
-    let mut journal = Vec::new();
+    let mut journal = followed;
     if let (Some(was), None) = (breaker_before, breaker_now) {
         journal.push(Entry {
             outcome: "resumed".into(),
@@ -261,13 +404,20 @@ async fn carry_out(
         });
     }
 
-    // Claim every transition; only what this pass claimed is acted on.
+    // Claim every transition; only what this pass claimed is acted on. A dry run's step is
+    // recorded as if ARM had taken it, so the dry run follows it to its deadline.
+    let mut transitions = plan.transitions;
+    for t in transitions.iter_mut().filter(|t| dry_run && t.step.acts()) {
+        t.incident = t.incident.accepted(None);
+    }
+    let claims: Vec<(&Incident, Option<&str>)> = transitions
+        .iter()
+        .map(|t| (&t.incident, t.claim.as_deref()))
+        .collect();
+    let versions = store.claim_incidents(id, &claims).await?;
     let mut claimed: Vec<Claimed> = Vec::new();
-    for t in plan.transitions {
-        match store
-            .claim_incident(id, &t.incident, t.claim.as_deref())
-            .await?
-        {
+    for (t, version) in transitions.into_iter().zip(versions) {
+        match version {
             Some(version) => claimed.push((t, version)),
             None => {
                 report.claimed_elsewhere += 1;
@@ -277,31 +427,53 @@ async fn carry_out(
         }
     }
 
-    let mut by_action: BTreeMap<&'static str, (RepairAction, Vec<Claimed>)> = BTreeMap::new();
+    // One call per kind of call, except steps split from a refused batch: one call each.
+    let mut calls: BTreeMap<(Call, Option<String>), Vec<Claimed>> = BTreeMap::new();
     for (t, version) in claimed {
         match t.step {
             Step::Close(_) => {
                 report.outcomes += 1;
                 tracing::info!(scale_set = %id, instance = %t.incident.target, incident = %t.incident.id, decision = "close", outcome = t.incident.closing(), "incident closed");
+                let restore_lost = t
+                    .previous
+                    .as_ref()
+                    .is_some_and(|p| p.stage == Stage::Restore && p.phase != Phase::Succeeded);
+                if restore_lost {
+                    alerts.push(alert(
+                        AlertKind::GiveUp,
+                        Some(&t),
+                        "the instance was deleted but its capacity could not be restored; the scale set is one instance short until someone raises it".into(),
+                    ));
+                }
                 journal.push(Entry {
                     action: t.incident.action,
                     attempt: t.incident.attempt,
                     outcome: t.incident.closing().into(),
                     reason: format!(
-                        "{} after {} attempt(s)",
+                        "{} after {} attempt(s){}",
                         t.incident.closing(),
-                        t.incident.attempt
+                        t.incident.attempt,
+                        if restore_lost {
+                            "; its capacity was not restored"
+                        } else {
+                            ""
+                        }
                     ),
+                    evidence: t.evidence.clone(),
                     ..outcome_entry(&t)
                 });
             }
             Step::GiveUp => {
                 report.outcomes += 1;
+                let why = match &t.incident.error {
+                    Some(e) => format!("; the last step ended {}: {}", e.code, e.message),
+                    None => String::new(),
+                };
                 alerts.push(alert(
                     AlertKind::GiveUp,
                     Some(&t),
                     format!(
-                        "still unhealthy after {} attempt(s); needs a person",
+                        "still unhealthy after {} attempt(s){why}; needs a person",
                         t.incident.attempt
                     ),
                 ));
@@ -312,71 +484,89 @@ async fn carry_out(
                     attempt: t.incident.attempt,
                     outcome: "given_up".into(),
                     reason: format!(
-                        "still unhealthy after {} attempt(s) (HEALER_MAX_ATTEMPTS); needs a person",
+                        "still unhealthy after {} attempt(s) (HEALER_MAX_ATTEMPTS){why}; needs a person",
                         t.incident.attempt
                     ),
                     evidence: t.evidence.clone(),
                     ..outcome_entry(&t)
                 });
             }
-            Step::Open | Step::Escalate => {
-                if let Some(action) = t.action() {
-                    by_action
-                        .entry(action.as_str())
-                        .or_insert((action, Vec::new()))
-                        .1
-                        .push((t, version));
+            Step::Open | Step::Escalate | Step::Resend | Step::Advance => {
+                if let Some(call) = t.incident.call() {
+                    let alone =
+                        (t.alone() && call != Call::Grow).then(|| t.incident.target.clone());
+                    calls.entry((call, alone)).or_default().push((t, version));
                 }
             }
         }
     }
 
-    for (action, group) in by_action.into_values() {
+    // ARM's answers are written back in one batch after the calls; throttled claims are released.
+    let mut answers: Vec<(Incident, String)> = Vec::new();
+    let mut releases: Vec<Claimed> = Vec::new();
+    for ((call, _), group) in calls {
         let ids: Vec<String> = group
             .iter()
             .map(|(t, _)| t.incident.target.clone())
             .collect();
+        let stage = group[0].0.incident.stage;
+        let held = compute
+            .observed()
+            .throttled_until(&id.subscription)
+            .filter(|u| *u > now);
         let result = if dry_run {
             Ok(Accepted { operation: None })
+        } else if let Some(until) = held {
+            // Another scale set of this subscription met a 429 earlier in this pass.
+            Err(ComputeError::Throttled {
+                retry_after_s: (until - now).whole_seconds().max(1),
+            })
         } else {
-            send(compute, id, action, &ids, capacity).await
+            send(compute, id, call, &ids).await
         };
-        let (outcome, note) = match &result {
-            Ok(_) if dry_run => ("dry_run", Some("dry run: nothing was called".to_string())),
-            Ok(_) => ("requested", None),
-            Err(ComputeError::Throttled { retry_after_s }) => (
-                "throttled",
-                Some(format!("Compute API throttled; decided again on a later pass (retry after {retry_after_s} s)")),
-            ),
-            Err(e) => ("failed", Some(e.to_string())),
+        let next = result
+            .as_ref()
+            .err()
+            .map(|e| error_policy(e, ids.len(), call, stage));
+        let (outcome, note) = match (&result, &next) {
+            (Ok(_), _) if dry_run => ("dry_run", Some("dry run: nothing was called".to_string())),
+            (Ok(_), _) => ("requested", None),
+            (Err(e), Some(next)) => (next.label(), Some(explain(e, next))),
+            (Err(e), None) => ("failed", Some(e.to_string())),
         };
         let operation = result.as_ref().ok().and_then(|a| a.operation.clone());
-        if let Err(ComputeError::Throttled { retry_after_s }) = &result {
-            // Later passes (and the mirror sync) hold off until Retry-After has passed.
-            store
-                .set_throttled(id, now + time::Duration::seconds(*retry_after_s))
-                .await?;
-        }
         for (t, version) in group {
-            if result.is_ok() {
+            let accepted = result.is_ok();
+            if accepted {
                 report.repairs_requested += 1;
-                let why = t.reason.as_ref().map(|r| r.describe()).unwrap_or_default();
-                alerts.push(alert(AlertKind::Repair, Some(&t), why));
+                if matches!(t.step, Step::Open | Step::Escalate | Step::Resend) {
+                    let why = t.reason.as_ref().map(|r| r.describe()).unwrap_or_default();
+                    alerts.push(alert(AlertKind::Repair, Some(&t), why));
+                }
             } else {
                 report.repairs_failed += 1;
-                // Not carried out: give the claim back, so the attempt is not counted.
-                release(store, id, &t, &version).await?;
+            }
+            match after(&t.incident, &result, next.as_ref(), now) {
+                _ if dry_run => {}
+                None => releases.push((t.clone(), version)),
+                Some(row) => answers.push((row, version)),
             }
             let reason = t.reason.as_ref().map(|r| r.describe()).unwrap_or_default();
-            tracing::info!(scale_set = %id, instance = %t.incident.target, incident = %t.incident.id, action = %action,
-                attempt = t.incident.attempt, step = t.step.label(), outcome, reason = %reason, "repair decided");
+            let action = t.incident.action.map(|a| a.as_str()).unwrap_or("");
+            tracing::info!(scale_set = %id, instance = %t.incident.target, incident = %t.incident.id, action, call = call.as_str(),
+                stage = t.incident.stage.as_str(), attempt = t.incident.attempt, step = t.step.label(), outcome, reason = %reason, "repair decided");
             let mut evidence = t.evidence.clone();
+            evidence["call"] = json!(call);
+            evidence["stage"] = json!(t.incident.stage);
             if let Some(op) = &operation {
                 // The Azure-AsyncOperation URL, for an operator following the repair in ARM.
-                evidence["operation"] = json!(op);
+                evidence["operation"] = json!(op.url);
+            }
+            if let Some(arm) = result.as_ref().err().and_then(|e| e.arm()) {
+                evidence["error"] = json!(arm);
             }
             journal.push(Entry {
-                action: Some(action),
+                action: t.incident.action,
                 attempt: t.incident.attempt,
                 outcome: outcome.into(),
                 reason: match &note {
@@ -395,33 +585,55 @@ async fn carry_out(
             });
         }
     }
+    let rows: Vec<(&Incident, Option<&str>)> = answers
+        .iter()
+        .map(|(row, version)| (row, Some(version.as_str())))
+        .collect();
+    for ((row, _), written) in answers.iter().zip(store.claim_incidents(id, &rows).await?) {
+        if written.is_none() {
+            tracing::warn!(scale_set = %id, instance = %row.target, "could not record a step's answer (its row changed meanwhile); its deadline bounds it");
+        }
+    }
+    for (t, version) in &releases {
+        release(store, id, t, version).await?;
+    }
     store.append_journal(&journal).await?;
     Ok((report, alerts))
+}
+
+/// What the journal says of a call ARM did not take.
+fn explain(e: &ComputeError, next: &Next) -> String {
+    match next {
+        Next::Release => format!("{e}; decided again on a later pass, no attempt spent"),
+        Next::Pending(_) => format!("{e}; sent again on a later pass within the step's deadline, no attempt spent"),
+        Next::Split => format!("{e}; the batch was refused, so each of its instances is sent on its own next pass"),
+        Next::DeleteFirst => format!("{e}; the scale set cannot grow, so the broken instance is deleted first and the capacity restored after"),
+        Next::Fail(arm) => format!("refused by ARM ({} {}): {}; the attempt is spent", arm.status, arm.code, arm.message),
+        Next::Unknown => format!("{e}; whether it landed is unknown, so it is not sent again and the repair timeout decides"),
+    }
 }
 
 /// A transition this pass claimed, with the row version the claim wrote.
 type Claimed = (Transition, String);
 
-/// One batched Compute call for every instance that takes this action.
+/// One Compute call for every instance that takes it.
 async fn send(
     compute: &Compute,
     id: &ScaleSetId,
-    action: RepairAction,
+    call: Call,
     ids: &[String],
-    capacity: Option<i64>,
 ) -> Result<Accepted, ComputeError> {
-    match action {
-        RepairAction::Delete => compute.delete_instances(id, ids).await,
-        RepairAction::Replace => {
-            let accepted = compute.delete_instances(id, ids).await?;
-            // The delete lowers capacity; setting it back makes the scale set create fresh VMs.
-            if let Some(c) = capacity {
-                compute.set_capacity(id, c).await?;
-            }
-            Ok(accepted)
+    match call {
+        Call::Delete => compute.delete_instances(id, ids).await,
+        Call::Restart => compute.restart_instances(id, ids).await,
+        Call::Start => compute.start_instances(id, ids).await,
+        Call::Reimage => compute.reimage_instances(id, ids).await,
+        Call::Grow => {
+            let n = u32::try_from(ids.len()).unwrap_or(u32::MAX);
+            let grown = compute.grow(id, n).await?;
+            tracing::info!(scale_set = %id, from = grown.from, to = grown.to, "capacity raised by {n} from a fresh read, with If-Match");
+            Ok(grown.accepted)
         }
-        RepairAction::Reimage => compute.reimage_instances(id, ids).await,
-        RepairAction::Restart => compute.restart_instances(id, ids).await,
     }
 }
 
@@ -444,13 +656,45 @@ async fn release(
     version: &str,
 ) -> Result<(), StoreError> {
     let restored: Option<&Incident> = t.previous.as_ref();
-    if store
+    if !store
         .release_incident(id, &t.incident.target, restored, version)
         .await?
     {
-        Ok(())
-    } else {
         tracing::warn!(scale_set = %id, instance = %t.incident.target, "could not release a claim (changed meanwhile); its deadline will expire it");
-        Ok(())
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arm(status: u16, code: &str) -> ArmError {
+        ArmError {
+            status,
+            code: code.into(),
+            message: "m".into(),
+        }
+    }
+
+    #[test]
+    fn what_each_error_means_for_a_step() {
+        let refused = ComputeError::Refused(arm(409, "OperationNotAllowed"));
+        #[rustfmt::skip]
+        let cases: Vec<(&str, ComputeError, usize, Call, Stage, Next)> = vec![
+            ("429: put back, no attempt", ComputeError::Throttled { retry_after_s: 30 }, 3, Call::Restart, Stage::Act, Next::Release),
+            ("409 Conflict: wait, no attempt", ComputeError::Busy(arm(409, "Conflict")), 1, Call::Restart, Stage::Act, Next::Pending(Hold::Busy)),
+            ("412: read again", ComputeError::Stale(arm(412, "PreconditionFailed")), 1, Call::Grow, Stage::Surge, Next::Pending(Hold::Stale)),
+            ("5xx: again later", ComputeError::Transient("503".into()), 2, Call::Delete, Stage::Act, Next::Pending(Hold::Transient)),
+            ("no answer: never twice", ComputeError::NoAnswer("timeout".into()), 1, Call::Grow, Stage::Surge, Next::Unknown),
+            ("a refused batch is split", refused.clone(), 2, Call::Restart, Stage::Act, Next::Split),
+            ("a refused single step is spent", refused.clone(), 1, Call::Restart, Stage::Act, Next::Fail(arm(409, "OperationNotAllowed"))),
+            ("a refused surge deletes first", refused.clone(), 4, Call::Grow, Stage::Surge, Next::DeleteFirst),
+            ("a refused restore is spent, never split", refused, 3, Call::Grow, Stage::Restore, Next::Fail(arm(409, "OperationNotAllowed"))),
+            ("404 on an act is a refusal", ComputeError::NotFound("gone".into()), 1, Call::Delete, Stage::Act, Next::Fail(ArmError { status: 404, code: "not_found".into(), message: "not found: gone".into() })),
+        ];
+        for (name, error, batch, call, stage, want) in cases {
+            assert_eq!(error_policy(&error, batch, call, stage), want, "{name}");
+        }
     }
 }

@@ -55,6 +55,11 @@ pub struct IncidentLine {
     pub opened_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339::option")]
     pub deadline: Option<OffsetDateTime>,
+    /// Where the step's call stands (`surge running`, `restart pending (busy)`, …).
+    pub step: String,
+    /// ARM's code of the last failure, if any.
+    pub error: Option<String>,
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -77,7 +82,7 @@ pub fn summarize(
     recent: &[Entry],
     now: OffsetDateTime,
 ) -> SetStatus {
-    let verdicts = crate::plan::verdicts(obs, policy, now);
+    let verdicts = crate::plan::verdicts(obs, policy, brakes.dry_run, now);
     let count = |f: fn(&Verdict) -> bool| verdicts.values().filter(|v| f(v)).count();
     let plan = decide(obs, policy, brakes, now);
     let brake = plan.paused();
@@ -99,6 +104,16 @@ pub fn summarize(
             attempt: i.attempt,
             opened_at: i.opened_at,
             deadline: i.deadline,
+            step: format!(
+                "{} {}{}",
+                i.call().map(|c| c.as_str()).unwrap_or("-"),
+                i.phase.as_str(),
+                i.hold
+                    .map(|h| format!(" ({})", h.as_str()))
+                    .unwrap_or_default()
+            ),
+            error: i.error.as_ref().map(|e| format!("{} {}", e.status, e.code)),
+            dry_run: i.dry_run,
         })
         .collect();
     incidents.sort_by_key(|i| i.opened_at);
@@ -192,16 +207,22 @@ pub fn render(report: &Report) -> String {
         }
         for i in &s.incidents {
             out.push_str(&format!(
-                "  incident {} on #{}: {} ({}), {} attempt {}{}\n",
+                "  incident {} on #{}: {} ({}), {} attempt {}: {}{}{}{}\n",
                 i.incident,
                 i.instance,
                 i.state,
                 i.cause,
                 i.action.as_deref().unwrap_or("-"),
                 i.attempt,
+                i.step,
+                i.error
+                    .as_deref()
+                    .map(|e| format!(", last error {e}"))
+                    .unwrap_or_default(),
                 i.deadline
                     .map(|d| format!(", deadline {}", stamp(d)))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                if i.dry_run { " [dry run]" } else { "" }
             ));
         }
         if !s.recent.is_empty() {
@@ -271,6 +292,9 @@ mod tests {
             attempt: 1,
             opened_at: OffsetDateTime::UNIX_EPOCH,
             deadline: None,
+            step: "restart running".into(),
+            error: Some("409 Conflict".into()),
+            dry_run: false,
         });
         let text = render(&Report {
             at: OffsetDateTime::UNIX_EPOCH,
@@ -283,7 +307,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("incident 4-1 on #4: repairing (reported_down), restart attempt 1"),
+            text.contains("incident 4-1 on #4: repairing (reported_down), restart attempt 1: restart running, last error 409 Conflict"),
             "{text}"
         );
     }

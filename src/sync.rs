@@ -1,7 +1,7 @@
 //! One mirror pass (`monitor-state`): read each scale set that is due from the Compute API, write
 //! only what changed, drop instances that are gone, and record the sync on the scale set's row.
 
-use crate::compute::{Compute, ComputeError};
+use crate::compute::{Compute, ComputeError, READ_RESERVE};
 use crate::journal::stamp;
 use crate::mirror::{diff, Instance, MirroredInstance, ScaleSetRecord};
 use crate::resync::{self, Hold, Read};
@@ -11,10 +11,6 @@ use crate::state::{Store, StoreError};
 use serde::Serialize;
 use std::collections::HashMap;
 use time::{Duration, OffsetDateTime};
-
-/// Below this many reads left in the Compute API's budget, a pass stops reading: ARM's throttle
-/// would otherwise stop us for minutes, repairs included.
-const READ_RESERVE: i64 = 20;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct SetSync {
@@ -68,10 +64,19 @@ pub async fn sync_all(
         settings.scale_sets.iter().enumerate().collect();
     order.sort_by_key(|(_, w)| records.get(&w.id.key()).and_then(|r| r.synced_at));
     let mut report: Vec<(usize, SetSync)> = Vec::new();
-    let mut reads = 0;
+    // Reads per subscription this pass: Compute counts its budget per subscription.
+    let mut reads: HashMap<String, usize> = HashMap::new();
     for (position, watched) in order {
         let id = &watched.id;
-        let record = records.get(&id.key());
+        let mut record = records.get(&id.key()).cloned();
+        // A 429 met on another scale set of this subscription, this pass, holds this one too.
+        if let (Some(r), Some(until)) = (
+            record.as_mut(),
+            compute.observed().throttled_until(&id.subscription),
+        ) {
+            r.throttled_until = Some(r.throttled_until.map_or(until, |t| t.max(until)));
+        }
+        let record = record.as_ref();
         let read = match resync::due(record, &id.key(), settings.full_resync, now) {
             Ok(read) => read,
             Err(Hold::Fresh { next }) => {
@@ -89,9 +94,13 @@ pub async fn sync_all(
                 continue;
             }
         };
-        let budget = compute.observed().remaining_budget();
-        // The first read of a pass always goes out: it also refreshes the budget figure.
-        if let Some(left) = budget.filter(|left| reads > 0 && *left < READ_RESERVE) {
+        let budget = compute.observed().remaining_budget(&id.subscription);
+        let done = reads
+            .entry(id.subscription.to_ascii_lowercase())
+            .or_insert(0);
+        // The first read of a subscription in a pass always goes out: it also refreshes the
+        // budget figure.
+        if let Some(left) = budget.filter(|left| *done > 0 && *left < READ_RESERVE) {
             tracing::warn!(scale_set = %id, remaining = left, "Compute read budget nearly spent; sync deferred to the next pass");
             let mut deferred = SetSync::new(id, "deferred", Some(read));
             deferred.detail = Some(format!(
@@ -100,12 +109,13 @@ pub async fn sync_all(
             report.push((position, deferred));
             continue;
         }
-        reads += 1;
+        *done += 1;
         report.push((
             position,
             sync_one(store, compute, id, record.cloned(), read, now).await?,
         ));
     }
+    crate::repair::hold_throttled_subscriptions(store, compute, settings, now).await?;
     report.sort_by_key(|(position, _)| *position);
     let report = report.into_iter().map(|(_, r)| r).collect();
     Ok(SyncReport {

@@ -3,66 +3,11 @@
 
 mod common;
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::post;
-use axum::{Json, Router};
 use common::spawn_app;
-use serde_json::{json, Value};
+use common::webhook::{start_receiver, wait_for_alerts, Receiver};
+use serde_json::json;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-#[derive(Default)]
-struct Receiver {
-    /// Fail this many requests with 500 before accepting.
-    fail_first: AtomicUsize,
-    /// Never answer (a dead webhook that keeps connections open).
-    hang: bool,
-    attempts: AtomicUsize,
-    received: Mutex<Vec<Value>>,
-}
-
-async fn receive(State(r): State<Arc<Receiver>>, Json(body): Json<Value>) -> StatusCode {
-    r.attempts.fetch_add(1, Ordering::SeqCst);
-    if r.hang {
-        std::future::pending::<()>().await;
-    }
-    if r.fail_first.load(Ordering::SeqCst) > 0 {
-        r.fail_first.fetch_sub(1, Ordering::SeqCst);
-        return StatusCode::INTERNAL_SERVER_ERROR;
-    }
-    r.received.lock().unwrap().push(body);
-    StatusCode::OK
-}
-
-async fn start_receiver(receiver: Receiver) -> (String, Arc<Receiver>) {
-    let receiver = Arc::new(receiver);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    let app = Router::new()
-        .route("/hook", post(receive))
-        .with_state(receiver.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, receiver)
-}
-
-/// Waits until `count` alerts arrived, or fails after `limit`.
-async fn wait_for_alerts(r: &Receiver, count: usize, limit: Duration) -> Vec<Value> {
-    let deadline = Instant::now() + limit;
-    loop {
-        let got = r.received.lock().unwrap().clone();
-        if got.len() >= count {
-            return got;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {count} alerts arrived: {got:?}",
-            got.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repair_pause_and_resume_are_posted_and_failures_retried() {

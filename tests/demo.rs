@@ -35,9 +35,10 @@ fn the_demo_plays_its_story_and_the_healer_gets_every_act_right() {
         .unwrap();
     assert!(status.success(), "demo failed:\n{out}");
     for line in [
-        "repair  web#4 replace requested: the instance reported DOWN",
-        "repair  api#7 replace requested: no heartbeat for",
-        "replace requested: no heartbeat since creation",
+        "repair  web#4 replace (surge) requested: the instance reported DOWN",
+        "repair  web#4 replace (delete) requested: the instance reported DOWN",
+        "repair  api#7 replace (surge) requested: no heartbeat for",
+        "replace (surge) requested: no heartbeat since creation",
         "withheld web#* pipeline_fault",
         "withheld api#* too_many_unhealthy",
         "resumed api: the brake `too_many_unhealthy` released",
@@ -49,9 +50,16 @@ fn the_demo_plays_its_story_and_the_healer_gets_every_act_right() {
     // The planned reboot and the mass DOWN are never repaired.
     assert!(!out.contains("repair  web#10"), "{out}");
     assert!(!out.contains("repair  api#2"), "{out}");
-    // Every repair line names an instance from the story.
-    let repairs = out.lines().filter(|l| l.contains(" repair  ")).count();
-    assert_eq!(repairs, 3, "{out}");
+    // Every repair line names an instance from the story: three instances, each replaced by a
+    // surge and then a delete.
+    let repaired: std::collections::BTreeSet<&str> = out
+        .lines()
+        .filter_map(|l| l.split(" repair  ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .collect();
+    assert_eq!(repaired.len(), 3, "{repaired:?}\n{out}");
+    let stages = out.lines().filter(|l| l.contains(" repair  ")).count();
+    assert_eq!(stages, 6, "{out}");
 
     let picture = std::fs::read_to_string(&svg).expect("the timeline is written");
     let _ = std::fs::remove_file(&svg);

@@ -250,51 +250,6 @@ async fn vanished_instances_and_deleted_scale_sets_leave_the_mirror() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replace_deletes_then_restores_capacity_with_a_fresh_instance() {
-    let app = spawn_app().scale_set("web", 5).start().await;
-    app.sync_and_break("web", 3, json!({"beat": "down"})).await;
-
-    let (status, answer) = app.invoke_timer("monitor-status").await;
-    assert_eq!(status, 200, "{answer}");
-    let calls = app.compute_calls().await;
-    let writes: Vec<(String, String)> = mutating(&calls)
-        .iter()
-        .map(|c| {
-            (
-                c["method"].as_str().unwrap().to_string(),
-                c["path"]
-                    .as_str()
-                    .unwrap()
-                    .rsplit('/')
-                    .next()
-                    .unwrap()
-                    .to_string(),
-            )
-        })
-        .collect();
-    assert_eq!(
-        writes,
-        [
-            ("POST".to_string(), "delete".to_string()),
-            ("PATCH".to_string(), "web".to_string())
-        ]
-    );
-    let fleet = app.fleet("web").await;
-    assert_eq!(fleet["capacity"], json!(5), "capacity restored");
-    let ids: BTreeSet<u64> = fleet["vms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["instance_id"].as_u64().unwrap())
-        .collect();
-    assert_eq!(
-        ids,
-        BTreeSet::from([0, 1, 2, 4, 5]),
-        "instance 3 replaced by a new instance 5"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_that_works_closes_the_incident_as_recovered() {
     let app = spawn_app()
         .scale_set("web", 3)

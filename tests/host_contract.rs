@@ -29,6 +29,18 @@ async fn mirrored_app() -> (TestApp, String) {
     (app, vm_id)
 }
 
+/// Instance 1 of `web` reports UP now.
+async fn deliver_up(app: &TestApp, vm_id: &str) -> (u16, Value) {
+    app.deliver_event(heartbeat_event(
+        "web",
+        1,
+        vm_id,
+        "UP",
+        &now_rfc3339(Duration::ZERO),
+    ))
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_timers_and_routing_errors() {
     let app = spawn_app().scale_set("web", 2).start().await;
@@ -53,8 +65,14 @@ async fn readiness_timers_and_routing_errors() {
     assert_eq!(status, 200, "{answer}");
     assert_host_shape(&answer);
 
+    // Nothing a retry could mend is answered non-2xx: the host would fail the invocation (and
+    // Event Grid redeliver it for a day). It is answered 200, with the reason, and counted.
     let (status, answer) = app.post_raw("monitor-nothing", "{}".into()).await;
-    assert_eq!(status, 404);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["ReturnValue"]["reason"], "unknown_function",
+        "{answer}"
+    );
     assert!(
         answer["error"]
             .as_str()
@@ -72,7 +90,15 @@ async fn readiness_timers_and_routing_errors() {
         (r#"{"Data": {"timer": "soon"}}"#, "not a JSON object"),
     ] {
         let (status, answer) = app.post_raw("monitor-status", body.into()).await;
-        assert_eq!(status, 400, "{body}: {answer}");
+        assert_eq!(status, 200, "{body}: {answer}");
+        assert_eq!(
+            (
+                &answer["ReturnValue"]["accepted"],
+                &answer["ReturnValue"]["reason"]
+            ),
+            (&json!(false), &json!("bad_invocation")),
+            "{body}: {answer}"
+        );
         assert!(
             answer["error"].as_str().unwrap().contains(needle),
             "{body}: {answer}"
@@ -82,7 +108,45 @@ async fn readiness_timers_and_routing_errors() {
     let (status, answer) = app
         .post_raw("monitor-events", r#"{"Data": {}}"#.into())
         .await;
-    assert_eq!(status, 400, "{answer}");
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["ReturnValue"]["reason"], "bad_invocation");
+    assert!(
+        answer["ReturnValue"]["failed_total"].as_u64().unwrap() >= 6,
+        "each is counted: {answer}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_no_retry_can_mend_is_answered_2xx_with_its_reason() {
+    let (mut app, vm_id) = mirrored_app().await;
+    // Storage refuses our key (403): not unreachable, not throttled — a redelivery cannot help.
+    let wrong_key = app
+        .azurite
+        .connection_string()
+        .split(';')
+        .map(|part| match part.split_once('=') {
+            Some(("AccountKey", _)) => {
+                "AccountKey=d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXk=".to_string()
+            }
+            _ => part.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(";");
+    app.restart_handler(&[("HEALER_STORAGE", &wrong_key)]);
+    let (code, answer) = deliver_up(&app, &vm_id).await;
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(answer["ReturnValue"]["reason"], "internal", "{answer}");
+    assert!(
+        answer["ReturnValue"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("403"),
+        "{answer}"
+    );
+    assert_host_shape(&answer);
+    let (code, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(answer["ReturnValue"]["failed_total"], 2, "{answer}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -265,15 +329,7 @@ async fn prunella_heartbeats_are_accepted_by_computer_name() {
 async fn storage_down_answers_503_so_event_grid_redelivers() {
     let (mut app, vm_id) = mirrored_app().await;
     app.azurite.stop();
-    let (code, answer) = app
-        .deliver_event(heartbeat_event(
-            "web",
-            1,
-            &vm_id,
-            "UP",
-            &now_rfc3339(Duration::ZERO),
-        ))
-        .await;
+    let (code, answer) = deliver_up(&app, &vm_id).await;
     assert_eq!(code, 503, "{answer}");
     assert!(
         answer["error"].as_str().unwrap().contains("unavailable"),

@@ -7,7 +7,9 @@ mod common;
 use common::spawn_app;
 use serde_json::json;
 use std::collections::BTreeSet;
-use vmss_healer::compute::{required_action, REQUIRED_ACTIONS};
+use vmss_healer::compute::{
+    required_action, REQUIRED_ACTIONS, RESOURCE_GROUP_ACTIONS, SCALE_SET_ACTIONS,
+};
 use vmss_healer::settings::CATALOG;
 
 fn read(path: &str) -> String {
@@ -56,25 +58,43 @@ fn the_infrastructure_sets_exactly_the_settings_the_code_reads() {
 }
 
 #[test]
-fn the_custom_role_holds_exactly_the_actions_the_handler_needs() {
+fn the_custom_roles_hold_exactly_the_actions_the_handler_needs() {
     let role = read("infra/modules/compute-role.bicep");
-    let block = role
+    let blocks: Vec<BTreeSet<&str>> = role
         .split("actions: [")
-        .nth(1)
-        .and_then(|rest| rest.split(']').next())
-        .expect("an actions list");
-    let granted: BTreeSet<&str> = block
-        .lines()
-        .map(|l| l.trim().trim_matches('\''))
-        .filter(|l| !l.is_empty())
+        .skip(1)
+        .map(|rest| {
+            rest.split(']')
+                .next()
+                .expect("an actions list")
+                .lines()
+                .map(|l| l.trim().trim_matches('\''))
+                .filter(|l| !l.is_empty())
+                .collect()
+        })
         .collect();
-    let needed: BTreeSet<&str> = REQUIRED_ACTIONS.iter().copied().collect();
-    assert_eq!(granted, needed);
-    assert!(role.contains("notActions: []"));
+    let on_scale_sets: BTreeSet<&str> = SCALE_SET_ACTIONS.iter().copied().collect();
+    let on_resource_groups: BTreeSet<&str> = RESOURCE_GROUP_ACTIONS.iter().copied().collect();
+    assert_eq!(blocks, vec![on_scale_sets, on_resource_groups]);
+    assert_eq!(role.matches("notActions: []").count(), 2);
+    // Each is granted where Azure checks it: the scale set's actions on the scale set, operation
+    // status on the resource group (its URL is not under the scale set).
+    let main = read("infra/main.bicep");
+    let operations = main
+        .split("module operationAccess")
+        .nth(1)
+        .expect("the operation reader is assigned");
+    assert!(
+        operations.contains("scope: resourceGroup(rg)"),
+        "{operations}"
+    );
+    assert!(operations.contains("operationReaderRoleId"));
+    assert!(read("infra/modules/scaleset-access.bicep").contains("scope: scaleSet"));
 }
 
 /// Every request the handler sends maps to an action of [`REQUIRED_ACTIONS`], and every action of
-/// it is used: restart, reimage and replace (delete + capacity) in one run, with the mirror read.
+/// it is used: restart, start, reimage and replace (surge, then delete), their operations followed,
+/// with the mirror read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_compute_request_is_covered_by_the_role_and_every_action_is_used() {
     let sets = format!(
@@ -84,17 +104,20 @@ async fn every_compute_request_is_covered_by_the_role_and_every_action_is_used()
         common::scale_set_id("c")
     );
     let app = spawn_app()
-        .scale_set("a", 4)
-        .scale_set("b", 4)
-        .scale_set("c", 4)
+        .scale_set("a", 5)
+        .scale_set("b", 5)
+        .scale_set("c", 5)
         .env("HEALER_SCALE_SETS", &sets)
+        .env("HEALER_MAX_PARALLEL", "2")
         .start()
         .await;
     app.clear_compute_calls().await;
-    app.invoke_timer("monitor-state").await;
     for set in ["a", "b", "c"] {
         app.break_vm(set, 1, json!({"beat": "down"})).await;
     }
+    app.break_vm("a", 2, json!({"powerState": "deallocated"}))
+        .await;
+    app.invoke_timer("monitor-state").await;
     app.heartbeat_round().await;
     let (_, answer) = app.invoke_timer("monitor-status").await;
     let requested: u64 = answer["ReturnValue"]["scale_sets"]
@@ -103,7 +126,10 @@ async fn every_compute_request_is_covered_by_the_role_and_every_action_is_used()
         .iter()
         .map(|s| s["repairs_requested"].as_u64().unwrap())
         .sum();
-    assert_eq!(requested, 3, "{answer}");
+    assert_eq!(requested, 4, "restart, start, reimage, surge: {answer}");
+    // The next passes follow the operations and, the new instance mirrored, delete the broken one.
+    app.invoke_timer("monitor-state").await;
+    app.invoke_timer("monitor-status").await;
 
     let mut used = BTreeSet::new();
     for call in app.compute_calls().await {
@@ -119,7 +145,7 @@ async fn every_compute_request_is_covered_by_the_role_and_every_action_is_used()
         used.insert(action);
     }
     let all: BTreeSet<&str> = REQUIRED_ACTIONS.iter().copied().collect();
-    assert_eq!(used, all, "an action of the role is never used");
+    assert_eq!(used, all, "an action of the roles is never used");
 }
 
 #[test]

@@ -158,17 +158,43 @@ async fn a_repair_is_followed_until_its_effect_is_mirrored() {
     assert_eq!(outcome(&synced, "web")["read"], "changed", "{synced}");
     assert_eq!(outcome(&synced, "api")["outcome"], "fresh", "{synced}");
     assert_eq!(sets_read(&app).await, ["web"]);
-    let ids: Vec<String> = app
-        .store
-        .mirror(&set)
-        .await
-        .unwrap()
-        .0
-        .iter()
-        .map(|m| m.instance.instance_id.clone())
-        .collect();
-    assert!(!ids.contains(&"2".to_string()), "{ids:?}");
-    assert_eq!(ids.len(), 6, "capacity restored: {ids:?}");
+    let ids = |app: &TestApp| {
+        let store = app.store.clone();
+        let set = set.clone();
+        async move {
+            store
+                .mirror(&set)
+                .await
+                .unwrap()
+                .0
+                .iter()
+                .map(|m| m.instance.instance_id.clone())
+                .collect::<Vec<String>>()
+        }
+    };
+    let surged = ids(&app).await;
+    assert!(surged.contains(&"2".to_string()), "{surged:?}");
+    assert_eq!(
+        surged.len(),
+        7,
+        "the surge's new instance is mirrored: {surged:?}"
+    );
+
+    // Its operation followed and the new instance mirrored, the broken one is deleted.
+    let (_, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(
+        (
+            &answer["ReturnValue"]["scale_sets"][0]["operations_ended"],
+            &answer["ReturnValue"]["scale_sets"][0]["repairs_requested"]
+        ),
+        (&json!(1), &json!(1)),
+        "{answer}"
+    );
+    let (_, synced) = app.invoke_timer("monitor-state").await;
+    assert_eq!(outcome(&synced, "web")["read"], "changed", "{synced}");
+    let replaced = ids(&app).await;
+    assert!(!replaced.contains(&"2".to_string()), "{replaced:?}");
+    assert_eq!(replaced.len(), 6, "capacity kept: {replaced:?}");
 
     app.heartbeat_round().await;
     app.invoke_timer("monitor-status").await;

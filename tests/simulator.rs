@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{scale_set_id, spawn_app, TestApp, IDENTITY_SECRET};
+use common::{scale_set_id, spawn_app, TestApp, IDENTITY_SECRET, OTHER_SUB};
 use serde_json::{json, Value};
 
 async fn token(app: &TestApp) -> String {
@@ -247,4 +247,358 @@ async fn a_nearly_spent_read_budget_defers_the_rest_of_a_pass_and_catches_up_nex
         !first_read.ends_with("/virtualMachineScaleSets/a"),
         "a was synced last time; {first_read} went first"
     );
+}
+
+/// A raw ARM client for the simulator's own tests: what Azure answers, without the handler.
+struct Arm<'a> {
+    app: &'a TestApp,
+    bearer: String,
+}
+
+impl<'a> Arm<'a> {
+    async fn new(app: &'a TestApp) -> Self {
+        Arm {
+            bearer: token(app).await,
+            app,
+        }
+    }
+
+    fn url(&self, set: &str, tail: &str) -> String {
+        format!(
+            "{}{}{tail}?api-version=2024-07-01",
+            self.app.sim_url,
+            scale_set_id(set)
+        )
+    }
+
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let r = request.bearer_auth(&self.bearer).send().await.unwrap();
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let text = r.text().await.unwrap_or_default();
+        (
+            status,
+            headers,
+            serde_json::from_str(&text).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn post(
+        &self,
+        set: &str,
+        verb: &str,
+        ids: &[&str],
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let request = self
+            .app
+            .http
+            .post(self.url(set, &format!("/{verb}")))
+            .json(&json!({ "instanceIds": ids }));
+        self.send(request).await
+    }
+
+    async fn get(&self, set: &str) -> (u16, reqwest::header::HeaderMap, Value) {
+        self.send(self.app.http.get(self.url(set, ""))).await
+    }
+
+    async fn patch(
+        &self,
+        set: &str,
+        capacity: u64,
+        if_match: Option<&str>,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut request = self
+            .app
+            .http
+            .patch(self.url(set, ""))
+            .json(&json!({"sku": {"capacity": capacity}}));
+        if let Some(etag) = if_match {
+            request = request.header("if-match", etag);
+        }
+        self.send(request).await
+    }
+
+    async fn operation(&self, headers: &reqwest::header::HeaderMap) -> Value {
+        let url = headers["azure-asyncoperation"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        self.send(self.app.http.get(url)).await.2
+    }
+}
+
+async fn slow_operations(app: &TestApp) {
+    app.admin(
+        reqwest::Method::PUT,
+        "operations/delay",
+        Some(json!({"ms": 3_600_000})),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_run_until_they_end_succeeded_failed_or_canceled_with_arm_error_codes() {
+    let app = spawn_app().scale_set("web", 3).start().await;
+    let arm = Arm::new(&app).await;
+    slow_operations(&app).await;
+
+    let (status, headers, _) = arm.post("web", "restart", &["0"]).await;
+    assert_eq!(status, 202);
+    assert_eq!(arm.operation(&headers).await["status"], "InProgress");
+    assert_eq!(app.vm("web", 0).await["provisioning_state"], "Updating");
+    app.admin(reqwest::Method::POST, "operations/complete", None)
+        .await;
+    let done = arm.operation(&headers).await;
+    assert_eq!(
+        (done["status"].as_str(), done["error"].is_null()),
+        (Some("Succeeded"), true)
+    );
+    assert!(done["endTime"].is_string(), "{done}");
+
+    for (status, code) in [
+        ("Failed", "VMAgentStatusCommunicationError"),
+        ("Canceled", "OperationCanceled"),
+    ] {
+        app.admin(
+            reqwest::Method::POST,
+            "operation-faults",
+            Some(json!({"verb": "reimage", "status": status, "code": code, "message": "it went wrong"})),
+        )
+        .await;
+        let (accepted, headers, _) = arm.post("web", "reimage", &["1"]).await;
+        assert_eq!(
+            accepted, 202,
+            "the request is accepted; the operation fails later"
+        );
+        assert_eq!(arm.operation(&headers).await["status"], "InProgress");
+        app.admin(reqwest::Method::POST, "operations/complete", None)
+            .await;
+        let ended = arm.operation(&headers).await;
+        assert_eq!(ended["status"], status, "{ended}");
+        assert_eq!(ended["error"]["code"], code, "{ended}");
+        assert_eq!(ended["error"]["message"], "it went wrong");
+        assert_eq!(
+            app.vm("web", 1).await["provisioning_state"],
+            "Succeeded",
+            "a failed operation leaves the instance as it was"
+        );
+    }
+
+    // With a delay, an operation ends by itself once that time has passed.
+    app.admin(
+        reqwest::Method::PUT,
+        "operations/delay",
+        Some(json!({"ms": 300})),
+    )
+    .await;
+    let (_, headers, _) = arm.post("web", "restart", &["2"]).await;
+    assert_eq!(arm.operation(&headers).await["status"], "InProgress");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while arm.operation(&headers).await["status"] != "Succeeded" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the operation never ended"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_set_write_preempts_a_running_delete() {
+    let app = spawn_app().scale_set("web", 4).start().await;
+    let arm = Arm::new(&app).await;
+    slow_operations(&app).await;
+
+    let (status, delete, _) = arm.post("web", "delete", &["1"]).await;
+    assert_eq!(status, 202);
+    assert_eq!(app.vm("web", 1).await["provisioning_state"], "Deleting");
+    let (_, _, set) = arm.get("web").await;
+    assert_eq!(
+        set["properties"]["provisioningState"], "Updating",
+        "a delete changes the capacity"
+    );
+
+    let (status, _, _) = arm.patch("web", 5, None).await;
+    assert_eq!(status, 200);
+    let preempted = arm.operation(&delete).await;
+    assert_eq!(preempted["status"], "Failed", "{preempted}");
+    assert_eq!(preempted["error"]["code"], "OperationPreempted");
+    assert_eq!(
+        app.vm("web", 1).await["provisioning_state"],
+        "Succeeded",
+        "the preempted delete deleted nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_of_a_stopped_instance_is_not_allowed_start_is_and_busy_instances_conflict() {
+    let app = spawn_app().scale_set("web", 4).start().await;
+    let arm = Arm::new(&app).await;
+    app.break_vm("web", 1, json!({"powerState": "deallocated"}))
+        .await;
+
+    // One deallocated instance refuses the whole batch, and nothing in it is restarted.
+    let (status, _, body) = arm.post("web", "restart", &["0", "1"]).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "OperationNotAllowed");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("requires the VM to be running"));
+    assert_eq!(app.vm("web", 0).await["provisioning_state"], "Succeeded");
+    let (status, _, _) = arm.post("web", "restart", &["0"]).await;
+    assert_eq!(status, 202, "alone, the running instance restarts");
+
+    slow_operations(&app).await;
+    let (status, _, _) = arm.post("web", "start", &["1"]).await;
+    assert_eq!(status, 202, "a deallocated instance is started");
+    let (status, _, body) = arm.post("web", "restart", &["1"]).await;
+    assert_eq!(status, 409, "while its start runs: {body}");
+    assert_eq!(body["error"]["code"], "Conflict");
+
+    // An instance being deleted is no longer an active instance.
+    let (_, _, _) = arm.post("web", "delete", &["2"]).await;
+    let (status, _, body) = arm.post("web", "reimage", &["2"]).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not an active Virtual Machine Scale Set VM instanceId"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_set_writes_honour_if_match_and_the_capacity_limit() {
+    let app = spawn_app()
+        .scale_set_spec(json!({"name": "web", "capacity": 3, "maxCapacity": 4}))
+        .start()
+        .await;
+    let arm = Arm::new(&app).await;
+
+    let (status, headers, set) = arm.get("web").await;
+    assert_eq!(status, 200);
+    let etag = set["etag"].as_str().unwrap().to_string();
+    assert_eq!(
+        headers["etag"].to_str().unwrap(),
+        etag,
+        "body and header agree"
+    );
+    assert!(
+        etag.starts_with('"') && etag.ends_with('"'),
+        "a quoted ETag: {etag}"
+    );
+
+    // Someone else writes (autoscale): the ETag moves on and ours no longer matches.
+    app.set_capacity("web", 2).await;
+    let (status, _, body) = arm.patch("web", 4, Some(&etag)).await;
+    assert_eq!(status, 412, "{body}");
+    assert_eq!(body["error"]["code"], "PreconditionFailed");
+    assert_eq!(
+        app.fleet("web").await["capacity"],
+        json!(2),
+        "a refused write changes nothing"
+    );
+
+    let (_, _, fresh) = arm.get("web").await;
+    let current = fresh["etag"].as_str().unwrap().to_string();
+    assert_ne!(current, etag);
+    let (status, _, _) = arm.patch("web", 3, Some(&current)).await;
+    assert_eq!(status, 200);
+    assert_eq!(app.fleet("web").await["capacity"], json!(3));
+
+    let (status, _, body) = arm.patch("web", 5, None).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "OperationNotAllowed");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("exceeds the total limit of '4'"));
+
+    // A write between a read and a write, as autoscale makes it, is a fault rule too.
+    let (_, _, fresh) = arm.get("web").await;
+    let current = fresh["etag"].as_str().unwrap().to_string();
+    app.inject_fault(json!({"method": "PATCH", "autoscaleTo": 4}))
+        .await;
+    let (status, _, _) = arm.patch("web", 4, Some(&current)).await;
+    assert_eq!(status, 412, "autoscale wrote first");
+    assert_eq!(app.fleet("web").await["capacity"], json!(4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_rate_limit_header_per_policy_counted_per_subscription() {
+    let app = spawn_app()
+        .scale_set("a", 1)
+        .scale_set_spec(json!({"name": "other", "capacity": 1, "subscription": OTHER_SUB}))
+        .start()
+        .await;
+    let arm = Arm::new(&app).await;
+    let remaining = |headers: &reqwest::header::HeaderMap| -> Vec<(String, i64)> {
+        headers
+            .get_all("x-ms-ratelimit-remaining-resource")
+            .iter()
+            .map(|v| {
+                let (policy, count) = v.to_str().unwrap().rsplit_once(';').unwrap();
+                (policy.to_string(), count.parse().unwrap())
+            })
+            .collect()
+    };
+    let (_, first, _) = arm.get("a").await;
+    let policies = remaining(&first);
+    assert_eq!(policies.len(), 2, "one header per policy: {policies:?}");
+    assert!(policies[0].0.ends_with("3Min") && policies[1].0.ends_with("30Min"));
+    assert!(
+        policies[0].1 < policies[1].1,
+        "the tight bucket comes first"
+    );
+    let (_, second, _) = arm.get("a").await;
+    assert_eq!(
+        remaining(&second)[0].1,
+        policies[0].1 - 1,
+        "each call is charged"
+    );
+
+    // Another subscription has a budget of its own.
+    let other = format!(
+        "{}/subscriptions/{OTHER_SUB}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachineScaleSets/other?api-version=2024-07-01",
+        app.sim_url,
+        common::RG
+    );
+    let (_, theirs, _) = arm.send(app.http.get(other)).await;
+    assert_eq!(
+        remaining(&theirs)[0].1,
+        policies[0].1,
+        "{:?}",
+        remaining(&theirs)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_throttles_the_whole_subscription_until_retry_after() {
+    let app = spawn_app()
+        .scale_set("a", 1)
+        .scale_set("b", 1)
+        .scale_set_spec(json!({"name": "other", "capacity": 1, "subscription": OTHER_SUB}))
+        .start()
+        .await;
+    let arm = Arm::new(&app).await;
+    app.inject_fault(json!({"status": 429, "retryAfter": 120, "pathContains": "/a"}))
+        .await;
+    let (status, headers, _) = arm.get("a").await;
+    assert_eq!(
+        (status, headers["retry-after"].to_str().unwrap()),
+        (429, "120")
+    );
+    let (status, headers, _) = arm.get("b").await;
+    assert_eq!(status, 429, "the same subscription is throttled");
+    let left: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((110..=120).contains(&left), "{left}");
+    let other = format!(
+        "{}/subscriptions/{OTHER_SUB}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachineScaleSets/other?api-version=2024-07-01",
+        app.sim_url,
+        common::RG
+    );
+    let (status, _, _) = arm.send(app.http.get(other)).await;
+    assert_eq!(status, 200, "another subscription is not");
 }

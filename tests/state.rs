@@ -365,6 +365,80 @@ async fn a_down_streak_remembers_when_it_began() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_claims_land_every_row_still_as_read_and_skip_the_rest() {
+    use vmss_healer::incident::{Incident, Phase};
+    let azurite = Azurite::start();
+    let store = store_for(azurite.connection_string());
+    store.ensure_tables().await.unwrap();
+    let t0 = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let open = |id: &str| {
+        Incident::open(
+            id,
+            "silent",
+            RepairAction::Restart,
+            t0,
+            Duration::minutes(15),
+        )
+    };
+    let first: Vec<Incident> = ["1", "2", "3"].iter().map(|id| open(id)).collect();
+    let claims: Vec<(&Incident, Option<&str>)> = first.iter().map(|i| (i, None)).collect();
+    let versions: Vec<String> = store
+        .claim_incidents(&set(), &claims)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.expect("a new row is inserted"))
+        .collect();
+
+    // Another pass changes #2 after we read it.
+    let theirs = first[1].accepted(None);
+    store
+        .claim_incident(&set(), &theirs, Some(&versions[1]))
+        .await
+        .unwrap()
+        .expect("their claim");
+
+    let ours: Vec<Incident> = first
+        .iter()
+        .map(|i| i.accepted(None).succeeded(t0))
+        .collect();
+    let new = open("4");
+    let claims: Vec<(&Incident, Option<&str>)> = vec![
+        (&ours[0], Some(versions[0].as_str())),
+        (&ours[1], Some(versions[1].as_str())),
+        (&ours[2], Some(versions[2].as_str())),
+        (&new, None),
+    ];
+    let written = store.claim_incidents(&set(), &claims).await.unwrap();
+    assert_eq!(
+        written.iter().map(Option::is_some).collect::<Vec<_>>(),
+        [true, false, true, true],
+        "the stale row is skipped, the others land"
+    );
+    let (rows, _) = store.incidents(&set()).await.unwrap();
+    assert_eq!(rows["1"].value.phase, Phase::Succeeded);
+    assert_eq!(rows["2"].value, theirs, "their write stands");
+    assert_eq!(rows["4"].value, new);
+
+    // The versions returned are the rows' own: the next conditional write at them succeeds, in a
+    // batch that needs no fallback.
+    let again: Vec<Incident> = ours
+        .iter()
+        .map(|i| i.advance(vmss_healer::incident::Stage::Delete))
+        .collect();
+    let claims = vec![
+        (&again[0], written[0].as_deref()),
+        (&again[2], written[2].as_deref()),
+    ];
+    let next = store.claim_incidents(&set(), &claims).await.unwrap();
+    assert!(next.iter().all(Option::is_some), "{next:?}");
+    assert_eq!(
+        store.incidents(&set()).await.unwrap().0["3"].version,
+        next[1].clone().unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incident_claims_admit_exactly_one_writer() {
     use vmss_healer::incident::{Incident, State};
     let azurite = Azurite::start();

@@ -1,6 +1,10 @@
-// The custom role the healer's identity holds on each watched scale set: exactly the Resource
-// Manager actions the handler performs (src/compute.rs REQUIRED_ACTIONS; tests/infra.rs checks
-// that the two lists are the same).
+// The custom roles the healer's identity holds: on each watched scale set exactly the Resource
+// Manager actions the handler performs there (src/compute.rs SCALE_SET_ACTIONS), and on each
+// watched resource group only the reading of asynchronous operation status (RESOURCE_GROUP_ACTIONS):
+// "To track the status of an asynchronous operation, you need sufficient permission at the resource
+// group level. If you only have permission at the resource level, you can start the operation but
+// you can't track its status." (learn.microsoft.com, Track asynchronous Azure operations).
+// tests/infra.rs checks that the lists are the same as the code's.
 targetScope = 'subscription'
 
 param name string
@@ -9,7 +13,7 @@ resource role 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
   name: guid(subscription().id, name, 'vmss-healer-compute')
   properties: {
     roleName: '${name} scale set healer'
-    description: 'Read scale sets and their instances; delete, reimage and restart instances; write capacity. Used by vmss-healer.'
+    description: 'Read scale sets and their instances; delete, reimage, restart and start instances; write capacity. Used by vmss-healer.'
     type: 'CustomRole'
     permissions: [
       {
@@ -20,6 +24,25 @@ resource role 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
           'Microsoft.Compute/virtualMachineScaleSets/delete/action'
           'Microsoft.Compute/virtualMachineScaleSets/reimage/action'
           'Microsoft.Compute/virtualMachineScaleSets/restart/action'
+          'Microsoft.Compute/virtualMachineScaleSets/start/action'
+        ]
+        notActions: []
+      }
+    ]
+    assignableScopes: [subscription().id]
+  }
+}
+
+resource operationReader 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
+  name: guid(subscription().id, name, 'vmss-healer-operations')
+  properties: {
+    roleName: '${name} scale set healer operation reader'
+    description: 'Read the status of the asynchronous Compute operations the healer started. Used by vmss-healer.'
+    type: 'CustomRole'
+    permissions: [
+      {
+        actions: [
+          'Microsoft.Compute/locations/operations/read'
         ]
         notActions: []
       }
@@ -29,3 +52,4 @@ resource role 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
 }
 
 output roleDefinitionId string = role.id
+output operationReaderRoleId string = operationReader.id

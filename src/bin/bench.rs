@@ -484,6 +484,12 @@ fn tick(instances: usize) {
         let scale_events = events.len();
         admin::deliver(&sim.http, &base, admin::Delivery::Handler, events).await;
         let (scaled_sync, scaled) = invoke("monitor-state").await;
+
+        // 7. The next repair pass follows the repairs' operations (one status read per scale set:
+        //    its deletes went out in one call) and closes the incidents whose instances are gone.
+        let (follow_time, followed) = invoke("monitor-status").await;
+        let ended = sum(&followed, "operations_ended");
+        let closed = sum(&followed, "outcomes");
         let peak = proc_status_kib(child.id(), "VmHWM:").unwrap_or(0);
         let _ = child.kill();
         let _ = child.wait();
@@ -511,6 +517,10 @@ fn tick(instances: usize) {
         println!(
             "| monitor-state after autoscale adds 100 VMs to one set ({scale_events} event) | {:.2} s | {} | {} | {} set read, {} rows written |",
             scaled_sync.as_secs_f64(), scaled["table_requests"], scaled["compute_calls"], count(&scaled, "synced"), sum(&scaled, "written")
+        );
+        println!(
+            "| monitor-status, following the repairs | {:.2} s | {} | {} | {ended} operations ended, {closed} incidents closed |",
+            follow_time.as_secs_f64(), followed["table_requests"], followed["compute_calls"]
         );
         println!("\nhandler peak RSS (VmHWM): {:.1} MiB", peak as f64 / 1024.0);
 

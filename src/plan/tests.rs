@@ -1,6 +1,8 @@
 use super::*;
+use crate::compute::ArmError;
 use crate::heartbeat::{Origin, Status};
-use crate::incident::{Incident, State, Versioned};
+use crate::incident::Call;
+use crate::incident::{Hold, Incident, Phase, Stage, State, Versioned};
 use crate::mirror::fixtures::instance;
 use crate::policy::RepairAction::{self, *};
 use crate::scaleset::ScaleSetId;
@@ -14,6 +16,7 @@ const BRAKES: Brakes = Brakes {
     mirror_max_age: Duration::seconds(300),
     full_resync: Duration::seconds(600),
     pipeline_fault: None,
+    dry_run: false,
 };
 
 fn secs(n: i64) -> Duration {
@@ -115,15 +118,18 @@ impl Fleet {
             .protected_from_scale_set_actions = true;
         self
     }
-    fn stopped(mut self, id: &str) -> Self {
+    fn power(mut self, id: &str, state: &str) -> Self {
         self.0
             .instances
             .iter_mut()
             .find(|m| m.instance.instance_id == id)
             .unwrap()
             .instance
-            .power_state = Some("stopped".into());
+            .power_state = Some(state.into());
         self
+    }
+    fn stopped(self, id: &str) -> Self {
+        self.power(id, "stopped")
     }
     fn paused_by_operator(mut self) -> Self {
         let record = self.0.record.as_mut().unwrap();
@@ -165,6 +171,7 @@ impl Fleet {
             Duration::seconds(900),
         );
         inc.attempt = attempt;
+        let inc = inc.accepted(None);
         self.0.incidents.insert(
             id.into(),
             Versioned {
@@ -174,6 +181,14 @@ impl Fleet {
         );
         self
     }
+    /// Changes the incident of `id` (its phase, stage, error…).
+    fn step(mut self, id: &str, change: impl FnOnce(&mut Incident)) -> Self {
+        change(&mut self.0.incidents.get_mut(id).unwrap().value);
+        self
+    }
+    fn deallocated(self, id: &str) -> Self {
+        self.power(id, "deallocated")
+    }
     fn incident_state(mut self, id: &str, state: State, ended_ago_s: i64) -> Self {
         let v = self.0.incidents.get_mut(id).unwrap();
         v.value.state = state;
@@ -182,6 +197,17 @@ impl Fleet {
     }
     fn decide(&self, overrides: &[(&str, &str)]) -> Plan {
         decide(&self.0, &policy(overrides), BRAKES, NOW)
+    }
+    fn decide_dry_run(&self, overrides: &[(&str, &str)]) -> Plan {
+        decide(
+            &self.0,
+            &policy(overrides),
+            Brakes {
+                dry_run: true,
+                ..BRAKES
+            },
+            NOW,
+        )
     }
 }
 
@@ -266,6 +292,104 @@ fn decision_table() {
     }
 }
 
+fn preempted() -> ArmError {
+    ArmError {
+        status: 200,
+        code: "OperationPreempted".into(),
+        message: "Operation execution has been preempted by a more recent operation.".into(),
+    }
+}
+
+fn failed(i: &mut Incident) {
+    *i = i.failed(preempted(), NOW - secs(10));
+}
+
+fn pending(hold: Hold) -> impl FnOnce(&mut Incident) {
+    move |i: &mut Incident| *i = i.pending(hold, None)
+}
+
+fn sending(i: &mut Incident) {
+    i.phase = Phase::Sending;
+}
+
+/// The step's operation succeeded `ago_s` ago, in stage `stage`.
+fn succeeded(stage: Stage, ago_s: i64) -> impl FnOnce(&mut Incident) {
+    move |i: &mut Incident| {
+        i.stage = stage;
+        *i = i.succeeded(NOW - secs(ago_s));
+    }
+}
+
+fn in_stage(stage: Stage, phase: Phase) -> impl FnOnce(&mut Incident) {
+    move |i: &mut Incident| {
+        i.stage = stage;
+        i.phase = phase;
+        i.operation = Some(crate::compute::OperationRef {
+            url: "https://management.azure.com/subscriptions/s/providers/Microsoft.Compute/locations/x/operations/1".into(),
+            kind: crate::compute::OperationKind::AsyncOperation,
+        });
+    }
+}
+
+fn dry(i: &mut Incident) {
+    i.dry_run = true;
+}
+
+/// What the incidents' steps do next: followed operations, resends, the stages of a replace, the
+/// writes kept apart, and dry run kept apart from live.
+#[test]
+fn steps_are_followed_to_their_end() {
+    let esc: &[(&str, &str)] = &[("HEALER_REPAIR_ACTIONS", "restart,reimage,replace")];
+    let restart: &[(&str, &str)] = &[("HEALER_REPAIR_ACTIONS", "restart")];
+    #[rustfmt::skip]
+    let cases: Vec<Case> = vec![
+        ("a failed step escalates at once, before its deadline", fleet(4).down("2").repairing("2", Restart, 1, 60).step("2", failed), esc, (vec![("2", "escalate", Some(Reimage), 2)], vec![])),
+        ("a failed last step gives up", fleet(4).down("2").repairing("2", Replace, 3, 60).step("2", failed), esc, (vec![("2", "given_up", Some(Replace), 3)], vec![])),
+        ("a busy step is sent again, as the same attempt", fleet(4).down("2").repairing("2", Restart, 1, 60).step("2", pending(Hold::Busy)), esc, (vec![("2", "resend", Some(Restart), 1)], vec![])),
+        ("a pending step past its deadline is spent", fleet(4).down("2").repairing("2", Restart, 1, 1000).step("2", pending(Hold::Busy)), esc, (vec![("2", "escalate", Some(Reimage), 2)], vec![])),
+        ("a step whose answer was lost is never sent again", fleet(4).up("2", 400).repairing("2", Restart, 1, 60).step("2", sending), esc, (vec![], vec![(Some("2"), "repair_in_flight")])),
+        ("a stopped instance is started, not restarted", fleet(4).deallocated("1"), restart, (vec![("1", "open", Some(Start), 1)], vec![])),
+        ("an escalation to restart starts a stopped instance", fleet(4).deallocated("1").repairing("1", Restart, 1, 1000), restart, (vec![("1", "escalate", Some(Start), 2)], vec![])),
+        ("replace surges first", fleet(4).down("1"), &[], (vec![("1", "open", Some(Replace), 1)], vec![])),
+        ("surge done, new instance not mirrored yet: wait", fleet(4).up("1", 400).repairing("1", Replace, 1, 60).step("1", succeeded(Stage::Surge, 20)), &[], (vec![], vec![(Some("1"), "repair_in_flight")])),
+        ("surge done and mirrored: delete", fleet(4).down("1").repairing("1", Replace, 1, 60).step("1", succeeded(Stage::Surge, 40)), &[], (vec![("1", "advance", Some(Replace), 1)], vec![])),
+        ("a healthy heartbeat during our delete does not close it as recovered", fleet(4).repairing("1", Replace, 1, 60).step("1", in_stage(Stage::Delete, Phase::Running)), &[], (vec![], vec![])),
+        ("deleted first: restore the capacity once the delete succeeded", fleet(4).gone("1").repairing("1", Replace, 1, 60).step("1", succeeded(Stage::DeleteFirst, 40)), &[], (vec![("1", "advance", Some(Replace), 1)], vec![])),
+        ("gone while our surge runs: the incident waits for the surge to end", fleet(4).gone("1").repairing("1", Replace, 1, 60).step("1", in_stage(Stage::Surge, Phase::Running)), &[], (vec![], vec![])),
+        ("gone, surge ended: closed", fleet(4).gone("1").repairing("1", Replace, 1, 60).step("1", succeeded(Stage::Surge, 40)), &[], (vec![("1", "removed", Some(Replace), 1)], vec![])),
+        ("deleted first, still deleting: wait", fleet(4).gone("1").repairing("1", Replace, 1, 60).step("1", in_stage(Stage::DeleteFirst, Phase::Running)), &[], (vec![], vec![])),
+        ("restored: replaced", fleet(4).gone("1").repairing("1", Replace, 1, 60).step("1", succeeded(Stage::Restore, 40)), &[], (vec![("1", "removed", Some(Replace), 1)], vec![])),
+        ("a grow waits while our delete runs", fleet(4).down("1").down("2").repairing("1", Replace, 1, 60).step("1", in_stage(Stage::Delete, Phase::Running)), &[], (vec![], vec![(Some("2"), "scale_set_busy")])),
+        ("a delete and a grow due together: the delete goes first", fleet(4).down("1").down("2").repairing("1", Replace, 1, 60).step("1", succeeded(Stage::Surge, 40)), &[], (vec![("1", "advance", Some(Replace), 1)], vec![(Some("2"), "scale_set_busy")])),
+        ("instance actions go alongside a running delete", fleet(4).down("1").down("2").repairing("1", Delete, 1, 60), &[("HEALER_REPAIR_ACTIONS", "restart,delete")], (vec![("2", "open", Some(Restart), 1)], vec![])),
+        ("deletes split from a refused batch go one per pass", fleet(4).down("1").down("2").repairing("1", Delete, 1, 60).repairing("2", Delete, 1, 60).step("1", pending(Hold::Alone)).step("2", pending(Hold::Alone)), &[("HEALER_REPAIR_ACTIONS", "delete")], (vec![("1", "resend", Some(Delete), 1)], vec![(Some("2"), "scale_set_busy")])),
+        ("restarts split from a refused batch all go", fleet(4).down("1").down("2").repairing("1", Restart, 1, 60).repairing("2", Restart, 1, 60).step("1", pending(Hold::Alone)).step("2", pending(Hold::Alone)), restart, (vec![("1", "resend", Some(Restart), 1), ("2", "resend", Some(Restart), 1)], vec![])),
+        ("a target protected mid-replace is not deleted", fleet(4).down("1").protected("1").repairing("1", Replace, 1, 60).step("1", succeeded(Stage::Surge, 40)), &[], (vec![], vec![(Some("1"), "protected")])),
+        ("a live pass does not see what a dry run decided", fleet(4).down("1").repairing("1", Restart, 2, 60).step("1", dry), esc, (vec![("1", "open", Some(Restart), 1)], vec![])),
+        ("nor the cool-down of a dry-run incident", fleet(4).down("1").repairing("1", Restart, 1, 400).incident_state("1", State::Closed, 100).step("1", dry), esc, (vec![("1", "open", Some(Restart), 1)], vec![])),
+        ("brakes hold resends too", fleet(4).down("2").repairing("2", Restart, 1, 60).step("2", pending(Hold::Busy)).throttled(60), esc, (vec![], vec![(None, "throttled")])),
+    ];
+    for (name, f, overrides, (want_steps, want_withheld)) in cases {
+        let plan = f.decide(overrides);
+        assert_eq!(steps(&plan), want_steps, "{name}: transitions");
+        assert_eq!(withheld(&plan), want_withheld, "{name}: withheld");
+    }
+    let plan = fleet(4)
+        .down("1")
+        .repairing("1", Restart, 1, 1000)
+        .decide_dry_run(esc);
+    assert_eq!(
+        (steps(&plan), withheld(&plan)),
+        (vec![], vec![(Some("1"), "dry_run_holds")]),
+        "a dry run leaves a live incident's next step to a live pass"
+    );
+    let plan = fleet(4).down("1").decide_dry_run(esc);
+    assert!(
+        plan.transitions[0].incident.dry_run,
+        "a dry run marks what it decides"
+    );
+}
+
 #[test]
 fn claims_carry_the_version_read_and_the_previous_row() {
     let plan = fleet(3)
@@ -346,8 +470,8 @@ struct Spec {
     protected: bool,
     gone: bool,
     stopped: bool,
-    /// (action step index, attempt, started ago, state)
-    incident: Option<(usize, u32, i64, u8)>,
+    /// (action step index, attempt, started ago, state, phase, replace stage, dry run)
+    incident: Option<(usize, u32, i64, u8, u8, u8, bool)>,
 }
 
 fn arb_spec() -> impl Strategy<Value = Spec> {
@@ -360,7 +484,15 @@ fn arb_spec() -> impl Strategy<Value = Spec> {
         any::<bool>(),
         prop::bool::weighted(0.1),
         prop::bool::weighted(0.1),
-        proptest::option::of((0usize..3, 1u32..4, 0i64..3000, 0u8..3)),
+        proptest::option::of((
+            0usize..3,
+            1u32..4,
+            0i64..3000,
+            0u8..3,
+            0u8..6,
+            0u8..4,
+            prop::bool::weighted(0.2),
+        )),
     )
         .prop_map(|(beat, protected, gone, stopped, incident)| Spec {
             beat,
@@ -371,6 +503,14 @@ fn arb_spec() -> impl Strategy<Value = Spec> {
         })
 }
 
+const PHASES: [Phase; 5] = [
+    Phase::Pending,
+    Phase::Sending,
+    Phase::Running,
+    Phase::Succeeded,
+    Phase::Failed,
+];
+
 proptest! {
     #[test]
     fn safety_invariants_hold_for_any_fleet_and_history(
@@ -380,6 +520,7 @@ proptest! {
         max_parallel in 1u32..6,
         max_unhealthy in 1u32..100,
         silent_fleet in any::<bool>(),
+        dry_run in prop::bool::weighted(0.2),
     ) {
         let mut f = fleet(specs.len()).mirror_age(mirror_age);
         if let Some(ago) = changed_ago { f = f.changed(ago); }
@@ -393,8 +534,23 @@ proptest! {
             };
             if s.protected { f = f.protected(&id); }
             if s.stopped { f = f.stopped(&id); }
-            if let Some((step, attempt, ago, state)) = s.incident {
+            if let Some((step, attempt, ago, state, phase, stage, dry)) = s.incident {
                 f = f.repairing(&id, actions[step], attempt, ago);
+                f = f.step(&id, |inc| {
+                    inc.dry_run = dry;
+                    if phase == 5 {
+                        *inc = inc.pending(Hold::Alone, None);
+                    } else {
+                        inc.phase = PHASES[phase as usize];
+                    }
+                    if inc.phase == Phase::Pending && inc.hold.is_none() {
+                        inc.hold = Some(Hold::Busy);
+                    }
+                    if inc.action == Some(Replace) {
+                        inc.stage = [Stage::Surge, Stage::Delete, Stage::DeleteFirst, Stage::Restore][stage as usize];
+                        inc.settled_at = (inc.phase == Phase::Succeeded).then(|| NOW - Duration::seconds(ago / 2));
+                    }
+                });
                 match state {
                     1 => f = f.incident_state(&id, State::GivenUp, ago / 2),
                     2 => f = f.incident_state(&id, State::Closed, ago / 2),
@@ -410,9 +566,11 @@ proptest! {
         ]);
         let brakes = Brakes {
             pipeline_fault: silent_fleet.then_some(PipelineFault { silent: 9, reporting: 10 }),
+            dry_run,
             ..BRAKES
         };
         let plan = decide(&f.0, &p, brakes, NOW);
+        let visible = visible(&f.0, dry_run);
 
         // Never two transitions of one instance in a pass.
         let mut seen = HashSet::new();
@@ -428,26 +586,62 @@ proptest! {
             prop_assert!(acting.is_empty());
             prop_assert!(plan.paused().is_some());
         }
-        // Rule 3: never more repairs in flight than allowed.
-        let still_running = f.0.incidents.values()
+        // Rule 3: never more repairs in flight than allowed when one is started.
+        let still_running = visible.values()
             .filter(|v| v.value.in_flight(NOW) && !plan.transitions.iter().any(|t| t.incident.target == v.value.target))
             .count();
-        prop_assert!(acting.is_empty() || still_running + acting.len() <= max_parallel as usize,
-            "{} running + {} new > {}", still_running, acting.len(), max_parallel);
+        prop_assert!(!acting.iter().any(|t| t.step.starts()) || still_running + acting.len() <= max_parallel as usize,
+            "{} running + {} acting > {}", still_running, acting.len(), max_parallel);
+        // Our writes to the scale set never overlap: one kind per pass, none while one runs, and a
+        // delete split from its batch goes alone.
+        let writes: Vec<&&Transition> = acting.iter().filter(|t| matches!(t.call(), Some(Call::Grow | Call::Delete))).collect();
+        let kinds: HashSet<Option<Call>> = writes.iter().map(|t| t.call()).collect();
+        prop_assert!(kinds.len() <= 1, "two kinds of write in one pass: {:?}", kinds);
+        if writes.iter().any(|t| t.alone()) {
+            prop_assert!(writes.len() == 1, "a split delete shares its pass");
+        }
+        let write_running = visible.values().any(|v| {
+            !v.value.dry_run && v.value.call_in_flight() && !v.value.timed_out(NOW)
+                && matches!(v.value.call(), Some(Call::Grow | Call::Delete))
+                && !plan.transitions.iter().any(|t| t.incident.target == v.value.target)
+        });
+        prop_assert!(!write_running || writes.is_empty(), "a write sent while ours runs");
         for t in &acting {
+            let m = f.0.instances.iter().find(|m| m.instance.instance_id == t.incident.target);
+            if t.call() != Some(Call::Grow) {
+                // Rule 4: protected instances are never acted on; only present instances are.
+                prop_assert!(m.is_some_and(|m| !m.instance.protected_from_scale_set_actions));
+            }
+            // A stopped instance is never restarted.
+            if t.call() == Some(Call::Restart) {
+                prop_assert!(m.is_some_and(|m| m.instance.power_state.as_deref() != Some("stopped")));
+            }
             // Mirror evidence is only acted on when the mirror is current.
             if t.step == Step::Open {
                 prop_assert!(mirror_age <= 300 || !t.reason.as_ref().is_some_and(|r| r.from_mirror()));
             }
-            let m = f.0.instances.iter().find(|m| m.instance.instance_id == t.incident.target);
-            // Rule 4: protected instances are never acted on; only present instances are.
-            prop_assert!(m.is_some_and(|m| !m.instance.protected_from_scale_set_actions));
-            // Attempts never exceed the limit, and each step follows the escalation list.
+            // Attempts never exceed the limit, and each step follows the escalation list, as the
+            // instance's state allows it.
             prop_assert!(t.incident.attempt <= p.max_attempts);
-            prop_assert_eq!(t.incident.action, Some(p.repair_actions.step(t.incident.attempt as usize - 1)));
-            // Only a target without a running step is acted on.
+            if t.step.starts() {
+                let power = m.and_then(|m| m.instance.power_state.as_deref());
+                prop_assert_eq!(t.incident.action, Some(p.repair_actions.step(t.incident.attempt as usize - 1).for_power_state(power)));
+            }
+            // A dry run marks what it decides; a live pass never continues a dry run's incident,
+            // and a dry run never continues a live one.
+            prop_assert_eq!(t.incident.dry_run, dry_run);
             if let Some(prev) = &t.previous {
-                prop_assert!(!prev.in_flight(NOW));
+                prop_assert!(t.step == Step::Open || prev.dry_run == dry_run);
+                match t.step {
+                    // Only a target without a running step is started on.
+                    Step::Open | Step::Escalate => prop_assert!(!prev.in_flight(NOW) || prev.dry_run != dry_run || prev.state != State::Repairing),
+                    Step::Resend => prop_assert_eq!(prev.phase, Phase::Pending),
+                    Step::Advance => prop_assert_eq!(prev.phase, Phase::Succeeded),
+                    _ => {}
+                }
+                if t.step == Step::Open && prev.dry_run && !dry_run {
+                    prop_assert_eq!(t.incident.attempt, 1);
+                }
             }
         }
         // Rule 5: every unhealthy instance is accounted for — acted on, withheld, or under a pause.
@@ -455,12 +649,12 @@ proptest! {
             for m in &f.0.instances {
                 let id = &m.instance.instance_id;
                 let hb = f.0.heartbeats.get(id);
-                let last_repair = f.0.incidents.get(id).and_then(|v| v.value.step_started);
+                let last_repair = visible.get(id.as_str()).and_then(|v| v.value.step_started);
                 let v = judge(&m.instance, hb, History { first_seen: m.synced_at, last_repair }, &p, NOW);
                 if v.is_unhealthy() {
                     let accounted = plan.transitions.iter().any(|t| &t.incident.target == id)
                         || plan.withheld.iter().any(|w| w.instance_id.as_ref() == Some(id))
-                        || f.0.incidents.get(id).is_some_and(|i| i.value.state == State::Repairing && !i.value.in_flight(NOW));
+                        || visible.get(id.as_str()).is_some_and(|i| i.value.state == State::Repairing);
                     prop_assert!(accounted, "unhealthy {} neither acted on nor withheld", id);
                 }
             }

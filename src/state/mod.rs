@@ -3,8 +3,9 @@
 
 pub mod table;
 
+use crate::compute::{ArmError, OperationKind, OperationRef};
 use crate::heartbeat::{Heartbeat, Origin, Status};
-use crate::incident::{Incident, Resolution, State, Versioned};
+use crate::incident::{Hold, Incident, Phase, Resolution, Stage, State, Versioned};
 use crate::journal::{Entry, EntryKind};
 use crate::mirror::{AppHealth, Instance, MirroredInstance, ScaleSetRecord};
 use crate::policy::RepairAction;
@@ -431,14 +432,19 @@ impl Store {
         self.scalesets.merge(SCALESET_PARTITION, entity).await
     }
 
-    /// Records that the Compute API asked us to back off from this scale set until `until`.
+    /// Records that the Compute API asked us to back off from these scale sets (one subscription:
+    /// Compute throttles per subscription) until `until`. Merges only, a request per hundred sets.
     pub async fn set_throttled(
         &self,
-        set: &ScaleSetId,
+        sets: &[ScaleSetId],
         until: OffsetDateTime,
     ) -> Result<(), StoreError> {
-        let entity = Entity::new(SCALESET_PARTITION, &set.key()).time("throttledUntil", until);
-        self.scalesets.merge(SCALESET_PARTITION, entity).await
+        let rows = sets
+            .iter()
+            .map(|set| Entity::new(SCALESET_PARTITION, &set.key()).time("throttledUntil", until))
+            .collect();
+        self.scalesets.merge_batch(SCALESET_PARTITION, rows).await?;
+        Ok(())
     }
 
     /// Marks a scale set as changed outside a sync (a Resource Manager event), so the next
@@ -500,6 +506,20 @@ impl Store {
             Err(StoreError::Conflict { .. } | StoreError::PreconditionFailed { .. }) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// Claims many incidents of one scale set at once, each as [`Store::claim_incident`] would:
+    /// one request per hundred rows, and rows claimed elsewhere (`None`) do not stop the others.
+    pub async fn claim_incidents(
+        &self,
+        set: &ScaleSetId,
+        claims: &[(&Incident, Option<&str>)],
+    ) -> Result<Vec<Option<String>>, StoreError> {
+        let rows = claims
+            .iter()
+            .map(|(incident, claim)| (incident_entity(set, incident), claim.map(str::to_string)))
+            .collect();
+        self.repairs.write_if_batch(&set.key(), rows).await
     }
 
     /// Undoes a claim: puts `previous` back (or removes the row if there was none), only if the
@@ -871,6 +891,20 @@ fn incident_entity(set: &ScaleSetId, i: &Incident) -> Entity {
         .opt_time("deadline", i.deadline)
         .opt_time("endedAt", i.ended_at)
         .opt_str("resolution", i.resolution.map(|r| r.as_str()))
+        .str("phase", i.phase.as_str())
+        .str("stage", i.stage.as_str())
+        .opt_str("hold", i.hold.map(|h| h.as_str()))
+        .opt_str("operation", i.operation.as_ref().map(|o| o.url.clone()))
+        .opt_str(
+            "operationKind",
+            i.operation.as_ref().map(|o| o.kind.as_str()),
+        )
+        .opt_time("settledAt", i.settled_at)
+        .opt_i64("errorStatus", i.error.as_ref().map(|e| i64::from(e.status)))
+        .opt_str("errorCode", i.error.as_ref().map(|e| e.code.clone()))
+        .opt_str("errorMessage", i.error.as_ref().map(|e| e.message.clone()))
+        .bool("surged", i.surged)
+        .bool("dryRun", i.dry_run)
 }
 
 fn incident_from_row(r: &Row) -> Result<Incident, RowError> {
@@ -885,6 +919,35 @@ fn incident_from_row(r: &Row) -> Result<Incident, RowError> {
         "closed" => State::Closed,
         other => return Err(bad("state", format!("is `{other}`"))),
     };
+    // Rows written before steps were followed had no phase: their call had been accepted.
+    let phase = match r.opt_str("phase") {
+        Some(p) => Phase::parse(&p).ok_or_else(|| bad("phase", format!("is `{p}`")))?,
+        None => Phase::Running,
+    };
+    let stage = match r.opt_str("stage") {
+        Some(p) => Stage::parse(&p).ok_or_else(|| bad("stage", format!("is `{p}`")))?,
+        None => Stage::Act,
+    };
+    let operation = match (r.opt_str("operation"), r.opt_str("operationKind")) {
+        (Some(url), kind) => Some(OperationRef {
+            url,
+            kind: kind
+                .as_deref()
+                .and_then(OperationKind::parse)
+                .unwrap_or(OperationKind::AsyncOperation),
+        }),
+        (None, _) => None,
+    };
+    let error = r.opt_str("errorCode").map(|code| ArmError {
+        status: r
+            .opt_i64("errorStatus")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+            .clamp(0, i64::from(u16::MAX)) as u16,
+        code,
+        message: r.opt_str("errorMessage").unwrap_or_default(),
+    });
     Ok(Incident {
         id: r.str("incident")?,
         target: r.str("instanceId")?,
@@ -904,6 +967,14 @@ fn incident_from_row(r: &Row) -> Result<Incident, RowError> {
             Some("removed") => Some(Resolution::Removed),
             _ => None,
         },
+        phase,
+        stage,
+        hold: r.opt_str("hold").as_deref().and_then(Hold::parse),
+        operation,
+        settled_at: r.opt_time("settledAt")?,
+        error,
+        surged: r.opt_bool("surged").unwrap_or(false),
+        dry_run: r.opt_bool("dryRun").unwrap_or(false),
     })
 }
 

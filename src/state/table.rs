@@ -454,6 +454,76 @@ impl Table {
         Ok(written)
     }
 
+    /// Writes rows of one partition, each only if it is absent (`None`: insert) or still at the
+    /// version given (replace), in transactions of at most [`MAX_BATCH`]. A transaction fails
+    /// whole when one of its rows changed; its rows are then written one by one, so the others
+    /// still land. Returns each row's new version, `None` where another writer got there first.
+    pub async fn write_if_batch(
+        &self,
+        partition_key: &str,
+        rows: Vec<(Entity, Option<String>)>,
+    ) -> Result<Vec<Option<String>>, StoreError> {
+        let mut versions = Vec::with_capacity(rows.len());
+        let mut iter = rows.into_iter().peekable();
+        while iter.peek().is_some() {
+            let chunk: Vec<(Entity, Option<String>)> = iter.by_ref().take(MAX_BATCH).collect();
+            let keys: Vec<String> = chunk.iter().map(|(e, _)| e.row_key().to_string()).collect();
+            let mut tx = self
+                .client
+                .partition_key_client(partition_key)
+                .transaction();
+            for (entity, etag) in &chunk {
+                let key = entity.row_key().to_string();
+                let value = entity.clone().into_value();
+                tx = match etag {
+                    None => tx.insert(value),
+                    Some(etag) => tx.update(
+                        key.clone(),
+                        value,
+                        Some(IfMatchCondition::Etag(etag.clone().into())),
+                    ),
+                }
+                .map_err(|e| StoreError::from_azure(self.name, "batch write", &key, e))?;
+            }
+            match self.run_batch_versions(tx, "batch write", &keys).await {
+                Ok(written) => {
+                    for (key, version) in keys.iter().zip(written) {
+                        // A version the answer did not carry is read back: the row was written.
+                        let version = match version {
+                            Some(v) => v,
+                            None => self
+                                .get(partition_key, key)
+                                .await?
+                                .and_then(|r| r.etag().map(str::to_string))
+                                .unwrap_or_default(),
+                        };
+                        versions.push(Some(version));
+                    }
+                }
+                Err(StoreError::BatchRejected {
+                    status: 404 | 409 | 412,
+                    ..
+                }) => {
+                    for (entity, etag) in chunk {
+                        let written = match etag {
+                            None => self.insert(entity).await,
+                            Some(etag) => self.replace_if(partition_key, entity, &etag).await,
+                        };
+                        match written {
+                            Ok(version) => versions.push(Some(version)),
+                            Err(
+                                StoreError::Conflict { .. } | StoreError::PreconditionFailed { .. },
+                            ) => versions.push(None),
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(versions)
+    }
+
     /// Deletes rows of one partition in transactions of at most [`MAX_BATCH`]; rows already gone
     /// are not an error.
     pub async fn delete_batch(
@@ -540,6 +610,16 @@ impl Table {
         op: &'static str,
         keys: &[String],
     ) -> Result<(), StoreError> {
+        self.run_batch_versions(tx, op, keys).await.map(|_| ())
+    }
+
+    /// Runs a transaction; returns the version each operation wrote, where the answer says.
+    async fn run_batch_versions(
+        &self,
+        tx: TransactionBuilder,
+        op: &'static str,
+        keys: &[String],
+    ) -> Result<Vec<Option<String>>, StoreError> {
         let response = tx
             .await
             .map_err(|e| StoreError::from_azure(self.name, op, "", e))?;
@@ -555,7 +635,13 @@ impl Table {
                 });
             }
         }
-        Ok(())
+        Ok(response
+            .operation_responses
+            .iter()
+            .map(|r| r.etag.as_ref().map(|e| e.to_string()))
+            .chain(std::iter::repeat(None))
+            .take(keys.len())
+            .collect())
     }
 }
 

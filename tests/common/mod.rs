@@ -4,6 +4,7 @@
 
 pub mod attested;
 pub mod azurite;
+pub mod webhook;
 
 use azurite::{free_port, wait_for_port, Azurite};
 use serde_json::{json, Value};
@@ -17,11 +18,17 @@ use vmss_healer::settings::StorageSettings;
 use vmss_healer::state::Store;
 
 pub const SUB: &str = "00000000-0000-0000-0000-000000000001";
+/// A second subscription, for what is counted per subscription (throttling).
+pub const OTHER_SUB: &str = "00000000-0000-0000-0000-000000000002";
 pub const RG: &str = "rg-fleet";
 pub const IDENTITY_SECRET: &str = "test-identity-secret";
 
 pub fn scale_set_id(name: &str) -> String {
-    format!("/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Compute/virtualMachineScaleSets/{name}")
+    scale_set_id_in(SUB, name)
+}
+
+pub fn scale_set_id_in(subscription: &str, name: &str) -> String {
+    format!("/subscriptions/{subscription}/resourceGroups/{RG}/providers/Microsoft.Compute/virtualMachineScaleSets/{name}")
 }
 
 pub fn now_rfc3339(offset: time::Duration) -> String {
@@ -138,7 +145,12 @@ impl Builder {
         let ids: Vec<String> = self
             .sets
             .iter()
-            .map(|b| scale_set_id(b["name"].as_str().expect("a scale set name")))
+            .map(|b| {
+                scale_set_id_in(
+                    b["subscription"].as_str().unwrap_or(SUB),
+                    b["name"].as_str().expect("a scale set name"),
+                )
+            })
             .collect();
         let mut handler_env: Vec<(String, String)> = vec![
             ("PATH".into(), std::env::var("PATH").unwrap_or_default()),
@@ -200,6 +212,56 @@ impl Builder {
 }
 
 impl TestApp {
+    /// Stops the handler and starts it again with `changes` to its settings (an operator changing
+    /// the Function App's settings); the tables and the simulator keep their state.
+    pub fn restart_handler(&mut self, changes: &[(&str, &str)]) {
+        for (key, value) in changes {
+            self.handler_env.retain(|(k, _)| k != key);
+            self.handler_env.push((key.to_string(), value.to_string()));
+        }
+        let port = free_port();
+        self.handler_env
+            .retain(|(k, _)| k != "FUNCTIONS_CUSTOMHANDLER_PORT");
+        self.handler_env
+            .push(("FUNCTIONS_CUSTOMHANDLER_PORT".into(), port.to_string()));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_handler"))
+            .env_clear()
+            .envs(self.handler_env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("restart handler");
+        wait_for_port(port, Duration::from_secs(20), "handler", &mut child);
+        // The old process stops when its handle is dropped.
+        self.handler = Process(child);
+        self.handler_url = format!("http://127.0.0.1:{port}");
+    }
+
+    /// The simulator's long-running operations so far, oldest first, with how each ended.
+    pub async fn operations(&self) -> Vec<Value> {
+        self.admin(reqwest::Method::GET, "operations", None)
+            .await
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Operations take this long from now on (0: they end at once).
+    pub async fn operation_delay_ms(&self, ms: u64) {
+        self.admin(
+            reqwest::Method::PUT,
+            "operations/delay",
+            Some(json!({ "ms": ms })),
+        )
+        .await;
+    }
+
+    /// Ends every running operation now.
+    pub async fn complete_operations(&self) {
+        self.admin(reqwest::Method::POST, "operations/complete", None)
+            .await;
+    }
+
     /// Runs `handler <args>` (an operator command) with the deployment's settings; returns the
     /// exit code, stdout and stderr.
     pub fn cli(&self, args: &[&str]) -> (i32, String, String) {

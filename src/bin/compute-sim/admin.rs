@@ -2,7 +2,7 @@
 //! VMs publish heartbeats. Not part of ARM; never authenticated.
 
 use crate::arm::vm_json;
-use crate::world::{Beat, Fault, FaultRule};
+use crate::world::{Beat, Fault, FaultRule, OperationFault};
 use crate::Shared;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -23,7 +23,11 @@ pub fn routes() -> Router<Shared> {
         .route("/admin/scalesets/{key}/vms/{id}", patch(patch_vm))
         .route("/admin/faults", post(add_fault).delete(clear_faults))
         .route("/admin/calls", get(calls).delete(clear_calls))
+        .route("/admin/operations", get(operations))
         .route("/admin/operations/complete", post(complete_operations))
+        .route("/admin/operations/delay", put(set_operation_delay))
+        .route("/admin/operation-faults", post(add_operation_fault))
+        .route("/admin/throttle", put(throttle))
         .route("/admin/heartbeats", post(send_heartbeats))
         .route(
             "/admin/resource-events",
@@ -60,6 +64,9 @@ struct NewSet {
     /// How long ago the VMs were created (a fleet that has been running a while).
     #[serde(default)]
     age_seconds: i64,
+    /// The scale set's instance limit (1,000 by default).
+    #[serde(default)]
+    max_capacity: Option<usize>,
 }
 
 fn default_location() -> String {
@@ -82,6 +89,9 @@ async fn create_set(State(s): State<Shared>, Json(n): Json<NewSet>) -> Response 
         &n.orchestration_mode,
         n.automatic_repairs,
     );
+    if let (Some(max), Some(set)) = (n.max_capacity, w.sets.get_mut(&key)) {
+        set.max_capacity = max;
+    }
     let created = OffsetDateTime::now_utc() - time::Duration::seconds(n.age_seconds);
     for vm in w
         .sets
@@ -250,6 +260,50 @@ async fn calls(State(s): State<Shared>) -> Response {
 
 async fn clear_calls(State(s): State<Shared>) -> Response {
     s.world.lock().await.calls.clear();
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// Every operation so far, with how it ended.
+async fn operations(State(s): State<Shared>) -> Response {
+    let mut w = s.world.lock().await;
+    w.advance();
+    let mut list: Vec<&crate::world::Operation> = w.operations.values().collect();
+    list.sort_by_key(|o| o.started);
+    Json(json!(list)).into_response()
+}
+
+#[derive(Deserialize)]
+struct Delay {
+    ms: u64,
+}
+
+/// How long operations started from now on take (0: they end at once).
+async fn set_operation_delay(State(s): State<Shared>, Json(d): Json<Delay>) -> Response {
+    s.world.lock().await.operation_delay = std::time::Duration::from_millis(d.ms);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn add_operation_fault(State(s): State<Shared>, Json(f): Json<OperationFault>) -> Response {
+    if !["failed", "canceled"].contains(&f.status.to_ascii_lowercase().as_str()) {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "status must be Failed or Canceled"})),
+        )
+            .into_response();
+    }
+    s.world.lock().await.operation_faults.push_back(f);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+#[derive(Deserialize)]
+struct Throttle {
+    subscription: String,
+    seconds: u64,
+}
+
+/// Throttles a whole subscription: every ARM request for it answers 429 until then.
+async fn throttle(State(s): State<Shared>, Json(t): Json<Throttle>) -> Response {
+    s.world.lock().await.throttle(&t.subscription, t.seconds);
     StatusCode::NO_CONTENT.into_response()
 }
 

@@ -1,7 +1,7 @@
 //! The Microsoft.Compute scale-set REST surface, as ARM serves it at api-version 2024-07-01.
 //! Paths are matched case-insensitively, as ARM does.
 
-use crate::world::{Effect, ScaleSet, Vm, World};
+use crate::world::{Effect, Outcome, ScaleSet, Vm, World};
 use crate::Shared;
 use axum::body::Bytes;
 use axum::extract::{Request, State};
@@ -28,7 +28,7 @@ fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_default()
 }
 
-/// Every ARM request: log, inject faults, authenticate, check the api-version, dispatch.
+/// Every ARM request: log, inject faults, throttle, authenticate, check the api-version, dispatch.
 pub async fn handle(State(shared): State<Shared>, request: Request) -> Response {
     let method = request.method().clone();
     let uri = request.uri().clone();
@@ -41,6 +41,7 @@ pub async fn handle(State(shared): State<Shared>, request: Request) -> Response 
         url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
             .into_owned()
             .collect();
+    let subscription = subscription_of(&path);
 
     let mut world = shared.world.lock().await;
     world.advance();
@@ -60,21 +61,89 @@ pub async fn handle(State(shared): State<Shared>, request: Request) -> Response 
         query: uri.query().unwrap_or("").to_string(),
         status,
         at: OffsetDateTime::now_utc(),
+        if_match: headers
+            .get("if-match")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
     });
     let mut response = response;
-    // Every Compute answer carries the remaining budget, as ARM's throttling headers do.
-    let remaining = world
-        .rate_limit_remaining
-        .unwrap_or_else(|| 1200usize.saturating_sub(world.calls.len() % 1200));
-    if let Ok(v) = HeaderValue::from_str(&format!(
-        "Microsoft.Compute/GetVMScaleSet3Min;{remaining},Microsoft.Compute/GetVMScaleSet30Min;{}",
-        remaining * 5
-    )) {
-        response
-            .headers_mut()
-            .insert("x-ms-ratelimit-remaining-resource", v);
+    // One header per throttling policy, the tightest first, as Compute sends them: a client that
+    // keeps only the last header never sees the budget that runs out first.
+    let (tight, wide) = world.charge(&subscription);
+    for value in [
+        format!("Microsoft.Compute/GetVMScaleSet3Min;{tight}"),
+        format!("Microsoft.Compute/GetVMScaleSet30Min;{wide}"),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            response
+                .headers_mut()
+                .append("x-ms-ratelimit-remaining-resource", v);
+        }
     }
     response
+}
+
+/// The subscription a request addresses (lower case), or empty.
+fn subscription_of(path: &str) -> String {
+    let mut segments = path.trim_matches('/').split('/');
+    match (segments.next(), segments.next()) {
+        (Some(s), Some(sub)) if s.eq_ignore_ascii_case("subscriptions") => sub.to_lowercase(),
+        _ => String::new(),
+    }
+}
+
+fn throttled(seconds: u64) -> Response {
+    let mut r = arm_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "OperationNotAllowed",
+        "The server rejected the request because too many requests have been received for this subscription.",
+    );
+    r.headers_mut()
+        .insert("retry-after", HeaderValue::from(seconds));
+    r
+}
+
+fn injected(world: &mut World, fault: crate::world::FaultRule, path: &str) -> Option<Response> {
+    if let Some(capacity) = fault.autoscale_to {
+        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        if segs.len() >= 8 {
+            let key = crate::world::set_key(segs[1], segs[3], segs[7]);
+            if world.sets.contains_key(&key) {
+                world.start_operation(&key, Effect::Scale(capacity));
+            }
+        }
+    }
+    let status = StatusCode::from_u16(fault.status?).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        // Throttling holds the whole subscription, not just the request that met it.
+        let seconds = fault.retry_after.unwrap_or(60);
+        world.throttle(&subscription_of(path), seconds);
+        return Some(throttled(seconds));
+    }
+    let (code, message) = match status.as_u16() {
+        409 => (
+            "Conflict",
+            "The request failed due to conflict with a concurrent request.",
+        ),
+        400 => (
+            "InvalidParameter",
+            "The request is invalid (injected by the simulator).",
+        ),
+        _ => (
+            "InternalExecutionError",
+            "An internal execution error occurred. Please retry later.",
+        ),
+    };
+    let mut r = arm_error(
+        status,
+        fault.code.as_deref().unwrap_or(code),
+        fault.message.unwrap_or_else(|| message.to_string()),
+    );
+    if let Some(secs) = fault.retry_after {
+        r.headers_mut()
+            .insert("retry-after", HeaderValue::from(secs));
+    }
+    Some(r)
 }
 
 fn respond(
@@ -87,26 +156,12 @@ fn respond(
     body: &Bytes,
 ) -> Response {
     if let Some(fault) = world.take_fault(method.as_str(), path) {
-        let status =
-            StatusCode::from_u16(fault.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut r = if status == StatusCode::TOO_MANY_REQUESTS {
-            arm_error(
-                status,
-                "OperationNotAllowed",
-                "The server rejected the request because too many requests have been received for this subscription.",
-            )
-        } else {
-            arm_error(
-                status,
-                "InternalExecutionError",
-                "An internal execution error occurred. Please retry later.",
-            )
-        };
-        if let Some(secs) = fault.retry_after {
-            r.headers_mut()
-                .insert("retry-after", HeaderValue::from(secs));
+        if let Some(r) = injected(world, fault, path) {
+            return r;
         }
-        return r;
+    }
+    if let Some(seconds) = world.throttled_for(&subscription_of(path)) {
+        return throttled(seconds);
     }
 
     let token = headers
@@ -160,12 +215,22 @@ fn respond(
         l.as_slice()
     {
         return match world.operations.get(*op) {
-            Some(op) => json_ok(json!({
-                "name": op.id,
-                "startTime": rfc3339(op.started),
-                "endTime": op.ended.map(rfc3339),
-                "status": if op.ended.is_some() { "Succeeded" } else { "InProgress" },
-            })),
+            Some(op) => {
+                let mut status = json!({
+                    "name": op.id,
+                    "startTime": rfc3339(op.started),
+                    "status": op.outcome.label(),
+                });
+                if let Some(ended) = op.ended {
+                    status["endTime"] = json!(rfc3339(ended));
+                }
+                if let Outcome::Failed { code, message } | Outcome::Canceled { code, message } =
+                    &op.outcome
+                {
+                    status["error"] = json!({"code": code, "message": message});
+                }
+                json_ok(status)
+            }
             None => arm_error(
                 StatusCode::NOT_FOUND,
                 "OperationNotFound",
@@ -197,22 +262,8 @@ fn respond(
     let parsed_body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
 
     match (method.clone(), rest) {
-        (Method::GET, []) => json_ok(scale_set_json(&world.sets[&key])),
-        (Method::PATCH, []) => {
-            let Some(capacity) = parsed_body.pointer("/sku/capacity").and_then(Value::as_u64)
-            else {
-                return arm_error(
-                    StatusCode::BAD_REQUEST,
-                    "InvalidParameter",
-                    "Only sku.capacity can be patched in the simulator.",
-                );
-            };
-            let op = world.start_operation(&key, Effect::Scale(capacity as usize));
-            let set = &world.sets[&key];
-            let mut r = json_ok(scale_set_json(set));
-            add_async_headers(&mut r, base, set, &op);
-            r
-        }
+        (Method::GET, []) => scale_set_answer(world, &key, StatusCode::OK),
+        (Method::PATCH, []) => patch_scale_set(world, base, &key, headers, &parsed_body),
         (Method::GET, ["virtualmachines"]) => list_vms(world, base, &key, path, query),
         (Method::GET, ["virtualmachines", id])
         | (Method::GET, ["virtualmachines", id, "instanceview"]) => {
@@ -230,27 +281,22 @@ fn respond(
             }
         }
         (Method::DELETE, ["virtualmachines", id]) => {
-            instance_op(world, base, &key, segs[7], id, Effect::Delete)
+            instance_op(world, base, &key, segs[7], id, "delete")
         }
-        (Method::POST, ["virtualmachines", id, "restart"]) => {
-            instance_op(world, base, &key, segs[7], id, Effect::Restart)
+        (Method::POST, ["virtualmachines", id, verb @ ("restart" | "reimage" | "start")]) => {
+            instance_op(world, base, &key, segs[7], id, verb)
         }
-        (Method::POST, ["virtualmachines", id, "reimage"]) => {
-            instance_op(world, base, &key, segs[7], id, Effect::Reimage)
-        }
-        (Method::POST, [verb @ ("delete" | "restart" | "reimage")]) => {
+        (Method::POST, [verb @ ("delete" | "restart" | "reimage" | "start")]) => {
             let ids = match instance_ids(world, &key, &parsed_body, *verb == "delete") {
                 Ok(ids) => ids,
                 Err(InvalidParameter(m)) => {
                     return arm_error(StatusCode::BAD_REQUEST, "InvalidParameter", m)
                 }
             };
-            let effect = match *verb {
-                "delete" => Effect::Delete(ids),
-                "restart" => Effect::Restart(ids),
-                _ => Effect::Reimage(ids),
-            };
-            let op = world.start_operation(&key, effect);
+            if let Some(refusal) = refuse(&world.sets[&key], verb, &ids) {
+                return refusal;
+            }
+            let op = world.start_operation(&key, effect(verb, ids));
             accepted(base, &world.sets[&key], &op)
         }
         _ => arm_error(
@@ -259,6 +305,110 @@ fn respond(
             format!("{method} is not supported on '{path}' by the simulator."),
         ),
     }
+}
+
+fn effect(verb: &str, ids: Vec<u64>) -> Effect {
+    match verb {
+        "delete" => Effect::Delete(ids),
+        "restart" => Effect::Restart(ids),
+        "start" => Effect::Start(ids),
+        _ => Effect::Reimage(ids),
+    }
+}
+
+/// Why ARM would refuse this action on these instances, if it would: a whole batch is refused for
+/// one instance, as ARM does.
+fn refuse(set: &ScaleSet, verb: &str, ids: &[u64]) -> Option<Response> {
+    if verb == "delete" {
+        return None;
+    }
+    for id in ids {
+        let vm = &set.vms[id];
+        if matches!(vm.provisioning_state.as_str(), "Updating" | "Creating") {
+            return Some(arm_error(
+                StatusCode::CONFLICT,
+                "Conflict",
+                "The request failed due to conflict with a concurrent request. To resolve it, please refer to https://aka.ms/activitylog to get more details on the conflicting requests.",
+            ));
+        }
+        if verb == "restart"
+            && matches!(
+                vm.power_state.as_str(),
+                "stopped" | "deallocated" | "deallocating"
+            )
+        {
+            return Some(arm_error(
+                StatusCode::CONFLICT,
+                "OperationNotAllowed",
+                "The operation requires the VM to be running (or set to run).",
+            ));
+        }
+    }
+    None
+}
+
+fn scale_set_answer(world: &World, key: &str, status: StatusCode) -> Response {
+    let set = &world.sets[key];
+    let mut body = scale_set_json(set);
+    if world.updating(key) {
+        body["properties"]["provisioningState"] = json!("Updating");
+    }
+    let mut r = (
+        status,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(&set.etag_value()) {
+        r.headers_mut().insert("etag", v);
+    }
+    r
+}
+
+/// A PATCH of the scale set: only `sku.capacity`, with `If-Match` honoured and the capacity limit
+/// enforced.
+fn patch_scale_set(
+    world: &mut World,
+    base: &str,
+    key: &str,
+    headers: &HeaderMap,
+    body: &Value,
+) -> Response {
+    let set = &world.sets[key];
+    if let Some(wanted) = headers.get("if-match").and_then(|v| v.to_str().ok()) {
+        if wanted.trim() != "*" && wanted.trim() != set.etag_value() {
+            return arm_error(
+                StatusCode::PRECONDITION_FAILED,
+                "PreconditionFailed",
+                format!(
+                    "Etag provided in if-match header {} does not match etag {} of resource.",
+                    wanted.trim(),
+                    set.etag_value()
+                ),
+            );
+        }
+    }
+    let Some(capacity) = body.pointer("/sku/capacity").and_then(Value::as_u64) else {
+        return arm_error(
+            StatusCode::BAD_REQUEST,
+            "InvalidParameter",
+            "Only sku.capacity can be patched in the simulator.",
+        );
+    };
+    if capacity as usize > set.max_capacity {
+        return arm_error(
+            StatusCode::CONFLICT,
+            "OperationNotAllowed",
+            format!(
+                "Unable to create or update VirtualMachineScaleSet '{}' as it exceeds the total limit of '{}' Virtual Machine instances.",
+                set.name, set.max_capacity
+            ),
+        );
+    }
+    let op = world.start_operation(key, Effect::Scale(capacity as usize));
+    let mut r = scale_set_answer(world, key, StatusCode::OK);
+    add_async_headers(&mut r, base, &world.sets[key], &op);
+    r
 }
 
 fn json_ok(v: Value) -> Response {
@@ -294,13 +444,23 @@ fn instance_ids(
                 "The value of parameter instanceIds is invalid.".into(),
             ));
         }
-        return Ok(set.vms.keys().copied().collect());
+        return Ok(set
+            .vms
+            .values()
+            .filter(|vm| vm.provisioning_state != "Deleting")
+            .map(|vm| vm.instance_id)
+            .collect());
     };
     let mut ids = Vec::new();
     for v in list {
         let id = v.as_str().and_then(|s| s.parse::<u64>().ok());
-        match id {
-            Some(id) if set.vms.contains_key(&id) => ids.push(id),
+        let active = id.filter(|id| {
+            set.vms
+                .get(id)
+                .is_some_and(|vm| vm.provisioning_state != "Deleting")
+        });
+        match active {
+            Some(id) => ids.push(id),
             _ => {
                 return Err(InvalidParameter(format!(
                     "The provided instanceId {v} is not an active Virtual Machine Scale Set VM instanceId."
@@ -322,19 +482,22 @@ fn instance_op(
     key: &str,
     set_name: &str,
     id: &str,
-    effect: fn(Vec<u64>) -> Effect,
+    verb: &str,
 ) -> Response {
-    match id
-        .parse::<u64>()
-        .ok()
-        .filter(|n| world.sets[key].vms.contains_key(n))
-    {
-        Some(n) => {
-            let op = world.start_operation(key, effect(vec![n]));
-            accepted(base, &world.sets[key], &op)
-        }
-        None => vm_not_found(set_name, id),
+    let found = id.parse::<u64>().ok().filter(|n| {
+        world.sets[key]
+            .vms
+            .get(n)
+            .is_some_and(|vm| vm.provisioning_state != "Deleting")
+    });
+    let Some(n) = found else {
+        return vm_not_found(set_name, id);
+    };
+    if let Some(refusal) = refuse(&world.sets[key], verb, &[n]) {
+        return refusal;
     }
+    let op = world.start_operation(key, effect(verb, vec![n]));
+    accepted(base, &world.sets[key], &op)
 }
 
 fn operation_url(base: &str, set: &ScaleSet, op: &str) -> String {
@@ -417,6 +580,7 @@ pub fn scale_set_json(set: &ScaleSet) -> Value {
         "location": set.location,
         "sku": {"name": set.sku, "tier": "Standard", "capacity": set.capacity()},
         "properties": props,
+        "etag": set.etag_value(),
     });
     if !set.zones.is_empty() {
         v["zones"] = json!(set.zones);

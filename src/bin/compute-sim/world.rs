@@ -1,5 +1,36 @@
 //! The simulated fleet: scale sets, their VMs, long-running operations and injected faults.
 //! Time moves only when a request arrives (`advance`), so tests never race a background timer.
+//!
+//! What it knows of Azure, and where that knowledge comes from (each behaviour has a test in
+//! `tests/simulator.rs`):
+//! - A write is a long-running operation: 202 (or 200 for a PATCH) with an `Azure-AsyncOperation`
+//!   URL whose status is `InProgress` until it ends `Succeeded`, `Failed` or `Canceled`, with ARM's
+//!   `error.code` and `error.message` (the Resource Manager asynchronous-operation contract, as the
+//!   SDKs model it: AzureAsyncOperationResult { status, error }).
+//! - A scale set write (PATCH/PUT) that lands while `deleteInstances` runs preempts the delete: its
+//!   operation ends `Failed` with `OperationPreempted`, "Operation execution has been preempted by a
+//!   more recent operation" (kubernetes/autoscaler#9505 and cloud-provider-azure's
+//!   `OperationPreemptedErrorMessage`, which both retry exactly this).
+//! - Restarting a stopped or deallocated VM is refused: 409 `OperationNotAllowed`, "The operation
+//!   requires the VM to be running (or set to run)." (MicrosoftDocs/azure-docs#32404, and the same
+//!   answer quoted in PierreBeucher/cloudypad#69).
+//! - A request on an instance another operation is changing: 409 `Conflict`, "The request failed due
+//!   to conflict with a concurrent request." (cloud-provider-azure's
+//!   `ConcurrentRequestConflictMessage`); an instance being deleted is "not an active Virtual Machine
+//!   Scale Set VM instanceId" (400 `InvalidParameter`, cloud-provider-azure's
+//!   `VmssVMNotActiveErrorMessage`).
+//! - The scale set carries an `etag` that changes with every write; `If-Match` with another value is
+//!   412 `PreconditionFailed`, "Etag provided in if-match header "2" does not match etag "3" of
+//!   resource." (cloud-provider-azure#9728; `if_match` on the SDK's update builder).
+//! - A capacity above the scale set's limit is 409 `OperationNotAllowed`, "Unable to create or update
+//!   VirtualMachineScaleSet 'x' as it exceeds the total limit of '100' Virtual Machine instances."
+//!   (hashicorp/terraform-azurerm-nomad#6); the scale set shows `provisioningState: Updating` while
+//!   a capacity change runs (cluster-autoscaler does not scale a set that is Updating, #3025).
+//! - Throttling is counted per subscription (and region): "Azure Compute requests may be throttled at
+//!   a subscription and on a per-region basis"; each answer carries one
+//!   `x-ms-ratelimit-remaining-resource` header per policy ("There will be a separate
+//!   x-ms-ratelimit-remaining-resource header for each policy", Troubleshooting API throttling
+//!   errors, learn.microsoft.com).
 
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -65,6 +96,11 @@ pub struct ScaleSet {
     pub zones: Vec<String>,
     pub vms: BTreeMap<u64, Vm>,
     pub next_instance: u64,
+    /// Changes with every write to the scale set (its model or its capacity).
+    pub etag: u64,
+    /// The most instances the scale set may have (100 with a single placement group, 1,000
+    /// without).
+    pub max_capacity: usize,
 }
 
 impl ScaleSet {
@@ -80,6 +116,11 @@ impl ScaleSet {
             "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachineScaleSets/{}",
             self.subscription, self.resource_group, self.name
         )
+    }
+
+    /// The ETag as ARM sends it: a quoted string.
+    pub fn etag_value(&self) -> String {
+        format!("\"{}\"", self.etag)
     }
 
     fn add_vm(&mut self, now: OffsetDateTime, provisioning: &str) -> u64 {
@@ -140,7 +181,51 @@ pub enum Effect {
     Delete(Vec<u64>),
     Restart(Vec<u64>),
     Reimage(Vec<u64>),
+    Start(Vec<u64>),
     Scale(usize),
+}
+
+impl Effect {
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Effect::Delete(_) => "delete",
+            Effect::Restart(_) => "restart",
+            Effect::Reimage(_) => "reimage",
+            Effect::Start(_) => "start",
+            Effect::Scale(_) => "scale",
+        }
+    }
+
+    fn instances(&self) -> &[u64] {
+        match self {
+            Effect::Delete(ids)
+            | Effect::Restart(ids)
+            | Effect::Reimage(ids)
+            | Effect::Start(ids) => ids,
+            Effect::Scale(_) => &[],
+        }
+    }
+}
+
+/// How an operation ended, as its status URL reports it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "status")]
+pub enum Outcome {
+    InProgress,
+    Succeeded,
+    Failed { code: String, message: String },
+    Canceled { code: String, message: String },
+}
+
+impl Outcome {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::InProgress => "InProgress",
+            Outcome::Succeeded => "Succeeded",
+            Outcome::Failed { .. } => "Failed",
+            Outcome::Canceled { .. } => "Canceled",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -154,24 +239,58 @@ pub struct Operation {
     pub due: std::time::Instant,
     #[serde(with = "time::serde::rfc3339::option")]
     pub ended: Option<OffsetDateTime>,
+    pub outcome: Outcome,
+    /// How it will end when it is due (an injected operation fault), if not `Succeeded`.
+    #[serde(skip)]
+    pub planned: Option<Outcome>,
+    /// The instances' states before the operation, put back if it fails.
+    #[serde(skip)]
+    before: Vec<(u64, String, String)>,
 }
 
-/// A fault injected through the admin API: the next `count` matching requests fail.
+/// A fault injected through the admin API: the next `count` matching requests fail (or, with only
+/// `autoscaleTo`, first see the scale set's capacity changed by someone else).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FaultRule {
     #[serde(default)]
     pub method: Option<String>,
     #[serde(default, rename = "pathContains")]
     pub path_contains: Option<String>,
-    pub status: u16,
+    /// The status to answer; none: the request is served after the rule's other effects.
+    #[serde(default)]
+    pub status: Option<u16>,
     #[serde(default, rename = "retryAfter")]
     pub retry_after: Option<u64>,
+    /// ARM's error code and message for the answer (defaults by status).
+    #[serde(default)]
+    pub code: Option<String>,
+    #[serde(default)]
+    pub message: Option<String>,
+    /// Before the request is served, the scale set is scaled to this capacity, as autoscale or an
+    /// operator writing between our read and our write would.
+    #[serde(default, rename = "autoscaleTo")]
+    pub autoscale_to: Option<usize>,
     #[serde(default = "one")]
     pub count: u32,
 }
 
 fn one() -> u32 {
     1
+}
+
+/// An injected end for the next operations of one kind (`delete`, `restart`, `reimage`, `start`,
+/// `scale`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OperationFault {
+    pub verb: String,
+    /// `Failed` or `Canceled`.
+    pub status: String,
+    #[serde(default)]
+    pub code: Option<String>,
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default = "one")]
+    pub count: u32,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -182,18 +301,28 @@ pub struct Call {
     pub status: u16,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
+    /// The `If-Match` header the request carried, if any.
+    pub if_match: Option<String>,
 }
+
+/// The read budget of one subscription's throttling policies.
+pub const BUDGET_3MIN: usize = 1200;
 
 pub struct World {
     pub sets: BTreeMap<String, ScaleSet>,
     pub operations: HashMap<String, Operation>,
     pub faults: VecDeque<FaultRule>,
+    pub operation_faults: VecDeque<OperationFault>,
     pub calls: Vec<Call>,
     pub tokens: HashMap<String, OffsetDateTime>,
     pub operation_delay: Duration,
     pub page_size: usize,
-    /// Overrides the read budget reported in `x-ms-ratelimit-remaining-resource`.
+    /// Overrides the remaining count of the tightest policy in `x-ms-ratelimit-remaining-resource`.
     pub rate_limit_remaining: Option<usize>,
+    /// Requests served per subscription: throttling is counted per subscription, not per scale set.
+    pub calls_by_subscription: HashMap<String, usize>,
+    /// Subscriptions that answer 429 until then.
+    pub throttled: HashMap<String, OffsetDateTime>,
     /// Resource Manager events (what the resource group's Event Grid system topic would publish)
     /// not yet delivered.
     pub resource_events: Vec<serde_json::Value>,
@@ -202,6 +331,10 @@ pub struct World {
 pub const WRITE: &str = "Microsoft.Resources.ResourceWriteSuccess";
 pub const DELETE: &str = "Microsoft.Resources.ResourceDeleteSuccess";
 pub const ACTION: &str = "Microsoft.Resources.ResourceActionSuccess";
+
+pub const PREEMPTED: &str = "OperationPreempted";
+pub const PREEMPTED_MESSAGE: &str =
+    "Operation execution has been preempted by a more recent operation.";
 
 pub fn set_key(sub: &str, rg: &str, name: &str) -> String {
     format!(
@@ -218,11 +351,14 @@ impl World {
             sets: BTreeMap::new(),
             operations: HashMap::new(),
             faults: VecDeque::new(),
+            operation_faults: VecDeque::new(),
             calls: Vec::new(),
             tokens: HashMap::new(),
             operation_delay,
             page_size: page_size.max(1),
             rate_limit_remaining: None,
+            calls_by_subscription: HashMap::new(),
+            throttled: HashMap::new(),
             resource_events: Vec::new(),
         }
     }
@@ -281,6 +417,8 @@ impl World {
             zones,
             vms: BTreeMap::new(),
             next_instance: 0,
+            etag: 1,
+            max_capacity: 1000,
         };
         let now = OffsetDateTime::now_utc();
         for _ in 0..capacity {
@@ -290,7 +428,7 @@ impl World {
         key
     }
 
-    /// Completes every operation that is due.
+    /// Ends every operation that is due.
     pub fn advance(&mut self) {
         let now = std::time::Instant::now();
         let due: Vec<String> = self
@@ -304,8 +442,30 @@ impl World {
         }
     }
 
-    /// Completes one operation now, applying its effect.
+    /// Whether one of the scale set's operations that changes its capacity is running: ARM then
+    /// shows the scale set `Updating`.
+    pub fn updating(&self, set_key: &str) -> bool {
+        self.operations.values().any(|op| {
+            op.set_key == set_key
+                && op.ended.is_none()
+                && matches!(op.effect, Effect::Scale(_) | Effect::Delete(_))
+        })
+    }
+
+    /// Ends one operation now: as planned (an injected fault), else `Succeeded` with its effect.
     pub fn complete(&mut self, op_id: &str) {
+        let planned = match self.operations.get(op_id) {
+            Some(op) if op.ended.is_none() => op.planned.clone(),
+            _ => return,
+        };
+        match planned {
+            Some(outcome) => self.fail(op_id, outcome),
+            None => self.succeed(op_id),
+        }
+    }
+
+    /// Ends an operation without its effect: the instances it touched are as they were.
+    pub fn fail(&mut self, op_id: &str, outcome: Outcome) {
         let Some(op) = self.operations.get_mut(op_id) else {
             return;
         };
@@ -313,6 +473,29 @@ impl World {
             return;
         }
         op.ended = Some(OffsetDateTime::now_utc());
+        op.outcome = outcome;
+        let (key, effect, before) = (op.set_key.clone(), op.effect.clone(), op.before.clone());
+        let Some(set) = self.sets.get_mut(&key) else {
+            return;
+        };
+        for (id, provisioning, power) in before {
+            if let Some(vm) = set.vms.get_mut(&id) {
+                vm.provisioning_state = provisioning;
+                vm.power_state = power;
+            }
+        }
+        if let Effect::Scale(_) = effect {
+            // The instances the scale-out was creating are not kept.
+            set.vms.retain(|_, vm| vm.provisioning_state != "Creating");
+        }
+    }
+
+    fn succeed(&mut self, op_id: &str) {
+        let Some(op) = self.operations.get_mut(op_id) else {
+            return;
+        };
+        op.ended = Some(OffsetDateTime::now_utc());
+        op.outcome = Outcome::Succeeded;
         let (key, effect) = (op.set_key.clone(), op.effect.clone());
         let Some(set) = self.sets.get_mut(&key) else {
             return;
@@ -332,17 +515,28 @@ impl World {
                 ACTION,
                 "Microsoft.Compute/virtualMachineScaleSets/reimage/action",
             ),
+            Effect::Start(_) => (
+                ACTION,
+                "Microsoft.Compute/virtualMachineScaleSets/start/action",
+            ),
             Effect::Scale(_) => (WRITE, "Microsoft.Compute/virtualMachineScaleSets/write"),
         };
-        let now = OffsetDateTime::now_utc();
         match effect {
             Effect::Delete(ids) => {
                 for id in ids {
                     set.vms.remove(&id);
                 }
             }
+            Effect::Start(ids) => {
+                for id in ids {
+                    if let Some(vm) = set.vms.get_mut(&id) {
+                        vm.power_state = "running".into();
+                        vm.provisioning_state = "Succeeded".into();
+                    }
+                }
+            }
             Effect::Restart(ids) | Effect::Reimage(ids) => {
-                let reimage = matches!(op_effect_kind(&self.operations[op_id].effect), "reimage");
+                let reimage = op_effect_kind(&self.operations[op_id].effect) == "reimage";
                 for id in ids {
                     if let Some(vm) = set.vms.get_mut(&id) {
                         vm.power_state = "running".into();
@@ -386,18 +580,46 @@ impl World {
                         set.vms.remove(&id);
                     }
                 }
-                let _ = now;
             }
         }
         self.announce(event_type, &set_uri, operation);
     }
 
-    /// Starts an operation; its effect lands after the configured delay.
+    /// Starts an operation; its effect lands after the configured delay. A capacity change
+    /// preempts the scale set's running deletes, as ARM does.
     pub fn start_operation(&mut self, set_key: &str, effect: Effect) -> String {
         let id = uuid::Uuid::new_v4().to_string();
         let now = OffsetDateTime::now_utc();
+        if let Effect::Scale(_) = effect {
+            let preempted: Vec<String> = self
+                .operations
+                .values()
+                .filter(|op| {
+                    op.set_key == set_key
+                        && op.ended.is_none()
+                        && matches!(op.effect, Effect::Delete(_))
+                })
+                .map(|op| op.id.clone())
+                .collect();
+            for op in preempted {
+                self.fail(
+                    &op,
+                    Outcome::Failed {
+                        code: PREEMPTED.into(),
+                        message: PREEMPTED_MESSAGE.into(),
+                    },
+                );
+            }
+        }
+        let planned = self.take_operation_fault(effect.verb());
+        let mut before = Vec::new();
         // Visible at once, as ARM shows: deleting instances are marked, new ones appear creating.
         if let Some(set) = self.sets.get_mut(set_key) {
+            for id in effect.instances() {
+                if let Some(vm) = set.vms.get(id) {
+                    before.push((*id, vm.provisioning_state.clone(), vm.power_state.clone()));
+                }
+            }
             match &effect {
                 Effect::Delete(ids) => {
                     for id in ids {
@@ -405,8 +627,10 @@ impl World {
                             vm.provisioning_state = "Deleting".into();
                         }
                     }
+                    // The delete lowers the capacity in the scale set's model.
+                    set.etag += 1;
                 }
-                Effect::Restart(ids) | Effect::Reimage(ids) => {
+                Effect::Restart(ids) | Effect::Reimage(ids) | Effect::Start(ids) => {
                     for id in ids {
                         if let Some(vm) = set.vms.get_mut(id) {
                             vm.provisioning_state = "Updating".into();
@@ -419,6 +643,7 @@ impl World {
                     for _ in live..*target {
                         set.add_vm(now, "Creating");
                     }
+                    set.etag += 1;
                 }
             }
         }
@@ -431,12 +656,37 @@ impl World {
                 started: now,
                 due: std::time::Instant::now() + self.operation_delay,
                 ended: None,
+                outcome: Outcome::InProgress,
+                planned,
+                before,
             },
         );
         if self.operation_delay.is_zero() {
             self.complete(&id);
         }
         id
+    }
+
+    fn take_operation_fault(&mut self, verb: &str) -> Option<Outcome> {
+        let pos = self
+            .operation_faults
+            .iter()
+            .position(|f| f.verb.eq_ignore_ascii_case(verb))?;
+        let rule = self.operation_faults[pos].clone();
+        if rule.count <= 1 {
+            self.operation_faults.remove(pos);
+        } else {
+            self.operation_faults[pos].count -= 1;
+        }
+        let code = rule.code.unwrap_or_else(|| "InternalOperationError".into());
+        let message = rule
+            .message
+            .unwrap_or_else(|| "The operation failed (injected by the simulator).".into());
+        Some(if rule.status.eq_ignore_ascii_case("canceled") {
+            Outcome::Canceled { code, message }
+        } else {
+            Outcome::Failed { code, message }
+        })
     }
 
     /// The first injected fault matching this request, consumed.
@@ -457,13 +707,34 @@ impl World {
         }
         Some(rule)
     }
+
+    /// Seconds a subscription still answers 429, if it is throttled.
+    pub fn throttled_for(&self, subscription: &str) -> Option<u64> {
+        let until = self.throttled.get(&subscription.to_lowercase())?;
+        let left = (*until - OffsetDateTime::now_utc()).as_seconds_f64();
+        (left > 0.0).then(|| left.ceil() as u64)
+    }
+
+    pub fn throttle(&mut self, subscription: &str, seconds: u64) {
+        let until = OffsetDateTime::now_utc() + time::Duration::seconds(seconds as i64);
+        self.throttled.insert(subscription.to_lowercase(), until);
+    }
+
+    /// Counts a request against its subscription's budget; returns the remaining count of the
+    /// tightest policy (three minutes) and of the wider one (thirty minutes).
+    pub fn charge(&mut self, subscription: &str) -> (usize, usize) {
+        let n = self
+            .calls_by_subscription
+            .entry(subscription.to_lowercase())
+            .or_insert(0);
+        *n += 1;
+        let tight = self
+            .rate_limit_remaining
+            .unwrap_or_else(|| BUDGET_3MIN.saturating_sub(*n % BUDGET_3MIN));
+        (tight, BUDGET_3MIN * 5 - (*n % (BUDGET_3MIN * 5)))
+    }
 }
 
 pub fn op_effect_kind(effect: &Effect) -> &'static str {
-    match effect {
-        Effect::Delete(_) => "delete",
-        Effect::Restart(_) => "restart",
-        Effect::Reimage(_) => "reimage",
-        Effect::Scale(_) => "scale",
-    }
+    effect.verb()
 }

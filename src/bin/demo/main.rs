@@ -327,11 +327,12 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
             mirror_max_age: settings.mirror_max_age,
             full_resync: settings.full_resync,
             pipeline_fault: pipeline_fault(&pairs, now),
+            dry_run: settings.dry_run,
         };
         let mut statuses = Vec::new();
         for (name, id, obs) in &observations {
             let policy = &settings.scale_sets[0].policy;
-            for (instance, verdict) in verdicts(obs, policy, now) {
+            for (instance, verdict) in verdicts(obs, policy, settings.dry_run, now) {
                 let repairing = obs
                     .incidents
                     .get(instance)
@@ -373,7 +374,12 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
         for (name, e) in rows.iter().skip(seen_rows) {
             let what = match (e.kind, e.action) {
                 (EntryKind::Repair, Some(action)) => {
-                    format!("{action} {}: {}", e.outcome, e.reason)
+                    // A replace journals each of its stages (surge, delete): name the stage.
+                    let stage = match e.evidence["stage"].as_str() {
+                        Some(s) if s != "act" => format!(" ({s})"),
+                        _ => String::new(),
+                    };
+                    format!("{action}{stage} {}: {}", e.outcome, e.reason)
                 }
                 _ => format!("{}: {}", e.outcome, e.reason),
             };
@@ -381,6 +387,7 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
                 EntryKind::Repair => "repair ",
                 EntryKind::Withheld => "withheld",
                 EntryKind::Outcome => "outcome",
+                EntryKind::Step => "step   ",
             };
             // The journal records a pause when it begins and `resumed` when it ends.
             let released = e.kind == EntryKind::Withheld && e.outcome == "resumed";
@@ -394,7 +401,11 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
                 detected.insert((name.to_string(), e.instance_id.clone()));
             }
             match e.kind {
-                EntryKind::Repair if e.outcome == "requested" => {
+                // A replace journals its surge and then its delete: one repair, counted once.
+                EntryKind::Repair
+                    if e.outcome == "requested"
+                        && !matches!(e.evidence["stage"].as_str(), Some("delete" | "restore")) =>
+                {
                     if let Ok(n) = e.instance_id.parse::<u64>() {
                         repairs.push((name.to_string(), n, tick));
                         picture.repair(name, n, tick);
