@@ -27,4 +27,5 @@ pub mod settings;
 pub mod state;
 pub mod status;
 pub mod sync;
+pub mod throttle;
 pub mod verdict;

@@ -129,7 +129,7 @@ pub async fn repair_all(
         notifier.send(alerts);
         reports.push(report);
     }
-    hold_throttled_subscriptions(store, compute, settings, now).await?;
+    crate::throttle::hold_subscriptions(store, compute, settings, now).await?;
     // Asked for at the end, in one batch: a pass that stops before this point leaves its incidents
     // in flight, and the next pass asks again.
     store.request_resync(&resyncs, now).await?;
@@ -140,31 +140,6 @@ pub async fn repair_all(
         table_requests: store.requests() - requests_before,
         compute_calls: compute.observed().calls() - calls_before,
     })
-}
-
-/// Compute throttles per subscription: a 429 on one scale set holds every watched scale set of
-/// that subscription until its `Retry-After`, in this process and, through their rows, in later
-/// passes of any worker.
-pub async fn hold_throttled_subscriptions(
-    store: &Store,
-    compute: &Compute,
-    settings: &Settings,
-    now: OffsetDateTime,
-) -> Result<(), StoreError> {
-    for (subscription, until) in compute.observed().throttled(now) {
-        let sets: Vec<ScaleSetId> = settings
-            .scale_sets
-            .iter()
-            .filter(|w| w.id.subscription.eq_ignore_ascii_case(&subscription))
-            .map(|w| w.id.clone())
-            .collect();
-        if !sets.is_empty() {
-            tracing::warn!(subscription = %subscription, until = %crate::journal::stamp(until), scale_sets = sets.len(),
-                "the Compute API throttled this subscription: every scale set in it waits");
-            store.set_throttled(&sets, until).await?;
-        }
-    }
-    Ok(())
 }
 
 /// Reads what `decide` looks at for one scale set (also the operator's `handler status`).
@@ -294,8 +269,10 @@ fn after(
         (Err(_), Some(Next::Release)) => None,
         (Err(e), Some(Next::Pending(hold))) => Some(inc.pending(*hold, e.arm().cloned())),
         (Err(e), Some(Next::Split)) => Some(inc.pending(Hold::Alone, e.arm().cloned())),
+        // Not a wait for ARM: the delete goes out on the next pass.
         (Err(e), Some(Next::DeleteFirst)) => Some(Incident {
             stage: Stage::DeleteFirst,
+            hold: None,
             ..inc.pending(Hold::Busy, e.arm().cloned())
         }),
         (Err(_), Some(Next::Fail(arm))) => Some(inc.failed(arm.clone(), now)),

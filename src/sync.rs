@@ -115,7 +115,7 @@ pub async fn sync_all(
             sync_one(store, compute, id, record.cloned(), read, now).await?,
         ));
     }
-    crate::repair::hold_throttled_subscriptions(store, compute, settings, now).await?;
+    crate::throttle::hold_subscriptions(store, compute, settings, now).await?;
     report.sort_by_key(|(position, _)| *position);
     let report = report.into_iter().map(|(_, r)| r).collect();
     Ok(SyncReport {
