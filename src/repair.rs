@@ -369,6 +369,7 @@ async fn carry_out(
                 w.why,
                 crate::plan::WithheldReason::RepairInFlight { .. }
                     | crate::plan::WithheldReason::GivenUp { .. }
+                    | crate::plan::WithheldReason::DryRunHolds { .. }
             )
         {
             continue;
