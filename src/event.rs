@@ -38,7 +38,7 @@ pub enum BadEnvelope {
     UnknownSchema,
     #[error("the event's `{field}` is missing or not a string")]
     MissingField { field: &'static str },
-    #[error("the event's `{field}` is not an RFC 3339 time: `{value}`")]
+    #[error("the event's `{field}` is not an ISO 8601 time Event Grid accepts: `{value}`")]
     BadTime { field: &'static str, value: String },
 }
 
@@ -107,8 +107,37 @@ pub fn decode(mut value: Value) -> Result<Event, BadEnvelope> {
     })
 }
 
+/// Reads a time as Event Grid accepts it: RFC 3339, and the other ISO 8601 forms agents send —
+/// an offset without its colon (`+0000`, from `date +%Y-%m-%dT%H:%M:%S%z`, which the Prunella
+/// agent uses), an offset in hours only (`+01`), a space instead of `T`, or no offset at all (read
+/// as UTC, the clock of Azure's Linux images). Anything else is `None`.
 pub fn parse_time(s: &str) -> Option<OffsetDateTime> {
-    OffsetDateTime::parse(s.trim(), &Rfc3339).ok()
+    let s = s.trim();
+    if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
+        return Some(t);
+    }
+    if s.len() > 64 || !s.is_ascii() {
+        return None;
+    }
+    // The date is the first ten characters; what follows is the time and, maybe, its offset.
+    let (date, rest) = s.split_at_checked(10)?;
+    let time = rest.strip_prefix(['T', 't', ' '])?;
+    let zoned = match time.rfind(['+', '-']) {
+        Some(at) => {
+            let (clock, offset) = time.split_at(at);
+            let digits = &offset[1..];
+            match digits.len() {
+                4 if digits.bytes().all(|b| b.is_ascii_digit()) => {
+                    format!("{clock}{}{}:{}", &offset[..1], &digits[..2], &digits[2..])
+                }
+                2 if digits.bytes().all(|b| b.is_ascii_digit()) => format!("{clock}{offset}:00"),
+                _ => time.to_string(),
+            }
+        }
+        None if time.ends_with(['Z', 'z']) => time.to_string(),
+        None => format!("{time}Z"),
+    };
+    OffsetDateTime::parse(&format!("{date}T{zoned}"), &Rfc3339).ok()
 }
 
 pub(crate) fn json_kind(v: &Value) -> &'static str {
@@ -160,6 +189,38 @@ mod tests {
             deep = Value::String(deep.to_string());
         }
         assert_eq!(decode(deep), Err(BadEnvelope::TooDeep(4)));
+    }
+
+    #[test]
+    fn times_are_read_in_every_form_event_grid_accepts() {
+        use time::macros::datetime;
+        let utc = datetime!(2026-12-01 11:13:56 UTC);
+        for (text, want) in [
+            ("2026-12-01T11:13:56Z", Some(utc)),
+            (
+                "2026-12-01T11:13:56.0041Z",
+                Some(datetime!(2026-12-01 11:13:56.0041 UTC)),
+            ),
+            ("2026-12-01T11:13:56+00:00", Some(utc)),
+            // `date +%Y-%m-%dT%H:%M:%S%z`: the Prunella agent's form.
+            ("2026-12-01T11:13:56+0000", Some(utc)),
+            ("2026-12-01T12:13:56+0100", Some(utc)),
+            ("2026-12-01T03:13:56-0800", Some(utc)),
+            ("2026-12-01T12:13:56+01", Some(utc)),
+            ("2026-12-01 11:13:56Z", Some(utc)),
+            ("2026-12-01T11:13:56", Some(utc)),
+            (" 2026-12-01T11:13:56+0000 ", Some(utc)),
+            ("2026-13-01T11:13:56Z", None),
+            ("2026-12-01T25:13:56Z", None),
+            ("2026-12-01T11:13:56+2500", None),
+            ("2026-12-01T11:13:56+000", None),
+            ("2026-12-01", None),
+            ("yesterday", None),
+            ("2026-12-01T11:13:56+00:00:00", None),
+            ("２０２６-12-01T11:13:56Z", None),
+        ] {
+            assert_eq!(parse_time(text), want, "{text:?}");
+        }
     }
 
     #[test]

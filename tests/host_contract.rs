@@ -5,7 +5,7 @@ mod common;
 use common::{heartbeat_event, now_rfc3339, scale_set_id, spawn_app, TestApp};
 use serde_json::{json, Value};
 use std::process::Command;
-use time::Duration;
+use time::{Duration, OffsetDateTime};
 
 fn assert_host_shape(answer: &Value) {
     for key in ["Outputs", "Logs", "ReturnValue"] {
@@ -322,6 +322,68 @@ async fn prunella_heartbeats_are_accepted_by_computer_name() {
         answer["ReturnValue"]["reason"],
         json!("computer_name_mismatch"),
         "{answer}"
+    );
+}
+
+/// What the Prunella sample's own agent (`samples/vmss/scripts/hosts/announcer.sh` in
+/// primegonzola/prunella) publishes, unchanged: `"id": "$RANDOM"`, no `dataVersion`, and
+/// `"eventTime": "$(date +%Y-%m-%dT%H:%M:%S%z)"` — an ISO 8601 offset without a colon.
+fn prunella_announcer_event(host_id: &str, host_name: &str, random: u16) -> Value {
+    let event_time = OffsetDateTime::now_utc()
+        .to_offset(time::macros::offset!(+1))
+        .format(time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second][offset_hour sign:mandatory][offset_minute]"
+        ))
+        .unwrap();
+    let payload = format!(
+        r#"{{
+    "id": "{random}",
+    "eventType": "prunella-status",
+    "subject": "{host_id}",
+    "eventTime": "{event_time}",
+    "data": {{
+        "type": "web",
+        "category": "standalone-vmss",
+        "name": "{host_name}",
+        "status": "UP",
+        "data": {{
+            "ipAddress": "10.0.0.5"
+        }} 
+    }}
+}}"#
+    );
+    serde_json::from_str(&payload).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prunella_samples_own_agent_payload_is_accepted_as_it_is() {
+    let (app, _) = mirrored_app().await;
+    let set = TestApp::scale_set("web");
+    let name = app.vm("web", 1).await["computer_name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let event = prunella_announcer_event(&scale_set_id("web"), &name, 20_417);
+    assert!(
+        event["eventTime"].as_str().unwrap().ends_with("+0100"),
+        "{event}"
+    );
+    let (code, answer) = app.deliver_event(event.clone()).await;
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(answer["ReturnValue"]["stored"], json!(true), "{answer}");
+    let stored = app
+        .store
+        .heartbeat(&set, "1")
+        .await
+        .unwrap()
+        .unwrap()
+        .heartbeat;
+    assert_eq!(stored.status.label(), "UP");
+    let sent = event["eventTime"].as_str().unwrap();
+    assert_eq!(
+        stored.event_time.to_offset(time::UtcOffset::UTC).hour(),
+        (sent[11..13].parse::<u8>().unwrap() + 23) % 24,
+        "the offset is honoured: {sent} is an hour ahead of UTC"
     );
 }
 
