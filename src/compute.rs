@@ -25,6 +25,11 @@ const READ_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(3
 pub const READ_RESERVE: i64 = 20;
 const RATE_LIMIT_HEADER: &str = "x-ms-ratelimit-remaining-resource";
 
+/// The longest back-off we honour. ARM's throttling windows are minutes long; a larger
+/// `Retry-After` is a fault (or a forgery) and must neither overflow a date nor stop the healer
+/// for ever.
+pub const MAX_RETRY_AFTER_S: i64 = 3600;
+
 /// The Resource Manager actions the handler performs on each watched scale set, and no other: the
 /// custom role the infrastructure grants on the scale sets (`infra/`) is exactly this list.
 pub const SCALE_SET_ACTIONS: &[&str] = &[
@@ -290,7 +295,8 @@ impl Observed {
                 budget.remaining = remaining;
             }
             if let Some(secs) = backoff_s {
-                let until = OffsetDateTime::now_utc() + Duration::seconds(secs);
+                let until =
+                    OffsetDateTime::now_utc() + Duration::seconds(secs.clamp(0, MAX_RETRY_AFTER_S));
                 budget.throttled_until =
                     Some(budget.throttled_until.map_or(until, |u| u.max(until)));
             }
@@ -362,7 +368,8 @@ impl HttpClient for ObservingTransport {
         let retry_after = raw
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<i64>().ok());
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|s| i64::try_from(s).unwrap_or(i64::MAX).min(MAX_RETRY_AFTER_S));
         // A 429 always means back off (60 s when unsaid); a 503 only when it says for how long.
         let backoff = match status.as_u16() {
             429 => Some(retry_after.unwrap_or(60).max(1)),

@@ -5,7 +5,6 @@ use crate::compute::Compute;
 use crate::functions;
 use crate::settings::Settings;
 use crate::state::Store;
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -139,10 +138,20 @@ impl IntoResponse for HostError {
     }
 }
 
+/// Invocations larger than this are refused (counted, 2xx): Event Grid's events are at most 1 MB,
+/// and the host's envelope adds little.
+pub const MAX_INVOCATION_BYTES: usize = 4 << 20;
+/// Bodies are read to the end up to this, so that an oversized one is answered rather than cut
+/// off (a closed connection is a failed delivery, which Event Grid redelivers).
+const READ_LIMIT_BYTES: usize = 64 << 20;
+
 pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/", get(ready))
-        .route("/{function}", post(invoke))
+        .route(
+            "/{function}",
+            post(invoke).layer(axum::extract::DefaultBodyLimit::max(READ_LIMIT_BYTES)),
+        )
         .fallback(unknown_route)
         .with_state(state)
 }
@@ -161,7 +170,7 @@ async fn unknown_route() -> HostError {
 async fn invoke(
     State(state): State<AppState>,
     Path(function): Path<String>,
-    body: Result<Json<Invocation>, JsonRejection>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     match run(&state, &function, body).await {
         Ok(outcome) => Json(outcome).into_response(),
@@ -178,17 +187,26 @@ async fn invoke(
 async fn run(
     state: &AppState,
     function: &str,
-    body: Result<Json<Invocation>, JsonRejection>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Outcome, HostError> {
     let known = ["monitor-events", "monitor-status", "monitor-state"];
     if !known.contains(&function) {
         return Err(HostError::UnknownFunction(function.to_string()));
     }
-    let Json(invocation) = body.map_err(|e| {
+    let body = body.map_err(|e| {
         HostError::BadRequest(format!(
-            "invocation body is not a host invocation: {}",
+            "invocation body could not be read: {}",
             e.body_text()
         ))
+    })?;
+    if body.len() > MAX_INVOCATION_BYTES {
+        return Err(HostError::BadRequest(format!(
+            "invocation body is not a host invocation: {} bytes, more than the {MAX_INVOCATION_BYTES} an Event Grid delivery can be",
+            body.len()
+        )));
+    }
+    let invocation: Invocation = serde_json::from_slice(&body).map_err(|e| {
+        HostError::BadRequest(format!("invocation body is not a host invocation: {e}"))
     })?;
     match function {
         "monitor-events" => functions::monitor_events::run(state, invocation).await,

@@ -426,3 +426,38 @@ async fn a_sync_writes_only_what_changed() {
         "{changed}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_retry_after_is_capped_and_breaks_nothing() {
+    let app = spawn_app().scale_set("web", 4).start().await;
+    let set = TestApp::scale_set("web");
+    app.invoke_timer("monitor-state").await;
+    app.inject_fault(json!({"status": 429, "retryAfter": 1_000_000_000_000u64, "pathContains": "/virtualMachines"}))
+        .await;
+    let (status, answer) = app.invoke_timer("monitor-state").await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["outcome"], "throttled",
+        "{answer}"
+    );
+    let until = app
+        .store
+        .scale_set(&set)
+        .await
+        .unwrap()
+        .unwrap()
+        .throttled_until
+        .expect("the throttle is recorded");
+    assert!(
+        until <= OffsetDateTime::now_utc() + Duration::hours(1),
+        "held at most an hour, whatever Retry-After says: {until}"
+    );
+    // The handler still serves, and later passes read the hold as any other.
+    app.heartbeat_round().await;
+    let (status, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["paused"], "throttled",
+        "{answer}"
+    );
+}

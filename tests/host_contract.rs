@@ -325,6 +325,41 @@ async fn prunella_heartbeats_are_accepted_by_computer_name() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_deeply_nested_deliveries_are_answered_2xx_and_counted() {
+    let (app, vm_id) = mirrored_app().await;
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    let nested = format!(
+        r#"{{"Data": {{"event": {{"id": "e", "eventType": "VmssHealer.Heartbeat", "subject": "x", "data": {deep}}}}}, "Metadata": {{}}}}"#
+    );
+    let huge = json!({"Data": {"event": heartbeat_event("web", 1, &vm_id, "UP", &now_rfc3339(Duration::ZERO))},
+        "Metadata": {"padding": "x".repeat(5 << 20)}})
+    .to_string();
+    // As the host double-encodes strings: the nesting inside a string-encoded event.
+    let encoded = json!({"Data": {"event": format!(r#"{{"id": "e", "eventType": "t", "data": {deep}}}"#)}, "Metadata": {}})
+        .to_string();
+    for (name, body) in [
+        ("nested", nested),
+        ("over 4 MB", huge),
+        ("nested in a string", encoded),
+    ] {
+        let (status, answer) = app.post_raw("monitor-events", body).await;
+        assert_eq!(status, 200, "{name}: {answer}");
+        assert_eq!(
+            answer["ReturnValue"]["accepted"],
+            json!(false),
+            "{name}: {answer}"
+        );
+        assert_host_shape(&answer);
+    }
+    let stored = app
+        .store
+        .heartbeat(&TestApp::scale_set("web"), "1")
+        .await
+        .unwrap();
+    assert!(stored.is_none(), "nothing was stored: {stored:?}");
+}
+
 /// What the Prunella sample's own agent (`samples/vmss/scripts/hosts/announcer.sh` in
 /// primegonzola/prunella) publishes, unchanged: `"id": "$RANDOM"`, no `dataVersion`, and
 /// `"eventTime": "$(date +%Y-%m-%dT%H:%M:%S%z)"` — an ISO 8601 offset without a colon.

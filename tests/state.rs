@@ -610,3 +610,41 @@ async fn heartbeat_ingest_costs_one_write_and_duplicates_cost_nothing() {
     }
     assert_eq!(store.requests() - before, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_row_contended_past_its_retries_is_a_transient_fault() {
+    let azurite = Azurite::start();
+    let store = store_for(azurite.connection_string());
+    store.ensure_tables().await.unwrap();
+    let rival = store_for(azurite.connection_string());
+    let t0 = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    store.import_heartbeats(&[heartbeat(t0, 1)]).await.unwrap();
+    let rival_writes = std::sync::atomic::AtomicUsize::new(0);
+    // Between every read of the row and our write, another worker writes it.
+    let contend = |_: &Heartbeat, _: &Heartbeat| {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(rival.import_heartbeats(&[heartbeat(t0, 1)]))
+                    .unwrap();
+            });
+        });
+        rival_writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        true
+    };
+    let err = store
+        .store_heartbeat(&heartbeat(t0 + Duration::seconds(1), 2), contend)
+        .await
+        .unwrap_err();
+    assert!(
+        rival_writes.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "the write was retried"
+    );
+    assert!(
+        err.is_transient(),
+        "a row busy with other writers is worth a redelivery, not a dropped heartbeat: {err}"
+    );
+}

@@ -312,7 +312,7 @@ impl Store {
                 Err(e) => return Err(e),
             }
         }
-        Err(StoreError::PreconditionFailed {
+        Err(StoreError::Contended {
             table: HEARTBEATS,
             key: format!("{}/{}", set.key(), hb.target.instance_id),
         })

@@ -55,6 +55,9 @@ pub enum StoreError {
         #[source]
         source: azure_core::Error,
     },
+    /// Other writers kept changing the row between our reads and writes: worth a retry later.
+    #[error("{table}: row {key} kept changing under other writers; try again later")]
+    Contended { table: &'static str, key: String },
     #[error("{table}: batch {op} failed on row {key}: HTTP {status}")]
     BatchRejected {
         table: &'static str,
@@ -67,7 +70,10 @@ pub enum StoreError {
 impl StoreError {
     /// Whether retrying later could succeed (so an Event Grid delivery should be redelivered).
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Unavailable { .. })
+        matches!(
+            self,
+            StoreError::Unavailable { .. } | StoreError::Contended { .. }
+        )
     }
 
     pub(crate) fn from_azure(

@@ -716,7 +716,12 @@ impl World {
     }
 
     pub fn throttle(&mut self, subscription: &str, seconds: u64) {
-        let until = OffsetDateTime::now_utc() + time::Duration::seconds(seconds as i64);
+        // A test may ask for an absurd Retry-After; the hold then lasts as long as a date can.
+        let until = OffsetDateTime::now_utc()
+            .checked_add(time::Duration::seconds(
+                i64::try_from(seconds).unwrap_or(i64::MAX),
+            ))
+            .unwrap_or(time::PrimitiveDateTime::MAX.assume_utc());
         self.throttled.insert(subscription.to_lowercase(), until);
     }
 
