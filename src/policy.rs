@@ -210,6 +210,9 @@ pub struct Policy {
     /// The least proof of identity a DOWN needs to count on its own (a forged DOWN deletes a
     /// healthy VM).
     pub down_proof: crate::heartbeat::Proof,
+    /// The longest a MAINTENANCE heartbeat exempts its VM, from when it was sent, whatever its
+    /// `until` says (a forged or mistaken far-future `until` never exempts a VM for ever).
+    pub max_maintenance: Duration,
 }
 
 /// Parses a duration in seconds: `180`, `180s`, `3m` or `1h`.

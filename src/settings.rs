@@ -32,6 +32,7 @@ pub const MIRROR_MAX_AGE: &str = "HEALER_MIRROR_MAX_AGE";
 pub const FULL_RESYNC: &str = "HEALER_FULL_RESYNC";
 pub const PLATFORM_REPAIRS: &str = "HEALER_PLATFORM_REPAIRS";
 pub const DOWN_PROOF: &str = "HEALER_DOWN_PROOF";
+pub const MAX_MAINTENANCE: &str = "HEALER_MAX_MAINTENANCE";
 pub const ATTESTATION_CA: &str = "HEALER_ATTESTATION_CA";
 pub const DRY_RUN: &str = "HEALER_DRY_RUN";
 pub const WEBHOOK_URL: &str = "HEALER_WEBHOOK_URL";
@@ -54,6 +55,7 @@ pub const CATALOG: &[SettingDoc] = &[
     SettingDoc { name: MAX_PARALLEL, default: "`10%`", meaning: "repairs in flight per scale set (count or percent, at least 1)" },
     SettingDoc { name: MAX_UNHEALTHY, default: "`40%`", meaning: "above this share unhealthy, a scale set's repairs pause (short-circuit)" },
     SettingDoc { name: PLATFORM_REPAIRS, default: "`defer`", meaning: "on a scale set with the platform's automatic instance repairs enabled: `defer` (report it, repair nothing there) or `act` (report it, repair anyway)" },
+    SettingDoc { name: MAX_MAINTENANCE, default: "`4h`", meaning: "the longest a MAINTENANCE heartbeat exempts its VM, counted from when it was sent, whatever its `until` says; a stopped or failed VM is judged even during maintenance" },
     SettingDoc { name: DOWN_PROOF, default: "`vmid`", meaning: "the least proof of identity a DOWN needs to count on its own: `vmid` (the heartbeat's vmId matches the mirror) or `name` (the computer name is enough: legacy Prunella agents; anyone who knows a VM's hostname can then have it repaired). A DOWN with less is journaled `unproven_down` and the instance judged on the rest of the evidence" },
     SettingDoc { name: ATTESTATION_CA, default: "(none)", meaning: "PEM certificates (inline, or a file path relative to the app) of the CAs that issue IMDS's `metadata.azure.com` signing certificate; set, heartbeats carrying an IMDS attested document are checked (an invalid one is rejected, a valid one proves `attested`)" },
     SettingDoc { name: MIRROR_MAX_AGE, default: "`300` s", meaning: "a change announced by an event or a repair must be mirrored within this, and evidence from the mirror (stopped, failed provisioning, Application Health) must be this fresh, or no repair is decided; a quiet scale set's mirror may be `HEALER_FULL_RESYNC` older" },
@@ -160,6 +162,7 @@ impl Settings {
                 &mut problems,
             ),
             down_proof: value(get(DOWN_PROOF), "vmid", DOWN_PROOF, &mut problems),
+            max_maintenance: duration(get(MAX_MAINTENANCE), "4h", MAX_MAINTENANCE, &mut problems),
         };
 
         let scale_sets = match get(SCALE_SETS) {
@@ -520,8 +523,9 @@ fn apply_overrides(id: &ScaleSetId, raw: &str, policy: &mut Policy, problems: &m
             DOWN_PROOF => {
                 policy.down_proof = value::<crate::heartbeat::Proof>(val, "vmid", &label, problems)
             }
+            MAX_MAINTENANCE => policy.max_maintenance = duration(val, "", &label, problems),
             _ => problems.push(format!(
-                "{SCALE_SETS}: `{key}` for {id} cannot be overridden per scale set (allowed: HEARTBEAT_TIMEOUT, STARTUP_TIMEOUT, GRACE_PERIOD, DOWN_FOR, REPAIR_ACTIONS, REPAIR_TIMEOUT, MAX_ATTEMPTS, MAX_PARALLEL, MAX_UNHEALTHY, PLATFORM_REPAIRS, DOWN_PROOF)"
+                "{SCALE_SETS}: `{key}` for {id} cannot be overridden per scale set (allowed: HEARTBEAT_TIMEOUT, STARTUP_TIMEOUT, GRACE_PERIOD, DOWN_FOR, REPAIR_ACTIONS, REPAIR_TIMEOUT, MAX_ATTEMPTS, MAX_PARALLEL, MAX_UNHEALTHY, PLATFORM_REPAIRS, DOWN_PROOF, MAX_MAINTENANCE)"
             )),
         }
     }

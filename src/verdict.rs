@@ -125,11 +125,6 @@ pub fn judge(
     policy: &Policy,
     now: OffsetDateTime,
 ) -> Verdict {
-    if let Some(Status::Maintenance { until }) = heartbeat.map(|h| &h.status) {
-        if *until > now {
-            return Verdict::Maintenance { until: *until };
-        }
-    }
     let provisioning = instance
         .provisioning_state
         .as_deref()
@@ -159,6 +154,8 @@ pub fn judge(
         }
     };
 
+    // What the platform says outranks what the VM says of itself: a stopped or failed VM is
+    // judged even during its announced maintenance.
     if let Some(power) = instance.power_state.as_deref() {
         if STOPPED.contains(&power) {
             return unless_in_grace(
@@ -167,6 +164,15 @@ pub fn judge(
                 },
                 now,
             );
+        }
+    }
+    if let Some(hb) = heartbeat {
+        if let Status::Maintenance { until } = hb.status {
+            // A far-future `until` (forged, or a typo) exempts no longer than the policy allows.
+            let until = until.min(hb.event_time + policy.max_maintenance);
+            if until > now {
+                return Verdict::Maintenance { until };
+            }
         }
     }
 
@@ -318,6 +324,7 @@ mod tests {
             ..quiet
         };
         let until = NOW + Duration::minutes(10);
+        let far_future = time::macros::datetime!(9999-12-31 23:59:59 UTC);
         let fresh = |i: &mut Instance| i.created_at = Some(NOW - secs(100));
         let app = |state: AppHealth, since_s: i64| {
             move |i: &mut Instance| {
@@ -340,8 +347,15 @@ mod tests {
             ("DOWN within grace after a repair", old(|_| ()), Some(down_for(90)), just_repaired,
                 Verdict::Suspect { reason: Reason::ReportedDown { since: NOW - secs(90) }, until: NOW + secs(200) }),
             ("in maintenance", old(|_| ()), Some(hb(Status::Maintenance { until }, 5)), quiet, Verdict::Maintenance { until }),
-            ("maintenance trumps a stopped VM", old(|i| i.power_state = Some("deallocated".into())),
-                Some(hb(Status::Maintenance { until }, 5)), quiet, Verdict::Maintenance { until }),
+            ("a stopped VM is judged whatever MAINTENANCE says", old(|i| i.power_state = Some("deallocated".into())),
+                Some(hb(Status::Maintenance { until }, 5)), quiet, Verdict::Unhealthy(Reason::Stopped { power_state: "deallocated".into() })),
+            ("a failed VM is judged whatever MAINTENANCE says", old(|i| i.provisioning_state = Some("Failed".into())),
+                Some(hb(Status::Maintenance { until }, 5)), quiet, Verdict::Unhealthy(Reason::ProvisioningFailed)),
+            ("MAINTENANCE until year 9999 is capped from when it was sent", old(|_| ()),
+                Some(hb(Status::Maintenance { until: far_future }, 60)), quiet, Verdict::Maintenance { until: NOW - secs(60) + p.max_maintenance }),
+            ("… and once the cap has passed the VM is judged again", old(|_| ()),
+                Some(hb(Status::Maintenance { until: far_future }, 5 * 3600)), quiet,
+                Verdict::Unhealthy(Reason::Silent { last: NOW - secs(5 * 3600), seconds: 5 * 3600 })),
             ("maintenance over and silent", old(|_| ()), Some(hb(Status::Maintenance { until: NOW - secs(1) }, 600)), quiet,
                 Verdict::Unhealthy(Reason::Silent { last: NOW - secs(600), seconds: 600 })),
             ("new and quiet", old(fresh), None, quiet, Verdict::Starting),
