@@ -175,6 +175,10 @@ async fn invoke(
     match run(&state, &function, body).await {
         Ok(outcome) => Json(outcome).into_response(),
         Err(e) => {
+            // A table found missing is recreated now, so the retry this answer asks for succeeds.
+            if let Err(again) = state.store.recreate_missing_tables().await {
+                tracing::error!(error = %again, "could not recreate the missing tables");
+            }
             // The host records our stdout, not a non-2xx answer's Logs: log it here, always.
             let count = state.counters.reject(e.label());
             tracing::error!(function = %function, status = e.status().as_u16(), reason = e.label(),

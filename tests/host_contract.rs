@@ -423,6 +423,38 @@ async fn the_prunella_samples_own_agent_payload_is_accepted_as_it_is() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_lost_under_a_running_handler_are_recreated_on_demand() {
+    let (app, vm_id) = mirrored_app().await;
+    // Someone (or a storage restore) drops the heartbeats table while the handler runs.
+    let tables = azure_data_tables::clients::TableServiceClientBuilder::with_location(
+        azure_storage::CloudLocation::Custom {
+            account: "devstoreaccount1".into(),
+            uri: app.azurite.table_endpoint(),
+        },
+        azure_storage::StorageCredentials::emulator(),
+    )
+    .build();
+    tables
+        .table_client("heartbeats")
+        .delete()
+        .await
+        .expect("drop the table");
+    // The delivery that meets the missing table is worth a retry: 503, and the table comes back.
+    let (code, answer) = deliver_up(&app, &vm_id).await;
+    assert_eq!(code, 503, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("heartbeats"),
+        "{answer}"
+    );
+    let (code, answer) = deliver_up(&app, &vm_id).await;
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(answer["ReturnValue"]["stored"], json!(true), "{answer}");
+    // Timer passes recover the same way.
+    let (code, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(code, 200, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_down_answers_503_so_event_grid_redelivers() {
     let (mut app, vm_id) = mirrored_app().await;
     app.azurite.stop();

@@ -104,9 +104,11 @@ impl Store {
         let service = TableServiceClientBuilder::with_location(location, credentials)
             .client_options(client_options(requests.clone())?)
             .build();
+        let missing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let table = |name: &'static str| Table {
             name,
             client: service.table_client(name),
+            missing: missing.clone(),
         };
         Ok(Store {
             instances: table(INSTANCES),
@@ -122,6 +124,20 @@ impl Store {
     /// Requests sent to table storage by this store since it was created.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Recreates the tables if a request found one missing since the last check (storage restored
+    /// without them, a table dropped by hand); a no-op otherwise. Returns whether it recreated.
+    pub async fn recreate_missing_tables(&self) -> Result<bool, StoreError> {
+        if !self.instances.missing.swap(false, Ordering::Relaxed) {
+            return Ok(false);
+        }
+        tracing::warn!("a table was missing; recreating the tables");
+        if let Err(e) = self.ensure_tables().await {
+            self.instances.missing.store(true, Ordering::Relaxed);
+            return Err(e);
+        }
+        Ok(true)
     }
 
     /// Creates the four tables if they do not exist. Idempotent.

@@ -55,6 +55,10 @@ pub enum StoreError {
         #[source]
         source: azure_core::Error,
     },
+    /// The table does not exist (it was dropped, or storage was restored without it): it is
+    /// recreated, and the request is worth a retry.
+    #[error("{table}: the table is missing; it is being recreated, try again")]
+    TableMissing { table: &'static str },
     /// Other writers kept changing the row between our reads and writes: worth a retry later.
     #[error("{table}: row {key} kept changing under other writers; try again later")]
     Contended { table: &'static str, key: String },
@@ -72,7 +76,9 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            StoreError::Unavailable { .. } | StoreError::Contended { .. }
+            StoreError::Unavailable { .. }
+                | StoreError::Contended { .. }
+                | StoreError::TableMissing { .. }
         )
     }
 
@@ -82,6 +88,10 @@ impl StoreError {
         key: &str,
         e: azure_core::Error,
     ) -> Self {
+        let code = e.as_http_error().and_then(|h| h.error_code());
+        if code.is_some_and(|c| c.eq_ignore_ascii_case("TableNotFound")) {
+            return StoreError::TableMissing { table };
+        }
         match e.kind() {
             ErrorKind::HttpResponse { status, .. } => match *status {
                 StatusCode::Conflict => StoreError::Conflict {
@@ -305,13 +315,25 @@ impl Row {
 pub struct Table {
     pub(crate) name: &'static str,
     pub(crate) client: TableClient,
+    /// Set when any table of the store was found missing, so that it is recreated.
+    pub(crate) missing: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Table {
+    /// Classifies a storage error, and remembers a missing table.
+    fn error(&self, op: &'static str, key: &str, e: azure_core::Error) -> StoreError {
+        let error = StoreError::from_azure(self.name, op, key, e);
+        if let StoreError::TableMissing { .. } = error {
+            self.missing
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        error
+    }
+
     pub async fn ensure_exists(&self) -> Result<(), StoreError> {
         match self.client.create().await {
             Ok(_) => Ok(()),
-            Err(e) => match StoreError::from_azure(self.name, "create table", self.name, e) {
+            Err(e) => match self.error("create table", self.name, e) {
                 StoreError::Conflict { .. } => Ok(()),
                 other => Err(other),
             },
@@ -327,7 +349,7 @@ impl Table {
         let mut stream = builder.into_stream::<Map<String, Value>>();
         let mut rows = Vec::new();
         while let Some(page) = stream.next().await {
-            let page = page.map_err(|e| StoreError::from_azure(self.name, "query", "", e))?;
+            let page = page.map_err(|e| self.error("query", "", e))?;
             rows.extend(page.entities.into_iter().map(Row));
         }
         Ok(rows)
@@ -349,11 +371,11 @@ impl Table {
         let op = self
             .client
             .insert::<Value, Value>(entity.into_value())
-            .map_err(|e| StoreError::from_azure(self.name, "insert", &key, e))?
+            .map_err(|e| self.error("insert", &key, e))?
             .return_entity(false);
         op.await
             .map(|r| r.etag.to_string())
-            .map_err(|e| StoreError::from_azure(self.name, "insert", &key, e))
+            .map_err(|e| self.error("insert", &key, e))
     }
 
     /// Replaces a row only if it still has `etag` ([`StoreError::PreconditionFailed`] if not);
@@ -374,10 +396,10 @@ impl Table {
                 entity.into_value(),
                 IfMatchCondition::Etag(etag.to_string().into()),
             )
-            .map_err(|e| StoreError::from_azure(self.name, "replace", &key, e))?;
+            .map_err(|e| self.error("replace", &key, e))?;
         op.await
             .map(|r| r.etag.to_string())
-            .map_err(|e| StoreError::from_azure(self.name, "replace", &key, e))
+            .map_err(|e| self.error("replace", &key, e))
     }
 
     pub async fn upsert(&self, partition_key: &str, entity: Entity) -> Result<(), StoreError> {
@@ -388,10 +410,10 @@ impl Table {
             .entity_client(&key);
         let op = client
             .insert_or_replace(entity.into_value())
-            .map_err(|e| StoreError::from_azure(self.name, "upsert", &key, e))?;
+            .map_err(|e| self.error("upsert", &key, e))?;
         op.await
             .map(|_| ())
-            .map_err(|e| StoreError::from_azure(self.name, "upsert", &key, e))
+            .map_err(|e| self.error("upsert", &key, e))
     }
 
     /// Merges properties into a row, creating it if needed.
@@ -403,10 +425,10 @@ impl Table {
             .entity_client(&key);
         let op = client
             .insert_or_merge(entity.into_value())
-            .map_err(|e| StoreError::from_azure(self.name, "merge", &key, e))?;
+            .map_err(|e| self.error("merge", &key, e))?;
         op.await
             .map(|_| ())
-            .map_err(|e| StoreError::from_azure(self.name, "merge", &key, e))
+            .map_err(|e| self.error("merge", &key, e))
     }
 
     /// Upserts rows of one partition in transactions of at most [`MAX_BATCH`].
@@ -452,7 +474,7 @@ impl Table {
                 } else {
                     tx.insert_or_replace(key.clone(), value)
                 }
-                .map_err(|e| StoreError::from_azure(self.name, what, &key, e))?;
+                .map_err(|e| self.error(what, &key, e))?;
             }
             self.run_batch(tx, what, &keys).await?;
             written += keys.len();
@@ -489,7 +511,7 @@ impl Table {
                         Some(IfMatchCondition::Etag(etag.clone().into())),
                     ),
                 }
-                .map_err(|e| StoreError::from_azure(self.name, "batch write", &key, e))?;
+                .map_err(|e| self.error("batch write", &key, e))?;
             }
             match self.run_batch_versions(tx, "batch write", &keys).await {
                 Ok(written) => {
@@ -546,7 +568,7 @@ impl Table {
             for key in chunk {
                 tx = tx
                     .delete(key.clone(), None)
-                    .map_err(|e| StoreError::from_azure(self.name, "batch delete", key, e))?;
+                    .map_err(|e| self.error("batch delete", key, e))?;
             }
             match self.run_batch(tx, "batch delete", chunk).await {
                 Ok(()) => deleted += chunk.len(),
@@ -580,7 +602,7 @@ impl Table {
             .if_match(IfMatchCondition::Etag(etag.to_string().into()));
         match op.await {
             Ok(_) => Ok(true),
-            Err(e) => match StoreError::from_azure(self.name, "delete", row_key, e) {
+            Err(e) => match self.error("delete", row_key, e) {
                 StoreError::PreconditionFailed { .. } => Ok(false),
                 other => Err(other),
             },
@@ -606,7 +628,7 @@ impl Table {
             {
                 Ok(false)
             }
-            Err(e) => Err(StoreError::from_azure(self.name, "delete", row_key, e)),
+            Err(e) => Err(self.error("delete", row_key, e)),
         }
     }
 
@@ -626,9 +648,7 @@ impl Table {
         op: &'static str,
         keys: &[String],
     ) -> Result<Vec<Option<String>>, StoreError> {
-        let response = tx
-            .await
-            .map_err(|e| StoreError::from_azure(self.name, op, "", e))?;
+        let response = tx.await.map_err(|e| self.error(op, "", e))?;
         // The service answers 202 for the batch and reports a failed changeset inside it.
         for (i, r) in response.operation_responses.iter().enumerate() {
             let status = u16::from(r.status_code);
