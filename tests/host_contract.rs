@@ -292,7 +292,6 @@ async fn bad_spoofed_stale_and_foreign_heartbeats_are_answered_2xx_and_change_no
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prunella_heartbeats_are_accepted_by_computer_name() {
     let (app, _) = mirrored_app().await;
-    let set = TestApp::scale_set("web");
     let name = app.vm("web", 2).await["computer_name"]
         .as_str()
         .unwrap()
@@ -307,13 +306,7 @@ async fn prunella_heartbeats_are_accepted_by_computer_name() {
         (200, json!(true)),
         "{answer}"
     );
-    let stored = app
-        .store
-        .heartbeat(&set, "2")
-        .await
-        .unwrap()
-        .unwrap()
-        .heartbeat;
+    let stored = app.stored_heartbeat("web", "2").await;
     assert_eq!(stored.status.label(), "DOWN");
     // A name whose suffix points at instance 2 but whose prefix is wrong is not trusted.
     let forged = format!("evil{}", &name[name.len() - 6..]);
@@ -393,7 +386,6 @@ fn prunella_announcer_event(host_id: &str, host_name: &str, random: u16) -> Valu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_prunella_samples_own_agent_payload_is_accepted_as_it_is() {
     let (app, _) = mirrored_app().await;
-    let set = TestApp::scale_set("web");
     let name = app.vm("web", 1).await["computer_name"]
         .as_str()
         .unwrap()
@@ -406,13 +398,7 @@ async fn the_prunella_samples_own_agent_payload_is_accepted_as_it_is() {
     let (code, answer) = app.deliver_event(event.clone()).await;
     assert_eq!(code, 200, "{answer}");
     assert_eq!(answer["ReturnValue"]["stored"], json!(true), "{answer}");
-    let stored = app
-        .store
-        .heartbeat(&set, "1")
-        .await
-        .unwrap()
-        .unwrap()
-        .heartbeat;
+    let stored = app.stored_heartbeat("web", "1").await;
     assert_eq!(stored.status.label(), "UP");
     let sent = event["eventTime"].as_str().unwrap();
     assert_eq!(

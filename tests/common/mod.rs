@@ -442,6 +442,20 @@ impl TestApp {
             .expect("read the journal")
     }
 
+    /// The heartbeat stored for an instance (panics if there is none).
+    pub async fn stored_heartbeat(
+        &self,
+        name: &str,
+        instance: &str,
+    ) -> vmss_healer::heartbeat::Heartbeat {
+        self.store
+            .heartbeat(&Self::scale_set(name), instance)
+            .await
+            .expect("read the heartbeat")
+            .unwrap_or_else(|| panic!("no heartbeat stored for {name}#{instance}"))
+            .heartbeat
+    }
+
     pub fn scale_set(name: &str) -> ScaleSetId {
         ScaleSetId::parse(&scale_set_id(name)).unwrap()
     }
