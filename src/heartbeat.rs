@@ -17,6 +17,10 @@ pub const MAX_DETAIL_BYTES: usize = 1024;
 const MAX_ATTESTATION_BYTES: usize = 16 * 1024;
 /// A VM clock this far ahead would pin its heartbeat in the future and mask later ones.
 pub const MAX_CLOCK_SKEW: Duration = Duration::minutes(5);
+/// Event Grid gives up on an event after at most 24 hours of retries ("Event Grid message delivery
+/// and retry": `eventTimeToLiveInMinutes` is at most 1440), so a reading older than that is not a
+/// late delivery: it is a clock a day wrong, or a forgery dated back to look silent.
+pub const MAX_EVENT_AGE: Duration = Duration::hours(24);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "status", rename_all = "UPPERCASE")]
@@ -87,7 +91,7 @@ pub struct Heartbeat {
 }
 
 /// How far a heartbeat's source has proven it is the VM it speaks for. Ordered: a policy names
-/// the least proof a DOWN needs to count on its own.
+/// the least proof a heartbeat needs to be believed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Proof {
@@ -145,6 +149,21 @@ pub enum Rejection {
     MissingTime,
     #[error("heartbeat eventTime {event_time} is more than 5 minutes ahead of the receiver's clock ({now})")]
     FromTheFuture { event_time: String, now: String },
+    #[error("heartbeat eventTime {event_time} is more than 24 hours before it was received ({now}): no delivery is that late")]
+    TooOld { event_time: String, now: String },
+    #[error("heartbeat eventTime {event_time} for {instance} is before the instance was created ({created})")]
+    BeforeCreation {
+        instance: String,
+        event_time: String,
+        created: String,
+    },
+    #[error("heartbeat for {instance} proves only `{proof}`; its scale set requires `{required}` (HEALER_DOWN_PROOF){hint}")]
+    InsufficientProof {
+        instance: String,
+        proof: &'static str,
+        required: &'static str,
+        hint: &'static str,
+    },
     #[error("heartbeat data is a JSON {0}, expected an object")]
     DataNotAnObject(&'static str),
     #[error("heartbeat data.status is missing")]
@@ -183,6 +202,9 @@ impl Rejection {
             Rejection::BadSubject(_) => "bad_subject",
             Rejection::MissingTime => "missing_time",
             Rejection::FromTheFuture { .. } => "from_the_future",
+            Rejection::TooOld { .. } => "too_old",
+            Rejection::BeforeCreation { .. } => "before_creation",
+            Rejection::InsufficientProof { .. } => "insufficient_proof",
             Rejection::DataNotAnObject(_) => "data_not_object",
             Rejection::MissingStatus => "missing_status",
             Rejection::UnknownStatus(_) => "unknown_status",
@@ -210,6 +232,12 @@ pub fn read(event: &Event, now: OffsetDateTime) -> Result<Heartbeat, Rejection> 
     let event_time = event.time.ok_or(Rejection::MissingTime)?;
     if event_time - now > MAX_CLOCK_SKEW {
         return Err(Rejection::FromTheFuture {
+            event_time: fmt(event_time),
+            now: fmt(now),
+        });
+    }
+    if now - event_time > MAX_EVENT_AGE {
+        return Err(Rejection::TooOld {
             event_time: fmt(event_time),
             now: fmt(now),
         });
@@ -337,9 +365,50 @@ pub fn verify(hb: &Heartbeat, mirrored: Option<&Instance>) -> Result<(), Rejecti
     Ok(())
 }
 
+/// After [`verify`] and the attestation check: is the heartbeat believable for this instance at
+/// all? It must prove at least what the scale set requires — a heartbeat that proves less would
+/// otherwise decide how silence is judged (an UP dated long ago has a new VM replaced as silent;
+/// one dated ahead hides a broken VM) — and it cannot be older than the VM it speaks for.
+pub fn admit(hb: &Heartbeat, instance: &Instance, required: Proof) -> Result<(), Rejection> {
+    let proof = hb.proof();
+    if proof < required {
+        return Err(Rejection::InsufficientProof {
+            instance: hb.target.to_string(),
+            proof: proof.as_str(),
+            required: required.as_str(),
+            hint: match proof {
+                Proof::Name => ": a computer name is public; accept it only while migrating a scale set from Prunella (`…/<vmss>[DOWN_PROOF=name]` in HEALER_SCALE_SETS)",
+                _ => ": the agent must send its IMDS attested document (install it with `--attest`)",
+            },
+        });
+    }
+    if let Some(created) = instance.created_at {
+        if hb.event_time < created - MAX_CLOCK_SKEW {
+            return Err(Rejection::BeforeCreation {
+                instance: hb.target.to_string(),
+                event_time: fmt(hb.event_time),
+                created: fmt(created),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Event Grid is at-least-once and unordered: only a reading newer than the stored one counts.
 /// Equal times are broken by the sequence number, when both have one.
-pub fn supersedes(new: &Heartbeat, stored: &Heartbeat) -> bool {
+///
+/// Proof comes before time: a heartbeat that proves less never supersedes one that proved more
+/// (a hostname-only UP dated ahead would otherwise mask the real agent's DOWN), and one that
+/// proves more supersedes a weaker one whatever their times. Proof beyond what the scale set
+/// requires (and beyond a vmId) does not rank: an agent whose attested document failed once
+/// still supersedes its own earlier attested readings, or its row would freeze and fall silent.
+pub fn supersedes(new: &Heartbeat, stored: &Heartbeat, required: Proof) -> bool {
+    let rank = |hb: &Heartbeat| hb.proof().min(required.max(Proof::VmId));
+    match rank(new).cmp(&rank(stored)) {
+        std::cmp::Ordering::Greater => return true,
+        std::cmp::Ordering::Less => return false,
+        std::cmp::Ordering::Equal => {}
+    }
     match new.event_time.cmp(&stored.event_time) {
         std::cmp::Ordering::Greater => true,
         std::cmp::Ordering::Less => false,
@@ -444,6 +513,10 @@ mod tests {
                 Box::new(|e| e.time = Some(NOW + Duration::minutes(6))),
                 "from_the_future",
             ),
+            (
+                Box::new(|e| e.time = Some(NOW - MAX_EVENT_AGE - Duration::SECOND)),
+                "too_old",
+            ),
         ];
         for (mutate, label) in cases {
             let mut e = agent(json!("UP"));
@@ -454,6 +527,11 @@ mod tests {
         let mut e = agent(json!("UP"));
         e.time = Some(NOW + Duration::minutes(4));
         assert!(read(&e, NOW).is_ok(), "small clock skew is tolerated");
+        e.time = Some(NOW - MAX_EVENT_AGE + Duration::SECOND);
+        assert!(
+            read(&e, NOW).is_ok(),
+            "a delivery late by Event Grid's retries is read"
+        );
     }
 
     #[test]
@@ -512,11 +590,80 @@ mod tests {
         let old = read(&agent(json!("UP")), NOW).unwrap();
         let mut newer = old.clone();
         newer.event_time += Duration::seconds(1);
-        assert!(supersedes(&newer, &old));
-        assert!(!supersedes(&old, &newer));
+        assert!(supersedes(&newer, &old, Proof::VmId));
+        assert!(!supersedes(&old, &newer, Proof::VmId));
         let mut same_time_higher_seq = old.clone();
         same_time_higher_seq.sequence = Some(13);
-        assert!(supersedes(&same_time_higher_seq, &old));
-        assert!(!supersedes(&old, &old), "a duplicate delivery is not newer");
+        assert!(supersedes(&same_time_higher_seq, &old, Proof::VmId));
+        assert!(
+            !supersedes(&old, &old, Proof::VmId),
+            "a duplicate delivery is not newer"
+        );
+    }
+
+    #[test]
+    fn a_reading_that_proves_less_never_supersedes_one_that_proved_more() {
+        let vmid = read(&agent(json!("DOWN")), NOW).unwrap();
+        let mut name = vmid.clone();
+        name.origin = Origin::Prunella;
+        name.status = Status::Up;
+        let mut attested = vmid.clone();
+        attested.attested = true;
+        let later = |hb: &Heartbeat| {
+            let mut hb = hb.clone();
+            hb.event_time += MAX_CLOCK_SKEW;
+            hb
+        };
+        // (new, stored, required, supersedes)
+        let cases = [
+            (later(&name), &vmid, Proof::Name, false),
+            (vmid.clone(), &later(&name), Proof::Name, true),
+            (later(&vmid), &attested, Proof::Attested, false),
+            (vmid.clone(), &later(&attested), Proof::Attested, false),
+            (attested.clone(), &later(&vmid), Proof::Attested, true),
+            // Where attestation is not required it does not rank: time decides.
+            (later(&vmid), &attested, Proof::VmId, true),
+            (vmid.clone(), &later(&attested), Proof::VmId, false),
+            (later(&vmid), &attested, Proof::Name, true),
+        ];
+        for (i, (new, stored, required, expected)) in cases.iter().enumerate() {
+            assert_eq!(
+                supersedes(new, stored, *required),
+                *expected,
+                "case {i}: {:?} over {:?} under {required:?}",
+                new.proof(),
+                stored.proof()
+            );
+        }
+    }
+
+    #[test]
+    fn a_reading_needs_the_required_proof_and_cannot_predate_its_vm() {
+        let hb = read(&agent(json!("UP")), NOW).unwrap();
+        let mut mirrored = instance("7");
+        mirrored.created_at = Some(hb.event_time - Duration::hours(1));
+        assert_eq!(admit(&hb, &mirrored, Proof::VmId), Ok(()));
+        assert_eq!(admit(&hb, &mirrored, Proof::Name), Ok(()));
+        let err = admit(&hb, &mirrored, Proof::Attested).unwrap_err();
+        assert_eq!(err.label(), "insufficient_proof");
+        assert!(err.to_string().contains("--attest"), "{err}");
+
+        let mut name = hb.clone();
+        name.origin = Origin::Prunella;
+        let err = admit(&name, &mirrored, Proof::VmId).unwrap_err();
+        assert_eq!(err.label(), "insufficient_proof");
+        assert!(err.to_string().contains("DOWN_PROOF=name"), "{err}");
+        assert_eq!(admit(&name, &mirrored, Proof::Name), Ok(()));
+
+        // A VM clock a little behind is tolerated; a reading from before the VM existed is not.
+        mirrored.created_at = Some(hb.event_time + MAX_CLOCK_SKEW - Duration::SECOND);
+        assert_eq!(admit(&hb, &mirrored, Proof::VmId), Ok(()));
+        mirrored.created_at = Some(hb.event_time + MAX_CLOCK_SKEW + Duration::SECOND);
+        assert_eq!(
+            admit(&hb, &mirrored, Proof::VmId).unwrap_err().label(),
+            "before_creation"
+        );
+        mirrored.created_at = None;
+        assert_eq!(admit(&hb, &mirrored, Proof::VmId), Ok(()));
     }
 }

@@ -207,13 +207,6 @@ pub enum WithheldReason {
     },
     /// Its incident was given up; nothing more until it recovers or is removed.
     GivenUp { incident: String },
-    /// The only evidence is a DOWN from a source with less proof of identity than
-    /// `HEALER_DOWN_PROOF` asks.
-    UnprovenDown {
-        reason: Reason,
-        proof: crate::heartbeat::Proof,
-        required: crate::heartbeat::Proof,
-    },
     /// The evidence is the mirror's and older than `HEALER_MIRROR_MAX_AGE`: read again first.
     AwaitingResync {
         mirror_age_seconds: i64,
@@ -244,7 +237,6 @@ impl WithheldReason {
             WithheldReason::Cooldown { .. } => "cooldown",
             WithheldReason::GivenUp { .. } => "given_up",
             WithheldReason::AwaitingResync { .. } => "awaiting_resync",
-            WithheldReason::UnprovenDown { .. } => "unproven_down",
             WithheldReason::ScaleSetBusy { .. } => "scale_set_busy",
             WithheldReason::DryRunHolds { .. } => "dry_run_holds",
         }
@@ -292,12 +284,6 @@ impl WithheldReason {
             WithheldReason::GivenUp { incident } => {
                 format!("incident {incident} was given up; waiting for the instance to recover or be removed")
             }
-            WithheldReason::UnprovenDown { reason, proof, required } => format!(
-                "{} but its source proved only `{}`, less than HEALER_DOWN_PROOF={}; a DOWN like that is not enough on its own",
-                reason.describe(),
-                proof.as_str(),
-                required.as_str()
-            ),
             WithheldReason::AwaitingResync { mirror_age_seconds, reason } => format!(
                 "{} as of a mirror read {mirror_age_seconds} s ago, older than HEALER_MIRROR_MAX_AGE; confirming with a fresh read first",
                 reason.describe()
@@ -856,17 +842,6 @@ fn open(view: &View, in_flight: &mut usize, plan: &mut Plan) {
         }
         let reason = match verdict {
             Verdict::Unhealthy(reason) => reason,
-            Verdict::Unproven(reason) => {
-                plan.withheld.push(Withheld {
-                    instance_id: Some(id.to_string()),
-                    why: WithheldReason::UnprovenDown {
-                        reason: reason.clone(),
-                        proof: hb.map_or(crate::heartbeat::Proof::Name, |h| h.proof()),
-                        required: policy.down_proof,
-                    },
-                });
-                continue;
-            }
             _ => continue,
         };
         if plan.transitions.iter().any(|t| t.incident.target == id)

@@ -207,8 +207,9 @@ pub struct Policy {
     pub max_parallel: Limit,
     pub max_unhealthy: Limit,
     pub platform_repairs: PlatformRepairs,
-    /// The least proof of identity a DOWN needs to count on its own (a forged DOWN deletes a
-    /// healthy VM).
+    /// The least proof of identity a heartbeat needs to be believed at all: a forged DOWN deletes
+    /// a healthy VM, a forged UP hides a broken one, and a forged old reading makes a new VM look
+    /// silent.
     pub down_proof: crate::heartbeat::Proof,
     /// The longest a MAINTENANCE heartbeat exempts its VM, from when it was sent, whatever its
     /// `until` says (a forged or mistaken far-future `until` never exempts a VM for ever).

@@ -123,7 +123,7 @@ pub fn summarize(
         total: obs.instances.len(),
         healthy: count(|v| *v == Verdict::Healthy),
         unhealthy: count(Verdict::is_unhealthy),
-        suspect: count(|v| matches!(v, Verdict::Suspect { .. } | Verdict::Unproven(_))),
+        suspect: count(|v| matches!(v, Verdict::Suspect { .. })),
         starting: count(|v| *v == Verdict::Starting),
         maintenance: count(|v| matches!(v, Verdict::Maintenance { .. })),
         repairing: incidents.iter().filter(|i| i.state == "repairing").count(),

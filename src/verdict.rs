@@ -26,9 +26,6 @@ pub enum Verdict {
         until: OffsetDateTime,
     },
     Unhealthy(Reason),
-    /// The only evidence of trouble is a DOWN from a source that has not proven it is the VM
-    /// (less than the policy's `down_proof`): never enough on its own.
-    Unproven(Reason),
 }
 
 impl Verdict {
@@ -117,6 +114,22 @@ pub struct History {
 const PROVISIONING_IN_PROGRESS: [&str; 4] = ["creating", "updating", "deleting", "migrating"];
 const STOPPED: [&str; 3] = ["stopped", "deallocated", "deallocating"];
 
+/// The heartbeat, if it proves what the policy requires. One that proves less was refused when it
+/// arrived; it can only be stored from before the policy was raised, and it is no evidence of
+/// anything — not of life, not of trouble, not of when the VM last spoke.
+fn believed<'a>(heartbeat: Option<&'a Heartbeat>, policy: &Policy) -> Option<&'a Heartbeat> {
+    heartbeat.filter(|hb| hb.proof() >= policy.down_proof)
+}
+
+/// When a VM that last spoke with `hb` counts as silent. The VM's clock is believed only up to
+/// when we received the reading (a clock ahead would stretch its liveness), and a VM is never
+/// silent before its startup timeout: a reading dated just after creation must not have a booting
+/// VM judged sooner than if it had said nothing.
+fn silent_after(hb: &Heartbeat, created: OffsetDateTime, policy: &Policy) -> OffsetDateTime {
+    let last = hb.event_time.min(hb.received_at);
+    (last + policy.heartbeat_timeout).max(created + policy.startup_timeout)
+}
+
 /// Judges one instance.
 pub fn judge(
     instance: &Instance,
@@ -125,6 +138,7 @@ pub fn judge(
     policy: &Policy,
     now: OffsetDateTime,
 ) -> Verdict {
+    let heartbeat = believed(heartbeat, policy);
     let provisioning = instance
         .provisioning_state
         .as_deref()
@@ -176,23 +190,17 @@ pub fn judge(
         }
     }
 
-    let mut unproven = None;
     match heartbeat {
-        Some(hb) if hb.status == Status::Down && hb.proof() >= policy.down_proof => {
+        Some(hb) if hb.status == Status::Down => {
             let since = hb.down_since.unwrap_or(hb.event_time);
             return unless_in_grace(Reason::ReportedDown { since }, since + policy.down_for);
         }
         Some(hb) => {
-            if hb.status == Status::Down {
-                unproven = Some(Reason::ReportedDown {
-                    since: hb.down_since.unwrap_or(hb.event_time),
-                });
-            }
-            let silent = now - hb.event_time;
-            if silent > policy.heartbeat_timeout {
+            if now > silent_after(hb, created, policy) {
+                let last = hb.event_time.min(hb.received_at);
                 return Verdict::Unhealthy(Reason::Silent {
-                    last: hb.event_time,
-                    seconds: silent.whole_seconds(),
+                    last,
+                    seconds: (now - last).whole_seconds(),
                 });
             }
         }
@@ -216,10 +224,7 @@ pub fn judge(
     if heartbeat.is_none() {
         return Verdict::Starting;
     }
-    match unproven {
-        Some(reason) => Verdict::Unproven(reason),
-        None => Verdict::Healthy,
-    }
+    Verdict::Healthy
 }
 
 /// When this verdict could change by the clock alone (the next-check hint), one second late so
@@ -232,12 +237,11 @@ pub fn recheck_in(
     now: OffsetDateTime,
 ) -> Option<Duration> {
     match verdict {
-        Verdict::Healthy => heartbeat.map(|hb| hb.event_time + policy.heartbeat_timeout - now),
+        Verdict::Healthy => {
+            believed(heartbeat, policy).map(|hb| silent_after(hb, created, policy) - now)
+        }
         Verdict::Starting => Some(created + policy.startup_timeout - now),
         Verdict::Maintenance { until } | Verdict::Suspect { until, .. } => Some(*until - now),
-        // A source that has not proven itself still shows the VM's channel is alive; it falls
-        // silent like any other.
-        Verdict::Unproven(_) => heartbeat.map(|hb| hb.event_time + policy.heartbeat_timeout - now),
         Verdict::Unhealthy(_) => None,
     }
     .map(|d| d.max(Duration::ZERO) + Duration::SECOND)
@@ -294,6 +298,21 @@ mod tests {
             origin: Origin::Prunella,
             down_since: Some(NOW - secs(600)),
             ..hb(Status::Down, age_s)
+        }
+    }
+
+    fn prunella(status: Status, age_s: i64) -> Heartbeat {
+        Heartbeat {
+            origin: Origin::Prunella,
+            ..hb(status, age_s)
+        }
+    }
+
+    /// Received `age_s` ago from a VM whose clock was `ahead_s` ahead.
+    fn ahead(status: Status, age_s: i64, ahead_s: i64) -> Heartbeat {
+        Heartbeat {
+            event_time: NOW - secs(age_s) + secs(ahead_s),
+            ..hb(status, age_s)
         }
     }
 
@@ -371,12 +390,19 @@ mod tests {
                 Verdict::Suspect { reason: Reason::AppUnhealthy { state: AppHealth::Unknown, since: NOW - secs(100) }, until: NOW + secs(200) }),
             ("hung VM with a healthy extension is still caught", old(app(AppHealth::Healthy, 4000)), Some(hb(Status::Up, 600)), quiet,
                 Verdict::Unhealthy(Reason::Silent { last: NOW - secs(600), seconds: 600 })),
-            ("DOWN proven by no more than a name: not enough on its own", old(|_| ()), Some(prunella_down(5)), quiet,
-                Verdict::Unproven(Reason::ReportedDown { since: NOW - secs(600) })),
-            ("… with the mirror's evidence it is", old(app(AppHealth::Unhealthy, 400)), Some(prunella_down(5)), quiet,
+            // A reading that proves less than the policy requires (stored before the policy was
+            // raised) is no evidence at all: judged as if the VM had said nothing.
+            ("DOWN proven by no more than a name", old(|_| ()), Some(prunella_down(5)), quiet,
+                Verdict::Unhealthy(Reason::NeverReported { seconds_since_creation: 3600 })),
+            ("… on a new VM", old(fresh), Some(prunella_down(5)), quiet, Verdict::Starting),
+            ("an UP proven by a name does not keep a broken VM alive", old(|i| { i.created_at = Some(NOW - secs(500)); app(AppHealth::Unhealthy, 400)(i) }), Some(prunella(Status::Up, 5)), quiet,
                 Verdict::Unhealthy(Reason::AppUnhealthy { state: AppHealth::Unhealthy, since: NOW - secs(400) })),
-            ("… and it still falls silent", old(|_| ()), Some(prunella_down(600)), quiet,
+            ("… nor date a new one back to look silent", old(fresh), Some(prunella(Status::Up, 800_000_000)), quiet, Verdict::Starting),
+            ("a reading just after creation does not make a booting VM silent early", old(fresh), Some(hb(Status::Up, 99)), quiet, Verdict::Healthy),
+            ("… it is silent at the startup timeout", old(|i| i.created_at = Some(NOW - secs(601))), Some(hb(Status::Up, 600)), quiet,
                 Verdict::Unhealthy(Reason::Silent { last: NOW - secs(600), seconds: 600 })),
+            ("a clock ahead does not stretch liveness", old(|_| ()), Some(ahead(Status::Up, 181, 240)), quiet,
+                Verdict::Unhealthy(Reason::Silent { last: NOW - secs(181), seconds: 181 })),
         ];
         for (name, inst, heartbeat, history, want) in cases {
             assert_eq!(
@@ -407,7 +433,15 @@ mod tests {
             last_repair: None,
         };
         let v = judge(&old(|_| ()), Some(&beat), history, &p, NOW);
-        assert_eq!(recheck_in(&v, Some(&beat), NOW, &p, NOW), Some(secs(81)));
+        assert_eq!(
+            recheck_in(&v, Some(&beat), NOW - Duration::hours(1), &p, NOW),
+            Some(secs(81))
+        );
+        // A VM in its first minutes is not looked at again before its startup timeout.
+        assert_eq!(
+            recheck_in(&v, Some(&beat), NOW - secs(60), &p, NOW),
+            Some(secs(541))
+        );
         let v = judge(&old(|_| ()), Some(&down_for(20)), history, &p, NOW);
         assert_eq!(recheck_in(&v, None, NOW, &p, NOW), Some(secs(41)));
     }

@@ -29,6 +29,22 @@ async fn mirrored_app() -> (TestApp, String) {
     (app, vm_id)
 }
 
+/// As [`mirrored_app`], with `web` still migrating from Prunella: its operator accepts computer
+/// names as proof (`[DOWN_PROOF=name]`).
+async fn migrating_app() -> TestApp {
+    let app = spawn_app()
+        .scale_set("web", 3)
+        .env(
+            "HEALER_SCALE_SETS",
+            &format!("{}[DOWN_PROOF=name]", scale_set_id("web")),
+        )
+        .start()
+        .await;
+    let (status, _) = app.invoke_timer("monitor-state").await;
+    assert_eq!(status, 200);
+    app
+}
+
 /// Instance 1 of `web` reports UP now.
 async fn deliver_up(app: &TestApp, vm_id: &str) -> (u16, Value) {
     app.deliver_event(heartbeat_event(
@@ -290,8 +306,30 @@ async fn bad_spoofed_stale_and_foreign_heartbeats_are_answered_2xx_and_change_no
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prunella_heartbeats_are_accepted_by_computer_name() {
-    let (app, _) = mirrored_app().await;
+async fn prunella_heartbeats_are_accepted_by_computer_name_only_where_names_are_proof() {
+    let (default, _) = mirrored_app().await;
+    let name = default.vm("web", 2).await["computer_name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let refused = json!({"id": "p0", "eventType": "prunella-status", "subject": scale_set_id("web"),
+        "eventTime": now_rfc3339(Duration::ZERO), "data": {"name": name, "status": "UP"}});
+    let (code, answer) = default.deliver_event(refused).await;
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(
+        answer["ReturnValue"]["reason"], "insufficient_proof",
+        "{answer}"
+    );
+    assert!(
+        answer["ReturnValue"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("[DOWN_PROOF=name]"),
+        "the answer says how to accept them: {answer}"
+    );
+    drop(default);
+
+    let app = migrating_app().await;
     let name = app.vm("web", 2).await["computer_name"]
         .as_str()
         .unwrap()
@@ -385,7 +423,7 @@ fn prunella_announcer_event(host_id: &str, host_name: &str, random: u16) -> Valu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_prunella_samples_own_agent_payload_is_accepted_as_it_is() {
-    let (app, _) = mirrored_app().await;
+    let app = migrating_app().await;
     let name = app.vm("web", 1).await["computer_name"]
         .as_str()
         .unwrap()

@@ -492,6 +492,8 @@ async fn forged_heartbeats_never_repair_a_healthy_vm() {
         .start()
         .await;
     let (web, legacy) = (TestApp::scale_set("web"), TestApp::scale_set("legacy"));
+    // Legacy VM 4 runs only a Prunella agent: no vmId reading of its own.
+    app.break_vm("legacy", 4, json!({"beat": "silent"})).await;
     app.sync_and_break("web", 0, json!({})).await;
 
     // Another VM's vmId: refused as a spoof, and counted.
@@ -524,8 +526,8 @@ async fn forged_heartbeats_never_repair_a_healthy_vm() {
         "the stored heartbeat is untouched"
     );
 
-    // A DOWN that proves only a computer name (anyone on the network can learn one) is stored,
-    // and not enough on its own where vmId proof is required.
+    // A DOWN that proves only a computer name (anyone on the network can learn one) is refused
+    // where vmId proof is required, and believed only where the operator accepts names.
     let prunella_down = |set: &str, name: &str| {
         json!({"id": uuid::Uuid::new_v4().to_string(), "eventType": "prunella-status",
             "subject": common::scale_set_id(set), "eventTime": now_rfc3339(Duration::ZERO),
@@ -537,8 +539,16 @@ async fn forged_heartbeats_never_repair_a_healthy_vm() {
             .unwrap()
             .to_string();
         let (_, answer) = app.deliver_event(prunella_down(set, &name)).await;
-        assert_eq!(answer["ReturnValue"]["stored"], true, "{answer}");
+        if set == "web" {
+            assert_eq!(
+                answer["ReturnValue"]["reason"], "insufficient_proof",
+                "{answer}"
+            );
+        } else {
+            assert_eq!(answer["ReturnValue"]["stored"], true, "{answer}");
+        }
     }
+    assert_eq!(app.stored_heartbeat("web", "4").await.status.label(), "UP");
     let (_, status) = app.invoke_timer("monitor-status").await;
     let report = |name: &str| {
         status["ReturnValue"]["scale_sets"]
@@ -563,14 +573,108 @@ async fn forged_heartbeats_never_repair_a_healthy_vm() {
         deletes[0].contains("/virtualmachinescalesets/legacy/"),
         "{deletes:?}"
     );
-    let (journal, _) = app.recent_journal(&web).await;
-    let unproven = journal
-        .iter()
-        .find(|e| e.kind == EntryKind::Withheld && e.instance_id == "4")
-        .expect("the unproven DOWN is journaled");
-    assert_eq!(unproven.outcome, "unproven_down");
     let (journal, _) = app.recent_journal(&legacy).await;
     assert!(journal
         .iter()
         .any(|e| e.kind == EntryKind::Repair && e.instance_id == "4"));
+}
+
+/// Issue 12, items 1 and 2: a computer name is all a Prunella-format heartbeat proves, and anyone
+/// on the network can learn one. It must neither make a new VM look silent for years (and have it
+/// replaced) nor hide a broken VM whose own agent, proving its vmId, reports DOWN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_computer_name_can_neither_delete_a_new_vm_nor_hide_a_broken_one() {
+    let sets = format!(
+        "{} {}[DOWN_PROOF=name]",
+        common::scale_set_id("web"),
+        common::scale_set_id("legacy")
+    );
+    let app = spawn_app()
+        .scale_set("web", 3)
+        .scale_set("legacy", 3)
+        .env("HEALER_SCALE_SETS", &sets)
+        .env("HEALER_REPAIR_ACTIONS", "delete")
+        .start()
+        .await;
+    app.invoke_timer("monitor-state").await;
+    // Scale-out adds instance 3 to each set: booting, no heartbeat yet.
+    for set in ["web", "legacy"] {
+        app.set_capacity(set, 4).await;
+        app.break_vm(set, 3, json!({"beat": "silent"})).await;
+    }
+    app.invoke_timer("monitor-state").await;
+    app.heartbeat_round().await;
+
+    let prunella = |set: &str, name: &str, status: &str, time: &str| {
+        json!({"id": "1234", "eventType": "prunella-status", "subject": common::scale_set_id(set),
+            "eventTime": time, "data": {"name": name, "status": status}})
+    };
+    let name = |set: &'static str, i: u64| {
+        let app = &app;
+        async move {
+            app.vm(set, i).await["computer_name"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let reason = |answer: &Value| answer["ReturnValue"]["reason"].as_str().map(str::to_string);
+
+    // A new VM dated 27 years back by its hostname alone: no delivery is that late.
+    let ancient = "2000-01-01T00:00:00Z";
+    for set in ["web", "legacy"] {
+        let (_, answer) = app
+            .deliver_event(prunella(set, &name(set, 3).await, "UP", ancient))
+            .await;
+        assert_eq!(reason(&answer).as_deref(), Some("too_old"), "{answer}");
+    }
+    // Within a day, but before the VM existed; and where names are no proof, not at all.
+    let before = now_rfc3339(-Duration::hours(1));
+    for (set, why) in [("web", "insufficient_proof"), ("legacy", "before_creation")] {
+        let (_, answer) = app
+            .deliver_event(prunella(set, &name(set, 3).await, "UP", &before))
+            .await;
+        assert_eq!(reason(&answer).as_deref(), Some(why), "{answer}");
+    }
+    for set in ["web", "legacy"] {
+        let stored = app
+            .store
+            .heartbeat(&TestApp::scale_set(set), "3")
+            .await
+            .unwrap();
+        assert!(stored.is_none(), "{set}#3: {stored:?}");
+    }
+
+    // Instance 2's own agent reports DOWN; a hostname-only UP dated ahead does not mask it.
+    for set in ["web", "legacy"] {
+        let vm_id = app.vm(set, 2).await["vm_id"].as_str().unwrap().to_string();
+        let down = heartbeat_event(set, 2, &vm_id, "DOWN", &now_rfc3339(Duration::ZERO));
+        let (_, answer) = app.deliver_event(down).await;
+        assert_eq!(answer["ReturnValue"]["stored"], true, "{answer}");
+        let ahead = now_rfc3339(Duration::minutes(4));
+        let (_, answer) = app
+            .deliver_event(prunella(set, &name(set, 2).await, "UP", &ahead))
+            .await;
+        if set == "web" {
+            assert_eq!(
+                reason(&answer).as_deref(),
+                Some("insufficient_proof"),
+                "{answer}"
+            );
+        } else {
+            assert_eq!(answer["ReturnValue"]["stored"], false, "{answer}");
+        }
+        assert_eq!(app.stored_heartbeat(set, "2").await.status.label(), "DOWN");
+    }
+
+    let (_, status) = app.invoke_timer("monitor-status").await;
+    for set in ["web", "legacy"] {
+        let (journal, _) = app.recent_journal(&TestApp::scale_set(set)).await;
+        let repaired: Vec<&str> = journal
+            .iter()
+            .filter(|e| e.kind == EntryKind::Repair)
+            .map(|e| e.instance_id.as_str())
+            .collect();
+        assert_eq!(repaired, ["2"], "{set}: {status}");
+    }
 }

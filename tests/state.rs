@@ -5,7 +5,12 @@ mod common;
 use common::azurite::Azurite;
 use std::sync::Arc;
 use time::{Duration, OffsetDateTime};
-use vmss_healer::heartbeat::{supersedes, Heartbeat, Origin, Status};
+use vmss_healer::heartbeat::{supersedes, Heartbeat, Origin, Proof, Status};
+
+/// Newer, as `monitor-events` decides it for a scale set that requires vmId proof.
+fn newer(new: &Heartbeat, stored: &Heartbeat) -> bool {
+    supersedes(new, stored, Proof::Name)
+}
 use vmss_healer::journal::{Entry, EntryKind};
 use vmss_healer::mirror::{AppHealth, Instance, ScaleSetRecord};
 use vmss_healer::policy::RepairAction;
@@ -119,21 +124,21 @@ async fn heartbeats_keep_the_newest_reading_even_with_concurrent_writers() {
 
     assert_eq!(
         store
-            .store_heartbeat(&heartbeat(t0, 1), supersedes)
+            .store_heartbeat(&heartbeat(t0, 1), newer)
             .await
             .unwrap(),
         HeartbeatWrite::Stored
     );
     assert_eq!(
         store
-            .store_heartbeat(&heartbeat(t0, 1), supersedes)
+            .store_heartbeat(&heartbeat(t0, 1), newer)
             .await
             .unwrap(),
         HeartbeatWrite::Ignored
     );
     assert_eq!(
         store
-            .store_heartbeat(&heartbeat(t0 - Duration::seconds(60), 0), supersedes)
+            .store_heartbeat(&heartbeat(t0 - Duration::seconds(60), 0), newer)
             .await
             .unwrap(),
         HeartbeatWrite::Ignored,
@@ -145,7 +150,7 @@ async fn heartbeats_keep_the_newest_reading_even_with_concurrent_writers() {
             let store = store.clone();
             tokio::spawn(async move {
                 store
-                    .store_heartbeat(&heartbeat(t0 + Duration::seconds(seq), seq), supersedes)
+                    .store_heartbeat(&heartbeat(t0 + Duration::seconds(seq), seq), newer)
                     .await
             })
         })
@@ -179,10 +184,7 @@ async fn heartbeats_keep_the_newest_reading_even_with_concurrent_writers() {
         },
         ..heartbeat(t0 + Duration::seconds(30), 30)
     };
-    store
-        .store_heartbeat(&maintenance, supersedes)
-        .await
-        .unwrap();
+    store.store_heartbeat(&maintenance, newer).await.unwrap();
     let (all, _) = store.heartbeats(&set()).await.unwrap();
     assert_eq!(all.get("7"), Some(&maintenance));
 }
@@ -295,7 +297,7 @@ async fn storage_down_is_a_transient_error_and_bad_strings_fail_at_connect() {
     store.ensure_tables().await.unwrap();
     azurite.stop();
     let err = store
-        .store_heartbeat(&heartbeat(OffsetDateTime::now_utc(), 1), supersedes)
+        .store_heartbeat(&heartbeat(OffsetDateTime::now_utc(), 1), newer)
         .await
         .unwrap_err();
     assert!(err.is_transient(), "{err}");
@@ -332,16 +334,16 @@ async fn a_down_streak_remembers_when_it_began() {
     };
 
     store
-        .store_heartbeat(&at(0, Status::Up), supersedes)
+        .store_heartbeat(&at(0, Status::Up), newer)
         .await
         .unwrap();
     assert_eq!(down_since(&store).await, None);
     store
-        .store_heartbeat(&at(10, Status::Down), supersedes)
+        .store_heartbeat(&at(10, Status::Down), newer)
         .await
         .unwrap();
     store
-        .store_heartbeat(&at(20, Status::Down), supersedes)
+        .store_heartbeat(&at(20, Status::Down), newer)
         .await
         .unwrap();
     assert_eq!(
@@ -350,17 +352,38 @@ async fn a_down_streak_remembers_when_it_began() {
         "the streak began at the first DOWN"
     );
     store
-        .store_heartbeat(&at(30, Status::Up), supersedes)
+        .store_heartbeat(&at(30, Status::Up), newer)
         .await
         .unwrap();
     store
-        .store_heartbeat(&at(40, Status::Down), supersedes)
+        .store_heartbeat(&at(40, Status::Down), newer)
         .await
         .unwrap();
     assert_eq!(
         down_since(&store).await,
         Some(t0 + Duration::seconds(40)),
         "an UP ends the streak"
+    );
+    // A streak a hostname-only DOWN began does not count for the VM's own agent: a forger could
+    // otherwise start the HEALER_DOWN_FOR clock early.
+    let on_8 = |secs: i64, origin: Origin| Heartbeat {
+        target: set().instance("8"),
+        origin,
+        ..at(secs, Status::Down)
+    };
+    store
+        .store_heartbeat(&on_8(50, Origin::Prunella), newer)
+        .await
+        .unwrap();
+    store
+        .store_heartbeat(&on_8(70, Origin::Agent), newer)
+        .await
+        .unwrap();
+    let stored = store.heartbeat(&set(), "8").await.unwrap().unwrap();
+    assert_eq!(
+        stored.heartbeat.down_since,
+        Some(t0 + Duration::seconds(70)),
+        "the agent's streak begins with its own DOWN"
     );
 }
 
@@ -539,7 +562,7 @@ async fn heartbeat_ingest_costs_one_write_and_duplicates_cost_nothing() {
     // First sight of the instance: read, then insert.
     let before = store.requests();
     store
-        .store_heartbeat(&heartbeat(t0, 0), supersedes)
+        .store_heartbeat(&heartbeat(t0, 0), newer)
         .await
         .unwrap();
     assert_eq!(store.requests() - before, 2);
@@ -548,7 +571,7 @@ async fn heartbeat_ingest_costs_one_write_and_duplicates_cost_nothing() {
     let before = store.requests();
     for s in 1..=10 {
         let r = store
-            .store_heartbeat(&heartbeat(t0 + Duration::seconds(s), s), supersedes)
+            .store_heartbeat(&heartbeat(t0 + Duration::seconds(s), s), newer)
             .await
             .unwrap();
         assert_eq!(r, HeartbeatWrite::Stored);
@@ -559,7 +582,7 @@ async fn heartbeat_ingest_costs_one_write_and_duplicates_cost_nothing() {
     let before = store.requests();
     for s in [10, 9, 3] {
         let r = store
-            .store_heartbeat(&heartbeat(t0 + Duration::seconds(s), s), supersedes)
+            .store_heartbeat(&heartbeat(t0 + Duration::seconds(s), s), newer)
             .await
             .unwrap();
         assert_eq!(r, HeartbeatWrite::Ignored);
@@ -569,11 +592,11 @@ async fn heartbeat_ingest_costs_one_write_and_duplicates_cost_nothing() {
     // Another worker writes meanwhile: the stale memory costs a retry, never a wrong write.
     let other = store_for(azurite.connection_string());
     other
-        .store_heartbeat(&heartbeat(t0 + Duration::seconds(20), 20), supersedes)
+        .store_heartbeat(&heartbeat(t0 + Duration::seconds(20), 20), newer)
         .await
         .unwrap();
     let r = store
-        .store_heartbeat(&heartbeat(t0 + Duration::seconds(15), 15), supersedes)
+        .store_heartbeat(&heartbeat(t0 + Duration::seconds(15), 15), newer)
         .await
         .unwrap();
     assert_eq!(
@@ -590,7 +613,7 @@ async fn heartbeat_ingest_costs_one_write_and_duplicates_cost_nothing() {
     assert_eq!(stored.sequence, Some(20));
     let before = store.requests();
     store
-        .store_heartbeat(&heartbeat(t0 + Duration::seconds(21), 21), supersedes)
+        .store_heartbeat(&heartbeat(t0 + Duration::seconds(21), 21), newer)
         .await
         .unwrap();
     assert_eq!(

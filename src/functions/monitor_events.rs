@@ -61,10 +61,11 @@ async fn on_heartbeat(
     };
     let set = hb.target.scale_set.clone();
     let set = &set;
-    if state.settings.scale_set(set).is_none() {
+    let Some(watched) = state.settings.scale_set(set) else {
         let r = heartbeat::Rejection::UnknownScaleSet(set.resource_id());
         return Ok(rejected(state, r.label(), Some(&event.id), &r.to_string()));
-    }
+    };
+    let required = watched.policy.down_proof;
     let mirrored = state
         .store
         .mirrored_identity(set, &hb.target.instance_id)
@@ -73,18 +74,23 @@ async fn on_heartbeat(
     if let Err(r) = heartbeat::verify(&hb, mirrored.as_ref()) {
         return Ok(rejected(state, r.label(), Some(&event.id), &r.to_string()));
     }
-    let mirrored_vm_id = mirrored.as_ref().and_then(|m| m.vm_id.as_deref());
-    if let Err(r) = attestation::prove(
+    let Some(mirrored) = mirrored else {
+        let r = heartbeat::Rejection::UnknownInstance(hb.target.to_string());
+        return Ok(rejected(state, r.label(), Some(&event.id), &r.to_string()));
+    };
+    let checked = attestation::prove(
         &mut hb,
-        mirrored_vm_id,
+        mirrored.vm_id.as_deref(),
         state.settings.attestation.as_ref(),
         now,
-    ) {
+    )
+    .and_then(|()| heartbeat::admit(&hb, &mirrored, required));
+    if let Err(r) = checked {
         return Ok(rejected(state, r.label(), Some(&event.id), &r.to_string()));
     }
     let write = state
         .store
-        .store_heartbeat(&hb, supersedes)
+        .store_heartbeat(&hb, |new, stored| supersedes(new, stored, required))
         .await
         .map_err(store_error)?;
     let stored = write == HeartbeatWrite::Stored;

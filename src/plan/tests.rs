@@ -102,6 +102,15 @@ impl Fleet {
         self.0.heartbeats.insert(id.into(), hb);
         self
     }
+    /// The instance was created `age_s` ago (within its startup timeout if under 600).
+    fn created(mut self, id: &str, age_s: i64) -> Self {
+        for m in &mut self.0.instances {
+            if m.instance.instance_id == id {
+                m.instance.created_at = Some(NOW - secs(age_s));
+            }
+        }
+        self
+    }
     fn up(mut self, id: &str, age_s: i64) -> Self {
         self.0
             .heartbeats
@@ -275,7 +284,7 @@ fn decision_table() {
         ("change before the last read is mirrored", fleet(4).down("1").mirror_age(100).changed(500), &[], (vec![("1", "open", Some(Replace), 1)], vec![])),
         ("stopped, on a current mirror", fleet(4).stopped("1"), &[], (vec![("1", "open", Some(Replace), 1)], vec![])),
         ("stopped, on an old mirror: confirm first", fleet(4).stopped("1").mirror_age(301), &[], (vec![], vec![(Some("1"), "awaiting_resync")])),
-        ("a DOWN proven by a name only is not acted on", fleet(4).name_only_down("1"), &[], (vec![], vec![(Some("1"), "unproven_down")])),
+        ("a DOWN proven by a name only is no evidence: the VM never proved it reported", fleet(4).name_only_down("1").created("1", 60), &[], (vec![], vec![])),
         ("unless names are accepted as proof", fleet(4).name_only_down("1"), &[("HEALER_DOWN_PROOF", "name")], (vec![("1", "open", Some(Replace), 1)], vec![])),
         ("paused by an operator", fleet(4).down("1").paused_by_operator(), &[], (vec![], vec![(None, "paused_by_operator")])),
         ("paused by an operator: outcomes still recorded", fleet(4).gone("2").repairing("2", Delete, 1, 60).paused_by_operator(), &[], (vec![("2", "removed", Some(Delete), 1)], vec![(None, "paused_by_operator")])),

@@ -801,7 +801,12 @@ fn heartbeat_from_row(set: &ScaleSetId, r: &Row) -> Result<Heartbeat, RowError> 
 /// Carries the start of a DOWN streak from the stored reading to the new one.
 fn with_down_since(new: &Heartbeat, stored: Option<&Heartbeat>) -> Heartbeat {
     let down_since = match (&new.status, stored) {
-        (Status::Down, Some(prev)) if prev.status == Status::Down => {
+        // A streak begun by a weaker source (a hostname-only DOWN) does not count for a stronger
+        // one: it would let a forger start the `HEALER_DOWN_FOR` clock early.
+        (Status::Down, Some(prev))
+            if prev.status == Status::Down
+                && prev.proof() >= new.proof().min(crate::heartbeat::Proof::VmId) =>
+        {
             Some(prev.down_since.unwrap_or(prev.event_time))
         }
         (Status::Down, _) => Some(new.event_time),

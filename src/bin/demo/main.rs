@@ -341,7 +341,7 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
                     _ if repairing => Cell::Repairing,
                     Verdict::Healthy => Cell::Healthy,
                     Verdict::Unhealthy(_) => Cell::Unhealthy,
-                    Verdict::Suspect { .. } | Verdict::Unproven(_) => Cell::Suspect,
+                    Verdict::Suspect { .. } => Cell::Suspect,
                     Verdict::Maintenance { .. } => Cell::Maintenance,
                     Verdict::Starting => Cell::Starting,
                 };
