@@ -1,5 +1,6 @@
-//! Resource Manager events about watched scale sets (design §2): they update the mirror as they
-//! arrive instead of a minute later.
+//! Resource Manager events about watched scale sets (design §2): they have the next mirror pass
+//! read the scale set instead of waiting for its full resync. They are never taken as the truth
+//! (anyone who reaches the endpoint can send one): the Compute API's answer is.
 
 use crate::event::Event;
 use crate::scaleset::{InstanceRef, ScaleSetId};
@@ -17,9 +18,9 @@ pub fn is_lifecycle(event_type: &str) -> bool {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    /// One instance is gone: drop it from the mirror now.
+    /// One instance is said to be gone.
     InstanceDeleted(InstanceRef),
-    /// The scale set is gone.
+    /// The scale set is said to be gone.
     ScaleSetDeleted(ScaleSetId),
     /// The scale set or one of its instances changed: resync it on the next pass.
     ScaleSetChanged(ScaleSetId),

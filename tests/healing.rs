@@ -208,8 +208,12 @@ async fn vanished_instances_and_deleted_scale_sets_leave_the_mirror() {
         .await;
     let set = TestApp::scale_set("web");
     app.invoke_timer("monitor-state").await;
+    app.heartbeat_round().await;
+    let before = app.stored_heartbeat("web", "2").await;
 
-    // A Resource Manager delete event removes the instance at once.
+    // Issue 12 item 9: a Resource Manager event is a reason to read again, not the truth. One
+    // that says instance 2 was deleted (forged: it was not) removes nothing — a removed instance
+    // would be re-mirrored with no heartbeat and replaced as never having reported.
     let event = json!({"id": "rm-1", "topic": "/subscriptions/x/resourceGroups/rg-fleet",
         "subject": format!("{}/virtualMachines/2", common::scale_set_id("web")),
         "eventType": "Microsoft.Resources.ResourceDeleteSuccess", "eventTime": now_rfc3339(Duration::ZERO),
@@ -223,8 +227,15 @@ async fn vanished_instances_and_deleted_scale_sets_leave_the_mirror() {
         .mirrored_instance(&set, "2")
         .await
         .unwrap()
-        .is_none());
-    assert_eq!(app.store.mirror(&set).await.unwrap().0.len(), 5);
+        .is_some());
+    assert_eq!(app.stored_heartbeat("web", "2").await, before);
+    let (_, answer) = app.invoke_timer("monitor-state").await;
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["read"], "changed",
+        "the event has the set read at once: {answer}"
+    );
+    assert_eq!(app.store.mirror(&set).await.unwrap().0.len(), 6);
+    assert_eq!(app.stored_heartbeat("web", "2").await, before);
 
     // Scale-in in the simulator: its Resource Manager event has the next sync read the set, which
     // drops what is gone.

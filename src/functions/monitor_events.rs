@@ -128,29 +128,24 @@ async fn on_lifecycle(
         let why = format!("scale set {} is not watched", set.resource_id());
         return Ok(rejected(state, "unknown_scale_set", Some(&event.id), &why));
     }
-    let store = &state.store;
+    // Anyone who can reach the endpoint can send one of these, so none is taken as the truth:
+    // each only has the next mirror pass read the scale set (one table write, no Compute call).
+    // Removing an instance on the event's word would have it re-mirrored with no heartbeat and
+    // replaced as never having reported.
+    state
+        .store
+        .mark_scale_set_changed(&set, now)
+        .await
+        .map_err(store_error)?;
     let note = match &change {
         Change::InstanceDeleted(i) => {
-            store
-                .remove_instances(&set, std::slice::from_ref(&i.instance_id))
-                .await
-                .map_err(store_error)?;
-            format!("instance {} removed from the mirror", i.instance_id)
+            format!(
+                "instance {} reported deleted: scale set marked for resync",
+                i.instance_id
+            )
         }
-        Change::ScaleSetDeleted(_) => {
-            store
-                .mark_scale_set_changed(&set, now, false)
-                .await
-                .map_err(store_error)?;
-            "scale set marked deleted".to_string()
-        }
-        Change::ScaleSetChanged(_) => {
-            store
-                .mark_scale_set_changed(&set, now, true)
-                .await
-                .map_err(store_error)?;
-            "scale set marked for resync".to_string()
-        }
+        Change::ScaleSetDeleted(_) => "scale set reported deleted: marked for resync".to_string(),
+        Change::ScaleSetChanged(_) => "scale set marked for resync".to_string(),
     };
     tracing::info!(scale_set = %set, event_type = %event.event_type, event_id = %event.id, "{note}");
     Ok(Outcome::new(

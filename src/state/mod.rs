@@ -469,11 +469,10 @@ impl Store {
         &self,
         set: &ScaleSetId,
         at: OffsetDateTime,
-        exists: bool,
     ) -> Result<(), StoreError> {
-        let entity = Entity::new(SCALESET_PARTITION, &set.key())
-            .time("changedAt", at)
-            .bool("exists", exists);
+        // `exists` is left to the mirror pass that reads the set: an event saying it was deleted
+        // is a reason to read it, not proof.
+        let entity = Entity::new(SCALESET_PARTITION, &set.key()).time("changedAt", at);
         self.scalesets.merge(SCALESET_PARTITION, entity).await
     }
 
