@@ -76,17 +76,24 @@ async fn deliver(http: &reqwest::Client, url: &Url, alert: &Alert) {
         let failure = match http.post(url.clone()).json(alert).send().await {
             Ok(r) if r.status().is_success() => return,
             Ok(r) => format!("HTTP {}", r.status()),
-            Err(e) => e.to_string(),
+            // Without the URL: a webhook's token is often in its query or path.
+            Err(e) => e.without_url().to_string(),
         };
+        let webhook = origin(url);
         match waits.next() {
             Some(wait) => {
-                tracing::warn!(kind = ?alert.kind, scale_set = %alert.scale_set, error = %failure, retry_in_ms = wait.as_millis() as u64, "webhook delivery failed; retrying");
+                tracing::warn!(kind = ?alert.kind, scale_set = %alert.scale_set, %webhook, error = %failure, retry_in_ms = wait.as_millis() as u64, "webhook delivery failed; retrying");
                 tokio::time::sleep(*wait).await;
             }
             None => {
-                tracing::error!(kind = ?alert.kind, scale_set = %alert.scale_set, error = %failure, "webhook delivery failed; alert dropped after retries");
+                tracing::error!(kind = ?alert.kind, scale_set = %alert.scale_set, %webhook, error = %failure, "webhook delivery failed; alert dropped after retries");
                 return;
             }
         }
     }
+}
+
+/// Where alerts go, for a log line: scheme, host and port only.
+fn origin(url: &Url) -> String {
+    url.origin().ascii_serialization()
 }

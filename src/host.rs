@@ -127,7 +127,24 @@ impl HostError {
             return_value["failed_total"] = json!(n);
         }
         let body = json!({"Outputs": {}, "Logs": [message.clone()], "ReturnValue": return_value, "error": message});
-        (self.status(), Json(body)).into_response()
+        redacted_json(self.status(), &body)
+    }
+}
+
+/// Every answer leaves through here: the host copies `Logs` into its own logs and Application
+/// Insights, and `ReturnValue` quotes error messages that can carry a storage URL's SAS.
+fn redacted_json(status: StatusCode, body: &impl Serialize) -> Response {
+    match serde_json::to_string(body) {
+        Ok(text) => (
+            status,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            crate::secret::redact(&text),
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "answer could not be serialized");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
     }
 }
 
@@ -173,7 +190,7 @@ async fn invoke(
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     match run(&state, &function, body).await {
-        Ok(outcome) => Json(outcome).into_response(),
+        Ok(outcome) => redacted_json(StatusCode::OK, &outcome),
         Err(e) => {
             // A table found missing is recreated now, so the retry this answer asks for succeeds.
             if let Err(again) = state.store.recreate_missing_tables().await {

@@ -23,6 +23,7 @@ pub mod policy;
 pub mod repair;
 pub mod resync;
 pub mod scaleset;
+pub mod secret;
 pub mod settings;
 pub mod state;
 pub mod status;

@@ -8,6 +8,7 @@ use tracing_subscriber::EnvFilter;
 use vmss_healer::compute::Compute;
 use vmss_healer::host::{app, AppState, Counters};
 use vmss_healer::identity::credential;
+use vmss_healer::secret::{self, redact};
 use vmss_healer::settings::Settings;
 use vmss_healer::state::Store;
 
@@ -22,6 +23,8 @@ Function App (HEALER_STORAGE or AzureWebJobsStorage, HEALER_SCALE_SETS, ...).
 ";
 
 fn main() {
+    // Before anything could quote them: the configured secrets are masked in every output.
+    vmss_healer::settings::register_secrets(|k| std::env::var(k).ok());
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("--settings-table") => {
@@ -45,12 +48,13 @@ fn main() {
         )
         .with_target(false)
         .with_ansi(false)
+        .with_writer(secret::Output::Stdout)
         .init();
 
     let settings = match Settings::from_env() {
         Ok(s) => s,
         Err(problems) => {
-            eprint!("{problems}");
+            eprint!("{}", redact(&problems.to_string()));
             std::process::exit(2);
         }
     };
@@ -66,7 +70,7 @@ fn main() {
     };
     if let Err(e) = runtime.block_on(serve(settings)) {
         tracing::error!(error = format!("{e:#}"), "handler stopped");
-        eprintln!("handler: {e:#}");
+        eprintln!("handler: {}", redact(&format!("{e:#}")));
         std::process::exit(1);
     }
 }
@@ -77,12 +81,12 @@ fn command(args: &[String]) -> i32 {
         .with_env_filter(EnvFilter::new("warn"))
         .with_target(false)
         .with_ansi(false)
-        .with_writer(std::io::stderr)
+        .with_writer(secret::Output::Stderr)
         .init();
     let settings = match Settings::from_env() {
         Ok(s) => s,
         Err(problems) => {
-            eprint!("{problems}");
+            eprint!("{}", redact(&problems.to_string()));
             return 2;
         }
     };
@@ -131,11 +135,11 @@ fn command(args: &[String]) -> i32 {
     });
     match result {
         Ok(text) => {
-            print!("{text}");
+            print!("{}", redact(&text));
             0
         }
         Err(e) => {
-            eprintln!("handler {}: {e:#}", args[0]);
+            eprintln!("handler {}: {}", args[0], redact(&format!("{e:#}")));
             if e.downcast_ref::<vmss_healer::operator::NoSuchScaleSet>()
                 .is_some()
             {

@@ -312,19 +312,42 @@ fn attempts(raw: Option<String>, name: &str, problems: &mut Vec<String>) -> u32 
     }
 }
 
+/// Settings (and variables the platform sets) whose values are or contain secrets: storage keys
+/// and SAS tokens, a webhook URL's token, the managed identity endpoint's header.
+const SECRET_VALUES: [&str; 5] = [
+    STORAGE,
+    WEBJOBS_STORAGE,
+    WEBHOOK_URL,
+    "IDENTITY_HEADER",
+    "MSI_SECRET",
+];
+
+/// Registers the configured secrets with [`crate::secret`], so that no output quotes them.
+pub fn register_secrets(get: impl Fn(&str) -> Option<String>) {
+    for name in SECRET_VALUES {
+        if let Some(value) = get(name) {
+            crate::secret::register(&value);
+        }
+    }
+}
+
 fn url_setting(raw: Option<String>, name: &str, problems: &mut Vec<String>) -> Option<Url> {
     let raw = raw?;
     match Url::parse(raw.trim()) {
         Ok(u) if u.scheme() == "https" || u.scheme() == "http" => Some(u),
         Ok(u) => {
             problems.push(format!(
-                "{name}: `{raw}` has scheme `{}`, expected https",
+                "{name}: `{}` has scheme `{}`, expected https",
+                crate::secret::redact(&raw),
                 u.scheme()
             ));
             None
         }
         Err(e) => {
-            problems.push(format!("{name}: `{raw}` is not a URL ({e})"));
+            problems.push(format!(
+                "{name}: `{}` is not a URL ({e})",
+                crate::secret::redact(&raw)
+            ));
             None
         }
     }
@@ -362,6 +385,10 @@ fn storage(
                 problems.push(format!(
                     "{prefix}: not a connection string (expected `Key=Value;…` pairs such as `UseDevelopmentStorage=true`)"
                 ));
+                return None;
+            }
+            if let Some(problem) = crate::state::connection_string_problem(cs.trim()) {
+                problems.push(format!("{prefix}: {problem}"));
                 return None;
             }
             return Some(StorageSettings::ConnectionString(cs.trim().to_string()));

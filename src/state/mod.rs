@@ -640,6 +640,14 @@ fn collect<T>(rows: Vec<Row>, f: impl Fn(&Row) -> Result<T, RowError>) -> (Vec<T
     (out, skipped)
 }
 
+/// Why a storage connection string cannot be used, if it cannot — without its secrets, for the
+/// startup check that lists every problem at once.
+pub fn connection_string_problem(cs: &str) -> Option<String> {
+    from_connection_string(cs)
+        .err()
+        .map(|e| crate::secret::redact(&format!("{e:#}")))
+}
+
 fn from_connection_string(cs: &str) -> anyhow::Result<(CloudLocation, StorageCredentials)> {
     let parsed = ConnectionString::new(cs).context("the storage connection string is malformed")?;
     if parsed.use_development_storage == Some(true) {

@@ -41,19 +41,18 @@ pub enum StoreError {
     #[error("{table}: row {key} changed since it was read")]
     PreconditionFailed { table: &'static str, key: String },
     /// Storage could not be reached or answered with a server error: worth a retry.
-    #[error("{table}: table storage unavailable during {op}: {source}")]
+    #[error("{table}: table storage unavailable during {op}: {detail}")]
     Unavailable {
         table: &'static str,
         op: &'static str,
-        #[source]
-        source: azure_core::Error,
+        /// The storage client's error, redacted: it quotes request URLs, which carry the SAS.
+        detail: String,
     },
-    #[error("{table}: {op} failed: {source}")]
+    #[error("{table}: {op} failed: {detail}")]
     Failed {
         table: &'static str,
         op: &'static str,
-        #[source]
-        source: azure_core::Error,
+        detail: String,
     },
     /// The table does not exist (it was dropped, or storage was restored without it): it is
     /// recreated, and the request is worth a retry.
@@ -89,6 +88,7 @@ impl StoreError {
         e: azure_core::Error,
     ) -> Self {
         let code = e.as_http_error().and_then(|h| h.error_code());
+        let detail = describe(&e);
         if code.is_some_and(|c| c.eq_ignore_ascii_case("TableNotFound")) {
             return StoreError::TableMissing { table };
         }
@@ -108,30 +108,30 @@ impl StoreError {
                     || s == StatusCode::TooManyRequests
                     || s == StatusCode::RequestTimeout =>
                 {
-                    StoreError::Unavailable {
-                        table,
-                        op,
-                        source: e,
-                    }
+                    StoreError::Unavailable { table, op, detail }
                 }
-                _ => StoreError::Failed {
-                    table,
-                    op,
-                    source: e,
-                },
+                _ => StoreError::Failed { table, op, detail },
             },
-            ErrorKind::Io => StoreError::Unavailable {
-                table,
-                op,
-                source: e,
-            },
-            _ => StoreError::Failed {
-                table,
-                op,
-                source: e,
-            },
+            ErrorKind::Io => StoreError::Unavailable { table, op, detail },
+            _ => StoreError::Failed { table, op, detail },
         }
     }
+}
+
+/// The storage client's error with its causes, and no secret: the error is the only thing that
+/// leaves this layer, so it is redacted here rather than trusted to every reader.
+fn describe(e: &azure_core::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    crate::secret::redact(&text)
 }
 
 /// An entity being written: keys plus typed properties.

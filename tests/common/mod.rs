@@ -56,6 +56,19 @@ pub struct TestApp {
     pub store: Store,
     /// The handler's environment, for running its operator commands against the same deployment.
     handler_env: Vec<(String, String)>,
+    /// Everything the handler wrote to stdout and stderr (the Functions host's log stream).
+    log_path: std::path::PathBuf,
+}
+
+/// Standard output and error of a handler, appended to one file.
+fn log_to(path: &std::path::Path) -> (Stdio, Stdio) {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("open the handler's log file");
+    let err = file.try_clone().expect("clone the log file handle");
+    (Stdio::from(file), Stdio::from(err))
 }
 
 pub struct Builder {
@@ -165,12 +178,15 @@ impl Builder {
             ("IDENTITY_ENDPOINT".into(), format!("{sim_url}/msi/token")),
             ("IDENTITY_HEADER".into(), IDENTITY_SECRET.into()),
         ];
+        let own_storage = self.env.contains_key("HEALER_STORAGE");
         handler_env.extend(self.env.clone());
+        let log_path = std::env::temp_dir().join(format!("handler-{}.log", uuid::Uuid::new_v4()));
+        let (out, err) = log_to(&log_path);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_handler"));
         cmd.env_clear()
             .envs(handler_env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stdout(out)
+            .stderr(err);
         let mut handler = cmd.spawn().expect("start handler");
         wait_for_port(
             handler_port,
@@ -185,6 +201,11 @@ impl Builder {
             |_| anyhow::bail!("no identity in tests"),
         )
         .expect("connect to Azurite");
+        if own_storage {
+            // The handler was given other storage (a test of storage faults): it cannot be
+            // relied on to create these tables.
+            store.ensure_tables().await.expect("create the tables");
+        }
         // Wait for the handler's own startup task to create the tables.
         let deadline = Instant::now() + Duration::from_secs(20);
         while store
@@ -207,6 +228,7 @@ impl Builder {
             http,
             store,
             handler_env,
+            log_path,
         }
     }
 }
@@ -224,17 +246,39 @@ impl TestApp {
             .retain(|(k, _)| k != "FUNCTIONS_CUSTOMHANDLER_PORT");
         self.handler_env
             .push(("FUNCTIONS_CUSTOMHANDLER_PORT".into(), port.to_string()));
+        let (out, err) = log_to(&self.log_path);
         let mut child = Command::new(env!("CARGO_BIN_EXE_handler"))
             .env_clear()
             .envs(self.handler_env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(out)
+            .stderr(err)
             .spawn()
             .expect("restart handler");
         wait_for_port(port, Duration::from_secs(20), "handler", &mut child);
         // The old process stops when its handle is dropped.
         self.handler = Process(child);
         self.handler_url = format!("http://127.0.0.1:{port}");
+    }
+
+    /// What the handler logged so far (stdout and stderr, as the host's log stream has them).
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits until the handler's log has a line containing `needle`, and returns the log.
+    pub async fn wait_for_log(&self, needle: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let logs = self.logs();
+            if logs.contains(needle) {
+                return logs;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line with `{needle}` within {limit:?}:\n{logs}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The simulator's long-running operations so far, oldest first, with how each ended.
@@ -479,4 +523,10 @@ pub fn heartbeat_event(
         "metadataVersion": "1",
         "data": {"status": status, "vmId": vm_id, "computerName": format!("{set}{instance:06}"), "sequence": 1}
     })
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.log_path);
+    }
 }
