@@ -420,11 +420,17 @@ impl std::fmt::Debug for Compute {
 }
 
 impl Compute {
-    pub fn new(endpoint: &Url, credential: Arc<dyn TokenCredential>) -> anyhow::Result<Self> {
+    /// `call_timeout` bounds each request (`HEALER_CALL_TIMEOUT`): a pass must fit its deadline,
+    /// and a write without an answer by then has an unknown outcome.
+    pub fn new(
+        endpoint: &Url,
+        credential: Arc<dyn TokenCredential>,
+        call_timeout: std::time::Duration,
+    ) -> anyhow::Result<Self> {
         let observed = Arc::new(Observed::default());
         let http = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .timeout(std::time::Duration::from_secs(60))
+            .connect_timeout(std::time::Duration::from_secs(5).min(call_timeout))
+            .timeout(call_timeout)
             .build()?;
         let transport = Arc::new(ObservingTransport {
             inner: http,
@@ -1066,7 +1072,8 @@ mod tests {
     async fn status_urls_off_the_resource_manager_endpoint_never_get_our_token() {
         let credential = Arc::new(Untouchable::default());
         let arm = Url::parse("https://management.azure.com").unwrap();
-        let compute = Compute::new(&arm, credential.clone()).unwrap();
+        let compute =
+            Compute::new(&arm, credential.clone(), std::time::Duration::from_secs(30)).unwrap();
         for foreign in [
             "https://attacker.example/subscriptions/s/providers/Microsoft.Compute/locations/x/operations/1",
             "http://management.azure.com/subscriptions/s/providers/Microsoft.Compute/locations/x/operations/1",

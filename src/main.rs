@@ -58,6 +58,16 @@ fn main() {
             std::process::exit(2);
         }
     };
+    // The host starts the handler in the app's root, next to host.json (`workingDirectory` "").
+    if let Ok(host_json) = std::fs::read_to_string("host.json") {
+        if let Err(problem) = settings.check_function_timeout(&host_json) {
+            eprintln!(
+                "invalid configuration (1 problem):\n  - {}",
+                redact(&problem)
+            );
+            std::process::exit(2);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -162,6 +172,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let compute = Compute::new(
         &settings.arm_endpoint,
         credential(None).context("configuring the Resource Manager credential")?,
+        settings.call_timeout.unsigned_abs(),
     )
     .context("configuring the Compute client")?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", settings.port))

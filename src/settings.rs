@@ -38,6 +38,8 @@ pub const DRY_RUN: &str = "HEALER_DRY_RUN";
 pub const WEBHOOK_URL: &str = "HEALER_WEBHOOK_URL";
 pub const STATUS_SCHEDULE: &str = "HEALER_STATUS_SCHEDULE";
 pub const STATE_SCHEDULE: &str = "HEALER_STATE_SCHEDULE";
+pub const PASS_DEADLINE: &str = "HEALER_PASS_DEADLINE";
+pub const CALL_TIMEOUT: &str = "HEALER_CALL_TIMEOUT";
 pub const HANDLER_PORT: &str = "FUNCTIONS_CUSTOMHANDLER_PORT";
 pub const WEBJOBS_STORAGE: &str = "AzureWebJobsStorage";
 
@@ -61,6 +63,8 @@ pub const CATALOG: &[SettingDoc] = &[
     SettingDoc { name: MIRROR_MAX_AGE, default: "`300` s", meaning: "a change announced by an event or a repair must be mirrored within this, and evidence from the mirror (stopped, failed provisioning, Application Health) must be this fresh, or no repair is decided; a quiet scale set's mirror may be `HEALER_FULL_RESYNC` older" },
     SettingDoc { name: FULL_RESYNC, default: "`600` s", meaning: "every scale set is read in full at least this often, the safety net for changes no Resource Manager event announced; between full reads `monitor-state` reads only scale sets that changed, failed or have repairs in flight (`0`: read every set every pass)" },
     SettingDoc { name: DRY_RUN, default: "`false`", meaning: "decide and journal, but do not act; what a dry run decided never holds back a live pass" },
+    SettingDoc { name: PASS_DEADLINE, default: "`150` s", meaning: "how long one `monitor-status` or `monitor-state` pass may run: what does not fit is left to the next pass and journaled (`pass_deadline`). Must leave room inside `functionTimeout` of host.json (5 min): the handler refuses to start otherwise" },
+    SettingDoc { name: CALL_TIMEOUT, default: "`30` s", meaning: "the longest one Compute API request may take; a write without an answer by then has an unknown outcome, found out from the instance's state on later passes and never sent blindly again" },
     SettingDoc { name: WEBHOOK_URL, default: "(none)", meaning: "JSON POST on repair, give-up and pause" },
     SettingDoc { name: STATUS_SCHEDULE, default: "`0 */1 * * * *`", meaning: "NCRONTAB schedule of `monitor-status`, referenced from its function.json as `%HEALER_STATUS_SCHEDULE%`" },
     SettingDoc { name: STATE_SCHEDULE, default: "`0 */1 * * * *`", meaning: "NCRONTAB schedule of `monitor-state`, referenced from its function.json as `%HEALER_STATE_SCHEDULE%`" },
@@ -101,6 +105,10 @@ pub struct Settings {
     pub status_schedule: String,
     pub state_schedule: String,
     pub port: u16,
+    /// How long one timer pass may run; see [`PASS_DEADLINE`].
+    pub pass_deadline: Duration,
+    /// The longest one Compute API request may take.
+    pub call_timeout: Duration,
     /// The global policy, before per-set overrides.
     pub defaults: Policy,
 }
@@ -230,6 +238,19 @@ impl Settings {
             }),
         };
 
+        let pass_deadline = duration(get(PASS_DEADLINE), "150", PASS_DEADLINE, &mut problems);
+        let call_timeout = duration(get(CALL_TIMEOUT), "30", CALL_TIMEOUT, &mut problems);
+        if call_timeout.is_positive()
+            && pass_deadline.is_positive()
+            && call_timeout * 2 > pass_deadline
+        {
+            problems.push(format!(
+                "{CALL_TIMEOUT} ({} s) must be at most half of {PASS_DEADLINE} ({} s): a pass must fit a read and a write",
+                call_timeout.whole_seconds(),
+                pass_deadline.whole_seconds()
+            ));
+        }
+
         if !problems.is_empty() {
             return Err(SettingsErrors(problems));
         }
@@ -245,13 +266,62 @@ impl Settings {
             status_schedule,
             state_schedule,
             port,
+            pass_deadline,
+            call_timeout,
             defaults,
         })
+    }
+
+    /// Checks the pass deadline against the Functions host's `functionTimeout` (host.json's
+    /// `hh:mm:ss`): a pass the host abandons leaves its work half done. The deadline plus one call
+    /// and the final writes must fit.
+    pub fn check_function_timeout(&self, host_json: &str) -> Result<(), String> {
+        let host: serde_json::Value =
+            serde_json::from_str(host_json).map_err(|e| format!("host.json is not JSON: {e}"))?;
+        let Some(raw) = host.get("functionTimeout").and_then(|v| v.as_str()) else {
+            // The default on the Consumption plan is 5 minutes, the least of all plans.
+            return self.fits(Duration::minutes(5), "the default functionTimeout (5 min)");
+        };
+        let timeout = parse_timespan(raw)
+            .ok_or_else(|| format!("host.json functionTimeout `{raw}` is not hh:mm:ss"))?;
+        self.fits(timeout, &format!("host.json functionTimeout ({raw})"))
+    }
+
+    fn fits(&self, timeout: Duration, what: &str) -> Result<(), String> {
+        let needed = self.pass_deadline + self.call_timeout + FINAL_WRITES;
+        if needed > timeout {
+            return Err(format!(
+                "{PASS_DEADLINE} ({} s) + {CALL_TIMEOUT} ({} s) + {} s for the final writes is more than {what}: the host would abandon passes half done",
+                self.pass_deadline.whole_seconds(),
+                self.call_timeout.whole_seconds(),
+                FINAL_WRITES.whole_seconds()
+            ));
+        }
+        Ok(())
     }
 
     /// The watched scale set with this id, if any.
     pub fn scale_set(&self, id: &ScaleSetId) -> Option<&WatchedScaleSet> {
         self.scale_sets.iter().find(|s| &s.id == id)
+    }
+}
+
+/// What a pass may still need after its deadline: its last table writes.
+const FINAL_WRITES: Duration = Duration::seconds(30);
+
+/// `hh:mm:ss` (host.json's TimeSpan), or `-1` for no limit.
+fn parse_timespan(raw: &str) -> Option<Duration> {
+    if raw.trim() == "-1" {
+        return Some(Duration::MAX);
+    }
+    let parts: Vec<i64> = raw
+        .trim()
+        .split(':')
+        .map(|p| p.parse::<i64>().ok().filter(|n| *n >= 0))
+        .collect::<Option<_>>()?;
+    match parts.as_slice() {
+        [h, m, s] => Some(Duration::seconds(h * 3600 + m * 60 + s)),
+        _ => None,
     }
 }
 
@@ -613,10 +683,41 @@ mod tests {
         assert_eq!(s.status_schedule, "0 */1 * * * *");
         assert_eq!(s.arm_endpoint.as_str(), "https://management.azure.com/");
         assert_eq!(s.port, 8080);
+        assert_eq!(s.pass_deadline, Duration::seconds(150));
+        assert_eq!(s.call_timeout, Duration::seconds(30));
         assert_eq!(
             s.storage,
             StorageSettings::ConnectionString("UseDevelopmentStorage=true".into())
         );
+    }
+
+    #[test]
+    fn a_pass_must_fit_the_hosts_function_timeout() {
+        let base = [
+            (SCALE_SETS, WEB),
+            (WEBJOBS_STORAGE, "UseDevelopmentStorage=true"),
+        ];
+        let defaults = load(&base).unwrap();
+        // The repository's own host.json, as deployed.
+        let ours = include_str!("../host.json");
+        assert_eq!(defaults.check_function_timeout(ours), Ok(()));
+        assert_eq!(
+            defaults.check_function_timeout("{}"),
+            Ok(()),
+            "the 5 min default"
+        );
+        let long = load(&[base[0], base[1], (PASS_DEADLINE, "280")]).unwrap();
+        let err = long.check_function_timeout(ours).unwrap_err();
+        assert!(err.contains("HEALER_PASS_DEADLINE (280 s)"), "{err}");
+        assert_eq!(
+            long.check_function_timeout(r#"{"functionTimeout": "00:10:00"}"#),
+            Ok(())
+        );
+        assert!(long
+            .check_function_timeout(r#"{"functionTimeout": "ten minutes"}"#)
+            .is_err());
+        let err = load(&[base[0], base[1], (CALL_TIMEOUT, "100")]).unwrap_err();
+        assert!(err.0.iter().any(|p| p.contains("at most half")), "{err}");
     }
 
     #[test]

@@ -602,3 +602,79 @@ async fn a_429_throttles_the_whole_subscription_until_retry_after() {
     let (status, _, _) = arm.send(app.http.get(other)).await;
     assert_eq!(status, 200, "another subscription is not");
 }
+
+/// Issue 12 item 5's ground truth: Azure reports when the last operation on an instance ended as
+/// the `time` of its `ProvisioningState/…` status ("Azure VM Scale Sets and Azure Resource
+/// Explorer": after a start, `ProvisioningState/succeeded` carries the time it completed). A call
+/// whose answer was lost is found out from it. And the simulator can lose an answer to a call it
+/// carried out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_stamps_the_instance_view_and_an_answer_can_be_lost() {
+    let app = spawn_app().scale_set("web", 2).start().await;
+    let url = format!("{}{}", app.sim_url, scale_set_id("web"));
+    let bearer = token(&app).await;
+    let provisioned = |app: &TestApp, i: u64| {
+        let url = format!("{url}/virtualMachines/{i}/instanceView?api-version=2024-07-01");
+        let (http, bearer) = (app.http.clone(), bearer.clone());
+        async move {
+            let view: Value = http
+                .get(url)
+                .bearer_auth(bearer)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let status = view["statuses"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{view}"))
+                .iter()
+                .find(|s| {
+                    s["code"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with("ProvisioningState/")
+                })
+                .cloned()
+                .unwrap();
+            time::OffsetDateTime::parse(
+                status["time"].as_str().unwrap(),
+                &time::format_description::well_known::Rfc3339,
+            )
+            .unwrap()
+        }
+    };
+    let before = provisioned(&app, 1).await;
+    assert!(
+        time::OffsetDateTime::now_utc() - before > time::Duration::hours(1),
+        "a day-old fleet's last operation is its creation: {before}"
+    );
+
+    // The restart is carried out, its answer held longer than the client waits.
+    app.inject_fault(json!({"method": "POST", "pathContains": "/restart", "hangMs": 3000}))
+        .await;
+    let sent = time::OffsetDateTime::now_utc();
+    let lost = app
+        .http
+        .post(format!("{url}/restart?api-version=2024-07-01"))
+        .bearer_auth(&bearer)
+        .timeout(std::time::Duration::from_millis(300))
+        .json(&json!({"instanceIds": ["1"]}))
+        .send()
+        .await;
+    assert!(lost.is_err_and(|e| e.is_timeout()), "the answer never came");
+    app.complete_operations().await;
+    let ops = app.operations().await;
+    assert_eq!(ops.len(), 1, "yet the restart was carried out: {ops:?}");
+    let after = provisioned(&app, 1).await;
+    assert!(
+        after >= sent,
+        "the instance view shows it ended after it was sent: {after}"
+    );
+    assert_eq!(provisioned(&app, 0).await, provisioned(&app, 0).await);
+    assert!(
+        provisioned(&app, 0).await < sent,
+        "an untouched instance keeps its time"
+    );
+}

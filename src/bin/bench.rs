@@ -161,7 +161,7 @@ fn ingest(instances: usize, rounds: usize, concurrency: usize) {
         // The handler's router, served on loopback as the Functions host would reach it. The
         // Compute client is never called by monitor-events.
         let credential = azure_identity::create_credential().expect("a credential object (never used)");
-        let compute = vmss_healer::compute::Compute::new(&settings.arm_endpoint, credential).expect("compute client");
+        let compute = vmss_healer::compute::Compute::new(&settings.arm_endpoint, credential, settings.call_timeout.unsigned_abs()).expect("compute client");
         let state = vmss_healer::host::AppState {
             settings: Arc::new(settings),
             store: store.clone(),
@@ -606,7 +606,12 @@ impl Classic {
         std::env::set_var("IDENTITY_HEADER", SECRET);
         let credential = vmss_healer::identity::credential(None).expect("identity");
         let endpoint = url::Url::parse(&format!("http://127.0.0.1:{sim_port}")).expect("url");
-        let compute = vmss_healer::compute::Compute::new(&endpoint, credential).expect("compute");
+        let compute = vmss_healer::compute::Compute::new(
+            &endpoint,
+            credential,
+            std::time::Duration::from_secs(30),
+        )
+        .expect("compute");
         Classic { store, compute }
     }
 

@@ -100,6 +100,7 @@ async fn create_set(State(s): State<Shared>, Json(n): Json<NewSet>) -> Response 
         .flat_map(|s| s.vms.values_mut())
     {
         vm.time_created = created;
+        vm.provisioned_at = created;
     }
     let id = w.sets[&key].resource_id();
     w.announce(

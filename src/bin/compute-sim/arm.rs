@@ -67,6 +67,13 @@ pub async fn handle(State(shared): State<Shared>, request: Request) -> Response 
             .map(str::to_string),
     });
     let mut response = response;
+    if let Some(Hang(ms)) = response.extensions().get::<Hang>().copied() {
+        // Carried out; the answer comes too late for the client (the lock is released first, so
+        // everything else goes on).
+        drop(world);
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        return response;
+    }
     // One header per throttling policy, the tightest first, as Compute sends them: a client that
     // keeps only the last header never sees the budget that runs out first.
     let (tight, wide) = world.charge(&subscription);
@@ -155,11 +162,33 @@ fn respond(
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Response {
+    let mut hang = None;
     if let Some(fault) = world.take_fault(method.as_str(), path) {
+        hang = fault.hang_ms;
         if let Some(r) = injected(world, fault, path) {
             return r;
         }
     }
+    let mut response = serve(world, base, method, path, query, headers, body);
+    if let Some(ms) = hang {
+        response.extensions_mut().insert(Hang(ms));
+    }
+    response
+}
+
+/// An answer to hold back (see `FaultRule::hang_ms`).
+#[derive(Debug, Clone, Copy)]
+struct Hang(u64);
+
+fn serve(
+    world: &mut World,
+    base: &str,
+    method: &Method,
+    path: &str,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Response {
     if let Some(seconds) = world.throttled_for(&subscription_of(path)) {
         return throttled(seconds);
     }
@@ -269,7 +298,7 @@ fn respond(
         | (Method::GET, ["virtualmachines", id, "instanceview"]) => {
             let set = &world.sets[&key];
             match id.parse::<u64>().ok().and_then(|n| set.vms.get(&n)) {
-                Some(vm) if rest.len() == 2 => json_ok(instance_view_json(vm)),
+                Some(vm) if rest.len() == 3 => json_ok(instance_view_json(vm)),
                 Some(vm) => json_ok(vm_json(
                     set,
                     vm,
@@ -593,7 +622,7 @@ fn instance_view_json(vm: &Vm) -> Value {
         "code": format!("ProvisioningState/{}", vm.provisioning_state.to_ascii_lowercase()),
         "level": if vm.provisioning_state == "Failed" { "Error" } else { "Info" },
         "displayStatus": format!("Provisioning {}", vm.provisioning_state.to_ascii_lowercase()),
-        "time": rfc3339(vm.time_created),
+        "time": rfc3339(vm.provisioned_at),
     })];
     statuses.push(json!({
         "code": format!("PowerState/{}", vm.power_state),

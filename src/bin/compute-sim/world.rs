@@ -76,6 +76,12 @@ pub struct Vm {
     pub zone: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub time_created: OffsetDateTime,
+    /// When the last operation on the VM ended: the `time` of its `ProvisioningState/…` status in
+    /// the instance view, as Azure reports it ("Azure VM Scale Sets and Azure Resource Explorer":
+    /// after `Start-AzureRmVmss -InstanceId`, the instance view shows `ProvisioningState/succeeded`
+    /// with the time the start completed).
+    #[serde(with = "time::serde::rfc3339")]
+    pub provisioned_at: OffsetDateTime,
     pub latest_model_applied: bool,
     pub beat: Beat,
     pub fault: Fault,
@@ -146,6 +152,7 @@ impl ScaleSet {
                 protect_from_scale_set_actions: false,
                 zone,
                 time_created: now,
+                provisioned_at: now,
                 latest_model_applied: true,
                 beat: Beat::Up,
                 fault: Fault::Soft,
@@ -270,6 +277,11 @@ pub struct FaultRule {
     /// operator writing between our read and our write would.
     #[serde(default, rename = "autoscaleTo")]
     pub autoscale_to: Option<usize>,
+    /// The request is carried out, but its answer is held this long (longer than the client
+    /// waits): a lost answer to a call that may well have landed — what a mutating call meets
+    /// when the connection drops after ARM accepted it.
+    #[serde(default, rename = "hangMs")]
+    pub hang_ms: Option<u64>,
     #[serde(default = "one")]
     pub count: u32,
 }
@@ -478,10 +490,12 @@ impl World {
         let Some(set) = self.sets.get_mut(&key) else {
             return;
         };
+        let ended = OffsetDateTime::now_utc();
         for (id, provisioning, power) in before {
             if let Some(vm) = set.vms.get_mut(&id) {
                 vm.provisioning_state = provisioning;
                 vm.power_state = power;
+                vm.provisioned_at = ended;
             }
         }
         if let Effect::Scale(_) = effect {
@@ -532,6 +546,7 @@ impl World {
                     if let Some(vm) = set.vms.get_mut(&id) {
                         vm.power_state = "running".into();
                         vm.provisioning_state = "Succeeded".into();
+                        vm.provisioned_at = OffsetDateTime::now_utc();
                     }
                 }
             }
@@ -541,6 +556,7 @@ impl World {
                     if let Some(vm) = set.vms.get_mut(&id) {
                         vm.power_state = "running".into();
                         vm.provisioning_state = "Succeeded".into();
+                        vm.provisioned_at = OffsetDateTime::now_utc();
                         let healed = match vm.fault {
                             Fault::Soft => true,
                             Fault::Disk => reimage,
@@ -560,6 +576,7 @@ impl World {
                     if vm.provisioning_state == "Creating" {
                         vm.provisioning_state = "Succeeded".into();
                         vm.power_state = "running".into();
+                        vm.provisioned_at = OffsetDateTime::now_utc();
                     }
                 }
                 let live: Vec<u64> = set

@@ -184,7 +184,12 @@ async fn start(
     };
     let store = Store::connect(&settings.storage, vmss_healer::identity::credential).ok()?;
     let credential = vmss_healer::identity::credential(None).ok()?;
-    let compute = Compute::new(&settings.arm_endpoint, credential).ok()?;
+    let compute = Compute::new(
+        &settings.arm_endpoint,
+        credential,
+        settings.call_timeout.unsigned_abs(),
+    )
+    .ok()?;
     if let Err(e) = store.ensure_tables().await {
         eprintln!("cannot create the tables in Azurite: {e}");
         return None;
