@@ -927,6 +927,18 @@ pub fn to_instance(vm: models::VirtualMachineScaleSetVm) -> Option<Instance> {
             .as_ref()
             .and_then(|p| p.time_created)
             .map(crate::mirror::at_storage_precision),
+        provisioned_at: view
+            .and_then(|v| {
+                v.statuses
+                    .iter()
+                    .find(|s| {
+                        s.code
+                            .as_deref()
+                            .is_some_and(|c| c.starts_with("ProvisioningState/"))
+                    })
+                    .and_then(|s| s.time)
+            })
+            .map(crate::mirror::at_storage_precision),
     })
 }
 

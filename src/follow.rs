@@ -36,6 +36,7 @@ pub async fn follow(
     compute: &Compute,
     id: &ScaleSetId,
     obs: &mut Observation,
+    deadline: &crate::deadline::Deadline,
     now: OffsetDateTime,
 ) -> Result<Vec<Entry>, StoreError> {
     let mut by_operation: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -68,6 +69,10 @@ pub async fn follow(
             .is_some_and(|left| left < READ_RESERVE);
         if held.is_some() || low {
             tracing::info!(scale_set = %id, throttled = held.is_some(), "operation status not read this pass: the Compute budget is spent; the step's deadline still holds");
+            break;
+        }
+        if !deadline.fits_a_call() {
+            tracing::warn!(scale_set = %id, "operation status not read this pass: the pass deadline is near; the next pass reads it");
             break;
         }
         let Some(operation) = obs.incidents[&targets[0]].value.operation.clone() else {

@@ -216,6 +216,14 @@ pub struct Incident {
     pub surged: bool,
     /// Decided under `HEALER_DRY_RUN`: nothing was called, and live passes ignore it.
     pub dry_run: bool,
+    /// When the pass that claimed the current call was about to send it. A call still `Sending`
+    /// once that pass is surely over (its deadline and one call later) had its answer lost, or was
+    /// never sent: which, the instance's state says.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub sent_at: Option<OffsetDateTime>,
+    /// How many times the current step's call was found not to have landed after its answer was
+    /// lost: the first is sent again, the second spends the attempt.
+    pub unanswered: u32,
 }
 
 /// A stored value with the version (ETag) it was read at: the claim token.
@@ -254,6 +262,8 @@ impl Incident {
             error: None,
             surged: false,
             dry_run: false,
+            sent_at: None,
+            unanswered: 0,
         }
     }
 
@@ -275,6 +285,7 @@ impl Incident {
             hold: None,
             operation: None,
             settled_at: None,
+            unanswered: 0,
             ..self.clone()
         }
     }
@@ -296,6 +307,7 @@ impl Incident {
             hold: None,
             operation: None,
             settled_at: None,
+            unanswered: 0,
             ..self.clone()
         }
     }
@@ -334,6 +346,25 @@ impl Incident {
             hold: Some(hold),
             operation: None,
             error: error.or_else(|| self.error.clone()),
+            ..self.clone()
+        }
+    }
+
+    /// The call's answer was lost and the instance shows it did not land: sent again once, and
+    /// the attempt is spent the next time.
+    pub fn unanswered_again(&self) -> Self {
+        Incident {
+            phase: Phase::Sending,
+            operation: None,
+            unanswered: self.unanswered + 1,
+            ..self.clone()
+        }
+    }
+
+    /// The claiming pass is about to send the call.
+    pub fn sending_at(&self, now: OffsetDateTime) -> Self {
+        Incident {
+            sent_at: Some(now),
             ..self.clone()
         }
     }

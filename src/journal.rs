@@ -17,6 +17,9 @@ pub enum EntryKind {
     Outcome,
     /// A step's Compute call ended (its operation succeeded, failed or was canceled).
     Step,
+    /// A repair's Compute call is about to be sent: written before the call, so that the journal
+    /// shows every call ARM may have received even if the pass stops before recording the answer.
+    Intent,
 }
 
 impl EntryKind {
@@ -26,6 +29,7 @@ impl EntryKind {
             EntryKind::Withheld => "withheld",
             EntryKind::Outcome => "outcome",
             EntryKind::Step => "step",
+            EntryKind::Intent => "intent",
         }
     }
 
@@ -35,6 +39,7 @@ impl EntryKind {
             "withheld" => Some(EntryKind::Withheld),
             "outcome" => Some(EntryKind::Outcome),
             "step" => Some(EntryKind::Step),
+            "intent" => Some(EntryKind::Intent),
             _ => None,
         }
     }

@@ -7,6 +7,7 @@
 pub mod alert;
 pub mod attestation;
 pub mod compute;
+pub mod deadline;
 pub mod event;
 pub mod follow;
 pub mod functions;

@@ -64,6 +64,9 @@ pub struct Instance {
     pub protected_from_scale_in: bool,
     pub zone: Option<String>,
     pub created_at: Option<OffsetDateTime>,
+    /// When the last operation on the instance ended (the `time` of its `ProvisioningState/…`
+    /// status): how a call whose answer was lost is found to have landed or not.
+    pub provisioned_at: Option<OffsetDateTime>,
 }
 
 impl Instance {
@@ -172,6 +175,7 @@ pub(crate) mod fixtures {
             protected_from_scale_in: false,
             zone: None,
             created_at: None,
+            provisioned_at: None,
         }
     }
 }

@@ -44,6 +44,7 @@ pub async fn status(settings: &Settings, store: &Store, json: bool) -> anyhow::R
         full_resync: settings.full_resync,
         pipeline_fault: pipeline_fault(&pairs, now),
         dry_run: settings.dry_run,
+        lease: settings.lease(),
     };
     let mut scale_sets = Vec::new();
     for (watched, obs) in settings.scale_sets.iter().zip(&observations) {

@@ -37,6 +37,9 @@ pub struct Brakes {
     /// `HEALER_DRY_RUN`: decide as if acting, call nothing. A live pass ignores what a dry run
     /// decided, and a dry run leaves live incidents' next steps for a live pass.
     pub dry_run: bool,
+    /// How long a pass may still be sending the calls it claimed (`HEALER_PASS_DEADLINE` plus one
+    /// `HEALER_CALL_TIMEOUT`): a call still `Sending` after that lost its answer or never went out.
+    pub lease: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -443,6 +446,15 @@ impl<'a> View<'a> {
                 if let Some(error) = &v.value.error {
                     e["error"] = serde_json::json!(error);
                 }
+                // A call whose answer was lost, found not to have landed (see `unanswered`).
+                if v.value.phase == Phase::Sending {
+                    let sent = v.value.sent_at.map(crate::journal::stamp);
+                    e["lost_answer"] = if incident.unanswered > v.value.unanswered {
+                        serde_json::json!({"sent_at": sent, "found": "no operation on the instance since it was sent: sent again, no attempt spent"})
+                    } else {
+                        serde_json::json!({"sent_at": sent, "found": "lost again and not landed: the attempt is spent"})
+                    };
+                }
                 e
             }
             None => {
@@ -516,6 +528,9 @@ pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDat
                 .iter()
                 .any(|t| t.incident.target == v.value.target)
         })
+        // A step found over before its deadline (a call lost twice) is not in flight: its
+        // escalation takes its place.
+        .filter(|v| !escalations.iter().any(|e| e.value.target == v.value.target))
         .count();
     // Continuing steps are counted already (they are in flight); a target protected meanwhile is
     // not touched (restoring capacity touches no instance).
@@ -674,6 +689,11 @@ fn removed(view: &View, inc: &Incident) -> Option<Next> {
         {
             Some(Next::Wait)
         }
+        // The delete's answer was lost, and the target is gone: it landed.
+        (Stage::DeleteFirst, Phase::Sending) => Some(Next::Continue(
+            Step::Advance,
+            Box::new(inc.succeeded(view.now).advance(Stage::Restore)),
+        )),
         (Stage::Restore, Phase::Pending) => {
             Some(Next::Continue(Step::Resend, Box::new(inc.resend())))
         }
@@ -702,7 +722,11 @@ fn step(view: &View, inc: &Incident) -> Next {
             again.action = inc.action.map(|a| a.for_power_state(power));
             Next::Continue(Step::Resend, Box::new(again))
         }
-        Phase::Sending | Phase::Running => Next::Wait,
+        Phase::Sending => match inc.sent_at.or(inc.step_started) {
+            Some(sent) if now > sent + view.brakes.lease => unanswered(view, inc, sent),
+            _ => Next::Wait,
+        },
+        Phase::Running => Next::Wait,
         Phase::Succeeded => match inc.stage {
             // The new instances must be in the mirror before the broken one goes.
             Stage::Surge => {
@@ -721,6 +745,46 @@ fn step(view: &View, inc: &Incident) -> Next {
             }
             Stage::Act | Stage::Delete | Stage::Restore => Next::Wait,
         },
+    }
+}
+
+/// A call still `Sending` after its claiming pass is surely over: its answer was lost (the call
+/// may well have landed) or the pass stopped before sending it. It is never sent again blindly:
+/// the instance's state, read by the mirror after that pass was over, says whether an operation
+/// ran on it since. If one did, the call landed and its effect and the deadline decide. If none
+/// did, it is sent again once without spending the attempt; lost and not landed a second time,
+/// the attempt is spent (escalate, or give up with an alert). A grow cannot be told from someone
+/// else's capacity change, so it waits for its deadline.
+fn unanswered(view: &View, inc: &Incident, sent: OffsetDateTime) -> Next {
+    if inc.call() == Some(Call::Grow) {
+        return Next::Wait;
+    }
+    let read_after = view.synced_at.is_some_and(|s| s > sent + view.brakes.lease);
+    let Some(m) = view.present.get(inc.target.as_str()) else {
+        return Next::Wait;
+    };
+    if !read_after {
+        return Next::Wait;
+    }
+    let provisioning = m
+        .instance
+        .provisioning_state
+        .as_deref()
+        .unwrap_or("succeeded")
+        .to_ascii_lowercase();
+    let busy = crate::verdict::operation_in_progress(&provisioning);
+    let landed = m.instance.provisioned_at.is_some_and(|t| t >= sent);
+    if busy || landed {
+        Next::Wait
+    } else if inc.unanswered == 0 {
+        // Sent as the instance's state now allows (stopped since: started instead).
+        let mut again = inc.unanswered_again();
+        again.action = inc
+            .action
+            .map(|a| a.for_power_state(m.instance.power_state.as_deref()));
+        Next::Continue(Step::Resend, Box::new(again))
+    } else {
+        Next::Over
     }
 }
 

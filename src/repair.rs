@@ -3,6 +3,7 @@
 
 use crate::alert::{Alert, Kind as AlertKind, Notifier};
 use crate::compute::{Accepted, ArmError, Compute, ComputeError};
+use crate::deadline::Deadline;
 use crate::incident::{Call, Hold, Incident, Phase, Stage};
 use crate::journal::{Entry, EntryKind};
 use crate::mirror::ScaleSetRecord;
@@ -36,6 +37,8 @@ pub struct SetReport {
     /// Operations of earlier steps found ended this pass, and how many of them failed.
     pub operations_ended: usize,
     pub operations_failed: usize,
+    /// Steps left to the next pass: the pass deadline was too close for another call.
+    pub deferred: usize,
     pub paused: Option<&'static str>,
     pub next_check_s: Option<i64>,
 }
@@ -57,20 +60,39 @@ pub async fn repair_all(
     settings: &Settings,
     now: OffsetDateTime,
 ) -> Result<RepairReport, StoreError> {
-    let mut observations = Vec::with_capacity(settings.scale_sets.len());
+    let deadline = Deadline::after(
+        settings.pass_deadline.unsigned_abs(),
+        settings.call_timeout.unsigned_abs(),
+    );
     let (requests_before, calls_before) = (store.requests(), compute.observed().calls());
-    let records = store.scale_sets().await?;
-    // A few scale sets are read at once: the pass is bound by table round trips, not CPU.
-    let reads: Vec<_> = settings
-        .scale_sets
-        .iter()
-        .map(|watched| gather(store, &watched.id, records.get(&watched.id.key()).cloned()))
-        .collect();
-    let mut reads = futures::stream::iter(reads).buffered(GATHER_CONCURRENCY);
-    while let Some(observation) = reads.next().await {
-        observations.push(observation?);
-    }
-    drop(reads);
+    // Every scale set is read before any is decided (the pipeline-fault brake weighs the whole
+    // fleet): storage too slow for that within the deadline fails the pass, as storage down does.
+    let observations = deadline
+        .bound(async {
+            let records = store.scale_sets().await?;
+            // A few scale sets are read at once: the pass is bound by table round trips, not CPU.
+            let reads: Vec<_> = settings
+                .scale_sets
+                .iter()
+                .map(|watched| gather(store, &watched.id, records.get(&watched.id.key()).cloned()))
+                .collect();
+            let mut reads = futures::stream::iter(reads).buffered(GATHER_CONCURRENCY);
+            let mut observations = Vec::with_capacity(settings.scale_sets.len());
+            while let Some(observation) = reads.next().await {
+                observations.push(observation?);
+            }
+            Ok::<_, StoreError>(observations)
+        })
+        .await
+        .ok_or_else(|| StoreError::Unavailable {
+            table: "repairs",
+            op: "reading every scale set",
+            detail: format!(
+                "not done within HEALER_PASS_DEADLINE ({} s)",
+                settings.pass_deadline.whole_seconds()
+            ),
+        })??;
+    let mut observations = observations;
 
     // How the operations of earlier passes went, before deciding on them.
     let mut followed = Vec::with_capacity(observations.len());
@@ -78,7 +100,7 @@ pub async fn repair_all(
         let journal = if settings.dry_run {
             Vec::new()
         } else {
-            crate::follow::follow(store, compute, &watched.id, obs, now).await?
+            crate::follow::follow(store, compute, &watched.id, obs, &deadline, now).await?
         };
         followed.push(journal);
     }
@@ -98,6 +120,7 @@ pub async fn repair_all(
         full_resync: settings.full_resync,
         pipeline_fault: fault,
         dry_run: settings.dry_run,
+        lease: settings.lease(),
     };
     let mut reports = Vec::new();
     let mut resyncs = Vec::new();
@@ -123,6 +146,7 @@ pub async fn repair_all(
             plan,
             obs.record.as_ref(),
             journal,
+            &deadline,
             now,
         )
         .await?;
@@ -289,6 +313,7 @@ async fn carry_out(
     plan: Plan,
     record: Option<&ScaleSetRecord>,
     followed: Vec<Entry>,
+    deadline: &Deadline,
     now: OffsetDateTime,
 ) -> Result<(SetReport, Vec<Alert>), StoreError> {
     let id = &watched.id;
@@ -382,35 +407,48 @@ async fn carry_out(
         });
     }
 
-    // Claim every transition; only what this pass claimed is acted on. A dry run's step is
-    // recorded as if ARM had taken it, so the dry run follows it to its deadline.
-    let mut transitions = plan.transitions;
-    for t in transitions.iter_mut().filter(|t| dry_run && t.step.acts()) {
+    // What is known before acting is journaled before acting: a pass stopped midway keeps it.
+    store.append_journal(&journal).await?;
+    let mut journal = Vec::new();
+
+    // Closes and give-ups call nothing: claimed and journaled together, first. A dry run's step
+    // is recorded as if ARM had taken it, so the dry run follows it to its deadline.
+    let (mut acting, settling): (Vec<Transition>, Vec<Transition>) =
+        plan.transitions.into_iter().partition(|t| t.step.acts());
+    for t in acting.iter_mut().filter(|_| dry_run) {
         t.incident = t.incident.accepted(None);
     }
-    let claims: Vec<(&Incident, Option<&str>)> = transitions
-        .iter()
-        .map(|t| (&t.incident, t.claim.as_deref()))
-        .collect();
-    let versions = store.claim_incidents(id, &claims).await?;
-    let mut claimed: Vec<Claimed> = Vec::new();
-    for (t, version) in transitions.into_iter().zip(versions) {
-        match version {
-            Some(version) => claimed.push((t, version)),
-            None => {
-                report.claimed_elsewhere += 1;
-                tracing::info!(scale_set = %id, instance = %t.incident.target, incident = %t.incident.id, step = t.step.label(),
-                    decision = "skipped", "another monitor-status run claimed this incident first");
-            }
-        }
-    }
-
-    // One call per kind of call, except steps split from a refused batch: one call each.
-    let mut calls: BTreeMap<(Call, Option<String>), Vec<Claimed>> = BTreeMap::new();
-    for (t, version) in claimed {
+    for (t, _) in claim(store, id, settling, &mut report).await? {
+        report.outcomes += 1;
         match t.step {
-            Step::Close(_) => {
-                report.outcomes += 1;
+            Step::GiveUp => {
+                let why = match &t.incident.error {
+                    Some(e) => format!("; the last step ended {}: {}", e.code, e.message),
+                    None => String::new(),
+                };
+                alerts.push(alert(
+                    AlertKind::GiveUp,
+                    Some(&t),
+                    format!(
+                        "still unhealthy after {} attempt(s){why}; needs a person",
+                        t.incident.attempt
+                    ),
+                ));
+                tracing::error!(scale_set = %id, instance = %t.incident.target, incident = %t.incident.id, attempts = t.incident.attempt,
+                    decision = "give_up", "every allowed repair failed; giving up on this instance");
+                journal.push(Entry {
+                    action: t.incident.action,
+                    attempt: t.incident.attempt,
+                    outcome: "given_up".into(),
+                    reason: format!(
+                        "still unhealthy after {} attempt(s) (HEALER_MAX_ATTEMPTS){why}; needs a person",
+                        t.incident.attempt
+                    ),
+                    evidence: t.evidence.clone(),
+                    ..outcome_entry(&t)
+                });
+            }
+            _ => {
                 tracing::info!(scale_set = %id, instance = %t.incident.target, incident = %t.incident.id, decision = "close", outcome = t.incident.closing(), "incident closed");
                 let restore_lost = t
                     .previous
@@ -441,53 +479,87 @@ async fn carry_out(
                     ..outcome_entry(&t)
                 });
             }
-            Step::GiveUp => {
-                report.outcomes += 1;
-                let why = match &t.incident.error {
-                    Some(e) => format!("; the last step ended {}: {}", e.code, e.message),
-                    None => String::new(),
-                };
-                alerts.push(alert(
-                    AlertKind::GiveUp,
-                    Some(&t),
-                    format!(
-                        "still unhealthy after {} attempt(s){why}; needs a person",
-                        t.incident.attempt
-                    ),
-                ));
-                tracing::error!(scale_set = %id, instance = %t.incident.target, incident = %t.incident.id, attempts = t.incident.attempt,
-                    decision = "give_up", "every allowed repair failed; giving up on this instance");
-                journal.push(Entry {
-                    action: t.incident.action,
-                    attempt: t.incident.attempt,
-                    outcome: "given_up".into(),
-                    reason: format!(
-                        "still unhealthy after {} attempt(s) (HEALER_MAX_ATTEMPTS){why}; needs a person",
-                        t.incident.attempt
-                    ),
-                    evidence: t.evidence.clone(),
-                    ..outcome_entry(&t)
-                });
-            }
-            Step::Open | Step::Escalate | Step::Resend | Step::Advance => {
-                if let Some(call) = t.incident.call() {
-                    let alone =
-                        (t.alone() && call != Call::Grow).then(|| t.incident.target.clone());
-                    calls.entry((call, alone)).or_default().push((t, version));
-                }
-            }
+        }
+    }
+    store.append_journal(&journal).await?;
+
+    // One call per kind of call, except steps split from a refused batch: one call each.
+    let mut calls: BTreeMap<(Call, Option<String>), Vec<Transition>> = BTreeMap::new();
+    for t in acting {
+        if let Some(call) = t.incident.call() {
+            let alone = (t.alone() && call != Call::Grow).then(|| t.incident.target.clone());
+            calls.entry((call, alone)).or_default().push(t);
         }
     }
 
-    // ARM's answers are written back in one batch after the calls; throttled claims are released.
-    let mut answers: Vec<(Incident, String)> = Vec::new();
-    let mut releases: Vec<Claimed> = Vec::new();
+    // Each call is claimed, journaled, sent and recorded before the next is claimed: a pass
+    // stopped anywhere leaves at most one call whose answer is not recorded, and that one still
+    // `Sending`, which the next passes find out from the instance (see `plan::unanswered`).
     for ((call, _), group) in calls {
+        if !dry_run && !deadline.fits_a_call() {
+            defer(store, id, &group, deadline, now).await?;
+            report.deferred += group.len();
+            continue;
+        }
+        let group: Vec<Transition> = group
+            .into_iter()
+            .map(|mut t| {
+                if !dry_run {
+                    t.incident = t.incident.sending_at(now);
+                }
+                t
+            })
+            .collect();
+        let group = claim(store, id, group, &mut report).await?;
+        if group.is_empty() {
+            continue;
+        }
         let ids: Vec<String> = group
             .iter()
             .map(|(t, _)| t.incident.target.clone())
             .collect();
         let stage = group[0].0.incident.stage;
+        // Stamped when written, not with the pass's clock: the intent, then the answer.
+        let entry_of = |t: &Transition, kind, outcome: &str, reason: String, evidence| Entry {
+            action: t.incident.action,
+            attempt: t.incident.attempt,
+            outcome: outcome.into(),
+            reason,
+            evidence,
+            ..entry(
+                id,
+                &t.incident.target,
+                &t.incident.id,
+                kind,
+                dry_run,
+                OffsetDateTime::now_utc(),
+            )
+        };
+        let reason_of =
+            |t: &Transition| t.reason.as_ref().map(|r| r.describe()).unwrap_or_default();
+        if !dry_run {
+            // The intent, before the call: the journal shows every call ARM may have received.
+            let intent: Vec<Entry> = group
+                .iter()
+                .map(|(t, _)| {
+                    let mut evidence = t.evidence.clone();
+                    evidence["call"] = json!(call);
+                    evidence["stage"] = json!(t.incident.stage);
+                    entry_of(
+                        t,
+                        EntryKind::Intent,
+                        "sending",
+                        format!(
+                            "{}; sending {} to the Compute API",
+                            reason_of(t),
+                            call.as_str()
+                        ),
+                        evidence,
+                    )
+                })
+                .collect();
+            store.append_journal(&intent).await?;
+        }
         let held = compute
             .observed()
             .throttled_until(&id.subscription)
@@ -513,23 +585,19 @@ async fn carry_out(
             (Err(e), None) => ("failed", Some(e.to_string())),
         };
         let operation = result.as_ref().ok().and_then(|a| a.operation.clone());
+        let mut answers: Vec<(Incident, String)> = Vec::new();
+        let mut releases: Vec<Claimed> = Vec::new();
+        let mut entries = Vec::new();
         for (t, version) in group {
-            let accepted = result.is_ok();
-            if accepted {
+            if result.is_ok() {
                 report.repairs_requested += 1;
                 if matches!(t.step, Step::Open | Step::Escalate | Step::Resend) {
-                    let why = t.reason.as_ref().map(|r| r.describe()).unwrap_or_default();
-                    alerts.push(alert(AlertKind::Repair, Some(&t), why));
+                    alerts.push(alert(AlertKind::Repair, Some(&t), reason_of(&t)));
                 }
             } else {
                 report.repairs_failed += 1;
             }
-            match after(&t.incident, &result, next.as_ref(), now) {
-                _ if dry_run => {}
-                None => releases.push((t.clone(), version)),
-                Some(row) => answers.push((row, version)),
-            }
-            let reason = t.reason.as_ref().map(|r| r.describe()).unwrap_or_default();
+            let reason = reason_of(&t);
             let action = t.incident.action.map(|a| a.as_str()).unwrap_or("");
             tracing::info!(scale_set = %id, instance = %t.incident.target, incident = %t.incident.id, action, call = call.as_str(),
                 stage = t.incident.stage.as_str(), attempt = t.incident.attempt, step = t.step.label(), outcome, reason = %reason, "repair decided");
@@ -543,40 +611,92 @@ async fn carry_out(
             if let Some(arm) = result.as_ref().err().and_then(|e| e.arm()) {
                 evidence["error"] = json!(arm);
             }
-            journal.push(Entry {
+            let reason = match &note {
+                Some(note) => format!("{reason}; {note}"),
+                None => reason,
+            };
+            entries.push(entry_of(&t, EntryKind::Repair, outcome, reason, evidence));
+            match after(&t.incident, &result, next.as_ref(), now) {
+                _ if dry_run => {}
+                None => releases.push((t, version)),
+                Some(row) => answers.push((row, version)),
+            }
+        }
+        let rows: Vec<(&Incident, Option<&str>)> = answers
+            .iter()
+            .map(|(row, version)| (row, Some(version.as_str())))
+            .collect();
+        for ((row, _), written) in answers.iter().zip(store.claim_incidents(id, &rows).await?) {
+            if written.is_none() {
+                tracing::warn!(scale_set = %id, instance = %row.target, "could not record a step's answer (its row changed meanwhile); its deadline bounds it");
+            }
+        }
+        for (t, version) in &releases {
+            release(store, id, t, version).await?;
+        }
+        store.append_journal(&entries).await?;
+    }
+    Ok((report, alerts))
+}
+
+/// Claims transitions by replacing each row at the version read; only what this pass claimed
+/// is acted on.
+async fn claim(
+    store: &Store,
+    id: &ScaleSetId,
+    transitions: Vec<Transition>,
+    report: &mut SetReport,
+) -> Result<Vec<Claimed>, StoreError> {
+    if transitions.is_empty() {
+        return Ok(Vec::new());
+    }
+    let claims: Vec<(&Incident, Option<&str>)> = transitions
+        .iter()
+        .map(|t| (&t.incident, t.claim.as_deref()))
+        .collect();
+    let versions = store.claim_incidents(id, &claims).await?;
+    let mut claimed = Vec::new();
+    for (t, version) in transitions.into_iter().zip(versions) {
+        match version {
+            Some(version) => claimed.push((t, version)),
+            None => {
+                report.claimed_elsewhere += 1;
+                tracing::info!(scale_set = %id, instance = %t.incident.target, incident = %t.incident.id, step = t.step.label(),
+                    decision = "skipped", "another monitor-status run claimed this incident first");
+            }
+        }
+    }
+    Ok(claimed)
+}
+
+/// Steps that no longer fit the pass: not claimed, so the next pass decides them afresh; the
+/// journal says why they waited.
+async fn defer(
+    store: &Store,
+    id: &ScaleSetId,
+    group: &[Transition],
+    deadline: &Deadline,
+    now: OffsetDateTime,
+) -> Result<(), StoreError> {
+    let left = deadline.remaining().as_secs();
+    let entries: Vec<Entry> = group
+        .iter()
+        .map(|t| {
+            tracing::warn!(scale_set = %id, instance = %t.incident.target, step = t.step.label(), left_s = left,
+                decision = "deferred", "the pass deadline is too close for another Compute call; left to the next pass");
+            Entry {
                 action: t.incident.action,
                 attempt: t.incident.attempt,
-                outcome: outcome.into(),
-                reason: match &note {
-                    Some(note) => format!("{reason}; {note}"),
-                    None => reason,
-                },
-                evidence,
-                ..entry(
-                    id,
-                    &t.incident.target,
-                    &t.incident.id,
-                    EntryKind::Repair,
-                    dry_run,
-                    now,
-                )
-            });
-        }
-    }
-    let rows: Vec<(&Incident, Option<&str>)> = answers
-        .iter()
-        .map(|(row, version)| (row, Some(version.as_str())))
+                outcome: "pass_deadline".into(),
+                reason: format!(
+                    "{} step left to the next pass: {left} s of HEALER_PASS_DEADLINE left, less than one HEALER_CALL_TIMEOUT",
+                    t.step.label()
+                ),
+                ..entry(id, &t.incident.target, &t.incident.id, EntryKind::Withheld, false, now)
+            }
+        })
         .collect();
-    for ((row, _), written) in answers.iter().zip(store.claim_incidents(id, &rows).await?) {
-        if written.is_none() {
-            tracing::warn!(scale_set = %id, instance = %row.target, "could not record a step's answer (its row changed meanwhile); its deadline bounds it");
-        }
-    }
-    for (t, version) in &releases {
-        release(store, id, t, version).await?;
-    }
-    store.append_journal(&journal).await?;
-    Ok((report, alerts))
+    store.append_journal(&entries).await
 }
 
 /// What the journal says of a call ARM did not take.

@@ -272,6 +272,11 @@ impl Settings {
         })
     }
 
+    /// How long a pass may still be sending the calls it claimed: its deadline and one call.
+    pub fn lease(&self) -> Duration {
+        self.pass_deadline + self.call_timeout
+    }
+
     /// Checks the pass deadline against the Functions host's `functionTimeout` (host.json's
     /// `hh:mm:ss`): a pass the host abandons leaves its work half done. The deadline plus one call
     /// and the final writes must fit.

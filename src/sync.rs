@@ -2,21 +2,30 @@
 //! only what changed, drop instances that are gone, and record the sync on the scale set's row.
 
 use crate::compute::{Compute, ComputeError, READ_RESERVE};
+use crate::deadline::Deadline;
 use crate::journal::stamp;
 use crate::mirror::{diff, Instance, MirroredInstance, ScaleSetRecord};
 use crate::resync::{self, Hold, Read};
 use crate::scaleset::ScaleSetId;
 use crate::settings::Settings;
 use crate::state::{Store, StoreError};
+use futures::{FutureExt, StreamExt};
 use serde::Serialize;
 use std::collections::HashMap;
+use std::sync::Arc;
 use time::{Duration, OffsetDateTime};
+use tokio::sync::Mutex;
+
+/// Scale sets read at once by a mirror pass: reads wait on the Compute API, not on CPU, and a
+/// few at a time stay well inside its read budget.
+const SYNC_CONCURRENCY: usize = 4;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct SetSync {
     pub scale_set: String,
-    /// `synced`, `fresh` (not due), `deferred` (read budget), `throttled`, `not_found`, or the
-    /// Compute error's label.
+    /// `synced`, `fresh` (not due), `deferred` (read budget, or the pass deadline near),
+    /// `timed_out` (cut at the pass deadline), `throttled`, `not_found`, or the Compute error's
+    /// label.
     pub outcome: &'static str,
     /// Why the set was read (`first_sync`, `changed`, `retry`, `full_resync`), if it was.
     pub read: Option<&'static str>,
@@ -63,9 +72,12 @@ pub async fn sync_all(
     let mut order: Vec<(usize, &crate::settings::WatchedScaleSet)> =
         settings.scale_sets.iter().enumerate().collect();
     order.sort_by_key(|(_, w)| records.get(&w.id.key()).and_then(|r| r.synced_at));
+    let deadline = Deadline::after(
+        settings.pass_deadline.unsigned_abs(),
+        settings.call_timeout.unsigned_abs(),
+    );
     let mut report: Vec<(usize, SetSync)> = Vec::new();
-    // Reads per subscription this pass: Compute counts its budget per subscription.
-    let mut reads: HashMap<String, usize> = HashMap::new();
+    let mut due: Vec<(usize, &ScaleSetId, Option<ScaleSetRecord>, Read)> = Vec::new();
     for (position, watched) in order {
         let id = &watched.id;
         let mut record = records.get(&id.key()).cloned();
@@ -94,27 +106,31 @@ pub async fn sync_all(
                 continue;
             }
         };
-        let budget = compute.observed().remaining_budget(&id.subscription);
-        let done = reads
-            .entry(id.subscription.to_ascii_lowercase())
-            .or_insert(0);
-        // The first read of a subscription in a pass always goes out: it also refreshes the
-        // budget figure.
-        if let Some(left) = budget.filter(|left| *done > 0 && *left < READ_RESERVE) {
-            tracing::warn!(scale_set = %id, remaining = left, "Compute read budget nearly spent; sync deferred to the next pass");
-            let mut deferred = SetSync::new(id, "deferred", Some(read));
-            deferred.detail = Some(format!(
-                "Compute read budget nearly spent ({left} left); deferred to the next pass"
-            ));
-            report.push((position, deferred));
-            continue;
-        }
-        *done += 1;
-        report.push((
-            position,
-            sync_one(store, compute, id, record.cloned(), read, now).await?,
-        ));
+        due.push((position, id, record.cloned(), read));
     }
+    // A few scale sets are read at once, each within the pass deadline; one the deadline cuts
+    // short keeps its mirror and is read again next pass.
+    // Compute counts its read budget per subscription, and only an answer tells what is left:
+    // the first read of each subscription goes out alone, the others wait for it.
+    let mut gates: HashMap<String, Arc<Mutex<bool>>> = HashMap::new();
+    let reads: Vec<_> = due
+        .into_iter()
+        .map(|(position, id, record, read)| {
+            let gate = gates
+                .entry(id.subscription.to_ascii_lowercase())
+                .or_default()
+                .clone();
+            within(
+                store, compute, settings, &deadline, gate, id, record, read, now,
+            )
+            .map(move |r| r.map(|sync| (position, sync)))
+        })
+        .collect();
+    let mut reads = futures::stream::iter(reads).buffer_unordered(SYNC_CONCURRENCY);
+    while let Some(done) = reads.next().await {
+        report.push(done?);
+    }
+    drop(reads);
     crate::throttle::hold_subscriptions(store, compute, settings, now).await?;
     report.sort_by_key(|(position, _)| *position);
     let report = report.into_iter().map(|(_, r)| r).collect();
@@ -123,6 +139,72 @@ pub async fn sync_all(
         compute_calls: compute.observed().calls() - calls_before,
         table_requests: store.requests() - requests_before,
     })
+}
+
+/// One scale set's sync within the pass deadline: not started once a call no longer fits, cut
+/// where it stands when the deadline comes.
+#[allow(clippy::too_many_arguments)]
+async fn within(
+    store: &Store,
+    compute: &Compute,
+    settings: &Settings,
+    deadline: &Deadline,
+    gate: Arc<Mutex<bool>>,
+    id: &ScaleSetId,
+    record: Option<ScaleSetRecord>,
+    read: Read,
+    now: OffsetDateTime,
+) -> Result<SetSync, StoreError> {
+    let mut first_done = gate.lock().await;
+    let first = !*first_done;
+    *first_done = true;
+    // The first read of the subscription holds the gate until it returns.
+    let _held = if first {
+        Some(first_done)
+    } else {
+        drop(first_done);
+        None
+    };
+    if !first {
+        if let Some(left) = compute
+            .observed()
+            .remaining_budget(&id.subscription)
+            .filter(|left| *left < READ_RESERVE)
+        {
+            tracing::warn!(scale_set = %id, remaining = left, "Compute read budget nearly spent; sync deferred to the next pass");
+            let mut deferred = SetSync::new(id, "deferred", Some(read));
+            deferred.detail = Some(format!(
+                "Compute read budget nearly spent ({left} left); deferred to the next pass"
+            ));
+            return Ok(deferred);
+        }
+    }
+    if !deadline.fits_a_call() {
+        let mut deferred = SetSync::new(id, "deferred", Some(read));
+        deferred.detail = Some(format!(
+            "{} s of HEALER_PASS_DEADLINE left, less than one HEALER_CALL_TIMEOUT: read next pass",
+            deadline.remaining().as_secs()
+        ));
+        tracing::warn!(scale_set = %id, decision = "deferred", "mirror sync left to the next pass: the pass deadline is near");
+        return Ok(deferred);
+    }
+    let sync = sync_one(store, compute, id, record.clone(), read, now);
+    match deadline.bound(sync).await {
+        Some(result) => result,
+        None => {
+            let why = format!(
+                "cut at HEALER_PASS_DEADLINE ({} s): the Compute API or storage did not answer in time; the mirror keeps its last state",
+                settings.pass_deadline.whole_seconds()
+            );
+            tracing::error!(scale_set = %id, error = %why, "mirror sync cut short");
+            let mut record = record.unwrap_or_else(ScaleSetRecord::unsynced);
+            record.sync_error = Some(why.clone());
+            store.record_sync(id, &record).await?;
+            let mut cut = SetSync::new(id, "timed_out", Some(read));
+            cut.detail = Some(why);
+            Ok(cut)
+        }
+    }
 }
 
 async fn sync_one(

@@ -112,6 +112,11 @@ pub struct History {
 }
 
 const PROVISIONING_IN_PROGRESS: [&str; 4] = ["creating", "updating", "deleting", "migrating"];
+
+/// Whether a provisioning state (lower case) says an operation runs on the instance.
+pub fn operation_in_progress(provisioning: &str) -> bool {
+    PROVISIONING_IN_PROGRESS.contains(&provisioning)
+}
 const STOPPED: [&str; 3] = ["stopped", "deallocated", "deallocating"];
 
 /// The heartbeat, if it proves what the policy requires. One that proves less was refused when it

@@ -247,31 +247,6 @@ async fn a_flapping_vm_is_not_repaired_until_down_persists() {
 
 /// Drives passes until `done` holds for the journal, or fails after `limit`. Each pass waits for
 /// nothing but the clock the repair timeout needs.
-async fn drive_until(
-    app: &TestApp,
-    limit: std::time::Duration,
-    done: impl Fn(&[vmss_healer::journal::Entry]) -> bool,
-) -> Vec<vmss_healer::journal::Entry> {
-    let set = TestApp::scale_set("web");
-    let deadline = std::time::Instant::now() + limit;
-    loop {
-        app.heartbeat_round().await;
-        app.invoke_timer("monitor-state").await;
-        let (status, answer) = app.invoke_timer("monitor-status").await;
-        assert_eq!(status, 200, "{answer}");
-        let (mut journal, _) = app.recent_journal(&set).await;
-        journal.reverse(); // oldest first
-        if done(&journal) {
-            return journal;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not done in time; journal: {journal:#?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn escalation_restart_reimage_replace_with_the_journal_showing_each_step() {
     let app = spawn_app()
@@ -286,11 +261,12 @@ async fn escalation_restart_reimage_replace_with_the_journal_showing_each_step()
     app.break_vm("web", 3, json!({"beat": "down", "fault": "hard"}))
         .await;
 
-    let journal = drive_until(&app, std::time::Duration::from_secs(60), |j| {
-        j.iter()
-            .any(|e| e.kind == EntryKind::Outcome && e.outcome == "replaced")
-    })
-    .await;
+    let journal = app
+        .drive_until("web", std::time::Duration::from_secs(60), |j| {
+            j.iter()
+                .any(|e| e.kind == EntryKind::Outcome && e.outcome == "replaced")
+        })
+        .await;
     let steps: Vec<(String, u32, String)> = journal
         .iter()
         .filter(|e| e.kind == EntryKind::Repair && e.outcome == "requested")
@@ -341,7 +317,7 @@ async fn after_max_attempts_the_healer_gives_up_and_stops() {
     app.invoke_timer("monitor-state").await;
     app.break_vm("web", 1, json!({"beat": "down", "fault": "hard"}))
         .await;
-    drive_until(&app, std::time::Duration::from_secs(60), |j| {
+    app.drive_until("web", std::time::Duration::from_secs(60), |j| {
         j.iter().any(|e| e.outcome == "given_up")
     })
     .await;
@@ -383,10 +359,11 @@ async fn a_new_instance_that_never_reports_is_replaced_after_the_startup_timeout
         "new: not judged yet: {answer}"
     );
 
-    let journal = drive_until(&app, std::time::Duration::from_secs(30), |j| {
-        j.iter().any(|e| e.kind == EntryKind::Repair)
-    })
-    .await;
+    let journal = app
+        .drive_until("web", std::time::Duration::from_secs(30), |j| {
+            j.iter().any(|e| e.kind == EntryKind::Repair)
+        })
+        .await;
     let repair = journal
         .iter()
         .find(|e| e.kind == EntryKind::Repair)

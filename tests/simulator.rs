@@ -143,6 +143,10 @@ async fn instance_view_details_reach_the_mirror() {
     assert_eq!(zero.health.map(|h| h.as_str()), Some("unhealthy"));
     assert!(zero.created_at.is_some(), "timeCreated is mirrored");
     assert_eq!(
+        zero.provisioned_at, zero.created_at,
+        "when the last operation ended: for a fleet never touched, its creation"
+    );
+    assert_eq!(
         zero.vm_id.as_deref(),
         app.vm("web", 0).await["vm_id"].as_str()
     );

@@ -49,6 +49,7 @@ fn instance(id: usize) -> Instance {
         created_at: Some(
             OffsetDateTime::UNIX_EPOCH + Duration::days(20_000) + Duration::microseconds(id as i64),
         ),
+        provisioned_at: Some(OffsetDateTime::UNIX_EPOCH + Duration::days(20_001)),
     }
 }
 

@@ -154,6 +154,7 @@ fn ingest(instances: usize, rounds: usize, concurrency: usize) {
                 protected_from_scale_in: false,
                 zone: None,
                 created_at: None,
+                provisioned_at: None,
             })
             .collect();
         store.write_mirror(&set, &mirror, OffsetDateTime::now_utc()).await.expect("mirror");

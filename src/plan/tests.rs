@@ -17,6 +17,7 @@ const BRAKES: Brakes = Brakes {
     full_resync: Duration::seconds(600),
     pipeline_fault: None,
     dry_run: false,
+    lease: Duration::seconds(180),
 };
 
 fn secs(n: i64) -> Duration {
@@ -154,6 +155,15 @@ impl Fleet {
         self.0.instances.retain(|m| m.instance.instance_id != id);
         self
     }
+    /// An operation on the instance ended `ago_s` ago (its instance view's provisioning time).
+    fn provisioned(mut self, id: &str, ago_s: i64) -> Self {
+        for m in &mut self.0.instances {
+            if m.instance.instance_id == id {
+                m.instance.provisioned_at = Some(NOW - secs(ago_s));
+            }
+        }
+        self
+    }
     fn mirror_age(mut self, s: i64) -> Self {
         self.0.record.as_mut().unwrap().synced_at = Some(NOW - secs(s));
         self
@@ -193,6 +203,15 @@ impl Fleet {
     /// Changes the incident of `id` (its phase, stage, error…).
     fn step(mut self, id: &str, change: impl FnOnce(&mut Incident)) -> Self {
         change(&mut self.0.incidents.get_mut(id).unwrap().value);
+        self
+    }
+    /// An operation runs on the instance (`Updating`).
+    fn updating(mut self, id: &str) -> Self {
+        for m in &mut self.0.instances {
+            if m.instance.instance_id == id {
+                m.instance.provisioning_state = Some("Updating".into());
+            }
+        }
         self
     }
     fn deallocated(self, id: &str) -> Self {
@@ -321,6 +340,15 @@ fn sending(i: &mut Incident) {
     i.phase = Phase::Sending;
 }
 
+/// Claimed to be sent `ago_s` ago and never answered, found not to have landed `unanswered` times.
+fn lost(ago_s: i64, unanswered: u32) -> impl FnOnce(&mut Incident) {
+    move |i: &mut Incident| {
+        i.phase = Phase::Sending;
+        i.sent_at = Some(NOW - secs(ago_s));
+        i.unanswered = unanswered;
+    }
+}
+
 /// The step's operation succeeded `ago_s` ago, in stage `stage`.
 fn succeeded(stage: Stage, ago_s: i64) -> impl FnOnce(&mut Incident) {
     move |i: &mut Incident| {
@@ -357,6 +385,18 @@ fn steps_are_followed_to_their_end() {
         ("a busy step is sent again, as the same attempt", fleet(4).down("2").repairing("2", Restart, 1, 60).step("2", pending(Hold::Busy)), esc, (vec![("2", "resend", Some(Restart), 1)], vec![])),
         ("a pending step past its deadline is spent", fleet(4).down("2").repairing("2", Restart, 1, 1000).step("2", pending(Hold::Busy)), esc, (vec![("2", "escalate", Some(Reimage), 2)], vec![])),
         ("a step whose answer was lost is never sent again", fleet(4).up("2", 400).repairing("2", Restart, 1, 60).step("2", sending), esc, (vec![], vec![(Some("2"), "repair_in_flight")])),
+        // Issue 12 items 4-5: a call whose claiming pass is over (the lease: 180 s here) and whose
+        // answer never came is found out from the instance, read by the mirror after that pass.
+        ("a lost answer, no operation on the instance since: sent again, same attempt", fleet(4).down("2").repairing("2", Restart, 1, 300).step("2", lost(300, 0)), esc, (vec![("2", "resend", Some(Restart), 1)], vec![])),
+        ("… the claiming pass may still run: wait", fleet(4).down("2").repairing("2", Restart, 1, 100).step("2", lost(100, 0)), esc, (vec![], vec![])),
+        ("… the mirror not read since that pass: wait", fleet(4).down("2").mirror_age(200).repairing("2", Restart, 1, 300).step("2", lost(300, 0)), esc, (vec![], vec![(Some("2"), "repair_in_flight")])),
+        ("… an operation ended on the instance since: it landed, wait", fleet(4).down("2").provisioned("2", 100).repairing("2", Restart, 1, 300).step("2", lost(300, 0)), esc, (vec![], vec![(Some("2"), "repair_in_flight")])),
+        ("… one still runs on it: wait", fleet(4).down("2").updating("2").repairing("2", Restart, 1, 300).step("2", lost(300, 0)), esc, (vec![], vec![])),
+        ("… lost again and not landed: the attempt is spent", fleet(4).down("2").repairing("2", Restart, 1, 300).step("2", lost(300, 1)), esc, (vec![("2", "escalate", Some(Reimage), 2)], vec![])),
+        ("… even with every parallel slot taken by it", fleet(4).down("2").repairing("2", Restart, 1, 300).step("2", lost(300, 1)), &[("HEALER_REPAIR_ACTIONS", "restart,reimage"), ("HEALER_MAX_PARALLEL", "1")], (vec![("2", "escalate", Some(Reimage), 2)], vec![])),
+        ("… on the last attempt: give up", fleet(4).down("2").repairing("2", Restart, 3, 300).step("2", lost(300, 1)), restart, (vec![("2", "given_up", Some(Restart), 3)], vec![])),
+        ("… a grow cannot be told from another's: its deadline decides", fleet(4).down("2").repairing("2", Replace, 1, 300).step("2", lost(300, 0)), &[], (vec![], vec![(Some("2"), "repair_in_flight")])),
+        ("a delete-first whose answer was lost, target gone: it landed, restore", fleet(4).gone("1").repairing("1", Replace, 1, 60).step("1", in_stage(Stage::DeleteFirst, Phase::Sending)), &[], (vec![("1", "advance", Some(Replace), 1)], vec![])),
         ("a stopped instance is started, not restarted", fleet(4).deallocated("1"), restart, (vec![("1", "open", Some(Start), 1)], vec![])),
         ("an escalation to restart starts a stopped instance", fleet(4).deallocated("1").repairing("1", Restart, 1, 1000), restart, (vec![("1", "escalate", Some(Start), 2)], vec![])),
         ("replace surges first", fleet(4).down("1"), &[], (vec![("1", "open", Some(Replace), 1)], vec![])),
@@ -644,8 +684,19 @@ proptest! {
                 match t.step {
                     // Only a target without a running step is started on.
                     Step::Open | Step::Escalate => prop_assert!(!prev.in_flight(NOW) || prev.dry_run != dry_run || prev.state != State::Repairing),
+                    // Sent again: ARM did not take it, or (once) its answer was lost and a mirror
+                    // read after the claiming pass shows no operation on the instance since.
+                    Step::Resend if prev.phase == Phase::Sending => {
+                        let sent = prev.sent_at.or(prev.step_started).unwrap_or(NOW);
+                        prop_assert!(NOW - sent > BRAKES.lease);
+                        prop_assert!(NOW - Duration::seconds(mirror_age) > sent + BRAKES.lease);
+                        prop_assert_eq!(prev.unanswered, 0);
+                        prop_assert!(m.is_some_and(|m| m.instance.provisioned_at.is_none_or(|t| t < sent)));
+                    }
                     Step::Resend => prop_assert_eq!(prev.phase, Phase::Pending),
-                    Step::Advance => prop_assert_eq!(prev.phase, Phase::Succeeded),
+                    // A delete-first whose answer was lost landed once its target is gone.
+                    Step::Advance => prop_assert!(prev.phase == Phase::Succeeded
+                        || (prev.phase == Phase::Sending && prev.stage == Stage::DeleteFirst && m.is_none())),
                     _ => {}
                 }
                 if t.step == Step::Open && prev.dry_run && !dry_run {

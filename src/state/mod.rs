@@ -568,11 +568,13 @@ impl Store {
 
     pub async fn append_journal(&self, entries: &[Entry]) -> Result<(), StoreError> {
         let mut by_set: HashMap<String, Vec<Entity>> = HashMap::new();
-        for (i, e) in entries.iter().enumerate() {
+        for e in entries {
+            // Unique across the batches of a pass (and its passes), whose entries share a time.
+            let seq = JOURNAL_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 1_000_000;
             by_set
                 .entry(e.scale_set.key())
                 .or_default()
-                .push(journal_entity(e, i));
+                .push(journal_entity(e, seq));
         }
         for (pk, entities) in by_set {
             self.repairs.upsert_batch(&pk, entities).await?;
@@ -713,7 +715,6 @@ fn instance_entity(set: &ScaleSetId, i: &Instance, synced_at: OffsetDateTime) ->
         .opt_str("powerState", i.power_state.clone())
         .opt_str("healthState", i.health.map(|h| h.as_str()))
         .opt_time("healthSince", i.health_since)
-        .opt_time("healthSince", i.health_since)
         .opt_bool("latestModelApplied", i.latest_model_applied)
         .bool(
             "protectFromScaleSetActions",
@@ -722,6 +723,7 @@ fn instance_entity(set: &ScaleSetId, i: &Instance, synced_at: OffsetDateTime) ->
         .bool("protectFromScaleIn", i.protected_from_scale_in)
         .opt_str("zone", i.zone.clone())
         .opt_time("createdAt", i.created_at)
+        .opt_time("provisionedAt", i.provisioned_at)
         .time("syncedAt", synced_at)
 }
 
@@ -744,6 +746,7 @@ fn instance_from_row(r: &Row) -> Result<MirroredInstance, RowError> {
             protected_from_scale_in: r.opt_bool("protectFromScaleIn").unwrap_or(false),
             zone: r.opt_str("zone"),
             created_at: r.opt_time("createdAt")?,
+            provisioned_at: r.opt_time("provisionedAt")?,
         },
         synced_at: r.time("syncedAt")?,
     })
@@ -933,6 +936,8 @@ fn incident_entity(set: &ScaleSetId, i: &Incident) -> Entity {
         .opt_str("errorMessage", i.error.as_ref().map(|e| e.message.clone()))
         .bool("surged", i.surged)
         .bool("dryRun", i.dry_run)
+        .opt_time("sentAt", i.sent_at)
+        .i64("unanswered", i64::from(i.unanswered))
 }
 
 fn incident_from_row(r: &Row) -> Result<Incident, RowError> {
@@ -1003,11 +1008,17 @@ fn incident_from_row(r: &Row) -> Result<Incident, RowError> {
         error,
         surged: r.opt_bool("surged").unwrap_or(false),
         dry_run: r.opt_bool("dryRun").unwrap_or(false),
+        sent_at: r.opt_time("sentAt")?,
+        unanswered: r.opt_i64("unanswered")?.unwrap_or(0).clamp(0, 100) as u32,
     })
 }
 
-fn journal_entity(e: &Entry, seq: usize) -> Entity {
-    let row_key = format!("{:020}-{}-{seq:03}", inverted_micros(e.at), e.instance_id);
+/// Numbers journal rows written by this process: two entries of one instance at one time (an
+/// intent and its answer) must not share a row key.
+static JOURNAL_SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn journal_entity(e: &Entry, seq: u64) -> Entity {
+    let row_key = format!("{:020}-{}-{seq:06}", inverted_micros(e.at), e.instance_id);
     Entity::new(&e.scale_set.key(), &row_key)
         .str("instanceId", e.instance_id.clone())
         .time("at", e.at)

@@ -260,6 +260,34 @@ impl TestApp {
         self.handler_url = format!("http://127.0.0.1:{port}");
     }
 
+    /// Runs heartbeat round, mirror pass and repair pass until `done` holds for the scale set's
+    /// journal (oldest first), which it returns; fails after `limit`.
+    pub async fn drive_until(
+        &self,
+        name: &str,
+        limit: Duration,
+        done: impl Fn(&[vmss_healer::journal::Entry]) -> bool,
+    ) -> Vec<vmss_healer::journal::Entry> {
+        let set = Self::scale_set(name);
+        let deadline = Instant::now() + limit;
+        loop {
+            self.heartbeat_round().await;
+            self.invoke_timer("monitor-state").await;
+            let (status, answer) = self.invoke_timer("monitor-status").await;
+            assert_eq!(status, 200, "{answer}");
+            let (mut journal, _) = self.recent_journal(&set).await;
+            journal.reverse();
+            if done(&journal) {
+                return journal;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not done in time; journal: {journal:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// What the handler logged so far (stdout and stderr, as the host's log stream has them).
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()

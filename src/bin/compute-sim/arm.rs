@@ -165,7 +165,11 @@ fn respond(
     let mut hang = None;
     if let Some(fault) = world.take_fault(method.as_str(), path) {
         hang = fault.hang_ms;
-        if let Some(r) = injected(world, fault, path) {
+        if let Some(mut r) = injected(world, fault, path) {
+            // Refused, and the refusal lost too: the call neither landed nor was answered.
+            if let Some(ms) = hang {
+                r.extensions_mut().insert(Hang(ms));
+            }
             return r;
         }
     }

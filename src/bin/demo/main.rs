@@ -333,6 +333,7 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
             full_resync: settings.full_resync,
             pipeline_fault: pipeline_fault(&pairs, now),
             dry_run: settings.dry_run,
+            lease: settings.lease(),
         };
         let mut statuses = Vec::new();
         for (name, id, obs) in &observations {
@@ -393,6 +394,7 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
                 EntryKind::Withheld => "withheld",
                 EntryKind::Outcome => "outcome",
                 EntryKind::Step => "step   ",
+                EntryKind::Intent => "sending",
             };
             // The journal records a pause when it begins and `resumed` when it ends.
             let released = e.kind == EntryKind::Withheld && e.outcome == "resumed";
