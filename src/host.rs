@@ -189,7 +189,23 @@ async fn invoke(
     Path(function): Path<String>,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    match run(&state, &function, body).await {
+    let _turn = crate::admission::invocation().await;
+    let mut response = answer(&state, &function, body).await;
+    if crate::admission::crowded() {
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    response
+}
+
+async fn answer(
+    state: &AppState,
+    function: &str,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    match run(state, function, body).await {
         Ok(outcome) => redacted_json(StatusCode::OK, &outcome),
         Err(e) => {
             // A table found missing is recreated now, so the retry this answer asks for succeeds.

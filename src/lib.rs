@@ -4,6 +4,7 @@
 //! `journal`, `resync`) decide; the edges (`state` for tables, `compute` for ARM, `host` for the Functions
 //! host) do I/O; `functions` holds one thin module per Azure Function.
 
+pub mod admission;
 pub mod alert;
 pub mod attestation;
 pub mod compute;

@@ -175,7 +175,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         settings.call_timeout.unsigned_abs(),
     )
     .context("configuring the Compute client")?;
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", settings.port))
+    let listener = vmss_healer::admission::bind(settings.port)
         .await
         .with_context(|| format!("listening on 127.0.0.1:{}", settings.port))?;
     tracing::info!(

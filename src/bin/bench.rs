@@ -7,6 +7,9 @@
 //! `bench tick --instances N`: `monitor-state` and `monitor-status` passes of the handler binary
 //! over N simulated instances (scale sets of 1,000): wall time, table requests, Compute calls and
 //! the handler's peak RSS.
+//! `bench load [--deliveries N] [--instances M]`: N heartbeat deliveries posted to the handler
+//! binary all at once (as Event Grid does after an outage): the handler's RSS idle before, at its
+//! peak and settled after, its connections to storage, and how the deliveries were answered.
 //!
 //! Build first: `cargo build --release --bins` (startup runs the `handler` next to this binary).
 
@@ -19,6 +22,8 @@ mod arm;
 mod azurite;
 #[path = "compute-sim/server.rs"]
 mod server;
+#[path = "../../tests/common/sockets.rs"]
+mod sockets;
 #[path = "compute-sim/world.rs"]
 mod world;
 
@@ -59,8 +64,9 @@ fn main() {
         ),
         "startup" => startup(arg("--runs", 20)),
         "tick" => tick(arg("--instances", 1000)),
+        "load" => load(arg("--deliveries", 2000), arg("--instances", 2000)),
         _ => {
-            eprintln!("usage: bench ingest [--instances N] [--rounds R] [--concurrency C] | bench startup [--runs N] | bench tick [--instances N]");
+            eprintln!("usage: bench ingest [--instances N] [--rounds R] [--concurrency C] | bench startup [--runs N] | bench tick [--instances N] | bench load [--deliveries N] [--instances M]");
             std::process::exit(2);
         }
     }
@@ -242,6 +248,141 @@ fn ingest(instances: usize, rounds: usize, concurrency: usize) {
         plain_after.report("plain loop to Azurite (after)");
         let plain_rate = (plain_before.rate() + plain_after.rate()) / 2.0;
         println!("\nhandler / plain throughput (mean of the two plain runs): {:.0} %", 100.0 * handler.rate() / plain_rate);
+    });
+}
+
+fn load(deliveries: usize, instances: usize) {
+    azurite::ensure_installed_quietly(true);
+    let storage = azurite::Azurite::start();
+    let storage_port = storage.port;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        let store = Store::connect(
+            &vmss_healer::settings::StorageSettings::ConnectionString(storage.connection_string()),
+            |_| anyhow::bail!("no identity"),
+        )
+        .expect("store");
+        store.ensure_tables().await.expect("tables");
+        let set = ScaleSetId::parse(SET).expect("bench id");
+        let created = OffsetDateTime::now_utc() - time::Duration::days(1);
+        let mirror: Vec<Instance> = (0..instances)
+            .map(|i| Instance {
+                instance_id: i.to_string(),
+                vm_id: Some(format!("00000000-0000-4000-8000-{i:012}")),
+                computer_name: Some(format!("web{i:06}")),
+                provisioning_state: Some("Succeeded".into()),
+                power_state: Some("running".into()),
+                health: None,
+                health_since: None,
+                latest_model_applied: Some(true),
+                protected_from_scale_set_actions: false,
+                protected_from_scale_in: false,
+                zone: None,
+                created_at: Some(created),
+                provisioned_at: Some(created),
+            })
+            .collect();
+        store.write_mirror(&set, &mirror, OffsetDateTime::now_utc()).await.expect("mirror");
+
+        let port = azurite::free_port();
+        let mut child = Command::new(handler_binary())
+            .env_clear()
+            .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
+            .env("HEALER_SCALE_SETS", SET)
+            .env("HEALER_STORAGE", storage.connection_string())
+            .env("HEALER_ARM_ENDPOINT", "http://127.0.0.1:9")
+            .env("IDENTITY_ENDPOINT", "http://127.0.0.1:9/msi/token")
+            .env("IDENTITY_HEADER", SECRET)
+            .env("RUST_LOG", "warn")
+            .envs(std::env::var("BENCH_MALLOC_ARENA_MAX").ok().map(|v| ("MALLOC_ARENA_MAX", v)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start handler");
+        let pid = child.id();
+        // As many connections as deliveries: Event Grid opens them, not a pool of ours.
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(deliveries)
+            .timeout(Duration::from_secs(120))
+            .build()
+            .expect("http client");
+        let base = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http.get(&base).send().await.is_err() {
+            assert!(Instant::now() < deadline, "handler not ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let at = OffsetDateTime::now_utc();
+        let delivery = |n: usize| {
+            let i = n % instances;
+            json!({"Data": {"event": {
+                "id": format!("load-{n}"), "eventType": "VmssHealer.Heartbeat", "dataVersion": "1",
+                "subject": format!("{SET}/virtualMachines/{i}"),
+                "eventTime": at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+                "data": {"status": "UP", "vmId": format!("00000000-0000-4000-8000-{i:012}"), "sequence": n}}},
+                "Metadata": {"sys": {"MethodName": "monitor-events"}}})
+        };
+        let post = |body: Value| {
+            let (http, url) = (http.clone(), format!("{base}/monitor-events"));
+            async move {
+                match http.post(url).json(&body).send().await {
+                    Ok(r) => r.status().as_u16(),
+                    Err(_) => 0,
+                }
+            }
+        };
+        // Warm-up: one delivery, so idle means "has served", as in production.
+        post(delivery(0)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let idle_before = rss_kib(pid).unwrap_or(0);
+
+        // Sample RSS and storage connections while the burst runs.
+        let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let sampler = {
+            let sampling = sampling.clone();
+            tokio::spawn(async move {
+                let (mut peak_rss, mut peak_conns) = (0, 0);
+                while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                    peak_rss = peak_rss.max(rss_kib(pid).unwrap_or(0));
+                    peak_conns = peak_conns.max(sockets::connections_to(pid, storage_port));
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                (peak_rss, peak_conns)
+            })
+        };
+        let started = Instant::now();
+        let answers = futures::future::join_all((1..=deliveries).map(|n| post(delivery(n)))).await;
+        let elapsed = started.elapsed();
+        sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+        let (peak_sampled, peak_conns) = sampler.await.expect("sampler");
+        let hwm = proc_status_kib(pid, "VmHWM:").unwrap_or(0);
+        let mut by_status: std::collections::BTreeMap<u16, usize> = std::collections::BTreeMap::new();
+        for s in &answers {
+            *by_status.entry(*s).or_default() += 1;
+        }
+        // Event Grid's connections close once it is done; ours too.
+        drop(http);
+        let after_1s = { tokio::time::sleep(Duration::from_secs(1)).await; rss_kib(pid).unwrap_or(0) };
+        let conns_after_1s = sockets::connections_to(pid, storage_port);
+        tokio::time::sleep(Duration::from_secs(40)).await;
+        let settled = rss_kib(pid).unwrap_or(0);
+        let conns_settled = sockets::connections_to(pid, storage_port);
+        let _ = child.kill();
+        let _ = child.wait();
+
+        let mib = |k: u64| k as f64 / 1024.0;
+        println!("\n{deliveries} concurrent heartbeat deliveries to the handler binary ({instances} mirrored instances)\n");
+        println!("| measure | value |");
+        println!("|---|---|");
+        println!("| answered | {} in {:.1} s ({:?} by HTTP status; 0 = no answer) |", answers.len(), elapsed.as_secs_f64(), by_status);
+        println!("| RSS idle before | {:.1} MiB |", mib(idle_before));
+        println!("| RSS peak (VmHWM; highest 5 ms sample) | {:.1} MiB ({:.1} MiB) |", mib(hwm), mib(peak_sampled));
+        println!("| RSS 1 s after | {:.1} MiB |", mib(after_1s));
+        println!("| RSS settled (41 s after) | {:.1} MiB |", mib(settled));
+        println!("| connections to storage: peak, 1 s after, settled | {peak_conns}, {conns_after_1s}, {conns_settled} |");
     });
 }
 

@@ -603,9 +603,13 @@ impl Store {
 /// Bounded retries: a storage hiccup is retried briefly inside the call; a longer outage fails
 /// the invocation (and Event Grid redelivers) instead of holding it for minutes.
 fn client_options(requests: Arc<AtomicU64>) -> anyhow::Result<azure_core::ClientOptions> {
+    // Idle connections are kept for as many invocations as run at once, and not for long: a burst
+    // must not leave thousands of sockets (and their buffers) behind.
     let http = reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(5))
         .timeout(std::time::Duration::from_secs(30))
+        .pool_max_idle_per_host(crate::admission::MAX_CONCURRENT_INVOCATIONS)
+        .pool_idle_timeout(std::time::Duration::from_secs(30))
         .build()
         .context("building the storage HTTP client")?;
     let retry = azure_core::ExponentialRetryOptions {

@@ -4,6 +4,7 @@
 
 pub mod attested;
 pub mod azurite;
+pub mod sockets;
 pub mod webhook;
 
 use azurite::{free_port, wait_for_port, Azurite};
@@ -286,6 +287,11 @@ impl TestApp {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// The handler process's id.
+    pub fn handler_pid(&self) -> u32 {
+        self.handler.0.id()
     }
 
     /// What the handler logged so far (stdout and stderr, as the host's log stream has them).
