@@ -181,3 +181,30 @@ async fn a_webhook_that_cannot_be_reached_is_logged_without_its_token() {
     );
     assert_no_secret("the handler's log", &logs);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_managed_identity_header_is_never_quoted() {
+    // The platform's identity endpoint refuses the header the handler was given.
+    const WRONG: &str = "identity-header-the-endpoint-refuses";
+    let app = spawn_app()
+        .scale_set("web", 2)
+        .env("IDENTITY_HEADER", WRONG)
+        .start()
+        .await;
+    let (status, answer) = app.invoke_timer("monitor-state").await;
+    assert_eq!(status, 200, "{answer}");
+    let outcome = answer["ReturnValue"]["scale_sets"][0]["outcome"]
+        .as_str()
+        .unwrap_or("");
+    assert_ne!(outcome, "synced", "no token, no read: {answer}");
+    let logs = app
+        .wait_for_log("mirror sync failed", Duration::from_secs(10))
+        .await;
+    for (what, text) in [("the answer", answer.to_string()), ("the log", logs)] {
+        assert!(
+            !text.contains(WRONG),
+            "{what} quotes the identity header:\n{text}"
+        );
+        assert_no_secret(what, &text);
+    }
+}
