@@ -171,8 +171,10 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
           name: 'HEALER_WEBHOOK_URL'
           value: empty(webhookUrl) ? '' : '@Microsoft.KeyVault(SecretUri=${webhookSecret.properties.secretUri})'
         }
+        // Half a minute apart: each repair pass reads a mirror at most 30 s old, and the two
+        // passes never compete for storage.
         { name: 'HEALER_STATUS_SCHEDULE', value: '0 */1 * * * *' }
-        { name: 'HEALER_STATE_SCHEDULE', value: '0 */1 * * * *' }
+        { name: 'HEALER_STATE_SCHEDULE', value: '30 */1 * * * *' }
       ]
     }
     functionAppConfig: {

@@ -2,6 +2,7 @@
 //! `FUNCTIONS_CUSTOMHANDLER_PORT` set and posts each invocation to `/{function-name}`.
 
 use anyhow::Context;
+use clap::{Parser, Subcommand};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing_subscriber::EnvFilter;
@@ -12,35 +13,53 @@ use vmss_healer::secret::{self, redact};
 use vmss_healer::settings::Settings;
 use vmss_healer::state::Store;
 
-const USAGE: &str = "usage: handler                          serve the Functions host (FUNCTIONS_CUSTOMHANDLER_PORT)
-       handler status [--json]          each scale set's health, brake, incidents and recent journal
-       handler pause <scale set> [--reason TEXT]
-                                        a manual brake: monitor-status starts no repair there
-       handler resume <scale set>       lift it
-       handler --settings-table         the README's settings table
-<scale set> is a watched resource id or its name. The commands read the same settings as the
-Function App (HEALER_STORAGE or AzureWebJobsStorage, HEALER_SCALE_SETS, ...).
-";
+/// The Azure Functions custom handler of vmss-healer. Without a command it serves the Functions
+/// host on FUNCTIONS_CUSTOMHANDLER_PORT; the commands are the operator's, and read the same settings
+/// as the Function App (HEALER_STORAGE or AzureWebJobsStorage, HEALER_SCALE_SETS, ...).
+#[derive(Debug, Parser)]
+#[command(name = "handler", version)]
+struct Cli {
+    /// Print the README's settings table and exit.
+    #[arg(long)]
+    settings_table: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Each scale set's health, brake, incidents and recent journal.
+    Status {
+        /// As JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A manual brake: monitor-status starts no repair on the scale set until resumed.
+    Pause {
+        /// A watched scale set: its resource id or its name.
+        scale_set: String,
+        /// Why, for the journal and `handler status`.
+        #[arg(long, default_value = "no reason given")]
+        reason: String,
+    },
+    /// Lift an operator's pause.
+    Resume {
+        /// A watched scale set: its resource id or its name.
+        scale_set: String,
+    },
+}
 
 fn main() {
     // Before anything could quote them: the configured secrets are masked in every output.
     vmss_healer::settings::register_secrets(|k| std::env::var(k).ok());
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("--settings-table") => {
-            print!("{}", vmss_healer::settings::markdown_table());
-            return;
-        }
-        Some("status" | "pause" | "resume") => std::process::exit(command(&args)),
-        Some("--help" | "-h" | "help") => {
-            print!("{USAGE}");
-            return;
-        }
-        Some(other) => {
-            eprint!("handler: unknown command `{other}`\n{USAGE}");
-            std::process::exit(2);
-        }
-        None => {}
+    // Usage errors exit 2, help exits 0: neither needs settings.
+    let cli = Cli::parse();
+    if cli.settings_table {
+        print!("{}", vmss_healer::settings::markdown_table());
+        return;
+    }
+    if let Some(command) = cli.command {
+        std::process::exit(operator_command(command));
     }
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -58,6 +77,9 @@ fn main() {
             std::process::exit(2);
         }
     };
+    for warning in &settings.warnings {
+        tracing::error!(problem = %warning, "an optional setting cannot be used; the rest runs");
+    }
     // The host starts the handler in the app's root, next to host.json (`workingDirectory` "").
     if let Ok(host_json) = std::fs::read_to_string("host.json") {
         if let Err(problem) = settings.check_function_timeout(&host_json) {
@@ -86,7 +108,7 @@ fn main() {
 }
 
 /// An operator's command; returns the exit code (2: bad usage or settings).
-fn command(args: &[String]) -> i32 {
+fn operator_command(command: Command) -> i32 {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new("warn"))
         .with_target(false)
@@ -100,28 +122,15 @@ fn command(args: &[String]) -> i32 {
             return 2;
         }
     };
-    let mut rest = args[1..].iter().map(String::as_str);
-    let (json, target, note) = match args[0].as_str() {
-        "status" => match rest.next() {
-            None => (false, None, None),
-            Some("--json") => (true, None, None),
-            Some(other) => return usage(&format!("status takes --json, not `{other}`")),
-        },
-        "pause" => {
-            let Some(set) = rest.next() else {
-                return usage("pause needs a scale set");
-            };
-            let note = match (rest.next(), rest.next()) {
-                (None, _) => "no reason given".to_string(),
-                (Some("--reason"), Some(text)) => text.to_string(),
-                _ => return usage("pause takes --reason TEXT"),
-            };
-            (false, Some(set), Some(note))
-        }
-        _ => match rest.next() {
-            Some(set) => (false, Some(set), None),
-            None => return usage("resume needs a scale set"),
-        },
+    let (name, json, target, note) = match &command {
+        Command::Status { json } => ("status", *json, None, None),
+        Command::Pause { scale_set, reason } => (
+            "pause",
+            false,
+            Some(scale_set.as_str()),
+            Some(reason.clone()),
+        ),
+        Command::Resume { scale_set } => ("resume", false, Some(scale_set.as_str()), None),
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -149,7 +158,7 @@ fn command(args: &[String]) -> i32 {
             0
         }
         Err(e) => {
-            eprintln!("handler {}: {}", args[0], redact(&format!("{e:#}")));
+            eprintln!("handler {name}: {}", redact(&format!("{e:#}")));
             if e.downcast_ref::<vmss_healer::operator::NoSuchScaleSet>()
                 .is_some()
             {
@@ -159,11 +168,6 @@ fn command(args: &[String]) -> i32 {
             }
         }
     }
-}
-
-fn usage(problem: &str) -> i32 {
-    eprint!("handler: {problem}\n{USAGE}");
-    2
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {

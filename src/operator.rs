@@ -65,6 +65,7 @@ pub async fn status(settings: &Settings, store: &Store, json: bool) -> anyhow::R
     let report = Report {
         at: now,
         dry_run: settings.dry_run,
+        settings_warnings: settings.warnings.clone(),
         scale_sets,
     };
     Ok(if json {

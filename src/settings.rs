@@ -65,9 +65,9 @@ pub const CATALOG: &[SettingDoc] = &[
     SettingDoc { name: DRY_RUN, default: "`false`", meaning: "decide and journal, but do not act; what a dry run decided never holds back a live pass" },
     SettingDoc { name: PASS_DEADLINE, default: "`150` s", meaning: "how long one `monitor-status` or `monitor-state` pass may run: what does not fit is left to the next pass and journaled (`pass_deadline`). Must leave room inside `functionTimeout` of host.json (5 min): the handler refuses to start otherwise" },
     SettingDoc { name: CALL_TIMEOUT, default: "`30` s", meaning: "the longest one Compute API request may take; a write without an answer by then has an unknown outcome, found out from the instance's state on later passes and never sent blindly again" },
-    SettingDoc { name: WEBHOOK_URL, default: "(none)", meaning: "JSON POST on repair, give-up and pause" },
+    SettingDoc { name: WEBHOOK_URL, default: "(none)", meaning: "JSON POST on repair, give-up and pause. Optional, so never fatal: an unusable value (an unresolved Key Vault reference, not an http(s) URL) is reported at startup and by `handler status`, and the handler runs without alerts" },
     SettingDoc { name: STATUS_SCHEDULE, default: "`0 */1 * * * *`", meaning: "NCRONTAB schedule of `monitor-status`, referenced from its function.json as `%HEALER_STATUS_SCHEDULE%`" },
-    SettingDoc { name: STATE_SCHEDULE, default: "`0 */1 * * * *`", meaning: "NCRONTAB schedule of `monitor-state`, referenced from its function.json as `%HEALER_STATE_SCHEDULE%`" },
+    SettingDoc { name: STATE_SCHEDULE, default: "`30 */1 * * * *`", meaning: "NCRONTAB schedule of `monitor-state`, referenced from its function.json as `%HEALER_STATE_SCHEDULE%`" },
     SettingDoc { name: HANDLER_PORT, default: "`8080`", meaning: "set by the Functions host: the port the handler listens on (127.0.0.1 only)" },
 ];
 
@@ -105,6 +105,9 @@ pub struct Settings {
     pub status_schedule: String,
     pub state_schedule: String,
     pub port: u16,
+    /// Optional settings that could not be used, and what runs without them: reported at startup
+    /// and by `handler status`, never fatal.
+    pub warnings: Vec<String>,
     /// How long one timer pass may run; see [`PASS_DEADLINE`].
     pub pass_deadline: Duration,
     /// The longest one Compute API request may take.
@@ -227,9 +230,32 @@ impl Settings {
                 false
             }
         };
-        let webhook_url = url_setting(get(WEBHOOK_URL), WEBHOOK_URL, &mut problems);
+        // Optional: a webhook that cannot be used means no alerts, never no healer.
+        let mut warnings = Vec::new();
+        let webhook_url = match get(WEBHOOK_URL) {
+            Some(raw) if raw.trim_start().starts_with("@Microsoft.KeyVault(") => {
+                warnings.push(format!(
+                    "{WEBHOOK_URL} is a Key Vault reference the platform has not resolved (the app's identity needs `Key Vault Secrets User` on the vault; references are re-read about daily, or at a restart): alerts are not sent until it resolves"
+                ));
+                None
+            }
+            raw => {
+                let mut webhook_problems = Vec::new();
+                let url = url_setting(raw, WEBHOOK_URL, &mut webhook_problems);
+                warnings.extend(
+                    webhook_problems
+                        .into_iter()
+                        .map(|p| format!("{p}; alerts are not sent")),
+                );
+                url
+            }
+        };
         let status_schedule = schedule(get(STATUS_SCHEDULE), STATUS_SCHEDULE, &mut problems);
-        let state_schedule = schedule(get(STATE_SCHEDULE), STATE_SCHEDULE, &mut problems);
+        let state_schedule = schedule(
+            get(STATE_SCHEDULE).or_else(|| Some("30 */1 * * * *".into())),
+            STATE_SCHEDULE,
+            &mut problems,
+        );
         let port = match get(HANDLER_PORT) {
             None => 8080,
             Some(p) => p.trim().parse::<u16>().unwrap_or_else(|_| {
@@ -266,6 +292,7 @@ impl Settings {
             status_schedule,
             state_schedule,
             port,
+            warnings,
             pass_deadline,
             call_timeout,
             defaults,
@@ -732,7 +759,6 @@ mod tests {
             (REPAIR_ACTIONS, "delete,restart"),
             (MAX_PARALLEL, "0"),
             (DRY_RUN, "maybe"),
-            (WEBHOOK_URL, "not a url"),
             (STATUS_SCHEDULE, "every minute"),
             (HANDLER_PORT, "99999"),
             (FULL_RESYNC, "-5m"),
@@ -746,14 +772,40 @@ mod tests {
             REPAIR_ACTIONS,
             MAX_PARALLEL,
             DRY_RUN,
-            WEBHOOK_URL,
             STATUS_SCHEDULE,
             HANDLER_PORT,
             FULL_RESYNC,
         ] {
             assert!(text.contains(needle), "missing {needle} in:\n{text}");
         }
-        assert_eq!(err.0.len(), 10, "{text}");
+        assert_eq!(err.0.len(), 9, "{text}");
+    }
+
+    #[test]
+    fn an_unusable_optional_setting_is_a_warning_not_a_stop() {
+        let base = [
+            (SCALE_SETS, WEB),
+            (WEBJOBS_STORAGE, "UseDevelopmentStorage=true"),
+        ];
+        for (value, says) in [
+            (
+                "@Microsoft.KeyVault(SecretUri=https://kv.vault.azure.net/secrets/hook/)",
+                "Key Vault reference",
+            ),
+            ("not a url", "is not a URL"),
+            ("ftp://hooks.example/x", "expected https"),
+        ] {
+            let s = load(&[base[0], base[1], (WEBHOOK_URL, value)]).unwrap();
+            assert_eq!(s.webhook_url, None, "{value}");
+            assert_eq!(s.warnings.len(), 1, "{value}");
+            assert!(
+                s.warnings[0].contains(says) && s.warnings[0].contains("alerts are not sent"),
+                "{}",
+                s.warnings[0]
+            );
+        }
+        let s = load(&[base[0], base[1], (WEBHOOK_URL, "https://hooks.example/x")]).unwrap();
+        assert!(s.webhook_url.is_some() && s.warnings.is_empty());
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub struct Report {
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
     pub dry_run: bool,
+    /// Optional settings that cannot be used (the handler runs without them).
+    pub settings_warnings: Vec<String>,
     pub scale_sets: Vec<SetStatus>,
 }
 
@@ -178,6 +180,9 @@ pub fn render(report: &Report) -> String {
         if report.dry_run { " (DRY RUN)" } else { "" },
         report.scale_sets.len()
     );
+    for w in &report.settings_warnings {
+        out.push_str(&format!("warning: {w}\n"));
+    }
     for s in &report.scale_sets {
         out.push_str(&format!(
             "\n{}  [{}]  {} instances: {} healthy, {} unhealthy, {} repairing, {} suspect, {} starting, {} maintenance\n",
@@ -299,9 +304,14 @@ mod tests {
         let text = render(&Report {
             at: OffsetDateTime::UNIX_EPOCH,
             dry_run: true,
+            settings_warnings: vec!["HEALER_WEBHOOK_URL: unusable; alerts are not sent".into()],
             scale_sets: vec![s],
         });
         assert!(text.contains("(DRY RUN)"), "{text}");
+        assert!(
+            text.contains("warning: HEALER_WEBHOOK_URL: unusable; alerts are not sent"),
+            "{text}"
+        );
         assert!(
             text.contains("PAUSED (paused_by_operator): paused by an operator: deploying"),
             "{text}"

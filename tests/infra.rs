@@ -175,3 +175,34 @@ fn the_sample_points_its_agents_at_the_topic_main_creates() {
     assert!(sample.contains("watchedScaleSets: [{ id: scaleSet.id"));
     assert!(sample.contains("senderPrincipalIds: [scaleSet.identity.principalId]"));
 }
+
+/// Issue 13: the two timers run half a minute apart in Azure as they do locally, so each repair
+/// pass reads a mirror at most 30 s old and the passes never compete for storage; the app
+/// settings, the local example and the code's defaults agree.
+#[test]
+fn the_timers_are_offset_everywhere_they_are_set() {
+    let value = |text: &str, name: &str| -> String {
+        let at = text.find(name).unwrap_or_else(|| panic!("{name} not set"));
+        let rest = &text[at + name.len()..];
+        let start = rest.find(['\'', '"']).unwrap() + 1;
+        let end = start + rest[start..].find(['\'', '"']).unwrap();
+        rest[start..end].to_string()
+    };
+    let bicep = read("infra/main.bicep");
+    let local = read("local.settings.json.example");
+    let settings = vmss_healer::settings::Settings::from_lookup(|k| match k {
+        "HEALER_SCALE_SETS" => Some(common::scale_set_id("web")),
+        "HEALER_STORAGE" => Some("UseDevelopmentStorage=true".into()),
+        _ => None,
+    })
+    .unwrap();
+    for (name, default) in [
+        ("HEALER_STATUS_SCHEDULE", &settings.status_schedule),
+        ("HEALER_STATE_SCHEDULE", &settings.state_schedule),
+    ] {
+        let in_azure = value(&bicep, &format!("'{name}', value: "));
+        assert_eq!(in_azure, value(&local, &format!("\"{name}\": ")), "{name}");
+        assert_eq!(&in_azure, default, "{name}");
+    }
+    assert_ne!(settings.status_schedule, settings.state_schedule);
+}

@@ -115,3 +115,81 @@ async fn status_pause_and_resume() {
         .collect();
     assert_eq!(operator, ["operator_resume", "operator_pause"]);
 }
+
+/// Issue 13: help needs no settings — an operator asks for it before configuring anything.
+#[test]
+fn every_command_prints_its_help_without_settings() {
+    for args in [
+        vec!["--help"],
+        vec!["status", "--help"],
+        vec!["pause", "--help"],
+        vec!["resume", "--help"],
+        vec!["help", "status"],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_handler"))
+            .args(&args)
+            .env_clear()
+            .output()
+            .expect("run the handler");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}{text}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("Usage: handler"), "{args:?}: {text}");
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_handler"))
+        .args(["status", "--jsn"])
+        .env_clear()
+        .output()
+        .expect("run the handler");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a mistyped flag is a usage error"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--json"));
+}
+
+/// Issue 13: an optional setting is never fatal. A Key Vault reference the platform could not
+/// resolve yet (its role is granted after the app; references refresh about daily) arrives as the
+/// literal `@Microsoft.KeyVault(...)`: the handler serves, and says what is wrong where an
+/// operator looks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unresolved_key_vault_reference_in_an_optional_setting_leaves_the_handler_serving() {
+    let reference =
+        "@Microsoft.KeyVault(SecretUri=https://kv-healer.vault.azure.net/secrets/webhook/)";
+    let app = spawn_app()
+        .scale_set("web", 3)
+        .env("HEALER_WEBHOOK_URL", reference)
+        .start()
+        .await;
+    app.sync_and_break("web", 1, serde_json::json!({"beat": "down"}))
+        .await;
+    let (status, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["repairs_requested"], 1,
+        "repairs go on without alerts: {answer}"
+    );
+    let logs = app.logs();
+    assert!(
+        logs.contains("HEALER_WEBHOOK_URL") && logs.contains("Key Vault reference"),
+        "the startup log says so: {logs}"
+    );
+    let (code, text, err) = app.cli(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.contains("HEALER_WEBHOOK_URL") && text.contains("alerts are not sent"),
+        "{text}"
+    );
+    let (_, json, _) = app.cli(&["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(
+        json["settings_warnings"][0]
+            .as_str()
+            .is_some_and(|w| w.contains("HEALER_WEBHOOK_URL")),
+        "{json}"
+    );
+}

@@ -143,10 +143,6 @@ fn malformed_settings_are_listed_without_their_secrets() {
             "{name}: a misconfiguration stops the handler at startup:\n{output}"
         );
         assert!(output.contains("HEALER_STORAGE"), "{name}: {output}");
-        assert!(
-            output.contains("HEALER_WEBHOOK_URL"),
-            "{name}: every problem is listed at once: {output}"
-        );
         assert_no_secret(name, &output);
     }
 }
