@@ -752,6 +752,22 @@ async fn maintenance_once_and_cloudevents() {
     assert_eq!(event["specversion"], "1.0", "{event}");
     assert_eq!(through_handler(&f.app, &event).await["accepted"], true);
 
+    // IMDS must be reached directly (it refuses proxied requests): a proxy configured for the
+    // VM's outbound traffic — here one that does not answer — is bypassed for it, and still
+    // used for the topic where NO_PROXY does not exempt it.
+    let topic_by_name = format!("http://localhost:{}/api/events", f.topic_port);
+    let (code, log) = run(
+        &["once"],
+        &[
+            ("http_proxy", "http://127.0.0.1:1"),
+            ("HTTP_PROXY", "http://127.0.0.1:1"),
+            ("NO_PROXY", "localhost"),
+            ("no_proxy", "localhost"),
+            ("HEALER_TOPIC_ENDPOINT", topic_by_name.as_str()),
+        ],
+    );
+    assert_eq!(code, Some(0), "IMDS through a dead proxy: {log}");
+
     // `once` fails when it could not publish.
     f.topic.set(|t| t.fail_with = Some(500));
     let (code, log) = run(&["once"], &[]);
@@ -767,6 +783,9 @@ async fn maintenance_once_and_cloudevents() {
             ("HEALER_SCHEMA", "xml"),
             ("HEALER_HEALTH_URL", "http://127.0.0.1:1/"),
             ("HEALER_HEALTH_COMMAND", "true"),
+            // A check longer than systemd's watchdog (120 s, not fed while it runs) would have
+            // a healthy but slow agent killed.
+            ("HEALER_HEALTH_TIMEOUT", "300"),
         ],
     );
     assert_eq!(code, Some(2), "{log}");
@@ -775,10 +794,54 @@ async fn maintenance_once_and_cloudevents() {
         "HEALER_INTERVAL",
         "HEALER_SCHEMA",
         "not both",
-        "4 problem",
+        "HEALER_HEALTH_TIMEOUT",
+        "5 problem",
     ] {
         assert!(log.contains(needle), "missing {needle} in {log}");
     }
+}
+
+/// The Windows agent cannot run here (no PowerShell): it is held to the rules the Linux agent's
+/// tests prove, by reading it.
+#[test]
+fn the_windows_agent_keeps_the_rules_it_cannot_be_run_against() {
+    let agent = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/infra/agent/windows/vmss-healer-agent.ps1"
+    ))
+    .unwrap();
+    let install = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/infra/agent/windows/install.ps1"
+    ))
+    .unwrap();
+    // Under Set-StrictMode, reading .Response.StatusCode off an exception without a response
+    // throws inside the catch: only the guarded helper reads it.
+    assert!(agent.contains("Set-StrictMode -Version 3"));
+    assert!(
+        !agent.contains(".Response.StatusCode"),
+        "status read unguarded"
+    );
+    // IMDS only through the proxy-free helper.
+    assert!(
+        !agent.contains("Invoke-RestMethod"),
+        "IMDS through the default proxy"
+    );
+    assert_eq!(
+        agent.matches("Invoke-Imds ").count(),
+        3,
+        "instance, token, attested document"
+    );
+    assert!(agent.contains("$request.Proxy = $null"));
+    // The body as UTF-8 bytes, with the charset said.
+    assert!(agent.contains("[System.Text.Encoding]::UTF8.GetBytes($message.Body)"));
+    assert!(!agent.contains("ContentType = 'application/json' "));
+    // The run loop survives whatever a heartbeat throws.
+    assert!(agent.contains("try { $null = Send-Heartbeat"));
+    // Something restarts an agent that died after it started.
+    assert!(
+        install.contains("-RepetitionInterval") && install.contains("-MultipleInstances IgnoreNew")
+    );
 }
 
 #[test]

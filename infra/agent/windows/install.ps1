@@ -37,12 +37,19 @@ if (-not [System.Diagnostics.EventLog]::SourceExists('vmss-healer-agent')) {
 # Least privilege: LOCAL SERVICE can reach IMDS and read ProgramData; it needs nothing else.
 $action = New-ScheduledTaskAction -Execute 'powershell.exe' `
     -Argument "-NoProfile -NonInteractive -ExecutionPolicy Bypass -File `"$programDir\vmss-healer-agent.ps1`" run"
-$trigger = New-ScheduledTaskTrigger -AtStartup
+# Task Scheduler restarts a task that fails to start, not one that exits after it started: the
+# second trigger is the watchdog. Every 5 minutes it starts the agent again, and while the agent
+# runs the new instance is ignored (MultipleInstances IgnoreNew), so a dead agent is back within 5
+# minutes. (No -RepetitionDuration: without it the repetition lasts indefinitely.)
+$triggers = @(
+    (New-ScheduledTaskTrigger -AtStartup),
+    (New-ScheduledTaskTrigger -Once -At (Get-Date) -RepetitionInterval (New-TimeSpan -Minutes 5))
+)
 $principal = New-ScheduledTaskPrincipal -UserId 'NT AUTHORITY\LOCAL SERVICE' -LogonType ServiceAccount
-# The task's restart-on-failure is the watchdog: an agent that exits is started again within a minute.
 $settings = New-ScheduledTaskSettingsSet -RestartCount 999 -RestartInterval (New-TimeSpan -Minutes 1) `
-    -ExecutionTimeLimit ([TimeSpan]::Zero) -StartWhenAvailable -AllowStartIfOnBatteries -DontStopIfGoingOnBatteries
-Register-ScheduledTask -TaskName 'vmss-healer-agent' -Action $action -Trigger $trigger -Principal $principal `
+    -MultipleInstances IgnoreNew -ExecutionTimeLimit ([TimeSpan]::Zero) -StartWhenAvailable `
+    -AllowStartIfOnBatteries -DontStopIfGoingOnBatteries
+Register-ScheduledTask -TaskName 'vmss-healer-agent' -Action $action -Trigger $triggers -Principal $principal `
     -Settings $settings -Force | Out-Null
 Start-ScheduledTask -TaskName 'vmss-healer-agent'
 Write-Output 'vmss-healer-agent installed and started; logs: Application event log, source vmss-healer-agent'

@@ -87,13 +87,41 @@ if ($problems.Count -gt 0) {
 if ($Topic -notmatch 'api-version=') { $Topic += $(if ($Topic.Contains('?')) { '&' } else { '?' }) + 'api-version=2018-01-01' }
 
 $script:Token = $null
+# The HTTP status of a failed web request, or $null when none came (connection refused, timeout:
+# the very case a health check reports). Under Set-StrictMode, reading the response status off
+# an exception that has no response throws inside the catch and would kill the agent.
+function Get-HttpStatus($ErrorRecord) {
+    $exception = $ErrorRecord.Exception
+    if (-not $exception.PSObject.Properties['Response']) { return $null }
+    $response = $exception.Response
+    if ($null -eq $response -or -not $response.PSObject.Properties['StatusCode']) { return $null }
+    return [int]$response.StatusCode
+}
+
+# A request to IMDS, which must be reached directly ("Azure Instance Metadata Service": HTTP clients
+# must bypass web proxies within the VM when querying it). Windows PowerShell 5.1 has no -NoProxy
+# (PowerShell 6 added it), so the request is made with a proxy of $null: no proxy for this request
+# only; the topic still goes through the machine's proxy if it has one.
+function Invoke-Imds([string]$PathAndQuery, [int]$TimeoutSec) {
+    $request = [System.Net.HttpWebRequest]::Create("$Imds$PathAndQuery")
+    $request.Proxy = $null
+    $request.Headers.Add('Metadata', 'true')
+    $request.Timeout = $TimeoutSec * 1000
+    $response = $request.GetResponse()
+    try {
+        $reader = New-Object System.IO.StreamReader($response.GetResponseStream(), [System.Text.Encoding]::UTF8)
+        return ($reader.ReadToEnd() | ConvertFrom-Json)
+    }
+    finally { $response.Close() }
+}
+
 $script:TokenExpires = [int64]0
 $script:Identity = $null
 
 function Get-Identity {
     if ($script:Identity) { return $true }
     try {
-        $compute = Invoke-RestMethod -Uri "$Imds/metadata/instance/compute?api-version=2021-02-01" -Headers @{ Metadata = 'true' } -TimeoutSec 5
+        $compute = Invoke-Imds '/metadata/instance/compute?api-version=2021-02-01' 5
     }
     catch { Write-Log warn "IMDS instance metadata unavailable: $($_.Exception.Message)"; return $false }
     $subject = $compute.resourceId
@@ -111,7 +139,7 @@ function Get-Token {
     $now = [DateTimeOffset]::UtcNow.ToUnixTimeSeconds()
     if ($script:Token -and ($script:TokenExpires - $now) -gt $TokenMarginSeconds) { return $true }
     try {
-        $answer = Invoke-RestMethod -Uri "$Imds/metadata/identity/oauth2/token?api-version=2018-02-01&resource=$TokenResource" -Headers @{ Metadata = 'true' } -TimeoutSec 10
+        $answer = Invoke-Imds "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=$TokenResource" 10
     }
     catch { Write-Log warn "no token from IMDS: $($_.Exception.Message)"; return $false }
     $script:Token = $answer.access_token
@@ -137,7 +165,7 @@ function Get-Health {
         try { $null = Invoke-WebRequest -Uri $HealthUrl -UseBasicParsing -TimeoutSec $timeoutS }
         catch {
             $result.Status = 'DOWN'
-            $code = $_.Exception.Response.StatusCode.value__
+            $code = Get-HttpStatus $_
             $result.Detail = if ($code) { "health check $HealthUrl answered $code" } else { "health check ${HealthUrl}: $($_.Exception.Message)" }
         }
     }
@@ -165,7 +193,7 @@ function New-HeartbeatBody($Health) {
     if ($Attest) {
         # The nonce binds the platform's signature to this reading: its time in whole seconds.
         try {
-            $doc = Invoke-RestMethod -Uri "$Imds/metadata/attested/document?api-version=2020-09-01&nonce=$($now.ToUnixTimeSeconds())" -Headers @{ Metadata = 'true' } -TimeoutSec 5
+            $doc = Invoke-Imds "/metadata/attested/document?api-version=2020-09-01&nonce=$($now.ToUnixTimeSeconds())" 5
             $data.attestation = $doc.signature
         }
         catch { Write-Log warn "no attested document from IMDS; heartbeat sent without it: $($_.Exception.Message)" }
@@ -178,7 +206,7 @@ function New-HeartbeatBody($Health) {
     }
     $event = [ordered]@{ id = [guid]::NewGuid().ToString(); eventType = $EventType; subject = $script:Identity.Subject
         eventTime = $time; dataVersion = '1'; data = $data }
-    return @{ ContentType = 'application/json'; Body = ConvertTo-Json @($event) -Depth 5 -Compress }
+    return @{ ContentType = 'application/json; charset=utf-8'; Body = ConvertTo-Json @($event) -Depth 5 -Compress }
 }
 
 # One heartbeat, with retries and backoff inside $BudgetMs. Returns whether it was published.
@@ -191,13 +219,15 @@ function Send-Heartbeat([int64]$BudgetMs) {
             $health = Get-Health
             $message = New-HeartbeatBody $health
             try {
+                # Bytes, not a string: Windows PowerShell 5.1 encodes a string body as ISO-8859-1
+                # and every non-ASCII character of a detail becomes `?`.
                 $null = Invoke-WebRequest -Uri $Topic -Method Post -UseBasicParsing -TimeoutSec 10 -ContentType $message.ContentType `
-                    -Headers @{ Authorization = "Bearer $($script:Token)" } -Body $message.Body
+                    -Headers @{ Authorization = "Bearer $($script:Token)" } -Body ([System.Text.Encoding]::UTF8.GetBytes($message.Body))
                 Write-Log info "heartbeat $($health.Status) published $($health.Detail) $($health.Until)"
                 return $true
             }
             catch {
-                $code = $_.Exception.Response.StatusCode.value__
+                $code = Get-HttpStatus $_
                 if ($code -in 401, 403) { Write-Log warn "topic refused the token ($code); fetching a new one"; $script:Token = $null }
                 elseif ($code -in 400, 413) { Write-Log error "topic rejected the event ($code): $($_.Exception.Message)"; return $false }
                 else { Write-Log warn "publish failed ($code): $($_.Exception.Message)" }
@@ -216,8 +246,11 @@ switch ($Command) {
     'run' {
         Write-Log info "vmss-healer-agent starting: topic $($Topic.Split('?')[0]), interval $($IntervalMs / 1000) s"
         while ($true) {
-            # Retries may use most of an interval, not all: the next reading must stay on time.
-            $null = Send-Heartbeat ([int64]($IntervalMs * 0.8))
+            # Retries may use most of an interval, not all: the next reading must stay on time. The
+            # agent never dies of a failed check or publish: whatever throws is logged, and the
+            # next interval comes.
+            try { $null = Send-Heartbeat ([int64]($IntervalMs * 0.8)) }
+            catch { Write-Log error "heartbeat failed: $($_.Exception.Message)" }
             # ±10 % jitter, so a fleet started together does not publish in lockstep.
             $jitter = [int64]($IntervalMs / 10)
             Start-Sleep -Milliseconds ($IntervalMs - $jitter + (Get-Random -Minimum 0 -Maximum (2 * $jitter + 1)))
