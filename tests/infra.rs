@@ -206,3 +206,52 @@ fn the_timers_are_offset_everywhere_they_are_set() {
     }
     assert_ne!(settings.status_schedule, settings.state_schedule);
 }
+
+/// Issue 13: each deploy path gets parameters it can read. azd fills `${…}` from its environment;
+/// `az` passes them through literally (a location `${AZURE_LOCATION}`, a webhook URL
+/// `${HEALER_WEBHOOK_URL=}`), so the by-hand file has none, and the guide points each path at its own.
+#[test]
+fn each_deploy_path_reads_parameters_it_understands() {
+    let azd: serde_json::Value = serde_json::from_str(&read("infra/main.parameters.json")).unwrap();
+    let az_text = read("infra/deploy.parameters.json");
+    let az: serde_json::Value = serde_json::from_str(&az_text).unwrap();
+    assert!(!az_text.contains("${"), "an azd placeholder on the az path");
+    let names = |v: &serde_json::Value| -> BTreeSet<String> {
+        v["parameters"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect()
+    };
+    let mut expected = names(&azd);
+    // Without it, main.bicep takes the resource group's location.
+    expected.remove("location");
+    assert_eq!(names(&az), expected);
+    let guide = read("docs/operations.md");
+    assert!(
+        guide.contains("-p @infra/deploy.parameters.json"),
+        "the az command uses the az file"
+    );
+    assert!(
+        !guide.contains("-p @infra/main.parameters.json"),
+        "the az command must not read azd's file"
+    );
+    assert!(read("infra/main.bicep").contains("param location string = resourceGroup().location"));
+}
+
+/// A custom role's name is unique in the tenant: two deployments in two subscriptions must not
+/// collide (RoleDefinitionWithSameNameExists).
+#[test]
+fn custom_role_names_are_unique_per_subscription() {
+    let roles = read("infra/modules/compute-role.bicep");
+    let names: Vec<&str> = roles
+        .lines()
+        .filter(|l| l.trim_start().starts_with("roleName:"))
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(roles.contains("var suffix = '(${subscription().subscriptionId})'"));
+    for n in names {
+        assert!(n.contains("${suffix}"), "{n}");
+    }
+}

@@ -7,12 +7,16 @@
 // tests/infra.rs checks that the lists are the same as the code's.
 targetScope = 'subscription'
 
+// A custom role's name must be unique in the whole tenant (RoleDefinitionWithSameNameExists): the
+// subscription id in it keeps a deployment in another subscription of the tenant from colliding.
+var suffix = '(${subscription().subscriptionId})'
+
 param name string
 
 resource role 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
   name: guid(subscription().id, name, 'vmss-healer-compute')
   properties: {
-    roleName: '${name} scale set healer'
+    roleName: '${name} scale set healer ${suffix}'
     description: 'Read scale sets and their instances; delete, reimage, restart and start instances; write capacity. Used by vmss-healer.'
     type: 'CustomRole'
     permissions: [
@@ -36,7 +40,7 @@ resource role 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
 resource operationReader 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
   name: guid(subscription().id, name, 'vmss-healer-operations')
   properties: {
-    roleName: '${name} scale set healer operation reader'
+    roleName: '${name} scale set healer operation reader ${suffix}'
     description: 'Read the status of the asynchronous Compute operations the healer started. Used by vmss-healer.'
     type: 'CustomRole'
     permissions: [
