@@ -107,8 +107,13 @@ resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
     tenantId: subscription().tenantId
     sku: { family: 'A', name: 'standard' }
     enableRbacAuthorization: true
+    // Soft delete without purge protection: the vault holds one webhook URL (rotate it at its
+    // source if it leaks), and purge protection would keep its name (fixed per resource group
+    // and `name`) unusable for 90 days after `azd down`, with no way to free it. Without it,
+    // `azd down --purge` or `az keyvault purge` frees the name at once. The property is left
+    // out rather than false (a vault that has it on cannot have it turned off), and so is the
+    // retention, which cannot change once a vault exists.
     enableSoftDelete: true
-    enablePurgeProtection: true
   }
 }
 

@@ -49,6 +49,10 @@ done
 if [[ -f $root/local.settings.json ]]; then
     # For `func start` in the staged folder; .funcignore keeps it out of a publish.
     install -m 0600 "$root/local.settings.json" "$out/local.settings.json"
+else
+    # `func azure functionapp publish` reads the worker runtime from here and stops without it
+    # ("Unable to determine worker runtime"); nothing else, and no secret.
+    printf '{\n  "IsEncrypted": false,\n  "Values": { "FUNCTIONS_WORKER_RUNTIME": "custom" }\n}\n' >"$out/local.settings.json"
 fi
 cat >"$out/.funcignore" <<'IGNORE'
 local.settings.json

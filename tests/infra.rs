@@ -255,3 +255,48 @@ fn custom_role_names_are_unique_per_subscription() {
         assert!(n.contains("${suffix}"), "{n}");
     }
 }
+
+/// Issue 13: whichever template azd provisions (main, or the sample that wraps it), its outputs are
+/// everything the postdeploy hook reads from azd's environment.
+#[test]
+fn both_templates_output_what_the_postdeploy_hook_needs() {
+    let hook = read("infra/hooks/postdeploy.sh");
+    let needed: BTreeSet<String> = [
+        "FUNCTION_APP_NAME",
+        "HEARTBEAT_TOPIC_NAME",
+        "STORAGE_ACCOUNT_NAME",
+        "SYSTEM_TOPICS",
+    ]
+    .into_iter()
+    .filter(|v| hook.contains(&format!("${v}")) || hook.contains(&format!("${{{v}")))
+    .map(str::to_string)
+    .collect();
+    assert_eq!(needed.len(), 4, "the hook reads these: {needed:?}");
+    for template in ["infra/main.bicep", "infra/sample/sample.bicep"] {
+        let text = read(template);
+        let outputs: BTreeSet<String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("output "))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect();
+        let missing: Vec<&String> = needed.difference(&outputs).collect();
+        assert!(missing.is_empty(), "{template} does not output {missing:?}");
+    }
+}
+
+/// Issue 13: a redeploy after `azd down` must be possible: purge protection would block the
+/// vault's fixed name for 90 days.
+#[test]
+fn the_vault_can_be_purged_so_its_name_can_be_reused() {
+    let main = read("infra/main.bicep");
+    assert!(
+        !main.contains("enablePurgeProtection"),
+        "purge protection blocks a redeploy"
+    );
+    assert!(
+        !main.contains("softDeleteRetentionInDays"),
+        "cannot change once a vault exists"
+    );
+    assert!(read("docs/operations.md").contains("azd down --purge"));
+}

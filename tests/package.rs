@@ -55,6 +55,14 @@ fn the_staged_folder_is_what_the_functions_host_runs() {
     assert!(status.success(), "infra/package.sh failed");
 
     assert!(out.join("host.json").is_file());
+    // `func azure functionapp publish` needs the worker runtime from the folder it runs in.
+    let local: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("local.settings.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        local["Values"]["FUNCTIONS_WORKER_RUNTIME"], "custom",
+        "{local}"
+    );
     let ignore = std::fs::read_to_string(out.join(".funcignore")).unwrap();
     assert!(
         ignore.lines().any(|l| l == "local.settings.json"),

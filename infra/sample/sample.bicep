@@ -128,5 +128,11 @@ module healer '../main.bicep' = {
 }
 
 output SCALE_SET_ID string = scaleSet.id
+// Everything infra/hooks/postdeploy.sh reads from azd's environment (tests/infra.rs checks it):
+// without them `azd up` of the sample would subscribe nothing, and the healer would run on a
+// silent fleet.
 output FUNCTION_APP_NAME string = healer.outputs.FUNCTION_APP_NAME
 output HEARTBEAT_TOPIC_ENDPOINT string = healer.outputs.HEARTBEAT_TOPIC_ENDPOINT
+output HEARTBEAT_TOPIC_NAME string = healer.outputs.HEARTBEAT_TOPIC_NAME
+output STORAGE_ACCOUNT_NAME string = healer.outputs.STORAGE_ACCOUNT_NAME
+output SYSTEM_TOPICS array = healer.outputs.SYSTEM_TOPICS
