@@ -19,6 +19,9 @@ param location string = resourceGroup().location
 @description('The scale sets to watch: [{ id: \'/subscriptions/…/virtualMachineScaleSets/web\', overrides: \'REPAIR_ACTIONS=restart,replace\' }]. Same subscription as this deployment.')
 param watchedScaleSets array
 
+@description('Resource Manager system topics that already exist, by watched resource group (lower case): { "rg-web": "rg-web-events" }. Azure allows one system topic per resource group: a group that has one (made from the portal\'s Events blade, say) must reuse it. Find it with `az eventgrid system-topic list --query "[?source==\'/subscriptions/<sub>/resourceGroups/<rg>\'].name"`.')
+param existingSystemTopics object = {}
+
 @description('Principal ids of the scale sets\' managed identities: they get EventGrid Data Sender on the heartbeat topic.')
 param senderPrincipalIds array = []
 
@@ -45,8 +48,9 @@ var healerScaleSets = join(
   map(watchedScaleSets, s => empty(s.?overrides ?? '') ? s.id : '${s.id}[${s.overrides}]'),
   ' '
 )
-// Resource groups of the watched scale sets (index 4 of an ARM id), each once.
-var watchedResourceGroups = union(map(scaleSetIds, id => split(id, '/')[4]), [])
+// Resource groups of the watched scale sets (index 4 of an ARM id), each once: lower case, as
+// groups whose names differ only in case are one group.
+var watchedResourceGroups = union(map(scaleSetIds, id => toLower(split(id, '/')[4])), [])
 
 // ---- monitoring ----
 resource logs 'Microsoft.OperationalInsights/workspaces@2023-09-01' = {
@@ -297,7 +301,9 @@ module scaleSetAccess 'modules/scaleset-access.bicep' = [for id in scaleSetIds: 
 // Reading how our repairs' operations ended needs a role at the resource group (see
 // modules/compute-role.bicep); it holds that one action and nothing else.
 module operationAccess 'modules/operation-access.bicep' = [for rg in watchedResourceGroups: {
-  name: 'healer-operations-${rg}'
+  // Deployment and topic names from a hash: a group name may be 90 characters with `_ . ( )`,
+  // which neither allows.
+  name: 'healer-operations-${uniqueString(rg)}'
   scope: resourceGroup(rg)
   params: {
     roleDefinitionId: computeRole.outputs.operationReaderRoleId
@@ -305,11 +311,11 @@ module operationAccess 'modules/operation-access.bicep' = [for rg in watchedReso
   }
 }]
 
-// Resource Manager events of each watched resource group.
-module rmEvents 'modules/rm-events.bicep' = [for rg in watchedResourceGroups: {
-  name: 'healer-rm-events-${rg}'
+// Resource Manager events of each watched resource group: its system topic, unless it has one.
+module rmEvents 'modules/rm-events.bicep' = [for rg in watchedResourceGroups: if (!contains(existingSystemTopics, rg)) {
+  name: 'healer-rm-events-${uniqueString(rg)}'
   scope: resourceGroup(rg)
-  params: { name: '${name}-rm-${rg}' }
+  params: { name: '${name}-rm-${uniqueString(rg)}' }
 }]
 
 // azd stores these as environment values; infra/hooks/postdeploy.sh passes them on.
@@ -317,7 +323,8 @@ output FUNCTION_APP_NAME string = app.name
 output HEARTBEAT_TOPIC_ENDPOINT string = topic.properties.endpoint
 output HEARTBEAT_TOPIC_NAME string = topic.name
 output STORAGE_ACCOUNT_NAME string = storage.name
+// ARM evaluates only the branch `if` takes: an existing topic's group never reads the module.
 output SYSTEM_TOPICS array = [for (rg, i) in watchedResourceGroups: {
   resourceGroup: rg
-  name: rmEvents[i].outputs.systemTopicName
+  name: contains(existingSystemTopics, rg) ? existingSystemTopics[rg] : rmEvents[i].outputs.systemTopicName
 }]

@@ -49,7 +49,7 @@ resource heartbeats 'Microsoft.EventGrid/topics/eventSubscriptions@2022-06-15' =
 }
 
 module rmSubscriptions 'modules/rm-subscription.bicep' = [for t in systemTopics: {
-  name: 'healer-rm-sub-${t.resourceGroup}'
+  name: 'healer-rm-sub-${uniqueString(t.resourceGroup)}'
   scope: resourceGroup(t.resourceGroup)
   params: {
     systemTopicName: t.name

@@ -300,3 +300,35 @@ fn the_vault_can_be_purged_so_its_name_can_be_reused() {
     );
     assert!(read("docs/operations.md").contains("azd down --purge"));
 }
+
+/// Issue 13: Azure allows one system topic per resource group, resource group names may be 90
+/// characters with `_ . ( )` (which deployment and topic names do not allow), and groups that
+/// differ only in case are one group.
+#[test]
+fn system_topics_fit_any_resource_group_and_reuse_an_existing_one() {
+    let main = read("infra/main.bicep");
+    let subscriptions = read("infra/subscriptions.bicep");
+    assert!(
+        main.contains("toLower(split(id, '/')[4])"),
+        "one group whatever its case"
+    );
+    assert!(main.contains("param existingSystemTopics object = {}"));
+    assert!(
+        main.contains("if (!contains(existingSystemTopics, rg))"),
+        "not created where one exists"
+    );
+    assert!(main.contains("contains(existingSystemTopics, rg) ? existingSystemTopics[rg]"));
+    // No name is built from a raw resource group name.
+    for (file, text) in [
+        ("main.bicep", &main),
+        ("subscriptions.bicep", &subscriptions),
+    ] {
+        for raw in ["-${rg}'", "-${t.resourceGroup}'"] {
+            assert!(
+                !text.contains(raw),
+                "{file} builds a name from a raw group name: {raw}"
+            );
+        }
+    }
+    assert!(read("docs/operations.md").contains("existingSystemTopics"));
+}
