@@ -155,10 +155,16 @@ pub fn bar(s: &SetStatus, width: usize) -> String {
     }
     let cells = |n: usize| (n * width + s.total / 2) / s.total;
     let repairing = s.repairing.min(s.unhealthy + s.suspect);
+    // Failing instances show as failing even before they count (`?`: within a grace, or DOWN
+    // for less than HEALER_DOWN_FOR): a half-DOWN scale set must not read as half empty.
     let parts = [
         ('#', cells(s.healthy)),
         ('R', cells(repairing)),
         ('!', cells(s.unhealthy.saturating_sub(repairing))),
+        (
+            '?',
+            cells((s.unhealthy + s.suspect).saturating_sub(repairing.max(s.unhealthy))),
+        ),
         ('M', cells(s.maintenance)),
     ];
     let mut out: String = parts
@@ -277,6 +283,14 @@ mod tests {
         assert_eq!(bar(&status(8, 2, 1, 0), 10), "########R!");
         assert_eq!(bar(&status(5, 0, 0, 5), 10), "#####MMMMM");
         assert_eq!(bar(&status(0, 0, 0, 0), 4), "    ");
+        let mut half_down = status(5, 0, 0, 0);
+        half_down.suspect = 5;
+        half_down.total = 10;
+        assert_eq!(
+            bar(&half_down, 10),
+            "#####?????",
+            "failing before it counts"
+        );
         // Rounding never makes it longer or shorter than asked.
         for (h, u, r, m) in [(1, 1, 0, 1), (33, 1, 1, 0), (2, 97, 50, 1)] {
             assert_eq!(bar(&status(h, u, r, m), 30).chars().count(), 30);

@@ -48,11 +48,11 @@ impl View {
         ));
         for s in sets {
             out.push_str(&format!(
-                "{:<5} [{}] {:>3} ok {:>3} bad {:>3} fixing {:>3} maint  {}\n",
+                "{:<5} [{}] {:>3} ok {:>3} failing {:>3} fixing {:>3} maint  {}\n",
                 s.name,
                 bar(s, 40),
                 s.healthy,
-                s.unhealthy,
+                s.unhealthy + s.suspect,
                 s.repairing,
                 s.maintenance,
                 s.brake
@@ -61,7 +61,7 @@ impl View {
                     .unwrap_or_default()
             ));
         }
-        out.push_str("      # healthy  R repairing  ! unhealthy  M maintenance  . starting/suspect\n\nopen incidents\n");
+        out.push_str("      # healthy  R repairing  ! unhealthy  ? failing, not counted yet  M maintenance  . starting\n\nopen incidents\n");
         let incidents: Vec<String> = sets
             .iter()
             .flat_map(|s| {
@@ -87,13 +87,53 @@ impl View {
         }
         out.push_str("\ndecisions\n");
         let start = self.log.len().saturating_sub(14);
+        let width = std::env::var("COLUMNS")
+            .ok()
+            .and_then(|c| c.parse::<usize>().ok())
+            .unwrap_or(120)
+            .max(40);
         for l in &self.log[start..] {
-            let shown: String = l.chars().take(150).collect();
-            out.push_str(&shown);
+            out.push_str(&fit(l, width));
             out.push('\n');
         }
         let mut stdout = std::io::stdout().lock();
         let _ = stdout.write_all(out.as_bytes());
         let _ = stdout.flush();
+    }
+}
+
+/// A line cut to `width` characters at a word boundary, with an ellipsis: a terminal would
+/// otherwise wrap it mid-word and push the screen down.
+fn fit(line: &str, width: usize) -> String {
+    if line.chars().count() <= width {
+        return line.to_string();
+    }
+    let cut: String = line.chars().take(width.saturating_sub(1)).collect();
+    let at = cut
+        .rfind(' ')
+        .filter(|&i| i > width / 2)
+        .unwrap_or(cut.len());
+    format!("{}…", cut[..at].trim_end())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fit;
+
+    #[test]
+    fn long_lines_are_cut_at_a_word() {
+        assert_eq!(fit("short", 40), "short");
+        let long =
+            "withheld api#* too_many_unhealthy: 25 of 50 instances unhealthy, more than allowed";
+        let cut = fit(long, 40);
+        assert!(cut.chars().count() <= 40, "{cut}");
+        assert!(
+            cut.ends_with('…') && long.starts_with(cut.trim_end_matches('…')),
+            "{cut}"
+        );
+        assert!(
+            !cut.trim_end_matches('…').ends_with("unhealth"),
+            "not mid-word: {cut}"
+        );
     }
 }
