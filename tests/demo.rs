@@ -70,5 +70,11 @@ fn the_demo_plays_its_story_and_the_healer_gets_every_act_right() {
     );
     assert_eq!(picture.matches("<circle").count(), 3, "one mark per repair");
     assert!(picture.contains("paused: pipeline_fault"));
+    // The pauses are labelled on the picture itself, not only on hover, and time has an axis.
+    assert!(
+        picture.contains(r#"class="pause-label">pipeline_fault</text>"#),
+        "{picture}"
+    );
+    assert!(picture.contains(r#"class="axis""#) && picture.contains(">0 s</text>"));
     assert!(picture.contains("6. half of api reports DOWN"));
 }

@@ -282,6 +282,8 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
     loop {
         ticker.tick().await;
         tick_started.push(started.elapsed().as_secs_f32());
+        // When each tick began, for the picture's time axis.
+        picture.time(tick, started.elapsed().as_secs_f32());
         {
             let mut w = sim.world.lock().await;
             for said in story::play(tick, &mut w, key, &mut jobs_new) {

@@ -35,6 +35,8 @@ pub struct Timeline {
     /// (set, tick) while the set was paused, with the brake.
     pauses: Vec<(String, u32, String)>,
     acts: Vec<(u32, String)>,
+    /// Seconds since the start at each tick, for the time axis.
+    times: BTreeMap<u32, f32>,
     ticks: u32,
 }
 
@@ -53,6 +55,10 @@ impl Timeline {
 
     pub fn pause(&mut self, set: &str, tick: u32, brake: &str) {
         self.pauses.push((set.to_string(), tick, brake.to_string()));
+    }
+
+    pub fn time(&mut self, tick: u32, seconds: f32) {
+        self.times.insert(tick, seconds);
     }
 
     pub fn act(&mut self, tick: u32, title: &str) {
@@ -84,6 +90,9 @@ impl Timeline {
             y += ROW_H;
         }
         let width = (LEFT + self.ticks * CELL_W + 20).max(LEFT + 860);
+        // Below the rows: the time axis, then the acts.
+        let axis = y + 4;
+        let y = axis + 16;
         let height = y + 24 + self.acts.len() as u32 * 14;
         let mut s = String::new();
         let _ = writeln!(
@@ -130,12 +139,15 @@ impl Timeline {
                 set_top.get(set.as_str()).copied().into_iter().collect()
             };
             for (top, bottom) in spans {
+                let x = LEFT + tick.0 * CELL_W;
                 let _ = writeln!(
                     s,
-                    r#"<rect x="{}" y="{top}" width="{}" height="{}" fill="black" fill-opacity="0.25"><title>paused: {brake}</title></rect>"#,
-                    LEFT + tick.0 * CELL_W,
+                    r#"<rect x="{x}" y="{top}" width="{}" height="{}" fill="black" fill-opacity="0.25"><title>paused: {brake}</title></rect><text x="{}" y="{}" fill="white" font-weight="bold" class="pause-label">{}</text>"#,
                     (tick.1 - tick.0 + 1) * CELL_W,
-                    bottom - top
+                    bottom - top,
+                    x + 3,
+                    top + 11,
+                    escape(&brake)
                 );
             }
         }
@@ -147,6 +159,21 @@ impl Timeline {
                     r#"<circle cx="{x}" cy="{y}" r="4" fill="black"><title>repair {set}#{instance}</title></circle>"#
                 );
             }
+        }
+        // The time axis: a tick mark every ten ticks, with the seconds since the start.
+        let _ = writeln!(
+            s,
+            r##"<line x1="{LEFT}" y1="{axis}" x2="{}" y2="{axis}" stroke="#333" class="axis"/>"##,
+            LEFT + self.ticks * CELL_W
+        );
+        for (tick, seconds) in self.times.iter().filter(|(t, _)| *t % 10 == 0) {
+            let x = LEFT + tick * CELL_W;
+            let _ = writeln!(
+                s,
+                r##"<line x1="{x}" y1="{axis}" x2="{x}" y2="{}" stroke="#333"/><text x="{x}" y="{}" text-anchor="middle">{seconds:.0} s</text>"##,
+                axis + 4,
+                axis + 14
+            );
         }
         // Each act: a numbered line where it starts, and its title in the list below the chart.
         for (i, (tick, title)) in self.acts.iter().enumerate() {
