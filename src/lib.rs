@@ -18,6 +18,7 @@ pub mod identity;
 pub mod incident;
 pub mod journal;
 pub mod lifecycle;
+pub mod logs;
 pub mod mirror;
 pub mod operator;
 pub mod plan;

@@ -67,7 +67,7 @@ fn main() {
         )
         .with_target(false)
         .with_ansi(false)
-        .with_writer(secret::Output::Stdout)
+        .with_writer(vmss_healer::logs::for_the_host())
         .init();
 
     let settings = match Settings::from_env() {
