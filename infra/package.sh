@@ -11,8 +11,9 @@
 #
 # --azd (the azd prepackage hook) adds an empty package.json: azd packages the folder as Node.
 #
-# The target is x86_64-unknown-linux-musl when its standard library is installed
-# (`rustup target add x86_64-unknown-linux-musl`); otherwise the glibc target linked statically
+# The target is x86_64-unknown-linux-musl when its standard library and a musl C compiler are
+# installed (`rustup target add x86_64-unknown-linux-musl`, `musl-tools`); otherwise the glibc
+# target linked statically
 # (`-C target-feature=+crt-static`), which runs on the same hosts. Either way the binary needs no
 # shared library, which is what the Functions host's Linux images require of a custom handler.
 set -euo pipefail
@@ -28,11 +29,14 @@ while (($# > 0)); do
     esac
 done
 
-if rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
+# The musl build also needs a musl C compiler: ring (TLS) compiles C for its target.
+musl_cc=$(command -v x86_64-linux-musl-gcc || command -v musl-gcc || true)
+if rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl && [[ -n $musl_cc ]]; then
     target=x86_64-unknown-linux-musl
     rustflags=""
+    export CC_x86_64_unknown_linux_musl="${CC_x86_64_unknown_linux_musl:-$musl_cc}"
 else
-    echo "package.sh: the musl target is not installed; building a statically linked glibc binary" >&2
+    echo "package.sh: no musl target with a musl C compiler (rustup target add x86_64-unknown-linux-musl; apt install musl-tools); building a statically linked glibc binary" >&2
     target=x86_64-unknown-linux-gnu
     rustflags="-C target-feature=+crt-static"
 fi
