@@ -72,6 +72,26 @@ fn main() {
     }
 }
 
+/// A mirrored, running instance `i` of the bench scale set, whose heartbeats carry the matching
+/// vmId.
+fn bench_instance(i: usize, created: Option<OffsetDateTime>) -> Instance {
+    Instance {
+        instance_id: i.to_string(),
+        vm_id: Some(format!("00000000-0000-4000-8000-{i:012}")),
+        computer_name: Some(format!("web{i:06}")),
+        provisioning_state: Some("Succeeded".into()),
+        power_state: Some("running".into()),
+        health: None,
+        health_since: None,
+        latest_model_applied: Some(true),
+        protected_from_scale_set_actions: false,
+        protected_from_scale_in: false,
+        zone: None,
+        created_at: created,
+        provisioned_at: created,
+    }
+}
+
 struct Run {
     events: usize,
     elapsed: Duration,
@@ -146,23 +166,7 @@ fn ingest(instances: usize, rounds: usize, concurrency: usize) {
         let store = Store::connect(&settings.storage, |_| anyhow::bail!("no identity")).expect("store");
         store.ensure_tables().await.expect("tables");
         let set = ScaleSetId::parse(SET).expect("bench id");
-        let mirror: Vec<Instance> = (0..instances)
-            .map(|i| Instance {
-                instance_id: i.to_string(),
-                vm_id: Some(format!("00000000-0000-4000-8000-{i:012}")),
-                computer_name: Some(format!("web{i:06}")),
-                provisioning_state: Some("Succeeded".into()),
-                power_state: Some("running".into()),
-                health: None,
-                health_since: None,
-                latest_model_applied: Some(true),
-                protected_from_scale_set_actions: false,
-                protected_from_scale_in: false,
-                zone: None,
-                created_at: None,
-                provisioned_at: None,
-            })
-            .collect();
+        let mirror: Vec<Instance> = (0..instances).map(|i| bench_instance(i, None)).collect();
         store.write_mirror(&set, &mirror, OffsetDateTime::now_utc()).await.expect("mirror");
 
         // The handler's router, served on loopback as the Functions host would reach it. The
@@ -268,23 +272,7 @@ fn load(deliveries: usize, instances: usize) {
         store.ensure_tables().await.expect("tables");
         let set = ScaleSetId::parse(SET).expect("bench id");
         let created = OffsetDateTime::now_utc() - time::Duration::days(1);
-        let mirror: Vec<Instance> = (0..instances)
-            .map(|i| Instance {
-                instance_id: i.to_string(),
-                vm_id: Some(format!("00000000-0000-4000-8000-{i:012}")),
-                computer_name: Some(format!("web{i:06}")),
-                provisioning_state: Some("Succeeded".into()),
-                power_state: Some("running".into()),
-                health: None,
-                health_since: None,
-                latest_model_applied: Some(true),
-                protected_from_scale_set_actions: false,
-                protected_from_scale_in: false,
-                zone: None,
-                created_at: Some(created),
-                provisioned_at: Some(created),
-            })
-            .collect();
+        let mirror: Vec<Instance> = (0..instances).map(|i| bench_instance(i, Some(created))).collect();
         store.write_mirror(&set, &mirror, OffsetDateTime::now_utc()).await.expect("mirror");
 
         let port = azurite::free_port();
