@@ -48,6 +48,8 @@ var healerScaleSets = join(
   map(watchedScaleSets, s => empty(s.?overrides ?? '') ? s.id : '${s.id}[${s.overrides}]'),
   ' '
 )
+// Whether any repair may replace: only then does the identity get virtualMachineScaleSets/write.
+var canResize = contains(toLower(repairActions), 'replace') || length(filter(watchedScaleSets, s => contains(toLower(s.?overrides ?? ''), 'replace'))) > 0
 // Resource groups of the watched scale sets (index 4 of an ARM id), each once: lower case, as
 // groups whose names differ only in case are one group.
 var watchedResourceGroups = union(map(scaleSetIds, id => toLower(split(id, '/')[4])), [])
@@ -285,7 +287,8 @@ resource senders 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for pri
 module computeRole 'modules/compute-role.bicep' = {
   name: 'healer-compute-role'
   scope: subscription()
-  params: { name: name }
+  // The capacity write only where a replace can be configured, globally or for one scale set.
+  params: { name: name, canResize: canResize }
 }
 
 module scaleSetAccess 'modules/scaleset-access.bicep' = [for id in scaleSetIds: {

@@ -60,22 +60,35 @@ fn the_infrastructure_sets_exactly_the_settings_the_code_reads() {
 #[test]
 fn the_custom_roles_hold_exactly_the_actions_the_handler_needs() {
     let role = read("infra/modules/compute-role.bicep");
-    let blocks: Vec<BTreeSet<&str>> = role
-        .split("actions: [")
-        .skip(1)
-        .map(|rest| {
-            rest.split(']')
-                .next()
-                .expect("an actions list")
-                .lines()
-                .map(|l| l.trim().trim_matches('\''))
-                .filter(|l| !l.is_empty())
-                .collect()
-        })
-        .collect();
+    let list = |opening: &str| -> BTreeSet<&str> {
+        role.split(opening)
+            .nth(1)
+            .unwrap_or_else(|| panic!("no `{opening}`"))
+            .split(']')
+            .next()
+            .expect("a list")
+            .lines()
+            .map(|l| l.trim().trim_matches('\''))
+            .filter(|l| !l.is_empty())
+            .collect()
+    };
+    let (instance, resize) = (
+        list("var instanceActions = ["),
+        list("var resizeActions = ["),
+    );
     let on_scale_sets: BTreeSet<&str> = SCALE_SET_ACTIONS.iter().copied().collect();
     let on_resource_groups: BTreeSet<&str> = RESOURCE_GROUP_ACTIONS.iter().copied().collect();
-    assert_eq!(blocks, vec![on_scale_sets, on_resource_groups]);
+    assert_eq!(&instance | &resize, on_scale_sets);
+    // Issue 13: the capacity write, which also allows changing the model, only for a replace.
+    assert_eq!(
+        resize,
+        BTreeSet::from(["Microsoft.Compute/virtualMachineScaleSets/write"])
+    );
+    assert!(role.contains("actions: concat(instanceActions, canResize ? resizeActions : [])"));
+    assert!(read("infra/main.bicep").contains(
+        "var canResize = contains(toLower(repairActions), 'replace') || length(filter(watchedScaleSets, s => contains(toLower(s.?overrides ?? ''), 'replace'))) > 0"
+    ));
+    assert_eq!(list("actions: ["), on_resource_groups);
     assert_eq!(role.matches("notActions: []").count(), 2);
     // Each is granted where Azure checks it: the scale set's actions on the scale set, operation
     // status on the resource group (its URL is not under the scale set).

@@ -13,23 +13,32 @@ var suffix = '(${subscription().subscriptionId})'
 
 param name string
 
+@description('Whether a repair may replace instances: only a replace raises the capacity, and the one action that allows it, virtualMachineScaleSets/write, also allows changing the scale set\'s model.')
+param canResize bool
+
+// What every repair needs, on the scale set.
+var instanceActions = [
+  'Microsoft.Compute/virtualMachineScaleSets/read'
+  'Microsoft.Compute/virtualMachineScaleSets/virtualMachines/read'
+  'Microsoft.Compute/virtualMachineScaleSets/delete/action'
+  'Microsoft.Compute/virtualMachineScaleSets/reimage/action'
+  'Microsoft.Compute/virtualMachineScaleSets/restart/action'
+  'Microsoft.Compute/virtualMachineScaleSets/start/action'
+]
+// What a replace adds: the capacity write (Azure has no narrower action).
+var resizeActions = [
+  'Microsoft.Compute/virtualMachineScaleSets/write'
+]
+
 resource role 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
   name: guid(subscription().id, name, 'vmss-healer-compute')
   properties: {
     roleName: '${name} scale set healer ${suffix}'
-    description: 'Read scale sets and their instances; delete, reimage, restart and start instances; write capacity. Used by vmss-healer.'
+    description: 'Read scale sets and their instances; delete, reimage, restart and start instances${canResize ? '; write capacity' : ''}. Used by vmss-healer.'
     type: 'CustomRole'
     permissions: [
       {
-        actions: [
-          'Microsoft.Compute/virtualMachineScaleSets/read'
-          'Microsoft.Compute/virtualMachineScaleSets/virtualMachines/read'
-          'Microsoft.Compute/virtualMachineScaleSets/write'
-          'Microsoft.Compute/virtualMachineScaleSets/delete/action'
-          'Microsoft.Compute/virtualMachineScaleSets/reimage/action'
-          'Microsoft.Compute/virtualMachineScaleSets/restart/action'
-          'Microsoft.Compute/virtualMachineScaleSets/start/action'
-        ]
+        actions: concat(instanceActions, canResize ? resizeActions : [])
         notActions: []
       }
     ]
