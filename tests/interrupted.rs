@@ -171,17 +171,18 @@ async fn a_claim_left_by_an_interrupted_pass_does_not_block_the_next() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_compute_api_never_makes_a_pass_outlast_its_deadline() {
-    // Five calls of a second each do not fit a three-second pass; the slack keeps a busy machine's
-    // table reads inside it.
+    // Eight calls of a second each do not fit a five-second pass (with slack for a busy
+    // machine's table reads before them).
+    const SETS: [&str; 8] = ["a", "b", "c", "d", "e", "f", "g", "h"];
     let mut app = spawn_app()
         .env("HEALER_CALL_TIMEOUT", "1")
-        .env("HEALER_PASS_DEADLINE", "3");
-    for name in ["a", "b", "c", "d", "e"] {
+        .env("HEALER_PASS_DEADLINE", "5");
+    for name in SETS {
         app = app.scale_set(name, 3);
     }
     let app = app.env("HEALER_REPAIR_ACTIONS", "restart").start().await;
     app.invoke_timer("monitor-state").await;
-    for name in ["a", "b", "c", "d", "e"] {
+    for name in SETS {
         app.break_vm(name, 1, json!({"beat": "down"})).await;
     }
     app.heartbeat_round().await;
@@ -194,15 +195,18 @@ async fn a_hanging_compute_api_never_makes_a_pass_outlast_its_deadline() {
     assert_eq!(status, 200, "the pass ended and answered: {answer}");
     let sets = answer["ReturnValue"]["scale_sets"].as_array().unwrap();
     let sum = |k: &str| sets.iter().map(|s| s[k].as_u64().unwrap()).sum::<u64>();
-    assert!(sum("repairs_failed") >= 1, "{answer}");
     assert!(
         sum("deferred") >= 1,
         "what did not fit is left to the next pass: {answer}"
     );
-    assert_eq!(sum("repairs_failed") + sum("deferred"), 5, "{answer}");
+    assert_eq!(
+        sum("repairs_failed") + sum("deferred"),
+        SETS.len() as u64,
+        "every step was either tried or deferred: {answer}"
+    );
     // The deferred were journaled and not claimed: the next pass decides them afresh.
     let mut deferred = 0;
-    for name in ["a", "b", "c", "d", "e"] {
+    for name in SETS {
         let set = TestApp::scale_set(name);
         let (journal, _) = app.recent_journal(&set).await;
         if journal.iter().any(|e| e.outcome == "pass_deadline") {
@@ -224,7 +228,7 @@ async fn a_hanging_compute_api_never_makes_a_pass_outlast_its_deadline() {
         .iter()
         .map(|s| s["outcome"].as_str().unwrap())
         .collect();
-    assert_eq!(outcomes.len(), 5, "{answer}");
+    assert_eq!(outcomes.len(), SETS.len(), "{answer}");
     assert!(
         outcomes
             .iter()
