@@ -328,8 +328,12 @@ fn prunella_instance_id(name: &str) -> Result<String, Rejection> {
         .map_err(|_| bad())
 }
 
-/// Checks the heartbeat's claimed identity against the mirrored instance (design §2).
-pub fn verify(hb: &Heartbeat, mirrored: Option<&Instance>) -> Result<(), Rejection> {
+/// Checks the heartbeat's claimed identity against the mirrored instance (design §2); returns
+/// that instance.
+pub fn verify<'a>(
+    hb: &Heartbeat,
+    mirrored: Option<&'a Instance>,
+) -> Result<&'a Instance, Rejection> {
     let instance = mirrored.ok_or_else(|| Rejection::UnknownInstance(hb.target.to_string()))?;
     match hb.origin {
         Origin::Agent => {
@@ -362,7 +366,7 @@ pub fn verify(hb: &Heartbeat, mirrored: Option<&Instance>) -> Result<(), Rejecti
             }
         }
     }
-    Ok(())
+    Ok(instance)
 }
 
 /// After [`verify`] and the attestation check: is the heartbeat believable for this instance at
@@ -558,7 +562,7 @@ mod tests {
         let hb = read(&agent(json!("DOWN")), NOW).unwrap();
         let mut mirrored = instance("7");
         mirrored.vm_id = Some("vm-7".into());
-        assert_eq!(verify(&hb, Some(&mirrored)), Ok(()));
+        assert_eq!(verify(&hb, Some(&mirrored)), Ok(&mirrored));
         assert_eq!(verify(&hb, None).unwrap_err().label(), "unknown_instance");
         mirrored.vm_id = Some("vm-other".into());
         assert_eq!(
@@ -577,7 +581,7 @@ mod tests {
         prunella.computer_name = Some("WEB000007".into());
         let mut mirrored = instance("7");
         mirrored.computer_name = Some("web000007".into());
-        assert_eq!(verify(&prunella, Some(&mirrored)), Ok(()));
+        assert_eq!(verify(&prunella, Some(&mirrored)), Ok(&mirrored));
         mirrored.computer_name = Some("web000008".into());
         assert_eq!(
             verify(&prunella, Some(&mirrored)).unwrap_err().label(),

@@ -222,12 +222,7 @@ async fn a_hanging_compute_api_never_makes_a_pass_outlast_its_deadline() {
         .await;
     let (status, answer) = app.invoke_timer("monitor-state").await;
     assert_eq!(status, 200, "{answer}");
-    let outcomes: Vec<&str> = answer["ReturnValue"]["scale_sets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["outcome"].as_str().unwrap())
-        .collect();
+    let outcomes = common::sync_outcomes(&answer);
     assert_eq!(outcomes.len(), SETS.len(), "{answer}");
     assert!(
         outcomes

@@ -215,12 +215,7 @@ async fn a_nearly_spent_read_budget_defers_the_rest_of_a_pass_and_catches_up_nex
     )
     .await;
     let (_, answer) = app.invoke_timer("monitor-state").await;
-    let outcomes: Vec<&str> = answer["ReturnValue"]["scale_sets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["outcome"].as_str().unwrap())
-        .collect();
+    let outcomes = common::sync_outcomes(&answer);
     assert_eq!(outcomes, ["synced", "deferred", "deferred"], "{answer}");
     assert!(answer["ReturnValue"]["scale_sets"][1]["detail"]
         .as_str()
@@ -236,12 +231,7 @@ async fn a_nearly_spent_read_budget_defers_the_rest_of_a_pass_and_catches_up_nex
     .await;
     app.clear_compute_calls().await;
     let (_, answer) = app.invoke_timer("monitor-state").await;
-    let outcomes: Vec<&str> = answer["ReturnValue"]["scale_sets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["outcome"].as_str().unwrap())
-        .collect();
+    let outcomes = common::sync_outcomes(&answer);
     assert_eq!(outcomes, ["synced", "synced", "synced"], "{answer}");
     let first_read = app.compute_calls().await[0]["path"]
         .as_str()

@@ -71,20 +71,16 @@ async fn on_heartbeat(
         .mirrored_identity(set, &hb.target.instance_id)
         .await
         .map_err(store_error)?;
-    if let Err(r) = heartbeat::verify(&hb, mirrored.as_ref()) {
-        return Ok(rejected(state, r.label(), Some(&event.id), &r.to_string()));
-    }
-    let Some(mirrored) = mirrored else {
-        let r = heartbeat::Rejection::UnknownInstance(hb.target.to_string());
-        return Ok(rejected(state, r.label(), Some(&event.id), &r.to_string()));
-    };
-    let checked = attestation::prove(
-        &mut hb,
-        mirrored.vm_id.as_deref(),
-        state.settings.attestation.as_ref(),
-        now,
-    )
-    .and_then(|()| heartbeat::admit(&hb, &mirrored, required));
+    // Who it claims to be, what it proves, and whether it can be that VM's reading at all.
+    let checked = heartbeat::verify(&hb, mirrored.as_ref()).and_then(|instance| {
+        attestation::prove(
+            &mut hb,
+            instance.vm_id.as_deref(),
+            state.settings.attestation.as_ref(),
+            now,
+        )?;
+        heartbeat::admit(&hb, instance, required)
+    });
     if let Err(r) = checked {
         return Ok(rejected(state, r.label(), Some(&event.id), &r.to_string()));
     }

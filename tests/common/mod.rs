@@ -539,6 +539,18 @@ impl TestApp {
     }
 }
 
+/// Each scale set's outcome in a `monitor-state` answer, in settings order.
+pub fn sync_outcomes(answer: &Value) -> Vec<&str> {
+    answer["ReturnValue"]["scale_sets"]
+        .as_array()
+        .map(|sets| {
+            sets.iter()
+                .map(|s| s["outcome"].as_str().unwrap_or("?"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A design §2 heartbeat event (Event Grid schema) for one VM.
 pub fn heartbeat_event(
     set: &str,

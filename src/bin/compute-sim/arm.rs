@@ -45,15 +45,22 @@ pub async fn handle(State(shared): State<Shared>, request: Request) -> Response 
 
     let mut world = shared.world.lock().await;
     world.advance();
-    let response = respond(
-        &mut world,
-        &shared.base_url,
-        &method,
-        &path,
-        &query,
-        &headers,
-        &body,
-    );
+    // An injected fault answers instead of ARM; with `hangMs` the answer (ARM's, or the fault's:
+    // then the call neither landed nor was answered) is held back.
+    let fault = world.take_fault(method.as_str(), &path);
+    let hang = fault.as_ref().and_then(|f| f.hang_ms);
+    let response = match fault.and_then(|f| injected(&mut world, f, &path)) {
+        Some(refused) => refused,
+        None => respond(
+            &mut world,
+            &shared.base_url,
+            &method,
+            &path,
+            &query,
+            &headers,
+            &body,
+        ),
+    };
     let status = response.status().as_u16();
     world.calls.push(crate::world::Call {
         method: method.to_string(),
@@ -67,7 +74,7 @@ pub async fn handle(State(shared): State<Shared>, request: Request) -> Response 
             .map(str::to_string),
     });
     let mut response = response;
-    if let Some(Hang(ms)) = response.extensions().get::<Hang>().copied() {
+    if let Some(ms) = hang {
         // Carried out; the answer comes too late for the client (the lock is released first, so
         // everything else goes on).
         drop(world);
@@ -154,37 +161,6 @@ fn injected(world: &mut World, fault: crate::world::FaultRule, path: &str) -> Op
 }
 
 fn respond(
-    world: &mut World,
-    base: &str,
-    method: &Method,
-    path: &str,
-    query: &HashMap<String, String>,
-    headers: &HeaderMap,
-    body: &Bytes,
-) -> Response {
-    let mut hang = None;
-    if let Some(fault) = world.take_fault(method.as_str(), path) {
-        hang = fault.hang_ms;
-        if let Some(mut r) = injected(world, fault, path) {
-            // Refused, and the refusal lost too: the call neither landed nor was answered.
-            if let Some(ms) = hang {
-                r.extensions_mut().insert(Hang(ms));
-            }
-            return r;
-        }
-    }
-    let mut response = serve(world, base, method, path, query, headers, body);
-    if let Some(ms) = hang {
-        response.extensions_mut().insert(Hang(ms));
-    }
-    response
-}
-
-/// An answer to hold back (see `FaultRule::hang_ms`).
-#[derive(Debug, Clone, Copy)]
-struct Hang(u64);
-
-fn serve(
     world: &mut World,
     base: &str,
     method: &Method,
