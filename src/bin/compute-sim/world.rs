@@ -31,6 +31,12 @@
 //!   `x-ms-ratelimit-remaining-resource` header per policy ("There will be a separate
 //!   x-ms-ratelimit-remaining-resource header for each policy", Troubleshooting API throttling
 //!   errors, learn.microsoft.com).
+//! - An instance view's `ProvisioningState/…` status carries the `time` the last operation on the
+//!   instance ended ("Azure VM Scale Sets and Azure Resource Explorer": after
+//!   `Start-AzureRmVmss -InstanceId`, `ProvisioningState/succeeded` with the time it completed).
+//!   The healer finds out from it whether a call whose answer was lost landed.
+//! - A request can be carried out while its answer never arrives (a connection lost after ARM
+//!   accepted it): fault rules with `hangMs` hold the answer past the client's timeout.
 
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
