@@ -1,7 +1,8 @@
 // vmss-healer on Azure: the Function App (Flex Consumption, Linux, custom handler, system-assigned
 // identity), its storage (tables and the host's own, reached by identity, shared keys off),
-// monitoring, the heartbeat topic (no local auth), Resource Manager system topics for the watched
-// resource groups, a Key Vault for the webhook URL, and least-privilege role assignments.
+// monitoring (Application Insights, with the alert rules and the workbook of monitoring.bicep),
+// the heartbeat topic (no local auth), Resource Manager system topics for the watched resource
+// groups, a Key Vault for the webhook URL, and least-privilege role assignments.
 //
 // Event subscriptions need the deployed `monitor-events` function, so they are a second deployment
 // (`subscriptions.bicep`) that `azd` runs after the code is deployed (azure.yaml, postdeploy).
@@ -40,6 +41,12 @@ param downProof string = 'vmid'
 
 @description('PEM of the CAs issuing IMDS\'s metadata.azure.com certificate; needed for downProof = attested.')
 param attestationCaPem string = ''
+
+@description('Where the alert rules of infra/monitoring.bicep e-mail (give-ups, a brake held too long, a failing mirror). Empty: they fire in the portal only.')
+param alertEmail string = ''
+
+@description('Alert when a scale set\'s repairs have been paused longer than this many minutes.')
+param brakeAlertMinutes int = 30
 
 var suffix = uniqueString(resourceGroup().id, name)
 var storageName = toLower(take('${name}${suffix}', 24))
@@ -322,6 +329,18 @@ module rmEvents 'modules/rm-events.bicep' = [for rg in watchedResourceGroups: if
 }]
 
 // azd stores these as environment values; infra/hooks/postdeploy.sh passes them on.
+// Alert rules and the fleet workbook, on what the handler exports (src/telemetry.rs).
+module monitoring 'monitoring.bicep' = {
+  name: 'monitoring'
+  params: {
+    name: name
+    location: location
+    insightsId: insights.id
+    alertEmail: alertEmail
+    brakeAlertMinutes: brakeAlertMinutes
+  }
+}
+
 output FUNCTION_APP_NAME string = app.name
 output HEARTBEAT_TOPIC_ENDPOINT string = topic.properties.endpoint
 output HEARTBEAT_TOPIC_NAME string = topic.name

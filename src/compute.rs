@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use time::format_description::well_known::Rfc3339;
 use time::{Duration, OffsetDateTime};
+use tracing::Instrument;
 use url::Url;
 
 const READ_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(300);
@@ -354,11 +355,33 @@ impl HttpClient for ObservingTransport {
                 ))
             }
         };
-        let response = builder.body(body).send().await.map_err(|e| {
-            azure_core::Error::full(ErrorKind::Io, e, "failed to execute the Compute request")
-        })?;
+        let operation = required_action(request.method().as_ref(), url.path()).unwrap_or("other");
+        // A dependency in Application Insights; the query (api-version, filters) is left out.
+        let span = tracing::info_span!(
+            "compute",
+            otel.name = %format!("{} {operation}", request.method().as_ref()),
+            otel.kind = "client",
+            http.request.method = %request.method().as_ref(),
+            server.address = url.host_str().unwrap_or(""),
+            url.full = %format!("{}{}", url.origin().ascii_serialization(), url.path()),
+            http.response.status_code = tracing::field::Empty,
+        );
+        let sent = builder.body(body).send().instrument(span.clone()).await;
+        let response = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                crate::telemetry::compute_call(operation, None);
+                return Err(azure_core::Error::full(
+                    ErrorKind::Io,
+                    e,
+                    "failed to execute the Compute request",
+                ));
+            }
+        };
         self.observed.calls.fetch_add(1, Ordering::Relaxed);
         let status = response.status();
+        span.record("http.response.status_code", status.as_u16());
+        crate::telemetry::compute_call(operation, Some(status.as_u16()));
         let raw = response.headers();
         let remaining = tightest_budget(
             raw.get_all(RATE_LIMIT_HEADER)
@@ -376,6 +399,9 @@ impl HttpClient for ObservingTransport {
             503 => retry_after,
             _ => None,
         };
+        if backoff.is_some() {
+            crate::telemetry::throttled(&subscription_of(&url));
+        }
         self.observed
             .record(&subscription_of(&url), remaining, backoff);
         let headers: HashMap<azure_core::headers::HeaderName, azure_core::headers::HeaderValue> =

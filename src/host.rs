@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use tracing::Instrument;
 
 /// What every request handler shares: cheap to clone.
 #[derive(Clone)]
@@ -190,7 +191,23 @@ async fn invoke(
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     let _turn = crate::admission::invocation().await;
-    let mut response = answer(&state, &function, body).await;
+    // One span per invocation: a request in Application Insights, with every log line of the
+    // invocation under it.
+    let span = tracing::info_span!(
+        "invocation",
+        otel.name = %function,
+        otel.kind = "server",
+        function = %function,
+        http.response.status_code = tracing::field::Empty,
+    );
+    let started = std::time::Instant::now();
+    let (mut response, result) = answer(&state, &function, body)
+        .instrument(span.clone())
+        .await;
+    span.record("http.response.status_code", response.status().as_u16());
+    if ["monitor-events", "monitor-status", "monitor-state"].contains(&function.as_str()) {
+        crate::telemetry::invocation(&function, result, started.elapsed());
+    }
     if crate::admission::crowded() {
         response.headers_mut().insert(
             axum::http::header::CONNECTION,
@@ -200,13 +217,14 @@ async fn invoke(
     response
 }
 
+/// The answer, and how the invocation went: `ok` or the error's label.
 async fn answer(
     state: &AppState,
     function: &str,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
-) -> Response {
+) -> (Response, &'static str) {
     match run(state, function, body).await {
-        Ok(outcome) => redacted_json(StatusCode::OK, &outcome),
+        Ok(outcome) => (redacted_json(StatusCode::OK, &outcome), "ok"),
         Err(e) => {
             // A table found missing is recreated now, so the retry this answer asks for succeeds.
             if let Err(again) = state.store.recreate_missing_tables().await {
@@ -216,7 +234,7 @@ async fn answer(
             let count = state.counters.reject(e.label());
             tracing::error!(function = %function, status = e.status().as_u16(), reason = e.label(),
                 failed_total = count, error = %e, "invocation not carried out");
-            e.answer(Some(count))
+            (e.answer(Some(count)), e.label())
         }
     }
 }

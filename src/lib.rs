@@ -31,5 +31,6 @@ pub mod settings;
 pub mod state;
 pub mod status;
 pub mod sync;
+pub mod telemetry;
 pub mod throttle;
 pub mod verdict;

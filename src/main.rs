@@ -61,15 +61,6 @@ fn main() {
     if let Some(command) = cli.command {
         std::process::exit(operator_command(command));
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_target(false)
-        .with_ansi(false)
-        .with_writer(vmss_healer::logs::for_the_host())
-        .init();
-
     let settings = match Settings::from_env() {
         Ok(s) => s,
         Err(problems) => {
@@ -77,9 +68,6 @@ fn main() {
             std::process::exit(2);
         }
     };
-    for warning in &settings.warnings {
-        tracing::error!(problem = %warning, "an optional setting cannot be used; the rest runs");
-    }
     // The host starts the handler in the app's root, next to host.json (`workingDirectory` "").
     if let Ok(host_json) = std::fs::read_to_string("host.json") {
         if let Err(problem) = settings.check_function_timeout(&host_json) {
@@ -100,11 +88,78 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = runtime.block_on(serve(settings)) {
+    // Telemetry is optional: when it cannot start, the handler runs and says why.
+    let mut warnings = settings.warnings.clone();
+    let telemetry = settings
+        .telemetry
+        .as_ref()
+        .and_then(|target| match start_telemetry(target, runtime.handle()) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                warnings.push(format!(
+                    "{e:#}; traces and metrics are not exported (the host still records the log lines)"
+                ));
+                None
+            }
+        });
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        use tracing_subscriber::Layer;
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+        let lines = tracing_subscriber::fmt::layer()
+            .with_target(false)
+            .with_ansi(false)
+            .with_writer(vmss_healer::logs::for_the_host());
+        let exported = telemetry.as_ref().map(|t| {
+            use opentelemetry::trace::TracerProvider;
+            // Events become log records (with severity); spans only spans, not also span events,
+            // which would export every line twice.
+            let spans = tracing_opentelemetry::layer()
+                .with_tracer(t.traces.tracer("vmss-healer"))
+                .with_filter(tracing_subscriber::filter::filter_fn(|m| m.is_span()));
+            opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(&t.logs)
+                .and_then(spans)
+        });
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(lines)
+            .with(exported)
+            .init();
+    }
+    for warning in &warnings {
+        tracing::error!(problem = %warning, "an optional setting cannot be used; the rest runs");
+    }
+    let mut settings = settings;
+    settings.warnings = warnings;
+    let served = runtime.block_on(serve(settings));
+    if let Err(e) = &served {
         tracing::error!(error = format!("{e:#}"), "handler stopped");
+    }
+    // Off the runtime, which the last uploads still run on.
+    if let Some(t) = telemetry {
+        t.shutdown();
+    }
+    drop(runtime);
+    if let Err(e) = served {
         eprintln!("handler: {}", redact(&format!("{e:#}")));
         std::process::exit(1);
     }
+}
+
+/// The export to Application Insights, uploading with the app's identity when the host is told
+/// to (`APPLICATIONINSIGHTS_AUTHENTICATION_STRING`).
+fn start_telemetry(
+    target: &vmss_healer::telemetry::Target,
+    runtime: &tokio::runtime::Handle,
+) -> anyhow::Result<vmss_healer::telemetry::Telemetry> {
+    let credential = if target.entra {
+        Some(credential(None).context("Application Insights with Microsoft Entra authentication")?)
+    } else {
+        None
+    };
+    let uplink = vmss_healer::telemetry::Uplink::new(target, runtime.clone(), credential)?;
+    vmss_healer::telemetry::Telemetry::start(target, uplink)
 }
 
 /// An operator's command; returns the exit code (2: bad usage or settings).
@@ -215,9 +270,31 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         counters: Arc::new(Counters::default()),
     };
     axum::serve(listener, app(state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .with_graceful_shutdown(stopped())
         .await
         .context("serving")
+}
+
+/// Ctrl-C, or the platform's SIGTERM when it stops or recycles the app: either lets the telemetry
+/// buffered so far be exported.
+async fn stopped() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

@@ -40,6 +40,8 @@ pub struct SetReport {
     /// Steps left to the next pass: the pass deadline was too close for another call.
     pub deferred: usize,
     pub paused: Option<&'static str>,
+    /// How long the brake has held, from when a pass first found it.
+    pub paused_for_s: Option<i64>,
     pub next_check_s: Option<i64>,
 }
 
@@ -370,6 +372,13 @@ async fn carry_out(
         operations_ended: followed.len(),
         operations_failed: followed.iter().filter(|e| e.outcome == "failed").count(),
         paused: plan.paused().map(|w| w.label()),
+        paused_for_s: breaker_now.map(|_| {
+            let since = record
+                .and_then(|r| r.breaker_since)
+                .filter(|_| breaker_now == breaker_before)
+                .unwrap_or(now);
+            (now - since).whole_seconds().max(0)
+        }),
         next_check_s: plan.next_check.map(|d| d.whole_seconds()),
         ..SetReport::default()
     };
@@ -408,7 +417,7 @@ async fn carry_out(
     }
 
     // What is known before acting is journaled before acting: a pass stopped midway keeps it.
-    store.append_journal(&journal).await?;
+    journal_rows(store, &journal).await?;
     let mut journal = Vec::new();
 
     // Closes and give-ups call nothing: claimed and journaled together, first. A dry run's step
@@ -481,7 +490,7 @@ async fn carry_out(
             }
         }
     }
-    store.append_journal(&journal).await?;
+    journal_rows(store, &journal).await?;
 
     // One call per kind of call, except steps split from a refused batch: one call each.
     let mut calls: BTreeMap<(Call, Option<String>), Vec<Transition>> = BTreeMap::new();
@@ -558,7 +567,7 @@ async fn carry_out(
                     )
                 })
                 .collect();
-            store.append_journal(&intent).await?;
+            journal_rows(store, &intent).await?;
         }
         let held = compute
             .observed()
@@ -634,7 +643,7 @@ async fn carry_out(
         for (t, version) in &releases {
             release(store, id, t, version).await?;
         }
-        store.append_journal(&entries).await?;
+        journal_rows(store, &entries).await?;
     }
     Ok((report, alerts))
 }
@@ -696,7 +705,7 @@ async fn defer(
             }
         })
         .collect();
-    store.append_journal(&entries).await
+    journal_rows(store, &entries).await
 }
 
 /// What the journal says of a call ARM did not take.
@@ -760,6 +769,13 @@ async fn release(
     {
         tracing::warn!(scale_set = %id, instance = %t.incident.target, "could not release a claim (changed meanwhile); its deadline will expire it");
     }
+    Ok(())
+}
+
+/// Rows are written to the journal, then counted: the repair metrics say what the journal holds.
+async fn journal_rows(store: &Store, entries: &[Entry]) -> Result<(), StoreError> {
+    store.append_journal(entries).await?;
+    crate::telemetry::journaled(entries);
     Ok(())
 }
 

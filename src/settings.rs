@@ -66,6 +66,8 @@ pub const CATALOG: &[SettingDoc] = &[
     SettingDoc { name: PASS_DEADLINE, default: "`150` s", meaning: "how long one `monitor-status` or `monitor-state` pass may run: what does not fit is left to the next pass and journaled (`pass_deadline`). Must leave room inside `functionTimeout` of host.json (5 min): the handler refuses to start otherwise" },
     SettingDoc { name: CALL_TIMEOUT, default: "`30` s", meaning: "the longest one Compute API request may take; a write without an answer by then has an unknown outcome, found out from the instance's state on later passes and never sent blindly again" },
     SettingDoc { name: WEBHOOK_URL, default: "(none)", meaning: "JSON POST on repair, give-up and pause. Optional, so never fatal: an unusable value (an unresolved Key Vault reference, not an http(s) URL) is reported at startup and by `handler status`, and the handler runs without alerts" },
+    SettingDoc { name: crate::telemetry::CONNECTION_STRING, default: "(none)", meaning: "set by the Function App: traces, logs and metrics are exported to this Application Insights resource (OpenTelemetry; metrics `healer.*`, read by the alerts and the workbook in `infra/monitoring.bicep`). Optional, so never fatal: an unusable value is reported at startup and by `handler status`, and the host still records the log lines" },
+    SettingDoc { name: crate::telemetry::AUTHENTICATION_STRING, default: "(none)", meaning: "`Authorization=AAD`: uploads carry a Microsoft Entra token of the app's system-assigned identity (needs `Monitoring Metrics Publisher` on the resource), for resources that refuse instrumentation keys; the host reads the same setting" },
     SettingDoc { name: STATUS_SCHEDULE, default: "`0 */1 * * * *`", meaning: "NCRONTAB schedule of `monitor-status`, referenced from its function.json as `%HEALER_STATUS_SCHEDULE%`" },
     SettingDoc { name: STATE_SCHEDULE, default: "`30 */1 * * * *`", meaning: "NCRONTAB schedule of `monitor-state`, referenced from its function.json as `%HEALER_STATE_SCHEDULE%`" },
     SettingDoc { name: HANDLER_PORT, default: "`8080`", meaning: "set by the Functions host: the port the handler listens on (127.0.0.1 only)" },
@@ -102,6 +104,8 @@ pub struct Settings {
     pub attestation: Option<crate::attestation::Trust>,
     pub dry_run: bool,
     pub webhook_url: Option<Url>,
+    /// Where traces, logs and metrics are exported, if anywhere.
+    pub telemetry: Option<crate::telemetry::Target>,
     pub status_schedule: String,
     pub state_schedule: String,
     pub port: u16,
@@ -250,6 +254,31 @@ impl Settings {
                 url
             }
         };
+        // Optional too: without it the host still records every line, only as text.
+        let telemetry = match get(crate::telemetry::CONNECTION_STRING) {
+            None => None,
+            Some(raw) if raw.trim_start().starts_with("@Microsoft.KeyVault(") => {
+                warnings.push(format!(
+                    "{} is a Key Vault reference the platform has not resolved: traces and metrics are not exported until it resolves",
+                    crate::telemetry::CONNECTION_STRING
+                ));
+                None
+            }
+            Some(raw) => {
+                match crate::telemetry::Target::parse(
+                    &raw,
+                    get(crate::telemetry::AUTHENTICATION_STRING).as_deref(),
+                ) {
+                    Ok(target) => Some(target),
+                    Err(problem) => {
+                        warnings.push(format!(
+                            "{problem}; traces and metrics are not exported (the host still records the log lines)"
+                        ));
+                        None
+                    }
+                }
+            }
+        };
         let status_schedule = schedule(get(STATUS_SCHEDULE), STATUS_SCHEDULE, &mut problems);
         let state_schedule = schedule(
             get(STATE_SCHEDULE).or_else(|| Some("30 */1 * * * *".into())),
@@ -289,6 +318,7 @@ impl Settings {
             attestation,
             dry_run,
             webhook_url,
+            telemetry,
             status_schedule,
             state_schedule,
             port,

@@ -345,3 +345,127 @@ fn system_topics_fit_any_resource_group_and_reuse_an_existing_one() {
     }
     assert!(read("docs/operations.md").contains("existingSystemTopics"));
 }
+
+/// The KQL queries of the alert rules (`'''…'''` blocks of monitoring.bicep) and of the workbook.
+fn monitoring_queries() -> Vec<(String, String)> {
+    let bicep = read("infra/monitoring.bicep");
+    let mut queries: Vec<(String, String)> = bicep
+        .split("'''")
+        .skip(1)
+        .step_by(2)
+        .enumerate()
+        .map(|(i, q)| (format!("alert rule {i}"), q.to_string()))
+        .collect();
+    let workbook: serde_json::Value = serde_json::from_str(&read("infra/workbook.json")).unwrap();
+    for item in workbook["items"].as_array().unwrap() {
+        if let Some(q) = item["content"]["query"].as_str() {
+            queries.push((format!("workbook item {}", item["name"]), q.to_string()));
+        }
+    }
+    queries
+}
+
+/// Words following `prefix` in `text`: `customDimensions.scale_set` → `scale_set`.
+fn after<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
+    text.match_indices(prefix)
+        .map(|(i, _)| {
+            let rest = &text[i + prefix.len()..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .collect()
+}
+
+/// The alerts and the workbook read the metrics the handler exports, by the names and
+/// dimensions it exports them with: a renamed metric would otherwise leave an alert that never
+/// fires.
+#[test]
+fn alerts_and_workbook_read_only_what_the_handler_exports() {
+    use vmss_healer::telemetry::{DIMENSIONS, METRICS};
+    let queries = monitoring_queries();
+    assert_eq!(
+        queries
+            .iter()
+            .filter(|(w, _)| w.starts_with("alert"))
+            .count(),
+        3
+    );
+    let mut charted = BTreeSet::new();
+    for (where_, query) in &queries {
+        let metrics: Vec<&str> = after(query, "name == \"")
+            .into_iter()
+            .map(|m| m.trim_end_matches('"'))
+            .collect();
+        assert!(!metrics.is_empty(), "{where_} reads no metric:\n{query}");
+        let mut allowed = BTreeSet::new();
+        for m in &metrics {
+            assert!(
+                METRICS.contains(m),
+                "{where_} reads `{m}`, which the handler does not export"
+            );
+            let (_, dims) = DIMENSIONS.iter().find(|(name, _)| name == m).unwrap();
+            allowed.extend(dims.iter().copied());
+            if where_.starts_with("workbook") {
+                charted.insert(m.to_string());
+            }
+        }
+        for dim in after(query, "customDimensions.") {
+            assert!(
+                allowed.contains(dim),
+                "{where_} reads dimension `{dim}`, which {metrics:?} are not recorded with"
+            );
+        }
+    }
+    let all: BTreeSet<String> = METRICS.iter().map(|m| m.to_string()).collect();
+    assert_eq!(charted, all, "the workbook charts every metric");
+    assert_eq!(DIMENSIONS.len(), METRICS.len());
+}
+
+/// Each rule of the issue exists, compares against what the code really writes, and is deployed
+/// by main.bicep on the resource the app exports to.
+#[test]
+fn the_alert_rules_watch_give_ups_long_brakes_and_a_failing_mirror() {
+    let bicep = read("infra/monitoring.bicep");
+    let repair = read("src/repair.rs");
+    let sync = read("src/sync.rs");
+    // Give-ups: the outcome literal the journal writes.
+    assert!(bicep.contains("customDimensions.outcome) == \"given_up\""));
+    assert!(repair.contains("outcome: \"given_up\".into()"));
+    // A brake held longer than the operator's threshold.
+    assert!(bicep.contains("name == \"healer.brake.held_seconds\""));
+    assert!(bicep.contains("threshold: brakeAlertMinutes"));
+    // A failing mirror: every outcome that is not a failure is one sync.rs really reports.
+    for ok in ["synced", "fresh", "deferred"] {
+        assert!(
+            sync.contains(&format!("\"{ok}\"")),
+            "sync.rs has no outcome `{ok}`"
+        );
+    }
+    assert!(bicep.contains("outcome !in (\"synced\", \"fresh\", \"deferred\")"));
+    assert!(bicep.contains("customDimensions.function) == \"monitor-state\""));
+    for rule in ["giveUps", "brakeHeld", "mirrorFailing"] {
+        let start = bicep.find(&format!("resource {rule} ")).unwrap();
+        let body = &bicep[start..];
+        let body = &body[..body[1..].find("\nresource ").map_or(body.len(), |i| i + 1)];
+        for needed in [
+            "kind: 'LogAlert'",
+            "scopes: [insightsId]",
+            "actions: actions",
+            "enabled: true",
+        ] {
+            assert!(body.contains(needed), "{rule} lacks `{needed}`");
+        }
+    }
+    let main = read("infra/main.bicep");
+    assert!(main.contains("module monitoring 'monitoring.bicep'"));
+    assert!(main.contains("insightsId: insights.id"));
+    // The handler uploads with the app's identity; the role that lets it is granted on the
+    // resource the rules read.
+    assert!(main.contains(
+        "{ name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING', value: 'Authorization=AAD' }"
+    ));
+    assert!(main.contains("roles.monitoringMetricsPublisher"));
+    assert!(read("infra/monitoring.bicep").contains("loadTextContent('workbook.json')"));
+}

@@ -6,6 +6,17 @@ use std::path::Path;
 use vmss_healer::settings::CATALOG;
 
 fn readme_settings() -> BTreeMap<String, String> {
+    let rows = readme_rows();
+    let table: BTreeMap<String, String> = rows.iter().cloned().collect();
+    assert_eq!(
+        table.len(),
+        rows.len(),
+        "a setting is listed twice: {rows:?}"
+    );
+    table
+}
+
+fn readme_rows() -> Vec<(String, String)> {
     let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
         .expect("README.md");
     let start = readme

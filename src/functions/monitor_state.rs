@@ -13,6 +13,9 @@ pub async fn run(state: &AppState, invocation: Invocation) -> Result<Outcome, Ho
     let report = crate::sync::sync_all(&state.store, &state.compute, &state.settings, now)
         .await
         .map_err(store_error)?;
+    for set in &report.scale_sets {
+        crate::telemetry::mirror_pass(&set.scale_set, set.outcome);
+    }
     let count = |outcome: &str| {
         report
             .scale_sets

@@ -20,6 +20,16 @@ pub async fn run(state: &AppState, invocation: Invocation) -> Result<Outcome, Ho
     )
     .await
     .map_err(store_error)?;
+    for set in &report.scale_sets {
+        crate::telemetry::scale_set_judged(&set.scale_set, set.total, set.unhealthy);
+        if let (Some(brake), Some(held)) = (set.paused, set.paused_for_s) {
+            crate::telemetry::brake_held(
+                &set.scale_set,
+                brake,
+                std::time::Duration::from_secs(held.unsigned_abs()),
+            );
+        }
+    }
     let requested: usize = report.scale_sets.iter().map(|s| s.repairs_requested).sum();
     let withheld: usize = report.scale_sets.iter().map(|s| s.withheld).sum();
     let log = format!(
