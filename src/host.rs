@@ -191,15 +191,21 @@ async fn invoke(
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     let _turn = crate::admission::invocation().await;
-    // One span per invocation: a request in Application Insights, with every log line of the
-    // invocation under it.
-    let span = tracing::info_span!(
-        "invocation",
-        otel.name = %function,
-        otel.kind = "server",
-        function = %function,
-        http.response.status_code = tracing::field::Empty,
-    );
+    // One span per timer pass: a request in Application Insights, with the pass's log lines and
+    // Compute calls under it. Not per delivered event: the host already records each invocation,
+    // an event's log line carries its event id, and a span per heartbeat would double what the
+    // export uploads (docs/benchmarks.md).
+    let span = if function == "monitor-events" {
+        tracing::Span::none()
+    } else {
+        tracing::info_span!(
+            "invocation",
+            otel.name = %function,
+            otel.kind = "server",
+            function = %function,
+            http.response.status_code = tracing::field::Empty,
+        )
+    };
     let started = std::time::Instant::now();
     let (mut response, result) = answer(&state, &function, body)
         .instrument(span.clone())

@@ -299,7 +299,8 @@ impl HttpClient for Uplink {
         let headers = parts.headers.clone();
         let sent = self.inner.runtime.spawn(async move {
             let mut request = inner.http.post(inner.track.clone()).body(body);
-            for (name, value) in headers.iter() {
+            // The body may have changed length in redaction: reqwest sets Content-Length itself.
+            for (name, value) in headers.iter().filter(|(n, _)| *n != "content-length") {
                 request = request.header(name.as_str(), value.as_bytes());
             }
             if let Some(credential) = &inner.credential {

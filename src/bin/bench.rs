@@ -11,6 +11,11 @@
 //! binary all at once (as Event Grid does after an outage): the handler's RSS idle before, at its
 //! peak and settled after, its connections to storage, and how the deliveries were answered.
 //!
+//! `bench telemetry [--instances N] [--rounds R] [--concurrency C]`: the same heartbeat ingest
+//! through the handler binary at `RUST_LOG=info`, without and with the export to Application
+//! Insights (a local collector standing for ingestion): throughput, latency, the handler's CPU
+//! time per event and peak RSS, and what reached the collector.
+//!
 //! Build first: `cargo build --release --bins` (startup runs the `handler` next to this binary).
 
 #[path = "compute-sim/admin.rs"]
@@ -65,8 +70,13 @@ fn main() {
         "startup" => startup(arg("--runs", 20)),
         "tick" => tick(arg("--instances", 1000)),
         "load" => load(arg("--deliveries", 2000), arg("--instances", 2000)),
+        "telemetry" => telemetry(
+            arg("--instances", 1000),
+            arg("--rounds", 5),
+            arg("--concurrency", 16),
+        ),
         _ => {
-            eprintln!("usage: bench ingest [--instances N] [--rounds R] [--concurrency C] | bench startup [--runs N] | bench tick [--instances N] | bench load [--deliveries N] [--instances M]");
+            eprintln!("usage: bench ingest [--instances N] [--rounds R] [--concurrency C] | bench startup [--runs N] | bench tick [--instances N] | bench load [--deliveries N] [--instances M] | bench telemetry [--instances N] [--rounds R] [--concurrency C]");
             std::process::exit(2);
         }
     }
@@ -788,4 +798,171 @@ impl Classic {
         let (r1, c1) = self.costs();
         (started.elapsed(), r1 - r0, c1 - c0, deleted)
     }
+}
+
+/// CPU time (user + system) the process has used so far.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on Linux.
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// A stand-in for Application Insights ingestion: counts uploads, envelopes, gzip and JSON bytes.
+async fn collector() -> (String, Arc<std::sync::Mutex<(u64, u64, u64, u64)>>) {
+    use axum::routing::post;
+    let counts = Arc::new(std::sync::Mutex::new((0u64, 0u64, 0u64, 0u64)));
+    let seen = counts.clone();
+    let app = axum::Router::new().route(
+        "/v2.1/track",
+        post(move |body: axum::body::Bytes| {
+            let seen = seen.clone();
+            async move {
+                use std::io::Read;
+                let mut text = String::new();
+                let _ = flate2::read::GzDecoder::new(&body[..]).read_to_string(&mut text);
+                let n = serde_json::from_str::<Vec<Value>>(&text).map_or(0, |v| v.len());
+                let mut c = seen.lock().unwrap_or_else(|e| e.into_inner());
+                c.0 += 1;
+                c.1 += n as u64;
+                c.2 += body.len() as u64;
+                c.3 += text.len() as u64;
+                axum::Json(json!({"itemsReceived": n, "itemsAccepted": n, "errors": []}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .expect("bind collector");
+    let port = listener.local_addr().expect("collector address").port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://127.0.0.1:{port}"), counts)
+}
+
+fn telemetry(instances: usize, rounds: usize, concurrency: usize) {
+    azurite::ensure_installed_quietly(true);
+    let handler = handler_binary();
+    let storage = azurite::Azurite::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        let store = Store::connect(
+            &vmss_healer::settings::StorageSettings::ConnectionString(storage.connection_string()),
+            |_| anyhow::bail!("no identity"),
+        )
+        .expect("store");
+        store.ensure_tables().await.expect("tables");
+        let set = ScaleSetId::parse(SET).expect("bench id");
+        let mirror: Vec<Instance> = (0..instances).map(|i| bench_instance(i, None)).collect();
+        store.write_mirror(&set, &mirror, OffsetDateTime::now_utc()).await.expect("mirror");
+        let (endpoint, counts) = collector().await;
+        let http = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build().expect("http client");
+
+        println!("\nheartbeat ingest with and without the export: {instances} instances × {rounds} rounds, concurrency {concurrency}, RUST_LOG=info\n");
+        println!("| handler | events | events/s | p50 ms | p99 ms | CPU µs/event | peak RSS MiB | uploads | envelopes | gzip KiB | JSON KiB |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
+        // Each run starts a fresh handler and sends heartbeats later than the last run's, so
+        // every one is stored (none is a duplicate).
+        for (run, export) in [false, true, false, true].into_iter().enumerate() {
+            let port = azurite::free_port();
+            let mut command = Command::new(&handler);
+            command
+                .env_clear()
+                .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
+                .env("HEALER_SCALE_SETS", SET)
+                .env("HEALER_STORAGE", storage.connection_string())
+                .env("HEALER_ARM_ENDPOINT", "http://127.0.0.1:9")
+                .env("IDENTITY_ENDPOINT", "http://127.0.0.1:9/msi/token")
+                .env("IDENTITY_HEADER", SECRET)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            if export {
+                command.env(
+                    "APPLICATIONINSIGHTS_CONNECTION_STRING",
+                    format!("InstrumentationKey=00000000-0000-4000-8000-0000000000be;IngestionEndpoint={endpoint}"),
+                );
+            }
+            let mut child = command.spawn().expect("start handler");
+            let pid = child.id();
+            let base = format!("http://127.0.0.1:{port}");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while http.get(&base).send().await.is_err() {
+                assert!(Instant::now() < deadline, "handler not ready");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let url = format!("{base}/monitor-events");
+            let t0 = OffsetDateTime::now_utc() - time::Duration::hours(2) + time::Duration::minutes(run as i64 * 10);
+            let invocation = |round: usize, i: usize| {
+                let at = t0 + time::Duration::seconds(round as i64);
+                json!({"Data": {"event": {
+                    "id": format!("t{run}-{round}-{i}"), "eventType": "VmssHealer.Heartbeat", "dataVersion": "1",
+                    "subject": format!("{SET}/virtualMachines/{i}"),
+                    "eventTime": at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+                    "data": {"status": "UP", "vmId": format!("00000000-0000-4000-8000-{i:012}"), "sequence": round}}},
+                    "Metadata": {"sys": {"MethodName": "monitor-events"}}})
+            };
+            let send = |body: Value| {
+                let (http, url) = (http.clone(), url.clone());
+                async move {
+                    let r = http.post(url).json(&body).send().await.expect("handler reachable");
+                    assert!(r.status().is_success(), "handler answered {}", r.status());
+                }
+            };
+            // Warm-up round, not measured.
+            timed(instances, concurrency, |i| send(invocation(0, i))).await;
+            let before_counts = *counts.lock().unwrap_or_else(|e| e.into_inner());
+            let cpu_before = cpu_time(pid).unwrap_or_default();
+            let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let sampling = {
+                let peak = peak.clone();
+                tokio::spawn(async move {
+                    loop {
+                        if let Some(r) = rss_kib(pid) {
+                            peak.fetch_max(r, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                })
+            };
+            let (elapsed, latencies) = timed(instances * rounds, concurrency, |n| send(invocation(1 + n / instances, n % instances))).await;
+            // The batch processors export every second or so: wait for the last batch.
+            let settle = Instant::now();
+            if export {
+                let mut last = counts.lock().unwrap_or_else(|e| e.into_inner()).1;
+                loop {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    let now = counts.lock().unwrap_or_else(|e| e.into_inner()).1;
+                    if now == last || settle.elapsed() > Duration::from_secs(20) {
+                        break;
+                    }
+                    last = now;
+                }
+            }
+            sampling.abort();
+            let cpu = cpu_time(pid).unwrap_or_default().saturating_sub(cpu_before);
+            let after_counts = *counts.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = child.kill();
+            let _ = child.wait();
+            let events = instances * rounds;
+            let r = Run { events, elapsed, latencies, requests: None };
+            println!(
+                "| {} | {events} | {:.0} | {:.2} | {:.2} | {:.0} | {:.1} | {} | {} | {:.0} | {:.0} |",
+                if export { "exporting" } else { "not exporting" },
+                r.rate(),
+                r.percentile(0.50).as_secs_f64() * 1000.0,
+                r.percentile(0.99).as_secs_f64() * 1000.0,
+                cpu.as_secs_f64() * 1e6 / events as f64,
+                peak.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0,
+                after_counts.0 - before_counts.0,
+                after_counts.1 - before_counts.1,
+                (after_counts.2 - before_counts.2) as f64 / 1024.0,
+                (after_counts.3 - before_counts.3) as f64 / 1024.0,
+            );
+        }
+    });
 }
