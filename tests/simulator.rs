@@ -672,3 +672,234 @@ async fn an_operation_stamps_the_instance_view_and_an_answer_can_be_lost() {
         "an untouched instance keeps its time"
     );
 }
+
+/// A GET of any ARM URL (path and query as ARM takes them) with the test's token.
+async fn arm_get(arm: &Arm<'_>, path_and_query: &str) -> (u16, Value) {
+    let (status, _, body) = arm
+        .send(
+            arm.app
+                .http
+                .get(format!("{}{path_and_query}", arm.app.sim_url)),
+        )
+        .await;
+    (status, body)
+}
+
+/// Flexible orchestration as the REST spec (2024-07-01) and "Orchestration modes API comparison"
+/// describe it: instances are plain VMs listed with the VM API filtered by scale set, with their
+/// instance views only under that filter; acted on one by one with the VM API; deleted in a
+/// batch by name; and the scale-set instance API knows none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flexible_scale_sets_are_plain_vms_listed_by_filter_and_acted_on_one_by_one() {
+    let app = spawn_app()
+        .scale_set_spec(json!({"name": "flex", "capacity": 5, "orchestrationMode": "Flexible", "zones": ["1", "2"]}))
+        .scale_set("web", 2)
+        .page_size(2)
+        .start()
+        .await;
+    let arm = Arm::new(&app).await;
+    let flex_id = scale_set_id("flex");
+    let rg_vms = format!(
+        "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachines",
+        common::SUB,
+        common::RG
+    );
+    let filter = format!("'virtualMachineScaleSet/id' eq '{flex_id}'");
+    let q = |extra: &str| {
+        format!(
+            "{rg_vms}?api-version=2024-07-01&$filter={}{extra}",
+            url::form_urlencoded::byte_serialize(filter.as_bytes()).collect::<String>()
+        )
+    };
+
+    // The list is paged (nextLink carries the filter and the expansion) and holds the set's
+    // VMs only, each naming its set, with its instance view when expanded.
+    let mut vms = Vec::new();
+    let mut next = Some(format!("{}{}", app.sim_url, q("&$expand=instanceView")));
+    let mut pages = 0;
+    while let Some(url) = next {
+        let (status, _, page) = arm.send(app.http.get(&url)).await;
+        assert_eq!(status, 200, "{page}");
+        pages += 1;
+        vms.extend(page["value"].as_array().unwrap().iter().cloned());
+        next = page["nextLink"].as_str().map(str::to_string);
+    }
+    assert_eq!((vms.len(), pages), (5, 3));
+    for vm in &vms {
+        let name = vm["name"].as_str().unwrap();
+        assert!(
+            name.starts_with("flex_") && name.len() == "flex_".len() + 8,
+            "{name}"
+        );
+        assert_eq!(vm["type"], "Microsoft.Compute/virtualMachines");
+        assert_eq!(vm["id"], format!("{rg_vms}/{name}"));
+        assert_eq!(vm["properties"]["virtualMachineScaleSet"]["id"], flex_id);
+        assert!(
+            vm["properties"]["vmId"].is_string() && vm["properties"]["timeCreated"].is_string()
+        );
+        assert!(vm["zones"].is_array());
+        let statuses = vm["properties"]["instanceView"]["statuses"]
+            .as_array()
+            .unwrap();
+        assert!(statuses.iter().any(|s| s["code"] == "PowerState/running"));
+        assert!(
+            vm["properties"].get("protectionPolicy").is_none(),
+            "Flexible VMs have no instance protection"
+        );
+    }
+    // Without the filter, $expand is refused; an unknown filter is refused.
+    let (status, body) = arm_get(
+        &arm,
+        &format!("{rg_vms}?api-version=2024-07-01&$expand=instanceView"),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("InvalidParameter")),
+        "{body}"
+    );
+    let (status, _) = arm_get(
+        &arm,
+        &format!("{rg_vms}?api-version=2024-07-01&$filter=name%20eq%20'x'"),
+    )
+    .await;
+    assert_eq!(status, 400);
+    // statusOnly on the subscription-wide list: the instance views alone.
+    let (status, body) = arm_get(
+        &arm,
+        &format!(
+            "/subscriptions/{}/providers/Microsoft.Compute/virtualMachines?api-version=2024-07-01&statusOnly=true&$filter={}",
+            common::SUB,
+            url::form_urlencoded::byte_serialize(filter.as_bytes()).collect::<String>()
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let first = &body["value"][0];
+    assert!(
+        first["properties"]["instanceView"]["statuses"].is_array()
+            && first["properties"].get("vmId").is_none(),
+        "{first}"
+    );
+    // The scale-set instance API knows none of them; the Uniform set's VMs are not plain VMs.
+    let (status, body) = arm_get(
+        &arm,
+        &format!("{flex_id}/virtualMachines?api-version=2024-07-01"),
+    )
+    .await;
+    assert_eq!(
+        (status, body["value"].as_array().map(Vec::len)),
+        (200, Some(0))
+    );
+    let (_, body) = arm_get(&arm, &format!("{rg_vms}?api-version=2024-07-01")).await;
+    assert!(body["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|v| v["name"].as_str().unwrap().starts_with("flex_")));
+
+    // Power and reimage go to each VM; the scale-set batch form is refused.
+    let names: Vec<String> = vms
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    let (status, _, body) = arm.post("flex", "restart", &[names[0].as_str()]).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("OperationNotAllowed")),
+        "{body}"
+    );
+    app.clear_resource_events_now().await;
+    let (status, headers, _) = arm
+        .send(app.http.post(format!(
+            "{}{rg_vms}/{}/restart?api-version=2024-07-01",
+            app.sim_url,
+            names[0].to_uppercase()
+        )))
+        .await;
+    assert_eq!(status, 202);
+    assert!(headers.contains_key("azure-asyncoperation"));
+    app.complete_operations().await;
+    let events = app
+        .admin(reqwest::Method::GET, "resource-events", None)
+        .await;
+    assert!(
+        events.as_array().unwrap().iter().any(|e| {
+            e["data"]["operationName"] == "Microsoft.Compute/virtualMachines/restart/action"
+                && e["data"]["resourceUri"] == format!("{rg_vms}/{}", names[0])
+        }),
+        "a VM's action is reported on the VM: {events}"
+    );
+    // Restarting a deallocated VM is refused as for Uniform; starting it is not.
+    app.break_vm("flex", 1, json!({"powerState": "deallocated"}))
+        .await;
+    let vm1 = app.vm("flex", 1).await["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, _, body) = arm
+        .send(app.http.post(format!(
+            "{}{rg_vms}/{vm1}/restart?api-version=2024-07-01",
+            app.sim_url
+        )))
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("OperationNotAllowed"))
+    );
+    for verb in ["start", "reimage", "redeploy"] {
+        let (status, _, body) = arm
+            .send(app.http.post(format!(
+                "{}{rg_vms}/{vm1}/{verb}?api-version=2024-07-01",
+                app.sim_url
+            )))
+            .await;
+        assert_eq!(status, 202, "{verb}: {body}");
+        app.complete_operations().await;
+    }
+    let (status, body) = arm_get(
+        &arm,
+        &format!("{rg_vms}/{vm1}/instanceView?api-version=2024-07-01"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(
+        body["statuses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["code"] == "PowerState/running"),
+        "{body}"
+    );
+    let (status, _) = arm_get(
+        &arm,
+        &format!("{rg_vms}/nope_12345678?api-version=2024-07-01"),
+    )
+    .await;
+    assert_eq!(status, 404);
+
+    // Deletion stays a batch on the scale set, by VM name (any case); a name it does not have is
+    // refused like an inactive instance id.
+    let (status, _, body) = arm
+        .post(
+            "flex",
+            "delete",
+            &[names[2].to_uppercase().as_str(), names[3].as_str()],
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    app.complete_operations().await;
+    assert_eq!(app.fleet("flex").await["capacity"], 3);
+    let (status, _, _) = arm.post("flex", "delete", &["flex_00000000"]).await;
+    assert_eq!(status, 400);
+    let events = app
+        .admin(reqwest::Method::GET, "resource-events", None)
+        .await;
+    assert!(
+        events.as_array().unwrap().iter().any(|e| {
+            e["eventType"] == "Microsoft.Resources.ResourceDeleteSuccess"
+                && e["data"]["resourceUri"] == format!("{rg_vms}/{}", names[3])
+        }),
+        "{events}"
+    );
+}

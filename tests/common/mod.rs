@@ -335,6 +335,12 @@ impl TestApp {
     }
 
     /// Ends every running operation now.
+    /// Forgets the Resource Manager events raised so far.
+    pub async fn clear_resource_events_now(&self) {
+        self.admin(reqwest::Method::DELETE, "resource-events", None)
+            .await;
+    }
+
     pub async fn complete_operations(&self) {
         self.admin(reqwest::Method::POST, "operations/complete", None)
             .await;

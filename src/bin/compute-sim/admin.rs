@@ -12,6 +12,7 @@ use axum::{Json, Router};
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
@@ -222,7 +223,11 @@ async fn patch_vm(
         }
     }
     let set = &w.sets[&key.to_lowercase()];
-    let body = vm_json(set, &set.vms[&id], true);
+    let body = if set.flexible() {
+        crate::arm::flexible_vm_json(set, &set.vms[&id], true, false)
+    } else {
+        vm_json(set, &set.vms[&id], true)
+    };
     if protection_changed {
         let uri = format!("{}/virtualMachines/{id}", set.resource_id());
         w.announce(
@@ -336,7 +341,11 @@ pub async fn heartbeat_round(s: &Shared) -> Vec<Value> {
     let stamp = |t: OffsetDateTime| t.format(&Rfc3339).unwrap_or_default();
     let mut out = Vec::new();
     for set in w.sets.values_mut() {
-        let set_id = set.resource_id();
+        let subjects: BTreeMap<u64, String> = set
+            .vms
+            .values()
+            .map(|vm| (vm.instance_id, set.vm_resource_id(vm)))
+            .collect();
         for vm in set.vms.values_mut() {
             let live = vm.provisioning_state == "Succeeded" && vm.power_state == "running";
             if !live || vm.beat == Beat::Silent {
@@ -366,7 +375,9 @@ pub async fn heartbeat_round(s: &Shared) -> Vec<Value> {
             let event = json!({
                 "id": uuid::Uuid::new_v4().to_string(),
                 "topic": "/subscriptions/sim/resourceGroups/sim/providers/Microsoft.EventGrid/topics/heartbeats",
-                "subject": format!("{set_id}/virtualMachines/{}", vm.instance_id),
+                // The VM's resource id, as the agent reads it from IMDS: a scale-set VM in
+                // Uniform mode, a plain VM in Flexible mode (design §2).
+                "subject": subjects[&vm.instance_id],
                 "eventType": "VmssHealer.Heartbeat",
                 "eventTime": stamp(now),
                 "dataVersion": "1",

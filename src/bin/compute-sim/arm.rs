@@ -248,6 +248,10 @@ fn respond(
         };
     }
 
+    if let Some(answer) = vm_api(world, base, method, path, &segs, &l, query) {
+        return answer;
+    }
+
     let ["subscriptions", _, "resourcegroups", _, "providers", "microsoft.compute", "virtualmachinescalesets", _, rest @ ..] =
         l.as_slice()
     else {
@@ -270,6 +274,11 @@ fn respond(
     }
     let parsed_body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
 
+    if world.sets[&key].flexible() {
+        if let Some(answer) = flexible_set(method, rest) {
+            return answer;
+        }
+    }
     match (method.clone(), rest) {
         (Method::GET, []) => scale_set_answer(world, &key, StatusCode::OK),
         (Method::PATCH, []) => patch_scale_set(world, base, &key, headers, &parsed_body),
@@ -277,7 +286,7 @@ fn respond(
         (Method::GET, ["virtualmachines", id])
         | (Method::GET, ["virtualmachines", id, "instanceview"]) => {
             let set = &world.sets[&key];
-            match id.parse::<u64>().ok().and_then(|n| set.vms.get(&n)) {
+            match set.find(id).and_then(|n| set.vms.get(&n)) {
                 Some(vm) if rest.len() == 3 => json_ok(instance_view_json(vm)),
                 Some(vm) => json_ok(vm_json(
                     set,
@@ -321,6 +330,7 @@ fn effect(verb: &str, ids: Vec<u64>) -> Effect {
         "delete" => Effect::Delete(ids),
         "restart" => Effect::Restart(ids),
         "start" => Effect::Start(ids),
+        "redeploy" => Effect::Redeploy(ids),
         _ => Effect::Reimage(ids),
     }
 }
@@ -462,7 +472,8 @@ fn instance_ids(
     };
     let mut ids = Vec::new();
     for v in list {
-        let id = v.as_str().and_then(|s| s.parse::<u64>().ok());
+        // Uniform: instance ids; Flexible: VM names.
+        let id = v.as_str().and_then(|s| set.find(s));
         let active = id.filter(|id| {
             set.vms
                 .get(id)
@@ -493,7 +504,7 @@ fn instance_op(
     id: &str,
     verb: &str,
 ) -> Response {
-    let found = id.parse::<u64>().ok().filter(|n| {
+    let found = world.sets[key].find(id).filter(|n| {
         world.sets[key]
             .vms
             .get(n)
@@ -651,6 +662,253 @@ pub fn vm_json(set: &ScaleSet, vm: &Vm, expand: bool) -> Value {
         "location": set.location,
         "instanceId": vm.instance_id.to_string(),
         "sku": {"name": set.sku, "tier": "Standard"},
+        "properties": props,
+    });
+    if let Some(z) = &vm.zone {
+        v["zones"] = json!([z]);
+    }
+    v
+}
+
+/// What a Flexible scale set answers differently: its instances are not scale-set VMs, and
+/// batch power and reimage actions are not offered (only the batch delete is).
+fn flexible_set(method: &Method, rest: &[&str]) -> Option<Response> {
+    match (method.clone(), rest) {
+        // Flexible VMs are not listed by the scale-set VM API.
+        (Method::GET, ["virtualmachines"]) => Some(json_ok(json!({"value": []}))),
+        (_, ["virtualmachines", id, ..]) => Some(arm_error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("The entity was not found in this Azure location. '{id}' is not an instance of a Uniform scale set."),
+        )),
+        (Method::POST, [verb @ ("restart" | "reimage" | "start" | "redeploy")]) => {
+            Some(arm_error(
+                StatusCode::CONFLICT,
+                "OperationNotAllowed",
+                format!("Operation '{verb}' is not supported on a virtual machine scale set with Flexible orchestration mode; invoke it on each virtual machine (simulator wording)."),
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// The VM API, as far as Flexible scale sets' instances need it: list (by resource group or
+/// subscription, filtered by scale set), get, instance view, restart, start, reimage, redeploy
+/// and delete. `None`: not a VM path.
+fn vm_api(
+    world: &mut World,
+    base: &str,
+    method: &Method,
+    path: &str,
+    segs: &[&str],
+    l: &[&str],
+    query: &HashMap<String, String>,
+) -> Option<Response> {
+    match l {
+        ["subscriptions", _, "providers", "microsoft.compute", "virtualmachines"]
+            if *method == Method::GET =>
+        {
+            Some(list_flexible_vms(world, base, path, query, segs[1], None))
+        }
+        ["subscriptions", _, "resourcegroups", _, "providers", "microsoft.compute", "virtualmachines"]
+            if *method == Method::GET =>
+        {
+            Some(list_flexible_vms(
+                world,
+                base,
+                path,
+                query,
+                segs[1],
+                Some(segs[3]),
+            ))
+        }
+        ["subscriptions", _, "resourcegroups", _, "providers", "microsoft.compute", "virtualmachines", _, rest @ ..] =>
+        {
+            let name = segs[7];
+            let Some((key, n)) = find_flexible_vm(world, segs[1], segs[3], name) else {
+                return Some(arm_error(
+                    StatusCode::NOT_FOUND,
+                    "ResourceNotFound",
+                    format!(
+                        "The Resource 'Microsoft.Compute/virtualMachines/{name}' under resource group '{}' was not found.",
+                        segs[3]
+                    ),
+                ));
+            };
+            let expand = query
+                .get("$expand")
+                .is_some_and(|e| e.eq_ignore_ascii_case("instanceView"));
+            Some(match (method.clone(), rest) {
+                (Method::GET, []) => {
+                    let set = &world.sets[&key];
+                    json_ok(flexible_vm_json(set, &set.vms[&n], expand, false))
+                }
+                (Method::GET, ["instanceview"]) => {
+                    json_ok(instance_view_json(&world.sets[&key].vms[&n]))
+                }
+                (Method::DELETE, []) => vm_op(world, base, &key, n, "delete"),
+                (Method::POST, [verb @ ("restart" | "start" | "reimage" | "redeploy")]) => {
+                    vm_op(world, base, &key, n, verb)
+                }
+                _ => arm_error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "MethodNotAllowed",
+                    format!("{method} is not supported on '{path}' by the simulator."),
+                ),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The scale set and instance of a Flexible VM, by subscription, resource group and name.
+fn find_flexible_vm(world: &World, sub: &str, rg: &str, name: &str) -> Option<(String, u64)> {
+    world.sets.iter().find_map(|(key, set)| {
+        (set.flexible()
+            && set.subscription.eq_ignore_ascii_case(sub)
+            && set.resource_group.eq_ignore_ascii_case(rg))
+        .then(|| set.find(name))
+        .flatten()
+        .map(|n| (key.clone(), n))
+    })
+}
+
+/// One VM's action: refused as ARM refuses it, else a long-running operation.
+fn vm_op(world: &mut World, base: &str, key: &str, n: u64, verb: &str) -> Response {
+    if world.sets[key].vms[&n].provisioning_state == "Deleting" {
+        return arm_error(
+            StatusCode::CONFLICT,
+            "Conflict",
+            "The request failed due to conflict with a concurrent request.",
+        );
+    }
+    if let Some(refusal) = refuse(&world.sets[key], verb, &[n]) {
+        return refusal;
+    }
+    let op = world.start_operation(key, effect(verb, vec![n]));
+    accepted(base, &world.sets[key], &op)
+}
+
+/// The scale set a `$filter` names: `'virtualMachineScaleSet/id' eq '<id>'`, the one filter the
+/// VM list accepts (quotes optional, any case).
+fn scale_set_filter(raw: &str) -> Option<String> {
+    let cleaned = raw.replace(['\'', '"'], " ");
+    let words: Vec<&str> = cleaned.split_whitespace().collect();
+    match words.as_slice() {
+        [property, eq, id]
+            if property.eq_ignore_ascii_case("virtualMachineScaleSet/id")
+                && eq.eq_ignore_ascii_case("eq") =>
+        {
+            Some(id.trim_end_matches('/').to_ascii_lowercase())
+        }
+        _ => None,
+    }
+}
+
+/// The VM list: every Flexible VM of the subscription (or resource group), or of one scale set
+/// with `$filter`; `$expand=instanceView` only with that filter; `statusOnly=true` answers each
+/// VM's instance view alone. Paged like every ARM list.
+fn list_flexible_vms(
+    world: &World,
+    base: &str,
+    path: &str,
+    query: &HashMap<String, String>,
+    sub: &str,
+    rg: Option<&str>,
+) -> Response {
+    let filter = match query.get("$filter") {
+        None => None,
+        Some(raw) => match scale_set_filter(raw) {
+            Some(id) => Some(id),
+            None => {
+                return arm_error(
+                    StatusCode::BAD_REQUEST,
+                    "InvalidParameter",
+                    format!("The value '{raw}' of parameter '$filter' is not supported; the allowed value is 'virtualMachineScaleSet/id' eq '<scale set id>'."),
+                )
+            }
+        },
+    };
+    let expand = query
+        .get("$expand")
+        .is_some_and(|e| e.eq_ignore_ascii_case("instanceView"));
+    if expand && filter.is_none() {
+        return arm_error(
+            StatusCode::BAD_REQUEST,
+            "InvalidParameter",
+            "$expand=instanceView can only be specified together with a valid $filter option.",
+        );
+    }
+    let status_only = query
+        .get("statusOnly")
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let vms: Vec<Value> = world
+        .sets
+        .values()
+        .filter(|set| {
+            set.flexible()
+                && set.subscription.eq_ignore_ascii_case(sub)
+                && rg.is_none_or(|rg| set.resource_group.eq_ignore_ascii_case(rg))
+                && filter
+                    .as_deref()
+                    .is_none_or(|id| set.resource_id().to_ascii_lowercase() == id)
+        })
+        .flat_map(|set| {
+            set.vms
+                .values()
+                .map(move |vm| flexible_vm_json(set, vm, expand, status_only))
+        })
+        .collect();
+    let skip: usize = query
+        .get("$skiptoken")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let page: Vec<Value> = vms
+        .iter()
+        .skip(skip)
+        .take(world.page_size)
+        .cloned()
+        .collect();
+    let mut body = json!({"value": page});
+    if skip + world.page_size < vms.len() {
+        let mut next = url::Url::parse(&format!("{base}{path}")).expect("a URL of ours");
+        {
+            let mut pairs = next.query_pairs_mut();
+            for (k, v) in query.iter().filter(|(k, _)| *k != "$skiptoken") {
+                pairs.append_pair(k, v);
+            }
+            pairs.append_pair("$skiptoken", &(skip + world.page_size).to_string());
+        }
+        body["nextLink"] = Value::String(next.to_string());
+    }
+    json_ok(body)
+}
+
+/// A Flexible scale set's VM as the VM API shows it.
+pub fn flexible_vm_json(set: &ScaleSet, vm: &Vm, expand: bool, status_only: bool) -> Value {
+    let name = set.key_of(vm);
+    let id = set.vm_resource_id(vm);
+    if status_only {
+        return json!({"name": name, "id": id, "type": "Microsoft.Compute/virtualMachines",
+                      "properties": {"instanceView": instance_view_json(vm)}});
+    }
+    let mut props = json!({
+        "vmId": vm.vm_id,
+        "provisioningState": vm.provisioning_state,
+        "timeCreated": rfc3339(vm.time_created),
+        "hardwareProfile": {"vmSize": set.sku},
+        "osProfile": {"computerName": vm.computer_name, "adminUsername": "azureuser",
+                      "linuxConfiguration": {"disablePasswordAuthentication": true}},
+        "virtualMachineScaleSet": {"id": set.resource_id()},
+    });
+    if expand {
+        props["instanceView"] = instance_view_json(vm);
+    }
+    let mut v = json!({
+        "name": name,
+        "id": id,
+        "type": "Microsoft.Compute/virtualMachines",
+        "location": set.location,
         "properties": props,
     });
     if let Some(z) = &vm.zone {

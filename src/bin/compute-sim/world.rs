@@ -35,6 +35,19 @@
 //!   instance ended ("Azure VM Scale Sets and Azure Resource Explorer": after
 //!   `Start-AzureRmVmss -InstanceId`, `ProvisioningState/succeeded` with the time it completed).
 //!   The healer finds out from it whether a call whose answer was lost landed.
+//! - Flexible orchestration (`orchestrationMode: Flexible`): the instances are ordinary virtual
+//!   machines, `…/providers/Microsoft.Compute/virtualMachines/<name>` with
+//!   `properties.virtualMachineScaleSet.id` naming their set, named `<set>_<8 characters>`.
+//!   They are listed with the VM API, filtered by `'virtualMachineScaleSet/id' eq '<id>'`
+//!   (`$expand=instanceView` only together with that filter; `statusOnly=true` on the
+//!   subscription-wide list), and acted on one by one with the VM API (restart, start, reimage,
+//!   redeploy); only deletion stays a scale-set batch (`delete` with VM names); there is no
+//!   instance protection (Azure's alternative is a resource lock). Sources: the REST spec of
+//!   2024-07-01 as `azure_mgmt_compute` 0.21 generates it (`virtual_machines::list` and
+//!   `list_all`: `$filter`, `$expand`, `statusOnly`), "Orchestration modes API comparison"
+//!   (learn.microsoft.com: batch operations → "Invoke Single VM API", Delete → "VMSS Batch delete
+//!   API", Instance protection → "ARM Lock Resource"), and cloud-provider-azure's VMSS Flex
+//!   support (`ListVmssFlexVMsWithoutInstanceView` / `…WithOnlyInstanceView`).
 //! - A request can be carried out while its answer never arrives (a connection lost after ARM
 //!   accepted it): fault rules with `hangMs` hold the answer past the client's timeout.
 
@@ -72,6 +85,8 @@ pub enum Fault {
 #[derive(Debug, Clone, Serialize)]
 pub struct Vm {
     pub instance_id: u64,
+    /// A Flexible scale set's VM name (`<set>_<8 characters>`); Uniform instances have none.
+    pub name: Option<String>,
     pub vm_id: String,
     pub computer_name: String,
     pub provisioning_state: String,
@@ -116,6 +131,46 @@ pub struct ScaleSet {
 }
 
 impl ScaleSet {
+    pub fn flexible(&self) -> bool {
+        self.orchestration_mode.eq_ignore_ascii_case("Flexible")
+    }
+
+    /// How ARM names an instance: a Flexible VM by its name, a Uniform one by its instance id.
+    pub fn key_of(&self, vm: &Vm) -> String {
+        match &vm.name {
+            Some(name) => name.clone(),
+            None => vm.instance_id.to_string(),
+        }
+    }
+
+    /// The instance ARM means by `key` (a VM name in Flexible mode, case-insensitively; an
+    /// instance id in Uniform mode).
+    pub fn find(&self, key: &str) -> Option<u64> {
+        if self.flexible() {
+            self.vms
+                .values()
+                .find(|vm| {
+                    vm.name
+                        .as_deref()
+                        .is_some_and(|n| n.eq_ignore_ascii_case(key))
+                })
+                .map(|vm| vm.instance_id)
+        } else {
+            key.parse::<u64>().ok().filter(|n| self.vms.contains_key(n))
+        }
+    }
+
+    /// The instance's own resource id: a plain VM in Flexible mode, a scale-set VM in Uniform.
+    pub fn vm_resource_id(&self, vm: &Vm) -> String {
+        match &vm.name {
+            Some(name) => format!(
+                "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachines/{name}",
+                self.subscription, self.resource_group
+            ),
+            None => format!("{}/virtualMachines/{}", self.resource_id(), vm.instance_id),
+        }
+    }
+
     pub fn capacity(&self) -> usize {
         self.vms
             .values()
@@ -140,11 +195,17 @@ impl ScaleSet {
         self.next_instance += 1;
         let zone =
             (!self.zones.is_empty()).then(|| self.zones[id as usize % self.zones.len()].clone());
+        let vm_id = uuid::Uuid::new_v4().to_string();
+        // Flexible VMs are named after their set and eight random characters.
+        let name = self
+            .flexible()
+            .then(|| format!("{}_{}", self.name, &vm_id.replace('-', "")[..8]));
         self.vms.insert(
             id,
             Vm {
                 instance_id: id,
-                vm_id: uuid::Uuid::new_v4().to_string(),
+                name,
+                vm_id,
                 computer_name: format!("{}{}", computer_prefix(&self.name), base36_6(id)),
                 provisioning_state: provisioning.into(),
                 power_state: if provisioning == "Succeeded" {
@@ -195,6 +256,8 @@ pub enum Effect {
     Restart(Vec<u64>),
     Reimage(Vec<u64>),
     Start(Vec<u64>),
+    /// Moves the VM to another host and starts it there (Flexible VMs: the VM API's redeploy).
+    Redeploy(Vec<u64>),
     Scale(usize),
 }
 
@@ -205,6 +268,7 @@ impl Effect {
             Effect::Restart(_) => "restart",
             Effect::Reimage(_) => "reimage",
             Effect::Start(_) => "start",
+            Effect::Redeploy(_) => "redeploy",
             Effect::Scale(_) => "scale",
         }
     }
@@ -214,7 +278,8 @@ impl Effect {
             Effect::Delete(ids)
             | Effect::Restart(ids)
             | Effect::Reimage(ids)
-            | Effect::Start(ids) => ids,
+            | Effect::Start(ids)
+            | Effect::Redeploy(ids) => ids,
             Effect::Scale(_) => &[],
         }
     }
@@ -521,6 +586,28 @@ impl World {
             return;
         };
         let set_uri = set.resource_id();
+        // A Flexible VM's own action is reported on the VM; a batch delete on the scale set and,
+        // for each VM it removed, on the VM.
+        let mut vm_events: Vec<(&'static str, String, String)> = Vec::new();
+        if set.flexible() {
+            let (event_type, verb) = match &effect {
+                Effect::Delete(_) => (DELETE, "delete"),
+                Effect::Restart(_) => (ACTION, "restart/action"),
+                Effect::Reimage(_) => (ACTION, "reimage/action"),
+                Effect::Start(_) => (ACTION, "start/action"),
+                Effect::Redeploy(_) => (ACTION, "redeploy/action"),
+                Effect::Scale(_) => (WRITE, "write"),
+            };
+            for id in effect.instances() {
+                if let Some(vm) = set.vms.get(id) {
+                    vm_events.push((
+                        event_type,
+                        set.vm_resource_id(vm),
+                        format!("Microsoft.Compute/virtualMachines/{verb}"),
+                    ));
+                }
+            }
+        }
         // Resource Manager reports the scale set's action or write once the operation succeeds.
         let (event_type, operation) = match &effect {
             Effect::Delete(_) => (
@@ -539,8 +626,13 @@ impl World {
                 ACTION,
                 "Microsoft.Compute/virtualMachineScaleSets/start/action",
             ),
+            Effect::Redeploy(_) => (
+                ACTION,
+                "Microsoft.Compute/virtualMachineScaleSets/redeploy/action",
+            ),
             Effect::Scale(_) => (WRITE, "Microsoft.Compute/virtualMachineScaleSets/write"),
         };
+        let per_vm_only = !vm_events.is_empty() && !matches!(effect, Effect::Delete(_));
         match effect {
             Effect::Delete(ids) => {
                 for id in ids {
@@ -556,7 +648,7 @@ impl World {
                     }
                 }
             }
-            Effect::Restart(ids) | Effect::Reimage(ids) => {
+            Effect::Restart(ids) | Effect::Reimage(ids) | Effect::Redeploy(ids) => {
                 let reimage = op_effect_kind(&self.operations[op_id].effect) == "reimage";
                 for id in ids {
                     if let Some(vm) = set.vms.get_mut(&id) {
@@ -605,7 +697,12 @@ impl World {
                 }
             }
         }
-        self.announce(event_type, &set_uri, operation);
+        if !per_vm_only {
+            self.announce(event_type, &set_uri, operation);
+        }
+        for (event_type, uri, operation) in vm_events {
+            self.announce(event_type, &uri, &operation);
+        }
     }
 
     /// Starts an operation; its effect lands after the configured delay. A capacity change
@@ -653,7 +750,10 @@ impl World {
                     // The delete lowers the capacity in the scale set's model.
                     set.etag += 1;
                 }
-                Effect::Restart(ids) | Effect::Reimage(ids) | Effect::Start(ids) => {
+                Effect::Restart(ids)
+                | Effect::Reimage(ids)
+                | Effect::Start(ids)
+                | Effect::Redeploy(ids) => {
                     for id in ids {
                         if let Some(vm) = set.vms.get_mut(id) {
                             vm.provisioning_state = "Updating".into();
