@@ -3,7 +3,7 @@
 //! starts one, and its `Azure-AsyncOperation` status says how it ended.
 
 use crate::mirror::{AppHealth, Instance};
-use crate::scaleset::ScaleSetId;
+use crate::scaleset::{Orchestration, ScaleSetId};
 use async_trait::async_trait;
 use azure_core::auth::TokenCredential;
 use azure_core::error::ErrorKind;
@@ -161,14 +161,22 @@ impl ComputeError {
 }
 
 /// What the scale set itself looks like.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ScaleSetInfo {
+    /// The scale set's resource id as ARM spells it (the Flexible VM list filters by it).
+    pub id: Option<String>,
     pub capacity: Option<i64>,
     pub orchestration_mode: Option<String>,
     pub platform_auto_repair: bool,
     /// The version of the scale set, for `If-Match`.
     pub etag: Option<String>,
     pub provisioning_state: Option<String>,
+}
+
+impl ScaleSetInfo {
+    pub fn orchestration(&self) -> Orchestration {
+        Orchestration::parse(self.orchestration_mode.as_deref())
+    }
 }
 
 /// How a long-running operation is followed: ARM's `Azure-AsyncOperation` status resource (a body
@@ -573,6 +581,7 @@ impl Compute {
             .map_err(|e| self.classify("get scale set", &id.subscription, e))?;
         let props = vmss.properties.as_ref();
         Ok(ScaleSetInfo {
+            id: vmss.resource.id.clone(),
             capacity: vmss.sku.as_ref().and_then(|s| s.capacity),
             orchestration_mode: props
                 .and_then(|p| p.orchestration_mode.as_ref())
@@ -587,9 +596,51 @@ impl Compute {
         })
     }
 
-    /// Every instance of the scale set, with its instance view, following `nextLink` to the end.
-    pub async fn instances(&self, id: &ScaleSetId) -> Result<Vec<Instance>, ComputeError> {
-        self.read(|| self.instances_once(id)).await
+    /// Every instance of the scale set, with its instance view, following `nextLink` to the end:
+    /// Uniform instances through the scale-set VM list, Flexible VMs through the VM list of the
+    /// set's resource group filtered by the set, with their instance views (one paged list
+    /// either way; docs/benchmarks.md compares the alternatives).
+    pub async fn instances(
+        &self,
+        id: &ScaleSetId,
+        info: &ScaleSetInfo,
+    ) -> Result<Vec<Instance>, ComputeError> {
+        match info.orchestration() {
+            Orchestration::Uniform => self.read(|| self.instances_once(id)).await,
+            Orchestration::Flexible => {
+                let arm_id = info.id.clone().unwrap_or_else(|| id.resource_id());
+                self.read(|| self.flexible_instances_once(id, &arm_id))
+                    .await
+            }
+        }
+    }
+
+    async fn flexible_instances_once(
+        &self,
+        id: &ScaleSetId,
+        arm_id: &str,
+    ) -> Result<Vec<Instance>, ComputeError> {
+        // The one filter the VM list takes, as cloud-provider-azure sends it; `$expand` is only
+        // allowed with it (REST spec 2024-07-01, `virtual_machines::list`).
+        let mut pages = self
+            .client
+            .virtual_machines_client()
+            .list(&id.resource_group, &id.subscription)
+            .filter(format!("'virtualMachineScaleSet/id' eq '{arm_id}'"))
+            .expand("instanceView")
+            .into_stream();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.classify("list VMs", &id.subscription, e))?;
+            out.extend(
+                page.value
+                    .into_iter()
+                    // The filter is the server's; membership is checked here too.
+                    .filter(|vm| member_of(vm, arm_id))
+                    .filter_map(to_flexible_instance),
+            );
+        }
+        Ok(out)
     }
 
     async fn instances_once(&self, id: &ScaleSetId) -> Result<Vec<Instance>, ComputeError> {
@@ -631,8 +682,12 @@ impl Compute {
         &self,
         id: &ScaleSetId,
         instance_ids: &[String],
+        mode: Orchestration,
     ) -> Result<Accepted, ComputeError> {
-        self.power(id, instance_ids, Power::Restart).await
+        match mode {
+            Orchestration::Uniform => self.power(id, instance_ids, Power::Restart).await,
+            Orchestration::Flexible => self.vm_action(id, instance_ids, VmAction::Restart).await,
+        }
     }
 
     /// Starts stopped or deallocated instances (a restart of one is refused by Azure).
@@ -640,8 +695,50 @@ impl Compute {
         &self,
         id: &ScaleSetId,
         instance_ids: &[String],
+        mode: Orchestration,
     ) -> Result<Accepted, ComputeError> {
-        self.power(id, instance_ids, Power::Start).await
+        match mode {
+            Orchestration::Uniform => self.power(id, instance_ids, Power::Start).await,
+            Orchestration::Flexible => self.vm_action(id, instance_ids, VmAction::Start).await,
+        }
+    }
+
+    /// A Flexible scale set's VM is acted on with the VM API, one VM per call ("Orchestration
+    /// modes API comparison": restart, start, reimage → "Invoke Single VM API"); the VM lives
+    /// in its scale set's resource group.
+    async fn vm_action(
+        &self,
+        id: &ScaleSetId,
+        names: &[String],
+        action: VmAction,
+    ) -> Result<Accepted, ComputeError> {
+        let [name] = names else {
+            return Err(ComputeError::Failed(format!(
+                "{} VMs in one call: a Flexible scale set's VMs are acted on one per call",
+                names.len()
+            )));
+        };
+        let vms = self.client.virtual_machines_client();
+        let (rg, sub) = (&id.resource_group, &id.subscription);
+        let sent = match action {
+            VmAction::Restart => vms
+                .restart(rg, name, sub)
+                .send()
+                .await
+                .map(|r| r.into_raw_response()),
+            VmAction::Start => vms
+                .start(rg, name, sub)
+                .send()
+                .await
+                .map(|r| r.into_raw_response()),
+            VmAction::Reimage => vms
+                .reimage(rg, name, sub)
+                .send()
+                .await
+                .map(|r| r.into_raw_response()),
+        };
+        let response = sent.map_err(|e| self.classify(action.what(), sub, e))?;
+        Ok(self.accepted(&response))
     }
 
     async fn power(
@@ -681,7 +778,11 @@ impl Compute {
         &self,
         id: &ScaleSetId,
         instance_ids: &[String],
+        mode: Orchestration,
     ) -> Result<Accepted, ComputeError> {
+        if mode == Orchestration::Flexible {
+            return self.vm_action(id, instance_ids, VmAction::Reimage).await;
+        }
         let mut params = models::VirtualMachineScaleSetReimageParameters::new();
         params.instance_ids = instance_ids.to_vec();
         let response = self
@@ -830,6 +931,24 @@ enum Power {
     Start,
 }
 
+/// What the VM API is asked to do to one Flexible VM.
+#[derive(Debug, Clone, Copy)]
+enum VmAction {
+    Restart,
+    Start,
+    Reimage,
+}
+
+impl VmAction {
+    fn what(self) -> &'static str {
+        match self {
+            VmAction::Restart => "restart VM",
+            VmAction::Start => "start VM",
+            VmAction::Reimage => "reimage VM",
+        }
+    }
+}
+
 enum StatusError {
     Http(u16, ArmError),
     Unreadable(String),
@@ -909,18 +1028,88 @@ fn parse_operation_status(
 }
 
 /// Converts an ARM scale-set VM into a mirrored instance; `None` without an instance id.
+/// Whether a listed VM belongs to the scale set (`properties.virtualMachineScaleSet.id`).
+fn member_of(vm: &models::VirtualMachine, arm_id: &str) -> bool {
+    vm.properties
+        .as_ref()
+        .and_then(|p| p.virtual_machine_scale_set.as_ref())
+        .and_then(|s| s.id.as_deref())
+        .is_some_and(|set| {
+            set.trim_end_matches('/')
+                .eq_ignore_ascii_case(arm_id.trim_end_matches('/'))
+        })
+}
+
+/// A Flexible scale set's VM: keyed by its name in lower case (design §3); no instance
+/// protection (Azure's alternative is a resource lock) and no model version to be behind on.
+pub fn to_flexible_instance(vm: models::VirtualMachine) -> Option<Instance> {
+    let instance_id = vm.resource.name.as_deref()?.to_ascii_lowercase();
+    if instance_id.is_empty() {
+        return None;
+    }
+    let props = vm.properties;
+    let view = props.as_ref().and_then(|p| p.instance_view.as_ref());
+    let statuses = view.map(|v| v.statuses.as_slice()).unwrap_or_default();
+    Some(Instance {
+        instance_id,
+        vm_id: props
+            .as_ref()
+            .and_then(|p| p.vm_id.clone())
+            .map(|v| v.to_ascii_lowercase()),
+        computer_name: props
+            .as_ref()
+            .and_then(|p| p.os_profile.as_ref())
+            .and_then(|o| o.computer_name.clone())
+            .or_else(|| view.and_then(|v| v.computer_name.clone())),
+        provisioning_state: props.as_ref().and_then(|p| p.provisioning_state.clone()),
+        power_state: status_after(statuses, "PowerState/"),
+        health: health_of(view.and_then(|v| v.vm_health.as_ref())),
+        health_since: None,
+        latest_model_applied: None,
+        protected_from_scale_set_actions: false,
+        protected_from_scale_in: false,
+        zone: vm.zones.first().cloned(),
+        created_at: props
+            .as_ref()
+            .and_then(|p| p.time_created)
+            .map(crate::mirror::at_storage_precision),
+        provisioned_at: provisioned_at(statuses),
+    })
+}
+
+/// The rest of the first status code that starts with `prefix` (`PowerState/running` → `running`).
+fn status_after(statuses: &[models::InstanceViewStatus], prefix: &str) -> Option<String> {
+    statuses
+        .iter()
+        .filter_map(|s| s.code.as_deref())
+        .find_map(|c| c.strip_prefix(prefix).map(str::to_string))
+}
+
+fn health_of(health: Option<&models::VirtualMachineHealthStatus>) -> Option<AppHealth> {
+    health
+        .and_then(|h| h.status.as_ref())
+        .and_then(|s| s.code.as_deref())
+        .and_then(AppHealth::from_code)
+}
+
+/// When the last operation on the instance ended: the time of its `ProvisioningState/…` status.
+fn provisioned_at(statuses: &[models::InstanceViewStatus]) -> Option<OffsetDateTime> {
+    statuses
+        .iter()
+        .find(|s| {
+            s.code
+                .as_deref()
+                .is_some_and(|c| c.starts_with("ProvisioningState/"))
+        })
+        .and_then(|s| s.time)
+        .map(crate::mirror::at_storage_precision)
+}
+
 pub fn to_instance(vm: models::VirtualMachineScaleSetVm) -> Option<Instance> {
     let instance_id = vm.instance_id?.to_ascii_lowercase();
     let props = vm.properties;
     let view = props.as_ref().and_then(|p| p.instance_view.as_ref());
-    let status = |prefix: &str| {
-        view.and_then(|v| {
-            v.statuses
-                .iter()
-                .filter_map(|s| s.code.as_deref())
-                .find_map(|c| c.strip_prefix(prefix).map(str::to_string))
-        })
-    };
+    let statuses = view.map(|v| v.statuses.as_slice()).unwrap_or_default();
     let protection = props.as_ref().and_then(|p| p.protection_policy.as_ref());
     Some(Instance {
         instance_id,
@@ -934,12 +1123,8 @@ pub fn to_instance(vm: models::VirtualMachineScaleSetVm) -> Option<Instance> {
             .and_then(|o| o.computer_name.clone())
             .or_else(|| view.and_then(|v| v.computer_name.clone())),
         provisioning_state: props.as_ref().and_then(|p| p.provisioning_state.clone()),
-        power_state: status("PowerState/"),
-        health: view
-            .and_then(|v| v.vm_health.as_ref())
-            .and_then(|h| h.status.as_ref())
-            .and_then(|s| s.code.as_deref())
-            .and_then(AppHealth::from_code),
+        power_state: status_after(statuses, "PowerState/"),
+        health: health_of(view.and_then(|v| v.vm_health.as_ref())),
         health_since: None,
         latest_model_applied: props.as_ref().and_then(|p| p.latest_model_applied),
         protected_from_scale_set_actions: protection
@@ -953,18 +1138,7 @@ pub fn to_instance(vm: models::VirtualMachineScaleSetVm) -> Option<Instance> {
             .as_ref()
             .and_then(|p| p.time_created)
             .map(crate::mirror::at_storage_precision),
-        provisioned_at: view
-            .and_then(|v| {
-                v.statuses
-                    .iter()
-                    .find(|s| {
-                        s.code
-                            .as_deref()
-                            .is_some_and(|c| c.starts_with("ProvisioningState/"))
-                    })
-                    .and_then(|s| s.time)
-            })
-            .map(crate::mirror::at_storage_precision),
+        provisioned_at: provisioned_at(statuses),
     })
 }
 

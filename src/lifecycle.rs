@@ -3,7 +3,7 @@
 //! (anyone who reaches the endpoint can send one): the Compute API's answer is.
 
 use crate::event::Event;
-use crate::scaleset::{InstanceRef, ScaleSetId};
+use crate::scaleset::{InstanceRef, ScaleSetId, VmRef};
 use serde_json::Value;
 
 pub const WRITE: &str = "Microsoft.Resources.ResourceWriteSuccess";
@@ -24,13 +24,18 @@ pub enum Change {
     ScaleSetDeleted(ScaleSetId),
     /// The scale set or one of its instances changed: resync it on the next pass.
     ScaleSetChanged(ScaleSetId),
+    /// A plain VM was written, acted on or deleted: a Flexible scale set's instance, perhaps.
+    /// Its id does not name its set; every watched set that could hold it is resynced.
+    VmChanged { vm: VmRef, deleted: bool },
 }
 
 impl Change {
-    pub fn scale_set(&self) -> &ScaleSetId {
+    /// The scale set the change is about, when the event names it.
+    pub fn scale_set(&self) -> Option<&ScaleSetId> {
         match self {
-            Change::InstanceDeleted(i) => &i.scale_set,
-            Change::ScaleSetDeleted(s) | Change::ScaleSetChanged(s) => s,
+            Change::InstanceDeleted(i) => Some(&i.scale_set),
+            Change::ScaleSetDeleted(s) | Change::ScaleSetChanged(s) => Some(s),
+            Change::VmChanged { .. } => None,
         }
     }
 }
@@ -39,7 +44,7 @@ impl Change {
 pub enum NotAChange {
     #[error("Resource Manager event has no data.resourceUri")]
     MissingResourceUri,
-    #[error("Resource Manager event is about `{0}`, not a scale set or its instances")]
+    #[error("Resource Manager event is about `{0}`, not a scale set, its instances or a VM")]
     NotAScaleSet(String),
 }
 
@@ -51,8 +56,19 @@ pub fn read(event: &Event) -> Result<Change, NotAChange> {
         .or(event.subject.as_deref())
         .ok_or(NotAChange::MissingResourceUri)?;
     let deleted = event.event_type.eq_ignore_ascii_case(DELETE);
-    let (set, instance, rest) =
-        locate(uri).ok_or_else(|| NotAChange::NotAScaleSet(uri.to_string()))?;
+    let Some((set, instance, rest)) = locate(uri) else {
+        // A plain VM (`…/virtualMachines/<name>`, perhaps followed by an action or a
+        // sub-resource): only deleting the VM itself is a deletion.
+        let segments: Vec<&str> = uri.trim_end_matches('/').split('/').collect();
+        let vm = (segments.len() >= 9)
+            .then(|| VmRef::parse(&segments[..9].join("/")).ok())
+            .flatten()
+            .ok_or_else(|| NotAChange::NotAScaleSet(uri.to_string()))?;
+        return Ok(Change::VmChanged {
+            vm,
+            deleted: deleted && segments.len() == 9,
+        });
+    };
     // Only the deletion of the resource itself removes it; deleting a sub-resource (an extension)
     // or an action (`…/restart`, `…/delete` of instances) changes it.
     Ok(match (deleted && rest == 0, instance) {
@@ -148,5 +164,26 @@ mod tests {
             Err(NotAChange::NotAScaleSet(_))
         ));
         assert!(is_lifecycle("microsoft.resources.resourcewritesuccess"));
+        // A Flexible set's VMs are plain VMs: their events name the VM, not the set.
+        let flex = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/web_1a2b3c4d";
+        let vm = VmRef::parse(flex).unwrap();
+        assert_eq!(
+            read(&rm(DELETE, flex)),
+            Ok(Change::VmChanged {
+                vm: vm.clone(),
+                deleted: true
+            })
+        );
+        assert_eq!(
+            read(&rm(ACTION, &format!("{flex}/restart"))),
+            Ok(Change::VmChanged {
+                vm: vm.clone(),
+                deleted: false
+            })
+        );
+        assert_eq!(
+            read(&rm(DELETE, &format!("{flex}/extensions/health"))),
+            Ok(Change::VmChanged { vm, deleted: false })
+        );
     }
 }

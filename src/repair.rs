@@ -8,7 +8,7 @@ use crate::incident::{Call, Hold, Incident, Phase, Stage};
 use crate::journal::{Entry, EntryKind};
 use crate::mirror::ScaleSetRecord;
 use crate::plan::{decide, pipeline_fault, Brakes, Observation, Plan, Step, Transition};
-use crate::scaleset::ScaleSetId;
+use crate::scaleset::{Orchestration, ScaleSetId};
 use crate::settings::{Settings, WatchedScaleSet};
 use crate::state::{Store, StoreError};
 use futures::StreamExt;
@@ -492,11 +492,16 @@ async fn carry_out(
     }
     journal_rows(store, &journal).await?;
 
-    // One call per kind of call, except steps split from a refused batch: one call each.
+    // One call per kind of call, except steps split from a refused batch, and a Flexible scale
+    // set's restarts, starts and reimages (the VM API takes one VM): one call each.
+    let mode = Orchestration::parse(record.and_then(|r| r.orchestration_mode.as_deref()));
     let mut calls: BTreeMap<(Call, Option<String>), Vec<Transition>> = BTreeMap::new();
     for t in acting {
         if let Some(call) = t.incident.call() {
-            let alone = (t.alone() && call != Call::Grow).then(|| t.incident.target.clone());
+            let one_vm = mode == Orchestration::Flexible
+                && matches!(call, Call::Restart | Call::Start | Call::Reimage);
+            let alone =
+                ((t.alone() || one_vm) && call != Call::Grow).then(|| t.incident.target.clone());
             calls.entry((call, alone)).or_default().push(t);
         }
     }
@@ -581,7 +586,7 @@ async fn carry_out(
                 retry_after_s: (until - now).whole_seconds().max(1),
             })
         } else {
-            send(compute, id, call, &ids).await
+            send(compute, id, call, &ids, mode).await
         };
         let next = result
             .as_ref()
@@ -729,12 +734,14 @@ async fn send(
     id: &ScaleSetId,
     call: Call,
     ids: &[String],
+    mode: Orchestration,
 ) -> Result<Accepted, ComputeError> {
     match call {
+        // Both modes delete through the scale set's batch delete (Flexible: by VM name).
         Call::Delete => compute.delete_instances(id, ids).await,
-        Call::Restart => compute.restart_instances(id, ids).await,
-        Call::Start => compute.start_instances(id, ids).await,
-        Call::Reimage => compute.reimage_instances(id, ids).await,
+        Call::Restart => compute.restart_instances(id, ids, mode).await,
+        Call::Start => compute.start_instances(id, ids, mode).await,
+        Call::Reimage => compute.reimage_instances(id, ids, mode).await,
         Call::Grow => {
             let n = u32::try_from(ids.len()).unwrap_or(u32::MAX);
             let grown = compute.grow(id, n).await?;

@@ -20,6 +20,35 @@ pub struct InstanceRef {
     pub instance_id: String,
 }
 
+/// How a scale set holds its instances, as ARM reports its `orchestrationMode`: Uniform instances
+/// are scale-set VMs (numeric instance ids, the scale-set VM API), Flexible ones are ordinary
+/// virtual machines (keyed by their name, the VM API). Read from Azure, never configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Orchestration {
+    #[default]
+    Uniform,
+    Flexible,
+}
+
+impl Orchestration {
+    /// ARM's `orchestrationMode`; absent (older scale sets, or not mirrored yet) is Uniform, the
+    /// only mode Azure had before Flexible.
+    pub fn parse(mode: Option<&str>) -> Self {
+        match mode {
+            Some(m) if m.eq_ignore_ascii_case("flexible") => Orchestration::Flexible,
+            _ => Orchestration::Uniform,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Orchestration::Uniform => "Uniform",
+            Orchestration::Flexible => "Flexible",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("`{id}` is not a {what} resource id: {why}")]
 pub struct BadResourceId {
@@ -122,6 +151,52 @@ impl InstanceRef {
     }
 }
 
+/// A plain virtual machine, as a Flexible scale set's instance is named in heartbeats and
+/// Resource Manager events: `/subscriptions/{s}/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachines/{name}`
+/// (lower case). Which scale set it belongs to is not in the id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct VmRef {
+    pub subscription: String,
+    pub resource_group: String,
+    pub name: String,
+}
+
+impl VmRef {
+    pub fn parse(id: &str) -> Result<Self, BadResourceId> {
+        let segments = segments(id, "virtual machine")?;
+        match segments.as_slice() {
+            [subs, sub, rgs, rg, providers, provider, kind, name]
+                if subs.eq_ignore_ascii_case("subscriptions")
+                    && rgs.eq_ignore_ascii_case("resourcegroups")
+                    && providers.eq_ignore_ascii_case("providers")
+                    && provider.eq_ignore_ascii_case(PROVIDER)
+                    && kind.eq_ignore_ascii_case(VM_TYPE) =>
+            {
+                Ok(VmRef {
+                    subscription: sub.to_ascii_lowercase(),
+                    resource_group: rg.to_ascii_lowercase(),
+                    name: name.to_ascii_lowercase(),
+                })
+            }
+            _ => Err(bad(
+                id,
+                "virtual machine",
+                "expected /subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachines/{name}".into(),
+            )),
+        }
+    }
+
+    /// Whether `set` could hold this VM: a Flexible scale set's VMs are in its resource group.
+    pub fn could_be_in(&self, set: &ScaleSetId) -> bool {
+        self.subscription == set.subscription && self.resource_group == set.resource_group
+    }
+
+    /// The VM as an instance of `set` (its key is its name).
+    pub fn in_scale_set(&self, set: &ScaleSetId) -> InstanceRef {
+        set.instance(&self.name)
+    }
+}
+
 impl fmt::Display for InstanceRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}#{}", self.scale_set, self.instance_id)
@@ -195,6 +270,26 @@ mod tests {
     }
 
     #[test]
+    fn flexible_vms_are_plain_vm_ids_keyed_by_their_name() {
+        let vm = VmRef::parse(
+            "/subscriptions/S/resourceGroups/RG-Web/providers/Microsoft.Compute/virtualMachines/Web_1A2b3C4d",
+        )
+        .unwrap();
+        assert_eq!(vm.name, "web_1a2b3c4d");
+        let set = ScaleSetId::new("s", "rg-web", "web");
+        assert!(vm.could_be_in(&set));
+        assert!(!vm.could_be_in(&ScaleSetId::new("s", "rg-other", "web")));
+        let instance = vm.in_scale_set(&set);
+        assert_eq!(instance.instance_id, "web_1a2b3c4d");
+        assert_eq!(instance.scale_set, set);
+        assert_eq!(
+            Orchestration::parse(Some("Flexible")),
+            Orchestration::Flexible
+        );
+        assert_eq!(Orchestration::parse(None), Orchestration::Uniform);
+    }
+
+    #[test]
     fn malformed_ids_say_what_is_wrong() {
         for (id, needle) in [
             ("subscriptions/s", "must start with"),
@@ -213,6 +308,10 @@ mod tests {
         }
         assert!(InstanceRef::parse(
             "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/w"
+        )
+        .is_err());
+        assert!(VmRef::parse(
+            "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/w/virtualMachines/1"
         )
         .is_err());
         assert_eq!(ScaleSetId::from_key("a:b"), None);

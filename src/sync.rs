@@ -220,7 +220,7 @@ async fn sync_one(
 
     let read = async {
         let info = compute.scale_set(id).await?;
-        let instances = compute.instances(id).await?;
+        let instances = compute.instances(id, &info).await?;
         Ok::<_, ComputeError>((info, instances))
     };
     match read.await {

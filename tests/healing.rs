@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{heartbeat_event, now_rfc3339, spawn_app, TestApp};
+use common::{heartbeat_event, now_rfc3339, spawn_app, Mode, TestApp};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use time::{Duration, OffsetDateTime};
@@ -12,9 +12,15 @@ fn mutating(calls: &[Value]) -> Vec<&Value> {
     calls.iter().filter(|c| c["method"] != "GET").collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_down_and_a_silent_instance_are_deleted_and_the_rest_untouched() {
+in_both_modes!(
+    a_down_and_a_silent_instance_are_deleted_and_the_rest_untouched,
+    a_restart_that_works_closes_the_incident_as_recovered,
+    a_throttled_repair_is_journaled_held_until_retry_after_and_then_carried_out,
+);
+
+async fn a_down_and_a_silent_instance_are_deleted_and_the_rest_untouched(mode: Mode) {
     let app = spawn_app()
+        .mode(mode)
         .scale_set("web", 20)
         .page_size(7)
         .env("HEALER_REPAIR_ACTIONS", "delete")
@@ -40,20 +46,16 @@ async fn a_down_and_a_silent_instance_are_deleted_and_the_rest_untouched() {
     // Instance 5 reports DOWN; instance 9 hangs: its last heartbeat is ten minutes old.
     app.break_vm("web", 5, json!({"beat": "down"})).await;
     app.break_vm("web", 9, json!({"beat": "silent"})).await;
-    let vm9 = app.vm("web", 9).await;
-    let old = heartbeat_event(
-        "web",
-        9,
-        vm9["vm_id"].as_str().unwrap(),
-        "UP",
-        &now_rfc3339(Duration::minutes(-10)),
-    );
+    let old = app
+        .heartbeat_of("web", 9, "UP", &now_rfc3339(Duration::minutes(-10)))
+        .await;
     let (status, answer) = app.deliver_event(old).await;
     assert_eq!(
         (status, answer["ReturnValue"]["stored"].clone()),
         (200, json!(true)),
         "{answer}"
     );
+    let (five, nine) = (app.key_of("web", 5).await, app.key_of("web", 9).await);
     let round = app.heartbeat_round().await;
     assert_eq!(round, json!({"sent": 19, "failed": 0}));
     let (beats, _) = app.store.heartbeats(&set).await.unwrap();
@@ -98,10 +100,10 @@ async fn a_down_and_a_silent_instance_are_deleted_and_the_rest_untouched() {
         .filter(|e| e.kind == EntryKind::Repair)
         .collect();
     assert_eq!(repairs.len(), 2);
-    let down = repairs.iter().find(|e| e.instance_id == "5").unwrap();
+    let down = repairs.iter().find(|e| e.instance_id == five).unwrap();
     assert_eq!(down.outcome, "requested");
     assert!(down.reason.contains("reported DOWN"), "{}", down.reason);
-    let silent = repairs.iter().find(|e| e.instance_id == "9").unwrap();
+    let silent = repairs.iter().find(|e| e.instance_id == nine).unwrap();
     assert!(
         silent.reason.contains("no heartbeat for"),
         "{}",
@@ -134,7 +136,7 @@ async fn a_down_and_a_silent_instance_are_deleted_and_the_rest_untouched() {
         .collect();
     assert_eq!(
         outcomes,
-        BTreeSet::from([("5", "deleted"), ("9", "deleted")])
+        BTreeSet::from([(five.as_str(), "deleted"), (nine.as_str(), "deleted")])
     );
 }
 
@@ -260,9 +262,9 @@ async fn vanished_instances_and_deleted_scale_sets_leave_the_mirror() {
     assert!(!app.store.scale_set(&set).await.unwrap().unwrap().exists);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_that_works_closes_the_incident_as_recovered() {
+async fn a_restart_that_works_closes_the_incident_as_recovered(mode: Mode) {
     let app = spawn_app()
+        .mode(mode)
         .scale_set("web", 3)
         .env("HEALER_REPAIR_ACTIONS", "restart,replace")
         .start()
@@ -279,10 +281,20 @@ async fn a_restart_that_works_closes_the_incident_as_recovered() {
     let calls = app.compute_calls().await;
     let writes = mutating(&calls);
     assert_eq!(writes.len(), 1);
-    assert!(writes[0]["path"]
-        .as_str()
-        .unwrap()
-        .ends_with("/web/restart"));
+    // Uniform: the scale set's batch restart; Flexible: the VM's own.
+    let one = app.key_of("web", 1).await;
+    let restarted = match mode {
+        Mode::Uniform => "/virtualMachineScaleSets/web/restart".to_string(),
+        Mode::Flexible => format!("/virtualMachines/{one}/restart"),
+    };
+    assert!(
+        writes[0]["path"]
+            .as_str()
+            .unwrap()
+            .to_ascii_lowercase()
+            .ends_with(&restarted.to_ascii_lowercase()),
+        "{writes:?}"
+    );
     assert_eq!(
         app.vm("web", 1).await["beat"],
         "up",
@@ -312,7 +324,7 @@ async fn a_restart_that_works_closes_the_incident_as_recovered() {
         .expect("an outcome row");
     assert_eq!(
         (outcome.instance_id.as_str(), outcome.outcome.as_str()),
-        ("1", "recovered")
+        (one.as_str(), "recovered")
     );
     let repair = journal
         .iter()
@@ -345,9 +357,9 @@ async fn dry_run_journals_the_decision_and_calls_nothing() {
     assert_eq!(app.fleet("web").await["capacity"], json!(3));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_throttled_repair_is_journaled_held_until_retry_after_and_then_carried_out() {
+async fn a_throttled_repair_is_journaled_held_until_retry_after_and_then_carried_out(mode: Mode) {
     let app = spawn_app()
+        .mode(mode)
         .scale_set("web", 10)
         .env("HEALER_REPAIR_ACTIONS", "delete")
         .start()

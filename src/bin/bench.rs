@@ -764,7 +764,9 @@ impl Classic {
         let started = Instant::now();
         let mut written = 0;
         for id in ids {
-            let instances = self.compute.instances(id).await.expect("list");
+            // The classic design listed Uniform instances only.
+            let uniform = vmss_healer::compute::ScaleSetInfo::default();
+            let instances = self.compute.instances(id, &uniform).await.expect("list");
             written += self
                 .store
                 .write_mirror(id, &instances, OffsetDateTime::now_utc())

@@ -9,6 +9,7 @@ use crate::event::{decode, Event};
 use crate::heartbeat::{self, supersedes, HEARTBEAT_TYPE, PRUNELLA_TYPE};
 use crate::host::{AppState, HostError, Invocation, Outcome};
 use crate::lifecycle::{self, Change};
+use crate::scaleset::{ScaleSetId, VmRef};
 use crate::state::HeartbeatWrite;
 use serde_json::json;
 use time::OffsetDateTime;
@@ -55,6 +56,19 @@ async fn on_heartbeat(
     event: &Event,
     now: OffsetDateTime,
 ) -> Result<Outcome, HostError> {
+    // A Flexible VM names itself, not its scale set: find the set before reading the rest.
+    let resolved;
+    let event = match flexible_subject(state, event).await? {
+        Ok(None) => event,
+        Ok(Some(subject)) => {
+            resolved = Event {
+                subject: Some(subject),
+                ..event.clone()
+            };
+            &resolved
+        }
+        Err(r) => return Ok(rejected(state, r.label(), Some(&event.id), &r.to_string())),
+    };
     let mut hb = match heartbeat::read(event, now) {
         Ok(hb) => hb,
         Err(r) => return Ok(rejected(state, r.label(), Some(&event.id), &r.to_string())),
@@ -119,20 +133,47 @@ async fn on_lifecycle(
             ))
         }
     };
-    let set = change.scale_set().clone();
-    if state.settings.scale_set(&set).is_none() {
-        let why = format!("scale set {} is not watched", set.resource_id());
-        return Ok(rejected(state, "unknown_scale_set", Some(&event.id), &why));
-    }
+    let sets: Vec<ScaleSetId> = match (&change, change.scale_set()) {
+        (_, Some(set)) if state.settings.scale_set(set).is_some() => vec![set.clone()],
+        (_, Some(set)) => {
+            let why = format!("scale set {} is not watched", set.resource_id());
+            return Ok(rejected(state, "unknown_scale_set", Some(&event.id), &why));
+        }
+        (Change::VmChanged { vm, .. }, None) => {
+            let sets: Vec<ScaleSetId> = state
+                .settings
+                .scale_sets
+                .iter()
+                .map(|w| w.id.clone())
+                .filter(|id| vm.could_be_in(id))
+                .collect();
+            if sets.is_empty() {
+                let why = format!(
+                    "VM {} is in resource group {}, where no scale set is watched",
+                    vm.name, vm.resource_group
+                );
+                return Ok(rejected(state, "unknown_scale_set", Some(&event.id), &why));
+            }
+            sets
+        }
+        (_, None) => Vec::new(),
+    };
     // Anyone who can reach the endpoint can send one of these, so none is taken as the truth:
     // each only has the next mirror pass read the scale set (one table write, no Compute call).
     // Removing an instance on the event's word would have it re-mirrored with no heartbeat and
     // replaced as never having reported.
-    state
-        .store
-        .mark_scale_set_changed(&set, now)
-        .await
-        .map_err(store_error)?;
+    for set in &sets {
+        state
+            .store
+            .mark_scale_set_changed(set, now)
+            .await
+            .map_err(store_error)?;
+    }
+    let set = sets
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
     let note = match &change {
         Change::InstanceDeleted(i) => {
             format!(
@@ -142,10 +183,61 @@ async fn on_lifecycle(
         }
         Change::ScaleSetDeleted(_) => "scale set reported deleted: marked for resync".to_string(),
         Change::ScaleSetChanged(_) => "scale set marked for resync".to_string(),
+        Change::VmChanged { vm, deleted } => format!(
+            "VM {} {}: the watched scale sets of its resource group marked for resync",
+            vm.name,
+            if *deleted {
+                "reported deleted"
+            } else {
+                "changed"
+            }
+        ),
     };
     tracing::info!(scale_set = %set, event_type = %event.event_type, event_id = %event.id, "{note}");
     Ok(Outcome::new(
         format!("lifecycle: {note}"),
         json!({"accepted": true, "change": note}),
     ))
+}
+
+/// The subject of a Flexible VM's heartbeat, `…/providers/Microsoft.Compute/virtualMachines/<name>`
+/// (design §2), as the instance of its scale set: the watched set of the VM's subscription and
+/// resource group whose mirror holds a VM of that name. `Ok(None)`: not a plain VM subject (read as
+/// before). Which set it is only decides where to look; the vmId check that follows is what
+/// proves the sender is that VM.
+async fn flexible_subject(
+    state: &AppState,
+    event: &Event,
+) -> Result<Result<Option<String>, heartbeat::Rejection>, HostError> {
+    let Some(vm) = event.subject.as_deref().and_then(|s| VmRef::parse(s).ok()) else {
+        return Ok(Ok(None));
+    };
+    let candidates: Vec<&ScaleSetId> = state
+        .settings
+        .scale_sets
+        .iter()
+        .map(|w| &w.id)
+        .filter(|id| vm.could_be_in(id))
+        .collect();
+    if candidates.is_empty() {
+        return Ok(Err(heartbeat::Rejection::UnknownScaleSet(format!(
+            "of VM {} (no watched scale set in resource group {})",
+            vm.name, vm.resource_group
+        ))));
+    }
+    for set in candidates {
+        if state
+            .store
+            .mirrored_identity(set, &vm.name)
+            .await
+            .map_err(store_error)?
+            .is_some()
+        {
+            return Ok(Ok(Some(vm.in_scale_set(set).resource_id())));
+        }
+    }
+    Ok(Err(heartbeat::Rejection::UnknownInstance(format!(
+        "VM {} (in no mirror of the watched scale sets of resource group {})",
+        vm.name, vm.resource_group
+    ))))
 }

@@ -72,9 +72,47 @@ fn log_to(path: &std::path::Path) -> (Stdio, Stdio) {
     (Stdio::from(file), Stdio::from(err))
 }
 
+/// A scale set's orchestration mode: the end-to-end scenarios run in both (`in_both_modes!`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Uniform,
+    Flexible,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Uniform => "Uniform",
+            Mode::Flexible => "Flexible",
+        }
+    }
+}
+
+/// Runs each named scenario, an `async fn(Mode)`, as two tests: `<name>::uniform` and
+/// `<name>::flexible`.
+#[macro_export]
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn uniform() {
+                    super::$name($crate::common::Mode::Uniform).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn flexible() {
+                    super::$name($crate::common::Mode::Flexible).await
+                }
+            }
+        )*
+    };
+}
+
 pub struct Builder {
     /// The simulator's admin bodies for the scale sets to create.
     sets: Vec<Value>,
+    /// The orchestration mode of the scale sets added after it is set.
+    mode: Mode,
     env: BTreeMap<String, String>,
     page_size: usize,
 }
@@ -91,6 +129,7 @@ pub fn spawn_app() -> Builder {
             ("HEALER_FULL_RESYNC".to_string(), "0".to_string()),
         ]),
         page_size: 100,
+        mode: Mode::Uniform,
     }
 }
 
@@ -100,9 +139,16 @@ impl Builder {
         self.scale_set_spec(json!({"name": name, "capacity": capacity}))
     }
 
+    /// The orchestration mode of the scale sets added from here on.
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
     /// A scale set described by the simulator's admin body (`automaticRepairs`, `zones`, …).
     pub fn scale_set_spec(mut self, spec: Value) -> Self {
-        let mut body = json!({"subscription": SUB, "resourceGroup": RG, "ageSeconds": 86_400});
+        let mut body = json!({"subscription": SUB, "resourceGroup": RG, "ageSeconds": 86_400,
+                              "orchestrationMode": self.mode.as_str()});
         for (k, v) in spec.as_object().expect("a JSON object") {
             body[k] = v.clone();
         }
@@ -443,6 +489,36 @@ impl TestApp {
             .find(|v| v["instance_id"] == json!(instance))
             .cloned()
             .unwrap_or_else(|| panic!("instance {instance} not in {name}"))
+    }
+
+    /// The instance's key as the handler knows it: its instance id (Uniform) or its VM name in
+    /// lower case (Flexible).
+    pub async fn key_of(&self, name: &str, instance: u64) -> String {
+        let vm = self.vm(name, instance).await;
+        match vm["name"].as_str() {
+            Some(vm_name) => vm_name.to_ascii_lowercase(),
+            None => instance.to_string(),
+        }
+    }
+
+    /// The VM's resource id, as its agent reads it from IMDS: a scale-set VM (Uniform) or a plain
+    /// VM (Flexible).
+    pub async fn resource_id_of(&self, name: &str, instance: u64) -> String {
+        let vm = self.vm(name, instance).await;
+        match vm["name"].as_str() {
+            Some(vm_name) => format!(
+                "/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Compute/virtualMachines/{vm_name}"
+            ),
+            None => format!("{}/virtualMachines/{instance}", scale_set_id(name)),
+        }
+    }
+
+    /// A heartbeat of the VM, with its vmId and its resource id as subject, in either mode.
+    pub async fn heartbeat_of(&self, name: &str, instance: u64, status: &str, at: &str) -> Value {
+        let vm = self.vm(name, instance).await;
+        let mut event = heartbeat_event(name, instance, vm["vm_id"].as_str().unwrap(), status, at);
+        event["subject"] = json!(self.resource_id_of(name, instance).await);
+        event
     }
 
     pub async fn break_vm(&self, name: &str, instance: u64, patch: Value) {
