@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{heartbeat_event, now_rfc3339, spawn_app, Mode, TestApp};
+use common::{now_rfc3339, spawn_app, Mode, TestApp};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use time::{Duration, OffsetDateTime};
