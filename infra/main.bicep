@@ -304,6 +304,7 @@ module scaleSetAccess 'modules/scaleset-access.bicep' = [for id in scaleSetIds: 
   params: {
     scaleSetName: split(id, '/')[8]
     roleDefinitionId: computeRole.outputs.roleDefinitionId
+    flexibleVmRoleId: computeRole.outputs.flexibleVmRoleId
     principalId: app.identity.principalId
   }
 }]

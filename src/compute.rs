@@ -49,6 +49,16 @@ pub const SCALE_SET_ACTIONS: &[&str] = &[
 /// status", Track asynchronous Azure operations, learn.microsoft.com).
 pub const RESOURCE_GROUP_ACTIONS: &[&str] = &["Microsoft.Compute/locations/operations/read"];
 
+/// What the handler needs on the resource group of each watched Flexible scale set: its VMs are
+/// resources of the group, not of the scale set, so listing and acting on them is authorized at
+/// the group. (Their deletion goes through the scale set's batch delete.)
+pub const FLEXIBLE_GROUP_ACTIONS: &[&str] = &[
+    "Microsoft.Compute/virtualMachines/read",
+    "Microsoft.Compute/virtualMachines/restart/action",
+    "Microsoft.Compute/virtualMachines/start/action",
+    "Microsoft.Compute/virtualMachines/reimage/action",
+];
+
 /// Every action the handler performs.
 pub const REQUIRED_ACTIONS: &[&str] = &[
     SCALE_SET_ACTIONS[0],
@@ -59,6 +69,10 @@ pub const REQUIRED_ACTIONS: &[&str] = &[
     SCALE_SET_ACTIONS[5],
     SCALE_SET_ACTIONS[6],
     RESOURCE_GROUP_ACTIONS[0],
+    FLEXIBLE_GROUP_ACTIONS[0],
+    FLEXIBLE_GROUP_ACTIONS[1],
+    FLEXIBLE_GROUP_ACTIONS[2],
+    FLEXIBLE_GROUP_ACTIONS[3],
 ];
 
 /// The action Resource Manager authorizes a request of ours by (`None`: not a request we make).
@@ -70,6 +84,23 @@ pub fn required_action(method: &str, path: &str) -> Option<&'static str> {
         let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
         return match (method.as_str(), segments.as_slice()) {
             ("GET", [_, "operations", _]) => Some(REQUIRED_ACTIONS[7]),
+            _ => None,
+        };
+    }
+    let plain_vm = path
+        .split_once("/providers/microsoft.compute/virtualmachines")
+        .map(|(_, rest)| rest)
+        .filter(|rest| rest.is_empty() || rest.starts_with('/'));
+    if let Some(rest) = plain_vm {
+        // A Flexible scale set's VMs: the group's VM list, or one VM's action.
+        let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+        return match (method.as_str(), segments.as_slice()) {
+            ("GET", []) | ("GET", [_]) | ("GET", [_, "instanceview"]) => {
+                Some(FLEXIBLE_GROUP_ACTIONS[0])
+            }
+            ("POST", [_, "restart"]) => Some(FLEXIBLE_GROUP_ACTIONS[1]),
+            ("POST", [_, "start"]) => Some(FLEXIBLE_GROUP_ACTIONS[2]),
+            ("POST", [_, "reimage"]) => Some(FLEXIBLE_GROUP_ACTIONS[3]),
             _ => None,
         };
     }
@@ -1149,6 +1180,7 @@ mod tests {
     #[test]
     fn each_request_maps_to_the_action_resource_manager_checks() {
         let set = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/web";
+        let vms = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines";
         let cases = [
             ("GET", set.to_string(), Some(REQUIRED_ACTIONS[0])),
             (
@@ -1172,9 +1204,29 @@ mod tests {
                     .into(),
                 Some(REQUIRED_ACTIONS[7]),
             ),
-            // Requests we never make are not covered: deleting the scale set, powering off.
+            // A Flexible scale set's VMs, at their resource group.
+            ("GET", vms.to_string(), Some(FLEXIBLE_GROUP_ACTIONS[0])),
+            (
+                "POST",
+                format!("{vms}/web_1a2b3c4d/restart"),
+                Some(FLEXIBLE_GROUP_ACTIONS[1]),
+            ),
+            (
+                "POST",
+                format!("{vms}/web_1a2b3c4d/start"),
+                Some(FLEXIBLE_GROUP_ACTIONS[2]),
+            ),
+            (
+                "POST",
+                format!("{vms}/web_1a2b3c4d/reimage"),
+                Some(FLEXIBLE_GROUP_ACTIONS[3]),
+            ),
+            // Requests we never make are not covered: deleting the scale set or a VM, powering
+            // off.
             ("DELETE", set.to_string(), None),
+            ("DELETE", format!("{vms}/web_1a2b3c4d"), None),
             ("POST", format!("{set}/poweroff"), None),
+            ("POST", format!("{vms}/web_1a2b3c4d/poweroff"), None),
         ];
         for (method, path, want) in cases {
             assert_eq!(required_action(method, &path), want, "{method} {path}");

@@ -8,7 +8,8 @@ use common::spawn_app;
 use serde_json::json;
 use std::collections::BTreeSet;
 use vmss_healer::compute::{
-    required_action, REQUIRED_ACTIONS, RESOURCE_GROUP_ACTIONS, SCALE_SET_ACTIONS,
+    required_action, FLEXIBLE_GROUP_ACTIONS, REQUIRED_ACTIONS, RESOURCE_GROUP_ACTIONS,
+    SCALE_SET_ACTIONS,
 };
 use vmss_healer::settings::CATALOG;
 
@@ -89,7 +90,22 @@ fn the_custom_roles_hold_exactly_the_actions_the_handler_needs() {
         "var canResize = contains(toLower(repairActions), 'replace') || length(filter(watchedScaleSets, s => contains(toLower(s.?overrides ?? ''), 'replace'))) > 0"
     ));
     assert_eq!(list("actions: ["), on_resource_groups);
-    assert_eq!(role.matches("notActions: []").count(), 2);
+    // Issue 14: a Flexible set's VMs are the group's resources, acted on at the group; the role
+    // goes only to the groups of sets Azure reports Flexible.
+    let flexible: BTreeSet<&str> = FLEXIBLE_GROUP_ACTIONS.iter().copied().collect();
+    assert_eq!(list("var flexibleActions = ["), flexible);
+    assert!(role.contains("actions: flexibleActions"));
+    assert_eq!(role.matches("notActions: []").count(), 3);
+    let access = read("infra/modules/scaleset-access.bicep");
+    assert!(
+        access.contains("orchestrationMode: scaleSet.properties.?orchestrationMode ?? 'Uniform'")
+    );
+    assert!(access.contains("module flexible 'flexible-access.bicep'"));
+    let flexible_access = read("infra/modules/flexible-access.bicep");
+    assert!(flexible_access.contains("= if (toLower(orchestrationMode) == 'flexible')"));
+    assert!(
+        read("infra/main.bicep").contains("flexibleVmRoleId: computeRole.outputs.flexibleVmRoleId")
+    );
     // Each is granted where Azure checks it: the scale set's actions on the scale set, operation
     // status on the resource group (its URL is not under the scale set).
     let main = read("infra/main.bicep");
@@ -111,25 +127,32 @@ fn the_custom_roles_hold_exactly_the_actions_the_handler_needs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_compute_request_is_covered_by_the_role_and_every_action_is_used() {
     let sets = format!(
-        "{}[REPAIR_ACTIONS=restart] {}[REPAIR_ACTIONS=reimage] {}[REPAIR_ACTIONS=replace]",
+        "{}[REPAIR_ACTIONS=restart] {}[REPAIR_ACTIONS=reimage] {}[REPAIR_ACTIONS=replace] {}[REPAIR_ACTIONS=restart] {}[REPAIR_ACTIONS=reimage]",
         common::scale_set_id("a"),
         common::scale_set_id("b"),
-        common::scale_set_id("c")
+        common::scale_set_id("c"),
+        common::scale_set_id("fa"),
+        common::scale_set_id("fb")
     );
     let app = spawn_app()
         .scale_set("a", 5)
         .scale_set("b", 5)
         .scale_set("c", 5)
+        .mode(common::Mode::Flexible)
+        .scale_set("fa", 5)
+        .scale_set("fb", 5)
         .env("HEALER_SCALE_SETS", &sets)
         .env("HEALER_MAX_PARALLEL", "2")
         .start()
         .await;
     app.clear_compute_calls().await;
-    for set in ["a", "b", "c"] {
+    for set in ["a", "b", "c", "fa", "fb"] {
         app.break_vm(set, 1, json!({"beat": "down"})).await;
     }
-    app.break_vm("a", 2, json!({"powerState": "deallocated"}))
-        .await;
+    for set in ["a", "fa"] {
+        app.break_vm(set, 2, json!({"powerState": "deallocated"}))
+            .await;
+    }
     app.invoke_timer("monitor-state").await;
     app.heartbeat_round().await;
     let (_, answer) = app.invoke_timer("monitor-status").await;
@@ -139,7 +162,10 @@ async fn every_compute_request_is_covered_by_the_role_and_every_action_is_used()
         .iter()
         .map(|s| s["repairs_requested"].as_u64().unwrap())
         .sum();
-    assert_eq!(requested, 4, "restart, start, reimage, surge: {answer}");
+    assert_eq!(
+        requested, 7,
+        "restart, start, reimage, surge; Flexible: restart, start, reimage: {answer}"
+    );
     // The next passes follow the operations and, the new instance mirrored, delete the broken one.
     app.invoke_timer("monitor-state").await;
     app.invoke_timer("monitor-status").await;
@@ -262,7 +288,7 @@ fn custom_role_names_are_unique_per_subscription() {
         .lines()
         .filter(|l| l.trim_start().starts_with("roleName:"))
         .collect();
-    assert_eq!(names.len(), 2, "{names:?}");
+    assert_eq!(names.len(), 3, "{names:?}");
     assert!(roles.contains("var suffix = '(${subscription().subscriptionId})'"));
     for n in names {
         assert!(n.contains("${suffix}"), "{n}");

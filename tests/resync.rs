@@ -271,3 +271,53 @@ async fn a_change_not_mirrored_in_time_pauses_repairs() {
     assert!(web["paused"].is_null(), "{status}");
     assert_eq!(web["repairs_requested"], 1, "{status}");
 }
+
+/// Issue 14: a Flexible set's instances are plain VMs, whose Resource Manager events name the VM,
+/// not its set. Such an event has the Flexible sets of the VM's resource group read; a Uniform
+/// set there holds no plain VM and stays fresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_vm_event_has_the_flexible_sets_of_its_group_read() {
+    let app = spawn_app()
+        .scale_set("web", 3)
+        .mode(common::Mode::Flexible)
+        .scale_set("fa", 3)
+        .scale_set("fb", 3)
+        .env("HEALER_FULL_RESYNC", "1h")
+        .start()
+        .await;
+    app.invoke_timer("monitor-state").await;
+    app.clear_compute_calls().await;
+
+    let vm = app.resource_id_of("fa", 1).await;
+    for (kind, uri) in [
+        (
+            "Microsoft.Resources.ResourceActionSuccess",
+            format!("{vm}/restart"),
+        ),
+        ("Microsoft.Resources.ResourceDeleteSuccess", vm.clone()),
+    ] {
+        let event = json!({"id": uuid::Uuid::new_v4().to_string(), "eventType": kind, "subject": uri,
+            "eventTime": common::now_rfc3339(time::Duration::ZERO), "dataVersion": "2",
+            "data": {"resourceUri": uri, "operationName": "Microsoft.Compute/virtualMachines/restart/action"}});
+        let (status, answer) = app.deliver_event(event).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["ReturnValue"]["accepted"], true, "{answer}");
+        let (_, pass) = app.invoke_timer("monitor-state").await;
+        assert_eq!(outcome(&pass, "fa")["read"], "changed", "{pass}");
+        assert_eq!(outcome(&pass, "fb")["read"], "changed", "{pass}");
+        assert_eq!(outcome(&pass, "web")["outcome"], "fresh", "{pass}");
+        assert_eq!(sets_read(&app).await, ["fa", "fb"]);
+        app.clear_compute_calls().await;
+    }
+    // A VM of a group where no scale set is watched is refused, and counted.
+    let stray = "/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/elsewhere/providers/Microsoft.Compute/virtualMachines/x";
+    let event = json!({"id": "stray", "eventType": "Microsoft.Resources.ResourceWriteSuccess", "subject": stray,
+        "eventTime": common::now_rfc3339(time::Duration::ZERO), "dataVersion": "2",
+        "data": {"resourceUri": stray, "operationName": "Microsoft.Compute/virtualMachines/write"}});
+    let (status, answer) = app.deliver_event(event).await;
+    assert_eq!(
+        (status, &answer["ReturnValue"]["reason"]),
+        (200, &json!("unknown_scale_set")),
+        "{answer}"
+    );
+}

@@ -64,5 +64,32 @@ resource operationReader 'Microsoft.Authorization/roleDefinitions@2022-04-01' = 
   }
 }
 
+// A Flexible scale set's instances are virtual machines of its resource group, not of the scale
+// set: listing them and acting on one is authorized at the group (src/compute.rs
+// FLEXIBLE_GROUP_ACTIONS). Granted only on the groups of Flexible sets (modules/flexible-access.bicep).
+var flexibleActions = [
+  'Microsoft.Compute/virtualMachines/read'
+  'Microsoft.Compute/virtualMachines/restart/action'
+  'Microsoft.Compute/virtualMachines/start/action'
+  'Microsoft.Compute/virtualMachines/reimage/action'
+]
+
+resource flexibleVms 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
+  name: guid(subscription().id, name, 'vmss-healer-flexible-vms')
+  properties: {
+    roleName: '${name} flexible scale set VM healer ${suffix}'
+    description: 'Read virtual machines and restart, start and reimage them: the instances of Flexible scale sets. Used by vmss-healer.'
+    type: 'CustomRole'
+    permissions: [
+      {
+        actions: flexibleActions
+        notActions: []
+      }
+    ]
+    assignableScopes: [subscription().id]
+  }
+}
+
 output roleDefinitionId string = role.id
+output flexibleVmRoleId string = flexibleVms.id
 output operationReaderRoleId string = operationReader.id

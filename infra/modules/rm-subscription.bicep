@@ -1,5 +1,7 @@
 // monitor-events' subscription to one resource group's Resource Manager events: only successful
-// writes, deletes and actions on scale sets and their instances (design §2).
+// writes, deletes and actions on scale sets and their instances (design §2), and on virtual
+// machines — a Flexible scale set's instances are plain VMs (the trailing `/` keeps
+// `virtualMachineScaleSets` apart).
 param systemTopicName string
 param destination object
 
@@ -23,7 +25,7 @@ resource subscription 'Microsoft.EventGrid/systemTopics/eventSubscriptions@2022-
         {
           operatorType: 'StringBeginsWith'
           key: 'data.operationName'
-          values: ['Microsoft.Compute/virtualMachineScaleSets']
+          values: ['Microsoft.Compute/virtualMachineScaleSets', 'Microsoft.Compute/virtualMachines/']
         }
       ]
     }

@@ -9,7 +9,7 @@ use crate::event::{decode, Event};
 use crate::heartbeat::{self, supersedes, HEARTBEAT_TYPE, PRUNELLA_TYPE};
 use crate::host::{AppState, HostError, Invocation, Outcome};
 use crate::lifecycle::{self, Change};
-use crate::scaleset::{ScaleSetId, VmRef};
+use crate::scaleset::{Orchestration, ScaleSetId, VmRef};
 use crate::state::HeartbeatWrite;
 use serde_json::json;
 use time::OffsetDateTime;
@@ -140,16 +140,24 @@ async fn on_lifecycle(
             return Ok(rejected(state, "unknown_scale_set", Some(&event.id), &why));
         }
         (Change::VmChanged { vm, .. }, None) => {
-            let sets: Vec<ScaleSetId> = state
-                .settings
-                .scale_sets
-                .iter()
-                .map(|w| w.id.clone())
-                .filter(|id| vm.could_be_in(id))
-                .collect();
+            // Sets mirrored as Uniform hold no plain VMs: a standalone VM of their group is
+            // none of theirs.
+            let mut sets = Vec::new();
+            for id in state.settings.scale_sets.iter().map(|w| &w.id) {
+                if !vm.could_be_in(id) {
+                    continue;
+                }
+                let record = state.store.scale_set(id).await.map_err(store_error)?;
+                let mode = record
+                    .as_ref()
+                    .and_then(|r| r.orchestration_mode.as_deref());
+                if mode.is_none() || Orchestration::parse(mode) == Orchestration::Flexible {
+                    sets.push(id.clone());
+                }
+            }
             if sets.is_empty() {
                 let why = format!(
-                    "VM {} is in resource group {}, where no scale set is watched",
+                    "VM {} is in resource group {}, where no Flexible scale set is watched",
                     vm.name, vm.resource_group
                 );
                 return Ok(rejected(state, "unknown_scale_set", Some(&event.id), &why));
