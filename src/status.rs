@@ -26,6 +26,8 @@ pub struct Report {
 pub struct SetStatus {
     pub scale_set: String,
     pub name: String,
+    /// `Uniform` or `Flexible`, as the mirror last read it (`None`: never mirrored).
+    pub orchestration: Option<&'static str>,
     pub total: usize,
     pub healthy: usize,
     pub unhealthy: usize,
@@ -122,6 +124,13 @@ pub fn summarize(
     SetStatus {
         scale_set: id.resource_id(),
         name: id.name.clone(),
+        orchestration: obs
+            .record
+            .as_ref()
+            .filter(|r| r.synced_at.is_some())
+            .map(|r| {
+                crate::scaleset::Orchestration::parse(r.orchestration_mode.as_deref()).as_str()
+            }),
         total: obs.instances.len(),
         healthy: count(|v| *v == Verdict::Healthy),
         unhealthy: count(Verdict::is_unhealthy),
@@ -202,7 +211,11 @@ pub fn render(report: &Report) -> String {
             s.starting,
             s.maintenance
         ));
-        out.push_str(&format!("  {}\n", s.scale_set));
+        out.push_str(&format!(
+            "  {} ({})\n",
+            s.scale_set,
+            s.orchestration.unwrap_or("mode not read yet")
+        ));
         let mirror = s
             .mirrored_at
             .map(|t| format!("mirror read {} s ago", (report.at - t).whole_seconds()))
@@ -262,6 +275,7 @@ mod tests {
         SetStatus {
             scale_set: "/subscriptions/s/resourceGroups/r/providers/Microsoft.Compute/virtualMachineScaleSets/web".into(),
             name: "web".into(),
+            orchestration: Some("Flexible"),
             total: healthy + unhealthy + maintenance,
             healthy,
             unhealthy,
@@ -328,6 +342,10 @@ mod tests {
         );
         assert!(
             text.contains("PAUSED (paused_by_operator): paused by an operator: deploying"),
+            "{text}"
+        );
+        assert!(
+            text.contains("virtualMachineScaleSets/web (Flexible)"),
             "{text}"
         );
         assert!(

@@ -334,6 +334,10 @@ async fn a_restart_that_works_closes_the_incident_as_recovered(mode: Mode) {
         outcome.incident, repair.incident,
         "one incident from repair to outcome"
     );
+    // The operator sees which mode the scale set is in.
+    let (code, out, err) = app.cli(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("({})", mode.as_str())), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -121,16 +121,12 @@ async fn start(
     let day_ago = OffsetDateTime::now_utc() - time::Duration::days(1);
     for (name, capacity) in SETS {
         let zones = vec!["1".into(), "2".into(), "3".into()];
-        let key = world.create_set(
-            SUB,
-            RG,
-            name,
-            capacity,
-            "westeurope",
-            zones,
-            "Uniform",
-            false,
-        );
+        let mode = if name == story::FLEXIBLE_SET {
+            "Flexible"
+        } else {
+            "Uniform"
+        };
+        let key = world.create_set(SUB, RG, name, capacity, "westeurope", zones, mode, false);
         for vm in world
             .sets
             .get_mut(&key)
@@ -254,12 +250,12 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
     let mut view = view::View::new(options.live);
     let mut picture = Timeline::default();
     println!(
-        "fleet: {} scale sets × 50 VMs; one tick = {:?}; a VM is silent after {} ticks; repair = replace\n",
+        "fleet: {} scale sets × 50 VMs ({} in Flexible orchestration, the others Uniform); one tick = {:?}; a VM is silent after {} ticks; repair = replace\n",
         SETS.len(),
+        story::FLEXIBLE_SET,
         tick_len,
         story::HEARTBEAT_TIMEOUT
     );
-    let started = Instant::now();
     let since = OffsetDateTime::now_utc() - time::Duration::seconds(1);
     let mut jobs_new = None;
     let mut repairs: Vec<(String, u64, u32)> = Vec::new();
@@ -277,8 +273,11 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
     admin::deliver(&sim.http, &handler, admin::Delivery::Handler, round).await;
     invoke("monitor-state").await;
 
+    // The story's clock starts with its first tick, whatever the first mirror pass took.
+    let started = Instant::now();
     // When each tick began (s since the start): times to repair are wall-clock times.
     let mut tick_started: Vec<f32> = Vec::new();
+    let mut numbers: HashMap<(String, String), u64> = HashMap::new();
     loop {
         ticker.tick().await;
         tick_started.push(started.elapsed().as_secs_f32());
@@ -286,6 +285,18 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
         picture.time(tick, started.elapsed().as_secs_f32());
         {
             let mut w = sim.world.lock().await;
+            // A Flexible set's instances are named VMs: remember which number each name is,
+            // also once the VM is gone, for the picture and the grading.
+            for (name, _) in SETS {
+                if let Some(set) = w.sets.get(&key(name)) {
+                    for vm in set.vms.values() {
+                        numbers.insert(
+                            (name.to_string(), set.key_of(vm).to_ascii_lowercase()),
+                            vm.instance_id,
+                        );
+                    }
+                }
+            }
             for said in story::play(tick, &mut w, key, &mut jobs_new) {
                 if let Some(act) = story::ACTS
                     .iter()
@@ -353,7 +364,7 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
                     Verdict::Maintenance { .. } => Cell::Maintenance,
                     Verdict::Starting => Cell::Starting,
                 };
-                if let Ok(n) = instance.parse::<u64>() {
+                if let Some(n) = number(&numbers, name, instance) {
                     picture.cell(name, n, tick, cell);
                 }
             }
@@ -415,7 +426,7 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
                     if e.outcome == "requested"
                         && !matches!(e.evidence["stage"].as_str(), Some("delete" | "restore")) =>
                 {
-                    if let Ok(n) = e.instance_id.parse::<u64>() {
+                    if let Some(n) = number(&numbers, name, &e.instance_id) {
                         repairs.push((name.to_string(), n, tick));
                         picture.repair(name, n, tick);
                     }
@@ -520,4 +531,12 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
         }
     );
     ok
+}
+
+/// The simulator's number of an instance the healer names by its key: a Uniform instance id, or a
+/// Flexible VM's name.
+fn number(numbers: &HashMap<(String, String), u64>, set: &str, key: &str) -> Option<u64> {
+    key.parse::<u64>()
+        .ok()
+        .or_else(|| numbers.get(&(set.to_string(), key.to_string())).copied())
 }

@@ -6,6 +6,8 @@ use crate::world::{Beat, Effect, World};
 use std::collections::BTreeSet;
 
 pub const SETS: [(&str, usize); 3] = [("web", 50), ("api", 50), ("jobs", 50)];
+/// The set in Flexible orchestration (its instances are named VMs); the others are Uniform.
+pub const FLEXIBLE_SET: &str = "jobs";
 
 /// The healer's timeouts, in ticks.
 pub const HEARTBEAT_TIMEOUT: u32 = 8;
