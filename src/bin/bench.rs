@@ -68,7 +68,10 @@ fn main() {
             arg("--concurrency", 16),
         ),
         "startup" => startup(arg("--runs", 20)),
-        "tick" => tick(arg("--instances", 1000)),
+        "tick" => tick(
+            arg("--instances", 1000),
+            std::env::args().any(|a| a == "--flexible"),
+        ),
         "load" => load(arg("--deliveries", 2000), arg("--instances", 2000)),
         "telemetry" => telemetry(
             arg("--instances", 1000),
@@ -480,8 +483,9 @@ const TICK_RG: &str = "rg-bench";
 const SECRET: &str = "bench-identity-secret";
 const SET_SIZE: usize = 1000;
 
-fn tick(instances: usize) {
+fn tick(instances: usize, flexible: bool) {
     let sets = instances.div_ceil(SET_SIZE).max(1);
+    let mode = if flexible { "Flexible" } else { "Uniform" };
     azurite::ensure_installed_quietly(true);
     let storage = azurite::Azurite::start();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -496,7 +500,7 @@ fn tick(instances: usize) {
         let names: Vec<String> = (0..sets).map(|i| format!("web{i:03}")).collect();
         for name in &names {
             let size = SET_SIZE.min(instances - SET_SIZE * names.iter().position(|n| n == name).unwrap_or(0));
-            let key = fleet.create_set(TICK_SUB, TICK_RG, name, size, "westeurope", Vec::new(), "Uniform", false);
+            let key = fleet.create_set(TICK_SUB, TICK_RG, name, size, "westeurope", Vec::new(), mode, false);
             for vm in fleet.sets.get_mut(&key).into_iter().flat_map(|s| s.vms.values_mut()) {
                 vm.time_created = day_ago;
             }
@@ -567,7 +571,8 @@ fn tick(instances: usize) {
                 for vm in set.vms.values() {
                     let down = vm.instance_id % 200 == 199;
                     beats.push(vmss_healer::heartbeat::Heartbeat {
-                        target: id.instance(&vm.instance_id.to_string()),
+                        // Uniform: the instance id; Flexible: the VM's name.
+                        target: id.instance(&set.key_of(vm).to_ascii_lowercase()),
                         status: if down { vmss_healer::heartbeat::Status::Down } else { vmss_healer::heartbeat::Status::Up },
                         event_time: now,
                         received_at: now,
@@ -634,7 +639,7 @@ fn tick(instances: usize) {
         let _ = child.kill();
         let _ = child.wait();
 
-        println!("\n{instances} instances in {sets} scale sets of up to {SET_SIZE}, 100 per page\n");
+        println!("\n{instances} instances in {sets} {mode} scale sets of up to {SET_SIZE}, 100 per page\n");
         println!("| pass | wall time | table requests | Compute calls | effect |");
         println!("|---|---|---|---|---|");
         println!(
@@ -663,6 +668,10 @@ fn tick(instances: usize) {
             follow_time.as_secs_f64(), followed["table_requests"], followed["compute_calls"]
         );
         println!("\nhandler peak RSS (VmHWM): {:.1} MiB", peak as f64 / 1024.0);
+        if flexible {
+            // The classic design knew Uniform scale sets only.
+            return;
+        }
 
         // The classic design on the same fleet, built from the same pieces so that only the
         // strategy differs: every instance rewritten every tick, one delete call per VM.
