@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{heartbeat_event, now_rfc3339, spawn_app, TestApp};
+use common::{heartbeat_event, now_rfc3339, spawn_app, Mode, TestApp};
 use serde_json::{json, Value};
 use time::{Duration, OffsetDateTime};
 use vmss_healer::journal::EntryKind;
@@ -43,9 +43,16 @@ async fn overlapping_runs_never_repair_one_instance_twice() {
     assert_eq!(repairs[0].instance_id, "3");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fleet_wide_silence_pauses_everything_and_resumes_when_heartbeats_return() {
+in_both_modes!(
+    a_fleet_wide_silence_pauses_everything_and_resumes_when_heartbeats_return,
+    a_scale_set_mostly_down_short_circuits_while_others_still_heal,
+    escalation_restart_reimage_replace_with_the_journal_showing_each_step,
+    a_forged_vm_id_never_repairs_a_healthy_vm,
+);
+
+async fn a_fleet_wide_silence_pauses_everything_and_resumes_when_heartbeats_return(mode: Mode) {
     let app = spawn_app()
+        .mode(mode)
         .scale_set("web", 6)
         .scale_set("api", 6)
         .start()
@@ -54,15 +61,15 @@ async fn a_fleet_wide_silence_pauses_everything_and_resumes_when_heartbeats_retu
     // Every VM last reported ten minutes ago: the pipeline broke, not the fleet.
     for set in ["web", "api"] {
         for i in 0..6 {
-            let vm = app.vm(set, i).await;
-            let old = heartbeat_event(
-                set,
-                i,
-                vm["vm_id"].as_str().unwrap(),
-                "UP",
-                &now_rfc3339(Duration::minutes(-10)),
+            let old = app
+                .heartbeat_of(set, i, "UP", &now_rfc3339(Duration::minutes(-10)))
+                .await;
+            let (status, answer) = app.deliver_event(old).await;
+            assert_eq!(
+                (status, &answer["ReturnValue"]["stored"]),
+                (200, &json!(true)),
+                "{answer}"
             );
-            assert_eq!(app.deliver_event(old).await.0, 200);
         }
     }
     app.clear_compute_calls().await;
@@ -99,9 +106,9 @@ async fn a_fleet_wide_silence_pauses_everything_and_resumes_when_heartbeats_retu
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_scale_set_mostly_down_short_circuits_while_others_still_heal() {
+async fn a_scale_set_mostly_down_short_circuits_while_others_still_heal(mode: Mode) {
     let app = spawn_app()
+        .mode(mode)
         .scale_set("web", 5)
         .scale_set("api", 5)
         .start()
@@ -247,9 +254,9 @@ async fn a_flapping_vm_is_not_repaired_until_down_persists() {
 
 /// Drives passes until `done` holds for the journal, or fails after `limit`. Each pass waits for
 /// nothing but the clock the repair timeout needs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn escalation_restart_reimage_replace_with_the_journal_showing_each_step() {
+async fn escalation_restart_reimage_replace_with_the_journal_showing_each_step(mode: Mode) {
     let app = spawn_app()
+        .mode(mode)
         .scale_set("web", 5)
         .env("HEALER_REPAIR_ACTIONS", "restart,reimage,replace")
         // Long enough for a replace's surge, the mirror read and the delete (about three passes).
@@ -260,6 +267,7 @@ async fn escalation_restart_reimage_replace_with_the_journal_showing_each_step()
     // A fault that survives a restart and a reimage: only a new VM helps.
     app.break_vm("web", 3, json!({"beat": "down", "fault": "hard"}))
         .await;
+    let three = app.key_of("web", 3).await;
 
     let journal = app
         .drive_until("web", std::time::Duration::from_secs(60), |j| {
@@ -288,7 +296,7 @@ async fn escalation_restart_reimage_replace_with_the_journal_showing_each_step()
     assert_eq!(steps, want);
     let incidents: std::collections::HashSet<&str> = journal
         .iter()
-        .filter(|e| e.instance_id == "3")
+        .filter(|e| e.instance_id == three)
         .map(|e| e.incident.as_str())
         .collect();
     assert_eq!(
@@ -654,4 +662,63 @@ async fn a_computer_name_can_neither_delete_a_new_vm_nor_hide_a_broken_one() {
             .collect();
         assert_eq!(repaired, ["2"], "{set}: {status}");
     }
+}
+
+/// A heartbeat carrying another VM's vmId is refused whatever form its subject takes, and a plain
+/// VM id the mirrors do not hold names no instance at all.
+async fn a_forged_vm_id_never_repairs_a_healthy_vm(mode: Mode) {
+    let app = spawn_app()
+        .mode(mode)
+        .scale_set("web", 4)
+        .env("HEALER_REPAIR_ACTIONS", "delete")
+        .start()
+        .await;
+    app.sync_and_break("web", 0, json!({})).await;
+    let other = app.vm("web", 3).await["vm_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut forged = app
+        .heartbeat_of("web", 2, "DOWN", &now_rfc3339(Duration::ZERO))
+        .await;
+    forged["data"]["vmId"] = json!(other);
+    let (status, answer) = app.deliver_event(forged.clone()).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["ReturnValue"]["reason"], "vm_id_mismatch",
+        "{answer}"
+    );
+    if mode == Mode::Flexible {
+        // The agents name a Flexible VM under its scale set; that form is checked the same way.
+        let name = app.key_of("web", 2).await;
+        forged["subject"] = json!(format!(
+            "{}/virtualMachines/{name}",
+            common::scale_set_id("web")
+        ));
+        let (_, answer) = app.deliver_event(forged.clone()).await;
+        assert_eq!(
+            answer["ReturnValue"]["reason"], "vm_id_mismatch",
+            "{answer}"
+        );
+        // A VM of the group that no watched set mirrors: no instance of ours.
+        forged["subject"] = json!(format!(
+            "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachines/web_00000000",
+            common::SUB,
+            common::RG
+        ));
+        let (_, answer) = app.deliver_event(forged).await;
+        assert_eq!(
+            answer["ReturnValue"]["reason"], "unknown_instance",
+            "{answer}"
+        );
+    }
+    let key = app.key_of("web", 2).await;
+    assert_eq!(app.stored_heartbeat("web", &key).await.status.label(), "UP");
+    app.clear_compute_calls().await;
+    let (_, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["repairs_requested"], 0,
+        "{answer}"
+    );
+    assert_eq!(repair_calls(&app.compute_calls().await), 0);
 }
