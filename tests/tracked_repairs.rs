@@ -6,7 +6,7 @@
 mod common;
 
 use common::webhook::{start_receiver, wait_for_alerts, Receiver};
-use common::{spawn_app, TestApp, OTHER_SUB};
+use common::{spawn_app, Mode, TestApp, OTHER_SUB};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -102,11 +102,16 @@ async fn failed_operations(app: &TestApp) -> Vec<Value> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replace_surges_from_a_fresh_read_keeps_autoscale_capacity_and_then_deletes() {
-    let app = spawn_app().scale_set("web", 5).start().await;
+in_both_modes!(
+    replace_surges_from_a_fresh_read_keeps_autoscale_capacity_and_then_deletes,
+    a_429_on_one_scale_set_holds_its_whole_subscription,
+);
+
+async fn replace_surges_from_a_fresh_read_keeps_autoscale_capacity_and_then_deletes(mode: Mode) {
+    let app = spawn_app().mode(mode).scale_set("web", 5).start().await;
     let set = TestApp::scale_set("web");
     app.sync_and_break("web", 3, json!({"beat": "down"})).await;
+    let three = app.key_of("web", 3).await;
     // Autoscale scales out after the mirror's last read, and once more between our read and our
     // write: the mirror's capacity (5) is stale twice over.
     app.set_capacity("web", 7).await;
@@ -130,7 +135,7 @@ async fn replace_surges_from_a_fresh_read_keeps_autoscale_capacity_and_then_dele
         "autoscale's capacity stands"
     );
     let (incidents, _) = app.store.incidents(&set).await.unwrap();
-    let inc = &incidents["3"].value;
+    let inc = &incidents[&three].value;
     assert_eq!(
         (inc.phase, inc.attempt, inc.stage),
         (Phase::Pending, 1, Stage::Surge)
@@ -183,7 +188,7 @@ async fn replace_surges_from_a_fresh_read_keeps_autoscale_capacity_and_then_dele
     );
     let journal = journal(&app, "web").await;
     assert_eq!(
-        repairs(&journal, "3"),
+        repairs(&journal, &three),
         [
             ("replace".into(), "stale".into(), 1),
             ("replace".into(), "requested".into(), 1),
@@ -458,9 +463,9 @@ async fn turning_dry_run_off_repairs_at_once_as_attempt_one() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_429_on_one_scale_set_holds_its_whole_subscription() {
+async fn a_429_on_one_scale_set_holds_its_whole_subscription(mode: Mode) {
     let app = spawn_app()
+        .mode(mode)
         .scale_set("a", 4)
         .scale_set("b", 4)
         .scale_set_spec(json!({"name": "c", "capacity": 4, "subscription": OTHER_SUB}))
@@ -478,7 +483,12 @@ async fn a_429_on_one_scale_set_holds_its_whole_subscription() {
         .await;
     }
     app.heartbeat_round().await;
-    app.inject_fault(json!({"status": 429, "retryAfter": 120, "pathContains": "/virtualMachineScaleSets/a/restart"}))
+    // a's restart: the scale set's batch (Uniform), or the VM's own (Flexible).
+    let a_restart = match mode {
+        Mode::Uniform => "/virtualMachineScaleSets/a/restart".to_string(),
+        Mode::Flexible => format!("/virtualMachines/{}/restart", app.key_of("a", 1).await),
+    };
+    app.inject_fault(json!({"status": 429, "retryAfter": 120, "pathContains": a_restart}))
         .await;
     app.clear_compute_calls().await;
 
@@ -518,10 +528,18 @@ async fn a_429_on_one_scale_set_holds_its_whole_subscription() {
         .collect();
     assert_eq!(&outcomes[..2], ["throttled", "throttled"], "{synced}");
     status_pass(&app).await;
-    let touched_sub: Vec<Logged> = calls(&app)
+    let held = format!("/subscriptions/{}/", common::SUB).to_lowercase();
+    let touched_sub: Vec<Value> = app
+        .compute_calls()
         .await
         .into_iter()
-        .filter(|c| c.1 == "a" || c.1 == "b")
+        .filter(|c| {
+            c["path"]
+                .as_str()
+                .unwrap()
+                .to_lowercase()
+                .starts_with(&held)
+        })
         .collect();
     assert!(touched_sub.is_empty(), "{touched_sub:?}");
 }
