@@ -1061,3 +1061,84 @@ async fn attested_heartbeats_prove_what_a_known_vm_id_cannot() {
         .collect();
     assert_eq!(repaired, ["1"], "{journal:?}");
 }
+
+/// Issue 14: the agent on a Flexible scale set's VM (IMDS gives a plain VM id, with the scale
+/// set's name beside it) is heard, and its DOWN has that VM restarted through the VM API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flexible_vms_agent_is_heard_and_its_vm_repaired() {
+    let app = spawn_app()
+        .mode(common::Mode::Flexible)
+        .scale_set("web", 3)
+        .env("HEALER_REPAIR_ACTIONS", "restart")
+        .start()
+        .await;
+    let (status, answer) = app.invoke_timer("monitor-state").await;
+    assert_eq!(status, 200, "{answer}");
+    let vm = app.vm("web", 1).await;
+    let name = vm["name"].as_str().unwrap().to_string();
+    let imds = Imds::for_vm(
+        &app.resource_id_of("web", 1).await,
+        vm["vm_id"].as_str().unwrap(),
+        vm["computer_name"].as_str().unwrap(),
+    );
+    {
+        let mut s = imds.inner.lock().unwrap();
+        s.compute.insert("subscriptionId", common::SUB.into());
+        s.compute.insert("resourceGroupName", common::RG.into());
+        s.compute.insert("vmScaleSetName", "web".into());
+        s.compute.insert("name", name.clone());
+    }
+    let topic = Topic::new(imds.clone());
+    let (imds_port, topic_port) = (common::azurite::free_port(), common::azurite::free_port());
+    serve(imds.clone().router(), imds_port).await;
+    serve(topic.clone().router(), topic_port).await;
+    // Only the agent speaks for this VM; the simulator's stand-in agents speak for the others.
+    app.break_vm("web", 1, json!({"beat": "silent"})).await;
+    let health = format!("http://127.0.0.1:{topic_port}/healthz");
+    topic.set(|t| t.health = 500);
+    let agent = start_agent(imds_port, topic_port, &[("HEALER_HEALTH_URL", &health)]);
+    until(&agent, 20, "a DOWN heartbeat", || {
+        topic
+            .accepted()
+            .iter()
+            .any(|e| e["data"]["status"] == "DOWN")
+    })
+    .await;
+    let down = topic
+        .accepted()
+        .into_iter()
+        .find(|e| e["data"]["status"] == "DOWN")
+        .unwrap();
+    let answer = through_handler(&app, &down).await;
+    assert_eq!(
+        (answer["accepted"].clone(), answer["status"].clone()),
+        (json!(true), json!("DOWN")),
+        "{answer}"
+    );
+    assert_eq!(
+        app.stored_heartbeat("web", &name.to_ascii_lowercase())
+            .await
+            .status
+            .label(),
+        "DOWN"
+    );
+    app.heartbeat_round().await;
+    app.clear_compute_calls().await;
+    let (_, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["repairs_requested"], 1,
+        "{answer}"
+    );
+    let restarts: Vec<String> = app
+        .compute_calls()
+        .await
+        .iter()
+        .filter(|c| c["method"] == "POST")
+        .map(|c| c["path"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(restarts.len(), 1, "{restarts:?}");
+    assert!(
+        restarts[0].ends_with(&format!("/virtualMachines/{name}/restart")),
+        "{restarts:?}"
+    );
+}
