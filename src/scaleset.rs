@@ -129,9 +129,7 @@ impl InstanceRef {
         let segments = segments(id, "scale set VM")?;
         match parse_prefix(&segments) {
             Some((set, [kind, instance])) if kind.eq_ignore_ascii_case(VM_TYPE) => {
-                if instance.is_empty() {
-                    return Err(bad(id, "scale set VM", "empty instance id".into()));
-                }
+                key_safe(id, "scale set VM", instance)?;
                 Ok(set.instance(instance))
             }
             Some(_) | None => Err(bad(
@@ -172,6 +170,7 @@ impl VmRef {
                     && provider.eq_ignore_ascii_case(PROVIDER)
                     && kind.eq_ignore_ascii_case(VM_TYPE) =>
             {
+                key_safe(id, "virtual machine", name)?;
                 Ok(VmRef {
                     subscription: sub.to_ascii_lowercase(),
                     resource_group: rg.to_ascii_lowercase(),
@@ -228,6 +227,37 @@ fn parse_prefix<'s, 'a>(segments: &'s [&'a str]) -> Option<(ScaleSetId, &'s [&'a
         }
         _ => None,
     }
+}
+
+/// The longest instance key taken from outside: VM names are at most 64 characters.
+const MAX_INSTANCE_KEY: usize = 80;
+
+/// An instance id or VM name becomes a table key (design §3): only the characters Azure allows in
+/// VM names (letters, digits, `-`, `_`, `.`), so that no subject from outside can carry a
+/// character table keys refuse (`/ \ # ?`, control characters) and turn a bad event into a storage
+/// error, which Event Grid would redeliver for a day.
+fn key_safe(id: &str, what: &'static str, key: &str) -> Result<(), BadResourceId> {
+    if key.is_empty() {
+        return Err(bad(id, what, "empty instance id or VM name".into()));
+    }
+    if key.len() > MAX_INSTANCE_KEY {
+        return Err(bad(
+            id,
+            what,
+            format!("instance id or VM name longer than {MAX_INSTANCE_KEY} characters"),
+        ));
+    }
+    if !key
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(bad(
+            id,
+            what,
+            "an instance id or VM name has only letters, digits, `-`, `_` and `.`".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn expected_shape() -> String {
@@ -314,6 +344,18 @@ mod tests {
             "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/w/virtualMachines/1"
         )
         .is_err());
+        // What would be a table key never carries what table keys refuse.
+        let long = "a".repeat(81);
+        for key in ["a#b", "a?b", "a\\b", "a\u{7}b", "a b", long.as_str()] {
+            let vm = format!("/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/{key}");
+            assert!(VmRef::parse(&vm).is_err(), "{key:?}");
+            let instance = format!("/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/w/virtualMachines/{key}");
+            assert!(InstanceRef::parse(&instance).is_err(), "{key:?}");
+        }
+        assert!(InstanceRef::parse(
+            "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/w/virtualMachines/Web_1a2B.x-y"
+        )
+        .is_ok());
         assert_eq!(ScaleSetId::from_key("a:b"), None);
         assert_eq!(ScaleSetId::from_key("a:b:c:d"), None);
     }

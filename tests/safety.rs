@@ -722,3 +722,33 @@ async fn a_forged_vm_id_never_repairs_a_healthy_vm(mode: Mode) {
     );
     assert_eq!(repair_calls(&app.compute_calls().await), 0);
 }
+
+/// A subject whose instance part is no possible VM name (`#`, `?`, a control character) is a bad
+/// event, answered 2xx and counted — never a storage error that Event Grid would redeliver for a
+/// day.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_no_table_key_can_hold_is_refused_not_retried() {
+    let app = spawn_app().scale_set("web", 2).start().await;
+    app.invoke_timer("monitor-state").await;
+    let vm_id = app.vm("web", 1).await["vm_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for bad in ["1#2", "1?x", "web\u{1}", "a\\b"] {
+        for subject in [
+            format!("{}/virtualMachines/{bad}", common::scale_set_id("web")),
+            format!(
+                "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachines/{bad}",
+                common::SUB,
+                common::RG
+            ),
+        ] {
+            let mut event = heartbeat_event("web", 1, &vm_id, "DOWN", &now_rfc3339(Duration::ZERO));
+            event["subject"] = json!(subject);
+            let (status, answer) = app.deliver_event(event).await;
+            assert_eq!(status, 200, "{subject:?}: {answer}");
+            assert_eq!(answer["ReturnValue"]["accepted"], false, "{answer}");
+            assert_eq!(answer["ReturnValue"]["reason"], "bad_subject", "{answer}");
+        }
+    }
+}
