@@ -2,7 +2,7 @@
 //! the mirror, sends repairs, and follows the long-running operations they start: a 202 only
 //! starts one, and its `Azure-AsyncOperation` status says how it ended.
 
-use crate::mirror::{AppHealth, Instance};
+use crate::mirror::{AppHealth, Instance, Lock, LockLevel};
 use crate::scaleset::{Orchestration, ScaleSetId};
 use async_trait::async_trait;
 use azure_core::auth::TokenCredential;
@@ -20,6 +20,11 @@ use tracing::Instrument;
 use url::Url;
 
 const READ_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// Resource Manager's management locks API (`Microsoft.Authorization/locks`).
+pub const LOCKS_API_VERSION: &str = "2016-09-01";
+/// More pages of locks than any resource group has: a loop of `nextLink`s is cut here.
+const MAX_LOCK_PAGES: usize = 50;
 
 /// Below this many calls left in a subscription's Compute budget, passes stop reading: ARM's
 /// throttle would otherwise stop us for minutes, repairs included.
@@ -57,6 +62,8 @@ pub const FLEXIBLE_GROUP_ACTIONS: &[&str] = &[
     "Microsoft.Compute/virtualMachines/restart/action",
     "Microsoft.Compute/virtualMachines/start/action",
     "Microsoft.Compute/virtualMachines/reimage/action",
+    // The locks that protect Flexible VMs from being repaired (`Compute::locks`).
+    "Microsoft.Authorization/locks/read",
 ];
 
 /// Every action the handler performs.
@@ -73,6 +80,7 @@ pub const REQUIRED_ACTIONS: &[&str] = &[
     FLEXIBLE_GROUP_ACTIONS[1],
     FLEXIBLE_GROUP_ACTIONS[2],
     FLEXIBLE_GROUP_ACTIONS[3],
+    FLEXIBLE_GROUP_ACTIONS[4],
 ];
 
 /// The action Resource Manager authorizes a request of ours by (`None`: not a request we make).
@@ -80,6 +88,9 @@ pub const REQUIRED_ACTIONS: &[&str] = &[
 pub fn required_action(method: &str, path: &str) -> Option<&'static str> {
     let path = path.to_ascii_lowercase();
     let method = method.to_ascii_uppercase();
+    if method == "GET" && path.ends_with("/providers/microsoft.authorization/locks") {
+        return Some(FLEXIBLE_GROUP_ACTIONS[4]);
+    }
     if let Some(rest) = path.split("/providers/microsoft.compute/locations/").nth(1) {
         let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
         return match (method.as_str(), segments.as_slice()) {
@@ -674,6 +685,84 @@ impl Compute {
         Ok(out)
     }
 
+    /// The management locks of the scale set's resource group and of everything in it (one
+    /// paged list: Resource Manager's locks at resource group level,
+    /// `Microsoft.Authorization/locks`, api-version 2016-09-01). What protection is to a Uniform
+    /// instance, a lock is to a Flexible one.
+    pub async fn locks(&self, id: &ScaleSetId) -> Result<Vec<Lock>, ComputeError> {
+        self.read(|| self.locks_once(id)).await
+    }
+
+    async fn locks_once(&self, id: &ScaleSetId) -> Result<Vec<Lock>, ComputeError> {
+        let what = "list resource locks";
+        let subscription = id.subscription.clone();
+        let mut next = self
+            .endpoint
+            .join(&format!(
+                "subscriptions/{}/resourceGroups/{}/providers/Microsoft.Authorization/locks?api-version={LOCKS_API_VERSION}",
+                id.subscription, id.resource_group
+            ))
+            .map_err(|e| ComputeError::Failed(format!("{what}: {e}")))?;
+        let scope = format!("{}/.default", self.endpoint.as_str().trim_end_matches('/'));
+        let mut locks = Vec::new();
+        for _ in 0..MAX_LOCK_PAGES {
+            let token = self
+                .credential
+                .get_token(&[scope.as_str()])
+                .await
+                .map_err(|e| self.classify(what, &subscription, e))?;
+            let mut request = azure_core::Request::new(next.clone(), azure_core::Method::Get);
+            request.insert_header(
+                azure_core::headers::AUTHORIZATION,
+                format!("Bearer {}", token.token.secret()),
+            );
+            let response = self
+                .transport
+                .execute_request(&request)
+                .await
+                .map_err(|e| self.classify(what, &subscription, e))?;
+            let status = u16::from(response.status());
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| self.classify(what, &subscription, e))?;
+            let page: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            if !(200..300).contains(&status) {
+                let error = ArmError {
+                    status,
+                    code: page["error"]["code"].as_str().unwrap_or("").to_string(),
+                    message: page["error"]["message"]
+                        .as_str()
+                        .unwrap_or("")
+                        .chars()
+                        .take(500)
+                        .collect(),
+                };
+                return Err(match status {
+                    429 => ComputeError::Throttled {
+                        retry_after_s: self
+                            .observed
+                            .throttled_until(&subscription)
+                            .map(|t| (t - OffsetDateTime::now_utc()).whole_seconds().max(1))
+                            .unwrap_or(60),
+                    },
+                    s if s >= 500 => ComputeError::Transient(format!("{what}: {error}")),
+                    _ => ComputeError::Refused(error),
+                });
+            }
+            locks.extend(parse_locks(&page));
+            // The next page only on the Resource Manager endpoint (as for operation status URLs).
+            match page["nextLink"].as_str().and_then(|u| self.follow_url(u)) {
+                Some(url) => next = url,
+                None => return Ok(locks),
+            }
+        }
+        Err(ComputeError::Failed(format!(
+            "{what}: more than {MAX_LOCK_PAGES} pages"
+        )))
+    }
+
     async fn instances_once(&self, id: &ScaleSetId) -> Result<Vec<Instance>, ComputeError> {
         let mut pages = self
             .client
@@ -1059,6 +1148,29 @@ fn parse_operation_status(
 }
 
 /// Converts an ARM scale-set VM into a mirrored instance; `None` without an instance id.
+/// The management locks of a page of Resource Manager's lock list: each lock's id is the id of
+/// the resource it is on, followed by `/providers/Microsoft.Authorization/locks/<name>`. A lock of
+/// an unknown level is taken as `ReadOnly`, the stricter.
+fn parse_locks(page: &serde_json::Value) -> Vec<Lock> {
+    const MARK: &str = "/providers/microsoft.authorization/locks/";
+    page["value"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| {
+            let id = l["id"].as_str()?.to_ascii_lowercase();
+            let scope = id.split_once(MARK)?.0.trim_end_matches('/').to_string();
+            let level = match l["properties"]["level"].as_str() {
+                Some(level) if level.eq_ignore_ascii_case("CanNotDelete") => {
+                    LockLevel::CanNotDelete
+                }
+                _ => LockLevel::ReadOnly,
+            };
+            Some(Lock { scope, level })
+        })
+        .collect()
+}
+
 /// Whether a listed VM belongs to the scale set (`properties.virtualMachineScaleSet.id`).
 fn member_of(vm: &models::VirtualMachine, arm_id: &str) -> bool {
     vm.properties
@@ -1099,6 +1211,7 @@ pub fn to_flexible_instance(vm: models::VirtualMachine) -> Option<Instance> {
         latest_model_applied: None,
         protected_from_scale_set_actions: false,
         protected_from_scale_in: false,
+        delete_locked: false,
         zone: vm.zones.first().cloned(),
         created_at: props
             .as_ref()
@@ -1164,6 +1277,7 @@ pub fn to_instance(vm: models::VirtualMachineScaleSetVm) -> Option<Instance> {
         protected_from_scale_in: protection
             .and_then(|p| p.protect_from_scale_in)
             .unwrap_or(false),
+        delete_locked: false,
         zone: vm.zones.first().cloned(),
         created_at: props
             .as_ref()

@@ -2,6 +2,7 @@
 //! (or updated by a Resource Manager event). Everything but `monitor-state` reads scale sets from
 //! here, never from ARM.
 
+use crate::scaleset::ScaleSetId;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use time::OffsetDateTime;
@@ -62,11 +63,54 @@ pub struct Instance {
     pub latest_model_applied: Option<bool>,
     pub protected_from_scale_set_actions: bool,
     pub protected_from_scale_in: bool,
+    /// A resource lock forbids deleting the VM (Flexible scale sets, whose instances are VMs of
+    /// their resource group: a `CanNotDelete` or `ReadOnly` lock on the VM or its group). A delete
+    /// or replace of it cannot work; restart and reimage still can (not under `ReadOnly`).
+    pub delete_locked: bool,
     pub zone: Option<String>,
     pub created_at: Option<OffsetDateTime>,
     /// When the last operation on the instance ended (the `time` of its `ProvisioningState/…`
     /// status): how a call whose answer was lost is found to have landed or not.
     pub provisioned_at: Option<OffsetDateTime>,
+}
+
+/// A management lock, as Resource Manager lists a resource group's: the resource it is on (lower
+/// case) and its level.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lock {
+    pub scope: String,
+    pub level: LockLevel,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockLevel {
+    /// Nothing under it can be deleted.
+    CanNotDelete,
+    /// Nothing under it can be changed: no write, no delete, no action (restart, start, reimage).
+    ReadOnly,
+}
+
+/// Azure's alternative to instance protection for Flexible scale sets is a resource lock
+/// ("Orchestration modes API comparison": Instance protection → "ARM Lock Resource"). A lock on
+/// the VM or on its resource group applies to the VM (locks are inherited by child resources):
+/// `ReadOnly` protects it from every repair, `CanNotDelete` from deletion.
+pub fn apply_locks(instances: &mut [Instance], set: &ScaleSetId, locks: &[Lock]) {
+    let group = format!(
+        "/subscriptions/{}/resourcegroups/{}",
+        set.subscription, set.resource_group
+    );
+    for inst in instances.iter_mut() {
+        let vm = format!(
+            "{group}/providers/microsoft.compute/virtualmachines/{}",
+            inst.instance_id
+        );
+        for lock in locks.iter().filter(|l| l.scope == group || l.scope == vm) {
+            inst.delete_locked = true;
+            if lock.level == LockLevel::ReadOnly {
+                inst.protected_from_scale_set_actions = true;
+            }
+        }
+    }
 }
 
 impl Instance {
@@ -173,6 +217,7 @@ pub(crate) mod fixtures {
             latest_model_applied: Some(true),
             protected_from_scale_set_actions: false,
             protected_from_scale_in: false,
+            delete_locked: false,
             zone: None,
             created_at: None,
             provisioned_at: None,
@@ -190,6 +235,78 @@ mod tests {
         MirroredInstance {
             instance: inst,
             synced_at: datetime!(2026-11-22 10:00 UTC),
+        }
+    }
+
+    #[test]
+    fn locks_on_the_vm_or_its_group_protect_it_and_others_do_not() {
+        let set = ScaleSetId::new("s", "rg", "web");
+        let group = "/subscriptions/s/resourcegroups/rg";
+        let vm = |name: &str| format!("{group}/providers/microsoft.compute/virtualmachines/{name}");
+        let cases: Vec<(&str, Vec<Lock>, (bool, bool))> = vec![
+            ("no lock", vec![], (false, false)),
+            (
+                "CanNotDelete on the VM",
+                vec![Lock {
+                    scope: vm("web_a"),
+                    level: LockLevel::CanNotDelete,
+                }],
+                (true, false),
+            ),
+            (
+                "ReadOnly on the VM",
+                vec![Lock {
+                    scope: vm("web_a"),
+                    level: LockLevel::ReadOnly,
+                }],
+                (true, true),
+            ),
+            (
+                "CanNotDelete on the group",
+                vec![Lock {
+                    scope: group.into(),
+                    level: LockLevel::CanNotDelete,
+                }],
+                (true, false),
+            ),
+            (
+                "a lock on another VM",
+                vec![Lock {
+                    scope: vm("web_b"),
+                    level: LockLevel::ReadOnly,
+                }],
+                (false, false),
+            ),
+            (
+                "a lock on the scale set (not a parent of its VMs)",
+                vec![Lock {
+                    scope: format!(
+                        "{group}/providers/microsoft.compute/virtualmachinescalesets/web"
+                    ),
+                    level: LockLevel::ReadOnly,
+                }],
+                (false, false),
+            ),
+            (
+                "a lock in another group",
+                vec![Lock {
+                    scope: "/subscriptions/s/resourcegroups/other".into(),
+                    level: LockLevel::ReadOnly,
+                }],
+                (false, false),
+            ),
+        ];
+        for (name, locks, (delete_locked, protected)) in cases {
+            let mut instances = vec![instance("web_a")];
+            apply_locks(&mut instances, &set, &locks);
+            assert_eq!(
+                (
+                    instances[0].delete_locked,
+                    instances[0].protected_from_scale_set_actions
+                ),
+                (delete_locked, protected),
+                "{name}"
+            );
         }
     }
 

@@ -190,6 +190,11 @@ pub enum WithheldReason {
     },
     /// The instance is protected from scale set actions.
     Protected { reason: Reason },
+    /// A resource lock forbids deleting the instance (a Flexible VM), and the repair due deletes.
+    DeleteLocked {
+        action: RepairAction,
+        reason: Reason,
+    },
     /// A repair of this instance is in flight until its deadline.
     RepairInFlight {
         incident: String,
@@ -235,6 +240,7 @@ impl WithheldReason {
             WithheldReason::PlatformRepairs => "platform_repairs",
             WithheldReason::Throttled { .. } => "throttled",
             WithheldReason::Protected { .. } => "protected",
+            WithheldReason::DeleteLocked { .. } => "delete_locked",
             WithheldReason::RepairInFlight { .. } => "repair_in_flight",
             WithheldReason::MaxParallel { .. } => "max_parallel",
             WithheldReason::Cooldown { .. } => "cooldown",
@@ -273,6 +279,11 @@ impl WithheldReason {
             WithheldReason::Protected { reason } => format!(
                 "{} but the instance is protected from scale set actions",
                 reason.describe()
+            ),
+            WithheldReason::DeleteLocked { action, reason } => format!(
+                "{} but a resource lock forbids deleting the VM, so `{}` cannot work; lift the lock, or repair it in place (restart, reimage in HEALER_REPAIR_ACTIONS)",
+                reason.describe(),
+                action.as_str()
             ),
             WithheldReason::RepairInFlight { incident, until } => {
                 format!("repair of incident {incident} is in flight until {}", stamp(*until))
@@ -879,8 +890,15 @@ fn escalate(
             });
             continue;
         }
-        *in_flight += 1;
         let action = view.action(&inc.target, inc.attempt as usize);
+        if m.is_some_and(|m| m.instance.delete_locked) && action.deletes() {
+            plan.withheld.push(Withheld {
+                instance_id: Some(inc.target.clone()),
+                why: WithheldReason::DeleteLocked { action, reason },
+            });
+            continue;
+        }
+        *in_flight += 1;
         let mut next = inc.escalate(action, view.now, view.policy.repair_timeout);
         next.dry_run = view.brakes.dry_run;
         plan.transitions
@@ -970,15 +988,17 @@ fn open(view: &View, in_flight: &mut usize, plan: &mut Plan) {
             }));
             continue;
         }
+        let action = view.action(id, 0);
+        if m.instance.delete_locked && action.deletes() {
+            plan.withheld.push(withhold(WithheldReason::DeleteLocked {
+                action,
+                reason: reason.clone(),
+            }));
+            continue;
+        }
         *in_flight += 1;
         let (claim, previous) = view.claim(id);
-        let mut incident = Incident::open(
-            id,
-            reason.label(),
-            view.action(id, 0),
-            now,
-            policy.repair_timeout,
-        );
+        let mut incident = Incident::open(id, reason.label(), action, now, policy.repair_timeout);
         incident.dry_run = view.brakes.dry_run;
         plan.transitions.push(Transition {
             step: Step::Open,

@@ -23,6 +23,11 @@ pub enum RepairAction {
 }
 
 impl RepairAction {
+    /// Whether the repair deletes the instance (a lock against deletion stops it).
+    pub fn deletes(self) -> bool {
+        matches!(self, RepairAction::Delete | RepairAction::Replace)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             RepairAction::Delete => "delete",

@@ -6,7 +6,7 @@ use crate::deadline::Deadline;
 use crate::journal::stamp;
 use crate::mirror::{diff, Instance, MirroredInstance, ScaleSetRecord};
 use crate::resync::{self, Hold, Read};
-use crate::scaleset::ScaleSetId;
+use crate::scaleset::{Orchestration, ScaleSetId};
 use crate::settings::Settings;
 use crate::state::{Store, StoreError};
 use futures::{FutureExt, StreamExt};
@@ -220,7 +220,13 @@ async fn sync_one(
 
     let read = async {
         let info = compute.scale_set(id).await?;
-        let instances = compute.instances(id, &info).await?;
+        let mut instances = compute.instances(id, &info).await?;
+        // A Flexible VM's protection is a resource lock: unread, the mirror would call a locked
+        // VM unprotected, so a failed read fails the sync.
+        if info.orchestration() == Orchestration::Flexible {
+            let locks = compute.locks(id).await?;
+            crate::mirror::apply_locks(&mut instances, id, &locks);
+        }
         Ok::<_, ComputeError>((info, instances))
     };
     match read.await {

@@ -752,3 +752,103 @@ async fn a_subject_no_table_key_can_hold_is_refused_not_retried() {
         }
     }
 }
+
+/// Issue 14: a Flexible VM's protection is a resource lock (Azure's alternative to instance
+/// protection). Locked against deletion, a broken VM is not deleted or replaced — a restart still
+/// goes; read-only, nothing is done to it; and a lock list that cannot be read leaves the mirror
+/// as it was rather than calling every VM unprotected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_flexible_vm_is_never_deleted_and_unreadable_locks_stop_the_mirror() {
+    let sets = format!(
+        "{} {}[REPAIR_ACTIONS=restart]",
+        common::scale_set_id("web"),
+        common::scale_set_id("api")
+    );
+    let app = spawn_app()
+        .mode(Mode::Flexible)
+        .scale_set("web", 5)
+        .scale_set("api", 5)
+        .env("HEALER_SCALE_SETS", &sets)
+        .start()
+        .await;
+    let lock = |scope: String, level: &str| json!({"scope": scope, "level": level});
+    for (set, level) in [("web", "CanNotDelete"), ("api", "CanNotDelete")] {
+        let scope = app.resource_id_of(set, 1).await;
+        app.admin(reqwest::Method::POST, "locks", Some(lock(scope, level)))
+            .await;
+    }
+    let read_only = app.resource_id_of("web", 2).await;
+    app.admin(
+        reqwest::Method::POST,
+        "locks",
+        Some(lock(read_only, "ReadOnly")),
+    )
+    .await;
+    for set in ["web", "api"] {
+        app.break_vm(set, 1, json!({"beat": "down"})).await;
+    }
+    app.break_vm("web", 2, json!({"beat": "down"})).await;
+    app.invoke_timer("monitor-state").await;
+    let (web_1, web_2) = (app.key_of("web", 1).await, app.key_of("web", 2).await);
+    let mirrored = app
+        .store
+        .mirrored_instance(&TestApp::scale_set("web"), &web_1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(mirrored.delete_locked && !mirrored.protected_from_scale_set_actions);
+    app.heartbeat_round().await;
+    app.clear_compute_calls().await;
+    let (_, answer) = app.invoke_timer("monitor-status").await;
+    let sets = answer["ReturnValue"]["scale_sets"].as_array().unwrap();
+    assert_eq!(
+        (
+            sets[0]["repairs_requested"].clone(),
+            sets[1]["repairs_requested"].clone()
+        ),
+        (json!(0), json!(1)),
+        "{answer}"
+    );
+    let writes: Vec<String> = app
+        .compute_calls()
+        .await
+        .iter()
+        .filter(|c| c["method"] != "GET")
+        .map(|c| c["path"].as_str().unwrap().to_string())
+        .collect();
+    let api_1 = app.key_of("api", 1).await;
+    assert_eq!(writes.len(), 1, "{writes:?}");
+    assert!(
+        writes[0].ends_with(&format!("/virtualMachines/{api_1}/restart")),
+        "{writes:?}"
+    );
+    let (journal, _) = app.recent_journal(&TestApp::scale_set("web")).await;
+    let why = |instance: &str| {
+        journal
+            .iter()
+            .find(|e| e.kind == EntryKind::Withheld && e.instance_id == instance)
+            .map(|e| (e.outcome.clone(), e.reason.clone()))
+            .unwrap_or_default()
+    };
+    let (outcome, reason) = why(&web_1);
+    assert_eq!(outcome, "delete_locked", "{journal:?}");
+    assert!(
+        reason.contains("resource lock forbids deleting"),
+        "{reason}"
+    );
+    assert_eq!(why(&web_2).0, "protected", "{journal:?}");
+
+    // The lock list cannot be read (the role lacks it): the mirror is not rewritten as unlocked.
+    app.inject_fault(json!({"status": 403, "code": "AuthorizationFailed", "pathContains": "/Microsoft.Authorization/locks", "count": 10}))
+        .await;
+    let (_, answer) = app.invoke_timer("monitor-state").await;
+    let outcomes = common::sync_outcomes(&answer);
+    assert!(outcomes.iter().all(|o| *o == "refused"), "{answer}");
+    let still = app
+        .store
+        .mirrored_instance(&TestApp::scale_set("web"), &web_1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(still.delete_locked);
+}

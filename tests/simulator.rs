@@ -903,3 +903,70 @@ async fn flexible_scale_sets_are_plain_vms_listed_by_filter_and_acted_on_one_by_
         "{events}"
     );
 }
+
+/// Management locks as Resource Manager lists and enforces them: per resource group (with every
+/// resource's lock in it) at their own api-version; a lock on a VM or its group refuses its
+/// deletion (409 `ScopeLocked`), a `ReadOnly` one its actions too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_are_listed_per_group_and_refuse_what_they_lock() {
+    let app = spawn_app()
+        .scale_set_spec(json!({"name": "flex", "capacity": 3, "orchestrationMode": "Flexible"}))
+        .start()
+        .await;
+    let arm = Arm::new(&app).await;
+    let vm = |i| {
+        let app = &app;
+        async move { app.resource_id_of("flex", i).await }
+    };
+    let (vm0, vm1) = (vm(0).await, vm(1).await);
+    for (scope, level) in [(&vm0, "CanNotDelete"), (&vm1, "ReadOnly")] {
+        app.admin(
+            reqwest::Method::POST,
+            "locks",
+            Some(json!({"scope": scope, "level": level})),
+        )
+        .await;
+    }
+    let locks = format!(
+        "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Authorization/locks",
+        common::SUB,
+        common::RG
+    );
+    let (status, body) = arm_get(&arm, &format!("{locks}?api-version=2016-09-01")).await;
+    assert_eq!(status, 200, "{body}");
+    let ids: Vec<&str> = body["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert!(
+        ids[0].starts_with(&format!("{vm0}/providers/Microsoft.Authorization/locks/")),
+        "{ids:?}"
+    );
+    assert_eq!(body["value"][1]["properties"]["level"], "ReadOnly");
+    let (status, _) = arm_get(&arm, &format!("{locks}?api-version=2024-07-01")).await;
+    assert_eq!(status, 400, "locks have their own api-version");
+
+    let name = |id: &str| id.rsplit('/').next().unwrap().to_string();
+    let (status, _, body) = arm.post("flex", "delete", &[name(&vm0).as_str()]).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("ScopeLocked")),
+        "{body}"
+    );
+    let post = |id: &str, verb: &str| {
+        app.http
+            .post(format!("{}{id}/{verb}?api-version=2024-07-01", app.sim_url))
+    };
+    let (status, _, _) = arm.send(post(&vm0, "restart")).await;
+    assert_eq!(status, 202, "CanNotDelete allows a restart");
+    app.complete_operations().await;
+    let (status, _, body) = arm.send(post(&vm1, "restart")).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("ScopeLocked")),
+        "{body}"
+    );
+}

@@ -45,6 +45,7 @@ fn instance(id: usize) -> Instance {
         latest_model_applied: Some(true),
         protected_from_scale_set_actions: id == 3,
         protected_from_scale_in: false,
+        delete_locked: false,
         zone: Some("1".into()),
         created_at: Some(
             OffsetDateTime::UNIX_EPOCH + Duration::days(20_000) + Duration::microseconds(id as i64),

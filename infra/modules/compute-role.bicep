@@ -72,13 +72,14 @@ var flexibleActions = [
   'Microsoft.Compute/virtualMachines/restart/action'
   'Microsoft.Compute/virtualMachines/start/action'
   'Microsoft.Compute/virtualMachines/reimage/action'
+  'Microsoft.Authorization/locks/read'
 ]
 
 resource flexibleVms 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
   name: guid(subscription().id, name, 'vmss-healer-flexible-vms')
   properties: {
     roleName: '${name} flexible scale set VM healer ${suffix}'
-    description: 'Read virtual machines and restart, start and reimage them: the instances of Flexible scale sets. Used by vmss-healer.'
+    description: 'Read virtual machines and the locks that protect them; restart, start and reimage them: the instances of Flexible scale sets. Used by vmss-healer.'
     type: 'CustomRole'
     permissions: [
       {

@@ -99,6 +99,7 @@ fn bench_instance(i: usize, created: Option<OffsetDateTime>) -> Instance {
         latest_model_applied: Some(true),
         protected_from_scale_set_actions: false,
         protected_from_scale_in: false,
+        delete_locked: false,
         zone: None,
         created_at: created,
         provisioned_at: created,

@@ -128,6 +128,17 @@ impl Fleet {
             .protected_from_scale_set_actions = true;
         self
     }
+    /// A resource lock forbids deleting the instance (a Flexible VM).
+    fn delete_locked(mut self, id: &str) -> Self {
+        self.0
+            .instances
+            .iter_mut()
+            .find(|m| m.instance.instance_id == id)
+            .unwrap()
+            .instance
+            .delete_locked = true;
+        self
+    }
     fn power(mut self, id: &str, state: &str) -> Self {
         self.0
             .instances
@@ -280,6 +291,10 @@ fn decision_table() {
         ("one DOWN opens an incident", fleet(4).down("2"), &[("HEALER_REPAIR_ACTIONS", "delete")], (vec![("2", "open", Some(Delete), 1)], vec![])),
         ("silent", fleet(4).up("1", 400), &[], (vec![("1", "open", Some(Replace), 1)], vec![])),
         ("protected", fleet(4).down("3").protected("3"), &[], (vec![], vec![(Some("3"), "protected")])),
+        ("locked against deletion: no replace", fleet(4).down("3").delete_locked("3"), &[], (vec![], vec![(Some("3"), "delete_locked")])),
+        ("locked against deletion: no delete", fleet(4).down("3").delete_locked("3"), &[("HEALER_REPAIR_ACTIONS", "delete")], (vec![], vec![(Some("3"), "delete_locked")])),
+        ("locked against deletion: a restart still goes", fleet(4).down("3").delete_locked("3"), esc, (vec![("3", "open", Some(Restart), 1)], vec![])),
+        ("locked against deletion: no escalation to replace", fleet(4).down("2").delete_locked("2").repairing("2", Reimage, 2, 1000), esc, (vec![], vec![(Some("2"), "delete_locked")])),
         ("in flight", fleet(4).up("2", 400).repairing("2", Restart, 1, 60), esc, (vec![], vec![(Some("2"), "repair_in_flight")])),
         ("DOWN within the grace after a repair is not acted on", fleet(4).down("2").repairing("2", Restart, 1, 60), esc, (vec![], vec![])),
         ("timed out: escalate restart → reimage", fleet(4).down("2").repairing("2", Restart, 1, 1000), esc, (vec![("2", "escalate", Some(Reimage), 2)], vec![])),

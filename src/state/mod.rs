@@ -725,6 +725,7 @@ fn instance_entity(set: &ScaleSetId, i: &Instance, synced_at: OffsetDateTime) ->
             i.protected_from_scale_set_actions,
         )
         .bool("protectFromScaleIn", i.protected_from_scale_in)
+        .bool("deleteLocked", i.delete_locked)
         .opt_str("zone", i.zone.clone())
         .opt_time("createdAt", i.created_at)
         .opt_time("provisionedAt", i.provisioned_at)
@@ -748,6 +749,8 @@ fn instance_from_row(r: &Row) -> Result<MirroredInstance, RowError> {
                 .opt_bool("protectFromScaleSetActions")
                 .unwrap_or(false),
             protected_from_scale_in: r.opt_bool("protectFromScaleIn").unwrap_or(false),
+            // Rows written before locks were read have none.
+            delete_locked: r.opt_bool("deleteLocked").unwrap_or(false),
             zone: r.opt_str("zone"),
             created_at: r.opt_time("createdAt")?,
             provisioned_at: r.opt_time("provisionedAt")?,

@@ -37,6 +37,7 @@ pub fn routes() -> Router<Shared> {
                 .delete(clear_resource_events),
         )
         .route("/admin/ratelimit", put(set_rate_limit))
+        .route("/admin/locks", post(add_lock).delete(clear_locks))
 }
 
 fn not_found(what: &str) -> Response {
@@ -504,4 +505,25 @@ async fn send_heartbeats(State(s): State<Shared>, body: Option<Json<HeartbeatRou
     let round = heartbeat_round(&s).await;
     let (sent, failed) = deliver(&s.http, &target, s.delivery, round).await;
     Json(json!({"sent": sent, "failed": failed})).into_response()
+}
+
+#[derive(Deserialize)]
+struct NewLock {
+    /// The resource id the lock is on (a VM, a resource group, …).
+    scope: String,
+    /// `CanNotDelete` or `ReadOnly`.
+    level: String,
+}
+
+/// An operator locks a resource (through ARM, so Resource Manager reports the lock's write).
+async fn add_lock(State(s): State<Shared>, Json(l): Json<NewLock>) -> Response {
+    let mut w = s.world.lock().await;
+    w.locks
+        .push((l.scope.trim_end_matches('/').to_string(), l.level));
+    StatusCode::CREATED.into_response()
+}
+
+async fn clear_locks(State(s): State<Shared>) -> Response {
+    s.world.lock().await.locks.clear();
+    StatusCode::NO_CONTENT.into_response()
 }

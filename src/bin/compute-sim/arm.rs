@@ -13,6 +13,8 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 pub const API_VERSION: &str = "2024-07-01";
+/// Management locks have their own api-version.
+pub const LOCKS_API_VERSION: &str = "2016-09-01";
 
 pub fn arm_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     let body = json!({"error": {"code": code, "message": message.into()}});
@@ -197,13 +199,22 @@ fn respond(
         },
     }
 
+    let locks_path = path
+        .to_ascii_lowercase()
+        .trim_end_matches('/')
+        .ends_with("/providers/microsoft.authorization/locks");
+    let expected = if locks_path {
+        LOCKS_API_VERSION
+    } else {
+        API_VERSION
+    };
     match query.get("api-version").map(String::as_str) {
-        Some(API_VERSION) => {}
+        Some(v) if v == expected => {}
         Some(other) => {
             return arm_error(
                 StatusCode::BAD_REQUEST,
                 "NoRegisteredProviderFound",
-                format!("No registered resource provider found for API version '{other}'. The supported api-versions are '{API_VERSION}'."),
+                format!("No registered resource provider found for API version '{other}'. The supported api-versions are '{expected}'."),
             )
         }
         None => {
@@ -248,6 +259,11 @@ fn respond(
         };
     }
 
+    if let ["subscriptions", _, "resourcegroups", _, "providers", "microsoft.authorization", "locks"] =
+        l.as_slice()
+    {
+        return list_locks(world, segs[1], segs[3]);
+    }
     if let Some(answer) = vm_api(world, base, method, path, &segs, &l, query) {
         return answer;
     }
@@ -313,6 +329,17 @@ fn respond(
             };
             if let Some(refusal) = refuse(&world.sets[&key], verb, &ids) {
                 return refusal;
+            }
+            // A Flexible set's VMs are resources of their own: a lock on one (or its group)
+            // refuses the whole batch.
+            let set = &world.sets[&key];
+            if set.flexible() {
+                if let Some(refusal) = ids
+                    .iter()
+                    .find_map(|n| locked(world, set, &set.vms[n], verb))
+                {
+                    return refusal;
+                }
             }
             let op = world.start_operation(&key, effect(verb, ids));
             accepted(base, &world.sets[&key], &op)
@@ -774,6 +801,30 @@ fn find_flexible_vm(world: &World, sub: &str, rg: &str, name: &str) -> Option<(S
 }
 
 /// One VM's action: refused as ARM refuses it, else a long-running operation.
+/// The lock that stops `verb` on the VM, if any: any lock on the VM or its group stops a
+/// delete, a `ReadOnly` one every action.
+fn locked(world: &World, set: &ScaleSet, vm: &Vm, verb: &str) -> Option<Response> {
+    let vm_id = set.vm_resource_id(vm).to_ascii_lowercase();
+    let group = format!(
+        "/subscriptions/{}/resourcegroups/{}",
+        set.subscription, set.resource_group
+    )
+    .to_ascii_lowercase();
+    let lock = world.locks.iter().find(|(scope, level)| {
+        let scope = scope.to_ascii_lowercase();
+        (scope == vm_id || scope == group)
+            && (verb == "delete" || level.eq_ignore_ascii_case("ReadOnly"))
+    })?;
+    Some(arm_error(
+        StatusCode::CONFLICT,
+        "ScopeLocked",
+        format!(
+            "The scope '{vm_id}' cannot perform {verb} operation because following scope(s) are locked: '{}'. Please remove the lock and try again.",
+            lock.0
+        ),
+    ))
+}
+
 fn vm_op(world: &mut World, base: &str, key: &str, n: u64, verb: &str) -> Response {
     if world.sets[key].vms[&n].provisioning_state == "Deleting" {
         return arm_error(
@@ -782,11 +833,35 @@ fn vm_op(world: &mut World, base: &str, key: &str, n: u64, verb: &str) -> Respon
             "The request failed due to conflict with a concurrent request.",
         );
     }
+    let set = &world.sets[key];
+    if let Some(refusal) = locked(world, set, &set.vms[&n], verb) {
+        return refusal;
+    }
     if let Some(refusal) = refuse(&world.sets[key], verb, &[n]) {
         return refusal;
     }
     let op = world.start_operation(key, effect(verb, vec![n]));
     accepted(base, &world.sets[key], &op)
+}
+
+/// A resource group's management locks, with those of every resource in it.
+fn list_locks(world: &World, sub: &str, rg: &str) -> Response {
+    let group = format!("/subscriptions/{sub}/resourceGroups/{rg}").to_ascii_lowercase();
+    let value: Vec<Value> = world
+        .locks
+        .iter()
+        .enumerate()
+        .filter(|(_, (scope, _))| scope.to_ascii_lowercase().starts_with(&group))
+        .map(|(i, (scope, level))| {
+            json!({
+                "id": format!("{scope}/providers/Microsoft.Authorization/locks/lock{i}"),
+                "name": format!("lock{i}"),
+                "type": "Microsoft.Authorization/locks",
+                "properties": {"level": level, "notes": "simulator"},
+            })
+        })
+        .collect();
+    json_ok(json!({"value": value}))
 }
 
 /// The scale set a `$filter` names: `'virtualMachineScaleSet/id' eq '<id>'`, the one filter the

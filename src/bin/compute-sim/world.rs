@@ -48,6 +48,13 @@
 //!   (learn.microsoft.com: batch operations → "Invoke Single VM API", Delete → "VMSS Batch delete
 //!   API", Instance protection → "ARM Lock Resource"), and cloud-provider-azure's VMSS Flex
 //!   support (`ListVmssFlexVMsWithoutInstanceView` / `…WithOnlyInstanceView`).
+//! - Management locks (`Microsoft.Authorization/locks`, api-version 2016-09-01) are listed per
+//!   resource group with those of every resource in it; a lock's id is the locked resource's id
+//!   followed by `/providers/Microsoft.Authorization/locks/<name>`, its `properties.level`
+//!   `CanNotDelete` or `ReadOnly` (Management Locks REST reference, "List At Resource Group
+//!   Level"). A `CanNotDelete` or `ReadOnly` lock on a VM or its group makes deleting it fail
+//!   with 409 `ScopeLocked`; `ReadOnly` also refuses its actions ("Lock your resources to protect
+//!   your infrastructure": locks are inherited by child resources).
 //! - A request can be carried out while its answer never arrives (a connection lost after ARM
 //!   accepted it): fault rules with `hangMs` hold the answer past the client's timeout.
 
@@ -409,6 +416,8 @@ pub struct World {
     /// Resource Manager events (what the resource group's Event Grid system topic would publish)
     /// not yet delivered.
     pub resource_events: Vec<serde_json::Value>,
+    /// Management locks: (the resource id they are on, as given, and the level).
+    pub locks: Vec<(String, String)>,
 }
 
 pub const WRITE: &str = "Microsoft.Resources.ResourceWriteSuccess";
@@ -443,6 +452,7 @@ impl World {
             calls_by_subscription: HashMap::new(),
             throttled: HashMap::new(),
             resource_events: Vec::new(),
+            locks: Vec::new(),
         }
     }
 
