@@ -46,6 +46,7 @@ pub const SCALE_SET_ACTIONS: &[&str] = &[
     "Microsoft.Compute/virtualMachineScaleSets/reimage/action",
     "Microsoft.Compute/virtualMachineScaleSets/restart/action",
     "Microsoft.Compute/virtualMachineScaleSets/start/action",
+    "Microsoft.Compute/virtualMachineScaleSets/redeploy/action",
 ];
 
 /// What the handler needs on each watched resource group: reading the status of the long-running
@@ -64,6 +65,7 @@ pub const FLEXIBLE_GROUP_ACTIONS: &[&str] = &[
     "Microsoft.Compute/virtualMachines/reimage/action",
     // The locks that protect Flexible VMs from being repaired (`Compute::locks`).
     "Microsoft.Authorization/locks/read",
+    "Microsoft.Compute/virtualMachines/redeploy/action",
 ];
 
 /// Every action the handler performs.
@@ -75,12 +77,14 @@ pub const REQUIRED_ACTIONS: &[&str] = &[
     SCALE_SET_ACTIONS[4],
     SCALE_SET_ACTIONS[5],
     SCALE_SET_ACTIONS[6],
+    SCALE_SET_ACTIONS[7],
     RESOURCE_GROUP_ACTIONS[0],
     FLEXIBLE_GROUP_ACTIONS[0],
     FLEXIBLE_GROUP_ACTIONS[1],
     FLEXIBLE_GROUP_ACTIONS[2],
     FLEXIBLE_GROUP_ACTIONS[3],
     FLEXIBLE_GROUP_ACTIONS[4],
+    FLEXIBLE_GROUP_ACTIONS[5],
 ];
 
 /// The action Resource Manager authorizes a request of ours by (`None`: not a request we make).
@@ -94,7 +98,7 @@ pub fn required_action(method: &str, path: &str) -> Option<&'static str> {
     if let Some(rest) = path.split("/providers/microsoft.compute/locations/").nth(1) {
         let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
         return match (method.as_str(), segments.as_slice()) {
-            ("GET", [_, "operations", _]) => Some(REQUIRED_ACTIONS[7]),
+            ("GET", [_, "operations", _]) => Some(RESOURCE_GROUP_ACTIONS[0]),
             _ => None,
         };
     }
@@ -112,6 +116,7 @@ pub fn required_action(method: &str, path: &str) -> Option<&'static str> {
             ("POST", [_, "restart"]) => Some(FLEXIBLE_GROUP_ACTIONS[1]),
             ("POST", [_, "start"]) => Some(FLEXIBLE_GROUP_ACTIONS[2]),
             ("POST", [_, "reimage"]) => Some(FLEXIBLE_GROUP_ACTIONS[3]),
+            ("POST", [_, "redeploy"]) => Some(FLEXIBLE_GROUP_ACTIONS[5]),
             _ => None,
         };
     }
@@ -129,6 +134,7 @@ pub fn required_action(method: &str, path: &str) -> Option<&'static str> {
         ("POST", ["reimage"]) => REQUIRED_ACTIONS[4],
         ("POST", ["restart"]) => REQUIRED_ACTIONS[5],
         ("POST", ["start"]) => REQUIRED_ACTIONS[6],
+        ("POST", ["redeploy"]) => SCALE_SET_ACTIONS[7],
         _ => return None,
     };
     Some(action)
@@ -823,6 +829,19 @@ impl Compute {
         }
     }
 
+    /// Moves instances to other hosts and starts them there (a fault of the host, not the VM).
+    pub async fn redeploy_instances(
+        &self,
+        id: &ScaleSetId,
+        instance_ids: &[String],
+        mode: Orchestration,
+    ) -> Result<Accepted, ComputeError> {
+        match mode {
+            Orchestration::Uniform => self.power(id, instance_ids, Power::Redeploy).await,
+            Orchestration::Flexible => self.vm_action(id, instance_ids, VmAction::Redeploy).await,
+        }
+    }
+
     /// A Flexible scale set's VM is acted on with the VM API, one VM per call ("Orchestration
     /// modes API comparison": restart, start, reimage → "Invoke Single VM API"); the VM lives
     /// in its scale set's resource group.
@@ -856,6 +875,11 @@ impl Compute {
                 .send()
                 .await
                 .map(|r| r.into_raw_response()),
+            VmAction::Redeploy => vms
+                .redeploy(rg, name, sub)
+                .send()
+                .await
+                .map(|r| r.into_raw_response()),
         };
         let response = sent.map_err(|e| self.classify(action.what(), sub, e))?;
         Ok(self.accepted(&response))
@@ -884,6 +908,15 @@ impl Compute {
                 "start instances",
                 client
                     .start(&id.resource_group, &id.name, &id.subscription)
+                    .vm_instance_i_ds(ids)
+                    .send()
+                    .await
+                    .map(|r| r.into_raw_response()),
+            ),
+            Power::Redeploy => (
+                "redeploy instances",
+                client
+                    .redeploy(&id.resource_group, &id.name, &id.subscription)
                     .vm_instance_i_ds(ids)
                     .send()
                     .await
@@ -1049,6 +1082,7 @@ impl Compute {
 enum Power {
     Restart,
     Start,
+    Redeploy,
 }
 
 /// What the VM API is asked to do to one Flexible VM.
@@ -1057,6 +1091,7 @@ enum VmAction {
     Restart,
     Start,
     Reimage,
+    Redeploy,
 }
 
 impl VmAction {
@@ -1065,6 +1100,7 @@ impl VmAction {
             VmAction::Restart => "restart VM",
             VmAction::Start => "start VM",
             VmAction::Reimage => "reimage VM",
+            VmAction::Redeploy => "redeploy VM",
         }
     }
 }
@@ -1313,10 +1349,25 @@ mod tests {
             ("POST", format!("{set}/restart"), Some(REQUIRED_ACTIONS[5])),
             ("POST", format!("{set}/start"), Some(REQUIRED_ACTIONS[6])),
             (
+                "POST",
+                format!("{set}/redeploy"),
+                Some(SCALE_SET_ACTIONS[7]),
+            ),
+            (
+                "POST",
+                format!("{vms}/web_1a2b3c4d/redeploy"),
+                Some(FLEXIBLE_GROUP_ACTIONS[5]),
+            ),
+            (
+                "GET",
+                "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Authorization/locks".into(),
+                Some(FLEXIBLE_GROUP_ACTIONS[4]),
+            ),
+            (
                 "GET",
                 "/subscriptions/s/providers/Microsoft.Compute/locations/westeurope/operations/1"
                     .into(),
-                Some(REQUIRED_ACTIONS[7]),
+                Some(RESOURCE_GROUP_ACTIONS[0]),
             ),
             // A Flexible scale set's VMs, at their resource group.
             ("GET", vms.to_string(), Some(FLEXIBLE_GROUP_ACTIONS[0])),

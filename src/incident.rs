@@ -132,6 +132,7 @@ pub enum Call {
     Restart,
     Start,
     Reimage,
+    Redeploy,
     Grow,
 }
 
@@ -142,6 +143,7 @@ impl Call {
             Call::Restart => "restart",
             Call::Start => "start",
             Call::Reimage => "reimage",
+            Call::Redeploy => "redeploy",
             Call::Grow => "grow",
         }
     }
@@ -427,6 +429,7 @@ impl Incident {
                 RepairAction::Restart => Call::Restart,
                 RepairAction::Start => Call::Start,
                 RepairAction::Reimage => Call::Reimage,
+                RepairAction::Redeploy => Call::Redeploy,
             },
         })
     }

@@ -20,6 +20,8 @@ pub enum RepairAction {
     Restart,
     /// Start a stopped or deallocated instance (Azure refuses to restart one).
     Start,
+    /// Move the instance to another host and start it there: for faults of the host, not the VM.
+    Redeploy,
 }
 
 impl RepairAction {
@@ -34,6 +36,7 @@ impl RepairAction {
             RepairAction::Replace => "replace",
             RepairAction::Reimage => "reimage",
             RepairAction::Restart => "restart",
+            RepairAction::Redeploy => "redeploy",
             RepairAction::Start => "start",
         }
     }
@@ -72,8 +75,9 @@ impl FromStr for RepairAction {
             "reimage" => Ok(RepairAction::Reimage),
             "restart" => Ok(RepairAction::Restart),
             "start" => Ok(RepairAction::Start),
+            "redeploy" => Ok(RepairAction::Redeploy),
             other => Err(format!(
-                "unknown repair action `{other}` (expected delete, replace, reimage, restart or start)"
+                "unknown repair action `{other}` (expected delete, replace, reimage, restart, start or redeploy)"
             )),
         }
     }

@@ -499,7 +499,10 @@ async fn carry_out(
     for t in acting {
         if let Some(call) = t.incident.call() {
             let one_vm = mode == Orchestration::Flexible
-                && matches!(call, Call::Restart | Call::Start | Call::Reimage);
+                && matches!(
+                    call,
+                    Call::Restart | Call::Start | Call::Reimage | Call::Redeploy
+                );
             let alone =
                 ((t.alone() || one_vm) && call != Call::Grow).then(|| t.incident.target.clone());
             calls.entry((call, alone)).or_default().push(t);
@@ -742,6 +745,7 @@ async fn send(
         Call::Restart => compute.restart_instances(id, ids, mode).await,
         Call::Start => compute.start_instances(id, ids, mode).await,
         Call::Reimage => compute.reimage_instances(id, ids, mode).await,
+        Call::Redeploy => compute.redeploy_instances(id, ids, mode).await,
         Call::Grow => {
             let n = u32::try_from(ids.len()).unwrap_or(u32::MAX);
             let grown = compute.grow(id, n).await?;

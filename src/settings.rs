@@ -51,7 +51,7 @@ pub const CATALOG: &[SettingDoc] = &[
     SettingDoc { name: STARTUP_TIMEOUT, default: "`600` s", meaning: "a new instance must send its first heartbeat within this" },
     SettingDoc { name: GRACE_PERIOD, default: "`300` s", meaning: "after creation or a repair, DOWN is not acted on yet" },
     SettingDoc { name: DOWN_FOR, default: "`60` s", meaning: "DOWN must persist this long before it counts" },
-    SettingDoc { name: REPAIR_ACTIONS, default: "`replace`", meaning: "one of `delete` (leave capacity to autoscale), `replace` (add a new instance first, then delete the broken one), `reimage`, `restart`, `start`, or an escalation list such as `restart,reimage,replace`; a `restart` of a stopped or deallocated instance is sent as `start`" },
+    SettingDoc { name: REPAIR_ACTIONS, default: "`replace`", meaning: "one of `delete` (leave capacity to autoscale), `replace` (add a new instance first, then delete the broken one), `reimage`, `restart`, `start`, `redeploy` (move it to another host), or an escalation list such as `restart,reimage,replace`; a `restart` of a stopped or deallocated instance is sent as `start`" },
     SettingDoc { name: REPAIR_TIMEOUT, default: "`900` s", meaning: "a repaired instance must be healthy within this, else next step" },
     SettingDoc { name: MAX_ATTEMPTS, default: "`3`", meaning: "repairs of one incident before giving up and alerting" },
     SettingDoc { name: MAX_PARALLEL, default: "`10%`", meaning: "repairs in flight per scale set (count or percent, at least 1)" },

@@ -127,26 +127,30 @@ fn the_custom_roles_hold_exactly_the_actions_the_handler_needs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_compute_request_is_covered_by_the_role_and_every_action_is_used() {
     let sets = format!(
-        "{}[REPAIR_ACTIONS=restart] {}[REPAIR_ACTIONS=reimage] {}[REPAIR_ACTIONS=replace] {}[REPAIR_ACTIONS=restart] {}[REPAIR_ACTIONS=reimage]",
+        "{}[REPAIR_ACTIONS=restart] {}[REPAIR_ACTIONS=reimage] {}[REPAIR_ACTIONS=replace] {}[REPAIR_ACTIONS=redeploy] {}[REPAIR_ACTIONS=restart] {}[REPAIR_ACTIONS=reimage] {}[REPAIR_ACTIONS=redeploy]",
         common::scale_set_id("a"),
         common::scale_set_id("b"),
         common::scale_set_id("c"),
+        common::scale_set_id("d"),
         common::scale_set_id("fa"),
-        common::scale_set_id("fb")
+        common::scale_set_id("fb"),
+        common::scale_set_id("fc")
     );
     let app = spawn_app()
         .scale_set("a", 5)
         .scale_set("b", 5)
         .scale_set("c", 5)
+        .scale_set("d", 5)
         .mode(common::Mode::Flexible)
         .scale_set("fa", 5)
         .scale_set("fb", 5)
+        .scale_set("fc", 5)
         .env("HEALER_SCALE_SETS", &sets)
         .env("HEALER_MAX_PARALLEL", "2")
         .start()
         .await;
     app.clear_compute_calls().await;
-    for set in ["a", "b", "c", "fa", "fb"] {
+    for set in ["a", "b", "c", "d", "fa", "fb", "fc"] {
         app.break_vm(set, 1, json!({"beat": "down"})).await;
     }
     for set in ["a", "fa"] {
@@ -163,8 +167,8 @@ async fn every_compute_request_is_covered_by_the_role_and_every_action_is_used()
         .map(|s| s["repairs_requested"].as_u64().unwrap())
         .sum();
     assert_eq!(
-        requested, 7,
-        "restart, start, reimage, surge; Flexible: restart, start, reimage: {answer}"
+        requested, 9,
+        "restart, start, reimage, surge, redeploy; Flexible: restart, start, reimage, redeploy: {answer}"
     );
     // The next passes follow the operations and, the new instance mirrored, delete the broken one.
     app.invoke_timer("monitor-state").await;

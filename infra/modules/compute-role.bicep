@@ -24,6 +24,7 @@ var instanceActions = [
   'Microsoft.Compute/virtualMachineScaleSets/reimage/action'
   'Microsoft.Compute/virtualMachineScaleSets/restart/action'
   'Microsoft.Compute/virtualMachineScaleSets/start/action'
+  'Microsoft.Compute/virtualMachineScaleSets/redeploy/action'
 ]
 // What a replace adds: the capacity write (Azure has no narrower action).
 var resizeActions = [
@@ -34,7 +35,7 @@ resource role 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
   name: guid(subscription().id, name, 'vmss-healer-compute')
   properties: {
     roleName: '${name} scale set healer ${suffix}'
-    description: 'Read scale sets and their instances; delete, reimage, restart and start instances${canResize ? '; write capacity' : ''}. Used by vmss-healer.'
+    description: 'Read scale sets and their instances; delete, reimage, restart, start and redeploy instances${canResize ? '; write capacity' : ''}. Used by vmss-healer.'
     type: 'CustomRole'
     permissions: [
       {
@@ -73,13 +74,14 @@ var flexibleActions = [
   'Microsoft.Compute/virtualMachines/start/action'
   'Microsoft.Compute/virtualMachines/reimage/action'
   'Microsoft.Authorization/locks/read'
+  'Microsoft.Compute/virtualMachines/redeploy/action'
 ]
 
 resource flexibleVms 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
   name: guid(subscription().id, name, 'vmss-healer-flexible-vms')
   properties: {
     roleName: '${name} flexible scale set VM healer ${suffix}'
-    description: 'Read virtual machines and the locks that protect them; restart, start and reimage them: the instances of Flexible scale sets. Used by vmss-healer.'
+    description: 'Read virtual machines and the locks that protect them; restart, start, reimage and redeploy them: the instances of Flexible scale sets. Used by vmss-healer.'
     type: 'CustomRole'
     permissions: [
       {

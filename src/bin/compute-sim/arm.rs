@@ -317,10 +317,11 @@ fn respond(
         (Method::DELETE, ["virtualmachines", id]) => {
             instance_op(world, base, &key, segs[7], id, "delete")
         }
-        (Method::POST, ["virtualmachines", id, verb @ ("restart" | "reimage" | "start")]) => {
-            instance_op(world, base, &key, segs[7], id, verb)
-        }
-        (Method::POST, [verb @ ("delete" | "restart" | "reimage" | "start")]) => {
+        (
+            Method::POST,
+            ["virtualmachines", id, verb @ ("restart" | "reimage" | "start" | "redeploy")],
+        ) => instance_op(world, base, &key, segs[7], id, verb),
+        (Method::POST, [verb @ ("delete" | "restart" | "reimage" | "start" | "redeploy")]) => {
             let ids = match instance_ids(world, &key, &parsed_body, *verb == "delete") {
                 Ok(ids) => ids,
                 Err(InvalidParameter(m)) => {
