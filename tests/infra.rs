@@ -499,3 +499,16 @@ fn the_alert_rules_watch_give_ups_long_brakes_and_a_failing_mirror() {
     assert!(main.contains("roles.monitoringMetricsPublisher"));
     assert!(read("infra/monitoring.bicep").contains("loadTextContent('workbook.json')"));
 }
+
+/// Issue 14: a Flexible set's instances are plain VMs, whose Resource Manager events the
+/// subscription must let through (`virtualMachines/`, apart from `virtualMachineScaleSets`).
+#[test]
+fn the_resource_manager_subscription_lets_vm_events_through() {
+    let sub = read("infra/modules/rm-subscription.bicep");
+    assert!(
+        sub.contains("values: ['Microsoft.Compute/virtualMachineScaleSets', 'Microsoft.Compute/virtualMachines/']"),
+        "{sub}"
+    );
+    assert!(sub.contains("operatorType: 'StringBeginsWith'"));
+    assert!(sub.contains("key: 'data.operationName'"));
+}
