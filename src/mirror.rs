@@ -147,8 +147,8 @@ pub struct ScaleSetRecord {
     /// ours): later than `synced_at`, the mirror is behind and the next pass reads the set.
     pub changed_at: Option<OffsetDateTime>,
     /// The brake holding the scale set's repairs (a reason label), if any, and since when.
-    pub breaker: Option<String>,
-    pub breaker_since: Option<OffsetDateTime>,
+    pub brake: Option<String>,
+    pub brake_since: Option<OffsetDateTime>,
     /// An operator's manual brake (`handler pause`): the note they gave, and since when.
     pub operator_pause: Option<String>,
     pub operator_pause_since: Option<OffsetDateTime>,
@@ -165,8 +165,8 @@ impl ScaleSetRecord {
             throttled_until: None,
             exists: true,
             changed_at: None,
-            breaker: None,
-            breaker_since: None,
+            brake: None,
+            brake_since: None,
             operator_pause: None,
             operator_pause_since: None,
         }

@@ -236,8 +236,8 @@ async fn journal_lists_newest_first_and_scale_set_records_round_trip() {
         throttled_until: Some(t0 + Duration::minutes(5)),
         exists: true,
         changed_at: None,
-        breaker: Some("too_many_unhealthy".into()),
-        breaker_since: Some(t0),
+        brake: Some("too_many_unhealthy".into()),
+        brake_since: Some(t0),
         operator_pause: Some("deploying v2".into()),
         operator_pause_since: Some(t0),
     };
@@ -245,7 +245,7 @@ async fn journal_lists_newest_first_and_scale_set_records_round_trip() {
     assert_eq!(store.scale_set(&set()).await.unwrap(), Some(record.clone()));
 
     // A change announced while a sync runs survives the sync's write, and the sync leaves the
-    // breaker (monitor-status's) alone.
+    // brake (monitor-status's) alone.
     let t1 = t0 + Duration::seconds(30);
     store
         .request_resync(std::slice::from_ref(&set()), t1)
@@ -254,8 +254,8 @@ async fn journal_lists_newest_first_and_scale_set_records_round_trip() {
     let synced = ScaleSetRecord {
         capacity: Some(21),
         synced_at: Some(t0 + Duration::seconds(10)),
-        breaker: None,
-        breaker_since: None,
+        brake: None,
+        brake_since: None,
         ..record.clone()
     };
     store.record_sync(&set(), &synced).await.unwrap();
@@ -263,8 +263,8 @@ async fn journal_lists_newest_first_and_scale_set_records_round_trip() {
         store.scale_set(&set()).await.unwrap(),
         Some(ScaleSetRecord {
             changed_at: Some(t1),
-            breaker: record.breaker.clone(),
-            breaker_since: record.breaker_since,
+            brake: record.brake.clone(),
+            brake_since: record.brake_since,
             ..synced
         })
     );

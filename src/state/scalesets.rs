@@ -63,15 +63,16 @@ impl Store {
     }
 
     /// Records the brake now holding the scale set (`None`: released), leaving the rest of its
-    /// row as it is.
-    pub async fn set_breaker(
+    /// row as it is. The columns keep their first name (`breaker`, `breakerSince`), so rows
+    /// written by earlier versions read the same.
+    pub async fn set_brake(
         &self,
         set: &ScaleSetId,
-        breaker: Option<&str>,
+        brake: Option<&str>,
         since: OffsetDateTime,
     ) -> Result<(), StoreError> {
         let entity = Entity::new(SCALESET_PARTITION, &set.key())
-            .str("breaker", breaker.unwrap_or_default())
+            .str("breaker", brake.unwrap_or_default())
             .time("breakerSince", since);
         self.scalesets.merge(SCALESET_PARTITION, entity).await
     }
@@ -131,8 +132,8 @@ fn scaleset_entity(set: &ScaleSetId, r: &ScaleSetRecord) -> Entity {
         .opt_time("throttledUntil", r.throttled_until)
         .bool("exists", r.exists)
         .opt_time("changedAt", r.changed_at)
-        .str("breaker", r.breaker.clone().unwrap_or_default())
-        .opt_time("breakerSince", r.breaker_since)
+        .str("breaker", r.brake.clone().unwrap_or_default())
+        .opt_time("breakerSince", r.brake_since)
         .str(
             "operatorPause",
             r.operator_pause.clone().unwrap_or_default(),
@@ -140,7 +141,7 @@ fn scaleset_entity(set: &ScaleSetId, r: &ScaleSetRecord) -> Entity {
         .opt_time("operatorPauseSince", r.operator_pause_since)
 }
 
-/// The columns a mirror sync owns; the breaker (monitor-status) and `changedAt` (events, repairs)
+/// The columns a mirror sync owns; the brake (monitor-status) and `changedAt` (events, repairs)
 /// are left to their writers, so a change announced during the sync is not lost.
 fn sync_result_entity(set: &ScaleSetId, r: &ScaleSetRecord) -> Entity {
     Entity::new(SCALESET_PARTITION, &set.key())
@@ -164,8 +165,8 @@ fn scaleset_from_row(r: &Row) -> Result<ScaleSetRecord, RowError> {
         throttled_until: r.opt_time("throttledUntil")?,
         exists: r.opt_bool("exists").unwrap_or(true),
         changed_at: r.opt_time("changedAt")?,
-        breaker: r.opt_str("breaker").filter(|s| !s.is_empty()),
-        breaker_since: r.opt_time("breakerSince")?,
+        brake: r.opt_str("breaker").filter(|s| !s.is_empty()),
+        brake_since: r.opt_time("breakerSince")?,
         operator_pause: r.opt_str("operatorPause").filter(|s| !s.is_empty()),
         operator_pause_since: r.opt_time("operatorPauseSince")?,
     })

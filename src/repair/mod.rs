@@ -1,0 +1,347 @@
+//! One repair pass (`monitor-status`): gather → follow → decide → claim → act → journal → report.
+//! Reads the tables; calls the Compute API only to act and to read how its own operations went.
+
+use crate::alert::{Alert, Kind as AlertKind, Notifier};
+use crate::compute::{Accepted, Compute, ComputeError};
+use crate::deadline::Deadline;
+use crate::incident::{Call, Incident, Phase, Stage};
+use crate::journal::{Entry, EntryKind};
+use crate::mirror::ScaleSetRecord;
+use crate::plan::{decide, pipeline_fault, Brakes, Observation, Plan, Step, Transition};
+use crate::scaleset::{Orchestration, ScaleSetId};
+use crate::settings::Settings;
+use crate::state::{Store, StoreError};
+use futures::StreamExt;
+use serde::Serialize;
+use serde_json::json;
+use std::collections::BTreeMap;
+use time::OffsetDateTime;
+
+mod act;
+mod error_policy;
+mod settle;
+
+use act::{claim, journal_rows, SetPass};
+use error_policy::{after, explain};
+pub use error_policy::{error_policy, Next};
+
+/// Scale sets read concurrently by a repair pass.
+const GATHER_CONCURRENCY: usize = 4;
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct SetReport {
+    pub scale_set: String,
+    pub total: usize,
+    pub healthy: usize,
+    pub unhealthy: usize,
+    /// Steps ARM accepted this pass (or, in a dry run, would have been sent).
+    pub repairs_requested: usize,
+    /// Steps ARM did not take this pass (throttled, busy, refused, no answer).
+    pub repairs_failed: usize,
+    /// Transitions another overlapping pass claimed first.
+    pub claimed_elsewhere: usize,
+    pub withheld: usize,
+    pub outcomes: usize,
+    /// Operations of earlier steps found ended this pass, and how many of them failed.
+    pub operations_ended: usize,
+    pub operations_failed: usize,
+    /// Steps left to the next pass: the pass deadline was too close for another call.
+    pub deferred: usize,
+    pub paused: Option<&'static str>,
+    /// How long the brake has held, from when a pass first found it.
+    pub paused_for_s: Option<i64>,
+    pub next_check_s: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RepairReport {
+    pub dry_run: bool,
+    pub pipeline_fault: bool,
+    pub scale_sets: Vec<SetReport>,
+    /// What the pass cost (approximate when passes of this process overlap).
+    pub table_requests: u64,
+    pub compute_calls: u64,
+}
+
+pub async fn repair_all(
+    store: &Store,
+    compute: &Compute,
+    notifier: &Notifier,
+    settings: &Settings,
+    now: OffsetDateTime,
+) -> Result<RepairReport, StoreError> {
+    let deadline = Deadline::after(
+        settings.pass_deadline.unsigned_abs(),
+        settings.call_timeout.unsigned_abs(),
+    );
+    let (requests_before, calls_before) = (store.requests(), compute.observed().calls());
+    // Every scale set is read before any is decided (the pipeline-fault brake weighs the whole
+    // fleet): storage too slow for that within the deadline fails the pass, as storage down does.
+    let observations = deadline
+        .bound(async {
+            let records = store.scale_sets().await?;
+            // A few scale sets are read at once: the pass is bound by table round trips, not CPU.
+            let reads: Vec<_> = settings
+                .scale_sets
+                .iter()
+                .map(|watched| gather(store, &watched.id, records.get(&watched.id.key()).cloned()))
+                .collect();
+            let mut reads = futures::stream::iter(reads).buffered(GATHER_CONCURRENCY);
+            let mut observations = Vec::with_capacity(settings.scale_sets.len());
+            while let Some(observation) = reads.next().await {
+                observations.push(observation?);
+            }
+            Ok::<_, StoreError>(observations)
+        })
+        .await
+        .ok_or_else(|| StoreError::Unavailable {
+            table: "repairs",
+            op: "reading every scale set",
+            detail: format!(
+                "not done within HEALER_PASS_DEADLINE ({} s)",
+                settings.pass_deadline.whole_seconds()
+            ),
+        })??;
+    let mut observations = observations;
+
+    // How the operations of earlier passes went, before deciding on them.
+    let mut followed = Vec::with_capacity(observations.len());
+    for (watched, obs) in settings.scale_sets.iter().zip(observations.iter_mut()) {
+        let journal = if settings.dry_run {
+            Vec::new()
+        } else {
+            crate::follow::follow(store, compute, &watched.id, obs, &deadline, now).await?
+        };
+        followed.push(journal);
+    }
+
+    let pairs: Vec<(&Observation, &crate::policy::Policy)> = observations
+        .iter()
+        .zip(&settings.scale_sets)
+        .map(|(o, w)| (o, &w.policy))
+        .collect();
+    let fault = pipeline_fault(&pairs, now);
+    if let Some(f) = fault {
+        tracing::error!(silent = f.silent, reporting = f.reporting, decision = "pause",
+            "most of the fleet fell silent at once: heartbeat pipeline fault; no repairs until heartbeats return");
+    }
+    let brakes = Brakes {
+        mirror_max_age: settings.mirror_max_age,
+        full_resync: settings.full_resync,
+        pipeline_fault: fault,
+        dry_run: settings.dry_run,
+        lease: settings.lease(),
+    };
+    let mut reports = Vec::new();
+    let mut resyncs = Vec::new();
+    for ((watched, mut obs), journal) in settings.scale_sets.iter().zip(observations).zip(followed)
+    {
+        // A 429 met anywhere in the subscription this pass holds this scale set too.
+        if let (Some(record), Some(until)) = (
+            obs.record.as_mut(),
+            compute.observed().throttled_until(&watched.id.subscription),
+        ) {
+            record.throttled_until = Some(record.throttled_until.map_or(until, |t| t.max(until)));
+        }
+        let plan = decide(&obs, &watched.policy, brakes, now);
+        if let Some(why) = plan.resync.filter(|_| !resync_pending(obs.record.as_ref())) {
+            tracing::debug!(scale_set = %watched.id, why, "next mirror pass asked to read this scale set");
+            resyncs.push(watched.id.clone());
+        }
+        let pass = SetPass {
+            store,
+            compute,
+            id: &watched.id,
+            dry_run: settings.dry_run,
+            deadline: &deadline,
+            now,
+            mode: Orchestration::parse(
+                obs.record
+                    .as_ref()
+                    .and_then(|r| r.orchestration_mode.as_deref()),
+            ),
+        };
+        let (report, alerts) = carry_out(&pass, plan, obs.record.as_ref(), journal).await?;
+        notifier.send(alerts);
+        reports.push(report);
+    }
+    crate::throttle::hold_subscriptions(store, compute, settings, now).await?;
+    // Asked for at the end, in one batch: a pass that stops before this point leaves its incidents
+    // in flight, and the next pass asks again.
+    store.request_resync(&resyncs, now).await?;
+    Ok(RepairReport {
+        dry_run: settings.dry_run,
+        pipeline_fault: fault.is_some(),
+        scale_sets: reports,
+        table_requests: store.requests() - requests_before,
+        compute_calls: compute.observed().calls() - calls_before,
+    })
+}
+
+/// Reads what `decide` looks at for one scale set (also the operator's `handler status`).
+pub async fn gather(
+    store: &Store,
+    id: &ScaleSetId,
+    record: Option<ScaleSetRecord>,
+) -> Result<Observation, StoreError> {
+    let (instances, bad_instances) = store.mirror(id).await?;
+    let (heartbeats, bad_heartbeats) = store.heartbeats(id).await?;
+    let (incidents, bad_incidents) = store.incidents(id).await?;
+    for bad in bad_instances
+        .0
+        .iter()
+        .chain(&bad_heartbeats.0)
+        .chain(&bad_incidents.0)
+    {
+        tracing::warn!(scale_set = %id, error = %bad, "skipped an unreadable row");
+    }
+    Ok(Observation {
+        record,
+        instances,
+        heartbeats,
+        incidents,
+    })
+}
+
+fn entry(
+    id: &ScaleSetId,
+    instance: &str,
+    incident: &str,
+    kind: EntryKind,
+    dry_run: bool,
+    now: OffsetDateTime,
+) -> Entry {
+    Entry {
+        scale_set: id.clone(),
+        instance_id: instance.to_string(),
+        at: now,
+        incident: incident.to_string(),
+        kind,
+        action: None,
+        attempt: 0,
+        outcome: String::new(),
+        reason: String::new(),
+        evidence: serde_json::Value::Null,
+        dry_run,
+    }
+}
+
+/// One scale set's plan carried out: the brake's edges alerted, what is withheld journaled, the
+/// closes and give-ups settled, then the steps that call the Compute API acted on.
+async fn carry_out(
+    pass: &SetPass<'_>,
+    plan: Plan,
+    record: Option<&ScaleSetRecord>,
+    followed: Vec<Entry>,
+) -> Result<(SetReport, Vec<Alert>), StoreError> {
+    let SetPass {
+        store,
+        id,
+        dry_run,
+        now,
+        mode,
+        ..
+    } = *pass;
+    let alert = |kind, t: Option<&Transition>, reason: String| pass.alert(kind, t, reason);
+    let mut alerts = Vec::new();
+
+    // Pause and resume are the brake's edges: alert once when it changes, not every pass.
+    let brake_now = plan.paused().map(|w| w.label());
+    let brake_before = record.and_then(|r| r.brake.as_deref());
+    if brake_now != brake_before {
+        store.set_brake(id, brake_now, now).await?;
+        match plan.paused() {
+            Some(why) => {
+                tracing::warn!(scale_set = %id, decision = "pause", why = why.label(), reason = %why.describe(), "repairs paused");
+                alerts.push(alert(AlertKind::Pause, None, why.describe()));
+            }
+            None => {
+                tracing::info!(scale_set = %id, decision = "resume", was = brake_before.unwrap_or(""), "repairs resumed");
+                alerts.push(alert(
+                    AlertKind::Resume,
+                    None,
+                    format!("the brake `{}` released", brake_before.unwrap_or("")),
+                ));
+            }
+        }
+    }
+    let mut report = SetReport {
+        scale_set: id.key(),
+        total: plan.total,
+        healthy: plan.healthy,
+        unhealthy: plan.unhealthy,
+        withheld: plan.withheld.len(),
+        operations_ended: followed.len(),
+        operations_failed: followed.iter().filter(|e| e.outcome == "failed").count(),
+        paused: plan.paused().map(|w| w.label()),
+        paused_for_s: brake_now.map(|_| {
+            let since = record
+                .and_then(|r| r.brake_since)
+                .filter(|_| brake_now == brake_before)
+                .unwrap_or(now);
+            (now - since).whole_seconds().max(0)
+        }),
+        next_check_s: plan.next_check.map(|d| d.whole_seconds()),
+        ..SetReport::default()
+    };
+    let mut journal = followed;
+    if let (Some(was), None) = (brake_before, brake_now) {
+        journal.push(Entry {
+            outcome: "resumed".into(),
+            reason: format!("the brake `{was}` released; repairs resume"),
+            ..entry(id, "*", "", EntryKind::Withheld, dry_run, now)
+        });
+    }
+
+    for w in &plan.withheld {
+        let instance = w.instance_id.as_deref().unwrap_or("*");
+        tracing::info!(scale_set = %id, instance, decision = "withheld", why = w.why.label(), reason = %w.why.describe(), "repair withheld");
+        // A running or given-up incident already has its rows, and a scale-set pause its row from
+        // the pass it began (the brake column remembers it): repeating them every pass would bury
+        // the rest.
+        let repeated_pause = w.instance_id.is_none() && brake_now == brake_before;
+        if repeated_pause
+            || matches!(
+                w.why,
+                crate::plan::WithheldReason::RepairInFlight { .. }
+                    | crate::plan::WithheldReason::GivenUp { .. }
+                    | crate::plan::WithheldReason::DryRunHolds { .. }
+            )
+        {
+            continue;
+        }
+        journal.push(Entry {
+            outcome: w.why.label().into(),
+            reason: w.why.describe(),
+            evidence: json!(w.why),
+            ..entry(id, instance, "", EntryKind::Withheld, dry_run, now)
+        });
+    }
+
+    // What is known before acting is journaled before acting: a pass stopped midway keeps it.
+    journal_rows(store, &journal).await?;
+
+    // Closes and give-ups call nothing: claimed and journaled together, first. A dry run's step
+    // is recorded as if ARM had taken it, so the dry run follows it to its deadline.
+    let (mut acting, settling): (Vec<Transition>, Vec<Transition>) =
+        plan.transitions.into_iter().partition(|t| t.step.acts());
+    for t in acting.iter_mut().filter(|_| dry_run) {
+        t.incident = t.incident.accepted(None);
+    }
+    settle::settle(pass, settling, &mut report, &mut alerts).await?;
+
+    let calls = act::group(acting, mode);
+    act::act(pass, calls, &mut report, &mut alerts).await?;
+    Ok((report, alerts))
+}
+
+/// Whether the next mirror pass reads the scale set anyway: never mirrored, or a change already
+/// pending (whose time the mirror-behind brake measures from, so it is not moved on).
+fn resync_pending(record: Option<&ScaleSetRecord>) -> bool {
+    match record.and_then(|r| r.synced_at) {
+        None => true,
+        Some(synced) => record
+            .and_then(|r| r.changed_at)
+            .is_some_and(|c| c >= synced),
+    }
+}
