@@ -220,13 +220,16 @@ async fn flexible_subject(
     let Some(vm) = event.subject.as_deref().and_then(|s| VmRef::parse(s).ok()) else {
         return Ok(Ok(None));
     };
-    let candidates: Vec<&ScaleSetId> = state
+    let mut candidates: Vec<&ScaleSetId> = state
         .settings
         .scale_sets
         .iter()
         .map(|w| &w.id)
         .filter(|id| vm.could_be_in(id))
         .collect();
+    // A Flexible set names its VMs `<set>_<suffix>`: that set is looked in first, so a group that
+    // also holds other sets costs no extra read per heartbeat.
+    candidates.sort_by_key(|id| !vm.name.starts_with(&format!("{}_", id.name)));
     if candidates.is_empty() {
         return Ok(Err(heartbeat::Rejection::UnknownScaleSet(format!(
             "of VM {} (no watched scale set in resource group {})",
