@@ -60,7 +60,7 @@ pub struct Plan {
     pub next_check: Option<Duration>,
     /// Why the next mirror pass should read this scale set rather than wait for its full resync:
     /// a repair's effect must be seen, or mirror evidence confirmed before acting on it.
-    pub resync: Option<&'static str>,
+    pub resync: Option<ResyncReason>,
 }
 
 impl Plan {
@@ -145,6 +145,29 @@ impl Transition {
     /// is one write whatever it carries, so it never goes alone.
     pub fn alone(&self) -> bool {
         self.incident.hold == Some(Hold::Alone) && self.call() != Some(Call::Grow)
+    }
+}
+
+/// Why the next mirror pass must read a scale set before its full resync is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResyncReason {
+    /// A repair goes out this pass: its effect must be mirrored to be judged.
+    RepairStarted,
+    /// A repair is under way: the mirror follows it to its end.
+    RepairInFlight,
+    /// An instance is judged on the mirror's evidence (stopped, failed, unhealthy): confirmed by
+    /// a fresh read before anything is done about it.
+    ConfirmMirrorEvidence,
+}
+
+impl ResyncReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            ResyncReason::RepairStarted => "repair_started",
+            ResyncReason::RepairInFlight => "repair_in_flight",
+            ResyncReason::ConfirmMirrorEvidence => "confirm_mirror_evidence",
+        }
     }
 }
 
@@ -565,7 +588,7 @@ pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDat
     open(&view, &mut in_flight, &mut plan);
     keep_writes_apart(&view, &mut plan);
     if plan.resync.is_none() && plan.transitions.iter().any(|t| t.step.acts()) {
-        plan.resync = Some("repair_started");
+        plan.resync = Some(ResyncReason::RepairStarted);
     }
     plan
 }
@@ -573,7 +596,7 @@ pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDat
 /// What the next mirror pass must show: the effect of repairs under way, and whether mirror
 /// evidence against an instance still holds. Instances we will not act on do not count, or a
 /// fleet with one protected sick VM per scale set would be read in full every pass.
-fn resync(view: &View, plan: &Plan) -> Option<&'static str> {
+fn resync(view: &View, plan: &Plan) -> Option<ResyncReason> {
     // Incidents this plan closes have nothing left to show.
     let closed = |target: &str| {
         plan.transitions
@@ -597,9 +620,9 @@ fn resync(view: &View, plan: &Plan) -> Option<&'static str> {
         judged_on_mirror && !m.instance.protected_from_scale_set_actions && !given_up
     });
     if repairing {
-        Some("repair_in_flight")
+        Some(ResyncReason::RepairInFlight)
     } else if to_confirm {
-        Some("confirm_mirror_evidence")
+        Some(ResyncReason::ConfirmMirrorEvidence)
     } else {
         None
     }

@@ -20,13 +20,53 @@ use tokio::sync::Mutex;
 /// few at a time stay well inside its read budget.
 const SYNC_CONCURRENCY: usize = 4;
 
+/// How one scale set's mirror read went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncOutcome {
+    /// Read and written.
+    Synced,
+    /// Not due: nothing announced a change and the full resync is not due yet.
+    Fresh,
+    /// Left to the next pass: the read budget or the pass deadline.
+    Deferred,
+    /// Cut at the pass deadline; the mirror keeps its last state.
+    TimedOut,
+    /// The Compute API asked us to wait.
+    Throttled,
+    /// The scale set does not exist (its mirror was emptied).
+    NotFound,
+    /// The read failed: the Compute error's label (`refused`, `transient`, `no_answer`, …).
+    Failed(&'static str),
+}
+
+impl SyncOutcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            SyncOutcome::Synced => "synced",
+            SyncOutcome::Fresh => "fresh",
+            SyncOutcome::Deferred => "deferred",
+            SyncOutcome::TimedOut => "timed_out",
+            SyncOutcome::Throttled => "throttled",
+            SyncOutcome::NotFound => "not_found",
+            SyncOutcome::Failed(label) => label,
+        }
+    }
+}
+
+/// Reports carry the label, as the invocation's answer and `handler status` show it.
+impl Serialize for SyncOutcome {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.label())
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct SetSync {
     pub scale_set: String,
     /// `synced`, `fresh` (not due), `deferred` (read budget, or the pass deadline near),
     /// `timed_out` (cut at the pass deadline), `throttled`, `not_found`, or the Compute error's
     /// label.
-    pub outcome: &'static str,
+    pub outcome: SyncOutcome,
     /// Why the set was read (`first_sync`, `changed`, `retry`, `full_resync`), if it was.
     pub read: Option<&'static str>,
     pub instances: usize,
@@ -36,7 +76,7 @@ pub struct SetSync {
 }
 
 impl SetSync {
-    fn new(id: &ScaleSetId, outcome: &'static str, read: Option<Read>) -> Self {
+    fn new(id: &ScaleSetId, outcome: SyncOutcome, read: Option<Read>) -> Self {
         SetSync {
             scale_set: id.key(),
             outcome,
@@ -93,14 +133,14 @@ pub async fn sync_all(
             Ok(read) => read,
             Err(Hold::Fresh { next }) => {
                 tracing::debug!(scale_set = %id, next = %next, "mirror fresh; not read this pass");
-                let mut fresh = SetSync::new(id, "fresh", None);
+                let mut fresh = SetSync::new(id, SyncOutcome::Fresh, None);
                 fresh.detail = Some(format!("nothing changed; full read due by {}", stamp(next)));
                 report.push((position, fresh));
                 continue;
             }
             Err(Hold::Throttled { until }) => {
                 tracing::warn!(scale_set = %id, until = %until, "mirror sync skipped: still throttled");
-                let mut held = SetSync::new(id, "throttled", None);
+                let mut held = SetSync::new(id, SyncOutcome::Throttled, None);
                 held.detail = Some(format!("Compute API asked to wait until {}", stamp(until)));
                 report.push((position, held));
                 continue;
@@ -172,7 +212,7 @@ async fn within(
             .filter(|left| *left < READ_RESERVE)
         {
             tracing::warn!(scale_set = %id, remaining = left, "Compute read budget nearly spent; sync deferred to the next pass");
-            let mut deferred = SetSync::new(id, "deferred", Some(read));
+            let mut deferred = SetSync::new(id, SyncOutcome::Deferred, Some(read));
             deferred.detail = Some(format!(
                 "Compute read budget nearly spent ({left} left); deferred to the next pass"
             ));
@@ -180,7 +220,7 @@ async fn within(
         }
     }
     if !deadline.fits_a_call() {
-        let mut deferred = SetSync::new(id, "deferred", Some(read));
+        let mut deferred = SetSync::new(id, SyncOutcome::Deferred, Some(read));
         deferred.detail = Some(format!(
             "{} s of HEALER_PASS_DEADLINE left, less than one HEALER_CALL_TIMEOUT: read next pass",
             deadline.remaining().as_secs()
@@ -200,7 +240,7 @@ async fn within(
             let mut record = record.unwrap_or_else(ScaleSetRecord::unsynced);
             record.sync_error = Some(why.clone());
             store.record_sync(id, &record).await?;
-            let mut cut = SetSync::new(id, "timed_out", Some(read));
+            let mut cut = SetSync::new(id, SyncOutcome::TimedOut, Some(read));
             cut.detail = Some(why);
             Ok(cut)
         }
@@ -216,7 +256,7 @@ async fn sync_one(
     now: OffsetDateTime,
 ) -> Result<SetSync, StoreError> {
     let mut record = record.unwrap_or_else(ScaleSetRecord::unsynced);
-    let mut result = SetSync::new(id, "synced", Some(why));
+    let mut result = SetSync::new(id, SyncOutcome::Synced, Some(why));
 
     let read = async {
         let info = compute.scale_set(id).await?;
@@ -265,7 +305,7 @@ async fn sync_one(
             let (stored, _) = store.mirror(id).await?;
             let ids: Vec<String> = stored.into_iter().map(|m| m.instance.instance_id).collect();
             result.removed = store.remove_instances(id, &ids).await?;
-            result.outcome = "not_found";
+            result.outcome = SyncOutcome::NotFound;
             result.detail = Some(why_not.clone());
             record.exists = false;
             record.synced_at = Some(now);
@@ -275,13 +315,13 @@ async fn sync_one(
         Err(ComputeError::Throttled { retry_after_s }) => {
             record.throttled_until = Some(now + Duration::seconds(retry_after_s));
             record.sync_error = Some(format!("throttled for {retry_after_s} s"));
-            result.outcome = "throttled";
+            result.outcome = SyncOutcome::Throttled;
             result.detail = record.sync_error.clone();
             tracing::warn!(scale_set = %id, retry_after_s, "mirror sync throttled; the mirror keeps its last state");
         }
         Err(e) => {
             record.sync_error = Some(e.to_string());
-            result.outcome = e.label();
+            result.outcome = SyncOutcome::Failed(e.label());
             result.detail = Some(e.to_string());
             tracing::error!(scale_set = %id, error = %e, "mirror sync failed; the mirror keeps its last state");
         }

@@ -2,6 +2,7 @@
 
 use super::{store_error, timer};
 use crate::host::{AppState, HostError, Invocation, Outcome};
+use crate::sync::SyncOutcome;
 use time::OffsetDateTime;
 
 pub async fn run(state: &AppState, invocation: Invocation) -> Result<Outcome, HostError> {
@@ -14,9 +15,9 @@ pub async fn run(state: &AppState, invocation: Invocation) -> Result<Outcome, Ho
         .await
         .map_err(store_error)?;
     for set in &report.scale_sets {
-        crate::telemetry::mirror_pass(&set.scale_set, set.outcome);
+        crate::telemetry::mirror_pass(&set.scale_set, set.outcome.label());
     }
-    let count = |outcome: &str| {
+    let count = |outcome: SyncOutcome| {
         report
             .scale_sets
             .iter()
@@ -25,9 +26,9 @@ pub async fn run(state: &AppState, invocation: Invocation) -> Result<Outcome, Ho
     };
     let log = format!(
         "monitor-state: {} of {} scale sets synced, {} fresh, with {} Compute calls",
-        count("synced"),
+        count(SyncOutcome::Synced),
         report.scale_sets.len(),
-        count("fresh"),
+        count(SyncOutcome::Fresh),
         report.compute_calls
     );
     let value = serde_json::to_value(&report).map_err(|e| HostError::Internal(e.into()))?;

@@ -752,6 +752,6 @@ fn what_the_next_mirror_pass_must_show() {
         ("paused sets still ask", fleet(4).stopped("1").mirror_age(400).changed(350), Some("confirm_mirror_evidence")),
     ];
     for (name, f, want) in cases {
-        assert_eq!(f.decide(esc).resync, want, "{name}");
+        assert_eq!(f.decide(esc).resync.map(|r| r.label()), want, "{name}");
     }
 }

@@ -145,7 +145,7 @@ pub async fn repair_all(
         }
         let plan = decide(&obs, &watched.policy, brakes, now);
         if let Some(why) = plan.resync.filter(|_| !resync_pending(obs.record.as_ref())) {
-            tracing::debug!(scale_set = %watched.id, why, "next mirror pass asked to read this scale set");
+            tracing::debug!(scale_set = %watched.id, why = why.label(), "next mirror pass asked to read this scale set");
             resyncs.push(watched.id.clone());
         }
         let pass = SetPass {
