@@ -289,7 +289,7 @@ resource senders 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for pri
   }
 }]
 
-// Exactly the Compute actions the handler performs (src/compute.rs REQUIRED_ACTIONS), on each
+// Exactly the Compute actions the handler performs (src/edges/compute.rs REQUIRED_ACTIONS), on each
 // watched scale set and nothing else.
 module computeRole 'modules/compute-role.bicep' = {
   name: 'healer-compute-role'
@@ -330,7 +330,7 @@ module rmEvents 'modules/rm-events.bicep' = [for rg in watchedResourceGroups: if
 }]
 
 // azd stores these as environment values; infra/hooks/postdeploy.sh passes them on.
-// Alert rules and the fleet workbook, on what the handler exports (src/telemetry.rs).
+// Alert rules and the fleet workbook, on what the handler exports (src/edges/telemetry.rs).
 module monitoring 'monitoring.bicep' = {
   name: 'monitoring'
   params: {

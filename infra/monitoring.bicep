@@ -1,5 +1,5 @@
 // What an operator watches vmss-healer with, on the Application Insights resource the handler
-// exports to (`src/telemetry.rs`): three log alert rules and a workbook of the fleet over time.
+// exports to (`src/edges/telemetry.rs`): three log alert rules and a workbook of the fleet over time.
 //
 // Every query reads the `customMetrics` the handler exports, by the names and dimensions of
 // `telemetry::METRICS` (`tests/infra.rs` holds them to it). Log alerts (scheduledQueryRules

@@ -1,36 +1,65 @@
 //! vmss-healer: keeps Azure Virtual Machine Scale Sets healthy from VM heartbeats.
 //!
-//! Pure domain modules (`scaleset`, `policy`, `event`, `heartbeat`, `mirror`, `verdict`, `plan`,
-//! `journal`, `resync`) decide; the edges (`state` for tables, `compute` for ARM, `host` for the Functions
-//! host) do I/O; `functions` holds one thin module per Azure Function.
+//! The folders say what each module is:
+//! - `domain`: pure decisions and the types they speak — identities (`scaleset`), events and
+//!   heartbeats, the mirror, verdicts, incidents, the repair policy and `plan::decide`, the
+//!   journal, what `handler status` shows. No I/O.
+//! - `passes`: the timer passes that gather, decide, act and record — `sync` (the mirror),
+//!   `repair` (with `follow` for the operations it started), and what they share (`deadline`,
+//!   `throttle`).
+//! - `edges`: everything that talks to the outside — `state` (the only code that knows tables,
+//!   keys and ETags), `compute` (the only code that knows ARM), `host` (the Functions host),
+//!   alerts, telemetry, settings, identity, logs and secrets, the operator's commands.
+//! - `functions`: one thin module per Azure Function: parse the invocation, call a pass, answer.
+//!
+//! Long-running operations (design §7) will get their own folder beside these.
+//! Every module is also reachable at the crate's root (`vmss_healer::plan`), as before the folders.
 
-pub mod admission;
-pub mod alert;
-pub mod attestation;
-pub mod compute;
-pub mod deadline;
-pub mod event;
-pub mod follow;
+pub mod domain {
+    pub mod attestation;
+    pub mod event;
+    pub mod heartbeat;
+    pub mod incident;
+    pub mod journal;
+    pub mod lifecycle;
+    pub mod mirror;
+    pub mod plan;
+    pub mod policy;
+    pub mod resync;
+    pub mod scaleset;
+    pub mod status;
+    pub mod verdict;
+}
+
+pub mod passes {
+    pub mod deadline;
+    pub mod follow;
+    pub mod repair;
+    pub mod sync;
+    pub mod throttle;
+}
+
+pub mod edges {
+    pub mod admission;
+    pub mod alert;
+    pub mod compute;
+    pub mod host;
+    pub mod identity;
+    pub mod logs;
+    pub mod operator;
+    pub mod secret;
+    pub mod settings;
+    pub mod state;
+    pub mod telemetry;
+}
+
 pub mod functions;
-pub mod heartbeat;
-pub mod host;
-pub mod identity;
-pub mod incident;
-pub mod journal;
-pub mod lifecycle;
-pub mod logs;
-pub mod mirror;
-pub mod operator;
-pub mod plan;
-pub mod policy;
-pub mod repair;
-pub mod resync;
-pub mod scaleset;
-pub mod secret;
-pub mod settings;
-pub mod state;
-pub mod status;
-pub mod sync;
-pub mod telemetry;
-pub mod throttle;
-pub mod verdict;
+
+pub use domain::{
+    attestation, event, heartbeat, incident, journal, lifecycle, mirror, plan, policy, resync,
+    scaleset, status, verdict,
+};
+pub use edges::{
+    admission, alert, compute, host, identity, logs, operator, secret, settings, state, telemetry,
+};
+pub use passes::{deadline, follow, repair, sync, throttle};

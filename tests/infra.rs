@@ -458,8 +458,8 @@ fn alerts_and_workbook_read_only_what_the_handler_exports() {
 #[test]
 fn the_alert_rules_watch_give_ups_long_brakes_and_a_failing_mirror() {
     let bicep = read("infra/monitoring.bicep");
-    let repair = read("src/repair/settle.rs");
-    let sync = read("src/sync.rs");
+    let repair = read("src/passes/repair/settle.rs");
+    let sync = read("src/passes/sync.rs");
     // Give-ups: the outcome literal the journal writes.
     assert!(bicep.contains("customDimensions.outcome) == \"given_up\""));
     assert!(repair.contains("outcome: \"given_up\".into()"));

@@ -1,5 +1,5 @@
 // The custom roles the healer's identity holds: on each watched scale set exactly the Resource
-// Manager actions the handler performs there (src/compute.rs SCALE_SET_ACTIONS), and on each
+// Manager actions the handler performs there (src/edges/compute.rs SCALE_SET_ACTIONS), and on each
 // watched resource group only the reading of asynchronous operation status (RESOURCE_GROUP_ACTIONS):
 // "To track the status of an asynchronous operation, you need sufficient permission at the resource
 // group level. If you only have permission at the resource level, you can start the operation but
@@ -66,7 +66,7 @@ resource operationReader 'Microsoft.Authorization/roleDefinitions@2022-04-01' = 
 }
 
 // A Flexible scale set's instances are virtual machines of its resource group, not of the scale
-// set: listing them and acting on one is authorized at the group (src/compute.rs
+// set: listing them and acting on one is authorized at the group (src/edges/compute.rs
 // FLEXIBLE_GROUP_ACTIONS). Granted only on the groups of Flexible sets (modules/flexible-access.bicep).
 var flexibleActions = [
   'Microsoft.Compute/virtualMachines/read'

@@ -1,6 +1,6 @@
 // Signs documents as IMDS signs attested documents (PKCS#7, content inside, SHA-256), with the
 // test chains in `tests/fixtures/attestation`, using the openssl command line: an implementation
-// independent of the healer's verifier. Shared by `src/attestation.rs`'s tests and `tests/agent.rs`.
+// independent of the healer's verifier. Shared by `src/domain/attestation.rs`'s tests and `tests/agent.rs`.
 
 use base64::Engine;
 

@@ -761,7 +761,7 @@ mod tests {
         ];
         let defaults = load(&base).unwrap();
         // The repository's own host.json, as deployed.
-        let ours = include_str!("../host.json");
+        let ours = include_str!("../../host.json");
         assert_eq!(defaults.check_function_timeout(ours), Ok(()));
         assert_eq!(
             defaults.check_function_timeout("{}"),
