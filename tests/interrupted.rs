@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{spawn_app, TestApp};
+use common::{spawn_app, Mode, TestApp};
 use serde_json::json;
 use std::time::Duration;
 use time::OffsetDateTime;
@@ -39,9 +39,14 @@ fn outcomes<'a>(journal: &'a [Entry], instance: &str) -> Vec<&'a str> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_call_that_landed_but_whose_answer_was_lost_is_never_sent_again() {
+in_both_modes!(
+    a_call_that_landed_but_whose_answer_was_lost_is_never_sent_again,
+    a_call_lost_before_it_landed_is_sent_once_more_and_then_spends_its_attempt,
+);
+
+async fn a_call_that_landed_but_whose_answer_was_lost_is_never_sent_again(mode: Mode) {
     let app = quick()
+        .mode(mode)
         .scale_set("web", 3)
         .env("HEALER_REPAIR_ACTIONS", "restart,reimage")
         .env("HEALER_REPAIR_TIMEOUT", "8")
@@ -50,12 +55,13 @@ async fn a_call_that_landed_but_whose_answer_was_lost_is_never_sent_again() {
     // A fault a restart does not fix: the restart lands, and the VM stays down.
     app.sync_and_break("web", 1, json!({"beat": "down", "fault": "disk"}))
         .await;
+    let one = app.key_of("web", 1).await;
     app.inject_fault(json!({"method": "POST", "pathContains": "/restart", "hangMs": 4000}))
         .await;
     let (status, answer) = app.invoke_timer("monitor-status").await;
     assert_eq!(status, 200, "{answer}");
     let (journal, _) = app.recent_journal(&TestApp::scale_set("web")).await;
-    let mut first: Vec<&str> = outcomes(&journal, "1");
+    let mut first: Vec<&str> = outcomes(&journal, &one);
     first.reverse();
     assert_eq!(
         first,
@@ -67,7 +73,7 @@ async fn a_call_that_landed_but_whose_answer_was_lost_is_never_sent_again() {
         .incidents(&TestApp::scale_set("web"))
         .await
         .unwrap()
-        .0["1"]
+        .0[&one]
         .value
         .clone();
     assert_eq!(incident.phase, Phase::Sending, "{incident:?}");
@@ -76,7 +82,7 @@ async fn a_call_that_landed_but_whose_answer_was_lost_is_never_sent_again() {
     // and the step's deadline (8 s) decides — then the next step.
     let journal = app
         .drive_until("web", Duration::from_secs(60), |j| {
-            outcomes(j, "1").contains(&"requested")
+            outcomes(j, &one).contains(&"requested")
         })
         .await;
     assert_eq!(posts(&app, "/restart").await, 1, "{journal:#?}");
@@ -86,14 +92,15 @@ async fn a_call_that_landed_but_whose_answer_was_lost_is_never_sent_again() {
     assert_eq!(reimage.attempt, 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_call_lost_before_it_landed_is_sent_once_more_and_then_spends_its_attempt() {
+async fn a_call_lost_before_it_landed_is_sent_once_more_and_then_spends_its_attempt(mode: Mode) {
     let app = quick()
+        .mode(mode)
         .scale_set("web", 3)
         .env("HEALER_REPAIR_ACTIONS", "restart,reimage")
         .start()
         .await;
     app.sync_and_break("web", 1, json!({"beat": "down"})).await;
+    let one = app.key_of("web", 1).await;
     // Not carried out, and the answer lost: twice.
     app.inject_fault(
         json!({"method": "POST", "pathContains": "/restart", "status": 500,
@@ -113,7 +120,7 @@ async fn a_call_lost_before_it_landed_is_sent_once_more_and_then_spends_its_atte
     // What each later pass found, as its intent and answer rows carry it.
     let mut found: Vec<&str> = journal
         .iter()
-        .filter(|e| e.instance_id == "1")
+        .filter(|e| e.instance_id == one)
         .filter_map(|e| e.evidence.get("lost_answer"))
         .filter_map(|l| l["found"].as_str())
         .collect();
