@@ -12,7 +12,8 @@
 //!   alerts, telemetry, settings, identity, logs and secrets, the operator's commands.
 //! - `functions`: one thin module per Azure Function: parse the invocation, call a pass, answer.
 //!
-//! Long-running operations (design §7) will get their own folder beside these.
+//! - `operations`: long-running operations (design §7): the operation and what an operator may
+//!   do to it; the engine that advances them builds on it.
 //! Every module is also reachable at the crate's root (`vmss_healer::plan`), as before the folders.
 
 pub mod domain {
@@ -54,6 +55,7 @@ pub mod edges {
 }
 
 pub mod functions;
+pub mod operations;
 
 pub use domain::{
     attestation, event, heartbeat, incident, journal, lifecycle, mirror, plan, policy, resync,

@@ -673,3 +673,92 @@ async fn a_heartbeat_row_contended_past_its_retries_is_a_transient_fault() {
         "a row busy with other writers is worth a redelivery, not a dropped heartbeat: {err}"
     );
 }
+
+/// Design §7: an operation is a row of `operations`, one per scale set until it is over, every
+/// write conditional on the version read (as an incident's), and it reads back as it was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_one_per_scale_set_written_by_version_read_back_whole() {
+    use vmss_healer::operations::{Command, Kind, Operation, State};
+    let azurite = Azurite::start();
+    let store = store_for(azurite.connection_string());
+    store.ensure_tables().await.unwrap();
+    let t0 = vmss_healer::mirror::at_storage_precision(OffsetDateTime::now_utc());
+    let mut op = Operation::new(
+        Kind::Cycle,
+        set(),
+        serde_json::json!({"batch": "20%", "minHealthy": "80%"}),
+        "ops: monthly refresh".into(),
+        false,
+        t0,
+    );
+    op.holds = vec!["3".into(), "web_1a2b3c4d".into()];
+    op.wait_until = Some(t0 + Duration::minutes(5));
+    let version = store.start_operation(&op).await.unwrap();
+
+    // A second one on the same scale set is refused while the first is not over; another set is
+    // free.
+    let second = Operation::new(
+        Kind::Cycle,
+        set(),
+        serde_json::Value::Null,
+        "x".into(),
+        false,
+        t0 + Duration::seconds(1),
+    );
+    let refused = store.start_operation(&second).await.unwrap_err();
+    assert!(refused.to_string().contains(&op.id), "{refused}");
+    let other = Operation::new(
+        Kind::Cycle,
+        ScaleSetId::new("sub", "rg", "api"),
+        serde_json::Value::Null,
+        "x".into(),
+        true,
+        t0,
+    );
+    store.start_operation(&other).await.unwrap();
+
+    let (ops, skipped) = store.operations(Some(&set())).await.unwrap();
+    assert!(skipped.0.is_empty());
+    assert_eq!(ops.len(), 1);
+    assert_eq!(ops[0].value, op, "read back whole");
+    assert_eq!(ops[0].version, version);
+    assert_eq!(store.operations(None).await.unwrap().0.len(), 2);
+
+    // Writes go by version: a stale one is refused, never overwrites.
+    let paused = op
+        .command(Command::Pause, t0 + Duration::seconds(2))
+        .unwrap();
+    let version = store
+        .update_operation(&paused, &version)
+        .await
+        .unwrap()
+        .expect("written");
+    let stale = op
+        .command(Command::Abort, t0 + Duration::seconds(3))
+        .unwrap();
+    assert_eq!(
+        store
+            .update_operation(&stale, "W/\"datetime'2000-01-01T00%3A00%3A00Z'\"")
+            .await
+            .unwrap(),
+        None
+    );
+    let (ops, _) = store.operations(Some(&set())).await.unwrap();
+    assert_eq!(ops[0].value.state, State::Paused);
+
+    // Once it is over, the scale set is free for the next.
+    let aborted = paused
+        .command(Command::Abort, t0 + Duration::seconds(4))
+        .unwrap();
+    store
+        .update_operation(&aborted, &version)
+        .await
+        .unwrap()
+        .expect("written");
+    store.start_operation(&second).await.unwrap();
+    let (ops, _) = store.operations(Some(&set())).await.unwrap();
+    assert_eq!(
+        ops.iter().map(|o| o.value.state).collect::<Vec<_>>(),
+        [State::Aborted, State::Pending]
+    );
+}

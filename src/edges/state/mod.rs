@@ -3,6 +3,7 @@
 
 mod heartbeats;
 mod instances;
+mod operations;
 mod repairs;
 mod scalesets;
 pub mod table;
@@ -31,6 +32,7 @@ pub const INSTANCES: &str = "instances";
 pub const HEARTBEATS: &str = "heartbeats";
 pub const REPAIRS: &str = "repairs";
 pub const SCALESETS: &str = "scalesets";
+pub const OPERATIONS: &str = "operations";
 const SCALESET_PARTITION: &str = "scaleset";
 const INCIDENT_PREFIX: &str = "incident:";
 
@@ -41,6 +43,7 @@ pub struct Store {
     heartbeats: Table,
     repairs: Table,
     scalesets: Table,
+    operations: Table,
     requests: Arc<AtomicU64>,
     /// The last heartbeat this process wrote or read per instance, with its ETag: a newer reading
     /// is then one conditional write. The cache may lag the table (other workers write too) but
@@ -119,6 +122,7 @@ impl Store {
             heartbeats: table(HEARTBEATS),
             repairs: table(REPAIRS),
             scalesets: table(SCALESETS),
+            operations: table(OPERATIONS),
             requests,
             last_heartbeat: Arc::default(),
             identities: Arc::default(),
@@ -144,22 +148,19 @@ impl Store {
         Ok(true)
     }
 
-    /// Creates the four tables if they do not exist. Idempotent.
+    /// Creates the tables if they do not exist. Idempotent.
     pub async fn ensure_tables(&self) -> Result<(), StoreError> {
         for t in [
             &self.instances,
             &self.heartbeats,
             &self.repairs,
             &self.scalesets,
+            &self.operations,
         ] {
             t.ensure_exists().await?;
         }
         Ok(())
     }
-
-    // ---- instances: the mirror ----
-
-    // ---- heartbeats ----
 
     fn remember(&self, key: (String, String), heartbeat: Heartbeat, etag: String) {
         let mut cache = lock(&self.last_heartbeat);
@@ -168,12 +169,6 @@ impl Store {
         }
         cache.insert(key, StoredHeartbeat { heartbeat, etag });
     }
-
-    // ---- scalesets ----
-
-    // ---- repairs: incident rows (one per instance, the claim) ----
-
-    // ---- repairs: the journal ----
 }
 
 /// Bounded retries: a storage hiccup is retried briefly inside the call; a longer outage fails
