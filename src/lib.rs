@@ -14,6 +14,7 @@
 //!
 //! - `operations`: long-running operations (design §7): the operation and what an operator may
 //!   do to it; the engine that advances them builds on it.
+//!
 //! Every module is also reachable at the crate's root (`vmss_healer::plan`), as before the folders.
 
 pub mod domain {

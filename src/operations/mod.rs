@@ -210,7 +210,7 @@ impl Operation {
 }
 
 /// At most one operation per scale set that is not over (design §7): the one in the way, if any.
-pub fn in_the_way<'a>(existing: &'a [Operation]) -> Option<&'a Operation> {
+pub fn in_the_way(existing: &[Operation]) -> Option<&Operation> {
     existing.iter().find(|o| !o.state.is_over())
 }
 
