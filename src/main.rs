@@ -47,6 +47,41 @@ enum Command {
         /// A watched scale set: its resource id or its name.
         scale_set: String,
     },
+    /// The long-running operations (design §7), oldest first, with their progress.
+    Operations {
+        /// Only this watched scale set's (resource id or name).
+        scale_set: Option<String>,
+        /// As JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause, resume or abort a long-running operation.
+    Operation {
+        #[command(subcommand)]
+        command: OperationCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum OperationCommand {
+    /// Hold it where it is (what it holds stays held) until resumed.
+    Pause(OperationArgs),
+    /// Take a paused operation up again on the next pass.
+    Resume(OperationArgs),
+    /// End it: nothing more is done, and what it held is freed.
+    Abort(OperationArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct OperationArgs {
+    /// The operation's id (`handler operations` lists them).
+    id: String,
+    /// The watched scale set it runs on, when the id alone is ambiguous.
+    #[arg(long)]
+    scale_set: Option<String>,
+    /// Why, for the journal.
+    #[arg(long, default_value = "no reason given")]
+    reason: String,
 }
 
 fn main() {
@@ -177,16 +212,6 @@ fn operator_command(command: Command) -> i32 {
             return 2;
         }
     };
-    let (name, json, target, note) = match &command {
-        Command::Status { json } => ("status", *json, None, None),
-        Command::Pause { scale_set, reason } => (
-            "pause",
-            false,
-            Some(scale_set.as_str()),
-            Some(reason.clone()),
-        ),
-        Command::Resume { scale_set } => ("resume", false, Some(scale_set.as_str()), None),
-    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -197,13 +222,44 @@ fn operator_command(command: Command) -> i32 {
             return 1;
         }
     };
+    let name = match &command {
+        Command::Status { .. } => "status",
+        Command::Pause { .. } => "pause",
+        Command::Resume { .. } => "resume",
+        Command::Operations { .. } => "operations",
+        Command::Operation { .. } => "operation",
+    };
     let result = runtime.block_on(async {
         let store =
             Store::connect(&settings.storage, credential).context("configuring table storage")?;
-        match target {
-            None => vmss_healer::operator::status(&settings, &store, json).await,
-            Some(set) => {
-                vmss_healer::operator::set_pause(&settings, &store, set, note.as_deref()).await
+        use vmss_healer::operator;
+        match &command {
+            Command::Status { json } => operator::status(&settings, &store, *json).await,
+            Command::Pause { scale_set, reason } => {
+                operator::set_pause(&settings, &store, scale_set, Some(reason)).await
+            }
+            Command::Resume { scale_set } => {
+                operator::set_pause(&settings, &store, scale_set, None).await
+            }
+            Command::Operations { scale_set, json } => {
+                operator::list_operations(&settings, &store, scale_set.as_deref(), *json).await
+            }
+            Command::Operation { command } => {
+                use vmss_healer::operations::Command as Op;
+                let (op, args) = match command {
+                    OperationCommand::Pause(a) => (Op::Pause, a),
+                    OperationCommand::Resume(a) => (Op::Resume, a),
+                    OperationCommand::Abort(a) => (Op::Abort, a),
+                };
+                operator::command_operation(
+                    &settings,
+                    &store,
+                    &args.id,
+                    args.scale_set.as_deref(),
+                    op,
+                    &args.reason,
+                )
+                .await
             }
         }
     });
@@ -214,8 +270,14 @@ fn operator_command(command: Command) -> i32 {
         }
         Err(e) => {
             eprintln!("handler {name}: {}", redact(&format!("{e:#}")));
+            // The caller's mistake (a set or operation that is not there, a command the
+            // operation's state does not allow): a usage error, exit 2.
             if e.downcast_ref::<vmss_healer::operator::NoSuchScaleSet>()
                 .is_some()
+                || e.downcast_ref::<vmss_healer::operator::NoSuchOperation>()
+                    .is_some()
+                || e.downcast_ref::<vmss_healer::operations::Refused>()
+                    .is_some()
             {
                 2
             } else {

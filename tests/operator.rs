@@ -124,6 +124,9 @@ fn every_command_prints_its_help_without_settings() {
         vec!["status", "--help"],
         vec!["pause", "--help"],
         vec!["resume", "--help"],
+        vec!["operations", "--help"],
+        vec!["operation", "pause", "--help"],
+        vec!["operation", "abort", "--help"],
         vec!["help", "status"],
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_handler"))
@@ -192,4 +195,86 @@ async fn an_unresolved_key_vault_reference_in_an_optional_setting_leaves_the_han
             .is_some_and(|w| w.contains("HEALER_WEBHOOK_URL")),
         "{json}"
     );
+}
+
+/// Design §7: an operator lists the long-running operations and pauses, resumes or aborts one;
+/// each command is journaled; a command the operation's state does not allow, or an id that is
+/// not there, is the operator's mistake (exit 2) and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_are_listed_paused_resumed_and_aborted() {
+    use vmss_healer::operations::{Kind, Operation, State};
+    let app = spawn_app().scale_set("web", 3).start().await;
+    let (code, out, err) = app.cli(&["operations"]);
+    assert_eq!((code, out.as_str()), (0, "no operation\n"), "{err}");
+    let now = time::OffsetDateTime::now_utc();
+    let mut op = Operation::new(
+        Kind::Cycle,
+        TestApp::scale_set("web"),
+        json!({"batch": "20%"}),
+        "ops: monthly refresh".into(),
+        false,
+        now,
+    );
+    op.state = State::Running;
+    op.total = 3;
+    op.done = 1;
+    op.step = "batch 2".into();
+    app.store.start_operation(&op).await.unwrap();
+
+    let (code, out, err) = app.cli(&["operations", "web"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&op.id) && out.contains("running") && out.contains("1 of 3 (batch 2)"),
+        "{out}"
+    );
+    let (code, out, _) = app.cli(&["operations", "--json"]);
+    assert_eq!(code, 0);
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed[0]["state"], "running", "{listed}");
+
+    let (code, out, err) = app.cli(&["operation", "pause", &op.id, "--reason", "traffic peak"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("running → paused"), "{out}");
+    let (_, status, _) = app.cli(&["status"]);
+    assert!(
+        status.contains(&format!(
+            "operation {} on rg-fleet/web: paused, 1 of 3 (batch 2)",
+            op.id
+        )),
+        "{status}"
+    );
+    // Resuming twice: the second is refused and changes nothing.
+    assert_eq!(app.cli(&["operation", "resume", &op.id]).0, 0);
+    let (code, _, err) = app.cli(&["operation", "resume", &op.id]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("is running: cannot resume"), "{err}");
+    let (code, _, err) = app.cli(&["operation", "abort", "cycle-1", "--scale-set", "web"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no operation `cycle-1`"), "{err}");
+    assert_eq!(
+        app.cli(&["operation", "abort", &op.id, "--reason", "wrong set"])
+            .0,
+        0
+    );
+    let (ops, _) = app.store.operations(None).await.unwrap();
+    assert_eq!(ops[0].value.state, State::Aborted);
+    assert!(ops[0].value.holds.is_empty());
+
+    // The audit trail: each command, with the operation's id and the note.
+    let (journal, _) = app.recent_journal(&TestApp::scale_set("web")).await;
+    let rows: Vec<(&str, &str)> = journal
+        .iter()
+        .filter(|e| e.kind == EntryKind::Operation)
+        .map(|e| (e.incident.as_str(), e.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            (op.id.as_str(), "operator_abort"),
+            (op.id.as_str(), "operator_resume"),
+            (op.id.as_str(), "operator_pause"),
+        ],
+        "newest first"
+    );
+    assert!(journal.iter().any(|e| e.reason.contains("traffic peak")));
 }

@@ -20,6 +20,9 @@ pub enum EntryKind {
     /// A repair's Compute call is about to be sent: written before the call, so that the journal
     /// shows every call ARM may have received even if the pass stops before recording the answer.
     Intent,
+    /// A long-running operation's step or an operator's command on it (design §7); its
+    /// `incident` is the operation's id.
+    Operation,
 }
 
 impl EntryKind {
@@ -30,6 +33,7 @@ impl EntryKind {
             EntryKind::Outcome => "outcome",
             EntryKind::Step => "step",
             EntryKind::Intent => "intent",
+            EntryKind::Operation => "operation",
         }
     }
 
@@ -40,6 +44,7 @@ impl EntryKind {
             "outcome" => Some(EntryKind::Outcome),
             "step" => Some(EntryKind::Step),
             "intent" => Some(EntryKind::Intent),
+            "operation" => Some(EntryKind::Operation),
             _ => None,
         }
     }

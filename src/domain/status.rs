@@ -20,6 +20,8 @@ pub struct Report {
     /// Optional settings that cannot be used (the handler runs without them).
     pub settings_warnings: Vec<String>,
     pub scale_sets: Vec<SetStatus>,
+    /// The long-running operations that are not over (design §7).
+    pub operations: Vec<crate::operations::Operation>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -198,6 +200,19 @@ pub fn render(report: &Report) -> String {
     for w in &report.settings_warnings {
         out.push_str(&format!("warning: {w}\n"));
     }
+    for o in &report.operations {
+        out.push_str(&format!(
+            "operation {} on {}: {}{}, {}{}\n",
+            o.id,
+            o.scale_set,
+            o.state.as_str(),
+            if o.dry_run { " (dry run)" } else { "" },
+            o.progress(),
+            o.wait_until
+                .map(|t| format!(", waiting until {}", stamp(t)))
+                .unwrap_or_default()
+        ));
+    }
     for s in &report.scale_sets {
         out.push_str(&format!(
             "\n{}  [{}]  {} instances: {} healthy, {} unhealthy, {} repairing, {} suspect, {} starting, {} maintenance\n",
@@ -311,6 +326,23 @@ mod tests {
         }
     }
 
+    fn running_cycle() -> crate::operations::Operation {
+        let mut o = crate::operations::Operation::new(
+            crate::operations::Kind::Cycle,
+            ScaleSetId::new("s", "r", "web"),
+            serde_json::Value::Null,
+            "ops".into(),
+            false,
+            OffsetDateTime::UNIX_EPOCH,
+        );
+        o.state = crate::operations::State::Running;
+        o.done = 4;
+        o.total = 20;
+        o.step = "batch 2".into();
+        o.wait_until = Some(OffsetDateTime::UNIX_EPOCH + time::Duration::minutes(5));
+        o
+    }
+
     #[test]
     fn the_text_names_the_brake_and_the_incidents() {
         let mut s = status(9, 1, 1, 0);
@@ -334,6 +366,7 @@ mod tests {
             dry_run: true,
             settings_warnings: vec!["HEALER_WEBHOOK_URL: unusable; alerts are not sent".into()],
             scale_sets: vec![s],
+            operations: vec![running_cycle()],
         });
         assert!(text.contains("(DRY RUN)"), "{text}");
         assert!(

@@ -1,8 +1,10 @@
 //! The operator's commands of the `handler` binary, against a deployment's tables with the same
 //! settings as the Function App: `status` (what the healer sees and did), `pause` / `resume` (a
-//! manual brake `monitor-status` obeys). Reads and writes the tables only, never the Compute API.
+//! manual brake `monitor-status` obeys), `operations` and `operation pause|resume|abort` (the
+//! long-running operations of design §7). Reads and writes the tables only, never the Compute API.
 
 use crate::journal::{Entry, EntryKind};
+use crate::operations::{Command, Operation};
 use crate::plan::{pipeline_fault, Brakes};
 use crate::repair::gather;
 use crate::settings::{Settings, WatchedScaleSet};
@@ -62,11 +64,20 @@ pub async fn status(settings: &Settings, store: &Store, json: bool) -> anyhow::R
             now,
         ));
     }
+    let (operations, _) = store
+        .operations(None)
+        .await
+        .context("reading the operations table")?;
     let report = Report {
         at: now,
         dry_run: settings.dry_run,
         settings_warnings: settings.warnings.clone(),
         scale_sets,
+        operations: operations
+            .into_iter()
+            .map(|v| v.value)
+            .filter(|o| !o.state.is_over())
+            .collect(),
     };
     Ok(if json {
         serde_json::to_string_pretty(&report)? + "\n"
@@ -122,6 +133,116 @@ pub async fn set_pause(
         .context("journaling the operator's brake")?;
     tracing::warn!(scale_set = %watched.id, decision = outcome, note = note.unwrap_or(""), "operator brake changed");
     Ok(told + "\n")
+}
+
+/// `handler operations [<scale set>] [--json]`: every operation, oldest first, with its progress.
+pub async fn list_operations(
+    settings: &Settings,
+    store: &Store,
+    which: Option<&str>,
+    json: bool,
+) -> anyhow::Result<String> {
+    let set = which.map(|w| find(settings, w)).transpose()?.map(|w| &w.id);
+    let (ops, skipped) = store
+        .operations(set)
+        .await
+        .context("reading the operations table")?;
+    for bad in &skipped.0 {
+        tracing::warn!(error = %bad, "skipped an unreadable operation row");
+    }
+    let ops: Vec<Operation> = ops.into_iter().map(|v| v.value).collect();
+    if json {
+        return Ok(serde_json::to_string_pretty(&ops)? + "\n");
+    }
+    if ops.is_empty() {
+        return Ok("no operation\n".into());
+    }
+    let mut out = String::new();
+    for o in &ops {
+        out.push_str(&format!(
+            "{}  {}  {}{}  {}  started {} by {}{}\n",
+            o.id,
+            o.scale_set,
+            o.state.as_str(),
+            if o.dry_run { " (dry run)" } else { "" },
+            o.progress(),
+            crate::journal::stamp(o.started),
+            o.requested_by,
+            o.last_error
+                .as_deref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        ));
+    }
+    Ok(out)
+}
+
+/// `handler operation pause|resume|abort <id> [--scale-set S] [--reason TEXT]`: the command is
+/// written over the version read (a pass advancing the operation at the same moment makes it
+/// fail, and the operator tries again), and journaled.
+pub async fn command_operation(
+    settings: &Settings,
+    store: &Store,
+    id: &str,
+    which: Option<&str>,
+    command: Command,
+    note: &str,
+) -> anyhow::Result<String> {
+    let set = which.map(|w| find(settings, w)).transpose()?.map(|w| &w.id);
+    let (ops, _) = store
+        .operations(set)
+        .await
+        .context("reading the operations table")?;
+    let matching: Vec<_> = ops.into_iter().filter(|v| v.value.id == id).collect();
+    let found = match matching.as_slice() {
+        [one] => one,
+        [] => return Err(NoSuchOperation::Unknown { id: id.into() }.into()),
+        _ => return Err(NoSuchOperation::Ambiguous { id: id.into() }.into()),
+    };
+    let now = OffsetDateTime::now_utc();
+    let next = found.value.command(command, now)?;
+    if store
+        .update_operation(&next, &found.version)
+        .await
+        .context("writing the operation")?
+        .is_none()
+    {
+        anyhow::bail!("operation {id} changed while the command was written (a pass advanced it); run the command again");
+    }
+    let outcome = format!("operator_{}", command.as_str());
+    store
+        .append_journal(&[Entry {
+            scale_set: next.scale_set.clone(),
+            instance_id: "*".into(),
+            at: now,
+            incident: next.id.clone(),
+            kind: EntryKind::Operation,
+            action: None,
+            attempt: 0,
+            outcome: outcome.clone(),
+            reason: format!("{} by an operator: {note}", next.state.as_str()),
+            evidence: serde_json::json!({"from": found.value.state.as_str(), "to": next.state.as_str()}),
+            dry_run: next.dry_run,
+        }])
+        .await
+        .context("journaling the operator's command")?;
+    tracing::warn!(scale_set = %next.scale_set, operation = %next.id, decision = %outcome, note, "operator command on an operation");
+    Ok(format!(
+        "operation {} on {}: {} → {}\n",
+        next.id,
+        next.scale_set,
+        found.value.state.as_str(),
+        next.state.as_str()
+    ))
+}
+
+/// The command names no (or no single) operation: the caller's mistake.
+#[derive(Debug, thiserror::Error)]
+pub enum NoSuchOperation {
+    #[error("no operation `{id}` (`handler operations` lists them)")]
+    Unknown { id: String },
+    #[error("`{id}` names operations of more than one scale set; give --scale-set")]
+    Ambiguous { id: String },
 }
 
 /// The command names no (or no single) watched scale set: the caller's mistake, not the

@@ -408,6 +408,7 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
                 EntryKind::Outcome => "outcome",
                 EntryKind::Step => "step   ",
                 EntryKind::Intent => "sending",
+                EntryKind::Operation => "operation",
             };
             // The journal records a pause when it begins and `resumed` when it ends.
             let released = e.kind == EntryKind::Withheld && e.outcome == "resumed";
