@@ -762,3 +762,33 @@ async fn operations_one_per_scale_set_written_by_version_read_back_whole() {
         [State::Aborted, State::Pending]
     );
 }
+
+/// Two operators starting an operation on one scale set at the same moment: exactly one wins,
+/// whatever the interleaving of their reads and writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_operations_started_at_once_on_one_scale_set_one_wins() {
+    use vmss_healer::operations::{Kind, Operation};
+    let azurite = Azurite::start();
+    let store = store_for(azurite.connection_string());
+    store.ensure_tables().await.unwrap();
+    let t0 = OffsetDateTime::now_utc();
+    for round in 0..5i64 {
+        let set = ScaleSetId::new("sub", "rg", &format!("race{round}"));
+        let ops: Vec<Operation> = (0..4)
+            .map(|i| {
+                Operation::new(
+                    Kind::Cycle,
+                    set.clone(),
+                    serde_json::Value::Null,
+                    format!("op{i}"),
+                    false,
+                    t0 + Duration::seconds(i),
+                )
+            })
+            .collect();
+        let results = futures::future::join_all(ops.iter().map(|o| store.start_operation(o))).await;
+        let won = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(won, 1, "round {round}: {results:?}");
+        assert_eq!(store.operations(Some(&set)).await.unwrap().0.len(), 1);
+    }
+}

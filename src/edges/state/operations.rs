@@ -5,24 +5,60 @@
 use super::*;
 use crate::operations::{Kind as OperationKind, Operation, State as OperationState};
 
+/// The row that says which operation holds the scale set (`~` sorts after every operation id).
+const CURRENT: &str = "~current";
+
 impl Store {
     /// Starts an operation, unless one of the scale set's is not over yet (at most one per set)
-    /// or another writer started this one first. `Err(Conflict)` names what is in the way.
+    /// or another writer started one first. The set's `~current` row, inserted create-only,
+    /// decides between operators starting at the same moment; a `~current` naming an operation
+    /// that is over (or gone) is stale and taken over. `Err(Conflict)` names what is in the way.
     pub async fn start_operation(&self, op: &Operation) -> Result<String, StoreError> {
-        let (existing, _) = self.operations(Some(&op.scale_set)).await?;
-        let existing: Vec<Operation> = existing.into_iter().map(|v| v.value).collect();
-        if let Some(running) = crate::operations::in_the_way(&existing) {
-            return Err(StoreError::Conflict {
-                table: OPERATIONS,
-                key: format!(
-                    "{} (operation {} is {}; one per scale set)",
-                    op.scale_set.key(),
-                    running.id,
-                    running.state.as_str()
-                ),
-            });
+        let partition = op.scale_set.key();
+        for _ in 0..2 {
+            let lock = Entity::new(&partition, CURRENT).str("operation", op.id.clone());
+            match self.operations.insert(lock).await {
+                Ok(_) => {
+                    return match self.operations.insert(operation_entity(op)).await {
+                        Ok(version) => Ok(version),
+                        Err(e) => {
+                            // The operation was not written: the set is not held for it.
+                            let _ = self.operations.delete(&partition, CURRENT).await;
+                            Err(e)
+                        }
+                    };
+                }
+                Err(StoreError::Conflict { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            let Some(current) = self.operations.get(&partition, CURRENT).await? else {
+                continue; // released meanwhile: try again
+            };
+            let holder = current.opt_str("operation").unwrap_or_default();
+            let (ops, _) = self.operations(Some(&op.scale_set)).await?;
+            match ops.iter().find(|v| v.value.id == holder) {
+                Some(v) if !v.value.state.is_over() => {
+                    return Err(StoreError::Conflict {
+                        table: OPERATIONS,
+                        key: format!(
+                            "{partition} (operation {} is {}; one per scale set)",
+                            v.value.id,
+                            v.value.state.as_str()
+                        ),
+                    })
+                }
+                // Over, or never written: the hold is stale; released if unchanged, then retried.
+                _ => {
+                    if let Some(etag) = current.etag() {
+                        self.operations.delete_if(&partition, CURRENT, etag).await?;
+                    }
+                }
+            }
         }
-        self.operations.insert(operation_entity(op)).await
+        Err(StoreError::Contended {
+            table: OPERATIONS,
+            key: partition,
+        })
     }
 
     /// The operations of one scale set, or of every scale set, oldest first, each with the
@@ -32,7 +68,13 @@ impl Store {
         set: Option<&ScaleSetId>,
     ) -> Result<(Vec<Versioned<Operation>>, Skipped), StoreError> {
         let filter = set.map(|s| format!("PartitionKey eq {}", quote(&s.key())));
-        let rows = self.operations.query(filter).await?;
+        let rows: Vec<Row> = self
+            .operations
+            .query(filter)
+            .await?
+            .into_iter()
+            .filter(|r| r.row_key() != CURRENT)
+            .collect();
         let (mut ops, skipped) = collect(rows, |r| {
             Ok(Versioned {
                 value: operation_from_row(r)?,
@@ -50,15 +92,28 @@ impl Store {
         op: &Operation,
         version: &str,
     ) -> Result<Option<String>, StoreError> {
-        match self
+        let partition = op.scale_set.key();
+        let written = match self
             .operations
-            .replace_if(&op.scale_set.key(), operation_entity(op), version)
+            .replace_if(&partition, operation_entity(op), version)
             .await
         {
-            Ok(version) => Ok(Some(version)),
-            Err(StoreError::PreconditionFailed { .. }) => Ok(None),
-            Err(e) => Err(e),
+            Ok(version) => version,
+            Err(StoreError::PreconditionFailed { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        // Over: the scale set is free for the next operation. A release that fails leaves a
+        // stale hold, which the next start takes over.
+        if op.state.is_over() {
+            if let Some(current) = self.operations.get(&partition, CURRENT).await? {
+                if current.opt_str("operation").as_deref() == Some(op.id.as_str()) {
+                    if let Some(etag) = current.etag() {
+                        self.operations.delete_if(&partition, CURRENT, etag).await?;
+                    }
+                }
+            }
         }
+        Ok(Some(written))
     }
 }
 
