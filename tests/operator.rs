@@ -278,3 +278,59 @@ async fn operations_are_listed_paused_resumed_and_aborted() {
     );
     assert!(journal.iter().any(|e| e.reason.contains("traffic peak")));
 }
+
+/// Design §7, one claim per instance: what a running operation holds, the healer's repairs leave
+/// alone (journaled as such); once the operation is over, the instance is the healer's again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_healer_never_repairs_what_an_operation_holds() {
+    use vmss_healer::operations::{Kind, Operation, State};
+    // Six instances: two of them down stays under the short-circuit's 40 %.
+    let app = spawn_app()
+        .scale_set("web", 6)
+        .env("HEALER_REPAIR_ACTIONS", "restart")
+        .start()
+        .await;
+    let mut op = Operation::new(
+        Kind::Cycle,
+        TestApp::scale_set("web"),
+        json!({}),
+        "ops".into(),
+        false,
+        time::OffsetDateTime::now_utc(),
+    );
+    op.state = State::Running;
+    op.holds = vec!["1".into()];
+    app.store.start_operation(&op).await.unwrap();
+    app.sync_and_break("web", 1, json!({"beat": "down"})).await;
+    app.break_vm("web", 2, json!({"beat": "down"})).await;
+    app.heartbeat_round().await;
+
+    let (_, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["repairs_requested"], 1,
+        "{answer}"
+    );
+    let restarted: Vec<Value> = app
+        .compute_calls()
+        .await
+        .into_iter()
+        .filter(|c| c["method"] == "POST")
+        .collect();
+    assert_eq!(restarted.len(), 1, "{restarted:?}");
+    let (journal, _) = app.recent_journal(&TestApp::scale_set("web")).await;
+    let held = journal
+        .iter()
+        .find(|e| e.instance_id == "1" && e.kind == EntryKind::Withheld)
+        .expect("the held instance's withholding is journaled");
+    assert_eq!(held.outcome, "held_by_operation");
+    assert!(held.reason.contains(&op.id), "{}", held.reason);
+
+    // The operation ends: instance 1 is the healer's again.
+    assert_eq!(app.cli(&["operation", "abort", &op.id]).0, 0);
+    app.heartbeat_round().await;
+    let (_, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["repairs_requested"], 1,
+        "{answer}"
+    );
+}

@@ -24,6 +24,9 @@ pub struct Observation {
     pub heartbeats: HashMap<String, Heartbeat>,
     /// The incident row of each instance that has one, with its version (the claim token).
     pub incidents: HashMap<String, Versioned<Incident>>,
+    /// Instances a long-running operation holds, with the operation's id: the healer's repairs
+    /// never touch them (design §7, one claim per instance).
+    pub held: HashMap<String, String>,
 }
 
 /// Brakes and modes that are global rather than per scale set.
@@ -213,6 +216,8 @@ pub enum WithheldReason {
     },
     /// The instance is protected from scale set actions.
     Protected { reason: Reason },
+    /// A long-running operation holds the instance (design §7).
+    HeldByOperation { operation: String, reason: Reason },
     /// A resource lock forbids deleting the instance (a Flexible VM), and the repair due deletes.
     DeleteLocked {
         action: RepairAction,
@@ -263,6 +268,7 @@ impl WithheldReason {
             WithheldReason::PlatformRepairs => "platform_repairs",
             WithheldReason::Throttled { .. } => "throttled",
             WithheldReason::Protected { .. } => "protected",
+            WithheldReason::HeldByOperation { .. } => "held_by_operation",
             WithheldReason::DeleteLocked { .. } => "delete_locked",
             WithheldReason::RepairInFlight { .. } => "repair_in_flight",
             WithheldReason::MaxParallel { .. } => "max_parallel",
@@ -301,6 +307,10 @@ impl WithheldReason {
             }
             WithheldReason::Protected { reason } => format!(
                 "{} but the instance is protected from scale set actions",
+                reason.describe()
+            ),
+            WithheldReason::HeldByOperation { operation, reason } => format!(
+                "{} but operation {operation} holds the instance; it is left to the operation (`handler operations`)",
                 reason.describe()
             ),
             WithheldReason::DeleteLocked { action, reason } => format!(
@@ -994,6 +1004,14 @@ fn open(view: &View, in_flight: &mut usize, plan: &mut Plan) {
             plan.withheld.push(withhold(WithheldReason::Protected {
                 reason: reason.clone(),
             }));
+            continue;
+        }
+        if let Some(operation) = view.obs.held.get(id) {
+            plan.withheld
+                .push(withhold(WithheldReason::HeldByOperation {
+                    operation: operation.clone(),
+                    reason: reason.clone(),
+                }));
             continue;
         }
         if reason.from_mirror() && !mirror_current {

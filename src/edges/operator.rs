@@ -36,6 +36,13 @@ pub async fn status(settings: &Settings, store: &Store, json: bool) -> anyhow::R
         .into_iter()
         .collect::<Result<_, _>>()
         .context("reading the mirror, heartbeats and incidents")?;
+    let mut observations = observations;
+    let mut held = crate::repair::held_by_operations(store)
+        .await
+        .context("reading the operations table")?;
+    for (watched, obs) in settings.scale_sets.iter().zip(observations.iter_mut()) {
+        obs.held = held.remove(&watched.id.key()).unwrap_or_default();
+    }
     let pairs: Vec<_> = observations
         .iter()
         .zip(&settings.scale_sets)

@@ -128,6 +128,11 @@ impl Fleet {
             .protected_from_scale_set_actions = true;
         self
     }
+    /// A long-running operation holds the instance.
+    fn held(mut self, id: &str, operation: &str) -> Self {
+        self.0.held.insert(id.into(), operation.into());
+        self
+    }
     /// A resource lock forbids deleting the instance (a Flexible VM).
     fn delete_locked(mut self, id: &str) -> Self {
         self.0
@@ -291,6 +296,8 @@ fn decision_table() {
         ("one DOWN opens an incident", fleet(4).down("2"), &[("HEALER_REPAIR_ACTIONS", "delete")], (vec![("2", "open", Some(Delete), 1)], vec![])),
         ("silent", fleet(4).up("1", 400), &[], (vec![("1", "open", Some(Replace), 1)], vec![])),
         ("protected", fleet(4).down("3").protected("3"), &[], (vec![], vec![(Some("3"), "protected")])),
+        ("held by an operation: left to it", fleet(4).down("2").held("2", "cycle-1"), &[], (vec![], vec![(Some("2"), "held_by_operation")])),
+        ("an operation's hold spares only what it holds", fleet(4).down("1").down("2").held("2", "cycle-1"), &[], (vec![("1", "open", Some(Replace), 1)], vec![(Some("2"), "held_by_operation")])),
         ("locked against deletion: no replace", fleet(4).down("3").delete_locked("3"), &[], (vec![], vec![(Some("3"), "delete_locked")])),
         ("locked against deletion: no delete", fleet(4).down("3").delete_locked("3"), &[("HEALER_REPAIR_ACTIONS", "delete")], (vec![], vec![(Some("3"), "delete_locked")])),
         ("locked against deletion: a restart still goes", fleet(4).down("3").delete_locked("3"), esc, (vec![("3", "open", Some(Restart), 1)], vec![])),

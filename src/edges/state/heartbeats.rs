@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// Writes of one heartbeat row tried before it counts as contended (and its delivery is retried).
+const WRITE_ATTEMPTS: u32 = 8;
+
 impl Store {
     pub async fn heartbeats(
         &self,
@@ -73,7 +76,15 @@ impl Store {
                 Err(e) => return Err(e),
             }
         }
-        for _ in 0..5 {
+        for attempt in 0..WRITE_ATTEMPTS {
+            if attempt > 0 {
+                // Lost a race with another writer of this row: wait a little, at random (full
+                // jitter, growing), so that a crowd of writers — a redelivery burst — does not
+                // keep colliding until one gives up.
+                let cap_ms = 5u64 << attempt.min(5);
+                let wait = (uuid::Uuid::new_v4().as_u128() % u128::from(cap_ms)) as u64;
+                tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+            }
             let stored = self.heartbeat(set, &hb.target.instance_id).await?;
             let next = with_down_since(hb, stored.as_ref().map(|s| &s.heartbeat));
             let entity = heartbeat_entity(&next);

@@ -14,7 +14,7 @@ use crate::state::{Store, StoreError};
 use futures::StreamExt;
 use serde::Serialize;
 use serde_json::json;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use time::OffsetDateTime;
 
 mod act;
@@ -90,6 +90,11 @@ pub async fn repair_all(
             let mut observations = Vec::with_capacity(settings.scale_sets.len());
             while let Some(observation) = reads.next().await {
                 observations.push(observation?);
+            }
+            // What long-running operations hold, for the whole fleet in one read.
+            let mut held = held_by_operations(store).await?;
+            for (watched, obs) in settings.scale_sets.iter().zip(observations.iter_mut()) {
+                obs.held = held.remove(&watched.id.key()).unwrap_or_default();
             }
             Ok::<_, StoreError>(observations)
         })
@@ -200,7 +205,31 @@ pub async fn gather(
         instances,
         heartbeats,
         incidents,
+        held: HashMap::new(),
     })
+}
+
+/// The instances each scale set's running operations hold (by scale set key, then instance),
+/// with the operation's id: read once per pass for every set.
+pub async fn held_by_operations(
+    store: &Store,
+) -> Result<HashMap<String, HashMap<String, String>>, StoreError> {
+    let (ops, skipped) = store.operations(None).await?;
+    for bad in &skipped.0 {
+        tracing::warn!(error = %bad, "skipped an unreadable operation row");
+    }
+    let mut held: HashMap<String, HashMap<String, String>> = HashMap::new();
+    for op in ops
+        .into_iter()
+        .map(|v| v.value)
+        .filter(|o| !o.state.is_over())
+    {
+        let set = held.entry(op.scale_set.key()).or_default();
+        for instance in op.holds {
+            set.insert(instance, op.id.clone());
+        }
+    }
+    Ok(held)
 }
 
 fn entry(
