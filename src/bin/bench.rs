@@ -201,13 +201,7 @@ fn ingest(instances: usize, rounds: usize, concurrency: usize) {
         let url = format!("http://127.0.0.1:{handler_port}/monitor-events");
         let t0 = OffsetDateTime::now_utc() - time::Duration::hours(1);
         let invocation = |round: usize, i: usize| {
-            let at = t0 + time::Duration::seconds(round as i64);
-            json!({"Data": {"event": {
-                "id": format!("{round}-{i}"), "eventType": "VmssHealer.Heartbeat", "dataVersion": "1",
-                "subject": format!("{SET}/virtualMachines/{i}"),
-                "eventTime": at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
-                "data": {"status": "UP", "vmId": format!("00000000-0000-4000-8000-{i:012}"), "sequence": round}}},
-                "Metadata": {"sys": {"MethodName": "monitor-events"}}})
+            heartbeat_invocation(&format!("{round}-{i}"), i, round, t0 + time::Duration::seconds(round as i64))
         };
         let send = |body: Value| {
             let (http, url) = (http.clone(), url.clone());
@@ -318,15 +312,7 @@ fn load(deliveries: usize, instances: usize) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let at = OffsetDateTime::now_utc();
-        let delivery = |n: usize| {
-            let i = n % instances;
-            json!({"Data": {"event": {
-                "id": format!("load-{n}"), "eventType": "VmssHealer.Heartbeat", "dataVersion": "1",
-                "subject": format!("{SET}/virtualMachines/{i}"),
-                "eventTime": at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
-                "data": {"status": "UP", "vmId": format!("00000000-0000-4000-8000-{i:012}"), "sequence": n}}},
-                "Metadata": {"sys": {"MethodName": "monitor-events"}}})
-        };
+        let delivery = |n: usize| heartbeat_invocation(&format!("load-{n}"), n % instances, n, at);
         let post = |body: Value| {
             let (http, url) = (http.clone(), format!("{base}/monitor-events"));
             async move {
@@ -910,13 +896,7 @@ fn telemetry(instances: usize, rounds: usize, concurrency: usize) {
             let url = format!("{base}/monitor-events");
             let t0 = OffsetDateTime::now_utc() - time::Duration::hours(2) + time::Duration::minutes(run as i64 * 10);
             let invocation = |round: usize, i: usize| {
-                let at = t0 + time::Duration::seconds(round as i64);
-                json!({"Data": {"event": {
-                    "id": format!("t{run}-{round}-{i}"), "eventType": "VmssHealer.Heartbeat", "dataVersion": "1",
-                    "subject": format!("{SET}/virtualMachines/{i}"),
-                    "eventTime": at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
-                    "data": {"status": "UP", "vmId": format!("00000000-0000-4000-8000-{i:012}"), "sequence": round}}},
-                    "Metadata": {"sys": {"MethodName": "monitor-events"}}})
+                heartbeat_invocation(&format!("t{run}-{round}-{i}"), i, round, t0 + time::Duration::seconds(round as i64))
             };
             let send = |body: Value| {
                 let (http, url) = (http.clone(), url.clone());
@@ -977,4 +957,15 @@ fn telemetry(instances: usize, rounds: usize, concurrency: usize) {
             );
         }
     });
+}
+
+/// The Functions host's invocation of `monitor-events` for one UP heartbeat of bench instance `i`
+/// (its vmId is the one `bench_instance` mirrors).
+fn heartbeat_invocation(id: &str, i: usize, sequence: usize, at: OffsetDateTime) -> Value {
+    json!({"Data": {"event": {
+        "id": id, "eventType": "VmssHealer.Heartbeat", "dataVersion": "1",
+        "subject": format!("{SET}/virtualMachines/{i}"),
+        "eventTime": at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+        "data": {"status": "UP", "vmId": format!("00000000-0000-4000-8000-{i:012}"), "sequence": sequence}}},
+        "Metadata": {"sys": {"MethodName": "monitor-events"}}})
 }
