@@ -6,6 +6,8 @@
 //! This module is the operation itself and what an operator may do to it (pause, resume, abort):
 //! pure, table-tested. The engine that advances each kind's steps builds on it.
 
+pub mod cycle;
+
 use crate::scaleset::ScaleSetId;
 use serde::Serialize;
 use time::OffsetDateTime;
