@@ -37,9 +37,10 @@ pub async fn status(settings: &Settings, store: &Store, json: bool) -> anyhow::R
         .collect::<Result<_, _>>()
         .context("reading the mirror, heartbeats and incidents")?;
     let mut observations = observations;
-    let mut held = crate::repair::held_by_operations(store)
+    let running = crate::repair::running_operations(store)
         .await
         .context("reading the operations table")?;
+    let mut held = crate::repair::held_by(&running);
     for (watched, obs) in settings.scale_sets.iter().zip(observations.iter_mut()) {
         obs.held = held.remove(&watched.id.key()).unwrap_or_default();
     }
@@ -71,20 +72,12 @@ pub async fn status(settings: &Settings, store: &Store, json: bool) -> anyhow::R
             now,
         ));
     }
-    let (operations, _) = store
-        .operations(None)
-        .await
-        .context("reading the operations table")?;
     let report = Report {
         at: now,
         dry_run: settings.dry_run,
         settings_warnings: settings.warnings.clone(),
         scale_sets,
-        operations: operations
-            .into_iter()
-            .map(|v| v.value)
-            .filter(|o| !o.state.is_over())
-            .collect(),
+        operations: running,
     };
     Ok(if json {
         serde_json::to_string_pretty(&report)? + "\n"

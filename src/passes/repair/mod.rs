@@ -7,6 +7,7 @@ use crate::deadline::Deadline;
 use crate::incident::{Call, Incident, Phase, Stage};
 use crate::journal::{Entry, EntryKind};
 use crate::mirror::ScaleSetRecord;
+use crate::operations::Operation;
 use crate::plan::{decide, pipeline_fault, Brakes, Observation, Plan, Step, Transition};
 use crate::scaleset::{Orchestration, ScaleSetId};
 use crate::settings::Settings;
@@ -92,7 +93,7 @@ pub async fn repair_all(
                 observations.push(observation?);
             }
             // What long-running operations hold, for the whole fleet in one read.
-            let mut held = held_by_operations(store).await?;
+            let mut held = held_by(&running_operations(store).await?);
             for (watched, obs) in settings.scale_sets.iter().zip(observations.iter_mut()) {
                 obs.held = held.remove(&watched.id.key()).unwrap_or_default();
             }
@@ -209,27 +210,31 @@ pub async fn gather(
     })
 }
 
-/// The instances each scale set's running operations hold (by scale set key, then instance),
-/// with the operation's id: read once per pass for every set.
-pub async fn held_by_operations(
-    store: &Store,
-) -> Result<HashMap<String, HashMap<String, String>>, StoreError> {
+/// The long-running operations not yet over, read once per pass for every set; unreadable rows
+/// are logged and skipped so one bad row cannot stop repairs.
+pub async fn running_operations(store: &Store) -> Result<Vec<Operation>, StoreError> {
     let (ops, skipped) = store.operations(None).await?;
     for bad in &skipped.0 {
         tracing::warn!(error = %bad, "skipped an unreadable operation row");
     }
-    let mut held: HashMap<String, HashMap<String, String>> = HashMap::new();
-    for op in ops
+    Ok(ops
         .into_iter()
         .map(|v| v.value)
         .filter(|o| !o.state.is_over())
-    {
+        .collect())
+}
+
+/// The instances each running operation holds, by scale set key, then instance, with the
+/// operation's id.
+pub fn held_by(running: &[Operation]) -> HashMap<String, HashMap<String, String>> {
+    let mut held: HashMap<String, HashMap<String, String>> = HashMap::new();
+    for op in running {
         let set = held.entry(op.scale_set.key()).or_default();
-        for instance in op.holds {
-            set.insert(instance, op.id.clone());
+        for instance in &op.holds {
+            set.insert(instance.clone(), op.id.clone());
         }
     }
-    Ok(held)
+    held
 }
 
 fn entry(
