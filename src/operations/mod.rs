@@ -107,6 +107,11 @@ pub struct Operation {
     #[serde(with = "time::serde::rfc3339::option")]
     pub wait_until: Option<OffsetDateTime>,
     pub last_error: Option<String>,
+    /// What the current step waits for, in the operator's words (`batch 3: 2 of 4 back healthy`).
+    pub waiting: Option<String>,
+    /// The kind's own record of where it is (a cycle's [`cycle::Memo`]); not shown.
+    #[serde(skip)]
+    pub memo: serde_json::Value,
     /// Who asked for it, and why (the operator's note).
     pub requested_by: String,
     pub dry_run: bool,
@@ -163,6 +168,8 @@ impl Operation {
             updated: now,
             wait_until: None,
             last_error: None,
+            waiting: None,
+            memo: serde_json::Value::Null,
             requested_by,
             dry_run,
         }
@@ -197,17 +204,29 @@ impl Operation {
             } else {
                 self.wait_until
             },
+            waiting: match state {
+                State::Paused => Some("the operator: resume or abort".into()),
+                State::Running => None,
+                _ => self.waiting.clone(),
+            },
             ..self.clone()
         })
     }
 
     /// `done of total`, for `handler status` and the operations list.
     pub fn progress(&self) -> String {
-        if self.total == 0 {
+        let mut p = if self.total == 0 {
             self.step.clone()
         } else {
             format!("{} of {} ({})", self.done, self.total, self.step)
+        };
+        if let Some(w) = &self.waiting {
+            p += &format!("; waiting for {w}");
+            if let Some(until) = self.wait_until {
+                p += &format!(" until {}", crate::journal::stamp(until));
+            }
         }
+        p
     }
 }
 

@@ -117,7 +117,34 @@ impl Store {
     }
 }
 
+/// A string property holds at most 64 KiB (32 K UTF-16 characters): the memo of a cycle of a
+/// thousand Flexible VMs does not fit one, so it is kept in as many as it needs.
+const MEMO_CHUNK: usize = 30_000;
+const MEMO_CHUNKS: usize = 16;
+
 fn operation_entity(op: &Operation) -> Entity {
+    let memo = if op.memo.is_null() {
+        String::new()
+    } else {
+        op.memo.to_string()
+    };
+    let mut entity = operation_fields(op);
+    let chars: Vec<char> = memo.chars().collect();
+    for (i, chunk) in chars.chunks(MEMO_CHUNK).take(MEMO_CHUNKS).enumerate() {
+        entity = entity.str(&memo_property(i), chunk.iter().collect::<String>());
+    }
+    entity
+}
+
+fn memo_property(i: usize) -> String {
+    if i == 0 {
+        "memo".into()
+    } else {
+        format!("memo{i}")
+    }
+}
+
+fn operation_fields(op: &Operation) -> Entity {
     Entity::new(&op.scale_set.key(), &op.id)
         .str("kind", op.kind.as_str())
         .str("state", op.state.as_str())
@@ -130,6 +157,7 @@ fn operation_entity(op: &Operation) -> Entity {
         .time("updated", op.updated)
         .opt_time("waitUntil", op.wait_until)
         .opt_str("lastError", op.last_error.clone())
+        .opt_str("waiting", op.waiting.clone())
         .str("requestedBy", op.requested_by.clone())
         .bool("dryRun", op.dry_run)
 }
@@ -176,6 +204,17 @@ fn operation_from_row(r: &Row) -> Result<Operation, RowError> {
         updated: r.time("updated")?,
         wait_until: r.opt_time("waitUntil")?,
         last_error: r.opt_str("lastError"),
+        waiting: r.opt_str("waiting"),
+        memo: {
+            let text: String = (0..MEMO_CHUNKS)
+                .map_while(|i| r.opt_str(&memo_property(i)))
+                .collect();
+            if text.is_empty() {
+                serde_json::Value::Null
+            } else {
+                serde_json::from_str(&text).map_err(|e| bad("memo", e.to_string()))?
+            }
+        },
         requested_by: r.opt_str("requestedBy").unwrap_or_default(),
         dry_run: r.opt_bool("dryRun").unwrap_or(false),
     })

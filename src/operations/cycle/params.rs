@@ -65,6 +65,50 @@ pub struct Raw<'a> {
     pub dry_run: bool,
 }
 
+impl Params {
+    /// The parameters as the operation's row keeps them (what [`parse`] produced, serialized).
+    pub fn from_stored(v: &serde_json::Value) -> Result<Params, Vec<String>> {
+        let text = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        let seconds = |k: &str| v.get(k).and_then(|x| x.as_i64()).map(|n| format!("{n}s"));
+        let (action, batch, min_healthy) = (text("action"), text("batch"), text("min_healthy"));
+        let max_surge = v
+            .get("max_surge")
+            .and_then(|x| x.as_u64())
+            .map(|n| n.to_string());
+        let (timeout, pause_between) = (seconds("timeout"), seconds("pause_between"));
+        if action.is_none() || batch.is_none() || min_healthy.is_none() || timeout.is_none() {
+            return Err(vec![format!("stored cycle parameters are incomplete: {v}")]);
+        }
+        parse(&Raw {
+            action: action.as_deref(),
+            batch: batch.as_deref(),
+            min_healthy: min_healthy.as_deref(),
+            max_surge: max_surge.as_deref(),
+            only_outdated: v
+                .get("only_outdated")
+                .and_then(|x| x.as_bool())
+                .unwrap_or(false),
+            timeout: timeout.as_deref(),
+            pause_between: pause_between.as_deref(),
+            dry_run: v.get("dry_run").and_then(|x| x.as_bool()).unwrap_or(false),
+        })
+    }
+
+    /// The instances a batch takes, of a scale set of `total`: at least one.
+    pub fn batch_size(&self, total: usize) -> usize {
+        self.batch.of(total, 1) as usize
+    }
+
+    /// The healthy instances to keep, of a scale set of `total`: a share rounds up (80 % of one
+    /// instance is one), so a single-instance set is always surged before it is cycled.
+    pub fn min_healthy_of(&self, total: usize) -> usize {
+        match self.min_healthy {
+            Limit::Count(n) => n as usize,
+            Limit::Percent(p) => ((total as f64) * p / 100.0).ceil() as usize,
+        }
+    }
+}
+
 /// Reads the parameters; every problem at once.
 pub fn parse(raw: &Raw) -> Result<Params, Vec<String>> {
     let mut problems = Vec::new();
@@ -184,6 +228,47 @@ mod tests {
             );
         }
         assert_eq!(problems.len(), 6, "{problems:?}");
+    }
+
+    #[test]
+    fn stored_parameters_read_back_as_given() {
+        for raw in [
+            Raw::default(),
+            Raw {
+                action: Some("replace"),
+                batch: Some("3"),
+                min_healthy: Some("50%"),
+                max_surge: Some("2"),
+                timeout: Some("10m"),
+                pause_between: Some("30s"),
+                dry_run: true,
+                ..Raw::default()
+            },
+        ] {
+            let p = parse(&raw).unwrap();
+            let stored = serde_json::to_value(&p).unwrap();
+            assert_eq!(Params::from_stored(&stored).unwrap(), p);
+        }
+        assert!(Params::from_stored(&serde_json::json!({"batch": "2"})).is_err());
+    }
+
+    #[test]
+    fn shares_of_a_scale_set() {
+        let p = parse(&Raw::default()).unwrap();
+        // (instances, batch of 20 %, min healthy of 80 %)
+        for (total, batch, keep) in [
+            (20, 4, 16),
+            (1, 1, 1),
+            (2, 1, 2),
+            (10, 2, 8),
+            (1000, 200, 800),
+        ] {
+            assert_eq!(
+                (p.batch_size(total), p.min_healthy_of(total)),
+                (batch, keep),
+                "{total}"
+            );
+        }
     }
 
     #[test]
