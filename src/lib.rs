@@ -12,8 +12,8 @@
 //!   alerts, telemetry, settings, identity, logs and secrets, the operator's commands.
 //! - `functions`: one thin module per Azure Function: parse the invocation, call a pass, answer.
 //!
-//! - `operations`: long-running operations (design §7): the operation and what an operator may
-//!   do to it; the engine that advances them builds on it.
+//! - `operations`: long-running operations (design §7): the operation, what an operator may do to
+//!   it, and each kind's pure engine (`cycle`); `passes::operate` advances them in `monitor-status`.
 //!
 //! Every module is also reachable at the crate's root (`vmss_healer::plan`), as before the folders.
 
@@ -36,6 +36,7 @@ pub mod domain {
 pub mod passes {
     pub mod deadline;
     pub mod follow;
+    pub mod operate;
     pub mod repair;
     pub mod sync;
     pub mod throttle;
@@ -65,4 +66,4 @@ pub use domain::{
 pub use edges::{
     admission, alert, compute, host, identity, logs, operator, secret, settings, state, telemetry,
 };
-pub use passes::{deadline, follow, repair, sync, throttle};
+pub use passes::{deadline, follow, operate, repair, sync, throttle};

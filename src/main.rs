@@ -55,6 +55,43 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A rolling, health-gated cycle of a scale set: every instance reimaged (or replaced, or
+    /// upgraded to the latest model) batch by batch, never fewer than --min-healthy healthy.
+    Cycle {
+        /// A watched scale set: its resource id or its name.
+        scale_set: String,
+        /// reimage (keeps disks and addresses), replace (new instances first), or upgrade (the
+        /// latest model, on instances not on it).
+        #[arg(long, default_value = "reimage")]
+        action: String,
+        /// Instances per batch: a count or a share of the scale set.
+        #[arg(long, default_value = "20%")]
+        batch: String,
+        /// Never fewer healthy instances than this (a count or a share).
+        #[arg(long, default_value = "80%")]
+        min_healthy: String,
+        /// At most this many instances added to keep --min-healthy (default: a batch).
+        #[arg(long)]
+        max_surge: Option<String>,
+        /// Only instances not on the scale set's latest model.
+        #[arg(long)]
+        only_outdated: bool,
+        /// How long a batch has to come back healthy.
+        #[arg(long, default_value = "30m")]
+        timeout: String,
+        /// A wait between batches.
+        #[arg(long, default_value = "0s")]
+        pause_between: String,
+        /// Decide and journal every step, call nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Why, for the journal and `handler operations`.
+        #[arg(long, default_value = "no reason given")]
+        reason: String,
+        /// As JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Pause, resume or abort a long-running operation.
     Operation {
         #[command(subcommand)]
@@ -228,6 +265,7 @@ fn operator_command(command: Command) -> i32 {
         Command::Resume { .. } => "resume",
         Command::Operations { .. } => "operations",
         Command::Operation { .. } => "operation",
+        Command::Cycle { .. } => "cycle",
     };
     let result = runtime.block_on(async {
         let store =
@@ -243,6 +281,31 @@ fn operator_command(command: Command) -> i32 {
             }
             Command::Operations { scale_set, json } => {
                 operator::list_operations(&settings, &store, scale_set.as_deref(), *json).await
+            }
+            Command::Cycle {
+                scale_set,
+                action,
+                batch,
+                min_healthy,
+                max_surge,
+                only_outdated,
+                timeout,
+                pause_between,
+                dry_run,
+                reason,
+                json,
+            } => {
+                let raw = vmss_healer::operations::cycle::Raw {
+                    action: Some(action),
+                    batch: Some(batch),
+                    min_healthy: Some(min_healthy),
+                    max_surge: max_surge.as_deref(),
+                    only_outdated: *only_outdated,
+                    timeout: Some(timeout),
+                    pause_between: Some(pause_between),
+                    dry_run: *dry_run,
+                };
+                operator::start_cycle(&settings, &store, scale_set, &raw, reason, *json).await
             }
             Command::Operation { command } => {
                 use vmss_healer::operations::Command as Op;
@@ -277,6 +340,8 @@ fn operator_command(command: Command) -> i32 {
                 || e.downcast_ref::<vmss_healer::operator::NoSuchOperation>()
                     .is_some()
                 || e.downcast_ref::<vmss_healer::operations::Refused>()
+                    .is_some()
+                || e.downcast_ref::<vmss_healer::operator::NotStarted>()
                     .is_some()
             {
                 2

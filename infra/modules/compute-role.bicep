@@ -25,6 +25,7 @@ var instanceActions = [
   'Microsoft.Compute/virtualMachineScaleSets/restart/action'
   'Microsoft.Compute/virtualMachineScaleSets/start/action'
   'Microsoft.Compute/virtualMachineScaleSets/redeploy/action'
+  'Microsoft.Compute/virtualMachineScaleSets/manualUpgrade/action'
 ]
 // What a replace adds: the capacity write (Azure has no narrower action).
 var resizeActions = [
@@ -35,7 +36,7 @@ resource role 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
   name: guid(subscription().id, name, 'vmss-healer-compute')
   properties: {
     roleName: '${name} scale set healer ${suffix}'
-    description: 'Read scale sets and their instances; delete, reimage, restart, start and redeploy instances${canResize ? '; write capacity' : ''}. Used by vmss-healer.'
+    description: 'Read scale sets and their instances; delete, reimage, restart, start, redeploy and upgrade instances${canResize ? '; write capacity' : ''}. Used by vmss-healer.'
     type: 'CustomRole'
     permissions: [
       {

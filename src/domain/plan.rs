@@ -549,7 +549,13 @@ pub fn decide(obs: &Observation, policy: &Policy, brakes: Brakes, now: OffsetDat
             .values()
             .filter(|v| **v == Verdict::Healthy)
             .count(),
-        unhealthy: view.verdicts.values().filter(|v| v.is_unhealthy()).count(),
+        // Instances a long-running operation holds are out on purpose (being reimaged, say):
+        // they do not trip the short-circuit brake, which would then hold the operation itself.
+        unhealthy: view
+            .verdicts
+            .iter()
+            .filter(|(id, v)| v.is_unhealthy() && !obs.held.contains_key(**id))
+            .count(),
         next_check: None,
         resync: None,
     };

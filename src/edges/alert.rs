@@ -1,4 +1,5 @@
-//! Alerts to `HEALER_WEBHOOK_URL`: a JSON POST on repair, give-up, pause and resume. Delivery runs
+//! Alerts to `HEALER_WEBHOOK_URL`: a JSON POST on repair, give-up, pause and resume, and when a
+//! long-running operation needs the operator (a failed batch, a failed cycle). Delivery runs
 //! in the background with bounded retries, so a slow or dead webhook never delays a repair.
 
 use serde::Serialize;
@@ -13,6 +14,8 @@ pub enum Kind {
     GiveUp,
     Pause,
     Resume,
+    /// A long-running operation stopped for the operator (`incident` is its id).
+    Operation,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

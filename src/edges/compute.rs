@@ -47,6 +47,8 @@ pub const SCALE_SET_ACTIONS: &[&str] = &[
     "Microsoft.Compute/virtualMachineScaleSets/restart/action",
     "Microsoft.Compute/virtualMachineScaleSets/start/action",
     "Microsoft.Compute/virtualMachineScaleSets/redeploy/action",
+    // A cycle's `--action upgrade` (the scale set's manual upgrade).
+    "Microsoft.Compute/virtualMachineScaleSets/manualUpgrade/action",
 ];
 
 /// What the handler needs on each watched resource group: reading the status of the long-running
@@ -78,6 +80,7 @@ pub const REQUIRED_ACTIONS: &[&str] = &[
     SCALE_SET_ACTIONS[5],
     SCALE_SET_ACTIONS[6],
     SCALE_SET_ACTIONS[7],
+    SCALE_SET_ACTIONS[8],
     RESOURCE_GROUP_ACTIONS[0],
     FLEXIBLE_GROUP_ACTIONS[0],
     FLEXIBLE_GROUP_ACTIONS[1],
@@ -135,6 +138,7 @@ pub fn required_action(method: &str, path: &str) -> Option<&'static str> {
         ("POST", ["restart"]) => REQUIRED_ACTIONS[5],
         ("POST", ["start"]) => REQUIRED_ACTIONS[6],
         ("POST", ["redeploy"]) => SCALE_SET_ACTIONS[7],
+        ("POST", ["manualupgrade"]) => SCALE_SET_ACTIONS[8],
         _ => return None,
     };
     Some(action)
@@ -946,6 +950,29 @@ impl Compute {
             .send()
             .await
             .map_err(|e| self.classify("reimage instances", &id.subscription, e))?;
+        Ok(self.accepted(response.as_raw_response()))
+    }
+
+    /// Brings instances to the scale set's latest model (`manualupgrade`, the REST spec's
+    /// `VirtualMachineScaleSets_UpdateInstances`): what a scale set with a manual upgrade policy
+    /// needs after its model changed. Uniform only (a Flexible set's is in preview).
+    pub async fn upgrade_instances(
+        &self,
+        id: &ScaleSetId,
+        instance_ids: &[String],
+    ) -> Result<Accepted, ComputeError> {
+        let response = self
+            .client
+            .virtual_machine_scale_sets_client()
+            .update_instances(
+                &id.resource_group,
+                &id.name,
+                models::VirtualMachineScaleSetVmInstanceRequiredIDs::new(instance_ids.to_vec()),
+                &id.subscription,
+            )
+            .send()
+            .await
+            .map_err(|e| self.classify("upgrade instances", &id.subscription, e))?;
         Ok(self.accepted(response.as_raw_response()))
     }
 

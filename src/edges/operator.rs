@@ -40,6 +40,7 @@ pub async fn status(settings: &Settings, store: &Store, json: bool) -> anyhow::R
     let running = crate::repair::running_operations(store)
         .await
         .context("reading the operations table")?;
+    let running: Vec<Operation> = running.into_iter().map(|v| v.value).collect();
     let mut held = crate::repair::held_by(&running);
     for (watched, obs) in settings.scale_sets.iter().zip(observations.iter_mut()) {
         obs.held = held.remove(&watched.id.key()).unwrap_or_default();
@@ -175,6 +176,73 @@ pub async fn list_operations(
         ));
     }
     Ok(out)
+}
+
+/// `handler cycle <scale set> …`: a rolling cycle written as a pending operation, which the next
+/// `monitor-status` pass takes up (issue 15). Parameters are checked as a whole first; a scale set
+/// with an operation not yet over is refused (one per set).
+pub async fn start_cycle(
+    settings: &Settings,
+    store: &Store,
+    which: &str,
+    raw: &crate::operations::cycle::Raw<'_>,
+    note: &str,
+    json: bool,
+) -> anyhow::Result<String> {
+    let watched = find(settings, which)?;
+    let params = crate::operations::cycle::parse(raw).map_err(NotStarted::Parameters)?;
+    let now = OffsetDateTime::now_utc();
+    let dry_run = params.dry_run || settings.dry_run;
+    let op = Operation::new(
+        crate::operations::Kind::Cycle,
+        watched.id.clone(),
+        serde_json::to_value(&params)?,
+        note.to_string(),
+        dry_run,
+        now,
+    );
+    match store.start_operation(&op).await {
+        Ok(_) => {}
+        Err(crate::state::StoreError::Conflict { key, .. }) => {
+            return Err(NotStarted::InTheWay(key).into())
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("writing the operation")),
+    }
+    store
+        .append_journal(&[Entry {
+            scale_set: watched.id.clone(),
+            instance_id: "*".into(),
+            at: now,
+            incident: op.id.clone(),
+            kind: EntryKind::Operation,
+            action: None,
+            attempt: 0,
+            outcome: "operator_start".into(),
+            reason: format!("cycle requested by an operator: {note}"),
+            evidence: serde_json::to_value(&params)?,
+            dry_run,
+        }])
+        .await
+        .context("journaling the operator's command")?;
+    tracing::warn!(scale_set = %watched.id, operation = %op.id, decision = "operator_start", note, "operator started a cycle");
+    if json {
+        return Ok(serde_json::to_string_pretty(&op)? + "\n");
+    }
+    Ok(format!(
+        "operation {} on {}: pending; the next monitor-status pass starts it{} (`handler operations` follows it)\n",
+        op.id,
+        watched.id,
+        if dry_run { " as a dry run: nothing is called" } else { "" }
+    ))
+}
+
+/// An operation the command could not start: the caller's to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum NotStarted {
+    #[error("{}", .0.join("; "))]
+    Parameters(Vec<String>),
+    #[error("another operation is in the way: {0}")]
+    InTheWay(String),
 }
 
 /// `handler operation pause|resume|abort <id> [--scale-set S] [--reason TEXT]`: the command is

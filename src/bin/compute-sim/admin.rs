@@ -21,6 +21,7 @@ pub fn routes() -> Router<Shared> {
         .route("/admin/scalesets", post(create_set))
         .route("/admin/scalesets/{key}", get(show_set).delete(delete_set))
         .route("/admin/scalesets/{key}/capacity", put(set_capacity))
+        .route("/admin/scalesets/{key}/model", post(new_model))
         .route("/admin/scalesets/{key}/vms/{id}", patch(patch_vm))
         .route("/admin/faults", post(add_fault).delete(clear_faults))
         .route("/admin/calls", get(calls).delete(clear_calls))
@@ -159,6 +160,15 @@ async fn set_capacity(
     }
     let op = w.start_operation(&key, crate::world::Effect::Scale(c.capacity));
     Json(json!({"operation": op})).into_response()
+}
+
+/// A new model for the scale set: what an operator's update of its image or extensions does.
+async fn new_model(State(s): State<Shared>, Path(key): Path<String>) -> Response {
+    let mut w = s.world.lock().await;
+    match w.new_model(&key.to_lowercase()) {
+        Some(version) => Json(json!({"modelVersion": version})).into_response(),
+        None => not_found("scale set"),
+    }
 }
 
 #[derive(Deserialize)]

@@ -321,8 +321,14 @@ fn respond(
             Method::POST,
             ["virtualmachines", id, verb @ ("restart" | "reimage" | "start" | "redeploy")],
         ) => instance_op(world, base, &key, segs[7], id, verb),
-        (Method::POST, [verb @ ("delete" | "restart" | "reimage" | "start" | "redeploy")]) => {
-            let ids = match instance_ids(world, &key, &parsed_body, *verb == "delete") {
+        (
+            Method::POST,
+            [verb @ ("delete" | "restart" | "reimage" | "start" | "redeploy" | "manualupgrade")],
+        ) => {
+            // Delete and manual upgrade name their instances (`VirtualMachineScaleSetVMInstance
+            // RequiredIDs`); the power actions and reimage default to every instance.
+            let required = matches!(*verb, "delete" | "manualupgrade");
+            let ids = match instance_ids(world, &key, &parsed_body, required) {
                 Ok(ids) => ids,
                 Err(InvalidParameter(m)) => {
                     return arm_error(StatusCode::BAD_REQUEST, "InvalidParameter", m)
@@ -359,6 +365,7 @@ fn effect(verb: &str, ids: Vec<u64>) -> Effect {
         "restart" => Effect::Restart(ids),
         "start" => Effect::Start(ids),
         "redeploy" => Effect::Redeploy(ids),
+        "manualupgrade" => Effect::Upgrade(ids),
         _ => Effect::Reimage(ids),
     }
 }
@@ -709,7 +716,7 @@ fn flexible_set(method: &Method, rest: &[&str]) -> Option<Response> {
             "NotFound",
             format!("The entity was not found in this Azure location. '{id}' is not an instance of a Uniform scale set."),
         )),
-        (Method::POST, [verb @ ("restart" | "reimage" | "start" | "redeploy")]) => {
+        (Method::POST, [verb @ ("restart" | "reimage" | "start" | "redeploy" | "manualupgrade")]) => {
             Some(arm_error(
                 StatusCode::CONFLICT,
                 "OperationNotAllowed",

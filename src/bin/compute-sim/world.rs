@@ -55,6 +55,17 @@
 //!   Level"). A `CanNotDelete` or `ReadOnly` lock on a VM or its group makes deleting it fail
 //!   with 409 `ScopeLocked`; `ReadOnly` also refuses its actions ("Lock your resources to protect
 //!   your infrastructure": locks are inherited by child resources).
+//! - Model versions: a change of the scale set's model (`POST /admin/scalesets/{key}/model`, what
+//!   an operator's PUT of a new image or extension does) leaves every existing instance on its old
+//!   model, `latestModelApplied: false`, until the scale set's manual upgrade
+//!   (`POST …/manualupgrade` with `instanceIds`, `VirtualMachineScaleSets_UpdateInstances` in the
+//!   REST spec) is run on it; new instances get the latest model. A reimage keeps the instance's
+//!   model ("If exact version is not provided, the OS disk is reimaged to the existing version of
+//!   OS Disk", VirtualMachineScaleSetReimageParameters; "If you have the upgrade policy set to
+//!   manual, any changes made to the scale set model won't be applied automatically. You need to
+//!   manually trigger upgrades on each individual virtual machine", "Performing manual upgrades on
+//!   Virtual Machine Scale Sets", learn.microsoft.com). A Flexible scale set's manual upgrade is in
+//!   preview there and is not offered here.
 //! - A request can be carried out while its answer never arrives (a connection lost after ARM
 //!   accepted it): fault rules with `hangMs` hold the answer past the client's timeout.
 
@@ -111,6 +122,8 @@ pub struct Vm {
     #[serde(with = "time::serde::rfc3339")]
     pub provisioned_at: OffsetDateTime,
     pub latest_model_applied: bool,
+    /// The model version the instance runs.
+    pub model_version: u64,
     pub beat: Beat,
     pub fault: Fault,
     #[serde(with = "time::serde::rfc3339::option")]
@@ -135,6 +148,8 @@ pub struct ScaleSet {
     /// The most instances the scale set may have (100 with a single placement group, 1,000
     /// without).
     pub max_capacity: usize,
+    /// The version of the scale set's model; an instance on an older one is not on the latest.
+    pub model_version: u64,
 }
 
 impl ScaleSet {
@@ -228,6 +243,7 @@ impl ScaleSet {
                 time_created: now,
                 provisioned_at: now,
                 latest_model_applied: true,
+                model_version: self.model_version,
                 beat: Beat::Up,
                 fault: Fault::Soft,
                 maintenance_until: None,
@@ -265,6 +281,8 @@ pub enum Effect {
     Start(Vec<u64>),
     /// Moves the VM to another host and starts it there (Flexible VMs: the VM API's redeploy).
     Redeploy(Vec<u64>),
+    /// The manual upgrade: the latest model on these instances.
+    Upgrade(Vec<u64>),
     Scale(usize),
 }
 
@@ -276,6 +294,7 @@ impl Effect {
             Effect::Reimage(_) => "reimage",
             Effect::Start(_) => "start",
             Effect::Redeploy(_) => "redeploy",
+            Effect::Upgrade(_) => "upgrade",
             Effect::Scale(_) => "scale",
         }
     }
@@ -286,7 +305,8 @@ impl Effect {
             | Effect::Restart(ids)
             | Effect::Reimage(ids)
             | Effect::Start(ids)
-            | Effect::Redeploy(ids) => ids,
+            | Effect::Redeploy(ids)
+            | Effect::Upgrade(ids) => ids,
             Effect::Scale(_) => &[],
         }
     }
@@ -512,6 +532,7 @@ impl World {
             next_instance: 0,
             etag: 1,
             max_capacity: 1000,
+            model_version: 1,
         };
         let now = OffsetDateTime::now_utc();
         for _ in 0..capacity {
@@ -519,6 +540,24 @@ impl World {
         }
         self.sets.insert(key.clone(), set);
         key
+    }
+
+    /// A new model for the scale set (a new image, an extension changed): every instance is on an
+    /// older one until upgraded. Returns the new version.
+    pub fn new_model(&mut self, set_key: &str) -> Option<u64> {
+        let set = self.sets.get_mut(set_key)?;
+        set.model_version += 1;
+        set.etag += 1;
+        for vm in set.vms.values_mut() {
+            vm.latest_model_applied = vm.model_version == set.model_version;
+        }
+        let (version, id) = (set.model_version, set.resource_id());
+        self.announce(
+            WRITE,
+            &id,
+            "Microsoft.Compute/virtualMachineScaleSets/write",
+        );
+        Some(version)
     }
 
     /// Ends every operation that is due.
@@ -606,6 +645,7 @@ impl World {
                 Effect::Reimage(_) => (ACTION, "reimage/action"),
                 Effect::Start(_) => (ACTION, "start/action"),
                 Effect::Redeploy(_) => (ACTION, "redeploy/action"),
+                Effect::Upgrade(_) => (ACTION, "manualupgrade/action"),
                 Effect::Scale(_) => (WRITE, "write"),
             };
             for id in effect.instances() {
@@ -640,6 +680,10 @@ impl World {
                 ACTION,
                 "Microsoft.Compute/virtualMachineScaleSets/redeploy/action",
             ),
+            Effect::Upgrade(_) => (
+                ACTION,
+                "Microsoft.Compute/virtualMachineScaleSets/manualupgrade/action",
+            ),
             Effect::Scale(_) => (WRITE, "Microsoft.Compute/virtualMachineScaleSets/write"),
         };
         let per_vm_only = !vm_events.is_empty() && !matches!(effect, Effect::Delete(_));
@@ -647,6 +691,18 @@ impl World {
             Effect::Delete(ids) => {
                 for id in ids {
                     set.vms.remove(&id);
+                }
+            }
+            Effect::Upgrade(ids) => {
+                let latest = set.model_version;
+                for id in ids {
+                    if let Some(vm) = set.vms.get_mut(&id) {
+                        vm.power_state = "running".into();
+                        vm.provisioning_state = "Succeeded".into();
+                        vm.provisioned_at = OffsetDateTime::now_utc();
+                        vm.model_version = latest;
+                        vm.latest_model_applied = true;
+                    }
                 }
             }
             Effect::Start(ids) => {
@@ -763,7 +819,8 @@ impl World {
                 Effect::Restart(ids)
                 | Effect::Reimage(ids)
                 | Effect::Start(ids)
-                | Effect::Redeploy(ids) => {
+                | Effect::Redeploy(ids)
+                | Effect::Upgrade(ids) => {
                     for id in ids {
                         if let Some(vm) = set.vms.get_mut(id) {
                             vm.provisioning_state = "Updating".into();

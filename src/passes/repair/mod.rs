@@ -4,7 +4,7 @@
 use crate::alert::{Alert, Kind as AlertKind, Notifier};
 use crate::compute::{Accepted, Compute, ComputeError};
 use crate::deadline::Deadline;
-use crate::incident::{Call, Incident, Phase, Stage};
+use crate::incident::{Call, Incident, Phase, Stage, Versioned};
 use crate::journal::{Entry, EntryKind};
 use crate::mirror::ScaleSetRecord;
 use crate::operations::Operation;
@@ -52,6 +52,8 @@ pub struct SetReport {
     /// How long the brake has held, from when a pass first found it.
     pub paused_for_s: Option<i64>,
     pub next_check_s: Option<i64>,
+    /// The scale set's long-running operation, as this pass left it.
+    pub operation: Option<crate::operate::OperationReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -93,11 +95,12 @@ pub async fn repair_all(
                 observations.push(observation?);
             }
             // What long-running operations hold, for the whole fleet in one read.
-            let mut held = held_by(&running_operations(store).await?);
+            let running = running_operations(store).await?;
+            let mut held = held_by(running.iter().map(|v| &v.value));
             for (watched, obs) in settings.scale_sets.iter().zip(observations.iter_mut()) {
                 obs.held = held.remove(&watched.id.key()).unwrap_or_default();
             }
-            Ok::<_, StoreError>(observations)
+            Ok::<_, StoreError>((observations, running))
         })
         .await
         .ok_or_else(|| StoreError::Unavailable {
@@ -108,7 +111,11 @@ pub async fn repair_all(
                 settings.pass_deadline.whole_seconds()
             ),
         })??;
-    let mut observations = observations;
+    let (mut observations, running) = observations;
+    let mut running: HashMap<String, Versioned<Operation>> = running
+        .into_iter()
+        .map(|v| (v.value.scale_set.key(), v))
+        .collect();
 
     // How the operations of earlier passes went, before deciding on them.
     let mut followed = Vec::with_capacity(observations.len());
@@ -167,8 +174,31 @@ pub async fn repair_all(
                     .and_then(|r| r.orchestration_mode.as_deref()),
             ),
         };
-        let (report, alerts) = carry_out(&pass, plan, obs.record.as_ref(), journal).await?;
+        let brake = plan.paused().cloned();
+        let (mut report, alerts) = carry_out(&pass, plan, obs.record.as_ref(), journal).await?;
         notifier.send(alerts);
+        // The scale set's long-running operation takes its step after the healer's repairs: both
+        // see the same observation, and neither touches what the other holds.
+        if let Some(op) = running.remove(&watched.id.key()) {
+            let operate = crate::operate::OperatePass {
+                store,
+                compute,
+                id: &watched.id,
+                obs: &obs,
+                policy: &watched.policy,
+                brake: brake.as_ref(),
+                mode: pass.mode,
+                dry_run: settings.dry_run,
+                deadline: &deadline,
+                now,
+            };
+            let (op_report, alerts, resync) = crate::operate::operate(&operate, op).await?;
+            notifier.send(alerts);
+            if resync && !resyncs.contains(&watched.id) {
+                resyncs.push(watched.id.clone());
+            }
+            report.operation = Some(op_report);
+        }
         reports.push(report);
     }
     crate::throttle::hold_subscriptions(store, compute, settings, now).await?;
@@ -210,23 +240,24 @@ pub async fn gather(
     })
 }
 
-/// The long-running operations not yet over, read once per pass for every set; unreadable rows
-/// are logged and skipped so one bad row cannot stop repairs.
-pub async fn running_operations(store: &Store) -> Result<Vec<Operation>, StoreError> {
+/// The long-running operations not yet over, with their versions, read once per pass for every
+/// set; unreadable rows are logged and skipped so one bad row cannot stop repairs.
+pub async fn running_operations(store: &Store) -> Result<Vec<Versioned<Operation>>, StoreError> {
     let (ops, skipped) = store.operations(None).await?;
     for bad in &skipped.0 {
         tracing::warn!(error = %bad, "skipped an unreadable operation row");
     }
     Ok(ops
         .into_iter()
-        .map(|v| v.value)
-        .filter(|o| !o.state.is_over())
+        .filter(|v| !v.value.state.is_over())
         .collect())
 }
 
 /// The instances each running operation holds, by scale set key, then instance, with the
 /// operation's id.
-pub fn held_by(running: &[Operation]) -> HashMap<String, HashMap<String, String>> {
+pub fn held_by<'a>(
+    running: impl IntoIterator<Item = &'a Operation>,
+) -> HashMap<String, HashMap<String, String>> {
     let mut held: HashMap<String, HashMap<String, String>> = HashMap::new();
     for op in running {
         let set = held.entry(op.scale_set.key()).or_default();
