@@ -235,8 +235,17 @@ async fn an_instance_that_never_returns_pauses_the_cycle_with_an_alert_and_resum
             .contains("failed_batch"),
         "{paused:#}"
     );
-    let alerts = wait_for_alerts(&receiver, 1, Duration::from_secs(30)).await;
-    let alert = alerts.iter().find(|a| a["kind"] == "operation").unwrap();
+    // Other alerts may come first (the healer takes the broken instance over): wait for ours.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let alert = loop {
+        let seen = receiver.received.lock().unwrap().len();
+        let alerts = wait_for_alerts(&receiver, seen.max(1), Duration::from_secs(30)).await;
+        if let Some(a) = alerts.iter().find(|a| a["kind"] == "operation") {
+            break a.clone();
+        }
+        assert!(Instant::now() < deadline, "no operation alert: {alerts:?}");
+        wait_for_alerts(&receiver, alerts.len() + 1, Duration::from_secs(30)).await;
+    };
     assert!(
         alert["reason"]
             .as_str()

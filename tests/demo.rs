@@ -44,6 +44,10 @@ fn the_demo_plays_its_story_and_the_healer_gets_every_act_right() {
         "resumed api: the brake `too_many_unhealthy` released",
         "pause `pipeline_fault`: held, then released",
         "every fault repaired, nothing repaired wrongly",
+        "operator handler cycle web: operation cycle-",
+        "cycle of web: succeeded",
+        "cycle of web: 50 of 50 instances reimaged, each exactly once",
+        "the line: 40",
     ] {
         assert!(out.contains(line), "missing `{line}` in:\n{out}");
     }
@@ -77,4 +81,10 @@ fn the_demo_plays_its_story_and_the_healer_gets_every_act_right() {
     );
     assert!(picture.contains(r#"class="axis""#) && picture.contains(">0 s</text>"));
     assert!(picture.contains("6. half of api reports DOWN"));
+    // The cycle's batches, in their own colour while the operation holds them.
+    assert!(picture.contains("7. handler cycle web"));
+    assert!(
+        picture.matches(r##"fill="#8e5bd0"/>"##).count() >= 50,
+        "every web instance shown cycling"
+    );
 }

@@ -123,7 +123,7 @@ fn the_custom_roles_hold_exactly_the_actions_the_handler_needs() {
 
 /// Every request the handler sends maps to an action of [`REQUIRED_ACTIONS`], and every action of
 /// it is used: restart, start, reimage and replace (surge, then delete), their operations followed,
-/// with the mirror read.
+/// with the mirror read, and a cycle's manual upgrade.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_compute_request_is_covered_by_the_role_and_every_action_is_used() {
     let sets = format!(
@@ -173,6 +173,22 @@ async fn every_compute_request_is_covered_by_the_role_and_every_action_is_used()
     // The next passes follow the operations and, the new instance mirrored, delete the broken one.
     app.invoke_timer("monitor-state").await;
     app.invoke_timer("monitor-status").await;
+    // A cycle's upgrade: a new model of `d`, its instances brought to it (the manual upgrade).
+    app.admin(
+        reqwest::Method::POST,
+        &format!("scalesets/{}/model", common::TestApp::key("d")),
+        None,
+    )
+    .await;
+    app.invoke_timer("monitor-state").await;
+    let (code, out, err) = app.cli(&["cycle", "d", "--action", "upgrade", "--min-healthy", "1"]);
+    assert_eq!(code, 0, "{out}{err}");
+    app.heartbeat_round().await;
+    let (_, answer) = app.invoke_timer("monitor-status").await;
+    assert!(
+        answer.to_string().contains("batch 1"),
+        "the upgrade went out: {answer}"
+    );
 
     let mut used = BTreeSet::new();
     for call in app.compute_calls().await {

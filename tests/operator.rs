@@ -298,7 +298,9 @@ async fn the_healer_never_repairs_what_an_operation_holds() {
         false,
         time::OffsetDateTime::now_utc(),
     );
-    op.state = State::Running;
+    // Paused where it stands (a running cycle would move on, and its engine is not the point
+    // here): what it holds stays held.
+    op.state = State::Paused;
     op.holds = vec!["1".into()];
     app.store.start_operation(&op).await.unwrap();
     app.sync_and_break("web", 1, json!({"beat": "down"})).await;

@@ -3,8 +3,9 @@
 //! Starts Azurite (installing the pinned version on first use), the Compute simulator with three
 //! scale sets of 50 VMs that publish heartbeats, and the real handler, driven exactly as the
 //! Functions host drives it: timer invocations and Event Grid deliveries over HTTP. A scripted
-//! story (`story`) plays six acts — a DOWN VM, a hung VM, a VM that never comes up, a planned
-//! reboot, a heartbeat-pipeline outage, a scale set past its unhealthy limit — shown live on a
+//! story (`story`) plays seven acts — a DOWN VM, a hung VM, a VM that never comes up, a planned
+//! reboot, a heartbeat-pipeline outage, a scale set past its unhealthy limit, a rolling cycle of a
+//! scale set that keeps 80 % serving — shown live on a
 //! terminal (`view`) or as plain lines, summarized at the end, and drawn as an SVG timeline
 //! (`timeline`). Exits non-zero if a fault was missed or anything was repaired wrongly.
 //!
@@ -278,6 +279,12 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
     // When each tick began (s since the start): times to repair are wall-clock times.
     let mut tick_started: Vec<f32> = Vec::new();
     let mut numbers: HashMap<(String, String), u64> = HashMap::new();
+    // The cycle of the last act: when it began, the instances it had to cycle, and the fewest
+    // instances serving while it ran.
+    let mut cycle_started: Option<OffsetDateTime> = None;
+    let mut cycle_at_start: BTreeSet<u64> = BTreeSet::new();
+    let mut cycle_lowest = usize::MAX;
+    let mut cycle_state: Option<String> = None;
     loop {
         ticker.tick().await;
         tick_started.push(started.elapsed().as_secs_f32());
@@ -312,6 +319,43 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
                 }
             }
         }
+        if tick == story::CYCLE {
+            // As an operator would: `handler cycle web --reason …` (the defaults: batches of 20 %,
+            // at least 80 % healthy).
+            let raw = vmss_healer::operations::cycle::Raw::default();
+            match vmss_healer::operator::start_cycle(
+                &settings,
+                &store,
+                story::CYCLE_SET,
+                &raw,
+                "demo: monthly refresh",
+                false,
+            )
+            .await
+            {
+                Ok(told) => {
+                    view.line(
+                        started.elapsed().as_secs_f32(),
+                        &format!(
+                            "operator handler cycle {}: {}",
+                            story::CYCLE_SET,
+                            told.trim()
+                        ),
+                    );
+                    cycle_started = Some(OffsetDateTime::now_utc());
+                    let w = sim.world.lock().await;
+                    cycle_at_start = w
+                        .sets
+                        .get(&key(story::CYCLE_SET))
+                        .map(|s| s.vms.keys().copied().collect())
+                        .unwrap_or_default();
+                }
+                Err(e) => view.line(
+                    started.elapsed().as_secs_f32(),
+                    &format!("! handler cycle: {e:#}"),
+                ),
+            }
+        }
         let mut round = if story::heartbeats_flow(tick) {
             admin::heartbeat_round(&sim).await
         } else {
@@ -321,6 +365,33 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
         admin::deliver(&sim.http, &handler, admin::Delivery::Handler, round).await;
         invoke("monitor-state").await;
         invoke("monitor-status").await;
+        // While the cycle runs: how many of its scale set's instances serve (the batch being
+        // reimaged does not), and what the operation holds.
+        let mut cycling: BTreeSet<String> = BTreeSet::new();
+        if cycle_started.is_some() {
+            let id = ScaleSetId::parse(&set_id(story::CYCLE_SET)).expect("demo ids parse");
+            if let Ok((ops, _)) = store.operations(Some(&id)).await {
+                if let Some(op) = ops.last() {
+                    cycle_state = Some(op.value.state.as_str().to_string());
+                    cycling = op.value.holds.iter().cloned().collect();
+                }
+            }
+            if cycle_state
+                .as_deref()
+                .is_some_and(|s| s == "running" || s == "pending")
+            {
+                let w = sim.world.lock().await;
+                let serving = w.sets.get(&key(story::CYCLE_SET)).map_or(0, |s| {
+                    s.vms
+                        .values()
+                        .filter(|v| {
+                            v.provisioning_state == "Succeeded" && v.power_state == "running"
+                        })
+                        .count()
+                });
+                cycle_lowest = cycle_lowest.min(serving);
+            }
+        }
 
         // What the healer sees now, judged as monitor-status judges it.
         let now = OffsetDateTime::now_utc();
@@ -358,6 +429,7 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
                     .is_some_and(|v| v.value.state == IncidentState::Repairing);
                 let cell = match verdict {
                     _ if repairing => Cell::Repairing,
+                    _ if *name == story::CYCLE_SET && cycling.contains(instance) => Cell::Cycling,
                     Verdict::Healthy => Cell::Healthy,
                     Verdict::Unhealthy(_) => Cell::Unhealthy,
                     Verdict::Suspect { .. } => Cell::Suspect,
@@ -390,7 +462,26 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
             }
         }
         rows.sort_by_key(|(_, e)| e.at);
+        // An operation's rows about single instances (a batch of ten, say) read as one line.
+        // Rows of one pass share their time: the instances' lines (a batch decided, a batch back)
+        // are shown before the calls and the end they led to.
+        let mut grouped: Vec<(RowGroup, Vec<String>)> = Vec::new();
+        let mut after_groups: Vec<String> = Vec::new();
         for (name, e) in rows.iter().skip(seen_rows) {
+            if e.kind == EntryKind::Operation && e.instance_id != "*" {
+                let k = (*name, e.outcome.clone(), e.reason.clone());
+                match grouped.iter_mut().find(|(g, _)| *g == k) {
+                    Some((_, ids)) => ids.push(e.instance_id.clone()),
+                    None => grouped.push((k, vec![e.instance_id.clone()])),
+                }
+                continue;
+            }
+            if e.kind == EntryKind::Operation
+                && !matches!(e.outcome.as_str(), "started" | "operator_start")
+            {
+                after_groups.push(format!("operation {name}#* {}: {}", e.outcome, e.reason));
+                continue;
+            }
             let what = match (e.kind, e.action) {
                 (EntryKind::Repair, Some(action)) => {
                     // A replace journals each of its stages (surge, delete): name the stage.
@@ -441,6 +532,16 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
                 _ => {}
             }
         }
+        for ((name, outcome, reason), mut ids) in grouped {
+            ids.sort_by_key(|i| (i.parse::<u64>().unwrap_or(u64::MAX), i.clone()));
+            view.line(
+                started.elapsed().as_secs_f32(),
+                &format!("operation {name}#{} {outcome}: {reason}", ids.join(",")),
+            );
+        }
+        for line in after_groups {
+            view.line(started.elapsed().as_secs_f32(), &line);
+        }
         seen_rows = rows.len();
         let act = story::act_at(tick);
         let title = act
@@ -463,7 +564,12 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
         let calm = statuses
             .iter()
             .all(|s| s.brake.is_none() && s.repairing == 0);
-        if (tick >= story::LAST_TICK && all_repaired && calm) || tick >= story::LAST_TICK + 40 {
+        let cycled = cycle_state
+            .as_deref()
+            .is_some_and(|s| s != "running" && s != "pending");
+        if (tick >= story::LAST_TICK && all_repaired && calm && cycled)
+            || tick >= story::LAST_TICK + 60
+        {
             break;
         }
         tick += 1;
@@ -485,6 +591,27 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
     }
     {
         let w = sim.world.lock().await;
+        // Every reimage of the cycle's scale set since the cycle began.
+        let mut reimaged: BTreeMap<u64, usize> = BTreeMap::new();
+        for op in w.operations.values() {
+            if op.set_key != key(story::CYCLE_SET) || cycle_started.is_none_or(|t| op.started < t) {
+                continue;
+            }
+            if let world::Effect::Reimage(ids) = &op.effect {
+                for id in ids {
+                    *reimaged.entry(*id).or_default() += 1;
+                }
+            }
+        }
+        for line in story::grade_cycle(
+            cycle_state.as_deref(),
+            cycle_lowest,
+            &reimaged,
+            &cycle_at_start,
+        ) {
+            println!("  {}", line.text);
+            ok &= line.ok;
+        }
         for (name, capacity) in SETS {
             let Some(set) = w.sets.get(&key(name)) else {
                 continue;
@@ -526,13 +653,17 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
     println!(
         "  {}",
         if ok {
-            "every fault repaired, nothing repaired wrongly"
+            "every fault repaired, nothing repaired wrongly, the cycle kept the line"
         } else {
             "FAILED"
         }
     );
     ok
 }
+
+/// An operation's journal rows about single instances that read as one line: (scale set, outcome,
+/// reason).
+type RowGroup<'a> = (&'a str, String, String);
 
 /// The simulator's number of an instance the healer names by its key: a Uniform instance id, or a
 /// Flexible VM's name.

@@ -1,4 +1,4 @@
-//! The demo's script: six acts, each a fault (or a non-fault) played on the simulated fleet at a
+//! The demo's script: seven acts, each a fault (or a non-fault) played on the simulated fleet at a
 //! given tick, with what the healer must and must not do about it. Times are in ticks; the
 //! healer's timeouts are set in ticks too (see `Timing`), so the story is the same fast or slow.
 
@@ -20,15 +20,20 @@ const REBOOT: u32 = 6;
 const MASS_DOWN: (u32, u32) = (46, 58);
 const MASS_SET: &str = "api";
 const MASS: std::ops::Range<u64> = 20..45;
-/// The story is over once this tick has passed and the fleet has settled.
-pub const LAST_TICK: u32 = 64;
+/// The last act: `handler cycle web` refreshes every instance, a fifth at a time.
+pub const CYCLE: u32 = 62;
+pub const CYCLE_SET: &str = "web";
+/// 80 % of web's 50 instances must keep serving throughout.
+pub const CYCLE_MIN_SERVING: usize = 40;
+/// The story is over once this tick has passed and the fleet has settled (and the cycle is done).
+pub const LAST_TICK: u32 = 66;
 
 pub struct Act {
     pub tick: u32,
     pub title: &'static str,
 }
 
-pub const ACTS: [Act; 6] = [
+pub const ACTS: [Act; 7] = [
     Act {
         tick: 2,
         title: "web#4 reports DOWN: its health check fails",
@@ -52,6 +57,10 @@ pub const ACTS: [Act; 6] = [
     Act {
         tick: MASS_DOWN.0,
         title: "half of api reports DOWN: past its unhealthy limit, it must pause",
+    },
+    Act {
+        tick: CYCLE,
+        title: "handler cycle web: every instance reimaged, 10 at a time, at least 40 serving",
     },
 ];
 
@@ -185,6 +194,39 @@ pub fn expectations(jobs_new: Option<u64>) -> Expectations {
     }
 }
 
+/// The cycle's grade: it finished, every instance present at its start was reimaged exactly once,
+/// and never fewer than [`CYCLE_MIN_SERVING`] instances served.
+pub fn grade_cycle(
+    state: Option<&str>,
+    lowest_serving: usize,
+    reimaged: &std::collections::BTreeMap<u64, usize>,
+    at_start: &BTreeSet<u64>,
+) -> Vec<Graded> {
+    let once = at_start.iter().all(|i| reimaged.get(i) == Some(&1))
+        && reimaged.keys().all(|i| at_start.contains(i));
+    vec![
+        Graded {
+            text: format!("cycle of {CYCLE_SET}: {}", state.unwrap_or("never started")),
+            ok: state == Some("succeeded"),
+        },
+        Graded {
+            text: format!(
+                "cycle of {CYCLE_SET}: {} of {} instances reimaged, {}",
+                reimaged.len(),
+                at_start.len(),
+                if once { "each exactly once" } else { "NOT each exactly once" }
+            ),
+            ok: once,
+        },
+        Graded {
+            text: format!(
+                "cycle of {CYCLE_SET}: at least {lowest_serving} instances serving throughout (the line: {CYCLE_MIN_SERVING})"
+            ),
+            ok: lowest_serving >= CYCLE_MIN_SERVING,
+        },
+    ]
+}
+
 /// One line of the demo's verdict on the healer.
 pub struct Graded {
     pub text: String,
@@ -290,6 +332,22 @@ mod tests {
         // A pause before its act counts for nothing (the fleet's first pass, say).
         ("api", "too_many_unhealthy", 0),
     ];
+
+    #[test]
+    fn a_cycle_passes_only_finished_once_each_and_above_the_line() {
+        let start: BTreeSet<u64> = (0..50).collect();
+        let once: std::collections::BTreeMap<u64, usize> = (0..50).map(|i| (i, 1)).collect();
+        let ok = |g: Vec<Graded>| g.iter().filter(|g| !g.ok).count();
+        assert_eq!(ok(grade_cycle(Some("succeeded"), 40, &once, &start)), 0);
+        assert_eq!(ok(grade_cycle(Some("paused"), 40, &once, &start)), 1);
+        assert_eq!(ok(grade_cycle(Some("succeeded"), 39, &once, &start)), 1);
+        let mut twice = once.clone();
+        twice.insert(3, 2);
+        assert_eq!(ok(grade_cycle(Some("succeeded"), 45, &twice, &start)), 1);
+        let mut missing = once;
+        missing.remove(&7);
+        assert_eq!(ok(grade_cycle(None, 45, &missing, &start)), 2);
+    }
 
     #[test]
     fn a_run_that_got_everything_right_passes() {

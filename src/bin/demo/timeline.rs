@@ -12,6 +12,8 @@ pub enum Cell {
     Repairing,
     Maintenance,
     Starting,
+    /// Held by a long-running operation (being cycled).
+    Cycling,
 }
 
 impl Cell {
@@ -23,6 +25,7 @@ impl Cell {
             Cell::Repairing => "#f07f1e",
             Cell::Maintenance => "#4a7bd0",
             Cell::Starting => "#b8c4cc",
+            Cell::Cycling => "#8e5bd0",
         }
     }
 }
@@ -89,7 +92,7 @@ impl Timeline {
             }
             y += ROW_H;
         }
-        let width = (LEFT + self.ticks * CELL_W + 20).max(LEFT + 860);
+        let width = (LEFT + self.ticks * CELL_W + 20).max(LEFT + 900);
         // Below the rows: the time axis, then the acts.
         let axis = y + 4;
         let y = axis + 16;
@@ -197,9 +200,10 @@ impl Timeline {
             (Cell::Repairing, "repairing"),
             (Cell::Maintenance, "maintenance"),
             (Cell::Starting, "starting"),
+            (Cell::Cycling, "cycling"),
         ];
         for (i, (cell, name)) in legend.iter().enumerate() {
-            let x = LEFT + 330 + i as u32 * 88;
+            let x = LEFT + 330 + i as u32 * 80;
             let _ = writeln!(
                 s,
                 r#"<rect x="{x}" y="24" width="10" height="8" fill="{}"/><text x="{}" y="32">{name}</text>"#,

@@ -16,20 +16,24 @@
 //! Insights (a local collector standing for ingestion): throughput, latency, the handler's CPU
 //! time per event and peak RSS, and what reached the collector.
 //!
+//! `bench cycle [--instances N] [--batch 20%] [--reimage-minutes R]`: a rolling cycle of one
+//! scale set by the handler binary beside the classic one-at-a-time script (`cycle.rs`).
+//!
 //! Build first: `cargo build --release --bins` (startup runs the `handler` next to this binary).
 
-#[path = "compute-sim/admin.rs"]
+#[path = "../compute-sim/admin.rs"]
 mod admin;
-#[path = "compute-sim/arm.rs"]
+#[path = "../compute-sim/arm.rs"]
 mod arm;
 #[allow(dead_code)]
-#[path = "../../tests/common/azurite.rs"]
+#[path = "../../../tests/common/azurite.rs"]
 mod azurite;
-#[path = "compute-sim/server.rs"]
+mod cycle;
+#[path = "../compute-sim/server.rs"]
 mod server;
-#[path = "../../tests/common/sockets.rs"]
+#[path = "../../../tests/common/sockets.rs"]
 mod sockets;
-#[path = "compute-sim/world.rs"]
+#[path = "../compute-sim/world.rs"]
 mod world;
 
 pub use server::Shared;
@@ -59,6 +63,15 @@ fn arg(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+fn text_arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_string())
+}
+
 fn main() {
     let mode = std::env::args().nth(1).unwrap_or_default();
     match mode.as_str() {
@@ -73,13 +86,18 @@ fn main() {
             std::env::args().any(|a| a == "--flexible"),
         ),
         "load" => load(arg("--deliveries", 2000), arg("--instances", 2000)),
+        "cycle" => cycle::run(
+            arg("--instances", 1000),
+            &text_arg("--batch", "20%"),
+            text_arg("--reimage-minutes", "3").parse().unwrap_or(3.0),
+        ),
         "telemetry" => telemetry(
             arg("--instances", 1000),
             arg("--rounds", 5),
             arg("--concurrency", 16),
         ),
         _ => {
-            eprintln!("usage: bench ingest [--instances N] [--rounds R] [--concurrency C] | bench startup [--runs N] | bench tick [--instances N] | bench load [--deliveries N] [--instances M] | bench telemetry [--instances N] [--rounds R] [--concurrency C]");
+            eprintln!("usage: bench ingest [--instances N] [--rounds R] [--concurrency C] | bench startup [--runs N] | bench tick [--instances N] | bench load [--deliveries N] [--instances M] | bench cycle [--instances N] [--batch 20%] [--reimage-minutes R] | bench telemetry [--instances N] [--rounds R] [--concurrency C]");
             std::process::exit(2);
         }
     }
