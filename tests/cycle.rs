@@ -410,3 +410,80 @@ async fn bad_parameters_and_a_second_cycle_are_refused_with_every_reason() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("one per scale set"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_brings_only_outdated_instances_to_the_latest_model() {
+    let app = spawn_app().scale_set("web", 5).start().await;
+    round(&app).await;
+    let model = format!("scalesets/{}/model", TestApp::key("web"));
+    app.admin(reqwest::Method::POST, &model, None).await;
+    let (status, answer) = app.invoke_timer("monitor-state").await;
+    assert_eq!(status, 200, "{answer}");
+    start(
+        &app,
+        &["--action", "upgrade", "--batch", "2", "--min-healthy", "3"],
+    );
+    let answers = until(&app, &["succeeded"], Duration::from_secs(60)).await;
+    let fleet = app.fleet("web").await;
+    assert!(
+        fleet["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["latest_model_applied"] == true),
+        "{fleet:#}"
+    );
+    let upgrades: Vec<Value> = app
+        .operations()
+        .await
+        .into_iter()
+        .filter(|o| o["effect"]["Upgrade"].is_array())
+        .collect();
+    let upgraded: usize = upgrades
+        .iter()
+        .map(|o| o["effect"]["Upgrade"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(upgraded, 5, "{upgrades:?}");
+    assert!(
+        reimaged(&app).await.is_empty(),
+        "an upgrade is not a reimage"
+    );
+    assert_eq!(
+        operation(answers.last().unwrap())["progress"],
+        "5 of 5 (done)"
+    );
+
+    // Again, with nothing outdated: nothing to do.
+    start(&app, &["--action", "upgrade"]);
+    let answers = until(&app, &["succeeded"], Duration::from_secs(30)).await;
+    assert_eq!(operation(answers.last().unwrap())["progress"], "done");
+    let again: usize = app
+        .operations()
+        .await
+        .into_iter()
+        .filter(|o| o["effect"]["Upgrade"].is_array())
+        .count();
+    assert_eq!(again, upgrades.len(), "nothing was upgraded twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_batch_is_sent_again_once_the_subscription_may_be_called() {
+    let app = spawn_app().scale_set("web", 5).start().await;
+    round(&app).await;
+    app.inject_fault(serde_json::json!({
+        "method": "POST", "pathContains": "/reimage", "status": 429, "retryAfter": 1
+    }))
+    .await;
+    start(&app, &["--batch", "1", "--min-healthy", "4"]);
+    until(&app, &["succeeded"], Duration::from_secs(60)).await;
+    let times = reimaged(&app).await;
+    assert_eq!(times.len(), 5, "{times:?}");
+    assert!(times.values().all(|n| *n == 1), "{times:?}");
+    let (journal, _) = app.recent_journal(&TestApp::scale_set("web")).await;
+    assert!(
+        journal
+            .iter()
+            .any(|e| e.kind == EntryKind::Operation && e.outcome == "throttled"),
+        "the refusal is journaled"
+    );
+}

@@ -182,6 +182,11 @@ pub async fn operate(
         let Some(call) = memo.call_mut(slot) else {
             continue;
         };
+        // A Flexible batch is one call per VM: what no longer fits the pass goes next pass.
+        if !pass.deadline.fits_a_call() {
+            call.state = CallState::Unsent;
+            continue;
+        }
         let (verb, instances, grow) = (call.verb, call.instances.clone(), call.grow);
         let sent = match verb {
             Verb::Reimage => compute.reimage_instances(id, &instances, pass.mode).await,

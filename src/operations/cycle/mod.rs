@@ -552,6 +552,9 @@ impl Cycle<'_, '_> {
             .map(|id| id.to_string())
             .collect();
         added.sort_by(|a, b| order_key(a).cmp(&order_key(b)));
+        // Autoscale (or an operator) may have added instances meanwhile: only as many as the
+        // surge asked for are ours to give back, so their change of capacity stays.
+        added.truncate(surge.n as usize);
         let up = added.iter().filter(|id| self.healthy(id)).count();
         if ended && (self.dry() || up >= surge.n as usize) {
             self.note(

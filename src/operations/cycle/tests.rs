@@ -319,6 +319,37 @@ fn a_single_instance_is_surged_to_two_and_given_back() {
 }
 
 #[test]
+fn capacity_autoscale_adds_meanwhile_is_kept_when_the_surge_is_given_back() {
+    let mut world = World::new(1);
+    // The surge goes out; before it ends, autoscale adds two instances of its own.
+    let op = world.pass(&cycle(Raw::default())).op;
+    assert_eq!(op.step, "surge");
+    for id in ["7", "8"] {
+        world.vms.insert(
+            id.into(),
+            Vm {
+                busy: None,
+                provisioned_at: world.now,
+                last_beat: world.now,
+                broken: false,
+                healthy: true,
+                outdated: false,
+            },
+        );
+    }
+    let (op, notes) = world.run(op, 30);
+    assert_eq!(op.state, State::Succeeded, "{notes:?}");
+    // Only the surge's own instance went back: autoscale's two stay, and were not cycled.
+    assert_eq!(
+        world.vms.keys().cloned().collect::<Vec<_>>(),
+        vec!["0", "7", "8"]
+    );
+    assert_eq!(world.touched.get("0"), Some(&1));
+    assert!(!world.touched.contains_key("7") && !world.touched.contains_key("8"));
+    assert_eq!(op.total, 1);
+}
+
+#[test]
 fn an_instance_that_never_returns_pauses_the_cycle_and_resume_goes_on() {
     let mut world = World::new(10);
     world.breaks.insert("0".into());
