@@ -487,3 +487,31 @@ async fn a_throttled_batch_is_sent_again_once_the_subscription_may_be_called() {
         "the refusal is journaled"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cycle_started_in_the_second_an_earlier_one_began_never_overwrites_it() {
+    use vmss_healer::operations::{Kind, Operation, State};
+    let app = spawn_app().scale_set("web", 2).start().await;
+    // Finished cycles whose ids cover the seconds around now.
+    let now = time::OffsetDateTime::now_utc();
+    for s in -2..8 {
+        let mut done = Operation::new(
+            Kind::Cycle,
+            TestApp::scale_set("web"),
+            serde_json::json!({}),
+            "earlier".into(),
+            false,
+            now + time::Duration::seconds(s),
+        );
+        done.state = State::Succeeded;
+        app.store.start_operation(&done).await.unwrap();
+    }
+    let (code, out, err) = app.cli(&["cycle", "web", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let started: Value = serde_json::from_str(&out).unwrap();
+    let (ops, _) = app.store.operations(None).await.unwrap();
+    assert_eq!(ops.len(), 11, "the earlier ten kept, one added");
+    let new: Vec<_> = ops.iter().filter(|o| o.value.id == started["id"]).collect();
+    assert_eq!(new.len(), 1);
+    assert_eq!(new[0].value.state, State::Pending);
+}

@@ -193,7 +193,7 @@ pub async fn start_cycle(
     let params = crate::operations::cycle::parse(raw).map_err(NotStarted::Parameters)?;
     let now = OffsetDateTime::now_utc();
     let dry_run = params.dry_run || settings.dry_run;
-    let op = Operation::new(
+    let mut op = Operation::new(
         crate::operations::Kind::Cycle,
         watched.id.clone(),
         serde_json::to_value(&params)?,
@@ -201,6 +201,17 @@ pub async fn start_cycle(
         dry_run,
         now,
     );
+    // Ids are `<kind>-<unix seconds>`: a cycle started in the second an earlier one of the set
+    // started (and ended) takes the next free second, so no row is ever overwritten.
+    let (existing, _) = store
+        .operations(Some(&watched.id))
+        .await
+        .context("reading the operations table")?;
+    let mut second = now.unix_timestamp();
+    while existing.iter().any(|v| v.value.id == op.id) {
+        second += 1;
+        op.id = format!("{}-{second}", op.kind.as_str());
+    }
     match store.start_operation(&op).await {
         Ok(_) => {}
         Err(crate::state::StoreError::Conflict { key, .. }) => {
