@@ -127,6 +127,7 @@ fn every_command_prints_its_help_without_settings() {
         vec!["operations", "--help"],
         vec!["operation", "pause", "--help"],
         vec!["operation", "abort", "--help"],
+        vec!["cycle", "--help"],
         vec!["help", "status"],
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_handler"))
