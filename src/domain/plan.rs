@@ -27,6 +27,9 @@ pub struct Observation {
     /// Instances a long-running operation holds, with the operation's id: the healer's repairs
     /// never touch them (design §7, one claim per instance).
     pub held: HashMap<String, String>,
+    /// A write to the scale set (a grow or a delete) that a long-running operation has in flight:
+    /// the healer's own writes wait for it, as for one of its own.
+    pub operation_write: Option<Call>,
 }
 
 /// Brakes and modes that are global rather than per scale set.
@@ -1079,7 +1082,8 @@ fn keep_writes_apart(view: &View, plan: &mut Plan) {
         })
         .map(|v| v.value.call())
         .find(|c| is_write(*c))
-        .flatten();
+        .flatten()
+        .or(view.obs.operation_write.filter(|c| is_write(Some(*c))));
     let writes = || plan.transitions.iter().filter(|t| is_write(t.call()));
     // (the call that goes out, and the one target it is limited to when split from its batch)
     let chosen: Option<(Call, Option<String>)> = if running.is_some() {

@@ -31,6 +31,8 @@ pub struct OperatePass<'a> {
     pub mode: Orchestration,
     /// `HEALER_DRY_RUN`: every operation only decides and journals.
     pub dry_run: bool,
+    /// The healer's repairs send a grow or a delete to the scale set this pass.
+    pub healer_writes: bool,
     pub deadline: &'a Deadline,
     pub now: OffsetDateTime,
 }
@@ -110,11 +112,12 @@ pub async fn operate(
     let mut memo = Memo::read(&next).unwrap_or_default();
     // A write of the healer's to the scale set (a replace's capacity change or delete) still
     // runs: ours wait, so that two writes never overlap (a write preempts a running delete).
-    let writes_busy = obs.incidents.values().any(|v| {
-        v.value.state == IncidentState::Repairing
-            && v.value.call_in_flight()
-            && matches!(v.value.call(), Some(Call::Grow | Call::Delete))
-    });
+    let writes_busy = pass.healer_writes
+        || obs.incidents.values().any(|v| {
+            v.value.state == IncidentState::Repairing
+                && v.value.call_in_flight()
+                && matches!(v.value.call(), Some(Call::Grow | Call::Delete))
+        });
     let to_send: Vec<cycle::Slot> = memo
         .calls()
         .into_iter()

@@ -129,6 +129,11 @@ impl Fleet {
         self
     }
     /// A long-running operation holds the instance.
+    fn operation_writing(mut self, call: Call) -> Self {
+        self.0.operation_write = Some(call);
+        self
+    }
+
     fn held(mut self, id: &str, operation: &str) -> Self {
         self.0.held.insert(id.into(), operation.into());
         self
@@ -297,6 +302,7 @@ fn decision_table() {
         ("silent", fleet(4).up("1", 400), &[], (vec![("1", "open", Some(Replace), 1)], vec![])),
         ("protected", fleet(4).down("3").protected("3"), &[], (vec![], vec![(Some("3"), "protected")])),
         ("held by an operation: left to it", fleet(4).down("2").held("2", "cycle-1"), &[], (vec![], vec![(Some("2"), "held_by_operation")])),
+        ("an operation's delete runs: the healer's surge waits for it", fleet(4).down("1").operation_writing(Call::Delete), &[], (vec![], vec![(Some("1"), "scale_set_busy")])),
         ("an operation's hold spares only what it holds", fleet(4).down("1").down("2").held("2", "cycle-1"), &[], (vec![("1", "open", Some(Replace), 1)], vec![(Some("2"), "held_by_operation")])),
         ("locked against deletion: no replace", fleet(4).down("3").delete_locked("3"), &[], (vec![], vec![(Some("3"), "delete_locked")])),
         ("locked against deletion: no delete", fleet(4).down("3").delete_locked("3"), &[("HEALER_REPAIR_ACTIONS", "delete")], (vec![], vec![(Some("3"), "delete_locked")])),

@@ -228,6 +228,27 @@ impl Memo {
     }
 }
 
+/// The grow or delete a cycle has sent and not yet seen end, if any: the healer's own writes to
+/// the scale set wait for it (a scale set write preempts a running delete).
+pub fn write_in_flight(op: &Operation) -> Option<crate::incident::Call> {
+    // A dry run's calls were never sent.
+    if op.state.is_over() || op.dry_run {
+        return None;
+    }
+    let memo = Memo::read(op).ok()?;
+    memo.calls().into_iter().find_map(|(_, c)| {
+        let in_flight = matches!(
+            c.state,
+            CallState::Sending { .. } | CallState::Accepted { .. }
+        );
+        match c.verb {
+            Verb::Grow if in_flight => Some(crate::incident::Call::Grow),
+            Verb::Delete if in_flight => Some(crate::incident::Call::Delete),
+            _ => None,
+        }
+    })
+}
+
 /// How a call's operation stands, as the pass read it from its status URL.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Status {

@@ -652,6 +652,20 @@ fn a_call_whose_answer_was_lost_is_judged_by_the_mirror_and_never_sent_again() {
 }
 
 #[test]
+fn a_grow_or_delete_in_flight_is_what_the_healer_waits_for() {
+    let mut world = World::new(1);
+    let op = world.pass(&cycle(Raw::default())).op;
+    assert_eq!(write_in_flight(&op), Some(crate::incident::Call::Grow));
+    let mut dry = op.clone();
+    dry.dry_run = true;
+    assert_eq!(write_in_flight(&dry), None, "a dry run sends nothing");
+    // Once the surge has ended and the batch reimages, no write of the scale set runs.
+    let op = world.pass(&op).op;
+    assert_eq!(op.step, "batch 1", "{op:?}");
+    assert_eq!(write_in_flight(&op), None);
+}
+
+#[test]
 fn parameters_no_longer_readable_fail_the_operation_with_the_reason() {
     let mut world = World::new(2);
     let mut op = cycle(Raw::default());

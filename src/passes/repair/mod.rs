@@ -99,6 +99,10 @@ pub async fn repair_all(
             let mut held = held_by(running.iter().map(|v| &v.value));
             for (watched, obs) in settings.scale_sets.iter().zip(observations.iter_mut()) {
                 obs.held = held.remove(&watched.id.key()).unwrap_or_default();
+                obs.operation_write = running
+                    .iter()
+                    .filter(|v| v.value.scale_set == watched.id)
+                    .find_map(|v| crate::operations::cycle::write_in_flight(&v.value));
             }
             Ok::<_, StoreError>((observations, running))
         })
@@ -175,6 +179,11 @@ pub async fn repair_all(
             ),
         };
         let brake = plan.paused().cloned();
+        // A grow or delete of the healer's that goes out this pass: the operation's writes wait.
+        let healer_writes = plan
+            .transitions
+            .iter()
+            .any(|t| t.step.acts() && matches!(t.call(), Some(Call::Grow | Call::Delete)));
         let (mut report, alerts) = carry_out(&pass, plan, obs.record.as_ref(), journal).await?;
         notifier.send(alerts);
         // The scale set's long-running operation takes its step after the healer's repairs: both
@@ -189,6 +198,7 @@ pub async fn repair_all(
                 brake: brake.as_ref(),
                 mode: pass.mode,
                 dry_run: settings.dry_run,
+                healer_writes,
                 deadline: &deadline,
                 now,
             };
@@ -237,6 +247,7 @@ pub async fn gather(
         heartbeats,
         incidents,
         held: HashMap::new(),
+        operation_write: None,
     })
 }
 
