@@ -427,6 +427,64 @@ async fn protected_instances_and_maintenance_are_not_touched() {
     );
 }
 
+/// A VM the platform is about to terminate publishes DRAINING (design §2) and then goes quiet and
+/// is deallocated by its event: none of that is a fault, and `handler status` counts it draining.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_instance_is_never_a_fault() {
+    let app = spawn_app()
+        .scale_set("web", 6)
+        .env("HEALER_GRACE_PERIOD", "2s")
+        .start()
+        .await;
+    app.invoke_timer("monitor-state").await;
+    app.heartbeat_round().await;
+    let mut draining = app
+        .heartbeat_of("web", 3, "DRAINING", &common::now_rfc3339(Duration::ZERO))
+        .await;
+    draining["data"]["until"] = json!(common::now_rfc3339(Duration::seconds(1)));
+    draining["data"]["sequence"] = json!(1_000_000);
+    let (status, answer) = app.deliver_event(draining).await;
+    assert_eq!(
+        (status, &answer["ReturnValue"]["stored"]),
+        (200, &json!(true)),
+        "{answer}"
+    );
+    app.break_vm(
+        "web",
+        3,
+        json!({"beat": "silent", "powerState": "deallocated"}),
+    )
+    .await;
+    app.invoke_timer("monitor-state").await;
+    app.clear_compute_calls().await;
+    let (_, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["repairs_requested"],
+        json!(0),
+        "{answer}"
+    );
+    assert_eq!(repair_calls(&app.compute_calls().await), 0);
+    let (code, out, err) = app.cli(&["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let status: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["scale_sets"][0]["draining"], 1, "{status:#}");
+    // Still deallocated well after its event's time (NotBefore + HEALER_GRACE_PERIOD): judged
+    // again, and repaired.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        app.heartbeat_round().await;
+        app.invoke_timer("monitor-state").await;
+        let (_, answer) = app.invoke_timer("monitor-status").await;
+        if answer["ReturnValue"]["scale_sets"][0]["repairs_requested"] == json!(1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never judged again: {answer}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn platform_automatic_repairs_are_reported_and_deferred_to_unless_told_to_act() {
     for (setting, expected) in [("defer", 0), ("act", 1)] {

@@ -31,6 +31,12 @@ pub enum Status {
         #[serde(with = "time::serde::rfc3339")]
         until: OffsetDateTime,
     },
+    /// The platform will terminate, reboot or redeploy the VM at `until` (its scheduled event's
+    /// `NotBefore`), and the VM drains meanwhile: never a fault.
+    Draining {
+        #[serde(with = "time::serde::rfc3339")]
+        until: OffsetDateTime,
+    },
 }
 
 impl Status {
@@ -39,6 +45,15 @@ impl Status {
             Status::Up => "UP",
             Status::Down => "DOWN",
             Status::Maintenance { .. } => "MAINTENANCE",
+            Status::Draining { .. } => "DRAINING",
+        }
+    }
+
+    /// Until when the VM said it is away on purpose (MAINTENANCE, DRAINING).
+    pub fn until(&self) -> Option<OffsetDateTime> {
+        match self {
+            Status::Maintenance { until } | Status::Draining { until } => Some(*until),
+            Status::Up | Status::Down => None,
         }
     }
 }
@@ -168,10 +183,10 @@ pub enum Rejection {
     DataNotAnObject(&'static str),
     #[error("heartbeat data.status is missing")]
     MissingStatus,
-    #[error("heartbeat data.status `{0}` is not UP, DOWN or MAINTENANCE")]
+    #[error("heartbeat data.status `{0}` is not UP, DOWN, MAINTENANCE or DRAINING")]
     UnknownStatus(String),
-    #[error("MAINTENANCE heartbeat needs data.until as an RFC 3339 time, got {0}")]
-    BadUntil(String),
+    #[error("{status} heartbeat needs data.until as an RFC 3339 time, got {got}")]
+    BadUntil { status: &'static str, got: String },
     #[error("heartbeat data.{field} has the wrong type: {why}")]
     BadField { field: &'static str, why: String },
     #[error("heartbeat data.detail is {0} bytes, at most 1024 are allowed")]
@@ -208,7 +223,7 @@ impl Rejection {
             Rejection::DataNotAnObject(_) => "data_not_object",
             Rejection::MissingStatus => "missing_status",
             Rejection::UnknownStatus(_) => "unknown_status",
-            Rejection::BadUntil(_) => "bad_until",
+            Rejection::BadUntil { .. } => "bad_until",
             Rejection::BadField { .. } => "bad_field",
             Rejection::DetailTooLong(_) => "detail_too_long",
             Rejection::BadComputerName(_) => "bad_computer_name",
@@ -247,13 +262,21 @@ pub fn read(event: &Event, now: OffsetDateTime) -> Result<Heartbeat, Rejection> 
     let status = match status_text.trim().to_ascii_uppercase().as_str() {
         "UP" => Status::Up,
         "DOWN" => Status::Down,
-        "MAINTENANCE" if !is_prunella => {
+        word @ ("MAINTENANCE" | "DRAINING") if !is_prunella => {
             let until = data.get("until");
             let parsed = until.and_then(Value::as_str).and_then(parse_time);
-            Status::Maintenance {
-                until: parsed.ok_or_else(|| {
-                    Rejection::BadUntil(until.map_or("nothing".into(), Value::to_string))
-                })?,
+            let until = parsed.ok_or_else(|| Rejection::BadUntil {
+                status: if word == "DRAINING" {
+                    "DRAINING"
+                } else {
+                    "MAINTENANCE"
+                },
+                got: until.map_or("nothing".into(), Value::to_string),
+            })?;
+            if word == "DRAINING" {
+                Status::Draining { until }
+            } else {
+                Status::Maintenance { until }
             }
         }
         _ => return Err(Rejection::UnknownStatus(status_text.to_string())),
@@ -479,7 +502,7 @@ mod tests {
     #[test]
     fn maintenance_needs_an_until_time() {
         let mut e = agent(json!("MAINTENANCE"));
-        assert!(matches!(read(&e, NOW), Err(Rejection::BadUntil(_))));
+        assert!(matches!(read(&e, NOW), Err(Rejection::BadUntil { .. })));
         e.data["until"] = json!("2026-11-22T11:30:00Z");
         assert_eq!(
             read(&e, NOW).unwrap().status,
@@ -487,6 +510,36 @@ mod tests {
                 until: datetime!(2026-11-22 11:30 UTC)
             }
         );
+    }
+
+    #[test]
+    fn draining_needs_an_until_time_and_is_said_so() {
+        let mut e = agent(json!("draining"));
+        let refused = read(&e, NOW).unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .starts_with("DRAINING heartbeat needs data.until"),
+            "{refused}"
+        );
+        e.data["until"] = json!("2026-11-22T11:35:00Z");
+        let hb = read(&e, NOW).unwrap();
+        assert_eq!(
+            hb.status,
+            Status::Draining {
+                until: datetime!(2026-11-22 11:35 UTC)
+            }
+        );
+        assert_eq!(hb.status.label(), "DRAINING");
+        assert_eq!(hb.status.until(), Some(datetime!(2026-11-22 11:35 UTC)));
+        // Prunella agents know UP and DOWN only.
+        let p = decode(
+            json!({"id": "p", "eventType": "prunella-status", "subject": SET,
+            "eventTime": "2026-11-22T10:52:00Z",
+            "data": {"name": "web00000A", "status": "DRAINING", "until": "2026-11-22T11:35:00Z"}}),
+        )
+        .unwrap();
+        assert!(matches!(read(&p, NOW), Err(Rejection::UnknownStatus(_))));
     }
 
     #[test]

@@ -696,9 +696,16 @@ fn outcomes<'a>(
         // A target missing from a mirror read before its step began was removed by an event: act
         // on nothing until the next read says it is gone (then the incident closes).
         let absent = !view.present.contains_key(inc.target.as_str());
+        // A target draining before a platform event (its own scheduled termination, reboot or
+        // redeploy, ours included) is not repaired again meanwhile: the step waits.
+        let draining = matches!(
+            view.verdicts.get(inc.target.as_str()),
+            Some(Verdict::Draining { .. })
+        );
         let next = match next {
             Next::Continue(_, ref i) if absent && i.call() != Some(Call::Grow) => Next::Wait,
             Next::Over if absent && inc.attempt < view.policy.max_attempts => Next::Wait,
+            Next::Over if draining => Next::Wait,
             other => other,
         };
         match next {

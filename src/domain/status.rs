@@ -38,6 +38,8 @@ pub struct SetStatus {
     pub suspect: usize,
     pub starting: usize,
     pub maintenance: usize,
+    /// Instances draining before a platform event (terminate, reboot, redeploy): never faults.
+    pub draining: usize,
     /// Incidents with a repair step under way.
     pub repairing: usize,
     #[serde(with = "time::serde::rfc3339::option")]
@@ -139,6 +141,7 @@ pub fn summarize(
         suspect: count(|v| matches!(v, Verdict::Suspect { .. })),
         starting: count(|v| *v == Verdict::Starting),
         maintenance: count(|v| matches!(v, Verdict::Maintenance { .. })),
+        draining: count(|v| matches!(v, Verdict::Draining { .. })),
         repairing: incidents.iter().filter(|i| i.state == "repairing").count(),
         mirrored_at: obs.record.as_ref().and_then(|r| r.synced_at),
         brake: brake.map(|b| b.label().to_string()),
@@ -159,7 +162,7 @@ pub fn summarize(
 }
 
 /// A health bar of `width` cells: healthy `#`, repairing `R`, unhealthy `!`, maintenance `M`,
-/// the rest (starting, suspect) `.`.
+/// draining `D`, the rest (starting, suspect) `.`.
 pub fn bar(s: &SetStatus, width: usize) -> String {
     if s.total == 0 {
         return " ".repeat(width);
@@ -177,6 +180,7 @@ pub fn bar(s: &SetStatus, width: usize) -> String {
             cells((s.unhealthy + s.suspect).saturating_sub(repairing.max(s.unhealthy))),
         ),
         ('M', cells(s.maintenance)),
+        ('D', cells(s.draining)),
     ];
     let mut out: String = parts
         .iter()
@@ -202,20 +206,17 @@ pub fn render(report: &Report) -> String {
     }
     for o in &report.operations {
         out.push_str(&format!(
-            "operation {} on {}: {}{}, {}{}\n",
+            "operation {} on {}: {}{}, {}\n",
             o.id,
             o.scale_set,
             o.state.as_str(),
             if o.dry_run { " (dry run)" } else { "" },
             o.progress(),
-            o.wait_until
-                .map(|t| format!(", waiting until {}", stamp(t)))
-                .unwrap_or_default()
         ));
     }
     for s in &report.scale_sets {
         out.push_str(&format!(
-            "\n{}  [{}]  {} instances: {} healthy, {} unhealthy, {} repairing, {} suspect, {} starting, {} maintenance\n",
+            "\n{}  [{}]  {} instances: {} healthy, {} unhealthy, {} repairing, {} suspect, {} starting, {} maintenance, {} draining\n",
             s.name,
             bar(s, 30),
             s.total,
@@ -224,7 +225,8 @@ pub fn render(report: &Report) -> String {
             s.repairing,
             s.suspect,
             s.starting,
-            s.maintenance
+            s.maintenance,
+            s.draining
         ));
         out.push_str(&format!(
             "  {} ({})\n",
@@ -297,6 +299,7 @@ mod tests {
             suspect: 0,
             starting: 0,
             maintenance,
+            draining: 0,
             repairing,
             mirrored_at: None,
             brake: None,
@@ -340,6 +343,7 @@ mod tests {
         o.total = 20;
         o.step = "batch 2".into();
         o.wait_until = Some(OffsetDateTime::UNIX_EPOCH + time::Duration::minutes(5));
+        o.waiting = Some("batch 2: 2 of 4 back healthy".into());
         o
     }
 
@@ -369,6 +373,11 @@ mod tests {
             operations: vec![running_cycle()],
         });
         assert!(text.contains("(DRY RUN)"), "{text}");
+        // A running operation: n of N, the batch, what it waits for and until when.
+        assert!(
+            text.contains("operation cycle-0 on r/web: running, 4 of 20 (batch 2); waiting for batch 2: 2 of 4 back healthy until 1970-01-01T00:05:00Z\n"),
+            "{text}"
+        );
         assert!(
             text.contains("warning: HEALER_WEBHOOK_URL: unusable; alerts are not sent"),
             "{text}"

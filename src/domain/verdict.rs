@@ -17,6 +17,12 @@ pub enum Verdict {
         #[serde(with = "time::serde::rfc3339")]
         until: OffsetDateTime,
     },
+    /// The platform will terminate, reboot or redeploy the VM (a scheduled event), and it drains
+    /// meanwhile: never a fault, never repaired, until well after the event's `NotBefore`.
+    Draining {
+        #[serde(with = "time::serde::rfc3339")]
+        until: OffsetDateTime,
+    },
     /// Too early to judge: new and quiet within the startup timeout, or being provisioned.
     Starting,
     /// Evidence of trouble that does not count yet; it counts at `until` if it persists.
@@ -173,6 +179,19 @@ pub fn judge(
         }
     };
 
+    // A VM the platform is about to terminate, reboot or redeploy says so (its scheduled event):
+    // what follows — stopped, deallocated, silent — is the platform's doing, not a fault, until
+    // well after the event's time (a grace period past it, then the usual rules). A far-future
+    // `until` exempts no longer than the policy allows.
+    if let Some(hb) = heartbeat {
+        if let Status::Draining { until } = hb.status {
+            let until = until.min(hb.event_time + policy.max_maintenance);
+            if now < until + policy.grace_period {
+                return Verdict::Draining { until };
+            }
+        }
+    }
+
     // What the platform says outranks what the VM says of itself: a stopped or failed VM is
     // judged even during its announced maintenance.
     if let Some(power) = instance.power_state.as_deref() {
@@ -247,6 +266,7 @@ pub fn recheck_in(
         }
         Verdict::Starting => Some(created + policy.startup_timeout - now),
         Verdict::Maintenance { until } | Verdict::Suspect { until, .. } => Some(*until - now),
+        Verdict::Draining { until } => Some(*until + policy.grace_period - now),
         Verdict::Unhealthy(_) => None,
     }
     .map(|d| d.max(Duration::ZERO) + Duration::SECOND)
@@ -382,6 +402,17 @@ mod tests {
                 Verdict::Unhealthy(Reason::Silent { last: NOW - secs(5 * 3600), seconds: 5 * 3600 })),
             ("maintenance over and silent", old(|_| ()), Some(hb(Status::Maintenance { until: NOW - secs(1) }, 600)), quiet,
                 Verdict::Unhealthy(Reason::Silent { last: NOW - secs(600), seconds: 600 })),
+            ("draining: never a fault", old(|_| ()), Some(hb(Status::Draining { until: NOW + secs(120) }, 5)), quiet,
+                Verdict::Draining { until: NOW + secs(120) }),
+            ("draining and deallocated by its own event: the platform's doing", old(|i| i.power_state = Some("deallocated".into())),
+                Some(hb(Status::Draining { until: NOW - secs(60) }, 200)), quiet, Verdict::Draining { until: NOW - secs(60) }),
+            ("draining and silent within the grace past NotBefore", old(|_| ()), Some(hb(Status::Draining { until: NOW - secs(299) }, 900)), quiet,
+                Verdict::Draining { until: NOW - secs(299) }),
+            ("… still there well after NotBefore: judged again", old(|_| ()), Some(hb(Status::Draining { until: NOW - secs(301) }, 900)), quiet,
+                Verdict::Unhealthy(Reason::Silent { last: NOW - secs(900), seconds: 900 })),
+            ("DRAINING until year 9999 exempts no longer than the cap", old(|_| ()),
+                Some(hb(Status::Draining { until: far_future }, 5 * 3600)), quiet,
+                Verdict::Unhealthy(Reason::Silent { last: NOW - secs(5 * 3600), seconds: 5 * 3600 })),
             ("new and quiet", old(fresh), None, quiet, Verdict::Starting),
             ("never reported", old(|_| ()), None, quiet, Verdict::Unhealthy(Reason::NeverReported { seconds_since_creation: 3600 })),
             ("provisioning failed", old(|i| i.provisioning_state = Some("Failed".into())), Some(hb(Status::Up, 5)), quiet,

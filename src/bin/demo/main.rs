@@ -433,7 +433,7 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
                     Verdict::Healthy => Cell::Healthy,
                     Verdict::Unhealthy(_) => Cell::Unhealthy,
                     Verdict::Suspect { .. } => Cell::Suspect,
-                    Verdict::Maintenance { .. } => Cell::Maintenance,
+                    Verdict::Maintenance { .. } | Verdict::Draining { .. } => Cell::Maintenance,
                     Verdict::Starting => Cell::Starting,
                 };
                 if let Some(n) = number(&numbers, name, instance) {

@@ -96,6 +96,20 @@ impl Fleet {
             .insert(id.into(), beat(id, Status::Down, 5));
         self
     }
+    /// DRAINING until `in_s` from now (its scheduled event's NotBefore).
+    fn draining(mut self, id: &str, in_s: i64) -> Self {
+        self.0.heartbeats.insert(
+            id.into(),
+            beat(
+                id,
+                Status::Draining {
+                    until: NOW + secs(in_s),
+                },
+                5,
+            ),
+        );
+        self
+    }
     /// DOWN from a legacy agent that proves only the computer name.
     fn name_only_down(mut self, id: &str) -> Self {
         let mut hb = beat(id, Status::Down, 5);
@@ -312,6 +326,8 @@ fn decision_table() {
         ("DOWN within the grace after a repair is not acted on", fleet(4).down("2").repairing("2", Restart, 1, 60), esc, (vec![], vec![])),
         ("timed out: escalate restart → reimage", fleet(4).down("2").repairing("2", Restart, 1, 1000), esc, (vec![("2", "escalate", Some(Reimage), 2)], vec![])),
         ("timed out again: reimage → replace", fleet(4).down("2").repairing("2", Reimage, 2, 1000), esc, (vec![("2", "escalate", Some(Replace), 3)], vec![])),
+        ("timed out, but draining before a platform event: no escalation meanwhile", fleet(4).draining("2", 120).repairing("2", Restart, 1, 1000), esc, (vec![], vec![])),
+        ("a draining instance is never a fault", fleet(4).draining("2", -60), esc, (vec![], vec![])),
         ("last attempt timed out: give up", fleet(4).down("2").repairing("2", Replace, 3, 1000), esc, (vec![("2", "given_up", Some(Replace), 3)], vec![])),
         ("given up stays given up", fleet(4).down("2").repairing("2", Replace, 3, 2000).incident_state("2", State::GivenUp, 900), esc, (vec![], vec![(Some("2"), "given_up")])),
         ("given up, then healthy: closed", fleet(4).repairing("2", Replace, 3, 2000).incident_state("2", State::GivenUp, 900), esc, (vec![("2", "recovered", Some(Replace), 3)], vec![])),

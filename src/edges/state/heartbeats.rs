@@ -136,10 +136,7 @@ impl Store {
 }
 
 fn heartbeat_entity(hb: &Heartbeat) -> Entity {
-    let until = match hb.status {
-        Status::Maintenance { until } => Some(until),
-        _ => None,
-    };
+    let until = hb.status.until();
     Entity::new(&hb.target.scale_set.key(), &hb.target.instance_id)
         .str("status", hb.status.label())
         .opt_time("until", until)
@@ -161,6 +158,9 @@ fn heartbeat_from_row(set: &ScaleSetId, r: &Row) -> Result<Heartbeat, RowError> 
         "UP" => Status::Up,
         "DOWN" => Status::Down,
         "MAINTENANCE" => Status::Maintenance {
+            until: r.time("until")?,
+        },
+        "DRAINING" => Status::Draining {
             until: r.time("until")?,
         },
         other => {
