@@ -38,6 +38,11 @@ struct ImdsState {
     requests_without_header: u32,
     /// Which test chain signs attested documents (`trusted` stands in for the platform).
     signer: &'static str,
+    /// The scheduled events document's events, as IMDS serves them.
+    events: Vec<Value>,
+    incarnation: u32,
+    /// EventIds approved with a `StartRequests` POST, in order.
+    approved: Vec<String>,
 }
 
 impl Imds {
@@ -49,6 +54,18 @@ impl Imds {
             s.compute.insert("vmId", vm_id.into());
             s.compute
                 .insert("osProfile/computerName", computer_name.into());
+            // The VM's name, as scheduled events list it: `{scale set}_{instance id}` for a
+            // Uniform instance ("Instance IDs for Azure VM scale set VMs": instance metadata VM
+            // name), the VM's own name otherwise.
+            let segments: Vec<&str> = resource_id.split('/').collect();
+            let name = match segments.as_slice() {
+                [.., "virtualMachineScaleSets", set, "virtualMachines", id] => {
+                    format!("{set}_{id}")
+                }
+                [.., last] => last.to_string(),
+                [] => String::new(),
+            };
+            s.compute.insert("name", name);
             s.signer = "trusted";
         }
         imds
@@ -67,8 +84,85 @@ impl Imds {
             .route("/metadata/instance/compute/{*leaf}", get(imds_leaf))
             .route("/metadata/identity/oauth2/token", get(imds_token))
             .route("/metadata/attested/document", get(imds_attested))
+            .route(
+                "/metadata/scheduledevents",
+                get(imds_events).post(imds_approve),
+            )
             .with_state(self)
     }
+
+    /// Schedules an event, as the platform would (`NotBefore` an HTTP date, as IMDS gives it).
+    fn schedule(&self, id: &str, kind: &str, resources: &[&str], not_before: time::OffsetDateTime) {
+        let http_date = not_before
+            .format(time::macros::format_description!(
+                "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+            ))
+            .unwrap();
+        let mut s = self.inner.lock().unwrap();
+        s.incarnation += 1;
+        s.events.push(json!({
+            "EventId": id, "EventType": kind, "ResourceType": "VirtualMachine",
+            "Resources": resources, "EventStatus": "Scheduled", "NotBefore": http_date,
+            "Description": "", "EventSource": "Platform", "DurationInSeconds": -1
+        }));
+    }
+
+    /// The events end (the VM was rebooted or redeployed, or they were cancelled).
+    fn clear_events(&self) {
+        let mut s = self.inner.lock().unwrap();
+        s.incarnation += 1;
+        s.events.clear();
+    }
+
+    fn approved(&self) -> Vec<String> {
+        self.inner.lock().unwrap().approved.clone()
+    }
+}
+
+/// `GET /metadata/scheduledevents`: the document ("Scheduled Events for Linux VMs").
+async fn imds_events(
+    State(imds): State<Imds>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    if !metadata_header_ok(&headers, &imds) {
+        return no_metadata_header();
+    }
+    if !q.contains_key("api-version") {
+        return (StatusCode::BAD_REQUEST, "api-version expected").into_response();
+    }
+    let s = imds.inner.lock().unwrap();
+    Json(json!({"DocumentIncarnation": s.incarnation, "Events": s.events})).into_response()
+}
+
+/// `POST /metadata/scheduledevents` with `{"StartRequests": [{"EventId": …}]}`: an approved event
+/// starts (its status `Started`, its NotBefore gone).
+async fn imds_approve(State(imds): State<Imds>, headers: HeaderMap, body: String) -> Response {
+    if !metadata_header_ok(&headers, &imds) {
+        return no_metadata_header();
+    }
+    let Ok(body) = serde_json::from_str::<Value>(&body) else {
+        return (StatusCode::BAD_REQUEST, "not JSON").into_response();
+    };
+    let ids: Vec<String> = body["StartRequests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["EventId"].as_str().map(str::to_string))
+        .collect();
+    if ids.is_empty() {
+        return (StatusCode::BAD_REQUEST, "no StartRequests").into_response();
+    }
+    let mut s = imds.inner.lock().unwrap();
+    for id in &ids {
+        for e in s.events.iter_mut().filter(|e| e["EventId"] == id.as_str()) {
+            e["EventStatus"] = json!("Started");
+            e["NotBefore"] = json!("");
+        }
+    }
+    s.incarnation += 1;
+    s.approved.extend(ids);
+    StatusCode::OK.into_response()
 }
 
 fn metadata_header_ok(headers: &HeaderMap, imds: &Imds) -> bool {
@@ -799,6 +893,104 @@ async fn maintenance_once_and_cloudevents() {
     ] {
         assert!(log.contains(needle), "missing {needle} in {log}");
     }
+}
+
+/// Issue 16, the VM side of a drain: a scheduled Terminate of this VM (a delete of a scale set
+/// with terminate notifications) has the agent say DRAINING until the event's NotBefore at once,
+/// set the drain file the load balancer's probe reads, run the drain command once, and approve
+/// only its own event (approving one lets it proceed for every VM it names); a Freeze is only
+/// reported; once the events are over, the agent reports health again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_termination_is_drained_approved_and_said() {
+    let f = fixture(true).await;
+    let scratch_marker = std::env::temp_dir().join(format!("drained-{}", uuid::Uuid::new_v4()));
+    let command = format!("echo drained >> '{}'", scratch_marker.display());
+    let agent = start_agent(
+        f.imds_port,
+        f.topic_port,
+        &[("HEALER_DRAIN_COMMAND", command.as_str())],
+    );
+    until(&agent, 20, "a first UP", || {
+        statuses(&f.topic.accepted()).contains(&"UP".to_string())
+    })
+    .await;
+    let now = time::OffsetDateTime::now_utc();
+    let not_before = (now + time::Duration::minutes(5))
+        .replace_nanosecond(0)
+        .unwrap();
+    f.imds.schedule(
+        "freeze-1",
+        "Freeze",
+        &["web_1"],
+        now + time::Duration::minutes(15),
+    );
+    f.imds
+        .schedule("other-1", "Terminate", &["web_2"], not_before);
+    f.imds
+        .schedule("term-1", "Terminate", &["WEB_1"], not_before);
+    until(&agent, 20, "its own event approved", || {
+        f.imds.approved() == ["term-1"]
+    })
+    .await;
+    let events = f.topic.accepted();
+    let draining = events
+        .iter()
+        .find(|e| e["data"]["status"] == "DRAINING")
+        .cloned()
+        .unwrap_or_else(|| panic!("no DRAINING heartbeat: {events:?}"));
+    let until_sent = time::OffsetDateTime::parse(
+        draining["data"]["until"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert_eq!(until_sent, not_before, "until = the event's NotBefore");
+    let answer = through_handler(&f.app, &draining).await;
+    assert_eq!(answer["status"], "DRAINING", "{answer}");
+    assert_eq!(
+        std::fs::read_to_string(&scratch_marker).unwrap_or_default(),
+        "drained\n"
+    );
+    let drain_file = agent.scratch.0.join("state/draining");
+    assert!(
+        std::fs::read_to_string(&drain_file)
+            .unwrap_or_default()
+            .starts_with("Terminate not before"),
+        "the drain file is set: {:?}",
+        std::fs::read_to_string(&drain_file)
+    );
+    // The event stays (started) for a while: DRAINING until the same NotBefore, the command run
+    // once, nothing approved twice.
+    let seen = f.topic.accepted().len();
+    until(&agent, 20, "more heartbeats", || {
+        f.topic.accepted().len() > seen + 2
+    })
+    .await;
+    let later = f.topic.accepted().last().cloned().unwrap();
+    assert_eq!(later["data"]["status"], "DRAINING", "{later}");
+    assert_eq!(later["data"]["until"], draining["data"]["until"]);
+    assert_eq!(
+        std::fs::read_to_string(&scratch_marker).unwrap_or_default(),
+        "drained\n"
+    );
+    assert_eq!(f.imds.approved(), ["term-1"]);
+    assert!(
+        agent.scratch.log().contains("Freeze"),
+        "{}",
+        agent.scratch.log()
+    );
+
+    // The events are over (a reboot or redeploy came back; a cancelled termination): health again.
+    f.imds.clear_events();
+    until(&agent, 20, "UP again", || {
+        f.topic
+            .accepted()
+            .last()
+            .map(|e| e["data"]["status"].clone())
+            == Some(json!("UP"))
+    })
+    .await;
+    assert!(!drain_file.exists(), "the drain file is removed");
+    let _ = std::fs::remove_file(&scratch_marker);
 }
 
 /// The Windows agent cannot run here (no PowerShell): it is held to the rules the Linux agent's
