@@ -1021,15 +1021,22 @@ fn the_windows_agent_keeps_the_rules_it_cannot_be_run_against() {
     );
     assert_eq!(
         agent.matches("Invoke-Imds ").count(),
-        3,
-        "instance, token, attested document"
+        5,
+        "instance, token, attested document, scheduled events read and approved"
     );
+    // Drains as the Linux agent does (issue 16): its own events only, the four kinds that take
+    // the VM away, approved once drained, read between heartbeats too.
+    assert!(agent.contains("$resources -notcontains $name"));
+    assert!(agent.contains("-in @('Terminate', 'Reboot', 'Redeploy', 'Preempt')"));
+    assert!(agent.contains("StartRequests = @(@{ EventId = $Id })"));
+    assert!(agent.contains("$result.Status = 'DRAINING'"));
+    assert!(agent.contains("try { Watch-Events } catch"));
     assert!(agent.contains("$request.Proxy = $null"));
     // The body as UTF-8 bytes, with the charset said.
     assert!(agent.contains("[System.Text.Encoding]::UTF8.GetBytes($message.Body)"));
     assert!(!agent.contains("ContentType = 'application/json' "));
     // The run loop survives whatever a heartbeat throws.
-    assert!(agent.contains("try { $null = Send-Heartbeat"));
+    assert!(agent.contains("try { Watch-Events; $null = Send-Heartbeat"));
     // Something restarts an agent that died after it started.
     assert!(
         install.contains("-RepetitionInterval") && install.contains("-MultipleInstances IgnoreNew")

@@ -11,6 +11,10 @@
   vmss-healer-agent.ps1 maintenance off          back to reporting health
   vmss-healer-agent.ps1 config                   print the effective settings
 
+  Drains like the Linux agent: for this VM's scheduled Terminate, Reboot, Redeploy or Preempt
+  (IMDS scheduled events), HEALER_DRAIN_FILE exists, DRAINING is published until the event's
+  NotBefore, HEALER_DRAIN_COMMAND runs bounded by it, and the event is approved.
+
   Settings: the same HEALER_* variables as the Linux agent, from the environment or from
   %ProgramData%\vmss-healer\agent.env (KEY="value" lines, written by install.ps1). Identity and the
   Entra token come from IMDS (managed identity, role EventGrid Data Sender): no keys on the VM.
@@ -32,6 +36,13 @@ $TokenMarginSeconds = 300
 $StateDir = if ($env:HEALER_STATE_DIR) { $env:HEALER_STATE_DIR } else { Join-Path $env:ProgramData 'vmss-healer' }
 $EnvFile = if ($env:HEALER_AGENT_ENV) { $env:HEALER_AGENT_ENV } else { Join-Path $StateDir 'agent.env' }
 $MaintenanceFile = Join-Path $StateDir 'maintenance-until'
+# "<NotBefore, unix seconds> <event type> <event id>" while a scheduled event of this VM is pending.
+$DrainState = Join-Path $StateDir 'drain-until'
+$EventsApi = '/metadata/scheduledevents?api-version=2020-07-01'
+# A Preempt gives 30 s notice ("Scheduled Events for Windows VMs", minimum notice per event type).
+$EventsEveryMs = 10000
+# A drain state older than its NotBefore by this much is over, whatever IMDS says.
+$DrainGraceSeconds = 600
 
 function Write-Log([string]$Level, [string]$Message) {
     $type = switch ($Level) { 'error' { 'Error' } 'warn' { 'Warning' } default { 'Information' } }
@@ -66,6 +77,8 @@ $HealthUrl = $env:HEALER_HEALTH_URL
 $HealthCommand = $env:HEALER_HEALTH_COMMAND
 $Schema = if ($env:HEALER_SCHEMA) { $env:HEALER_SCHEMA } else { 'eventgrid' }
 $Attest = $env:HEALER_ATTEST -in @('true', '1', 'yes')
+$DrainCommand = $env:HEALER_DRAIN_COMMAND
+$DrainFile = if ($env:HEALER_DRAIN_FILE) { $env:HEALER_DRAIN_FILE } else { Join-Path $StateDir 'draining' }
 
 # ---- settings, all problems at once ----
 $problems = @()
@@ -101,18 +114,31 @@ function Get-HttpStatus($ErrorRecord) {
 # A request to IMDS, which must be reached directly ("Azure Instance Metadata Service": HTTP clients
 # must bypass web proxies within the VM when querying it). Windows PowerShell 5.1 has no -NoProxy
 # (PowerShell 6 added it), so the request is made with a proxy of $null: no proxy for this request
-# only; the topic still goes through the machine's proxy if it has one.
-function Invoke-Imds([string]$PathAndQuery, [int]$TimeoutSec) {
+# only; the topic still goes through the machine's proxy if it has one. With a body, a JSON POST.
+function Invoke-Imds([string]$PathAndQuery, [int]$TimeoutSec, [string]$Body = '') {
     $request = [System.Net.HttpWebRequest]::Create("$Imds$PathAndQuery")
     $request.Proxy = $null
     $request.Headers.Add('Metadata', 'true')
     $request.Timeout = $TimeoutSec * 1000
+    if ($Body) {
+        $request.Method = 'POST'
+        $request.ContentType = 'application/json; charset=utf-8'
+        $bytes = [System.Text.Encoding]::UTF8.GetBytes($Body)
+        $request.ContentLength = $bytes.Length
+        $stream = $request.GetRequestStream()
+        try { $stream.Write($bytes, 0, $bytes.Length) } finally { $stream.Close() }
+    }
     $response = $request.GetResponse()
     try {
         $reader = New-Object System.IO.StreamReader($response.GetResponseStream(), [System.Text.Encoding]::UTF8)
-        return ($reader.ReadToEnd() | ConvertFrom-Json)
+        $text = $reader.ReadToEnd()
+        if ($text) { return ($text | ConvertFrom-Json) } else { return $null }
     }
     finally { $response.Close() }
+}
+
+function Format-Utc([int64]$Seconds) {
+    return [DateTimeOffset]::FromUnixTimeSeconds($Seconds).UtcDateTime.ToString('yyyy-MM-ddTHH:mm:ssZ')
 }
 
 $script:TokenExpires = [int64]0
@@ -130,7 +156,8 @@ function Get-Identity {
         if (-not $compute.vmScaleSetName) { Write-Log error 'this VM is not in a scale set (IMDS vmScaleSetName is empty)'; return $false }
         $subject = "/subscriptions/$($compute.subscriptionId)/resourceGroups/$($compute.resourceGroupName)/providers/Microsoft.Compute/virtualMachineScaleSets/$($compute.vmScaleSetName)/virtualMachines/$($compute.name)"
     }
-    $script:Identity = @{ Subject = $subject; VmId = $compute.vmId; ComputerName = $compute.osProfile.computerName }
+    # Name: the VM's name as scheduled events list it (`{scale set}_{instance id}` for Uniform).
+    $script:Identity = @{ Subject = $subject; VmId = $compute.vmId; ComputerName = $compute.osProfile.computerName; Name = "$($compute.name)" }
     Write-Log info "identity: $subject vmId=$($compute.vmId) computerName=$($compute.osProfile.computerName)"
     return $true
 }
@@ -150,8 +177,97 @@ function Get-Token {
     return $true
 }
 
+# ---- drain: IMDS scheduled events, as the Linux agent reads them ----
+# For this VM's Terminate, Reboot, Redeploy or Preempt: the drain file, DRAINING until NotBefore,
+# the drain command bounded by it, then this VM's event (only) approved. A Freeze is only reported.
+$script:EventsFailing = $false
+function Watch-Events {
+    if (-not (Get-Identity)) { return }
+    try { $doc = Invoke-Imds $EventsApi 5 }
+    catch {
+        # The first read enables the service, which can take a while to answer: said once.
+        if (-not $script:EventsFailing) { Write-Log warn "scheduled events unavailable: $($_.Exception.Message); retried every $($EventsEveryMs / 1000) s" }
+        $script:EventsFailing = $true
+        return
+    }
+    $script:EventsFailing = $false
+    $mine = $false
+    $name = $script:Identity.Name.ToLowerInvariant()
+    foreach ($scheduled in @($doc.Events)) {
+        if ($null -eq $scheduled) { continue }
+        $resources = @($scheduled.Resources | ForEach-Object { "$_".ToLowerInvariant() })
+        if ($resources -notcontains $name) { continue }
+        $id = "$($scheduled.EventId)"
+        if ($scheduled.EventType -in @('Terminate', 'Reboot', 'Redeploy', 'Preempt')) {
+            $mine = $true
+            # NotBefore is an HTTP date ("Mon, 19 Sep 2016 18:29:47 GMT"), empty once the event started.
+            $until = [DateTimeOffset]::UtcNow.ToUnixTimeSeconds()
+            if ("$($scheduled.NotBefore)") {
+                try { $until = [DateTimeOffset]::Parse("$($scheduled.NotBefore)", [Globalization.CultureInfo]::InvariantCulture).ToUnixTimeSeconds() }
+                catch { Write-Log warn "scheduled event ${id}: unreadable NotBefore '$($scheduled.NotBefore)'" }
+            }
+            Start-Drain $id "$($scheduled.EventType)" $until "$($scheduled.EventStatus)"
+        }
+        elseif ($scheduled.EventType -eq 'Freeze') {
+            $seen = Join-Path $StateDir "event-$id.seen"
+            if (-not (Test-Path $seen)) {
+                $null = New-Item -ItemType Directory -Force -Path $StateDir
+                Set-Content -Path $seen -Value ''
+                Write-Log info "scheduled event ${id}: Freeze not before $($scheduled.NotBefore) (a pause of seconds; reported only)"
+            }
+        }
+        else { Write-Log warn "scheduled event $id of unknown type '$($scheduled.EventType)': not acted on" }
+    }
+    if (-not $mine -and (Test-Path $DrainState)) {
+        Remove-Item -Force -ErrorAction SilentlyContinue $DrainState, $DrainFile
+        Write-Log info 'no scheduled event affects this VM any more: draining over'
+    }
+}
+
+# Once per event, even across restarts.
+function Start-Drain([string]$Id, [string]$Type, [int64]$Until, [string]$Status) {
+    $null = New-Item -ItemType Directory -Force -Path $StateDir
+    # A started event has no NotBefore any more: the one it was scheduled with stays the answer.
+    if (Test-Path $DrainState) {
+        $known = "$(Get-Content $DrainState -TotalCount 1)" -split ' '
+        if ($known.Count -ge 3 -and $known[2] -eq $Id -and $known[0] -match '^\d+$') { $Until = [int64]$known[0] }
+    }
+    Set-Content -Path $DrainState -Value "$Until $Type $Id"
+    if (-not (Test-Path $DrainFile)) { Set-Content -Path $DrainFile -Value "$Type not before $(Format-Utc $Until) (scheduled event $Id)" }
+    $drained = Join-Path $StateDir "event-$Id.drained"
+    if (-not (Test-Path $drained)) {
+        Write-Log warn "scheduled event ${Id}: $Type not before $(Format-Utc $Until); draining"
+        $null = Send-Heartbeat 10000
+        if ($DrainCommand) {
+            $leftMs = [math]::Max(1000, ($Until - [DateTimeOffset]::UtcNow.ToUnixTimeSeconds()) * 1000)
+            $process = Start-Process -FilePath 'powershell.exe' -ArgumentList @('-NoProfile', '-Command', $DrainCommand) -PassThru -WindowStyle Hidden
+            if (-not $process.WaitForExit([int]$leftMs)) { $process.Kill(); Write-Log warn "drain command stopped at the event's NotBefore, after $($leftMs / 1000) s" }
+            elseif ($process.ExitCode -ne 0) { Write-Log warn "drain command exited $($process.ExitCode)" }
+            else { Write-Log info 'drain command finished' }
+        }
+        Set-Content -Path $drained -Value ''
+    }
+    $approved = Join-Path $StateDir "event-$Id.approved"
+    if ($Status -eq 'Scheduled' -and -not (Test-Path $approved)) {
+        try {
+            $null = Invoke-Imds $EventsApi 5 (ConvertTo-Json @{ StartRequests = @(@{ EventId = $Id }) } -Depth 3 -Compress)
+            Set-Content -Path $approved -Value ''
+            Write-Log info "scheduled event $Id approved: the platform may go on"
+        }
+        catch { Write-Log warn "approving scheduled event $Id failed: $($_.Exception.Message); retried" }
+    }
+}
+
 function Get-Health {
     $result = @{ Status = 'UP'; Detail = ''; Until = '' }
+    if (Test-Path $DrainState) {
+        $known = "$(Get-Content $DrainState -TotalCount 1)" -split ' '
+        if ($known[0] -match '^\d+$' -and [int64]$known[0] + $DrainGraceSeconds -gt [DateTimeOffset]::UtcNow.ToUnixTimeSeconds()) {
+            $result.Status = 'DRAINING'; $result.Until = Format-Utc ([int64]$known[0])
+            $result.Detail = "scheduled event: $(if ($known.Count -ge 2) { $known[1] })"
+            return $result
+        }
+    }
     if (Test-Path $MaintenanceFile) {
         $until = [int64](Get-Content $MaintenanceFile -TotalCount 1)
         if ($until -gt [DateTimeOffset]::UtcNow.ToUnixTimeSeconds()) {
@@ -249,17 +365,25 @@ switch ($Command) {
             # Retries may use most of an interval, not all: the next reading must stay on time. The
             # agent never dies of a failed check or publish: whatever throws is logged, and the
             # next interval comes.
-            try { $null = Send-Heartbeat ([int64]($IntervalMs * 0.8)) }
+            try { Watch-Events; $null = Send-Heartbeat ([int64]($IntervalMs * 0.8)) }
             catch { Write-Log error "heartbeat failed: $($_.Exception.Message)" }
-            # ±10 % jitter, so a fleet started together does not publish in lockstep.
+            # ±10 % jitter, so a fleet started together does not publish in lockstep; scheduled
+            # events read every 10 s meanwhile.
             $jitter = [int64]($IntervalMs / 10)
-            Start-Sleep -Milliseconds ($IntervalMs - $jitter + (Get-Random -Minimum 0 -Maximum (2 * $jitter + 1)))
+            $left = $IntervalMs - $jitter + (Get-Random -Minimum 0 -Maximum (2 * $jitter + 1))
+            while ($left -gt 0) {
+                $step = [math]::Min($left, $EventsEveryMs)
+                Start-Sleep -Milliseconds $step
+                $left -= $step
+                try { Watch-Events } catch { Write-Log error "scheduled events failed: $($_.Exception.Message)" }
+            }
         }
     }
     'once' { if (Send-Heartbeat 10000) { exit 0 } else { exit 1 } }
     'config' {
         "HEALER_TOPIC_ENDPOINT=$Topic"; "HEALER_HEALTH_URL=$HealthUrl"; "HEALER_HEALTH_COMMAND=$HealthCommand"
         "HEALER_HEALTH_TIMEOUT=$($HealthTimeoutMs / 1000)"; "HEALER_INTERVAL=$($IntervalMs / 1000)"; "HEALER_SCHEMA=$Schema"; "HEALER_ATTEST=$Attest"; "HEALER_STATE_DIR=$StateDir"
+        "HEALER_DRAIN_COMMAND=$DrainCommand"; "HEALER_DRAIN_FILE=$DrainFile"
     }
     'maintenance' {
         $null = New-Item -ItemType Directory -Force -Path $StateDir
