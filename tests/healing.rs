@@ -488,3 +488,76 @@ async fn an_absurd_retry_after_is_capped_and_breaks_nothing() {
         "{answer}"
     );
 }
+
+/// Issue 16: a repair that deletes an instance of a scale set with terminate notifications. The
+/// VM first says DRAINING (its agent drains and approves its Terminate event), which the healer
+/// never counts as a fault; the delete goes on once approved; the journal shows the drain, and the
+/// step's timeout starts after the notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_instance_drains_first_and_its_drain_is_no_fault() {
+    let app = spawn_app()
+        .scale_set_spec(json!({"name": "web", "capacity": 4, "terminateNotificationSeconds": 300}))
+        .env("HEALER_REPAIR_ACTIONS", "delete")
+        .start()
+        .await;
+    let set = TestApp::scale_set("web");
+    app.sync_and_break("web", 2, json!({"beat": "down"})).await;
+    // Operations take their time: the delete waits for the VM's approval, not for the clock.
+    app.operation_delay_ms(3_600_000).await;
+    let (_, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["repairs_requested"],
+        json!(1),
+        "{answer}"
+    );
+    let (journal, _) = app.recent_journal(&set).await;
+    let repair = journal
+        .iter()
+        .find(|e| e.kind == EntryKind::Repair)
+        .expect("the delete is journaled");
+    assert!(
+        repair.evidence["drain"]
+            .as_str()
+            .is_some_and(|d| d.contains("300 s")),
+        "the journal shows the drain: {}",
+        repair.evidence
+    );
+    let (incidents, _) = app.store.incidents(&set).await.unwrap();
+    let incident = &incidents["2"].value;
+    let window = incident.deadline.unwrap() - incident.step_started.unwrap();
+    assert_eq!(
+        window,
+        Duration::seconds(900 + 300),
+        "HEALER_REPAIR_TIMEOUT starts after the notice"
+    );
+
+    // The VM drains: DRAINING until its NotBefore, its event approved, then it is deleted.
+    app.heartbeat_round().await;
+    let stored = app.stored_heartbeat("web", "2").await;
+    assert_eq!(stored.status.label(), "DRAINING", "{stored:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        app.invoke_timer("monitor-state").await;
+        let (_, answer) = app.invoke_timer("monitor-status").await;
+        assert_eq!(
+            answer["ReturnValue"]["scale_sets"][0]["repairs_requested"],
+            json!(0),
+            "nothing more is repaired while it drains: {answer}"
+        );
+        let (incidents, _) = app.store.incidents(&set).await.unwrap();
+        if incidents["2"].value.state == vmss_healer::incident::State::Closed {
+            assert_eq!(
+                incidents["2"].value.resolution,
+                Some(vmss_healer::incident::Resolution::Removed)
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never removed: {answer}"
+        );
+        app.heartbeat_round().await;
+    }
+    let fleet = app.fleet("web").await;
+    assert_eq!(fleet["vms"].as_array().unwrap().len(), 3, "{fleet}");
+}

@@ -1033,3 +1033,106 @@ async fn a_new_model_reaches_an_instance_only_by_its_manual_upgrade() {
     let (status, _, body) = arm.post("flex", "manualupgrade", &[]).await;
     assert_eq!(status, 409, "{body}");
 }
+
+/// Terminate notifications as "Terminate notification for Azure Virtual Machine Scale Set
+/// instances" and "Scheduled Events for Linux VMs" describe them: the model carries the notice; a
+/// delete (and only a delete) gives each VM a Terminate event naming it, `NotBefore` = now + the
+/// notice as an HTTP date; the delete waits until the event is approved (or the notice runs out);
+/// the mirror reads the notice through the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_under_terminate_notifications_waits_for_the_vms_approval() {
+    let app = spawn_app()
+        .scale_set_spec(json!({"name": "web", "capacity": 3, "terminateNotificationSeconds": 600}))
+        .start()
+        .await;
+    let arm = Arm::new(&app).await;
+    let (_, _, set) = arm.get("web").await;
+    assert_eq!(
+        set["properties"]["virtualMachineProfile"]["scheduledEventsProfile"]
+            ["terminateNotificationProfile"],
+        json!({"notBeforeTimeout": "PT600S", "enable": true})
+    );
+    let (status, answer) = app.invoke_timer("monitor-state").await;
+    assert_eq!(status, 200, "{answer}");
+    let records = app.store.scale_sets().await.unwrap();
+    let record = &records[&TestApp::scale_set("web").key()];
+    assert_eq!(record.terminate_notice, Some(time::Duration::seconds(600)));
+
+    let events = |vm: &'static str| {
+        let app = &app;
+        async move {
+            app.admin(
+                reqwest::Method::GET,
+                &format!("scheduledevents?vm={vm}"),
+                None,
+            )
+            .await
+        }
+    };
+    // A reimage raises no event.
+    let (status, _, _) = arm.post("web", "reimage", &["0"]).await;
+    assert_eq!(status, 202);
+    assert_eq!(events("web_0").await["Events"], json!([]));
+
+    let (status, headers, _) = arm.post("web", "delete", &["1"]).await;
+    assert_eq!(status, 202);
+    assert_eq!(
+        arm.operation(&headers).await["status"],
+        "InProgress",
+        "waits for the drain"
+    );
+    let doc = events("WEB_1").await;
+    let event = &doc["Events"][0];
+    assert_eq!(
+        (
+            event["EventType"].as_str(),
+            event["EventStatus"].as_str(),
+            event["Resources"].clone()
+        ),
+        (Some("Terminate"), Some("Scheduled"), json!(["web_1"])),
+        "{doc}"
+    );
+    let not_before = time::PrimitiveDateTime::parse(
+        event["NotBefore"].as_str().unwrap(),
+        time::macros::format_description!(
+            "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+        ),
+    )
+    .unwrap()
+    .assume_utc();
+    let ahead = not_before - time::OffsetDateTime::now_utc();
+    assert!(
+        ahead > time::Duration::seconds(590) && ahead <= time::Duration::seconds(600),
+        "{ahead}"
+    );
+    assert_eq!(
+        events("web_2").await["Events"],
+        json!([]),
+        "only the VM it names"
+    );
+    assert_eq!(
+        app.vm("web", 1).await["power_state"],
+        "running",
+        "it runs while it drains"
+    );
+
+    let refused = app
+        .http
+        .post(format!("{}/admin/scheduledevents", app.sim_url))
+        .json(&json!({"StartRequests": [{"EventId": "no-such-event"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    let id = event["EventId"].as_str().unwrap();
+    app.admin(
+        reqwest::Method::POST,
+        "scheduledevents",
+        Some(json!({"StartRequests": [{"EventId": id}]})),
+    )
+    .await;
+    assert_eq!(arm.operation(&headers).await["status"], "Succeeded");
+    let fleet = app.fleet("web").await;
+    assert_eq!(fleet["vms"].as_array().unwrap().len(), 2, "{fleet}");
+    assert_eq!(events("web_1").await["Events"], json!([]));
+}

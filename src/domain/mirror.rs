@@ -135,6 +135,9 @@ pub struct ScaleSetRecord {
     pub orchestration_mode: Option<String>,
     /// Whether the platform's own automatic instance repairs are enabled on the scale set.
     pub platform_auto_repair: bool,
+    /// Terminate notifications: how long an instance gets to drain before a delete takes it
+    /// (`scheduledEventsProfile.terminateNotificationProfile.notBeforeTimeout`), when enabled.
+    pub terminate_notice: Option<time::Duration>,
     /// When the instances were last read in full; `None` until the first successful sync.
     pub synced_at: Option<OffsetDateTime>,
     /// Why the last sync failed, if it did.
@@ -160,6 +163,7 @@ impl ScaleSetRecord {
             capacity: None,
             orchestration_mode: None,
             platform_auto_repair: false,
+            terminate_notice: None,
             synced_at: None,
             sync_error: None,
             throttled_until: None,

@@ -518,6 +518,37 @@ impl<'a> View<'a> {
         }
     }
 
+    /// How long a step of `action` has to work: a delete (or replace) of a scale set with
+    /// terminate notifications first waits out the instance's drain — the platform deletes only
+    /// once the VM approved its Terminate event or the notice ran out ("Terminate notification for
+    /// Azure Virtual Machine Scale Set instances") — so its timeout starts after that window.
+    fn step_timeout(&self, action: RepairAction) -> Duration {
+        self.policy.repair_timeout
+            + self
+                .terminate_notice()
+                .filter(|_| action.deletes())
+                .unwrap_or(Duration::ZERO)
+    }
+
+    fn terminate_notice(&self) -> Option<Duration> {
+        self.obs.record.as_ref().and_then(|r| r.terminate_notice)
+    }
+
+    /// The journal's word on a step that deletes an instance that drains first.
+    fn drain_evidence(&self, action: RepairAction, evidence: &mut serde_json::Value) {
+        if let (Some(notice), true) = (self.terminate_notice(), action.deletes()) {
+            if let Some(map) = evidence.as_object_mut() {
+                map.insert(
+                    "drain".into(),
+                    serde_json::json!(format!(
+                        "terminate notification: the instance drains for up to {} s before it is deleted; the step's timeout starts after it",
+                        notice.whole_seconds()
+                    )),
+                );
+            }
+        }
+    }
+
     /// The action of attempt `attempt` (0-based) as the target's state allows it.
     fn action(&self, target: &str, attempt: usize) -> RepairAction {
         let power = self
@@ -948,10 +979,11 @@ fn escalate(
             continue;
         }
         *in_flight += 1;
-        let mut next = inc.escalate(action, view.now, view.policy.repair_timeout);
+        let mut next = inc.escalate(action, view.now, view.step_timeout(action));
         next.dry_run = view.brakes.dry_run;
-        plan.transitions
-            .push(view.transition(Step::Escalate, v, next));
+        let mut t = view.transition(Step::Escalate, v, next);
+        view.drain_evidence(action, &mut t.evidence);
+        plan.transitions.push(t);
     }
 }
 
@@ -1055,14 +1087,17 @@ fn open(view: &View, in_flight: &mut usize, plan: &mut Plan) {
         }
         *in_flight += 1;
         let (claim, previous) = view.claim(id);
-        let mut incident = Incident::open(id, reason.label(), action, now, policy.repair_timeout);
+        let mut incident =
+            Incident::open(id, reason.label(), action, now, view.step_timeout(action));
         incident.dry_run = view.brakes.dry_run;
+        let mut evidence = evidence(reason, hb, Some(m));
+        view.drain_evidence(action, &mut evidence);
         plan.transitions.push(Transition {
             step: Step::Open,
             incident,
             claim,
             previous,
-            evidence: evidence(reason, hb, Some(m)),
+            evidence,
             reason: Some(reason.clone()),
         });
     }

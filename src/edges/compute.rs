@@ -212,6 +212,28 @@ impl ComputeError {
     }
 }
 
+/// An ISO 8601 duration of the kind ARM uses for timeouts (`PT5M`, `PT1H30M`, `PT90S`).
+pub fn iso_duration(text: &str) -> Option<time::Duration> {
+    let rest = text.trim().strip_prefix("PT")?;
+    let (mut total, mut number) = (0i64, String::new());
+    for c in rest.chars() {
+        match c {
+            '0'..='9' => number.push(c),
+            'H' | 'M' | 'S' => {
+                let n: i64 = number.parse().ok()?;
+                number.clear();
+                total += n * match c {
+                    'H' => 3600,
+                    'M' => 60,
+                    _ => 1,
+                };
+            }
+            _ => return None,
+        }
+    }
+    (number.is_empty() && !rest.is_empty()).then_some(time::Duration::seconds(total))
+}
+
 /// What the scale set itself looks like.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ScaleSetInfo {
@@ -223,6 +245,8 @@ pub struct ScaleSetInfo {
     /// The version of the scale set, for `If-Match`.
     pub etag: Option<String>,
     pub provisioning_state: Option<String>,
+    /// Terminate notifications, when enabled: the notice an instance gets before a delete.
+    pub terminate_notice: Option<time::Duration>,
 }
 
 impl ScaleSetInfo {
@@ -645,6 +669,13 @@ impl Compute {
                 .unwrap_or(false),
             etag: vmss.etag.clone().or(header_etag),
             provisioning_state: props.and_then(|p| p.provisioning_state.clone()),
+            terminate_notice: props
+                .and_then(|p| p.virtual_machine_profile.as_ref())
+                .and_then(|v| v.scheduled_events_profile.as_ref())
+                .and_then(|s| s.terminate_notification_profile.as_ref())
+                .filter(|t| t.enable.unwrap_or(false))
+                .and_then(|t| t.not_before_timeout.as_deref())
+                .and_then(iso_duration),
         })
     }
 
@@ -1353,6 +1384,25 @@ pub fn to_instance(vm: models::VirtualMachineScaleSetVm) -> Option<Instance> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn arm_timeouts_read_as_iso_8601_durations() {
+        for (text, seconds) in [
+            ("PT5M", Some(300)),
+            ("PT15M", Some(900)),
+            ("PT1H30M", Some(5400)),
+            ("PT90S", Some(90)),
+        ] {
+            assert_eq!(
+                iso_duration(text).map(|d| d.whole_seconds()),
+                seconds,
+                "{text}"
+            );
+        }
+        for bad in ["5M", "PT", "PT5", "PT5X", "P1D"] {
+            assert_eq!(iso_duration(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn each_request_maps_to_the_action_resource_manager_checks() {

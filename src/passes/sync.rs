@@ -290,6 +290,7 @@ async fn sync_one(
                 capacity: info.capacity,
                 orchestration_mode: info.orchestration_mode,
                 platform_auto_repair: info.platform_auto_repair,
+                terminate_notice: info.terminate_notice,
                 synced_at: Some(now),
                 sync_error: None,
                 throttled_until: None,

@@ -4,7 +4,7 @@
 use crate::arm::vm_json;
 use crate::world::{Beat, Fault, FaultRule, OperationFault};
 use crate::Shared;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post, put};
@@ -22,6 +22,10 @@ pub fn routes() -> Router<Shared> {
         .route("/admin/scalesets/{key}", get(show_set).delete(delete_set))
         .route("/admin/scalesets/{key}/capacity", put(set_capacity))
         .route("/admin/scalesets/{key}/model", post(new_model))
+        .route(
+            "/admin/scheduledevents",
+            get(scheduled_events).post(approve_events),
+        )
         .route("/admin/scalesets/{key}/vms/{id}", patch(patch_vm))
         .route("/admin/faults", post(add_fault).delete(clear_faults))
         .route("/admin/calls", get(calls).delete(clear_calls))
@@ -70,6 +74,9 @@ struct NewSet {
     /// The scale set's instance limit (1,000 by default).
     #[serde(default)]
     max_capacity: Option<usize>,
+    /// Terminate notifications with this notice (Azure takes 5 to 15 minutes; tests take seconds).
+    #[serde(default)]
+    terminate_notification_seconds: Option<u64>,
 }
 
 fn default_location() -> String {
@@ -94,6 +101,11 @@ async fn create_set(State(s): State<Shared>, Json(n): Json<NewSet>) -> Response 
     );
     if let (Some(max), Some(set)) = (n.max_capacity, w.sets.get_mut(&key)) {
         set.max_capacity = max;
+    }
+    if let Some(set) = w.sets.get_mut(&key) {
+        set.terminate_notice = n
+            .terminate_notification_seconds
+            .map(std::time::Duration::from_secs);
     }
     let created = OffsetDateTime::now_utc() - time::Duration::seconds(n.age_seconds);
     for vm in w
@@ -160,6 +172,45 @@ async fn set_capacity(
     }
     let op = w.start_operation(&key, crate::world::Effect::Scale(c.capacity));
     Json(json!({"operation": op})).into_response()
+}
+
+#[derive(Deserialize)]
+struct ForVm {
+    vm: String,
+}
+
+/// The scheduled events document one VM reads from IMDS (`?vm=<its name>`).
+async fn scheduled_events(State(s): State<Shared>, Query(q): Query<ForVm>) -> Response {
+    let mut w = s.world.lock().await;
+    w.advance();
+    Json(w.scheduled_events_for(&q.vm)).into_response()
+}
+
+/// A VM's `StartRequests`, as IMDS takes them: each named event approved.
+async fn approve_events(State(s): State<Shared>, Json(body): Json<Value>) -> Response {
+    let ids: Vec<String> = body["StartRequests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["EventId"].as_str().map(str::to_string))
+        .collect();
+    if ids.is_empty() {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "StartRequests with at least one EventId expected"})),
+        )
+            .into_response();
+    }
+    let unknown = s.world.lock().await.approve(&ids);
+    if unknown.is_empty() {
+        StatusCode::OK.into_response()
+    } else {
+        (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": format!("unknown EventId {}", unknown.join(", "))})),
+        )
+            .into_response()
+    }
 }
 
 /// A new model for the scale set: what an operator's update of its image or extensions does.
@@ -351,14 +402,27 @@ pub async fn heartbeat_round(s: &Shared) -> Vec<Value> {
     let now = OffsetDateTime::now_utc();
     let stamp = |t: OffsetDateTime| t.format(&Rfc3339).unwrap_or_default();
     let mut out = Vec::new();
-    for set in w.sets.values_mut() {
+    // A VM with a Terminate event pending still runs, and its agent drains: DRAINING until the
+    // event's NotBefore, then the event approved (the stand-in agents drain at once).
+    let mut draining: BTreeMap<(String, u64), (String, OffsetDateTime)> = BTreeMap::new();
+    for (key, set) in &w.sets {
+        for vm in set.vms.values() {
+            if let Some(e) = w.terminating(&set.vm_name(vm)) {
+                draining.insert((key.clone(), vm.instance_id), (e.id.clone(), e.not_before));
+            }
+        }
+    }
+    let mut approvals = Vec::new();
+    for (key, set) in w.sets.iter_mut() {
         let subjects: BTreeMap<u64, String> = set
             .vms
             .values()
             .map(|vm| (vm.instance_id, set.vm_resource_id(vm)))
             .collect();
         for vm in set.vms.values_mut() {
-            let live = vm.provisioning_state == "Succeeded" && vm.power_state == "running";
+            let drain = draining.get(&(key.clone(), vm.instance_id));
+            let live = (vm.provisioning_state == "Succeeded" || drain.is_some())
+                && vm.power_state == "running";
             if !live || vm.beat == Beat::Silent {
                 continue;
             }
@@ -369,6 +433,13 @@ pub async fn heartbeat_round(s: &Shared) -> Vec<Value> {
                 "sequence": vm.sequence,
             });
             match vm.beat {
+                _ if drain.is_some() => {
+                    if let Some((event, not_before)) = drain.cloned() {
+                        data["status"] = json!("DRAINING");
+                        data["until"] = json!(stamp(not_before));
+                        approvals.push(event);
+                    }
+                }
                 Beat::Up => data["status"] = json!("UP"),
                 Beat::Down => {
                     data["status"] = json!("DOWN");
@@ -401,6 +472,9 @@ pub async fn heartbeat_round(s: &Shared) -> Vec<Value> {
                                       "RandGuid": uuid::Uuid::new_v4().to_string()}},
             }));
         }
+    }
+    if !approvals.is_empty() {
+        w.approve(&approvals);
     }
     out
 }

@@ -628,6 +628,10 @@ pub fn scale_set_json(set: &ScaleSet) -> Value {
         "timeCreated": "2026-01-01T00:00:00+00:00",
     });
     props["automaticRepairsPolicy"] = json!({"enabled": set.automatic_repairs, "gracePeriod": "PT30M", "repairAction": "Replace"});
+    if let Some(notice) = set.terminate_notice {
+        props["virtualMachineProfile"] = json!({"scheduledEventsProfile": {"terminateNotificationProfile": {
+            "notBeforeTimeout": format!("PT{}S", notice.as_secs()), "enable": true}}});
+    }
     let mut v = json!({
         "id": set.resource_id(),
         "name": set.name,

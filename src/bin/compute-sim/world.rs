@@ -66,6 +66,18 @@
 //!   manually trigger upgrades on each individual virtual machine", "Performing manual upgrades on
 //!   Virtual Machine Scale Sets", learn.microsoft.com). A Flexible scale set's manual upgrade is in
 //!   preview there and is not offered here.
+//! - Terminate notifications (`virtualMachineProfile.scheduledEventsProfile.
+//!   terminateNotificationProfile`, `notBeforeTimeout` PT5M–PT15M in Azure; any length here, for
+//!   tests): a delete of an instance creates a `Terminate` scheduled event naming the VM
+//!   (`{scale set}_{instance id}` for Uniform instances) with `NotBefore` = now + the notice, and
+//!   the VM is deleted only once every event of the delete is approved (`StartRequests`) or the
+//!   notice ran out. Only deletes do ("all delete operations … will generate a Terminate event.
+//!   Other operations such as reboot, reimage, redeploy, and stop/deallocate do not", "Terminate
+//!   notification for Azure Virtual Machine Scale Set instances", learn.microsoft.com); the
+//!   document and the approval follow "Scheduled Events for Linux VMs" (`DocumentIncarnation`,
+//!   `Events[]` with `EventId`, `EventType`, `ResourceType`, `Resources`, `EventStatus`,
+//!   `NotBefore` as an HTTP date, `EventSource`). The VMs read them through the admin API, which the
+//!   agent tests' IMDS stand-in serves as `/metadata/scheduledevents`.
 //! - A request can be carried out while its answer never arrives (a connection lost after ARM
 //!   accepted it): fault rules with `hangMs` hold the answer past the client's timeout.
 
@@ -150,6 +162,8 @@ pub struct ScaleSet {
     pub max_capacity: usize,
     /// The version of the scale set's model; an instance on an older one is not on the latest.
     pub model_version: u64,
+    /// Terminate notifications: the notice a deleted instance gets, when enabled.
+    pub terminate_notice: Option<Duration>,
 }
 
 impl ScaleSet {
@@ -208,6 +222,14 @@ impl ScaleSet {
     }
 
     /// The ETag as ARM sends it: a quoted string.
+    /// The VM's name as IMDS and scheduled events give it: `{scale set}_{instance id}` for a
+    /// Uniform instance ("Instance IDs for Azure VM scale set VMs"), its own name when Flexible.
+    pub fn vm_name(&self, vm: &Vm) -> String {
+        vm.name
+            .clone()
+            .unwrap_or_else(|| format!("{}_{}", self.name, vm.instance_id))
+    }
+
     pub fn etag_value(&self) -> String {
         format!("\"{}\"", self.etag)
     }
@@ -351,6 +373,24 @@ pub struct Operation {
     /// The instances' states before the operation, put back if it fails.
     #[serde(skip)]
     before: Vec<(u64, String, String)>,
+    /// The Terminate events a delete waits on (their ids), when the set has terminate
+    /// notifications: it ends once all are approved or its notice ran out.
+    #[serde(skip)]
+    pub terminate_events: Vec<String>,
+}
+
+/// A scheduled event, as IMDS shows it to the VMs it names.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScheduledEvent {
+    pub id: String,
+    pub kind: String,
+    /// The VMs it affects, by name.
+    pub resources: Vec<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_before: OffsetDateTime,
+    pub approved: bool,
+    /// The operation it holds back.
+    pub operation: String,
 }
 
 /// A fault injected through the admin API: the next `count` matching requests fail (or, with only
@@ -438,6 +478,10 @@ pub struct World {
     pub resource_events: Vec<serde_json::Value>,
     /// Management locks: (the resource id they are on, as given, and the level).
     pub locks: Vec<(String, String)>,
+    /// Scheduled events not yet over.
+    pub scheduled: Vec<ScheduledEvent>,
+    /// Bumped with every change of the scheduled events (their document's `DocumentIncarnation`).
+    pub incarnation: u64,
 }
 
 pub const WRITE: &str = "Microsoft.Resources.ResourceWriteSuccess";
@@ -473,6 +517,8 @@ impl World {
             throttled: HashMap::new(),
             resource_events: Vec::new(),
             locks: Vec::new(),
+            scheduled: Vec::new(),
+            incarnation: 0,
         }
     }
 
@@ -533,6 +579,7 @@ impl World {
             etag: 1,
             max_capacity: 1000,
             model_version: 1,
+            terminate_notice: None,
         };
         let now = OffsetDateTime::now_utc();
         for _ in 0..capacity {
@@ -558,6 +605,15 @@ impl World {
             "Microsoft.Compute/virtualMachineScaleSets/write",
         );
         Some(version)
+    }
+
+    /// The scheduled events an ending operation held are over.
+    fn end_scheduled(&mut self, op_id: &str) {
+        let before = self.scheduled.len();
+        self.scheduled.retain(|e| e.operation != op_id);
+        if self.scheduled.len() != before {
+            self.incarnation += 1;
+        }
     }
 
     /// Ends every operation that is due.
@@ -598,6 +654,7 @@ impl World {
 
     /// Ends an operation without its effect: the instances it touched are as they were.
     pub fn fail(&mut self, op_id: &str, outcome: Outcome) {
+        self.end_scheduled(op_id);
         let Some(op) = self.operations.get_mut(op_id) else {
             return;
         };
@@ -625,6 +682,7 @@ impl World {
     }
 
     fn succeed(&mut self, op_id: &str) {
+        self.end_scheduled(op_id);
         let Some(op) = self.operations.get_mut(op_id) else {
             return;
         };
@@ -837,6 +895,32 @@ impl World {
                 }
             }
         }
+        // A delete under terminate notifications waits for each VM's Terminate event: approved,
+        // or its notice run out.
+        let mut terminate_events = Vec::new();
+        let mut due = std::time::Instant::now() + self.operation_delay;
+        if let (Effect::Delete(ids), Some(set)) = (&effect, self.sets.get(set_key)) {
+            if let Some(notice) = set.terminate_notice {
+                for vm_id in ids {
+                    let Some(vm) = set.vms.get(vm_id) else {
+                        continue;
+                    };
+                    let event_id = uuid::Uuid::new_v4().to_string();
+                    self.scheduled.push(ScheduledEvent {
+                        id: event_id.clone(),
+                        kind: "Terminate".into(),
+                        resources: vec![set.vm_name(vm)],
+                        not_before: now
+                            + time::Duration::try_from(notice).unwrap_or(time::Duration::ZERO),
+                        approved: false,
+                        operation: id.clone(),
+                    });
+                    terminate_events.push(event_id);
+                }
+                due = due.max(std::time::Instant::now() + notice);
+                self.incarnation += 1;
+            }
+        }
         self.operations.insert(
             id.clone(),
             Operation {
@@ -844,17 +928,83 @@ impl World {
                 set_key: set_key.into(),
                 effect,
                 started: now,
-                due: std::time::Instant::now() + self.operation_delay,
+                due,
                 ended: None,
                 outcome: Outcome::InProgress,
                 planned,
                 before,
+                terminate_events,
             },
         );
-        if self.operation_delay.is_zero() {
+        if self.operation_delay.is_zero() && self.operations[&id].terminate_events.is_empty() {
             self.complete(&id);
         }
         id
+    }
+
+    /// The scheduled events document a VM reads from IMDS: the events that name it.
+    pub fn scheduled_events_for(&self, vm_name: &str) -> serde_json::Value {
+        let http_date = time::macros::format_description!(
+            "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+        );
+        let events: Vec<serde_json::Value> = self
+            .scheduled
+            .iter()
+            .filter(|e| e.resources.iter().any(|r| r.eq_ignore_ascii_case(vm_name)))
+            .map(|e| {
+                serde_json::json!({
+                    "EventId": e.id,
+                    "EventType": e.kind,
+                    "ResourceType": "VirtualMachine",
+                    "Resources": e.resources,
+                    // Approved, an event starts: no NotBefore any more.
+                    "EventStatus": if e.approved { "Started" } else { "Scheduled" },
+                    "NotBefore": if e.approved { String::new() } else { e.not_before.format(&http_date).unwrap_or_default() },
+                    "Description": "Virtual machine is being deleted.",
+                    "EventSource": "User",
+                    "DurationInSeconds": -1,
+                })
+            })
+            .collect();
+        serde_json::json!({"DocumentIncarnation": self.incarnation, "Events": events})
+    }
+
+    /// `StartRequests`: the events are approved; a delete whose events all are goes on at once.
+    /// Returns the ids that were not there.
+    pub fn approve(&mut self, ids: &[String]) -> Vec<String> {
+        let mut unknown = Vec::new();
+        for id in ids {
+            match self.scheduled.iter_mut().find(|e| &e.id == id) {
+                Some(e) => e.approved = true,
+                None => unknown.push(id.clone()),
+            }
+        }
+        self.incarnation += 1;
+        let ready: Vec<String> = self
+            .operations
+            .values()
+            .filter(|op| op.ended.is_none() && !op.terminate_events.is_empty())
+            .filter(|op| {
+                op.terminate_events.iter().all(|t| {
+                    self.scheduled
+                        .iter()
+                        .find(|e| &e.id == t)
+                        .is_none_or(|e| e.approved)
+                })
+            })
+            .map(|op| op.id.clone())
+            .collect();
+        for op in ready {
+            self.complete(&op);
+        }
+        unknown
+    }
+
+    /// Whether a VM has a Terminate event not yet approved: it still runs, and drains.
+    pub fn terminating(&self, vm_name: &str) -> Option<&ScheduledEvent> {
+        self.scheduled
+            .iter()
+            .find(|e| !e.approved && e.resources.iter().any(|r| r.eq_ignore_ascii_case(vm_name)))
     }
 
     fn take_operation_fault(&mut self, verb: &str) -> Option<Outcome> {

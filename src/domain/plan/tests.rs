@@ -274,6 +274,58 @@ impl Fleet {
     }
 }
 
+/// Terminate notifications (issue 16): a delete's step times out only after the instance's drain
+/// window, and the journal's evidence says so; other actions are not delayed.
+#[test]
+fn a_delete_in_a_scale_set_with_terminate_notifications_waits_out_the_drain() {
+    let mut f = fleet(4)
+        .down("2")
+        .repairing("3", Restart, 1, 1000)
+        .down("3");
+    f.0.record.as_mut().unwrap().terminate_notice = Some(secs(300));
+    let overrides = [("HEALER_REPAIR_ACTIONS", "restart,delete")];
+    let timeout = policy(&overrides).repair_timeout;
+    let plan = f.decide(&overrides);
+    let opened = plan
+        .transitions
+        .iter()
+        .find(|t| t.incident.target == "2")
+        .unwrap();
+    assert_eq!(opened.action(), Some(Restart));
+    assert_eq!(
+        opened.incident.deadline,
+        Some(NOW + timeout),
+        "a restart is not delayed"
+    );
+    assert!(opened.evidence.get("drain").is_none());
+    let escalated = plan
+        .transitions
+        .iter()
+        .find(|t| t.incident.target == "3")
+        .unwrap();
+    assert_eq!(escalated.action(), Some(Delete));
+    assert_eq!(escalated.incident.deadline, Some(NOW + timeout + secs(300)));
+    assert!(
+        escalated.evidence["drain"]
+            .as_str()
+            .unwrap()
+            .contains("300 s"),
+        "{}",
+        escalated.evidence
+    );
+    let plan = f.decide(&[("HEALER_REPAIR_ACTIONS", "replace")]);
+    let opened = plan
+        .transitions
+        .iter()
+        .find(|t| t.incident.target == "2")
+        .unwrap();
+    assert_eq!(
+        opened.incident.deadline,
+        Some(NOW + policy(&[]).repair_timeout + secs(300)),
+        "a replace deletes too"
+    );
+}
+
 fn steps(plan: &Plan) -> Vec<(&str, &'static str, Option<RepairAction>, u32)> {
     plan.transitions
         .iter()

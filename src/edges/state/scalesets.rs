@@ -127,6 +127,10 @@ fn scaleset_entity(set: &ScaleSetId, r: &ScaleSetRecord) -> Entity {
         .opt_i64("capacity", r.capacity)
         .opt_str("orchestrationMode", r.orchestration_mode.clone())
         .bool("platformAutoRepair", r.platform_auto_repair)
+        .opt_i64(
+            "terminateNoticeS",
+            r.terminate_notice.map(|d| d.whole_seconds()),
+        )
         .opt_time("lastSync", r.synced_at)
         .str("syncError", r.sync_error.clone().unwrap_or_default())
         .opt_time("throttledUntil", r.throttled_until)
@@ -149,6 +153,10 @@ fn sync_result_entity(set: &ScaleSetId, r: &ScaleSetRecord) -> Entity {
         .opt_i64("capacity", r.capacity)
         .opt_str("orchestrationMode", r.orchestration_mode.clone())
         .bool("platformAutoRepair", r.platform_auto_repair)
+        .opt_i64(
+            "terminateNoticeS",
+            r.terminate_notice.map(|d| d.whole_seconds()),
+        )
         .opt_time("lastSync", r.synced_at)
         .str("syncError", r.sync_error.clone().unwrap_or_default())
         .opt_time("throttledUntil", r.throttled_until)
@@ -160,6 +168,10 @@ fn scaleset_from_row(r: &Row) -> Result<ScaleSetRecord, RowError> {
         capacity: r.opt_i64("capacity")?,
         orchestration_mode: r.opt_str("orchestrationMode"),
         platform_auto_repair: r.opt_bool("platformAutoRepair").unwrap_or(false),
+        terminate_notice: r
+            .opt_i64("terminateNoticeS")?
+            .filter(|s| *s > 0)
+            .map(time::Duration::seconds),
         synced_at: r.opt_time("lastSync")?,
         sync_error: r.opt_str("syncError").filter(|s| !s.is_empty()),
         throttled_until: r.opt_time("throttledUntil")?,
