@@ -1056,6 +1056,7 @@ fn the_installer_lays_out_a_service_systemd_accepts() {
             "https://heartbeats.westeurope-1.eventgrid.azure.net/api/events",
         ])
         .args(["--health-command", command, "--interval", "45"])
+        .args(["--drain-command", "rm -f \"/srv/sample/healthz\""])
         .arg("--root")
         .arg(&root)
         .arg("--no-start")
@@ -1091,6 +1092,10 @@ fn the_installer_lays_out_a_service_systemd_accepts() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        config.contains("HEALER_DRAIN_COMMAND=rm -f \"/srv/sample/healthz\"\n"),
+        "{config}"
     );
     assert!(
         config.contains(&format!("HEALER_HEALTH_COMMAND={command}\n")),

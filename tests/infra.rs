@@ -232,6 +232,13 @@ fn the_sample_points_its_agents_at_the_topic_main_creates() {
         );
     }
     assert!(sample.contains("watchedScaleSets: [{ id: scaleSet.id"));
+    // Issue 16: deletes give five minutes' notice, which the agents drain for (the health file
+    // goes, so a load balancer's probe stops sending requests) and the app restores on start.
+    assert!(
+        sample.contains("terminateNotificationProfile: { enable: true, notBeforeTimeout: 'PT5M' }")
+    );
+    assert!(sample.contains(r#"--drain-command "rm -f /srv/sample/healthz""#));
+    assert!(sample.contains(r#"ExecStartPre=/bin/sh -c "echo ok > /srv/sample/healthz""#));
     assert!(sample.contains("senderPrincipalIds: [scaleSet.identity.principalId]"));
 }
 

@@ -5,13 +5,14 @@
 #
 #   install.sh --topic <…/api/events URL> [--health-url URL | --health-command CMD]
 #              [--health-timeout 5] [--interval 60] [--schema eventgrid|cloudevents]
-#              [--attest] [--root DIR] [--no-start]
+#              [--attest] [--drain-command CMD] [--drain-file PATH] [--root DIR] [--no-start]
 #
 # --root installs under another root (tests, image builds); --no-start leaves the service stopped.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root="" start=1 attest=false topic="" health_url="" health_command="" health_timeout=5 interval=60 schema=eventgrid
+drain_command="" drain_file=""
 while (($# > 0)); do
     case $1 in
         --topic) topic=$2; shift 2 ;;
@@ -22,6 +23,8 @@ while (($# > 0)); do
         --schema) schema=$2; shift 2 ;;
         --root) root=$2; shift 2 ;;
         --attest) attest=true; shift ;;
+        --drain-command) drain_command=$2; shift 2 ;;
+        --drain-file) drain_file=$2; shift 2 ;;
         --no-start) start=0; shift ;;
         *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
     esac
@@ -46,6 +49,8 @@ install -d -m 0755 "$root/etc/vmss-healer"
     echo "HEALER_INTERVAL=$(quote "$interval")"
     echo "HEALER_SCHEMA=$(quote "$schema")"
     echo "HEALER_ATTEST=$(quote "$attest")"
+    [[ -n $drain_command ]] && echo "HEALER_DRAIN_COMMAND=$(quote "$drain_command")"
+    [[ -n $drain_file ]] && echo "HEALER_DRAIN_FILE=$(quote "$drain_file")"
 } >"$root/etc/vmss-healer/agent.env.tmp"
 chmod 0644 "$root/etc/vmss-healer/agent.env.tmp"
 mv "$root/etc/vmss-healer/agent.env.tmp" "$root/etc/vmss-healer/agent.env"

@@ -41,6 +41,7 @@ var cloudInit = join([
   '      [Unit]'
   '      Description=vmss-healer sample app: serves /healthz on 127.0.0.1:8080'
   '      [Service]'
+  '      ExecStartPre=/bin/sh -c "echo ok > /srv/sample/healthz"'
   '      ExecStart=/usr/bin/python3 -m http.server 8080 --bind 127.0.0.1 --directory /srv/sample'
   '      Restart=always'
   '      [Install]'
@@ -48,7 +49,10 @@ var cloudInit = join([
   'runcmd:'
   '  - systemctl daemon-reload'
   '  - systemctl enable --now sample-app.service'
-  '  - bash /opt/vmss-healer/install.sh --topic ${topicEndpoint} --health-url http://127.0.0.1:8080/healthz'
+  // Before the platform terminates (or reboots, redeploys) a VM, its agent drains it: /healthz
+  // goes (a load balancer's probe on it stops sending requests), then the event is approved. The
+  // app puts the file back when it starts again (ExecStartPre).
+  '  - bash /opt/vmss-healer/install.sh --topic ${topicEndpoint} --health-url http://127.0.0.1:8080/healthz --drain-command "rm -f /srv/sample/healthz"'
 ], '\n')
 
 resource vnet 'Microsoft.Network/virtualNetworks@2024-01-01' = {
@@ -75,6 +79,13 @@ resource scaleSet 'Microsoft.Compute/virtualMachineScaleSets@2024-07-01' = {
     upgradePolicy: { mode: 'Manual' }
     overprovision: false
     virtualMachineProfile: {
+      // Terminate notifications: a deleted instance gets five minutes' notice as a scheduled event,
+      // which its agent drains for and approves ("Terminate notification for Azure Virtual Machine
+      // Scale Set instances": notBeforeTimeout PT5M to PT15M). The healer's delete steps time out
+      // only after this window.
+      scheduledEventsProfile: {
+        terminateNotificationProfile: { enable: true, notBeforeTimeout: 'PT5M' }
+      }
       osProfile: {
         computerNamePrefix: 'sample'
         adminUsername: adminUsername
