@@ -43,6 +43,9 @@ struct ImdsState {
     incarnation: u32,
     /// EventIds approved with a `StartRequests` POST, in order.
     approved: Vec<String>,
+    /// Scheduled events come from the Compute simulator (its admin API, for this VM name) rather
+    /// than from `events`: what its deletes schedule, this VM sees.
+    simulator: Option<(String, String)>,
 }
 
 impl Imds {
@@ -131,6 +134,17 @@ async fn imds_events(
     if !q.contains_key("api-version") {
         return (StatusCode::BAD_REQUEST, "api-version expected").into_response();
     }
+    let simulator = imds.inner.lock().unwrap().simulator.clone();
+    if let Some((url, vm)) = simulator {
+        let doc: Value = reqwest::get(format!("{url}/admin/scheduledevents?vm={vm}"))
+            .await
+            .and_then(|r| r.error_for_status())
+            .expect("the simulator's scheduled events")
+            .json()
+            .await
+            .expect("JSON");
+        return Json(doc).into_response();
+    }
     let s = imds.inner.lock().unwrap();
     Json(json!({"DocumentIncarnation": s.incarnation, "Events": s.events})).into_response()
 }
@@ -152,6 +166,19 @@ async fn imds_approve(State(imds): State<Imds>, headers: HeaderMap, body: String
         .collect();
     if ids.is_empty() {
         return (StatusCode::BAD_REQUEST, "no StartRequests").into_response();
+    }
+    let simulator = imds.inner.lock().unwrap().simulator.clone();
+    if let Some((url, _)) = simulator {
+        let answer = reqwest::Client::new()
+            .post(format!("{url}/admin/scheduledevents"))
+            .json(&body)
+            .send()
+            .await
+            .expect("the simulator takes approvals");
+        imds.inner.lock().unwrap().approved.extend(ids);
+        return StatusCode::from_u16(answer.status().as_u16())
+            .unwrap_or(StatusCode::BAD_GATEWAY)
+            .into_response();
     }
     let mut s = imds.inner.lock().unwrap();
     for id in &ids {
@@ -991,6 +1018,109 @@ async fn a_scheduled_termination_is_drained_approved_and_said() {
     .await;
     assert!(!drain_file.exists(), "the drain file is removed");
     let _ = std::fs::remove_file(&scratch_marker);
+}
+
+/// Issue 16, end to end: the healer deletes a broken VM of a scale set with terminate
+/// notifications; the real agent on it sees its Terminate event (the simulator's, through IMDS),
+/// says DRAINING — which the healer takes as no fault — runs its drain command, approves the
+/// event, and only then does the delete go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_deleted_by_a_repair_drains_first_and_is_not_counted_a_fault() {
+    let app = spawn_app()
+        .scale_set_spec(json!({"name": "web", "capacity": 3, "terminateNotificationSeconds": 600}))
+        .env("HEALER_REPAIR_ACTIONS", "delete")
+        .start()
+        .await;
+    let (status, answer) = app.invoke_timer("monitor-state").await;
+    assert_eq!(status, 200, "{answer}");
+    let vm = app.vm("web", 1).await;
+    let imds = Imds::for_vm(
+        &format!("{}/virtualMachines/1", scale_set_id("web")),
+        vm["vm_id"].as_str().unwrap(),
+        vm["computer_name"].as_str().unwrap(),
+    );
+    imds.inner.lock().unwrap().simulator = Some((app.sim_url.clone(), "web_1".into()));
+    let topic = Topic::new(imds.clone());
+    let (imds_port, topic_port) = (common::azurite::free_port(), common::azurite::free_port());
+    serve(imds.clone().router(), imds_port).await;
+    serve(topic.clone().router(), topic_port).await;
+    // Only the real agent speaks for this VM.
+    app.break_vm("web", 1, json!({"beat": "silent"})).await;
+    let marker = std::env::temp_dir().join(format!("drained-{}", uuid::Uuid::new_v4()));
+    let command = format!("echo drained >> '{}'", marker.display());
+    let health = format!("http://127.0.0.1:{topic_port}/healthz");
+    topic.set(|t| t.health = 500);
+    let agent = start_agent(
+        imds_port,
+        topic_port,
+        &[
+            ("HEALER_HEALTH_URL", health.as_str()),
+            ("HEALER_DRAIN_COMMAND", command.as_str()),
+        ],
+    );
+    // Everything the agent publishes reaches the handler, as the topic's subscription would.
+    let forwarded = std::cell::Cell::new(0usize);
+    let forward = || async {
+        let events = topic.accepted();
+        for e in &events[forwarded.get()..] {
+            through_handler(&app, e).await;
+        }
+        forwarded.set(events.len());
+    };
+    until(&agent, 20, "a DOWN heartbeat", || {
+        statuses(&topic.accepted()).contains(&"DOWN".to_string())
+    })
+    .await;
+    forward().await;
+    app.heartbeat_round().await;
+    let (_, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["repairs_requested"], 1,
+        "the DOWN VM is deleted: {answer}"
+    );
+    until(&agent, 30, "a DRAINING heartbeat", || {
+        statuses(&topic.accepted()).contains(&"DRAINING".to_string())
+    })
+    .await;
+    forward().await;
+    assert_eq!(
+        app.stored_heartbeat("web", "1").await.status.label(),
+        "DRAINING"
+    );
+    // The drain command ran, then the event was approved and the delete went on.
+    until(&agent, 30, "the event approved", || {
+        imds.approved().len() == 1
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap_or_default(),
+        "drained\n"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        forward().await;
+        app.invoke_timer("monitor-state").await;
+        let (_, answer) = app.invoke_timer("monitor-status").await;
+        assert_eq!(
+            answer["ReturnValue"]["scale_sets"][0]["repairs_requested"], 0,
+            "a draining VM is no fault: {answer}"
+        );
+        let (incidents, _) = app
+            .store
+            .incidents(&TestApp::scale_set("web"))
+            .await
+            .unwrap();
+        if incidents["1"].value.state == vmss_healer::incident::State::Closed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the delete never ended: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(app.fleet("web").await["vms"].as_array().unwrap().len(), 2);
+    let _ = std::fs::remove_file(&marker);
 }
 
 /// The Windows agent cannot run here (no PowerShell): it is held to the rules the Linux agent's
