@@ -789,6 +789,17 @@ impl Cycle<'_, '_> {
     /// healer's incident engine, and the operation waits for the operator — unless more has
     /// failed than the availability budget, which ends it.
     fn fail_batch(&mut self, batch: &Batch, reason: String) {
+        if batch.stage == Stage::Grow {
+            // A replace whose new instances did not come up: its old ones were never touched.
+            // They go back to the front of the queue, not to the healer; the new ones are the
+            // healer's like any instance.
+            let mut todo = batch.instances.clone();
+            todo.append(&mut self.memo.todo);
+            self.memo.todo = todo;
+            self.memo.batch = None;
+            self.out.op.holds.clear();
+            return self.pause(reason);
+        }
         let present = self.present();
         let ended_at: HashMap<&str, OffsetDateTime> = batch
             .calls

@@ -42,6 +42,8 @@ struct World {
     lowest_healthy: usize,
     /// Instances that never come back after a call.
     breaks: HashSet<String>,
+    /// Instances a grow adds never come up healthy.
+    broken_growth: bool,
 }
 
 impl World {
@@ -74,6 +76,7 @@ impl World {
             flexible: false,
             lowest_healthy: n,
             breaks: HashSet::new(),
+            broken_growth: false,
         }
     }
 
@@ -187,6 +190,9 @@ impl World {
                     for _ in 0..call.grow {
                         let id = self.next.to_string();
                         self.next += 1;
+                        if self.broken_growth {
+                            self.breaks.insert(id.clone());
+                        }
                         self.vms.insert(
                             id.clone(),
                             Vm {
@@ -536,6 +542,32 @@ fn replace_adds_new_instances_before_deleting_old_ones() {
         vec!["4", "5", "6", "7"]
     );
     assert!(world.lowest_healthy >= 4);
+}
+
+#[test]
+fn a_replace_whose_new_instances_never_come_up_leaves_the_old_ones_alone() {
+    let mut world = World::new(4);
+    world.broken_growth = true;
+    let raw = Raw {
+        action: Some("replace"),
+        batch: Some("2"),
+        timeout: Some("3m"),
+        ..Raw::default()
+    };
+    let (op, notes) = world.run(cycle(raw), 20);
+    assert_eq!(op.state, State::Paused, "{notes:?}");
+    assert!(op
+        .last_error
+        .as_deref()
+        .unwrap()
+        .contains("new instances came up healthy"));
+    // Nothing of the old ones was deleted or marked failed: they wait at the front of the queue.
+    assert!(!notes.iter().any(|n| n.outcome == "failed"), "{notes:?}");
+    assert!(!world.calls.iter().any(|c| c.0 == Verb::Delete));
+    let memo = Memo::read(&op).unwrap();
+    assert!(memo.failed.is_empty());
+    assert_eq!(&memo.todo[..2], &["0".to_string(), "1".to_string()]);
+    assert_eq!(op.done, 0);
 }
 
 #[test]
