@@ -1136,3 +1136,82 @@ async fn a_delete_under_terminate_notifications_waits_for_the_vms_approval() {
     assert_eq!(fleet["vms"].as_array().unwrap().len(), 2, "{fleet}");
     assert_eq!(events("web_1").await["Events"], json!([]));
 }
+
+/// Autoscale settings as `Microsoft.Insights/autoscalesettings` (api-version 2022-10-01) has
+/// them: listed per resource group, read and written with PUT, `targetResourceUri` naming the
+/// scale set, the profile's capacity as strings. An enabled setting keeps its target within its
+/// minimum and maximum: a set scaled to zero under it comes back; retargeted, it lets the set go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autoscale_settings_hold_their_target_within_range_until_retargeted() {
+    let app = spawn_app()
+        .scale_set("web", 3)
+        .scale_set("api", 1)
+        .start()
+        .await;
+    let arm = Arm::new(&app).await;
+    let url = |name: &str| {
+        format!(
+            "{}/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Insights/autoscalesettings{name}?api-version=2022-10-01",
+            app.sim_url,
+            common::SUB,
+            common::RG
+        )
+    };
+    let setting = |target: &str, min: &str, max: &str| {
+        json!({"location": "westeurope", "properties": {
+            "enabled": true, "targetResourceUri": scale_set_id(target),
+            "profiles": [{"name": "default", "capacity": {"minimum": min, "maximum": max, "default": min}, "rules": []}]
+        }})
+    };
+    let arm = &arm;
+    let put = |body: Value| {
+        let (http, url) = (app.http.clone(), url("/as-web"));
+        async move { arm.send(http.put(url).json(&body)).await }
+    };
+    let (status, _, created) = put(setting("web", "2", "10")).await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(
+        created["properties"]["targetResourceUri"],
+        json!(scale_set_id("web"))
+    );
+    let (status, _, listed) = arm.send(app.http.get(url(""))).await;
+    assert_eq!(
+        (status, listed["value"].as_array().map(Vec::len)),
+        (200, Some(1)),
+        "{listed}"
+    );
+    // Refused: a range upside down, a target that is not there, the Compute api-version.
+    let (status, _, body) = put(setting("web", "5", "3")).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("InvalidRequest"))
+    );
+    let (status, _, body) = put(setting("nosuchset", "1", "3")).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("TargetResourceNotFound"))
+    );
+    let (status, _, _) = arm
+        .send(
+            app.http
+                .get(url("/as-web").replace("2022-10-01", "2024-07-01")),
+        )
+        .await;
+    assert_eq!(status, 400);
+
+    // Held within range: scaled to zero, web comes back to its minimum.
+    let (status, _, _) = arm.patch("web", 0, None).await;
+    assert_eq!(status, 200);
+    app.complete_operations().await;
+    assert_eq!(app.fleet("web").await["capacity"], 2);
+
+    // Retargeted to api: web may stay at zero, and api is held to the minimum.
+    let (status, _, _) = put(setting("api", "2", "10")).await;
+    assert_eq!(status, 200);
+    let (status, _, _) = arm.patch("web", 0, None).await;
+    assert_eq!(status, 200);
+    app.complete_operations().await;
+    assert_eq!(app.fleet("web").await["capacity"], 0);
+    app.complete_operations().await;
+    assert_eq!(app.fleet("api").await["capacity"], 2);
+}

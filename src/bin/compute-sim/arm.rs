@@ -15,6 +15,8 @@ use time::OffsetDateTime;
 pub const API_VERSION: &str = "2024-07-01";
 /// Management locks have their own api-version.
 pub const LOCKS_API_VERSION: &str = "2016-09-01";
+/// So do autoscale settings (Microsoft.Insights).
+pub const AUTOSCALE_API_VERSION: &str = "2022-10-01";
 
 pub fn arm_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     let body = json!({"error": {"code": code, "message": message.into()}});
@@ -203,8 +205,13 @@ fn respond(
         .to_ascii_lowercase()
         .trim_end_matches('/')
         .ends_with("/providers/microsoft.authorization/locks");
+    let autoscale_path = path
+        .to_ascii_lowercase()
+        .contains("/providers/microsoft.insights/autoscalesettings");
     let expected = if locks_path {
         LOCKS_API_VERSION
+    } else if autoscale_path {
+        AUTOSCALE_API_VERSION
     } else {
         API_VERSION
     };
@@ -263,6 +270,19 @@ fn respond(
         l.as_slice()
     {
         return list_locks(world, segs[1], segs[3]);
+    }
+    if let ["subscriptions", _, "resourcegroups", _, "providers", "microsoft.insights", "autoscalesettings", rest @ ..] =
+        l.as_slice()
+    {
+        let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        return autoscale(
+            world,
+            method,
+            segs[1],
+            segs[3],
+            rest.first().map(|_| segs[7]),
+            &body,
+        );
     }
     if let Some(answer) = vm_api(world, base, method, path, &segs, &l, query) {
         return answer;
@@ -854,6 +874,97 @@ fn vm_op(world: &mut World, base: &str, key: &str, n: u64, verb: &str) -> Respon
     }
     let op = world.start_operation(key, effect(verb, vec![n]));
     accepted(base, &world.sets[key], &op)
+}
+
+/// Autoscale settings of a resource group: list, get, put (create or replace), delete.
+fn autoscale(
+    world: &mut World,
+    method: &Method,
+    sub: &str,
+    rg: &str,
+    name: Option<&str>,
+    body: &Value,
+) -> Response {
+    let prefix = format!(
+        "/subscriptions/{sub}/resourceGroups/{rg}/providers/microsoft.insights/autoscalesettings/"
+    )
+    .to_ascii_lowercase();
+    let Some(name) = name else {
+        if *method != Method::GET {
+            return arm_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                "list is GET",
+            );
+        }
+        let value: Vec<&Value> = world
+            .autoscale
+            .iter()
+            .filter(|(id, _)| id.starts_with(&prefix))
+            .map(|(_, v)| v)
+            .collect();
+        return json_ok(json!({ "value": value }));
+    };
+    let id = format!("{prefix}{}", name.to_ascii_lowercase());
+    let not_found = || {
+        arm_error(
+            StatusCode::NOT_FOUND,
+            "ResourceNotFound",
+            format!("The Resource 'microsoft.insights/autoscalesettings/{name}' under resource group '{rg}' was not found."),
+        )
+    };
+    match *method {
+        Method::GET => world
+            .autoscale
+            .get(&id)
+            .cloned()
+            .map_or_else(not_found, json_ok),
+        Method::DELETE => match world.autoscale.remove(&id) {
+            Some(_) => StatusCode::OK.into_response(),
+            None => StatusCode::NO_CONTENT.into_response(),
+        },
+        Method::PUT => {
+            let p = &body["properties"];
+            let capacity = &p["profiles"][0]["capacity"];
+            let n = |k: &str| capacity[k].as_str().and_then(|v| v.parse::<u64>().ok());
+            let target = p["targetResourceUri"].as_str().unwrap_or_default();
+            let exists = world
+                .sets
+                .values()
+                .any(|s| s.resource_id().eq_ignore_ascii_case(target));
+            match (n("minimum"), n("default"), n("maximum")) {
+                _ if !exists => arm_error(
+                    StatusCode::BAD_REQUEST,
+                    "TargetResourceNotFound",
+                    format!("The target resource '{target}' was not found."),
+                ),
+                (Some(min), Some(default), Some(max)) if min <= default && default <= max => {
+                    let created = !world.autoscale.contains_key(&id);
+                    let mut setting = body.clone();
+                    setting["id"] = json!(format!(
+                        "/subscriptions/{sub}/resourceGroups/{rg}/providers/microsoft.insights/autoscalesettings/{name}"
+                    ));
+                    setting["name"] = json!(name);
+                    setting["type"] = json!("Microsoft.Insights/autoscaleSettings");
+                    world.autoscale.insert(id, setting.clone());
+                    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+                    let mut r = json_ok(setting);
+                    *r.status_mut() = status;
+                    r
+                }
+                _ => arm_error(
+                    StatusCode::BAD_REQUEST,
+                    "InvalidRequest",
+                    "profiles[0].capacity needs minimum <= default <= maximum, as whole numbers in strings",
+                ),
+            }
+        }
+        _ => arm_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            format!("{method} is not supported on autoscale settings by the simulator."),
+        ),
+    }
 }
 
 /// A resource group's management locks, with those of every resource in it.

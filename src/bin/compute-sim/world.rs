@@ -78,6 +78,13 @@
 //!   `Events[]` with `EventId`, `EventType`, `ResourceType`, `Resources`, `EventStatus`,
 //!   `NotBefore` as an HTTP date, `EventSource`). The VMs read them through the admin API, which the
 //!   agent tests' IMDS stand-in serves as `/metadata/scheduledevents`.
+//! - Autoscale settings (`Microsoft.Insights/autoscalesettings`, api-version 2022-10-01: listed
+//!   per resource group, read, written with PUT; `properties.targetResourceUri` the scale set,
+//!   `profiles[].capacity` `minimum` / `maximum` / `default` as strings, per the REST reference and
+//!   the bicep types of the resource): an enabled setting keeps its target's capacity within the
+//!   first profile's minimum and maximum ("Autoscale … will not scale below the minimum or above the
+//!   maximum instance count", Azure Monitor autoscale overview) — here at once, where Azure
+//!   evaluates every minute or so. A setting that targets another set lets this one go.
 //! - A request can be carried out while its answer never arrives (a connection lost after ARM
 //!   accepted it): fault rules with `hangMs` hold the answer past the client's timeout.
 
@@ -480,6 +487,8 @@ pub struct World {
     pub locks: Vec<(String, String)>,
     /// Scheduled events not yet over.
     pub scheduled: Vec<ScheduledEvent>,
+    /// Autoscale settings by resource id (lower case), as ARM returns them.
+    pub autoscale: BTreeMap<String, serde_json::Value>,
     /// Bumped with every change of the scheduled events (their document's `DocumentIncarnation`).
     pub incarnation: u64,
 }
@@ -519,6 +528,7 @@ impl World {
             locks: Vec::new(),
             scheduled: Vec::new(),
             incarnation: 0,
+            autoscale: BTreeMap::new(),
         }
     }
 
@@ -616,6 +626,41 @@ impl World {
         }
     }
 
+    /// The capacity range an enabled autoscale setting holds a scale set to, if one does.
+    pub fn autoscale_range(&self, set: &ScaleSet) -> Option<(usize, usize)> {
+        let target = set.resource_id().to_ascii_lowercase();
+        self.autoscale.values().find_map(|a| {
+            let p = &a["properties"];
+            let on = p["enabled"].as_bool().unwrap_or(true);
+            let aims = p["targetResourceUri"]
+                .as_str()?
+                .eq_ignore_ascii_case(&target);
+            let capacity = &p["profiles"][0]["capacity"];
+            let n = |k: &str| capacity[k].as_str()?.parse::<usize>().ok();
+            (on && aims).then_some((n("minimum")?, n("maximum")?))
+        })
+    }
+
+    /// Autoscale at work: a set outside its setting's range is scaled back into it (once nothing
+    /// else changes it).
+    fn enforce_autoscale(&mut self) {
+        let mut scale = Vec::new();
+        for (key, set) in &self.sets {
+            if self.updating(key) {
+                continue;
+            }
+            if let Some((min, max)) = self.autoscale_range(set) {
+                let capacity = set.capacity();
+                if capacity < min || capacity > max {
+                    scale.push((key.clone(), capacity.clamp(min, max)));
+                }
+            }
+        }
+        for (key, target) in scale {
+            self.start_operation(&key, Effect::Scale(target));
+        }
+    }
+
     /// Ends every operation that is due.
     pub fn advance(&mut self) {
         let now = std::time::Instant::now();
@@ -628,6 +673,7 @@ impl World {
         for id in due {
             self.complete(&id);
         }
+        self.enforce_autoscale();
     }
 
     /// Whether one of the scale set's operations that changes its capacity is running: ARM then
