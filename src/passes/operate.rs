@@ -74,9 +74,6 @@ pub async fn operate(
         value: op,
         mut version,
     } = op;
-    match op.kind {
-        Kind::Cycle => {}
-    }
     let dry_run = pass.dry_run || op.dry_run;
     let memo = Memo::read(&op).unwrap_or_default();
     let statuses = if dry_run {
@@ -107,7 +104,10 @@ pub async fn operate(
         settle: policy.heartbeat_timeout,
         dry_run,
     };
-    let advance = cycle::advance(&op, &view, now);
+    // Each kind's own engine decides; the calls, claims and journal are the same for all.
+    let advance = match op.kind {
+        Kind::Cycle => cycle::advance(&op, &view, now),
+    };
     let mut next = advance.op.clone();
     let mut memo = Memo::read(&next).unwrap_or_default();
     // A write of the healer's to the scale set (a replace's capacity change or delete) still
