@@ -98,7 +98,6 @@ pub fn run(instances: usize, batch: &str, reimage_minutes: f64) {
         let router = server::router(sim.clone());
         tokio::spawn(async move { axum::serve(listener, router).await });
 
-        let port = azurite::free_port();
         let set_id = format!("/subscriptions/{TICK_SUB}/resourceGroups/{TICK_RG}/providers/Microsoft.Compute/virtualMachineScaleSets/web");
         let env: Vec<(&str, String)> = vec![
             ("HEALER_SCALE_SETS", set_id.clone()),
@@ -108,39 +107,11 @@ pub fn run(instances: usize, batch: &str, reimage_minutes: f64) {
             ("IDENTITY_ENDPOINT", format!("http://127.0.0.1:{sim_port}/msi/token")),
             ("IDENTITY_HEADER", SECRET.into()),
         ];
-        let mut child = Command::new(handler_binary())
-            .env_clear()
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start handler");
+        let (mut child, base, store) = start_handler(&env, &storage.connection_string()).await;
         let http = reqwest::Client::new();
-        let base = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while http.get(&base).send().await.is_err() {
-            assert!(Instant::now() < deadline, "handler not ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let store = Store::connect(
-            &vmss_healer::settings::StorageSettings::ConnectionString(storage.connection_string()),
-            |_| anyhow::bail!("no identity"),
-        )
-        .expect("store");
-        while store.scale_sets().await.is_err() {
-            assert!(Instant::now() < deadline, "tables not created");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
         let invoke = |function: &'static str| {
-            let (http, url) = (http.clone(), format!("{base}/{function}"));
-            async move {
-                let body = json!({"Data": {"timer": {"ScheduleStatus": null, "IsPastDue": false}}, "Metadata": {}});
-                let r = http.post(url).json(&body).send().await.expect("handler reachable");
-                assert!(r.status().is_success(), "{function} answered {}", r.status());
-                let answer: Value = r.json().await.expect("JSON");
-                answer["ReturnValue"].clone()
-            }
+            let (http, base) = (&http, &base);
+            async move { invoke_timer(http, base, function).await.1 }
         };
         invoke("monitor-state").await;
         heartbeats(&sim, &store).await;

@@ -488,6 +488,61 @@ const TICK_RG: &str = "rg-bench";
 const SECRET: &str = "bench-identity-secret";
 const SET_SIZE: usize = 1000;
 
+/// The release handler binary with these settings, started on a free port as the Functions host
+/// starts it and waited for (its port answering, its tables created): the process, its base URL,
+/// and a store on the same storage.
+async fn start_handler(
+    env: &[(&str, String)],
+    connection_string: &str,
+) -> (std::process::Child, String, Store) {
+    let port = azurite::free_port();
+    let child = Command::new(handler_binary())
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start handler");
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http.get(&base).send().await.is_err() {
+        assert!(Instant::now() < deadline, "handler not ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let store = Store::connect(
+        &vmss_healer::settings::StorageSettings::ConnectionString(connection_string.to_string()),
+        |_| anyhow::bail!("no identity"),
+    )
+    .expect("store");
+    while store.scale_sets().await.is_err() {
+        assert!(Instant::now() < deadline, "tables not created");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (child, base, store)
+}
+
+/// A timer invocation, as the Functions host posts it: its wall time and `ReturnValue`.
+async fn invoke_timer(http: &reqwest::Client, base: &str, function: &str) -> (Duration, Value) {
+    let body =
+        json!({"Data": {"timer": {"ScheduleStatus": null, "IsPastDue": false}}, "Metadata": {}});
+    let started = Instant::now();
+    let r = http
+        .post(format!("{base}/{function}"))
+        .json(&body)
+        .send()
+        .await
+        .expect("handler reachable");
+    assert!(
+        r.status().is_success(),
+        "{function} answered {}",
+        r.status()
+    );
+    let answer: Value = r.json().await.expect("JSON");
+    (started.elapsed(), answer["ReturnValue"].clone())
+}
+
 fn tick(instances: usize, flexible: bool) {
     let sets = instances.div_ceil(SET_SIZE).max(1);
     let mode = if flexible { "Flexible" } else { "Uniform" };
@@ -516,52 +571,22 @@ fn tick(instances: usize, flexible: bool) {
         tokio::spawn(async move { axum::serve(listener, router).await });
 
         // The real handler binary, as the Functions host runs it.
-        let port = azurite::free_port();
         let ids: Vec<String> = names
             .iter()
             .map(|n| format!("/subscriptions/{TICK_SUB}/resourceGroups/{TICK_RG}/providers/Microsoft.Compute/virtualMachineScaleSets/{n}"))
             .collect();
-        let mut child = Command::new(handler_binary())
-            .env_clear()
-            .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
-            .env("HEALER_SCALE_SETS", ids.join(","))
-            .env("HEALER_STORAGE", storage.connection_string())
-            .env("HEALER_ARM_ENDPOINT", format!("http://127.0.0.1:{sim_port}"))
-            .env("HEALER_REPAIR_ACTIONS", "delete")
-            .env("HEALER_DOWN_FOR", "0")
-            .env("IDENTITY_ENDPOINT", format!("http://127.0.0.1:{sim_port}/msi/token"))
-            .env("IDENTITY_HEADER", SECRET)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start handler");
+        let env = [
+            ("HEALER_SCALE_SETS", ids.join(",")),
+            ("HEALER_STORAGE", storage.connection_string()),
+            ("HEALER_ARM_ENDPOINT", format!("http://127.0.0.1:{sim_port}")),
+            ("HEALER_REPAIR_ACTIONS", "delete".to_string()),
+            ("HEALER_DOWN_FOR", "0".to_string()),
+            ("IDENTITY_ENDPOINT", format!("http://127.0.0.1:{sim_port}/msi/token")),
+            ("IDENTITY_HEADER", SECRET.to_string()),
+        ];
+        let (mut child, base, store) = start_handler(&env, &storage.connection_string()).await;
         let http = reqwest::Client::new();
-        let base = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while http.get(&base).send().await.is_err() {
-            assert!(Instant::now() < deadline, "handler not ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let store = Store::connect(
-            &vmss_healer::settings::StorageSettings::ConnectionString(storage.connection_string()),
-            |_| anyhow::bail!("no identity"),
-        )
-        .expect("store");
-        while store.scale_sets().await.is_err() {
-            assert!(Instant::now() < deadline, "tables not created");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let invoke = |function: &'static str| {
-            let (http, url) = (http.clone(), format!("{base}/{function}"));
-            async move {
-                let body = json!({"Data": {"timer": {"ScheduleStatus": null, "IsPastDue": false}}, "Metadata": {}});
-                let started = Instant::now();
-                let r = http.post(url).json(&body).send().await.expect("handler reachable");
-                assert!(r.status().is_success(), "{function} answered {}", r.status());
-                let answer: Value = r.json().await.expect("JSON");
-                (started.elapsed(), answer["ReturnValue"].clone())
-            }
-        };
+        let invoke = |function: &'static str| invoke_timer(&http, &base, function);
 
         // 1. The first mirror: every instance written.
         let (first_sync, first) = invoke("monitor-state").await;
