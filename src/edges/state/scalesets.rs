@@ -122,19 +122,7 @@ impl Store {
 }
 
 fn scaleset_entity(set: &ScaleSetId, r: &ScaleSetRecord) -> Entity {
-    Entity::new(SCALESET_PARTITION, &set.key())
-        .str("resourceId", set.resource_id())
-        .opt_i64("capacity", r.capacity)
-        .opt_str("orchestrationMode", r.orchestration_mode.clone())
-        .bool("platformAutoRepair", r.platform_auto_repair)
-        .opt_i64(
-            "terminateNoticeS",
-            r.terminate_notice.map(|d| d.whole_seconds()),
-        )
-        .opt_time("lastSync", r.synced_at)
-        .str("syncError", r.sync_error.clone().unwrap_or_default())
-        .opt_time("throttledUntil", r.throttled_until)
-        .bool("exists", r.exists)
+    sync_result_entity(set, r)
         .opt_time("changedAt", r.changed_at)
         .str("breaker", r.brake.clone().unwrap_or_default())
         .opt_time("breakerSince", r.brake_since)
