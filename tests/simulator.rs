@@ -1140,9 +1140,10 @@ async fn a_delete_under_terminate_notifications_waits_for_the_vms_approval() {
 /// Autoscale settings as `Microsoft.Insights/autoscalesettings` (api-version 2022-10-01) has
 /// them: listed per resource group, read and written with PUT, `targetResourceUri` naming the
 /// scale set, the profile's capacity as strings. An enabled setting keeps its target within its
-/// minimum and maximum: a set scaled to zero under it comes back; retargeted, it lets the set go.
+/// minimum and maximum: a set scaled to zero under it comes back; its target cannot change, and
+/// disabled, it lets the set go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn autoscale_settings_hold_their_target_within_range_until_retargeted() {
+async fn autoscale_settings_hold_their_target_within_range_and_cannot_be_retargeted() {
     let app = spawn_app()
         .scale_set("web", 3)
         .scale_set("api", 1)
@@ -1205,8 +1206,29 @@ async fn autoscale_settings_hold_their_target_within_range_until_retargeted() {
     app.complete_operations().await;
     assert_eq!(app.fleet("web").await["capacity"], 2);
 
-    // Retargeted to api: web may stay at zero, and api is held to the minimum.
-    let (status, _, _) = put(setting("api", "2", "10")).await;
+    // A setting's target is immutable: moving autoscale to api is a new setting, and web's
+    // disabled lets web stay at zero.
+    let (status, _, body) = put(setting("api", "2", "10")).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("TargetResourceIdIsImmutable")),
+        "{body}"
+    );
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("create a new autoscale setting with a different name"));
+    let (status, _, _) = arm
+        .send(
+            app.http
+                .put(url("/as-api"))
+                .json(&setting("api", "2", "10")),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let mut off = setting("web", "2", "10");
+    off["properties"]["enabled"] = json!(false);
+    let (status, _, _) = put(off).await;
     assert_eq!(status, 200);
     let (status, _, _) = arm.patch("web", 0, None).await;
     assert_eq!(status, 200);
@@ -1214,4 +1236,80 @@ async fn autoscale_settings_hold_their_target_within_range_until_retargeted() {
     assert_eq!(app.fleet("web").await["capacity"], 0);
     app.complete_operations().await;
     assert_eq!(app.fleet("api").await["capacity"], 2);
+}
+
+/// A scale-in under terminate notifications is a delete of the instances it removes: each gets a
+/// Terminate event and keeps running until it is approved; the highest instance ids go first;
+/// what serves is recorded after every request, draining instances not counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_in_under_terminate_notifications_drains_the_instances_it_removes() {
+    let app = spawn_app()
+        .scale_set_spec(json!({"name": "web", "capacity": 3, "terminateNotificationSeconds": 600}))
+        .start()
+        .await;
+    let arm = Arm::new(&app).await;
+    let serving_now = || async {
+        let history = app.admin(reqwest::Method::GET, "serving", None).await;
+        history.as_array().unwrap().last().unwrap()["sets"][TestApp::key("web")].clone()
+    };
+    assert_eq!(serving_now().await, json!(3));
+    let (status, headers, _) = arm.patch("web", 1, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(arm.operation(&headers).await["status"], "InProgress");
+    let named = |doc: &Value| doc["Events"].as_array().map(Vec::len).unwrap_or(0);
+    let mut events = Vec::new();
+    for vm in ["web_0", "web_1", "web_2"] {
+        events.push(
+            app.admin(
+                reqwest::Method::GET,
+                &format!("scheduledevents?vm={vm}"),
+                None,
+            )
+            .await,
+        );
+    }
+    assert_eq!(
+        events.iter().map(named).collect::<Vec<_>>(),
+        vec![0, 1, 1],
+        "the highest ids leave: {events:?}"
+    );
+    assert_eq!(events[2]["Events"][0]["EventType"], "Terminate");
+    assert_eq!(
+        app.vm("web", 2).await["power_state"],
+        "running",
+        "it drains first"
+    );
+    assert_eq!(
+        serving_now().await,
+        json!(1),
+        "draining instances do not serve"
+    );
+
+    let ids: Vec<Value> = events[1..]
+        .iter()
+        .map(|d| json!({"EventId": d["Events"][0]["EventId"]}))
+        .collect();
+    app.admin(
+        reqwest::Method::POST,
+        "scheduledevents",
+        Some(json!({ "StartRequests": ids })),
+    )
+    .await;
+    assert_eq!(arm.operation(&headers).await["status"], "Succeeded");
+    let fleet = app.fleet("web").await;
+    let left: Vec<u64> = fleet["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["instance_id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(left, vec![0], "{fleet}");
+    let history = app.admin(reqwest::Method::GET, "serving", None).await;
+    let counts: Vec<u64> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["sets"][TestApp::key("web")].as_u64().unwrap())
+        .collect();
+    assert_eq!(counts, vec![3, 1], "{history}");
 }

@@ -43,6 +43,7 @@ pub fn routes() -> Router<Shared> {
         )
         .route("/admin/ratelimit", put(set_rate_limit))
         .route("/admin/locks", post(add_lock).delete(clear_locks))
+        .route("/admin/serving", get(serving))
 }
 
 fn not_found(what: &str) -> Response {
@@ -610,4 +611,9 @@ async fn add_lock(State(s): State<Shared>, Json(l): Json<NewLock>) -> Response {
 async fn clear_locks(State(s): State<Shared>) -> Response {
     s.world.lock().await.locks.clear();
     StatusCode::NO_CONTENT.into_response()
+}
+
+/// How many instances served in each scale set, each time that changed, oldest first.
+async fn serving(State(s): State<Shared>) -> Response {
+    Json(json!(s.world.lock().await.serving)).into_response()
 }

@@ -938,6 +938,27 @@ fn autoscale(
                     "TargetResourceNotFound",
                     format!("The target resource '{target}' was not found."),
                 ),
+                // A setting's target cannot change: "The target resource reference is
+                // immutable. If you want to change it, please create a new autoscale setting with
+                // a different name." (400 TargetResourceIdIsImmutable, quoted in Azure/Moodle#311
+                // and MicrosoftDocs/azure-docs#28175). Moving autoscale is a new setting.
+                _ if world.autoscale.get(&id).is_some_and(|old| {
+                    !old["properties"]["targetResourceUri"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .eq_ignore_ascii_case(target)
+                }) =>
+                {
+                    let old = world.autoscale[&id]["properties"]["targetResourceUri"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string();
+                    arm_error(
+                        StatusCode::BAD_REQUEST,
+                        "TargetResourceIdIsImmutable",
+                        format!("The autoscale setting '{name}' under resource group '{rg}' is referencing target resource '{old}'. The target resource reference is immutable. If you want to change it, please create a new autoscale setting with a different name."),
+                    )
+                }
                 (Some(min), Some(default), Some(max)) if min <= default && default <= max => {
                     let created = !world.autoscale.contains_key(&id);
                     let mut setting = body.clone();

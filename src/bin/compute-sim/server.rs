@@ -53,7 +53,22 @@ pub fn router(shared: Shared) -> Router {
         .route("/msi/token", get(token))
         .merge(admin::routes())
         .fallback(arm::handle)
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            note_serving,
+        ))
         .with_state(shared)
+}
+
+/// After every request (the only moments the world changes), what serves is noted.
+async fn note_serving(
+    State(s): State<Shared>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let response = next.run(request).await;
+    s.world.lock().await.note_serving();
+    response
 }
 
 /// Sends a heartbeat round, and the Resource Manager events raised meanwhile, every `interval`,

@@ -71,7 +71,9 @@
 //!   tests): a delete of an instance creates a `Terminate` scheduled event naming the VM
 //!   (`{scale set}_{instance id}` for Uniform instances) with `NotBefore` = now + the notice, and
 //!   the VM is deleted only once every event of the delete is approved (`StartRequests`) or the
-//!   notice ran out. Only deletes do ("all delete operations … will generate a Terminate event.
+//!   notice ran out. A scale-in is a delete of the instances it removes and raises theirs. Only
+//!   deletes do ("all delete operations (manual delete or Autoscale-initiated scale-in) will
+//!   generate a Terminate event.
 //!   Other operations such as reboot, reimage, redeploy, and stop/deallocate do not", "Terminate
 //!   notification for Azure Virtual Machine Scale Set instances", learn.microsoft.com); the
 //!   document and the approval follow "Scheduled Events for Linux VMs" (`DocumentIncarnation`,
@@ -84,7 +86,13 @@
 //!   the bicep types of the resource): an enabled setting keeps its target's capacity within the
 //!   first profile's minimum and maximum ("Autoscale … will not scale below the minimum or above the
 //!   maximum instance count", Azure Monitor autoscale overview) — here at once, where Azure
-//!   evaluates every minute or so. A setting that targets another set lets this one go.
+//!   evaluates every minute or so. A disabled setting holds nothing. A setting's target cannot
+//!   be changed (400 `TargetResourceIdIsImmutable`, "The target resource reference is immutable.
+//!   If you want to change it, please create a new autoscale setting with a different name.",
+//!   quoted in Azure/Moodle#311 and MicrosoftDocs/azure-docs#28175): moving autoscale to another
+//!   scale set is a new setting for it.
+//! - What serves: after every request the instances serving in each set (running, UP, named by no
+//!   Terminate event) are noted when they changed, `GET /admin/serving`.
 //! - A request can be carried out while its answer never arrives (a connection lost after ARM
 //!   accepted it): fault rules with `hangMs` hold the answer past the client's timeout.
 
@@ -212,6 +220,44 @@ impl ScaleSet {
             ),
             None => format!("{}/virtualMachines/{}", self.resource_id(), vm.instance_id),
         }
+    }
+
+    /// The instances a scale-in to `target` removes: the highest instance ids first, sparing
+    /// those protected from scale-in (the default scale-in policy, without zone balancing).
+    pub fn scale_in_victims(&self, target: usize) -> Vec<u64> {
+        let live: Vec<u64> = self
+            .vms
+            .values()
+            .filter(|v| v.provisioning_state != "Deleting")
+            .map(|v| v.instance_id)
+            .collect();
+        let mut removable: Vec<u64> = live
+            .iter()
+            .copied()
+            .filter(|id| !self.vms[id].protect_from_scale_in)
+            .collect();
+        removable.sort_unstable_by(|a, b| b.cmp(a));
+        removable.truncate(live.len().saturating_sub(target));
+        removable
+    }
+
+    /// Instances serving traffic: provisioned, running, their application UP, and not being
+    /// deleted (no Terminate event names them, approved or not: they drain).
+    pub fn serving(&self, scheduled: &[ScheduledEvent]) -> usize {
+        self.vms
+            .values()
+            .filter(|v| {
+                v.provisioning_state == "Succeeded"
+                    && v.power_state == "running"
+                    && v.beat == Beat::Up
+            })
+            .filter(|v| {
+                let name = self.vm_name(v);
+                !scheduled
+                    .iter()
+                    .any(|e| e.resources.iter().any(|r| r.eq_ignore_ascii_case(&name)))
+            })
+            .count()
     }
 
     pub fn capacity(&self) -> usize {
@@ -491,7 +537,21 @@ pub struct World {
     pub autoscale: BTreeMap<String, serde_json::Value>,
     /// Bumped with every change of the scheduled events (their document's `DocumentIncarnation`).
     pub incarnation: u64,
+    /// How many instances of each scale set served, each time that changed (the history tests
+    /// hold availability against: time moves only with requests, so this misses no moment).
+    pub serving: Vec<ServingPoint>,
 }
+
+/// The instances serving in every scale set, from a moment on.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServingPoint {
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    pub sets: BTreeMap<String, usize>,
+}
+
+/// Enough history for any test or demo; the oldest points go first.
+const SERVING_HISTORY: usize = 100_000;
 
 pub const WRITE: &str = "Microsoft.Resources.ResourceWriteSuccess";
 pub const DELETE: &str = "Microsoft.Resources.ResourceDeleteSuccess";
@@ -529,6 +589,7 @@ impl World {
             scheduled: Vec::new(),
             incarnation: 0,
             autoscale: BTreeMap::new(),
+            serving: Vec::new(),
         }
     }
 
@@ -615,6 +676,25 @@ impl World {
             "Microsoft.Compute/virtualMachineScaleSets/write",
         );
         Some(version)
+    }
+
+    /// Records how many instances serve in each scale set, if that changed.
+    pub fn note_serving(&mut self) {
+        let sets: BTreeMap<String, usize> = self
+            .sets
+            .iter()
+            .map(|(k, s)| (k.clone(), s.serving(&self.scheduled)))
+            .collect();
+        if self.serving.last().is_some_and(|p| p.sets == sets) {
+            return;
+        }
+        if self.serving.len() >= SERVING_HISTORY {
+            self.serving.remove(0);
+        }
+        self.serving.push(ServingPoint {
+            at: OffsetDateTime::now_utc(),
+            sets,
+        });
     }
 
     /// The scheduled events an ending operation held are over.
@@ -854,14 +934,7 @@ impl World {
                     .map(|v| v.instance_id)
                     .collect();
                 if live.len() > target {
-                    // Scale-in removes the highest instance ids first, sparing protected ones.
-                    let mut removable: Vec<u64> = live
-                        .iter()
-                        .copied()
-                        .filter(|id| !set.vms[id].protect_from_scale_in)
-                        .collect();
-                    removable.sort_unstable_by(|a, b| b.cmp(a));
-                    for id in removable.into_iter().take(live.len() - target) {
+                    for id in set.scale_in_victims(target) {
                         set.vms.remove(&id);
                     }
                 }
@@ -942,12 +1015,20 @@ impl World {
             }
         }
         // A delete under terminate notifications waits for each VM's Terminate event: approved,
-        // or its notice run out.
+        // or its notice run out. A scale-in deletes too ("all delete operations (manual delete
+        // or Autoscale-initiated scale-in) will generate a Terminate event", Terminate
+        // notification for Azure Virtual Machine Scale Set instances): its events name the VMs
+        // the scale-in will remove.
         let mut terminate_events = Vec::new();
         let mut due = std::time::Instant::now() + self.operation_delay;
-        if let (Effect::Delete(ids), Some(set)) = (&effect, self.sets.get(set_key)) {
+        let leaving = match (&effect, self.sets.get(set_key)) {
+            (Effect::Delete(ids), _) => ids.clone(),
+            (Effect::Scale(target), Some(set)) => set.scale_in_victims(*target),
+            _ => Vec::new(),
+        };
+        if let (false, Some(set)) = (leaving.is_empty(), self.sets.get(set_key)) {
             if let Some(notice) = set.terminate_notice {
-                for vm_id in ids {
+                for vm_id in &leaving {
                     let Some(vm) = set.vms.get(vm_id) else {
                         continue;
                     };
