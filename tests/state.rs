@@ -232,6 +232,7 @@ async fn journal_lists_newest_first_and_scale_set_records_round_trip() {
         orchestration_mode: Some("Uniform".into()),
         platform_auto_repair: true,
         terminate_notice: Some(Duration::minutes(5)),
+        location: Some("westeurope".into()),
         synced_at: Some(t0),
         sync_error: None,
         throttled_until: Some(t0 + Duration::minutes(5)),

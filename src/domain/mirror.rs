@@ -138,6 +138,8 @@ pub struct ScaleSetRecord {
     /// Terminate notifications: how long an instance gets to drain before a delete takes it
     /// (`scheduledEventsProfile.terminateNotificationProfile.notBeforeTimeout`), when enabled.
     pub terminate_notice: Option<time::Duration>,
+    /// The region (`westeurope`): a swap is only between sets of one region.
+    pub location: Option<String>,
     /// When the instances were last read in full; `None` until the first successful sync.
     pub synced_at: Option<OffsetDateTime>,
     /// Why the last sync failed, if it did.
@@ -164,6 +166,7 @@ impl ScaleSetRecord {
             orchestration_mode: None,
             platform_auto_repair: false,
             terminate_notice: None,
+            location: None,
             synced_at: None,
             sync_error: None,
             throttled_until: None,

@@ -26,6 +26,11 @@ pub const LOCKS_API_VERSION: &str = "2016-09-01";
 /// More pages of locks than any resource group has: a loop of `nextLink`s is cut here.
 const MAX_LOCK_PAGES: usize = 50;
 
+/// Azure Monitor's autoscale settings API (`Microsoft.Insights/autoscalesettings`).
+pub const AUTOSCALE_API_VERSION: &str = "2022-10-01";
+/// More pages of autoscale settings than any resource group has.
+const MAX_AUTOSCALE_PAGES: usize = 50;
+
 /// Below this many calls left in a subscription's Compute budget, passes stop reading: ARM's
 /// throttle would otherwise stop us for minutes, repairs included.
 pub const READ_RESERVE: i64 = 20;
@@ -70,6 +75,16 @@ pub const FLEXIBLE_GROUP_ACTIONS: &[&str] = &[
     "Microsoft.Compute/virtualMachines/redeploy/action",
 ];
 
+/// What a blue/green swap (`handler swap`) needs on the resource groups of its scale sets: the
+/// autoscale setting of the old set is moved to the new one by writing a setting for the new set
+/// (a setting's target cannot change) and disabling the old one; a rollback deletes a setting it
+/// created. Autoscale settings are resources of a resource group, authorized there.
+pub const AUTOSCALE_ACTIONS: &[&str] = &[
+    "Microsoft.Insights/autoscalesettings/read",
+    "Microsoft.Insights/autoscalesettings/write",
+    "Microsoft.Insights/autoscalesettings/delete",
+];
+
 /// Every action the handler performs.
 pub const REQUIRED_ACTIONS: &[&str] = &[
     SCALE_SET_ACTIONS[0],
@@ -88,6 +103,9 @@ pub const REQUIRED_ACTIONS: &[&str] = &[
     FLEXIBLE_GROUP_ACTIONS[3],
     FLEXIBLE_GROUP_ACTIONS[4],
     FLEXIBLE_GROUP_ACTIONS[5],
+    AUTOSCALE_ACTIONS[0],
+    AUTOSCALE_ACTIONS[1],
+    AUTOSCALE_ACTIONS[2],
 ];
 
 /// The action Resource Manager authorizes a request of ours by (`None`: not a request we make).
@@ -97,6 +115,14 @@ pub fn required_action(method: &str, path: &str) -> Option<&'static str> {
     let method = method.to_ascii_uppercase();
     if method == "GET" && path.ends_with("/providers/microsoft.authorization/locks") {
         return Some(FLEXIBLE_GROUP_ACTIONS[4]);
+    }
+    if path.contains("/providers/microsoft.insights/autoscalesettings") {
+        return match method.as_str() {
+            "GET" => Some(AUTOSCALE_ACTIONS[0]),
+            "PUT" => Some(AUTOSCALE_ACTIONS[1]),
+            "DELETE" => Some(AUTOSCALE_ACTIONS[2]),
+            _ => None,
+        };
     }
     if let Some(rest) = path.split("/providers/microsoft.compute/locations/").nth(1) {
         let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
@@ -247,6 +273,65 @@ pub struct ScaleSetInfo {
     pub provisioning_state: Option<String>,
     /// Terminate notifications, when enabled: the notice an instance gets before a delete.
     pub terminate_notice: Option<time::Duration>,
+    /// The region, as ARM spells it (`westeurope`).
+    pub location: Option<String>,
+}
+
+/// An autoscale setting (`Microsoft.Insights/autoscalesettings`) as ARM returned it: the fields
+/// a swap decides on, and the whole resource, written back as read but for what is changed.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct AutoscaleSetting {
+    pub name: String,
+    pub resource_group: String,
+    pub subscription: String,
+    /// The scale set it scales (`properties.targetResourceUri`).
+    pub target: String,
+    pub enabled: bool,
+    /// The first profile's minimum and maximum instance count.
+    pub range: Option<(u32, u32)>,
+    pub resource: serde_json::Value,
+}
+
+impl AutoscaleSetting {
+    /// Reads one setting of ARM's list; `None` for what is not one.
+    pub fn from_arm(resource: serde_json::Value) -> Option<Self> {
+        let id = resource["id"].as_str()?;
+        let parts: Vec<&str> = id.split('/').collect();
+        let at = |name: &str| {
+            parts
+                .iter()
+                .position(|p| p.eq_ignore_ascii_case(name))
+                .and_then(|i| parts.get(i + 1))
+                .map(|s| s.to_string())
+        };
+        let p = &resource["properties"];
+        let capacity = &p["profiles"][0]["capacity"];
+        let count = |k: &str| capacity[k].as_str().and_then(|v| v.parse::<u32>().ok());
+        Some(AutoscaleSetting {
+            name: resource["name"].as_str().map(str::to_string).or_else(|| at("autoscalesettings"))?,
+            resource_group: at("resourceGroups")?,
+            subscription: at("subscriptions")?,
+            target: p["targetResourceUri"].as_str()?.to_string(),
+            enabled: p["enabled"].as_bool().unwrap_or(true),
+            range: count("minimum").zip(count("maximum")),
+            resource,
+        })
+    }
+
+    pub fn targets(&self, id: &ScaleSetId) -> bool {
+        self.target.eq_ignore_ascii_case(&id.resource_id())
+    }
+
+    /// What a PUT of it sends: the resource without what ARM sets itself.
+    pub fn body(&self) -> serde_json::Value {
+        let mut body = self.resource.clone();
+        if let Some(o) = body.as_object_mut() {
+            for k in ["id", "name", "type", "etag", "systemData"] {
+                o.remove(k);
+            }
+        }
+        body
+    }
 }
 
 impl ScaleSetInfo {
@@ -676,6 +761,7 @@ impl Compute {
                 .filter(|t| t.enable.unwrap_or(false))
                 .and_then(|t| t.not_before_timeout.as_deref())
                 .and_then(iso_duration),
+            location: Some(vmss.resource.location.to_ascii_lowercase()).filter(|l| !l.is_empty()),
         })
     }
 
@@ -735,73 +821,174 @@ impl Compute {
     }
 
     async fn locks_once(&self, id: &ScaleSetId) -> Result<Vec<Lock>, ComputeError> {
-        let what = "list resource locks";
-        let subscription = id.subscription.clone();
-        let mut next = self
-            .endpoint
-            .join(&format!(
-                "subscriptions/{}/resourceGroups/{}/providers/Microsoft.Authorization/locks?api-version={LOCKS_API_VERSION}",
-                id.subscription, id.resource_group
-            ))
-            .map_err(|e| ComputeError::Failed(format!("{what}: {e}")))?;
-        let scope = format!("{}/.default", self.endpoint.as_str().trim_end_matches('/'));
-        let mut locks = Vec::new();
-        for _ in 0..MAX_LOCK_PAGES {
-            let token = self
-                .credential
-                .get_token(&[scope.as_str()])
-                .await
-                .map_err(|e| self.classify(what, &subscription, e))?;
-            let mut request = azure_core::Request::new(next.clone(), azure_core::Method::Get);
-            request.insert_header(
-                azure_core::headers::AUTHORIZATION,
-                format!("Bearer {}", token.token.secret()),
-            );
-            let response = self
-                .transport
-                .execute_request(&request)
-                .await
-                .map_err(|e| self.classify(what, &subscription, e))?;
-            let status = u16::from(response.status());
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| self.classify(what, &subscription, e))?;
-            let page: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-            if !(200..300).contains(&status) {
-                let error = ArmError {
-                    status,
-                    code: page["error"]["code"].as_str().unwrap_or("").to_string(),
-                    message: page["error"]["message"]
-                        .as_str()
-                        .unwrap_or("")
-                        .chars()
-                        .take(500)
-                        .collect(),
-                };
-                return Err(match status {
-                    429 => ComputeError::Throttled {
-                        retry_after_s: self
-                            .observed
-                            .throttled_until(&subscription)
-                            .map(|t| (t - OffsetDateTime::now_utc()).whole_seconds().max(1))
-                            .unwrap_or(60),
-                    },
-                    s if s >= 500 => ComputeError::Transient(format!("{what}: {error}")),
-                    _ => ComputeError::Refused(error),
-                });
-            }
-            locks.extend(parse_locks(&page));
-            // The next page only on the Resource Manager endpoint (as for operation status URLs).
-            match page["nextLink"].as_str().and_then(|u| self.follow_url(u)) {
-                Some(url) => next = url,
-                None => return Ok(locks),
+        let pages = self
+            .list_pages(
+                "list resource locks",
+                &format!(
+                    "subscriptions/{}/resourceGroups/{}/providers/Microsoft.Authorization/locks?api-version={LOCKS_API_VERSION}",
+                    id.subscription, id.resource_group
+                ),
+                MAX_LOCK_PAGES,
+            )
+            .await
+            // A lock list that is not there says nothing of the scale set, which the mirror
+            // would otherwise take for deleted.
+            .map_err(|e| match e {
+                ComputeError::NotFound(why) => ComputeError::Failed(why),
+                other => other,
+            })?;
+        Ok(pages.iter().flat_map(parse_locks).collect())
+    }
+
+    /// The autoscale settings of a resource group (one paged list; Azure Monitor's
+    /// "Autoscale Settings - List By Resource Group", api-version 2022-10-01).
+    pub async fn autoscale_settings(
+        &self,
+        subscription: &str,
+        resource_group: &str,
+    ) -> Result<Vec<AutoscaleSetting>, ComputeError> {
+        let path = format!(
+            "subscriptions/{subscription}/resourceGroups/{resource_group}/providers/Microsoft.Insights/autoscalesettings?api-version={AUTOSCALE_API_VERSION}"
+        );
+        let pages = self
+            .read(|| self.list_pages("list autoscale settings", &path, MAX_AUTOSCALE_PAGES))
+            .await?;
+        Ok(pages
+            .into_iter()
+            .flat_map(|mut page| match page["value"].take() {
+                serde_json::Value::Array(items) => items,
+                _ => Vec::new(),
+            })
+            .filter_map(AutoscaleSetting::from_arm)
+            .collect())
+    }
+
+    /// Creates or replaces an autoscale setting (PUT; synchronous: 200 or 201 with the resource).
+    pub async fn put_autoscale(
+        &self,
+        subscription: &str,
+        resource_group: &str,
+        name: &str,
+        body: &serde_json::Value,
+    ) -> Result<(), ComputeError> {
+        let path = autoscale_path(subscription, resource_group, name);
+        self.call_json("write autoscale setting", azure_core::Method::Put, &path, Some(body))
+            .await
+            .map(|_| ())
+    }
+
+    /// Deletes an autoscale setting (a swap's rollback, of one it created).
+    pub async fn delete_autoscale(
+        &self,
+        subscription: &str,
+        resource_group: &str,
+        name: &str,
+    ) -> Result<(), ComputeError> {
+        let path = autoscale_path(subscription, resource_group, name);
+        self.call_json("delete autoscale setting", azure_core::Method::Delete, &path, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// Every page of a Resource Manager list, following `nextLink` only on the Resource Manager
+    /// endpoint (as for operation status URLs), at most `max_pages`.
+    async fn list_pages(
+        &self,
+        what: &str,
+        path: &str,
+        max_pages: usize,
+    ) -> Result<Vec<serde_json::Value>, ComputeError> {
+        let mut next = path.to_string();
+        let mut pages = Vec::new();
+        for _ in 0..max_pages {
+            let page = self
+                .call_json(what, azure_core::Method::Get, &next, None)
+                .await?;
+            let link = page["nextLink"].as_str().and_then(|u| self.follow_url(u));
+            pages.push(page);
+            match link {
+                Some(url) => next = url.to_string(),
+                None => return Ok(pages),
             }
         }
-        Err(ComputeError::Failed(format!(
-            "{what}: more than {MAX_LOCK_PAGES} pages"
-        )))
+        Err(ComputeError::Failed(format!("{what}: more than {max_pages} pages")))
+    }
+
+    /// One Resource Manager request outside the Compute SDK, on the same transport (throttling
+    /// observed, the call counted) with the same credential: a path under the endpoint, or a URL
+    /// on it. Answers the JSON body; an error is classified as the SDK's are.
+    async fn call_json(
+        &self,
+        what: &str,
+        method: azure_core::Method,
+        path_or_url: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value, ComputeError> {
+        let url = match self.follow_url(path_or_url) {
+            Some(url) => url,
+            None => self
+                .endpoint
+                .join(path_or_url.trim_start_matches('/'))
+                .map_err(|e| ComputeError::Failed(format!("{what}: {e}")))?,
+        };
+        let subscription = subscription_of(&url);
+        let scope = format!("{}/.default", self.endpoint.as_str().trim_end_matches('/'));
+        let token = self
+            .credential
+            .get_token(&[scope.as_str()])
+            .await
+            .map_err(|e| self.classify(what, &subscription, e))?;
+        let mut request = azure_core::Request::new(url, method);
+        request.insert_header(
+            azure_core::headers::AUTHORIZATION,
+            format!("Bearer {}", token.token.secret()),
+        );
+        if let Some(body) = body {
+            request.insert_header(azure_core::headers::CONTENT_TYPE, "application/json");
+            request.set_body(body.to_string());
+        }
+        let response = self
+            .transport
+            .execute_request(&request)
+            .await
+            .map_err(|e| self.classify(what, &subscription, e))?;
+        let status = u16::from(response.status());
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.classify(what, &subscription, e))?;
+        let answer: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        if (200..300).contains(&status) {
+            return Ok(answer);
+        }
+        let error = ArmError {
+            status,
+            code: answer["error"]["code"].as_str().unwrap_or("").to_string(),
+            message: answer["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .chars()
+                .take(500)
+                .collect(),
+        };
+        Err(match status {
+            429 => ComputeError::Throttled {
+                retry_after_s: self
+                    .observed
+                    .throttled_until(&subscription)
+                    .map(|t| (t - OffsetDateTime::now_utc()).whole_seconds().max(1))
+                    .unwrap_or(60),
+            },
+            404 => ComputeError::NotFound(format!("{what}: {error}")),
+            401 | 403 => ComputeError::Unauthorized(format!("{what}: {error}")),
+            412 => ComputeError::Stale(error),
+            409 if !error.code.eq_ignore_ascii_case("OperationNotAllowed") => {
+                ComputeError::Busy(error)
+            }
+            s if s >= 500 || s == 408 => ComputeError::Transient(format!("{what}: {error}")),
+            _ => ComputeError::Refused(error),
+        })
     }
 
     async fn instances_once(&self, id: &ScaleSetId) -> Result<Vec<Instance>, ComputeError> {
@@ -1012,6 +1199,36 @@ impl Compute {
     /// between is never overwritten (412 ⇒ [`ComputeError::Stale`]). A scale set that is already
     /// changing is left alone ([`ComputeError::Busy`]), as cluster-autoscaler does.
     pub async fn grow(&self, id: &ScaleSetId, n: u32) -> Result<Grown, ComputeError> {
+        self.resize(id, "grow scale set", |from| Ok(from + i64::from(n)))
+            .await
+    }
+
+    /// Sets the capacity to `to`, reading the scale set afresh and writing with `If-Match` on it.
+    /// With `expect`, a capacity that is not that any more (autoscale or an operator changed it
+    /// since it was decided on) is refused (`CapacityChanged`): nothing is written.
+    pub async fn set_capacity(
+        &self,
+        id: &ScaleSetId,
+        to: u32,
+        expect: Option<u32>,
+    ) -> Result<Grown, ComputeError> {
+        self.resize(id, "set scale set capacity", |from| match expect {
+            Some(e) if i64::from(e) != from => Err(ComputeError::Refused(ArmError {
+                status: 409,
+                code: "CapacityChanged".into(),
+                message: format!("the capacity is {from}, not the {e} it was decided on"),
+            })),
+            _ => Ok(i64::from(to)),
+        })
+        .await
+    }
+
+    async fn resize(
+        &self,
+        id: &ScaleSetId,
+        what: &str,
+        to: impl FnOnce(i64) -> Result<i64, ComputeError>,
+    ) -> Result<Grown, ComputeError> {
         let info = self.scale_set(id).await?;
         if info
             .provisioning_state
@@ -1029,7 +1246,7 @@ impl Compute {
                 "the scale set reported no capacity or no ETag; a capacity change without If-Match could override a concurrent one".into(),
             ));
         };
-        let to = from + i64::from(n);
+        let to = to(from)?;
         let mut update = models::VirtualMachineScaleSetUpdate::new();
         update.sku = Some(models::Sku {
             name: None,
@@ -1043,7 +1260,7 @@ impl Compute {
             .if_match(etag)
             .send()
             .await
-            .map_err(|e| self.classify("grow scale set", &id.subscription, e))?;
+            .map_err(|e| self.classify(what, &id.subscription, e))?;
         Ok(Grown {
             accepted: self.accepted(response.as_raw_response()),
             from,
@@ -1245,6 +1462,12 @@ fn parse_operation_status(
 /// The management locks of a page of Resource Manager's lock list: each lock's id is the id of
 /// the resource it is on, followed by `/providers/Microsoft.Authorization/locks/<name>`. A lock of
 /// an unknown level is taken as `ReadOnly`, the stricter.
+fn autoscale_path(subscription: &str, resource_group: &str, name: &str) -> String {
+    format!(
+        "subscriptions/{subscription}/resourceGroups/{resource_group}/providers/Microsoft.Insights/autoscalesettings/{name}?api-version={AUTOSCALE_API_VERSION}"
+    )
+}
+
 fn parse_locks(page: &serde_json::Value) -> Vec<Lock> {
     const MARK: &str = "/providers/microsoft.authorization/locks/";
     page["value"]

@@ -291,6 +291,7 @@ async fn sync_one(
                 orchestration_mode: info.orchestration_mode,
                 platform_auto_repair: info.platform_auto_repair,
                 terminate_notice: info.terminate_notice,
+                location: info.location,
                 synced_at: Some(now),
                 sync_error: None,
                 throttled_until: None,
