@@ -19,6 +19,7 @@
 
 pub mod domain {
     pub mod attestation;
+    pub mod autoscale;
     pub mod event;
     pub mod heartbeat;
     pub mod incident;
@@ -60,8 +61,8 @@ pub mod functions;
 pub mod operations;
 
 pub use domain::{
-    attestation, event, heartbeat, incident, journal, lifecycle, mirror, plan, policy, resync,
-    scaleset, status, verdict,
+    attestation, autoscale, event, heartbeat, incident, journal, lifecycle, mirror, plan, policy,
+    resync, scaleset, status, verdict,
 };
 pub use edges::{
     admission, alert, compute, host, identity, logs, operator, secret, settings, state, telemetry,

@@ -92,6 +92,32 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A blue/green swap: the new scale set scaled to the old one's capacity, soaked healthy,
+    /// autoscale moved to it, the old set scaled to zero; rolled back on any failure before.
+    Swap {
+        /// The watched scale set serving now (resource id or name).
+        from: String,
+        /// The watched scale set that takes over: at zero, or at --capacity already.
+        to: String,
+        /// Instances the new set serves with (default: the old set's capacity).
+        #[arg(long)]
+        capacity: Option<String>,
+        /// How long every new instance must stay healthy before the old set is let go.
+        #[arg(long, default_value = "5m")]
+        soak: String,
+        /// How long the new set has to come up healthy before the swap rolls back.
+        #[arg(long, default_value = "30m")]
+        timeout: String,
+        /// Decide and journal every step, call nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Why, for the journal and `handler operations`.
+        #[arg(long, default_value = "no reason given")]
+        reason: String,
+        /// As JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Pause, resume or abort a long-running operation.
     Operation {
         #[command(subcommand)]
@@ -266,6 +292,7 @@ fn operator_command(command: Command) -> i32 {
         Command::Operations { .. } => "operations",
         Command::Operation { .. } => "operation",
         Command::Cycle { .. } => "cycle",
+        Command::Swap { .. } => "swap",
     };
     let result = runtime.block_on(async {
         let store =
@@ -306,6 +333,24 @@ fn operator_command(command: Command) -> i32 {
                     dry_run: *dry_run,
                 };
                 operator::start_cycle(&settings, &store, scale_set, &raw, reason, *json).await
+            }
+            Command::Swap {
+                from,
+                to,
+                capacity,
+                soak,
+                timeout,
+                dry_run,
+                reason,
+                json,
+            } => {
+                let raw = vmss_healer::operations::swap::Raw {
+                    capacity: capacity.as_deref(),
+                    soak: Some(soak),
+                    timeout: Some(timeout),
+                    dry_run: *dry_run,
+                };
+                operator::start_swap(&settings, &store, from, to, &raw, reason, *json).await
             }
             Command::Operation { command } => {
                 use vmss_healer::operations::Command as Op;

@@ -2,6 +2,7 @@
 //! the mirror, sends repairs, and follows the long-running operations they start: a 202 only
 //! starts one, and its `Azure-AsyncOperation` status says how it ended.
 
+use crate::autoscale::AutoscaleSetting;
 use crate::mirror::{AppHealth, Instance, Lock, LockLevel};
 use crate::scaleset::{Orchestration, ScaleSetId};
 use async_trait::async_trait;
@@ -275,63 +276,6 @@ pub struct ScaleSetInfo {
     pub terminate_notice: Option<time::Duration>,
     /// The region, as ARM spells it (`westeurope`).
     pub location: Option<String>,
-}
-
-/// An autoscale setting (`Microsoft.Insights/autoscalesettings`) as ARM returned it: the fields
-/// a swap decides on, and the whole resource, written back as read but for what is changed.
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-pub struct AutoscaleSetting {
-    pub name: String,
-    pub resource_group: String,
-    pub subscription: String,
-    /// The scale set it scales (`properties.targetResourceUri`).
-    pub target: String,
-    pub enabled: bool,
-    /// The first profile's minimum and maximum instance count.
-    pub range: Option<(u32, u32)>,
-    pub resource: serde_json::Value,
-}
-
-impl AutoscaleSetting {
-    /// Reads one setting of ARM's list; `None` for what is not one.
-    pub fn from_arm(resource: serde_json::Value) -> Option<Self> {
-        let id = resource["id"].as_str()?;
-        let parts: Vec<&str> = id.split('/').collect();
-        let at = |name: &str| {
-            parts
-                .iter()
-                .position(|p| p.eq_ignore_ascii_case(name))
-                .and_then(|i| parts.get(i + 1))
-                .map(|s| s.to_string())
-        };
-        let p = &resource["properties"];
-        let capacity = &p["profiles"][0]["capacity"];
-        let count = |k: &str| capacity[k].as_str().and_then(|v| v.parse::<u32>().ok());
-        Some(AutoscaleSetting {
-            name: resource["name"].as_str().map(str::to_string).or_else(|| at("autoscalesettings"))?,
-            resource_group: at("resourceGroups")?,
-            subscription: at("subscriptions")?,
-            target: p["targetResourceUri"].as_str()?.to_string(),
-            enabled: p["enabled"].as_bool().unwrap_or(true),
-            range: count("minimum").zip(count("maximum")),
-            resource,
-        })
-    }
-
-    pub fn targets(&self, id: &ScaleSetId) -> bool {
-        self.target.eq_ignore_ascii_case(&id.resource_id())
-    }
-
-    /// What a PUT of it sends: the resource without what ARM sets itself.
-    pub fn body(&self) -> serde_json::Value {
-        let mut body = self.resource.clone();
-        if let Some(o) = body.as_object_mut() {
-            for k in ["id", "name", "type", "etag", "systemData"] {
-                o.remove(k);
-            }
-        }
-        body
-    }
 }
 
 impl ScaleSetInfo {
@@ -872,9 +816,14 @@ impl Compute {
         body: &serde_json::Value,
     ) -> Result<(), ComputeError> {
         let path = autoscale_path(subscription, resource_group, name);
-        self.call_json("write autoscale setting", azure_core::Method::Put, &path, Some(body))
-            .await
-            .map(|_| ())
+        self.call_json(
+            "write autoscale setting",
+            azure_core::Method::Put,
+            &path,
+            Some(body),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Deletes an autoscale setting (a swap's rollback, of one it created).
@@ -885,9 +834,14 @@ impl Compute {
         name: &str,
     ) -> Result<(), ComputeError> {
         let path = autoscale_path(subscription, resource_group, name);
-        self.call_json("delete autoscale setting", azure_core::Method::Delete, &path, None)
-            .await
-            .map(|_| ())
+        self.call_json(
+            "delete autoscale setting",
+            azure_core::Method::Delete,
+            &path,
+            None,
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Every page of a Resource Manager list, following `nextLink` only on the Resource Manager
@@ -911,7 +865,9 @@ impl Compute {
                 None => return Ok(pages),
             }
         }
-        Err(ComputeError::Failed(format!("{what}: more than {max_pages} pages")))
+        Err(ComputeError::Failed(format!(
+            "{what}: more than {max_pages} pages"
+        )))
     }
 
     /// One Resource Manager request outside the Compute SDK, on the same transport (throttling

@@ -191,20 +191,64 @@ pub async fn start_cycle(
 ) -> anyhow::Result<String> {
     let watched = find(settings, which)?;
     let params = crate::operations::cycle::parse(raw).map_err(NotStarted::Parameters)?;
-    let now = OffsetDateTime::now_utc();
     let dry_run = params.dry_run || settings.dry_run;
-    let mut op = Operation::new(
+    let op = Operation::new(
         crate::operations::Kind::Cycle,
         watched.id.clone(),
         serde_json::to_value(&params)?,
         note.to_string(),
         dry_run,
-        now,
+        OffsetDateTime::now_utc(),
     );
-    // Ids are `<kind>-<unix seconds>`: a cycle started in the second an earlier one of the set
-    // started (and ended) takes the next free second, so no row is ever overwritten.
+    start(store, op, note, json).await
+}
+
+/// `handler swap <from> <to> …`: a blue/green swap written as a pending operation (issue 16),
+/// holding both scale sets; its row is the `from` set's. What only a pass can check (regions,
+/// capacities, autoscale settings) is its preflight.
+pub async fn start_swap(
+    settings: &Settings,
+    store: &Store,
+    from: &str,
+    to: &str,
+    raw: &crate::operations::swap::Raw<'_>,
+    note: &str,
+    json: bool,
+) -> anyhow::Result<String> {
+    let (from, to) = (find(settings, from)?, find(settings, to)?);
+    let mut problems = Vec::new();
+    if from.id == to.id {
+        problems.push("from and to are the same scale set: a swap needs two".to_string());
+    }
+    let params = crate::operations::swap::parse(raw, &to.id);
+    if let Err(p) = &params {
+        problems.extend(p.iter().cloned());
+    }
+    let params = match params {
+        Ok(p) if problems.is_empty() => p,
+        _ => return Err(NotStarted::Parameters(problems).into()),
+    };
+    let dry_run = params.dry_run || settings.dry_run;
+    let mut op = Operation::new(
+        crate::operations::Kind::Swap,
+        from.id.clone(),
+        serde_json::to_value(&params)?,
+        note.to_string(),
+        dry_run,
+        OffsetDateTime::now_utc(),
+    );
+    op.partner = Some(to.id.clone());
+    start(store, op, note, json).await
+}
+
+/// Writes a pending operation (its sets held), journals the operator's command.
+async fn start(store: &Store, mut op: Operation, note: &str, json: bool) -> anyhow::Result<String> {
+    let now = op.started;
+    let set = op.scale_set.clone();
+    // Ids are `<kind>-<unix seconds>`: an operation started in the second an earlier one of the
+    // set started (and ended) takes the next free second, so no row is ever overwritten.
     let (existing, _) = store
-        .operations(Some(&watched.id))
+        .operations(Some(&set))
         .await
         .context("reading the operations table")?;
     let mut second = now.unix_timestamp();
@@ -219,9 +263,14 @@ pub async fn start_cycle(
         }
         Err(e) => return Err(anyhow::Error::new(e).context("writing the operation")),
     }
+    let kind = op.kind.as_str();
+    let what = match &op.partner {
+        Some(to) => format!("{kind} to {to}"),
+        None => kind.to_string(),
+    };
     store
         .append_journal(&[Entry {
-            scale_set: watched.id.clone(),
+            scale_set: set.clone(),
             instance_id: "*".into(),
             at: now,
             incident: op.id.clone(),
@@ -229,21 +278,21 @@ pub async fn start_cycle(
             action: None,
             attempt: 0,
             outcome: "operator_start".into(),
-            reason: format!("cycle requested by an operator: {note}"),
-            evidence: serde_json::to_value(&params)?,
-            dry_run,
+            reason: format!("{what} requested by an operator: {note}"),
+            evidence: op.params.clone(),
+            dry_run: op.dry_run,
         }])
         .await
         .context("journaling the operator's command")?;
-    tracing::warn!(scale_set = %watched.id, operation = %op.id, decision = "operator_start", note, "operator started a cycle");
+    tracing::warn!(scale_set = %set, operation = %op.id, decision = "operator_start", note, "operator started an operation");
     if json {
         return Ok(serde_json::to_string_pretty(&op)? + "\n");
     }
     Ok(format!(
-        "operation {} on {}: pending; the next monitor-status pass starts it{} (`handler operations` follows it)\n",
+        "operation {} ({what}) on {}: pending; the next monitor-status pass starts it{} (`handler operations` follows it)\n",
         op.id,
-        watched.id,
-        if dry_run { " as a dry run: nothing is called" } else { "" }
+        set,
+        if op.dry_run { " as a dry run: nothing is called" } else { "" }
     ))
 }
 

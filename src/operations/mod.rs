@@ -7,6 +7,8 @@
 //! pure, table-tested. The engine that advances each kind's steps builds on it.
 
 pub mod cycle;
+pub mod step;
+pub mod swap;
 
 use crate::scaleset::ScaleSetId;
 use serde::Serialize;
@@ -18,18 +20,22 @@ use time::OffsetDateTime;
 pub enum Kind {
     /// A rolling, health-gated reimage (or replace, or model upgrade) of a whole scale set.
     Cycle,
+    /// A blue/green swap: the traffic of one scale set moved to another, health-gated.
+    Swap,
 }
 
 impl Kind {
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Cycle => "cycle",
+            Kind::Swap => "swap",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "cycle" => Some(Kind::Cycle),
+            "swap" => Some(Kind::Swap),
             _ => None,
         }
     }
@@ -97,6 +103,10 @@ pub struct Operation {
     pub total: u32,
     /// The instances it holds: the healer's repairs never touch them.
     pub holds: Vec<String>,
+    /// The second scale set it holds (a swap's `to`): no other operation runs there either.
+    pub partner: Option<ScaleSetId>,
+    /// The partner's instances it holds.
+    pub partner_holds: Vec<String>,
     /// The operator's parameters, as the command gave them.
     pub params: serde_json::Value,
     #[serde(with = "time::serde::rfc3339")]
@@ -163,6 +173,8 @@ impl Operation {
             done: 0,
             total: 0,
             holds: Vec::new(),
+            partner: None,
+            partner_holds: Vec::new(),
             params,
             started: now,
             updated: now,
@@ -199,6 +211,11 @@ impl Operation {
             } else {
                 self.holds.clone()
             },
+            partner_holds: if state == State::Aborted {
+                Vec::new()
+            } else {
+                self.partner_holds.clone()
+            },
             wait_until: if state == State::Running {
                 None
             } else {
@@ -227,6 +244,32 @@ impl Operation {
             }
         }
         p
+    }
+}
+
+impl Operation {
+    /// Every scale set it holds, with the instances it holds there.
+    pub fn held(&self) -> Vec<(&ScaleSetId, &[String])> {
+        let mut out = vec![(&self.scale_set, self.holds.as_slice())];
+        if let Some(p) = &self.partner {
+            out.push((p, self.partner_holds.as_slice()));
+        }
+        out
+    }
+
+    /// Whether it holds this scale set (as its own or as its partner).
+    pub fn holds_set(&self, set: &ScaleSetId) -> bool {
+        self.scale_set == *set || self.partner.as_ref() == Some(set)
+    }
+}
+
+/// The grow or delete an operation has sent to the scale set and not yet seen end, if any: the
+/// healer's own writes there wait for it (a scale set write preempts a running delete).
+pub fn write_in_flight(op: &Operation, set: &ScaleSetId) -> Option<crate::incident::Call> {
+    match op.kind {
+        Kind::Cycle if op.scale_set == *set => cycle::write_in_flight(op),
+        Kind::Cycle => None,
+        Kind::Swap => swap::write_in_flight(op, set),
     }
 }
 

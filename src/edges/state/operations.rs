@@ -9,25 +9,40 @@ use crate::operations::{Kind as OperationKind, Operation, State as OperationStat
 const CURRENT: &str = "~current";
 
 impl Store {
-    /// Starts an operation, unless one of the scale set's is not over yet (at most one per set)
-    /// or another writer started one first. The set's `~current` row, inserted create-only,
-    /// decides between operators starting at the same moment; a `~current` naming an operation
-    /// that is over (or gone) is stale and taken over. `Err(Conflict)` names what is in the way.
+    /// Starts an operation, unless an operation not over yet holds one of its scale sets (at
+    /// most one per set; a swap holds two) or another writer started one first. Each set's
+    /// `~current` row, inserted create-only, decides between operators starting at the same
+    /// moment; a `~current` naming an operation that is over (or gone) is stale and taken over.
+    /// `Err(Conflict)` names what is in the way; nothing stays held then.
     pub async fn start_operation(&self, op: &Operation) -> Result<String, StoreError> {
-        let partition = op.scale_set.key();
+        let sets: Vec<&ScaleSetId> = op.held().into_iter().map(|(s, _)| s).collect();
+        let mut locked: Vec<&ScaleSetId> = Vec::new();
+        for set in &sets {
+            if let Err(e) = self.hold_set(set, op).await {
+                self.release_sets(&locked, &op.id).await;
+                return Err(e);
+            }
+            locked.push(set);
+        }
+        match self.operations.insert(operation_entity(op)).await {
+            Ok(version) => Ok(version),
+            Err(e) => {
+                // The operation was not written: its sets are not held for it.
+                self.release_sets(&locked, &op.id).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes one scale set's `~current` row for the operation.
+    async fn hold_set(&self, set: &ScaleSetId, op: &Operation) -> Result<(), StoreError> {
+        let partition = set.key();
         for _ in 0..2 {
-            let lock = Entity::new(&partition, CURRENT).str("operation", op.id.clone());
+            let lock = Entity::new(&partition, CURRENT)
+                .str("operation", op.id.clone())
+                .str("holder", op.scale_set.key());
             match self.operations.insert(lock).await {
-                Ok(_) => {
-                    return match self.operations.insert(operation_entity(op)).await {
-                        Ok(version) => Ok(version),
-                        Err(e) => {
-                            // The operation was not written: the set is not held for it.
-                            let _ = self.operations.delete(&partition, CURRENT).await;
-                            Err(e)
-                        }
-                    };
-                }
+                Ok(_) => return Ok(()),
                 Err(StoreError::Conflict { .. }) => {}
                 Err(e) => return Err(e),
             }
@@ -35,7 +50,12 @@ impl Store {
                 continue; // released meanwhile: try again
             };
             let holder = current.opt_str("operation").unwrap_or_default();
-            let (ops, _) = self.operations(Some(&op.scale_set)).await?;
+            // A swap's row lives in its `from` set's partition; the `to` set's lock says so.
+            let row_set = current
+                .opt_str("holder")
+                .and_then(|k| ScaleSetId::from_key(&k))
+                .unwrap_or_else(|| set.clone());
+            let (ops, _) = self.operations(Some(&row_set)).await?;
             match ops.iter().find(|v| v.value.id == holder) {
                 Some(v) if !v.value.state.is_over() => {
                     return Err(StoreError::Conflict {
@@ -59,6 +79,28 @@ impl Store {
             table: OPERATIONS,
             key: partition,
         })
+    }
+
+    /// Frees the scale sets an operation held, where their `~current` still names it. A release
+    /// that fails leaves a stale hold, which the next start takes over.
+    async fn release_sets(&self, sets: &[&ScaleSetId], id: &str) {
+        for set in sets {
+            if let Err(e) = self.release_set(set, id).await {
+                tracing::warn!(scale_set = %set, operation = id, error = %e, "could not release a scale set's operation hold; the next start takes it over");
+            }
+        }
+    }
+
+    async fn release_set(&self, set: &ScaleSetId, id: &str) -> Result<(), StoreError> {
+        let partition = set.key();
+        if let Some(current) = self.operations.get(&partition, CURRENT).await? {
+            if current.opt_str("operation").as_deref() == Some(id) {
+                if let Some(etag) = current.etag() {
+                    self.operations.delete_if(&partition, CURRENT, etag).await?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The operations of one scale set, or of every scale set, oldest first, each with the
@@ -102,16 +144,10 @@ impl Store {
             Err(StoreError::PreconditionFailed { .. }) => return Ok(None),
             Err(e) => return Err(e),
         };
-        // Over: the scale set is free for the next operation. A release that fails leaves a
-        // stale hold, which the next start takes over.
+        // Over: its scale sets are free for the next operation.
         if op.state.is_over() {
-            if let Some(current) = self.operations.get(&partition, CURRENT).await? {
-                if current.opt_str("operation").as_deref() == Some(op.id.as_str()) {
-                    if let Some(etag) = current.etag() {
-                        self.operations.delete_if(&partition, CURRENT, etag).await?;
-                    }
-                }
-            }
+            let sets: Vec<&ScaleSetId> = op.held().into_iter().map(|(s, _)| s).collect();
+            self.release_sets(&sets, &op.id).await;
         }
         Ok(Some(written))
     }
@@ -152,6 +188,8 @@ fn operation_fields(op: &Operation) -> Entity {
         .i64("done", i64::from(op.done))
         .i64("total", i64::from(op.total))
         .str("holds", op.holds.join(","))
+        .opt_str("partner", op.partner.as_ref().map(ScaleSetId::key))
+        .str("partnerHolds", op.partner_holds.join(","))
         .str("params", op.params.to_string())
         .time("started", op.started)
         .time("updated", op.updated)
@@ -189,13 +227,15 @@ fn operation_from_row(r: &Row) -> Result<Operation, RowError> {
         step: r.opt_str("step").unwrap_or_default(),
         done: count("done")?,
         total: count("total")?,
-        holds: r
-            .opt_str("holds")
-            .unwrap_or_default()
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-            .collect(),
+        holds: list(r.opt_str("holds")),
+        partner: match r.opt_str("partner").filter(|p| !p.is_empty()) {
+            Some(k) => Some(
+                ScaleSetId::from_key(&k)
+                    .ok_or_else(|| bad("partner", "not a scale set key".into()))?,
+            ),
+            None => None,
+        },
+        partner_holds: list(r.opt_str("partnerHolds")),
         params: r
             .opt_str("params")
             .and_then(|p| serde_json::from_str(&p).ok())
@@ -218,4 +258,13 @@ fn operation_from_row(r: &Row) -> Result<Operation, RowError> {
         requested_by: r.opt_str("requestedBy").unwrap_or_default(),
         dry_run: r.opt_bool("dryRun").unwrap_or(false),
     })
+}
+
+fn list(joined: Option<String>) -> Vec<String> {
+    joined
+        .unwrap_or_default()
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
 }

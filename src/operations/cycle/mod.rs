@@ -15,6 +15,7 @@ mod params;
 
 pub use params::{parse, Action, Params, Raw};
 
+pub use super::step::{Advance, CallState, Note, Status};
 use super::{Operation, State};
 use crate::heartbeat::Heartbeat;
 use crate::mirror::MirroredInstance;
@@ -45,34 +46,6 @@ impl Verb {
             Verb::Delete => "delete",
         }
     }
-}
-
-/// Where one call stands.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum CallState {
-    /// Decided, not sent yet (or ARM asked to be asked again later: throttled, busy).
-    Unsent,
-    /// A pass was about to send it. Still so on a later pass, its answer was lost: whether it
-    /// landed, the mirror tells — it is never sent again.
-    Sending {
-        #[serde(with = "time::serde::rfc3339")]
-        at: OffsetDateTime,
-    },
-    /// ARM took it; its status is read at `url` (none: the mirror tells when it ended).
-    Accepted {
-        #[serde(with = "time::serde::rfc3339")]
-        at: OffsetDateTime,
-        url: Option<String>,
-        /// How the URL is read (`async_operation` or `location`).
-        follow: Option<String>,
-    },
-    Ended {
-        #[serde(with = "time::serde::rfc3339")]
-        at: OffsetDateTime,
-    },
-    /// Refused, or its operation failed: ARM's code and message.
-    Failed { error: String },
 }
 
 /// One Compute call of the cycle.
@@ -249,16 +222,6 @@ pub fn write_in_flight(op: &Operation) -> Option<crate::incident::Call> {
     })
 }
 
-/// How a call's operation stands, as the pass read it from its status URL.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Status {
-    Running,
-    Ended(OffsetDateTime),
-    Failed(String),
-    /// Could not be read (gone, unreadable): the mirror tells instead.
-    Unknown,
-}
-
 /// What one pass sees of the scale set.
 pub struct View<'a> {
     pub instances: &'a [MirroredInstance],
@@ -275,34 +238,6 @@ pub struct View<'a> {
     pub settle: Duration,
     /// Decide and journal, call nothing.
     pub dry_run: bool,
-}
-
-/// A line for the journal: the instance (`*` for the scale set), an outcome label, why.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Note {
-    pub instance: String,
-    pub outcome: &'static str,
-    pub reason: String,
-}
-
-/// The operation after one pass.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Advance {
-    pub op: Operation,
-    pub notes: Vec<Note>,
-    /// Something an operator must see: a failed batch, a failed cycle.
-    pub alert: Option<String>,
-    /// The mirror should read the scale set soon (a call was decided).
-    pub resync: bool,
-}
-
-impl Advance {
-    /// Whether the row needs writing.
-    pub fn changed(&self, before: &Operation) -> bool {
-        let mut a = self.op.clone();
-        a.updated = before.updated;
-        a != *before
-    }
 }
 
 /// Advances a cycle by one pass.
@@ -368,6 +303,7 @@ impl Cycle<'_, '_> {
             instance: instance.to_string(),
             outcome,
             reason,
+            evidence: serde_json::Value::Null,
         });
     }
 

@@ -101,8 +101,7 @@ pub async fn repair_all(
                 obs.held = held.remove(&watched.id.key()).unwrap_or_default();
                 obs.operation_write = running
                     .iter()
-                    .filter(|v| v.value.scale_set == watched.id)
-                    .find_map(|v| crate::operations::cycle::write_in_flight(&v.value));
+                    .find_map(|v| crate::operations::write_in_flight(&v.value, &watched.id));
             }
             Ok::<_, StoreError>((observations, running))
         })
@@ -116,10 +115,6 @@ pub async fn repair_all(
             ),
         })??;
     let (mut observations, running) = observations;
-    let mut running: HashMap<String, Versioned<Operation>> = running
-        .into_iter()
-        .map(|v| (v.value.scale_set.key(), v))
-        .collect();
 
     // How the operations of earlier passes went, before deciding on them.
     let mut followed = Vec::with_capacity(observations.len());
@@ -151,6 +146,7 @@ pub async fn repair_all(
     };
     let mut reports = Vec::new();
     let mut resyncs = Vec::new();
+    let mut seen = Vec::with_capacity(observations.len());
     for ((watched, mut obs), journal) in settings.scale_sets.iter().zip(observations).zip(followed)
     {
         // A 429 met anywhere in the subscription this pass holds this scale set too.
@@ -184,32 +180,59 @@ pub async fn repair_all(
             .transitions
             .iter()
             .any(|t| t.step.acts() && matches!(t.call(), Some(Call::Grow | Call::Delete)));
-        let (mut report, alerts) = carry_out(&pass, plan, obs.record.as_ref(), journal).await?;
+        let (report, alerts) = carry_out(&pass, plan, obs.record.as_ref(), journal).await?;
         notifier.send(alerts);
-        // The scale set's long-running operation takes its step after the healer's repairs: both
-        // see the same observation, and neither touches what the other holds.
-        if let Some(op) = running.remove(&watched.id.key()) {
-            let operate = crate::operate::OperatePass {
-                store,
-                compute,
-                id: &watched.id,
-                obs: &obs,
-                policy: &watched.policy,
-                brake: brake.as_ref(),
-                mode: pass.mode,
-                dry_run: settings.dry_run,
-                healer_writes,
-                deadline: &deadline,
-                now,
-            };
-            let (op_report, alerts, resync) = crate::operate::operate(&operate, op).await?;
-            notifier.send(alerts);
-            if resync && !resyncs.contains(&watched.id) {
-                resyncs.push(watched.id.clone());
-            }
-            report.operation = Some(op_report);
-        }
         reports.push(report);
+        seen.push(Seen {
+            obs,
+            brake,
+            healer_writes,
+            mode: pass.mode,
+        });
+    }
+    // Long-running operations take their step after the healer's repairs on every set: both see
+    // the same observations, and neither touches what the other holds. A swap sees both its sets.
+    let index = |id: &ScaleSetId| settings.scale_sets.iter().position(|w| w.id == *id);
+    for op in running {
+        let Some(i) = index(&op.value.scale_set) else {
+            continue; // its scale set is not watched (any more): left as it is
+        };
+        let (watched, at) = (&settings.scale_sets[i], &seen[i]);
+        let partner = op.value.partner.as_ref().and_then(index).map(|j| {
+            let p = &seen[j];
+            crate::operate::Partner {
+                id: &settings.scale_sets[j].id,
+                obs: &p.obs,
+                policy: &settings.scale_sets[j].policy,
+                brake: p.brake.as_ref(),
+                healer_writes: p.healer_writes,
+            }
+        });
+        let operate = crate::operate::OperatePass {
+            store,
+            compute,
+            id: &watched.id,
+            obs: &at.obs,
+            policy: &watched.policy,
+            brake: at.brake.as_ref(),
+            mode: at.mode,
+            dry_run: settings.dry_run,
+            healer_writes: at.healer_writes,
+            deadline: &deadline,
+            now,
+            partner,
+        };
+        let held: Vec<ScaleSetId> = op.value.held().iter().map(|(s, _)| (*s).clone()).collect();
+        let (op_report, alerts, resync) = crate::operate::operate(&operate, op).await?;
+        notifier.send(alerts);
+        if resync {
+            for set in held {
+                if !resyncs.contains(&set) {
+                    resyncs.push(set);
+                }
+            }
+        }
+        reports[i].operation = Some(op_report);
     }
     crate::throttle::hold_subscriptions(store, compute, settings, now).await?;
     // Asked for at the end, in one batch: a pass that stops before this point leaves its incidents
@@ -222,6 +245,14 @@ pub async fn repair_all(
         table_requests: store.requests() - requests_before,
         compute_calls: compute.observed().calls() - calls_before,
     })
+}
+
+/// What one scale set's pass left for the operations that follow the repairs.
+struct Seen {
+    obs: Observation,
+    brake: Option<crate::plan::WithheldReason>,
+    healer_writes: bool,
+    mode: Orchestration,
 }
 
 /// Reads what `decide` looks at for one scale set (also the operator's `handler status`).
@@ -271,9 +302,11 @@ pub fn held_by<'a>(
 ) -> HashMap<String, HashMap<String, String>> {
     let mut held: HashMap<String, HashMap<String, String>> = HashMap::new();
     for op in running {
-        let set = held.entry(op.scale_set.key()).or_default();
-        for instance in &op.holds {
-            set.insert(instance.clone(), op.id.clone());
+        for (set, instances) in op.held() {
+            let set = held.entry(set.key()).or_default();
+            for instance in instances {
+                set.insert(instance.clone(), op.id.clone());
+            }
         }
     }
     held

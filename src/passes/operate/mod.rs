@@ -19,6 +19,8 @@ use serde::Serialize;
 use std::collections::HashMap;
 use time::OffsetDateTime;
 
+mod swap;
+
 /// What one scale set's pass shares with its operation.
 pub struct OperatePass<'a> {
     pub store: &'a Store,
@@ -35,6 +37,28 @@ pub struct OperatePass<'a> {
     pub healer_writes: bool,
     pub deadline: &'a Deadline,
     pub now: OffsetDateTime,
+    /// The second scale set an operation holds (a swap's `to`), when it is watched.
+    pub partner: Option<Partner<'a>>,
+}
+
+/// What the pass saw of an operation's second scale set.
+pub struct Partner<'a> {
+    pub id: &'a ScaleSetId,
+    pub obs: &'a Observation,
+    pub policy: &'a Policy,
+    pub brake: Option<&'a WithheldReason>,
+    pub healer_writes: bool,
+}
+
+/// Whether a grow or delete of the healer's runs or goes out on the scale set this pass: an
+/// operation's capacity writes there wait (a write preempts a running delete).
+fn writes_busy(healer_writes: bool, obs: &Observation) -> bool {
+    healer_writes
+        || obs.incidents.values().any(|v| {
+            v.value.state == IncidentState::Repairing
+                && v.value.call_in_flight()
+                && matches!(v.value.call(), Some(Call::Grow | Call::Delete))
+        })
 }
 
 /// What became of the scale set's operation this pass (`monitor-status`'s answer).
@@ -56,8 +80,18 @@ fn holds_operations(why: &WithheldReason) -> bool {
 }
 
 /// Advances one operation by one step. Returns its report, the alerts it raised and whether the
-/// mirror should read the scale set soon.
+/// mirror should read its scale sets soon.
 pub async fn operate(
+    pass: &OperatePass<'_>,
+    op: Versioned<Operation>,
+) -> Result<(OperationReport, Vec<Alert>, bool), StoreError> {
+    match op.value.kind {
+        Kind::Cycle => operate_cycle(pass, op).await,
+        Kind::Swap => swap::operate(pass, op).await,
+    }
+}
+
+async fn operate_cycle(
     pass: &OperatePass<'_>,
     op: Versioned<Operation>,
 ) -> Result<(OperationReport, Vec<Alert>, bool), StoreError> {
@@ -79,7 +113,7 @@ pub async fn operate(
     let statuses = if dry_run {
         HashMap::new()
     } else {
-        read_statuses(compute, &memo).await
+        read_statuses(compute, memo.calls().into_iter().map(|(_, c)| &c.state)).await
     };
     let verdicts = verdicts(obs, policy, pass.dry_run, now);
     let incidents = obs
@@ -104,20 +138,12 @@ pub async fn operate(
         settle: policy.heartbeat_timeout,
         dry_run,
     };
-    // Each kind's own engine decides; the calls, claims and journal are the same for all.
-    let advance = match op.kind {
-        Kind::Cycle => cycle::advance(&op, &view, now),
-    };
+    let advance = cycle::advance(&op, &view, now);
     let mut next = advance.op.clone();
     let mut memo = Memo::read(&next).unwrap_or_default();
     // A write of the healer's to the scale set (a replace's capacity change or delete) still
     // runs: ours wait, so that two writes never overlap (a write preempts a running delete).
-    let writes_busy = pass.healer_writes
-        || obs.incidents.values().any(|v| {
-            v.value.state == IncidentState::Repairing
-                && v.value.call_in_flight()
-                && matches!(v.value.call(), Some(Call::Grow | Call::Delete))
-        });
+    let writes_busy = writes_busy(pass.healer_writes, obs);
     let to_send: Vec<cycle::Slot> = memo
         .calls()
         .into_iter()
@@ -150,32 +176,12 @@ pub async fn operate(
     if !advance.changed(&op) && to_send.is_empty() && next.memo == op.memo {
         return Ok((report, Vec::new(), false));
     }
-    // The claim: nothing is journaled or sent for a step another writer (an operator's command,
-    // an overlapping pass) got to first.
-    match store.update_operation(&next, &version).await? {
-        Some(v) => version = v,
-        None => {
-            tracing::info!(scale_set = %id, operation = %op.id, decision = "claimed_elsewhere", "operation changed meanwhile; next pass");
-            report.claimed_elsewhere = true;
-            return Ok((report, Vec::new(), false));
-        }
-    }
-    let mut journal: Vec<Entry> = advance
-        .notes
-        .iter()
-        .map(|n| {
-            tracing::info!(scale_set = %id, instance = %n.instance, operation = %next.id, decision = n.outcome, reason = %n.reason, "operation step");
-            entry(id, &next, &n.instance, n.outcome, n.reason.clone(), dry_run, now)
-        })
-        .collect();
-    store.append_journal(&journal).await?;
-    journal.clear();
-
-    let mut alerts = Vec::new();
-    if let Some(reason) = &advance.alert {
-        tracing::warn!(scale_set = %id, operation = %next.id, decision = "alert", reason = %reason, "operation needs the operator");
-        alerts.push(alert(id, &next, reason.clone(), dry_run, now));
-    }
+    let Some((claimed, alerts)) = claim(pass, &next, &version, &advance, dry_run).await? else {
+        report.claimed_elsewhere = true;
+        return Ok((report, Vec::new(), false));
+    };
+    version = claimed;
+    let mut journal = Vec::new();
     if dry_run || to_send.is_empty() {
         report.progress = next.progress();
         return Ok((report, alerts, advance.resync));
@@ -239,6 +245,44 @@ pub async fn operate(
     Ok((report, alerts, true))
 }
 
+/// The claim: the operation's next row written over the version read — nothing is journaled or
+/// sent for a step another writer (an operator's command, an overlapping pass) got to first
+/// (`None`). Claimed, the step's notes are journaled and its alert raised.
+async fn claim(
+    pass: &OperatePass<'_>,
+    next: &Operation,
+    version: &str,
+    advance: &crate::operations::step::Advance,
+    dry_run: bool,
+) -> Result<Option<(String, Vec<Alert>)>, StoreError> {
+    let (id, now) = (pass.id, pass.now);
+    let version = match pass.store.update_operation(next, version).await? {
+        Some(v) => v,
+        None => {
+            tracing::info!(scale_set = %id, operation = %next.id, decision = "claimed_elsewhere", "operation changed meanwhile; next pass");
+            return Ok(None);
+        }
+    };
+    let journal: Vec<Entry> = advance
+        .notes
+        .iter()
+        .map(|n| {
+            tracing::info!(scale_set = %id, instance = %n.instance, operation = %next.id, decision = n.outcome, reason = %n.reason, "operation step");
+            Entry {
+                evidence: n.evidence.clone(),
+                ..entry(id, next, &n.instance, n.outcome, n.reason.clone(), dry_run, now)
+            }
+        })
+        .collect();
+    pass.store.append_journal(&journal).await?;
+    let mut alerts = Vec::new();
+    if let Some(reason) = &advance.alert {
+        tracing::warn!(scale_set = %id, operation = %next.id, decision = "alert", reason = %reason, "operation needs the operator");
+        alerts.push(alert(id, next, reason.clone(), dry_run, now));
+    }
+    Ok(Some((version, alerts)))
+}
+
 /// What an answer means for the call: taken, to be sent again (throttled, busy, the scale set
 /// changed, a server error), refused for good, or unknown (no answer: never sent again).
 fn answer(e: &ComputeError, now: OffsetDateTime) -> (CallState, &'static str) {
@@ -261,14 +305,17 @@ fn answer(e: &ComputeError, now: OffsetDateTime) -> (CallState, &'static str) {
 
 /// The status of every call that ARM took and that has not ended, by URL; one that cannot be
 /// read is `Unknown` (the mirror tells instead).
-async fn read_statuses(compute: &Compute, memo: &Memo) -> HashMap<String, Status> {
+async fn read_statuses<'c>(
+    compute: &Compute,
+    calls: impl Iterator<Item = &'c CallState>,
+) -> HashMap<String, Status> {
     let mut out = HashMap::new();
-    for (_, call) in memo.calls() {
+    for state in calls {
         let CallState::Accepted {
             url: Some(url),
             follow,
             ..
-        } = &call.state
+        } = state
         else {
             continue;
         };

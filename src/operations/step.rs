@@ -1,0 +1,74 @@
+//! What one pass of any operation decides, whatever its kind: the calls it makes and where each
+//! stands, how their operations went, the journal lines, and the operation's next row.
+
+use super::Operation;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// Where one call stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum CallState {
+    /// Decided, not sent yet (or ARM asked to be asked again later: throttled, busy).
+    Unsent,
+    /// A pass was about to send it. Still so on a later pass, its answer was lost: whether it
+    /// landed, the mirror tells — it is never sent again.
+    Sending {
+        #[serde(with = "time::serde::rfc3339")]
+        at: OffsetDateTime,
+    },
+    /// ARM took it; its status is read at `url` (none: the mirror tells when it ended).
+    Accepted {
+        #[serde(with = "time::serde::rfc3339")]
+        at: OffsetDateTime,
+        url: Option<String>,
+        /// How the URL is read (`async_operation` or `location`).
+        follow: Option<String>,
+    },
+    Ended {
+        #[serde(with = "time::serde::rfc3339")]
+        at: OffsetDateTime,
+    },
+    /// Refused, or its operation failed: ARM's code and message.
+    Failed { error: String },
+}
+
+/// How a call's operation stands, as the pass read it from its status URL.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Status {
+    Running,
+    Ended(OffsetDateTime),
+    Failed(String),
+    /// Could not be read (gone, unreadable): the mirror tells instead.
+    Unknown,
+}
+
+/// A line for the journal: the instance (`*` for the scale set), an outcome label, why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Note {
+    pub instance: String,
+    pub outcome: &'static str,
+    pub reason: String,
+    /// What it rests on, kept with the journal line (the autoscale settings a swap read).
+    pub evidence: serde_json::Value,
+}
+
+/// The operation after one pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Advance {
+    pub op: Operation,
+    pub notes: Vec<Note>,
+    /// Something an operator must see: a failed batch, a failed cycle.
+    pub alert: Option<String>,
+    /// The mirror should read the scale set soon (a call was decided).
+    pub resync: bool,
+}
+
+impl Advance {
+    /// Whether the row needs writing.
+    pub fn changed(&self, before: &Operation) -> bool {
+        let mut a = self.op.clone();
+        a.updated = before.updated;
+        a != *before
+    }
+}
