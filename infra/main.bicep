@@ -48,6 +48,9 @@ param alertEmail string = ''
 @description('Alert when a scale set\'s repairs have been paused longer than this many minutes.')
 param brakeAlertMinutes int = 30
 
+@description('Whether `handler swap` (blue/green between two watched scale sets) may be used: grants the capacity write on the scale sets and the reading, writing and deleting of autoscale settings on their resource groups.')
+param enableSwap bool = false
+
 var suffix = uniqueString(resourceGroup().id, name)
 var storageName = toLower(take('${name}${suffix}', 24))
 var scaleSetIds = map(watchedScaleSets, s => s.id)
@@ -56,7 +59,7 @@ var healerScaleSets = join(
   ' '
 )
 // Whether any repair may replace: only then does the identity get virtualMachineScaleSets/write.
-var canResize = contains(toLower(repairActions), 'replace') || length(filter(watchedScaleSets, s => contains(toLower(s.?overrides ?? ''), 'replace'))) > 0
+var canResize = contains(toLower(repairActions), 'replace') || length(filter(watchedScaleSets, s => contains(toLower(s.?overrides ?? ''), 'replace'))) > 0 || enableSwap
 // Resource groups of the watched scale sets (index 4 of an ARM id), each once: lower case, as
 // groups whose names differ only in case are one group.
 var watchedResourceGroups = union(map(scaleSetIds, id => toLower(split(id, '/')[4])), [])
@@ -318,6 +321,16 @@ module operationAccess 'modules/operation-access.bicep' = [for rg in watchedReso
   scope: resourceGroup(rg)
   params: {
     roleDefinitionId: computeRole.outputs.operationReaderRoleId
+    principalId: app.identity.principalId
+  }
+}]
+
+// A swap moves autoscale settings, resources of the watched groups: the role only with enableSwap.
+module autoscaleAccess 'modules/operation-access.bicep' = [for rg in watchedResourceGroups: if (enableSwap) {
+  name: 'healer-autoscale-${uniqueString(rg)}'
+  scope: resourceGroup(rg)
+  params: {
+    roleDefinitionId: computeRole.outputs.autoscaleRoleId
     principalId: app.identity.principalId
   }
 }]

@@ -8,8 +8,8 @@ use common::spawn_app;
 use serde_json::json;
 use std::collections::BTreeSet;
 use vmss_healer::compute::{
-    required_action, FLEXIBLE_GROUP_ACTIONS, REQUIRED_ACTIONS, RESOURCE_GROUP_ACTIONS,
-    SCALE_SET_ACTIONS,
+    required_action, AUTOSCALE_ACTIONS, FLEXIBLE_GROUP_ACTIONS, REQUIRED_ACTIONS,
+    RESOURCE_GROUP_ACTIONS, SCALE_SET_ACTIONS,
 };
 use vmss_healer::settings::CATALOG;
 
@@ -95,7 +95,20 @@ fn the_custom_roles_hold_exactly_the_actions_the_handler_needs() {
     let flexible: BTreeSet<&str> = FLEXIBLE_GROUP_ACTIONS.iter().copied().collect();
     assert_eq!(list("var flexibleActions = ["), flexible);
     assert!(role.contains("actions: flexibleActions"));
-    assert_eq!(role.matches("notActions: []").count(), 3);
+    // Issue 16: a swap's autoscale settings, on the watched groups, only with enableSwap (which
+    // also grants the capacity write).
+    let autoscale: BTreeSet<&str> = AUTOSCALE_ACTIONS.iter().copied().collect();
+    assert_eq!(list("var autoscaleActions = ["), autoscale);
+    assert!(role.contains("actions: autoscaleActions"));
+    assert_eq!(role.matches("notActions: []").count(), 4);
+    let main = read("infra/main.bicep");
+    assert!(main.contains("|| enableSwap"), "a swap writes capacity");
+    let grant = main
+        .split("module autoscaleAccess")
+        .nth(1)
+        .expect("the autoscale role is assigned");
+    assert!(grant.contains("if (enableSwap)") && grant.contains("autoscaleRoleId"));
+    assert!(grant.contains("scope: resourceGroup(rg)"));
     let access = read("infra/modules/scaleset-access.bicep");
     assert!(
         access.contains("orchestrationMode: scaleSet.properties.?orchestrationMode ?? 'Uniform'")
@@ -203,7 +216,12 @@ async fn every_compute_request_is_covered_by_the_role_and_every_action_is_used()
             .unwrap_or_else(|| panic!("{method} {path} is not covered by REQUIRED_ACTIONS"));
         used.insert(action);
     }
-    let all: BTreeSet<&str> = REQUIRED_ACTIONS.iter().copied().collect();
+    // A swap's autoscale actions are held against its own calls in tests/swap.rs.
+    let all: BTreeSet<&str> = REQUIRED_ACTIONS
+        .iter()
+        .copied()
+        .filter(|a| !AUTOSCALE_ACTIONS.contains(a))
+        .collect();
     assert_eq!(used, all, "an action of the roles is never used");
 }
 

@@ -94,6 +94,32 @@ resource flexibleVms 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
   }
 }
 
+// A blue/green swap (`handler swap`) moves autoscale settings, which are resources of a resource
+// group: read, written (a setting for the new set, the old one disabled) and, on a rollback,
+// deleted (src/edges/compute.rs AUTOSCALE_ACTIONS). Granted only with enableSwap.
+var autoscaleActions = [
+  'Microsoft.Insights/autoscalesettings/read'
+  'Microsoft.Insights/autoscalesettings/write'
+  'Microsoft.Insights/autoscalesettings/delete'
+]
+
+resource autoscaleMover 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
+  name: guid(subscription().id, name, 'vmss-healer-autoscale')
+  properties: {
+    roleName: '${name} scale set swap autoscale mover ${suffix}'
+    description: 'Read, write and delete autoscale settings: a blue/green swap moves the old scale set\'s setting to the new one. Used by vmss-healer.'
+    type: 'CustomRole'
+    permissions: [
+      {
+        actions: autoscaleActions
+        notActions: []
+      }
+    ]
+    assignableScopes: [subscription().id]
+  }
+}
+
 output roleDefinitionId string = role.id
+output autoscaleRoleId string = autoscaleMover.id
 output flexibleVmRoleId string = flexibleVms.id
 output operationReaderRoleId string = operationReader.id

@@ -1642,6 +1642,25 @@ mod tests {
                 format!("{vms}/web_1a2b3c4d/reimage"),
                 Some(FLEXIBLE_GROUP_ACTIONS[3]),
             ),
+            // A swap's autoscale settings, at their resource group.
+            (
+                "GET",
+                "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Insights/autoscalesettings"
+                    .into(),
+                Some(AUTOSCALE_ACTIONS[0]),
+            ),
+            (
+                "PUT",
+                "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Insights/autoscalesettings/as-web"
+                    .into(),
+                Some(AUTOSCALE_ACTIONS[1]),
+            ),
+            (
+                "DELETE",
+                "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Insights/autoscalesettings/as-web"
+                    .into(),
+                Some(AUTOSCALE_ACTIONS[2]),
+            ),
             // Requests we never make are not covered: deleting the scale set or a VM, powering
             // off.
             ("DELETE", set.to_string(), None),

@@ -516,22 +516,19 @@ impl<'a, 'v> Swap<'a, 'v> {
                 updates.push((i, CallState::Ended { at: now }));
                 continue;
             }
-            match (&call.act, &call.state) {
-                // Its answer was lost: the mirror tells whether a capacity change landed.
-                (Act::Capacity { side, capacity, .. }, _) => {
-                    if present(*side) == Some(*capacity) {
-                        updates.push((
-                            i,
-                            CallState::Ended {
-                                at: now.max(sent_at),
-                            },
-                        ));
-                    }
-                }
+            let landed = match &call.act {
+                // Its answer was lost: the mirror tells whether a capacity change landed; it is
+                // never sent again (a second scale-out would find `to` changed and roll back).
+                Act::Capacity { side, capacity, .. } => (present(*side) == Some(*capacity))
+                    .then_some(CallState::Ended {
+                        at: now.max(sent_at),
+                    }),
                 // An autoscale write is synchronous and the same write again changes nothing:
                 // one whose answer was lost is sent again.
-                (_, CallState::Sending { .. }) => updates.push((i, CallState::Unsent)),
-                _ => {}
+                _ => matches!(call.state, CallState::Sending { .. }).then_some(CallState::Unsent),
+            };
+            if let Some(state) = landed {
+                updates.push((i, state));
             }
         }
         for (i, state) in updates {
@@ -756,6 +753,8 @@ impl<'a, 'v> Swap<'a, 'v> {
                 until,
             );
         }
+        // A dry run shows the steps, not the waits: there are no new instances to watch.
+        let soak = if self.dry() { Duration::ZERO } else { soak };
         let start = *self.memo.healthy_since.get_or_insert(self.now);
         if start == self.now && !soak.is_zero() {
             self.note(

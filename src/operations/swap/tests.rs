@@ -490,10 +490,12 @@ fn a_brake_holds_every_step_and_starts_the_soak_over() {
     assert_eq!(op.state, State::Succeeded);
 }
 
+type Setup = Box<dyn Fn(&mut World)>;
+
 #[test]
 fn the_preflight_refuses_what_a_swap_cannot_do_with_every_reason() {
     #[rustfmt::skip]
-    let cases: Vec<(&str, Box<dyn Fn(&mut World)>)> = vec![
+    let cases: Vec<(&str, Setup)> = vec![
         ("different regions", Box::new(|w: &mut World| w.sets[1].location = "northeurope".into())),
         ("is enabled", Box::new(|w: &mut World| w.autoscale.push(setting("as-green", &green(), true, 0, 5)))),
         ("2 autoscale settings", Box::new(|w: &mut World| w.autoscale.push(setting("as-blue-2", &blue(), false, 0, 5)))),
