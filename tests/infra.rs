@@ -249,7 +249,9 @@ fn the_sample_points_its_agents_at_the_topic_main_creates() {
             "{file}"
         );
     }
-    assert!(sample.contains("watchedScaleSets: [{ id: scaleSet.id"));
+    assert!(sample.contains(
+        "watchedScaleSets: [for (color, i) in colors: { id: scaleSets[i].id, overrides: '' }]"
+    ));
     // Issue 16: deletes give five minutes' notice, which the agents drain for (the health file
     // goes, so a load balancer's probe stops sending requests) and the app restores on start.
     assert!(
@@ -257,7 +259,24 @@ fn the_sample_points_its_agents_at_the_topic_main_creates() {
     );
     assert!(sample.contains(r#"--drain-command "rm -f /srv/sample/healthz""#));
     assert!(sample.contains(r#"ExecStartPre=/bin/sh -c "echo ok > /srv/sample/healthz""#));
-    assert!(sample.contains("senderPrincipalIds: [scaleSet.identity.principalId]"));
+    assert!(sample.contains(
+        "senderPrincipalIds: [for (color, i) in colors: scaleSets[i].identity.principalId]"
+    ));
+    // Issue 16: blue and green behind one load balancer whose probe is the app's /healthz (which
+    // the drain removes), blue autoscaled, swaps allowed.
+    assert!(sample.contains("var colors = ['blue', 'green']"));
+    assert!(sample.contains("capacity: i == 0 ? capacity : 0"));
+    assert!(sample.contains("requestPath: '/healthz'"));
+    assert!(sample.contains(
+        "probe: { id: resourceId('Microsoft.Network/loadBalancers/probes', lbName, 'healthz') }"
+    ));
+    assert!(sample.contains(
+        "loadBalancerBackendAddressPools: [{ id: lb.properties.backendAddressPools[0].id }]"
+    ));
+    assert!(sample.contains("--health-url http://127.0.0.1:8080/healthz"));
+    assert!(sample.contains("targetResourceUri: scaleSets[0].id"));
+    assert!(sample.contains("enableSwap: true"));
+    assert!(sample.contains("destinationPortRange: '8080'"));
 }
 
 /// Issue 13: the two timers run half a minute apart in Azure as they do locally, so each repair
@@ -333,7 +352,7 @@ fn custom_role_names_are_unique_per_subscription() {
         .lines()
         .filter(|l| l.trim_start().starts_with("roleName:"))
         .collect();
-    assert_eq!(names.len(), 3, "{names:?}");
+    assert_eq!(names.len(), 4, "{names:?}");
     assert!(roles.contains("var suffix = '(${subscription().subscriptionId})'"));
     for n in names {
         assert!(n.contains("${suffix}"), "{n}");

@@ -208,7 +208,7 @@ pub fn render(report: &Report) -> String {
         out.push_str(&format!(
             "operation {} on {}: {}{}, {}\n",
             o.id,
-            o.scale_set,
+            o.sets(),
             o.state.as_str(),
             if o.dry_run { " (dry run)" } else { "" },
             o.progress(),
@@ -370,12 +370,25 @@ mod tests {
             dry_run: true,
             settings_warnings: vec!["HEALER_WEBHOOK_URL: unusable; alerts are not sent".into()],
             scale_sets: vec![s],
-            operations: vec![running_cycle()],
+            operations: vec![running_cycle(), {
+                let mut swap = running_cycle();
+                swap.id = "swap-0".into();
+                swap.kind = crate::operations::Kind::Swap;
+                swap.partner = Some(ScaleSetId::new("s", "r", "web-green"));
+                swap.step = "soak".into();
+                swap.waiting = Some("the new set to be healthy: 2 of 4".into());
+                swap
+            }],
         });
         assert!(text.contains("(DRY RUN)"), "{text}");
         // A running operation: n of N, the batch, what it waits for and until when.
         assert!(
             text.contains("operation cycle-0 on r/web: running, 4 of 20 (batch 2); waiting for batch 2: 2 of 4 back healthy until 1970-01-01T00:05:00Z\n"),
+            "{text}"
+        );
+        // A swap names both its sets.
+        assert!(
+            text.contains("operation swap-0 on r/web → r/web-green: running, 4 of 20 (soak); waiting for the new set to be healthy: 2 of 4"),
             "{text}"
         );
         assert!(

@@ -163,7 +163,7 @@ pub async fn list_operations(
         out.push_str(&format!(
             "{}  {}  {}{}  {}  started {} by {}{}\n",
             o.id,
-            o.scale_set,
+            o.sets(),
             o.state.as_str(),
             if o.dry_run { " (dry run)" } else { "" },
             o.progress(),

@@ -257,6 +257,14 @@ impl Operation {
         out
     }
 
+    /// The scale set it runs on, and a swap's second one: `r/web → r/web-green`.
+    pub fn sets(&self) -> String {
+        match &self.partner {
+            Some(p) => format!("{} → {p}", self.scale_set),
+            None => self.scale_set.to_string(),
+        }
+    }
+
     /// Whether it holds this scale set (as its own or as its partner).
     pub fn holds_set(&self, set: &ScaleSetId) -> bool {
         self.scale_set == *set || self.partner.as_ref() == Some(set)
