@@ -48,6 +48,12 @@ fn the_demo_plays_its_story_and_the_healer_gets_every_act_right() {
         "cycle of web: succeeded",
         "cycle of web: 50 of 50 instances reimaged, each exactly once",
         "the line: 40",
+        // Act 8: the swap.
+        "operator handler swap api api-green: operation swap-",
+        "swap api → api-green: succeeded",
+        "swap api → api-green: api-green at 50, api at 0, autoscale moved",
+        "the line: 50)",
+        "autoscale_moved: autoscale moved to the new set: api-green-autoscale has the old set's profiles, api-autoscale is disabled",
     ] {
         assert!(out.contains(line), "missing `{line}` in:\n{out}");
     }
@@ -87,4 +93,7 @@ fn the_demo_plays_its_story_and_the_healer_gets_every_act_right() {
         picture.matches(r##"fill="#8e5bd0"/>"##).count() >= 50,
         "every web instance shown cycling"
     );
+    // The swap's act, and api-green's row on the picture.
+    assert!(picture.contains("8. handler swap api api-green"));
+    assert!(picture.contains(">api-green<"), "api-green has its row");
 }

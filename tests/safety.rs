@@ -896,12 +896,16 @@ async fn a_locked_flexible_vm_is_never_deleted_and_unreadable_locks_stop_the_mir
     );
     assert_eq!(why(&web_2).0, "protected", "{journal:?}");
 
-    // The lock list cannot be read (the role lacks it): the mirror is not rewritten as unlocked.
+    // The lock list cannot be read (the role lacks it): the mirror is not rewritten as unlocked,
+    // and the sync says the identity is not authorized, as for any other call it may not make.
     app.inject_fault(json!({"status": 403, "code": "AuthorizationFailed", "pathContains": "/Microsoft.Authorization/locks", "count": 10}))
         .await;
     let (_, answer) = app.invoke_timer("monitor-state").await;
     let outcomes = common::sync_outcomes(&answer);
-    assert!(outcomes.iter().all(|o| *o == "refused"), "{answer}");
+    assert!(outcomes.iter().all(|o| *o == "unauthorized"), "{answer}");
+    assert!(answer
+        .to_string()
+        .contains("list resource locks: HTTP 403 AuthorizationFailed"));
     let still = app
         .store
         .mirrored_instance(&TestApp::scale_set("web"), &web_1)

@@ -1,11 +1,12 @@
 //! demo: heal a simulated fleet on this machine (README command one).
 //!
 //! Starts Azurite (installing the pinned version on first use), the Compute simulator with three
-//! scale sets of 50 VMs that publish heartbeats, and the real handler, driven exactly as the
-//! Functions host drives it: timer invocations and Event Grid deliveries over HTTP. A scripted
-//! story (`story`) plays seven acts — a DOWN VM, a hung VM, a VM that never comes up, a planned
-//! reboot, a heartbeat-pipeline outage, a scale set past its unhealthy limit, a rolling cycle of a
-//! scale set that keeps 80 % serving — shown live on a
+//! scale sets of 50 VMs that publish heartbeats (and an empty one to swap to), and the real
+//! handler, driven exactly as the Functions host drives it: timer invocations and Event Grid
+//! deliveries over HTTP. A scripted story (`story`) plays eight acts — a DOWN VM, a hung VM, a VM
+//! that never comes up, a planned reboot, a heartbeat-pipeline outage, a scale set past its
+//! unhealthy limit, a rolling cycle of a scale set that keeps 80 % serving, a blue/green swap that
+//! never serves fewer — shown live on a
 //! terminal (`view`) or as plain lines, summarized at the end, and drawn as an SVG timeline
 //! (`timeline`). Exits non-zero if a fault was missed or anything was repaired wrongly.
 //!
@@ -137,6 +138,18 @@ async fn start(
             vm.time_created = day_ago;
         }
     }
+    // api is autoscaled (50 to 60 instances); the swap moves that to api-green.
+    world.autoscale.insert(
+        format!("/subscriptions/{SUB}/resourceGroups/{RG}/providers/microsoft.insights/autoscalesettings/api-autoscale").to_ascii_lowercase(),
+        json!({
+            "id": format!("/subscriptions/{SUB}/resourceGroups/{RG}/providers/microsoft.insights/autoscalesettings/api-autoscale"),
+            "name": "api-autoscale",
+            "type": "Microsoft.Insights/autoscaleSettings",
+            "location": "westeurope",
+            "properties": {"enabled": true, "targetResourceUri": set_id(story::SWAP_FROM),
+                "profiles": [{"name": "default", "capacity": {"minimum": "50", "maximum": "60", "default": "50"}, "rules": []}]}
+        }),
+    );
     world.resource_events.clear();
     let sim = Shared::new(
         world,
@@ -251,9 +264,10 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
     let mut view = view::View::new(options.live);
     let mut picture = Timeline::default();
     println!(
-        "fleet: {} scale sets × 50 VMs ({} in Flexible orchestration, the others Uniform); one tick = {:?}; a VM is silent after {} ticks; repair = replace\n",
-        SETS.len(),
+        "fleet: {} scale sets × 50 VMs ({} in Flexible orchestration, the others Uniform) and {}, empty; one tick = {:?}; a VM is silent after {} ticks; repair = replace\n",
+        SETS.len() - 1,
         story::FLEXIBLE_SET,
+        story::SWAP_TO,
         tick_len,
         story::HEARTBEAT_TIMEOUT
     );
@@ -285,6 +299,10 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
     let mut cycle_at_start: BTreeSet<u64> = BTreeSet::new();
     let mut cycle_lowest = usize::MAX;
     let mut cycle_state: Option<String> = None;
+    // The swap of the last act: where the simulator's history of what served stood when it began,
+    // and how it ended.
+    let mut swap_from_point: Option<usize> = None;
+    let mut swap_state: Option<String> = None;
     loop {
         ticker.tick().await;
         tick_started.push(started.elapsed().as_secs_f32());
@@ -323,7 +341,7 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
             // As an operator would: `handler cycle web --reason …` (the defaults: batches of 20 %,
             // at least 80 % healthy).
             let raw = vmss_healer::operations::cycle::Raw::default();
-            match vmss_healer::operator::start_cycle(
+            let result = vmss_healer::operator::start_cycle(
                 &settings,
                 &store,
                 story::CYCLE_SET,
@@ -331,29 +349,43 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
                 "demo: monthly refresh",
                 false,
             )
-            .await
-            {
-                Ok(told) => {
-                    view.line(
-                        started.elapsed().as_secs_f32(),
-                        &format!(
-                            "operator handler cycle {}: {}",
-                            story::CYCLE_SET,
-                            told.trim()
-                        ),
-                    );
-                    cycle_started = Some(OffsetDateTime::now_utc());
-                    let w = sim.world.lock().await;
-                    cycle_at_start = w
-                        .sets
-                        .get(&key(story::CYCLE_SET))
-                        .map(|s| s.vms.keys().copied().collect())
-                        .unwrap_or_default();
-                }
-                Err(e) => view.line(
-                    started.elapsed().as_secs_f32(),
-                    &format!("! handler cycle: {e:#}"),
-                ),
+            .await;
+            let at = started.elapsed().as_secs_f32();
+            let command = format!("handler cycle {}", story::CYCLE_SET);
+            if say_operator(&mut view, at, &command, result) {
+                cycle_started = Some(OffsetDateTime::now_utc());
+                let w = sim.world.lock().await;
+                cycle_at_start = w
+                    .sets
+                    .get(&key(story::CYCLE_SET))
+                    .map(|s| s.vms.keys().copied().collect())
+                    .unwrap_or_default();
+            }
+        }
+        if tick == story::SWAP {
+            // As an operator would: `handler swap api api-green --soak … --reason …`.
+            let soak = seconds(2, tick_len);
+            let timeout = seconds(40, tick_len);
+            let raw = vmss_healer::operations::swap::Raw {
+                soak: Some(&soak),
+                timeout: Some(&timeout),
+                ..Default::default()
+            };
+            let result = vmss_healer::operator::start_swap(
+                &settings,
+                &store,
+                story::SWAP_FROM,
+                story::SWAP_TO,
+                &raw,
+                "demo: release 2",
+                false,
+            )
+            .await;
+            let at = started.elapsed().as_secs_f32();
+            let command = format!("handler swap {} {}", story::SWAP_FROM, story::SWAP_TO);
+            if say_operator(&mut view, at, &command, result) {
+                swap_from_point = Some(sim.world.lock().await.serving.len().saturating_sub(1));
+                swap_state = Some("pending".into());
             }
         }
         let mut round = if story::heartbeats_flow(tick) {
@@ -390,6 +422,22 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
                         .count()
                 });
                 cycle_lowest = cycle_lowest.min(serving);
+            }
+        }
+
+        // What the swap holds: green's new instances while they are judged, then api's draining.
+        let mut swapping: BTreeSet<(String, String)> = BTreeSet::new();
+        if swap_state.is_some() {
+            let id = ScaleSetId::parse(&set_id(story::SWAP_FROM)).expect("demo ids parse");
+            if let Ok((ops, _)) = store.operations(Some(&id)).await {
+                if let Some(op) = ops.iter().rev().find(|o| o.value.id.starts_with("swap-")) {
+                    swap_state = Some(op.value.state.as_str().to_string());
+                    for (set, held) in op.value.held() {
+                        for i in held {
+                            swapping.insert((set.name.clone(), i.clone()));
+                        }
+                    }
+                }
             }
         }
 
@@ -430,6 +478,9 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
                 let cell = match verdict {
                     _ if repairing => Cell::Repairing,
                     _ if *name == story::CYCLE_SET && cycling.contains(instance) => Cell::Cycling,
+                    _ if swapping.contains(&(name.to_string(), instance.to_string())) => {
+                        Cell::Cycling
+                    }
                     Verdict::Healthy => Cell::Healthy,
                     Verdict::Unhealthy(_) => Cell::Unhealthy,
                     Verdict::Suspect { .. } => Cell::Suspect,
@@ -567,7 +618,10 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
         let cycled = cycle_state
             .as_deref()
             .is_some_and(|s| s != "running" && s != "pending");
-        if (tick >= story::LAST_TICK && all_repaired && calm && cycled)
+        let swapped = swap_state
+            .as_deref()
+            .is_some_and(|s| s != "running" && s != "pending" && s != "rolling_back");
+        if (tick >= story::LAST_TICK && all_repaired && calm && cycled && swapped)
             || tick >= story::LAST_TICK + 60
         {
             break;
@@ -612,10 +666,44 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
             println!("  {}", line.text);
             ok &= line.ok;
         }
+        // The swap: what served across api and api-green from its start, by the simulator's
+        // history; the capacities it left; whether api-green has api's autoscale now.
+        let (from_key, to_key) = (key(story::SWAP_FROM), key(story::SWAP_TO));
+        let lowest_swap = swap_from_point.map_or(0, |from| {
+            w.serving[from.min(w.serving.len().saturating_sub(1))..]
+                .iter()
+                .map(|p| p.sets.get(&from_key).unwrap_or(&0) + p.sets.get(&to_key).unwrap_or(&0))
+                .min()
+                .unwrap_or(0)
+        });
+        let capacity_of = |k: &str| w.sets.get(k).map_or(0, |s| s.capacity());
+        let moved = w
+            .sets
+            .get(&to_key)
+            .and_then(|s| w.autoscale_range(s))
+            .is_some()
+            && w.sets
+                .get(&from_key)
+                .and_then(|s| w.autoscale_range(s))
+                .is_none();
+        let swapped = swap_state.as_deref() == Some("succeeded");
+        for line in story::grade_swap(
+            swap_state.as_deref(),
+            lowest_swap,
+            (capacity_of(&from_key), capacity_of(&to_key)),
+            moved,
+        ) {
+            println!("  {}", line.text);
+            ok &= line.ok;
+        }
         for (name, capacity) in SETS {
             let Some(set) = w.sets.get(&key(name)) else {
                 continue;
             };
+            // What the swap changed is graded above.
+            if swapped && (name == story::SWAP_FROM || name == story::SWAP_TO) {
+                continue;
+            }
             let repaired: BTreeSet<u64> = repairs
                 .iter()
                 .filter(|(s, _, _)| s == name)
@@ -653,12 +741,36 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
     println!(
         "  {}",
         if ok {
-            "every fault repaired, nothing repaired wrongly, the cycle kept the line"
+            "every fault repaired, nothing repaired wrongly, the cycle and the swap kept the line"
         } else {
             "FAILED"
         }
     );
     ok
+}
+
+/// What the operator's command answered, on the log; whether it started.
+fn say_operator(
+    view: &mut view::View,
+    at: f32,
+    command: &str,
+    result: anyhow::Result<String>,
+) -> bool {
+    match result {
+        Ok(told) => {
+            view.line(at, &format!("operator {command}: {}", told.trim()));
+            true
+        }
+        Err(e) => {
+            view.line(at, &format!("! {command}: {e:#}"));
+            false
+        }
+    }
+}
+
+/// A number of ticks in whole seconds, as the healer's settings and the operator take them.
+fn seconds(ticks: u32, tick: Duration) -> String {
+    format!("{}s", (tick * ticks).as_secs().max(1))
 }
 
 /// An operation's journal rows about single instances that read as one line: (scale set, outcome,

@@ -1,11 +1,11 @@
-//! The demo's script: seven acts, each a fault (or a non-fault) played on the simulated fleet at a
+//! The demo's script: eight acts, each a fault (or a non-fault, or an operator's change) played on the simulated fleet at a
 //! given tick, with what the healer must and must not do about it. Times are in ticks; the
 //! healer's timeouts are set in ticks too (see `Timing`), so the story is the same fast or slow.
 
 use crate::world::{Beat, Effect, World};
 use std::collections::BTreeSet;
 
-pub const SETS: [(&str, usize); 3] = [("web", 50), ("api", 50), ("jobs", 50)];
+pub const SETS: [(&str, usize); 4] = [("web", 50), ("api", 50), ("jobs", 50), (SWAP_TO, 0)];
 /// The set in Flexible orchestration (its instances are named VMs); the others are Uniform.
 pub const FLEXIBLE_SET: &str = "jobs";
 
@@ -25,7 +25,14 @@ pub const CYCLE: u32 = 62;
 pub const CYCLE_SET: &str = "web";
 /// 80 % of web's 50 instances must keep serving throughout.
 pub const CYCLE_MIN_SERVING: usize = 40;
-/// The story is over once this tick has passed and the fleet has settled (and the cycle is done).
+/// The last act too: `handler swap api api-green` moves api's traffic to an empty set.
+pub const SWAP: u32 = 63;
+pub const SWAP_FROM: &str = "api";
+pub const SWAP_TO: &str = "api-green";
+/// api's 50 instances must keep serving across the two sets throughout.
+pub const SWAP_MIN_SERVING: usize = 50;
+/// The story is over once this tick has passed and the fleet has settled (and the cycle and the
+/// swap are done).
 pub const LAST_TICK: u32 = 66;
 
 pub struct Act {
@@ -33,7 +40,7 @@ pub struct Act {
     pub title: &'static str,
 }
 
-pub const ACTS: [Act; 7] = [
+pub const ACTS: [Act; 8] = [
     Act {
         tick: 2,
         title: "web#4 reports DOWN: its health check fails",
@@ -61,6 +68,10 @@ pub const ACTS: [Act; 7] = [
     Act {
         tick: CYCLE,
         title: "handler cycle web: every instance reimaged, 10 at a time, at least 40 serving",
+    },
+    Act {
+        tick: SWAP,
+        title: "handler swap api api-green: green soaked healthy, autoscale moved, api to zero",
     },
 ];
 
@@ -205,26 +216,75 @@ pub fn grade_cycle(
     let once = at_start.iter().all(|i| reimaged.get(i) == Some(&1))
         && reimaged.keys().all(|i| at_start.contains(i));
     vec![
-        Graded {
-            text: format!("cycle of {CYCLE_SET}: {}", state.unwrap_or("never started")),
-            ok: state == Some("succeeded"),
-        },
+        finished(&format!("cycle of {CYCLE_SET}"), state),
         Graded {
             text: format!(
                 "cycle of {CYCLE_SET}: {} of {} instances reimaged, {}",
                 reimaged.len(),
                 at_start.len(),
-                if once { "each exactly once" } else { "NOT each exactly once" }
+                if once {
+                    "each exactly once"
+                } else {
+                    "NOT each exactly once"
+                }
             ),
             ok: once,
         },
+        kept_the_line(
+            &format!("cycle of {CYCLE_SET}"),
+            lowest_serving,
+            CYCLE_MIN_SERVING,
+        ),
+    ]
+}
+
+/// The swap's grade: it finished, the new set serves at the old one's capacity with autoscale,
+/// the old set is at zero, and never fewer than [`SWAP_MIN_SERVING`] served across the two.
+pub fn grade_swap(
+    state: Option<&str>,
+    lowest_serving: usize,
+    capacities: (usize, usize),
+    autoscale_moved: bool,
+) -> Vec<Graded> {
+    vec![
+        finished(&format!("swap {SWAP_FROM} → {SWAP_TO}"), state),
         Graded {
             text: format!(
-                "cycle of {CYCLE_SET}: at least {lowest_serving} instances serving throughout (the line: {CYCLE_MIN_SERVING})"
+                "swap {SWAP_FROM} → {SWAP_TO}: {SWAP_TO} at {}, {SWAP_FROM} at {}, autoscale {}",
+                capacities.1,
+                capacities.0,
+                if autoscale_moved {
+                    "moved"
+                } else {
+                    "NOT moved"
+                }
             ),
-            ok: lowest_serving >= CYCLE_MIN_SERVING,
+            ok: capacities == (0, SWAP_MIN_SERVING) && autoscale_moved,
         },
+        kept_the_line(
+            &format!("swap {SWAP_FROM} → {SWAP_TO}"),
+            lowest_serving,
+            SWAP_MIN_SERVING,
+        ),
     ]
+}
+
+/// An operation's first grade: it succeeded.
+fn finished(what: &str, state: Option<&str>) -> Graded {
+    Graded {
+        text: format!("{what}: {}", state.unwrap_or("never started")),
+        ok: state == Some("succeeded"),
+    }
+}
+
+/// An operation's availability grade: never fewer than `line` served while it ran.
+fn kept_the_line(what: &str, lowest_serving: usize, line: usize) -> Graded {
+    Graded {
+        text: format!(
+            "{what}: at least {lowest_serving} instances serving throughout (the line: {line})"
+        ),
+        ok: lowest_serving >= line,
+    }
 }
 
 /// One line of the demo's verdict on the healer.
@@ -347,6 +407,16 @@ mod tests {
         let mut missing = once;
         missing.remove(&7);
         assert_eq!(ok(grade_cycle(None, 45, &missing, &start)), 2);
+    }
+
+    #[test]
+    fn a_swap_passes_only_finished_moved_and_above_the_line() {
+        let failed = |g: Vec<Graded>| g.iter().filter(|g| !g.ok).count();
+        assert_eq!(failed(grade_swap(Some("succeeded"), 50, (0, 50), true)), 0);
+        assert_eq!(failed(grade_swap(Some("failed"), 50, (50, 0), false)), 2);
+        assert_eq!(failed(grade_swap(Some("succeeded"), 49, (0, 50), true)), 1);
+        assert_eq!(failed(grade_swap(Some("succeeded"), 50, (0, 50), false)), 1);
+        assert_eq!(failed(grade_swap(None, 50, (50, 0), false)), 2);
     }
 
     #[test]

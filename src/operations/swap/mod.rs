@@ -875,11 +875,21 @@ impl<'a, 'v> Swap<'a, 'v> {
         let next = self.memo.calls.iter().position(|c| c.ended_at().is_none());
         match next {
             None => {
-                let names: Vec<String> = self.memo.written.iter().map(|w| w.name.clone()).collect();
+                let said = match self.memo.written.as_slice() {
+                    [to, from] => format!(
+                        "{} has the old set's profiles, {} is disabled",
+                        to.name, from.name
+                    ),
+                    written => written
+                        .iter()
+                        .map(|w| w.name.clone())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                };
                 self.note(
                     "*",
                     "autoscale_moved",
-                    format!("autoscale moved to the new set ({})", names.join(", ")),
+                    format!("autoscale moved to the new set: {said}"),
                 );
                 self.start_scale_in();
             }
@@ -1000,6 +1010,8 @@ impl<'a, 'v> Swap<'a, 'v> {
             ));
             return self.end(State::Failed, format!("the rollback failed: {error}"));
         }
+        // Resumed after a pause, it is still rolling back.
+        self.out.op.state = State::RollingBack;
         let to_before = self.memo.to_before;
         let left = self.to_view().present().len() as u32;
         let ended = self.memo.calls.iter().all(|c| c.ended_at().is_some());
