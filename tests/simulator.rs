@@ -1313,3 +1313,175 @@ async fn a_scale_in_under_terminate_notifications_drains_the_instances_it_remove
         .collect();
     assert_eq!(counts, vec![3, 1], "{history}");
 }
+
+/// A golden image's resources (issue 17): a snapshot copies a VM's OS disk (the disk provider's
+/// api-version), a gallery holds image definitions that need an OS type, state and identifier, and
+/// an image version — named `<major>.<minor>.<patch>` — is `Creating` until its long-running
+/// operation ends, which takes as long as the simulator is told; failures carry ARM's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_are_captured_from_a_disk_into_a_gallery_version_that_takes_its_time() {
+    let app = spawn_app().scale_set("web", 2).start().await;
+    let arm = Arm::new(&app).await;
+    let url = |tail: &str, version: &str| {
+        format!(
+            "{}/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/{tail}?api-version={version}",
+            app.sim_url,
+            common::SUB,
+            common::RG
+        )
+    };
+    let arm = &arm;
+    let put = |tail: &'static str, version: &'static str, body: Value| {
+        let (http, u) = (app.http.clone(), url(tail, version));
+        async move { arm.send(http.put(u).json(&body)).await }
+    };
+    let get = |tail: &'static str, version: &'static str| {
+        let (http, u) = (app.http.clone(), url(tail, version));
+        async move { arm.send(http.get(u)).await }
+    };
+    let (_, _, vm) = arm
+        .send(app.http.get(arm.url("web", "/virtualMachines/1")))
+        .await;
+    let disk = vm["properties"]["storageProfile"]["osDisk"]["managedDisk"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        disk.contains("/providers/Microsoft.Compute/disks/web_1_OsDisk_1_"),
+        "{disk}"
+    );
+
+    // A snapshot of it, with the disk provider's api-version; of a disk that is not there, none.
+    let snapshot = |source: &str| json!({"location": "westeurope", "properties": {"creationData": {"createOption": "Copy", "sourceResourceId": source}}});
+    let (status, _, _) = put("snapshots/snap1", "2024-07-01", snapshot(&disk)).await;
+    assert_eq!(
+        status, 400,
+        "the Compute api-version is not the disk provider's"
+    );
+    let (status, _, body) = put(
+        "snapshots/snap1",
+        "2024-03-02",
+        snapshot(&format!("{disk}x")),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("NotFound")),
+        "{body}"
+    );
+    app.admin(
+        reqwest::Method::PUT,
+        "artifacts/delay",
+        Some(json!({"ms": 3_600_000})),
+    )
+    .await;
+    let (status, headers, body) = put("snapshots/snap1", "2024-03-02", snapshot(&disk)).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        arm.operation(&headers).await["status"],
+        "Succeeded",
+        "a snapshot takes the operation delay"
+    );
+    let (_, _, snap) = get("snapshots/snap1", "2024-03-02").await;
+    assert_eq!(snap["properties"]["provisioningState"], "Succeeded");
+    let snap_id = snap["id"].as_str().unwrap().to_string();
+
+    // A gallery, then an image definition (refused without what Azure requires).
+    let (status, _, _) = put("galleries/sig/images/web", "2023-07-03", json!({})).await;
+    assert_eq!(status, 404, "no gallery yet");
+    let (status, _, _) = put(
+        "galleries/sig",
+        "2023-07-03",
+        json!({"location": "westeurope", "properties": {}}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, _, body) = put("galleries/sig/images/web", "2023-07-03", json!({"location": "westeurope", "properties": {"osType": "Linux", "hyperVGeneration": "V3"}})).await;
+    assert_eq!(status, 400);
+    let message = body["error"]["message"].as_str().unwrap();
+    for why in ["osState", "identifier", "hyperVGeneration"] {
+        assert!(message.contains(why), "{why}: {message}");
+    }
+    let definition = json!({"location": "westeurope", "properties": {"osType": "Linux", "osState": "Generalized",
+        "hyperVGeneration": "V2", "architecture": "x64",
+        "identifier": {"publisher": "vmss-healer", "offer": "web", "sku": "prototype"}}});
+    let (status, _, _) = put("galleries/sig/images/web", "2023-07-03", definition).await;
+    assert_eq!(status, 201);
+
+    // A version: named as Azure requires, from the snapshot, Creating until its operation ends.
+    let version = |source: &str| {
+        json!({"location": "westeurope", "properties": {
+        "storageProfile": {"source": {"id": source}},
+        "publishingProfile": {"targetRegions": [{"name": "westeurope", "regionalReplicaCount": 1, "storageAccountType": "Standard_ZRS"}]}}})
+    };
+    for bad in ["v1", "1.2.3.4", "2026.12.99999999999"] {
+        let (http, u) = (
+            app.http.clone(),
+            url(
+                &format!("galleries/sig/images/web/versions/{bad}"),
+                "2023-07-03",
+            ),
+        );
+        let (status, _, _) = arm.send(http.put(u).json(&version(&snap_id))).await;
+        assert_eq!(status, 400, "{bad}");
+    }
+    let (status, headers, body) = put(
+        "galleries/sig/images/web/versions/2026.12.01",
+        "2023-07-03",
+        version(&snap_id),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["properties"]["provisioningState"], "Creating");
+    assert_eq!(arm.operation(&headers).await["status"], "InProgress");
+    let (_, _, listed) = get("galleries/sig/images/web/versions", "2023-07-03").await;
+    assert_eq!(
+        listed["value"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+    app.admin(reqwest::Method::POST, "artifacts/complete", None)
+        .await;
+    assert_eq!(arm.operation(&headers).await["status"], "Succeeded");
+    let (_, _, made) = get("galleries/sig/images/web/versions/2026.12.01", "2023-07-03").await;
+    assert_eq!(made["properties"]["provisioningState"], "Succeeded");
+
+    // One that fails says why, and stays Failed.
+    app.admin(
+        reqwest::Method::POST,
+        "operation-faults",
+        Some(json!({"verb": "imageversion", "status": "Failed",
+        "code": "ReplicationJobsNotCompleted", "message": "Replication job not completed."})),
+    )
+    .await;
+    let (status, headers, _) = put(
+        "galleries/sig/images/web/versions/2026.12.2",
+        "2023-07-03",
+        version(&snap_id),
+    )
+    .await;
+    assert_eq!(status, 201);
+    app.admin(reqwest::Method::POST, "artifacts/complete", None)
+        .await;
+    let status = arm.operation(&headers).await;
+    assert_eq!(
+        (status["status"].as_str(), status["error"]["code"].as_str()),
+        (Some("Failed"), Some("ReplicationJobsNotCompleted"))
+    );
+    let (_, _, failed) = get("galleries/sig/images/web/versions/2026.12.2", "2023-07-03").await;
+    assert_eq!(failed["properties"]["provisioningState"], "Failed");
+
+    // Deleting a version is long-running too.
+    let (status, headers, _) = arm
+        .send(app.http.delete(url(
+            "galleries/sig/images/web/versions/2026.12.2",
+            "2023-07-03",
+        )))
+        .await;
+    assert_eq!(status, 202);
+    app.admin(reqwest::Method::POST, "artifacts/complete", None)
+        .await;
+    assert_eq!(arm.operation(&headers).await["status"], "Succeeded");
+    let (status, _, _) = get("galleries/sig/images/web/versions/2026.12.2", "2023-07-03").await;
+    assert_eq!(status, 404);
+}

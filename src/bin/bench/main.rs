@@ -29,6 +29,8 @@ mod arm;
 #[path = "../../../tests/common/azurite.rs"]
 mod azurite;
 mod cycle;
+#[path = "../compute-sim/gallery.rs"]
+mod gallery;
 #[path = "../compute-sim/server.rs"]
 mod server;
 #[path = "../../../tests/common/sockets.rs"]

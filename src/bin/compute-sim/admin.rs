@@ -44,6 +44,9 @@ pub fn routes() -> Router<Shared> {
         .route("/admin/ratelimit", put(set_rate_limit))
         .route("/admin/locks", post(add_lock).delete(clear_locks))
         .route("/admin/serving", get(serving))
+        .route("/admin/artifacts", get(artifacts))
+        .route("/admin/artifacts/complete", post(complete_artifacts))
+        .route("/admin/artifacts/delay", put(set_artifact_delay))
 }
 
 fn not_found(what: &str) -> Response {
@@ -616,4 +619,23 @@ async fn clear_locks(State(s): State<Shared>) -> Response {
 /// How many instances served in each scale set, each time that changed, oldest first.
 async fn serving(State(s): State<Shared>) -> Response {
     Json(json!(s.world.lock().await.serving)).into_response()
+}
+
+/// Snapshots, galleries, image definitions and versions, by id.
+async fn artifacts(State(s): State<Shared>) -> Response {
+    let mut w = s.world.lock().await;
+    w.advance();
+    Json(json!(w.artifacts)).into_response()
+}
+
+/// Ends every snapshot's and image version's operation now, as planned.
+async fn complete_artifacts(State(s): State<Shared>) -> Response {
+    s.world.lock().await.finish_artifacts(true);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// How long image versions started from now on take.
+async fn set_artifact_delay(State(s): State<Shared>, Json(d): Json<Delay>) -> Response {
+    s.world.lock().await.image_version_delay = std::time::Duration::from_millis(d.ms);
+    StatusCode::NO_CONTENT.into_response()
 }

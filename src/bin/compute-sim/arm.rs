@@ -208,10 +208,13 @@ fn respond(
     let autoscale_path = path
         .to_ascii_lowercase()
         .contains("/providers/microsoft.insights/autoscalesettings");
+    let gallery_version = crate::gallery::api_version(&path.to_ascii_lowercase());
     let expected = if locks_path {
         LOCKS_API_VERSION
     } else if autoscale_path {
         AUTOSCALE_API_VERSION
+    } else if let Some(v) = gallery_version {
+        v
     } else {
         API_VERSION
     };
@@ -241,6 +244,19 @@ fn respond(
     if let ["subscriptions", _, "providers", "microsoft.compute", "locations", _, "operations", op] =
         l.as_slice()
     {
+        if let Some(a) = world.artifact_operation(op) {
+            let mut status =
+                json!({"name": op, "startTime": rfc3339(a.started), "status": a.outcome.label()});
+            if let Some(ended) = a.ended {
+                status["endTime"] = json!(rfc3339(ended));
+            }
+            if let Outcome::Failed { code, message } | Outcome::Canceled { code, message } =
+                &a.outcome
+            {
+                status["error"] = json!({"code": code, "message": message});
+            }
+            return json_ok(status);
+        }
         return match world.operations.get(*op) {
             Some(op) => {
                 let mut status = json!({
@@ -283,6 +299,12 @@ fn respond(
             rest.first().map(|_| segs[7]),
             &body,
         );
+    }
+    if gallery_version.is_some() {
+        let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        if let Some(answer) = crate::gallery::handle(world, base, method, &segs, &l, &body) {
+            return answer;
+        }
     }
     if let Some(answer) = vm_api(world, base, method, path, &segs, &l, query) {
         return answer;
@@ -485,7 +507,7 @@ fn patch_scale_set(
     r
 }
 
-fn json_ok(v: Value) -> Response {
+pub fn json_ok(v: Value) -> Response {
     (
         StatusCode::OK,
         [("content-type", "application/json")],
@@ -710,6 +732,8 @@ pub fn vm_json(set: &ScaleSet, vm: &Vm, expand: bool) -> Value {
                       "linuxConfiguration": {"disablePasswordAuthentication": true}},
         "protectionPolicy": {"protectFromScaleIn": vm.protect_from_scale_in,
                              "protectFromScaleSetActions": vm.protect_from_scale_set_actions},
+        "storageProfile": {"osDisk": {"osType": "Linux", "createOption": "FromImage",
+                                      "managedDisk": {"id": set.os_disk_id(vm)}}},
     });
     if expand {
         props["instanceView"] = instance_view_json(vm);

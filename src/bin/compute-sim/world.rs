@@ -93,6 +93,9 @@
 //!   scale set is a new setting for it.
 //! - What serves: after every request the instances serving in each set (running, UP, named by no
 //!   Terminate event) are noted when they changed, `GET /admin/serving`.
+//! - Snapshots, galleries, image definitions and image versions: `gallery.rs` says what it knows.
+//!   Each VM's OS disk is a managed disk named as Azure names them, shown in the VM's
+//!   `storageProfile.osDisk.managedDisk.id`.
 //! - A request can be carried out while its answer never arrives (a connection lost after ARM
 //!   accepted it): fault rules with `hangMs` hold the answer past the client's timeout.
 
@@ -281,6 +284,18 @@ impl ScaleSet {
         vm.name
             .clone()
             .unwrap_or_else(|| format!("{}_{}", self.name, vm.instance_id))
+    }
+
+    /// The managed OS disk of an instance (`{vm name}_OsDisk_1_{vm id without dashes}` in the
+    /// set's resource group, as Azure names them).
+    pub fn os_disk_id(&self, vm: &Vm) -> String {
+        format!(
+            "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/disks/{}_OsDisk_1_{}",
+            self.subscription,
+            self.resource_group,
+            self.vm_name(vm),
+            vm.vm_id.replace('-', "")
+        )
     }
 
     pub fn etag_value(&self) -> String {
@@ -540,6 +555,12 @@ pub struct World {
     /// How many instances of each scale set served, each time that changed (the history tests
     /// hold availability against: time moves only with requests, so this misses no moment).
     pub serving: Vec<ServingPoint>,
+    /// Snapshots, galleries, image definitions and versions by resource id (lower case).
+    pub artifacts: BTreeMap<String, crate::gallery::Artifact>,
+    /// How the artifacts' ended operations went, by operation id.
+    pub artifact_operations: HashMap<String, crate::gallery::ArtifactOperation>,
+    /// How long an image version takes to be created (Azure: half an hour to hours).
+    pub image_version_delay: Duration,
 }
 
 /// The instances serving in every scale set, from a moment on.
@@ -590,6 +611,9 @@ impl World {
             incarnation: 0,
             autoscale: BTreeMap::new(),
             serving: Vec::new(),
+            artifacts: BTreeMap::new(),
+            artifact_operations: HashMap::new(),
+            image_version_delay: operation_delay,
         }
     }
 
@@ -753,6 +777,7 @@ impl World {
         for id in due {
             self.complete(&id);
         }
+        self.finish_artifacts(false);
         self.enforce_autoscale();
     }
 
@@ -1134,7 +1159,7 @@ impl World {
             .find(|e| !e.approved && e.resources.iter().any(|r| r.eq_ignore_ascii_case(vm_name)))
     }
 
-    fn take_operation_fault(&mut self, verb: &str) -> Option<Outcome> {
+    pub fn take_operation_fault(&mut self, verb: &str) -> Option<Outcome> {
         let pos = self
             .operation_faults
             .iter()
