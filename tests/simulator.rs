@@ -1485,3 +1485,119 @@ async fn images_are_captured_from_a_disk_into_a_gallery_version_that_takes_its_t
     let (status, _, _) = get("galleries/sig/images/web/versions/2026.12.2", "2023-07-03").await;
     assert_eq!(status, 404);
 }
+
+/// A scale set's image can move between versions of its kind but never change kind: a set on a
+/// marketplace image cannot be pointed at a gallery image (409 OperationNotAllowed), a platform
+/// image keeps its publisher, offer and sku (409 PropertyChangeNotAllowed); a custom image must be
+/// there and done (404 GalleryImageNotFound). An accepted change is a new model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_sets_image_changes_only_within_its_kind() {
+    let definition = format!(
+        "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/galleries/sig/images/api",
+        common::SUB,
+        common::RG
+    );
+    let app = spawn_app()
+        .scale_set("web", 2)
+        .scale_set_spec(json!({"name": "api", "capacity": 2, "imageReference": {"id": definition}}))
+        .start()
+        .await;
+    let arm = Arm::new(&app).await;
+    let patch = |set: &'static str, image: Value| {
+        let (arm, url) = (&arm, arm.url(set, ""));
+        let body = json!({"properties": {"virtualMachineProfile": {"storageProfile": {"imageReference": image}}}});
+        async move { arm.send(arm.app.http.patch(url).json(&body)).await }
+    };
+    let (_, _, web) = arm.get("web").await;
+    let platform =
+        web["properties"]["virtualMachineProfile"]["storageProfile"]["imageReference"].clone();
+    assert_eq!(platform["publisher"], "Canonical", "{web}");
+
+    let (status, _, body) = patch("web", json!({"id": definition})).await;
+    assert_eq!(
+        (status, body["error"]["message"].as_str()),
+        (
+            409,
+            Some("The Image type for a Virtual Machine Scale Set may not be changed.")
+        )
+    );
+    let mut other_sku = platform.clone();
+    other_sku["sku"] = json!("24_04-lts");
+    let (status, _, body) = patch("web", other_sku).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("PropertyChangeNotAllowed"))
+    );
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("imageReference.sku"));
+    let mut pinned = platform.clone();
+    pinned["version"] = json!("22.04.202611010");
+    let (status, _, _) = patch("web", pinned).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        app.vm("web", 0).await["latest_model_applied"],
+        false,
+        "a new model"
+    );
+
+    // api is on a gallery image: a version that is not there (yet) is refused, a finished one taken.
+    let gallery = |tail: &str| {
+        format!(
+            "{}/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/galleries/{tail}?api-version=2023-07-03",
+            app.sim_url,
+            common::SUB,
+            common::RG
+        )
+    };
+    arm.send(
+        app.http
+            .put(gallery("sig"))
+            .json(&json!({"location": "westeurope"})),
+    )
+    .await;
+    let (status, _, _) = arm
+        .send(app.http.put(gallery("sig/images/api")).json(&json!({"location": "westeurope", "properties": {
+            "osType": "Linux", "osState": "Generalized", "identifier": {"publisher": "p", "offer": "o", "sku": "s"}}})))
+        .await;
+    assert_eq!(status, 201);
+    let (_, _, vm) = arm
+        .send(app.http.get(arm.url("api", "/virtualMachines/0")))
+        .await;
+    let disk = vm["properties"]["storageProfile"]["osDisk"]["managedDisk"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    app.admin(
+        reqwest::Method::PUT,
+        "artifacts/delay",
+        Some(json!({"ms": 3_600_000})),
+    )
+    .await;
+    let version = format!("{definition}/versions/1.0.0");
+    let (status, _, _) = arm
+        .send(
+            app.http
+                .put(gallery("sig/images/api/versions/1.0.0"))
+                .json(&json!({"location": "westeurope",
+            "properties": {"storageProfile": {"source": {"id": disk}}}})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (status, _, body) = patch("api", json!({"id": version})).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("GalleryImageNotFound")),
+        "still Creating"
+    );
+    app.admin(reqwest::Method::POST, "artifacts/complete", None)
+        .await;
+    let (status, _, answer) = patch("api", json!({"id": version})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["properties"]["virtualMachineProfile"]["storageProfile"]["imageReference"]["id"],
+        json!(version)
+    );
+    assert_eq!(app.vm("api", 1).await["latest_model_applied"], false);
+}

@@ -81,6 +81,9 @@ struct NewSet {
     /// Terminate notifications with this notice (Azure takes 5 to 15 minutes; tests take seconds).
     #[serde(default)]
     terminate_notification_seconds: Option<u64>,
+    /// The model's image reference (default: a marketplace Ubuntu).
+    #[serde(default)]
+    image_reference: Option<Value>,
 }
 
 fn default_location() -> String {
@@ -110,6 +113,9 @@ async fn create_set(State(s): State<Shared>, Json(n): Json<NewSet>) -> Response 
         set.terminate_notice = n
             .terminate_notification_seconds
             .map(std::time::Duration::from_secs);
+        if let Some(image) = n.image_reference {
+            set.image = image;
+        }
     }
     let created = OffsetDateTime::now_utc() - time::Duration::seconds(n.age_seconds);
     for vm in w

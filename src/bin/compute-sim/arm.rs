@@ -461,8 +461,60 @@ fn scale_set_answer(world: &World, key: &str, status: StatusCode) -> Response {
     r
 }
 
-/// A PATCH of the scale set: only `sku.capacity`, with `If-Match` honoured and the capacity limit
-/// enforced.
+/// A new image for the model, as Azure allows it (see `world.rs`): a new model on success, or
+/// ARM's refusal.
+fn change_image(world: &mut World, key: &str, image: &Value) -> Option<Response> {
+    let set = &world.sets[key];
+    let (was_custom, custom) = (set.image.get("id").is_some(), image.get("id").is_some());
+    if was_custom != custom {
+        return Some(arm_error(
+            StatusCode::CONFLICT,
+            "OperationNotAllowed",
+            "The Image type for a Virtual Machine Scale Set may not be changed.",
+        ));
+    }
+    if custom {
+        let id = image["id"].as_str().unwrap_or_default();
+        let ready = world
+            .artifacts
+            .get(&id.to_ascii_lowercase())
+            .is_some_and(|a| {
+                let kind = a.resource["type"].as_str().unwrap_or_default();
+                kind.eq_ignore_ascii_case("Microsoft.Compute/galleries/images")
+                    || (kind.eq_ignore_ascii_case("Microsoft.Compute/galleries/images/versions")
+                        && a.resource["properties"]["provisioningState"] == "Succeeded")
+            });
+        if !ready {
+            return Some(arm_error(
+                StatusCode::NOT_FOUND,
+                "GalleryImageNotFound",
+                format!("The gallery image {id} is not available in {} region. Please contact image owner to replicate to this region, or change your requested region.", set.location),
+            ));
+        }
+    } else {
+        for property in ["publisher", "offer", "sku"] {
+            if !image[property]
+                .as_str()
+                .unwrap_or_default()
+                .eq_ignore_ascii_case(set.image[property].as_str().unwrap_or_default())
+            {
+                return Some(arm_error(
+                    StatusCode::CONFLICT,
+                    "PropertyChangeNotAllowed",
+                    format!("Changing property 'imageReference.{property}' is not allowed."),
+                ));
+            }
+        }
+    }
+    if let Some(set) = world.sets.get_mut(key) {
+        set.image = image.clone();
+    }
+    world.new_model(key);
+    None
+}
+
+/// A PATCH of the scale set: `sku.capacity` (the capacity limit enforced) and the model's image
+/// reference, with `If-Match` honoured.
 fn patch_scale_set(
     world: &mut World,
     base: &str,
@@ -484,11 +536,22 @@ fn patch_scale_set(
             );
         }
     }
+    if let Some(image) =
+        body.pointer("/properties/virtualMachineProfile/storageProfile/imageReference")
+    {
+        if let Some(refused) = change_image(world, key, image) {
+            return refused;
+        }
+        if body.pointer("/sku/capacity").is_none() {
+            return scale_set_answer(world, key, StatusCode::OK);
+        }
+    }
+    let set = &world.sets[key];
     let Some(capacity) = body.pointer("/sku/capacity").and_then(Value::as_u64) else {
         return arm_error(
             StatusCode::BAD_REQUEST,
             "InvalidParameter",
-            "Only sku.capacity can be patched in the simulator.",
+            "Only sku.capacity and the image reference can be patched in the simulator.",
         );
     };
     if capacity as usize > set.max_capacity {
@@ -670,9 +733,10 @@ pub fn scale_set_json(set: &ScaleSet) -> Value {
         "timeCreated": "2026-01-01T00:00:00+00:00",
     });
     props["automaticRepairsPolicy"] = json!({"enabled": set.automatic_repairs, "gracePeriod": "PT30M", "repairAction": "Replace"});
+    props["virtualMachineProfile"] = json!({"storageProfile": {"imageReference": set.image}});
     if let Some(notice) = set.terminate_notice {
-        props["virtualMachineProfile"] = json!({"scheduledEventsProfile": {"terminateNotificationProfile": {
-            "notBeforeTimeout": format!("PT{}S", notice.as_secs()), "enable": true}}});
+        props["virtualMachineProfile"]["scheduledEventsProfile"] = json!({"terminateNotificationProfile": {
+            "notBeforeTimeout": format!("PT{}S", notice.as_secs()), "enable": true}});
     }
     let mut v = json!({
         "id": set.resource_id(),

@@ -93,6 +93,15 @@
 //!   scale set is a new setting for it.
 //! - What serves: after every request the instances serving in each set (running, UP, named by no
 //!   Terminate event) are noted when they changed, `GET /admin/serving`.
+//! - The model's image (`virtualMachineProfile.storageProfile.imageReference`) is a platform image
+//!   or a custom one (`id`), and a PATCH may not change which: 409 `OperationNotAllowed`, "The
+//!   Image type for a Virtual Machine Scale Set may not be changed." (MicrosoftDocs/azure-docs#89791
+//!   and #92371, Azure/azure-powershell#11817); nor a platform image's publisher, offer or sku:
+//!   409 `PropertyChangeNotAllowed`, "Changing property 'imageReference.sku' is not allowed."
+//!   (Azure/azure-powershell#11911). A custom image that is not there (or not yet `Succeeded`) is
+//!   404 `GalleryImageNotFound`, "The gallery image … is not available in … region."
+//!   (aztfmod/terraform-azurerm-caf#852, pulumi/pulumi-aws#5129). An accepted change is a new
+//!   model (instances outdated until upgraded).
 //! - Snapshots, galleries, image definitions and image versions: `gallery.rs` says what it knows.
 //!   Each VM's OS disk is a managed disk named as Azure names them, shown in the VM's
 //!   `storageProfile.osDisk.managedDisk.id`.
@@ -182,6 +191,15 @@ pub struct ScaleSet {
     pub model_version: u64,
     /// Terminate notifications: the notice a deleted instance gets, when enabled.
     pub terminate_notice: Option<Duration>,
+    /// The model's `storageProfile.imageReference`: a platform image (publisher, offer, sku,
+    /// version) or a custom one (`id`: a gallery image definition or version).
+    pub image: serde_json::Value,
+}
+
+/// What new scale sets run: Ubuntu 22.04 from the marketplace, as the sample deploys.
+pub fn platform_image() -> serde_json::Value {
+    serde_json::json!({"publisher": "Canonical", "offer": "0001-com-ubuntu-server-jammy",
+                       "sku": "22_04-lts-gen2", "version": "latest"})
 }
 
 impl ScaleSet {
@@ -675,6 +693,7 @@ impl World {
             max_capacity: 1000,
             model_version: 1,
             terminate_notice: None,
+            image: platform_image(),
         };
         let now = OffsetDateTime::now_utc();
         for _ in 0..capacity {
