@@ -1601,3 +1601,82 @@ async fn a_scale_sets_image_changes_only_within_its_kind() {
     );
     assert_eq!(app.vm("api", 1).await["latest_model_applied"], false);
 }
+
+/// What preparing an instance for capture needs: `runCommand` on a scale-set VM answers 202 with
+/// only a `Location` (`monitor=true`) that gives the script's output once it ran (REST spec
+/// example `VirtualMachineScaleSetVMRunCommand.json`); the agent's `prepare-image` clears the VM's
+/// machine state; `deallocate` stops it with its disks kept, and a deallocated VM runs no command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_set_vm_runs_a_command_and_is_deallocated_and_started_again() {
+    let app = spawn_app().scale_set("web", 2).start().await;
+    let arm = Arm::new(&app).await;
+    let run = |script: &'static str, command: &'static str| {
+        let (arm, url) = (&arm, arm.url("web", "/virtualMachines/0/runCommand"));
+        async move {
+            arm.send(
+                arm.app
+                    .http
+                    .post(url)
+                    .json(&json!({"commandId": command, "script": [script]})),
+            )
+            .await
+        }
+    };
+    let follow = |headers: reqwest::header::HeaderMap| {
+        let arm = &arm;
+        async move {
+            let url = headers["location"].to_str().unwrap().to_string();
+            assert!(url.contains("monitor=true"), "{url}");
+            assert!(headers.get("azure-asyncoperation").is_none());
+            arm.send(arm.app.http.get(url)).await
+        }
+    };
+    let (status, _, _) = run("true", "RunSomething").await;
+    assert_eq!(status, 400);
+    app.operation_delay_ms(3_600_000).await;
+    let (status, headers, _) = run("sudo vmss-healer-agent prepare-image", "RunShellScript").await;
+    assert_eq!(status, 202);
+    let (status, _, _) = follow(headers.clone()).await;
+    assert_eq!(status, 202, "still running");
+    assert_eq!(app.vm("web", 0).await["prepared"], false);
+    app.complete_operations().await;
+    let (status, _, result) = follow(headers).await;
+    assert_eq!(status, 200, "{result}");
+    assert_eq!(
+        result["value"][0]["code"],
+        "ComponentStatus/StdOut/succeeded"
+    );
+    assert!(result["value"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("machine-specific state cleared"));
+    assert_eq!(app.vm("web", 0).await["prepared"], true);
+
+    let (status, _, _) = arm
+        .send(
+            app.http
+                .post(arm.url("web", "/virtualMachines/0/deallocate")),
+        )
+        .await;
+    assert_eq!(status, 202);
+    app.complete_operations().await;
+    assert_eq!(app.vm("web", 0).await["power_state"], "deallocated");
+    let (status, _, body) = run("true", "RunShellScript").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("OperationNotAllowed"))
+    );
+    let (_, _, view) = arm
+        .send(
+            app.http
+                .get(arm.url("web", "/virtualMachines/0/instanceView")),
+        )
+        .await;
+    assert_eq!(view["hyperVGeneration"], "V2");
+    let (status, _, _) = arm
+        .send(app.http.post(arm.url("web", "/virtualMachines/0/start")))
+        .await;
+    assert_eq!(status, 202);
+    app.complete_operations().await;
+    assert_eq!(app.vm("web", 0).await["power_state"], "running");
+}

@@ -257,6 +257,11 @@ fn respond(
             }
             return json_ok(status);
         }
+        if query.get("monitor").is_some_and(|m| m == "true") {
+            if let Some(op) = world.operations.get(*op) {
+                return run_command_result(op);
+            }
+        }
         return match world.operations.get(*op) {
             Some(op) => {
                 let mut status = json!({
@@ -361,8 +366,11 @@ fn respond(
         }
         (
             Method::POST,
-            ["virtualmachines", id, verb @ ("restart" | "reimage" | "start" | "redeploy")],
+            ["virtualmachines", id, verb @ ("restart" | "reimage" | "start" | "redeploy" | "deallocate")],
         ) => instance_op(world, base, &key, segs[7], id, verb),
+        (Method::POST, ["virtualmachines", id, "runcommand"]) => {
+            run_command(world, base, &key, segs[7], id, &parsed_body)
+        }
         (
             Method::POST,
             [verb @ ("delete" | "restart" | "reimage" | "start" | "redeploy" | "manualupgrade")],
@@ -408,6 +416,7 @@ fn effect(verb: &str, ids: Vec<u64>) -> Effect {
         "start" => Effect::Start(ids),
         "redeploy" => Effect::Redeploy(ids),
         "manualupgrade" => Effect::Upgrade(ids),
+        "deallocate" => Effect::Deallocate(ids),
         _ => Effect::Reimage(ids),
     }
 }
@@ -660,6 +669,88 @@ fn instance_op(
     accepted(base, &world.sets[key], &op)
 }
 
+/// `runCommand` on a scale-set VM (`VirtualMachineScaleSetVMs_RunCommand`, REST spec example
+/// `VirtualMachineScaleSetVMRunCommand.json`): a built-in command id and the script's lines; 202
+/// with only a `Location` (`…/operations/{id}?monitor=true`), which answers 202 while the script
+/// runs and then 200 with the `RunCommandResult` (`ComponentStatus/StdOut/succeeded` and
+/// `…/StdErr/…` statuses whose `message` is the output). A VM that is not running cannot run one
+/// (409 `OperationNotAllowed`, the simulator's wording of it).
+fn run_command(
+    world: &mut World,
+    base: &str,
+    key: &str,
+    set_name: &str,
+    id: &str,
+    body: &Value,
+) -> Response {
+    let set = &world.sets[key];
+    let Some(n) = set.find(id).filter(|n| set.vms.contains_key(n)) else {
+        return vm_not_found(set_name, id);
+    };
+    if !matches!(
+        body["commandId"].as_str(),
+        Some("RunShellScript" | "RunPowerShellScript")
+    ) {
+        return arm_error(
+            StatusCode::BAD_REQUEST,
+            "InvalidParameter",
+            "commandId must be RunShellScript or RunPowerShellScript in the simulator.",
+        );
+    }
+    let script: Vec<&str> = body["script"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let vm = &set.vms[&n];
+    if vm.power_state != "running" {
+        return arm_error(
+            StatusCode::CONFLICT,
+            "OperationNotAllowed",
+            "The operation requires the VM to be running (or set to run).",
+        );
+    }
+    if let Some(refusal) = refuse(set, "runcommand", &[n]) {
+        return refusal;
+    }
+    let op = world.start_operation(key, Effect::RunCommand(n, script.join("\n")));
+    let set = &world.sets[key];
+    let mut r = StatusCode::ACCEPTED.into_response();
+    let url = operation_url(base, set, &op).replace("?api-version", "?monitor=true&api-version");
+    if let Ok(v) = HeaderValue::from_str(&url) {
+        r.headers_mut().insert("location", v);
+    }
+    r
+}
+
+/// What a run command's `Location` answers: 202 while it runs, then its result (or error).
+fn run_command_result(op: &crate::world::Operation) -> Response {
+    let Effect::RunCommand(_, script) = &op.effect else {
+        return arm_error(
+            StatusCode::NOT_FOUND,
+            "OperationNotFound",
+            "not a run command",
+        );
+    };
+    match &op.outcome {
+        Outcome::InProgress => StatusCode::ACCEPTED.into_response(),
+        Outcome::Succeeded => {
+            let stdout = if script.contains("vmss-healer-agent prepare-image") {
+                "vmss-healer-agent: machine-specific state cleared (hostname, cloud-init, machine-id)"
+            } else {
+                ""
+            };
+            let status = |stream: &str, message: &str| {
+                json!({"code": format!("ComponentStatus/{stream}/succeeded"), "level": "Info",
+                       "displayStatus": "Provisioning succeeded", "message": message})
+            };
+            json_ok(json!({"value": [status("StdOut", stdout), status("StdErr", "")]}))
+        }
+        Outcome::Failed { code, message } | Outcome::Canceled { code, message } => {
+            arm_error(StatusCode::CONFLICT, code, message.clone())
+        }
+    }
+}
+
 fn operation_url(base: &str, set: &ScaleSet, op: &str) -> String {
     format!(
         "{base}/subscriptions/{}/providers/Microsoft.Compute/locations/{}/operations/{op}?api-version={API_VERSION}",
@@ -766,6 +857,8 @@ fn instance_view_json(vm: &Vm) -> Value {
         "displayStatus": format!("VM {}", vm.power_state),
     }));
     let mut view = json!({
+        // What a golden image's definition takes from the instance it is captured from.
+        "hyperVGeneration": "V2",
         "platformUpdateDomain": vm.instance_id % 5,
         "platformFaultDomain": vm.instance_id % 2,
         "computerName": vm.computer_name,

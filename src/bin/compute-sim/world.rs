@@ -168,6 +168,8 @@ pub struct Vm {
     #[serde(with = "time::serde::rfc3339::option")]
     pub maintenance_until: Option<OffsetDateTime>,
     pub sequence: i64,
+    /// Its machine-specific state was cleared for a golden image (`prepare-image`).
+    pub prepared: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -356,6 +358,7 @@ impl ScaleSet {
                 fault: Fault::Soft,
                 maintenance_until: None,
                 sequence: 0,
+                prepared: false,
             },
         );
         id
@@ -392,6 +395,11 @@ pub enum Effect {
     /// The manual upgrade: the latest model on these instances.
     Upgrade(Vec<u64>),
     Scale(usize),
+    /// Stops the VM and releases its host (`deallocate`): it keeps its disks.
+    Deallocate(Vec<u64>),
+    /// Runs a script in the VM (`runCommand`); a script that runs `vmss-healer-agent
+    /// prepare-image` clears the VM's machine-specific state.
+    RunCommand(u64, String),
 }
 
 impl Effect {
@@ -404,6 +412,8 @@ impl Effect {
             Effect::Redeploy(_) => "redeploy",
             Effect::Upgrade(_) => "upgrade",
             Effect::Scale(_) => "scale",
+            Effect::Deallocate(_) => "deallocate",
+            Effect::RunCommand(..) => "runcommand",
         }
     }
 
@@ -414,7 +424,9 @@ impl Effect {
             | Effect::Reimage(ids)
             | Effect::Start(ids)
             | Effect::Redeploy(ids)
-            | Effect::Upgrade(ids) => ids,
+            | Effect::Upgrade(ids)
+            | Effect::Deallocate(ids) => ids,
+            Effect::RunCommand(id, _) => std::slice::from_ref(id),
             Effect::Scale(_) => &[],
         }
     }
@@ -875,6 +887,8 @@ impl World {
                 Effect::Redeploy(_) => (ACTION, "redeploy/action"),
                 Effect::Upgrade(_) => (ACTION, "manualupgrade/action"),
                 Effect::Scale(_) => (WRITE, "write"),
+                Effect::Deallocate(_) => (ACTION, "deallocate/action"),
+                Effect::RunCommand(..) => (ACTION, "runCommand/action"),
             };
             for id in effect.instances() {
                 if let Some(vm) = set.vms.get(id) {
@@ -913,6 +927,14 @@ impl World {
                 "Microsoft.Compute/virtualMachineScaleSets/manualupgrade/action",
             ),
             Effect::Scale(_) => (WRITE, "Microsoft.Compute/virtualMachineScaleSets/write"),
+            Effect::Deallocate(_) => (
+                ACTION,
+                "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/deallocate/action",
+            ),
+            Effect::RunCommand(..) => (
+                ACTION,
+                "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/runCommand/action",
+            ),
         };
         let per_vm_only = !vm_events.is_empty() && !matches!(effect, Effect::Delete(_));
         match effect {
@@ -939,6 +961,22 @@ impl World {
                         vm.power_state = "running".into();
                         vm.provisioning_state = "Succeeded".into();
                         vm.provisioned_at = OffsetDateTime::now_utc();
+                    }
+                }
+            }
+            Effect::Deallocate(ids) => {
+                for id in ids {
+                    if let Some(vm) = set.vms.get_mut(&id) {
+                        vm.power_state = "deallocated".into();
+                        vm.provisioning_state = "Succeeded".into();
+                        vm.provisioned_at = OffsetDateTime::now_utc();
+                    }
+                }
+            }
+            Effect::RunCommand(id, script) => {
+                if let Some(vm) = set.vms.get_mut(&id) {
+                    if script.contains("vmss-healer-agent prepare-image") {
+                        vm.prepared = true;
                     }
                 }
             }
@@ -1056,6 +1094,16 @@ impl World {
                     }
                     set.etag += 1;
                 }
+                Effect::Deallocate(ids) => {
+                    for id in ids {
+                        if let Some(vm) = set.vms.get_mut(id) {
+                            vm.provisioning_state = "Updating".into();
+                            vm.power_state = "deallocating".into();
+                        }
+                    }
+                }
+                // A script runs beside the VM's own work: its states do not change.
+                Effect::RunCommand(..) => {}
             }
         }
         // A delete under terminate notifications waits for each VM's Terminate event: approved,
