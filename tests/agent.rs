@@ -1171,6 +1171,18 @@ fn the_windows_agent_keeps_the_rules_it_cannot_be_run_against() {
     assert!(
         install.contains("-RepetitionInterval") && install.contains("-MultipleInstances IgnoreNew")
     );
+    // Issue 17: a golden image from a Windows VM is Sysprep's generalization, once, before the
+    // settings are checked (it needs no topic), saying on one line that the VM needs a reimage.
+    assert!(agent.contains("'/generalize', '/oobe', '/quit', '/mode:vm'"));
+    assert!(agent.contains("-ne 'IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE'"));
+    assert!(agent.contains("'vmss-healer-agent: machine-specific state cleared (sysprep generalize; reimage to serve again)'"));
+    let prepare = agent.find("if ($Command -eq 'prepare-image')").unwrap();
+    assert!(
+        prepare
+            < agent
+                .find("# ---- settings, all problems at once ----")
+                .unwrap()
+    );
 }
 
 #[test]
@@ -1475,4 +1487,103 @@ async fn a_flexible_vms_agent_is_heard_and_its_vm_repaired() {
         restarts[0].ends_with(&format!("/virtualMachines/{name}/restart")),
         "{restarts:?}"
     );
+}
+
+/// Issue 17: `prepare-image` clears what makes the disk this machine's (cloud-init's state, the
+/// machine id, the hostname, the SSH host keys) and the agent's own state, says so on one line the
+/// healer reads from Run Command's output, needs no topic, and can run twice.
+#[test]
+fn prepare_image_clears_machine_state_and_can_run_twice() {
+    use std::os::unix::fs::PermissionsExt;
+    let scratch = Scratch::new();
+    let root = scratch.0.join("root");
+    for dir in ["etc/ssh", "var/lib/dbus"] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    std::fs::write(root.join("etc/machine-id"), "0123456789abcdef\n").unwrap();
+    std::fs::write(root.join("var/lib/dbus/machine-id"), "0123456789abcdef\n").unwrap();
+    std::fs::write(root.join("etc/hostname"), "web000001\n").unwrap();
+    std::fs::write(root.join("etc/ssh/ssh_host_ed25519_key"), "secret").unwrap();
+    std::fs::write(root.join("etc/ssh/ssh_host_ed25519_key.pub"), "public").unwrap();
+    std::fs::write(root.join("etc/ssh/sshd_config"), "PermitRootLogin no\n").unwrap();
+    let state = scratch.0.join("state");
+    for f in ["maintenance-until", "draining", "event-1.seen", "keep-me"] {
+        std::fs::write(state.join(f), "x").unwrap();
+    }
+    // cloud-init, as the agent finds it on PATH: records how it was asked.
+    let cloud_init = scratch.0.join("bin/cloud-init");
+    std::fs::write(
+        &cloud_init,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> '{}'\n",
+            scratch.0.join("cloud-init.calls").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&cloud_init, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let run = || {
+        Command::new("bash")
+            .arg(AGENT)
+            .arg("prepare-image")
+            .env_clear()
+            .env(
+                "PATH",
+                format!("{}:/usr/bin:/bin", scratch.0.join("bin").display()),
+            )
+            .env("HEALER_AGENT_ENV", scratch.0.join("no-such.env"))
+            .env("HEALER_ROOT", &root)
+            .env("HEALER_STATE_DIR", &state)
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    let out = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        first.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert_eq!(
+        out.trim(),
+        "vmss-healer-agent: machine-specific state cleared (cloud-init,machine-id,hostname)"
+    );
+    assert_eq!(
+        std::fs::read_to_string(scratch.0.join("cloud-init.calls")).unwrap(),
+        "clean --logs\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/machine-id")).unwrap(),
+        "",
+        "empty, not gone"
+    );
+    assert!(!root.join("var/lib/dbus/machine-id").exists());
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/hostname")).unwrap(),
+        "localhost\n"
+    );
+    assert!(!root.join("etc/ssh/ssh_host_ed25519_key").exists());
+    assert!(!root.join("etc/ssh/ssh_host_ed25519_key.pub").exists());
+    assert!(
+        root.join("etc/ssh/sshd_config").exists(),
+        "only the host keys go"
+    );
+    let left: Vec<String> = std::fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        left,
+        vec!["keep-me".to_string()],
+        "only the agent's own files go"
+    );
+
+    let second = run();
+    assert!(second.status.success());
+    assert!(String::from_utf8_lossy(&second.stdout).contains("machine-specific state cleared"));
+
+    // A cloud-init that fails stops it with an error: the image would keep this VM's provisioning.
+    std::fs::write(&cloud_init, "#!/bin/sh\nexit 3\n").unwrap();
+    let failed = run();
+    assert!(!failed.status.success());
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("cloud-init clean failed"));
 }

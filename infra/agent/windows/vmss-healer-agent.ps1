@@ -10,6 +10,9 @@
   vmss-healer-agent.ps1 maintenance <duration>   MAINTENANCE until now + duration, sent at once
   vmss-healer-agent.ps1 maintenance off          back to reporting health
   vmss-healer-agent.ps1 config                   print the effective settings
+  vmss-healer-agent.ps1 prepare-image            generalize this VM (Sysprep) so that its OS disk can
+                                                 become a golden image (Administrator; idempotent;
+                                                 run by the healer's `handler prototype`)
 
   Drains like the Linux agent: for this VM's scheduled Terminate, Reboot, Redeploy or Preempt
   (IMDS scheduled events), HEALER_DRAIN_FILE exists, DRAINING is published until the event's
@@ -79,6 +82,30 @@ $Schema = if ($env:HEALER_SCHEMA) { $env:HEALER_SCHEMA } else { 'eventgrid' }
 $Attest = $env:HEALER_ATTEST -in @('true', '1', 'yes')
 $DrainCommand = $env:HEALER_DRAIN_COMMAND
 $DrainFile = if ($env:HEALER_DRAIN_FILE) { $env:HEALER_DRAIN_FILE } else { Join-Path $StateDir 'draining' }
+
+# ---- a golden image from this VM (issue 17) ----
+# Windows' own generalization: Sysprep removes what makes the installation this machine's (SID,
+# computer name, drivers' state), and the next boot goes through OOBE — so the VM must be reimaged
+# to serve again, which the healer does. /quit, not /shutdown: the healer deallocates it. A VM
+# already generalized is not generalized twice (Sysprep refuses a second pass).
+function Invoke-PrepareImage {
+    $principal = [Security.Principal.WindowsPrincipal][Security.Principal.WindowsIdentity]::GetCurrent()
+    if (-not $principal.IsInRole([Security.Principal.WindowsBuiltInRole]::Administrator)) {
+        Write-Log error 'prepare-image clears machine state: run it as Administrator'
+        exit 2
+    }
+    foreach ($file in @($MaintenanceFile, $DrainState, $DrainFile)) { Remove-Item -Force -ErrorAction SilentlyContinue $file }
+    Get-ChildItem -Path $StateDir -Filter 'event-*' -ErrorAction SilentlyContinue | Remove-Item -Force -ErrorAction SilentlyContinue
+    $state = (Get-ItemProperty -Path 'HKLM:\SOFTWARE\Microsoft\Windows\CurrentVersion\Setup\State' -ErrorAction SilentlyContinue).ImageState
+    if ($state -ne 'IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE') {
+        $sysprep = Join-Path $env:SystemRoot 'System32\Sysprep\sysprep.exe'
+        $run = Start-Process -FilePath $sysprep -ArgumentList '/generalize', '/oobe', '/quit', '/mode:vm' -Wait -PassThru
+        if ($run.ExitCode -ne 0) { Write-Log error "sysprep failed (exit $($run.ExitCode)): the image would keep this VM's identity"; exit 1 }
+    }
+    # The healer reads this line from the command's output.
+    'vmss-healer-agent: machine-specific state cleared (sysprep generalize; reimage to serve again)'
+}
+if ($Command -eq 'prepare-image') { Invoke-PrepareImage; exit 0 }
 
 # ---- settings, all problems at once ----
 $problems = @()
@@ -398,5 +425,5 @@ switch ($Command) {
         # Say so now: a reboot may follow before the next interval.
         if (Send-Heartbeat 15000) { exit 0 } else { exit 1 }
     }
-    default { Write-Log error "unknown command '$Command': run | once | config | maintenance <duration>|off"; exit 2 }
+    default { Write-Log error "unknown command '$Command': run | once | config | maintenance <duration>|off | prepare-image"; exit 2 }
 }
