@@ -192,6 +192,7 @@ mod tests {
             state,
             ended_at,
             error,
+            output: None,
         };
         assert_eq!(
             settle(&inc, &status(OperationState::InProgress, None, None), t0),

@@ -3,6 +3,8 @@
 //! starts one, and its `Azure-AsyncOperation` status says how it ended.
 
 use crate::autoscale::AutoscaleSetting;
+
+mod image;
 use crate::mirror::{AppHealth, Instance, Lock, LockLevel};
 use crate::scaleset::{Orchestration, ScaleSetId};
 use async_trait::async_trait;
@@ -11,6 +13,7 @@ use azure_core::error::ErrorKind;
 use azure_core::{HttpClient, StatusCode};
 use azure_mgmt_compute::package_2024_07_01::{models, Client};
 use futures::{StreamExt, TryStreamExt};
+pub use image::{ImageVersion, InstanceDisk};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -276,6 +279,18 @@ pub struct ScaleSetInfo {
     pub terminate_notice: Option<time::Duration>,
     /// The region, as ARM spells it (`westeurope`).
     pub location: Option<String>,
+    /// The model's image: a gallery image's id, or `publisher:offer:sku:version` of a platform
+    /// image (a scale set cannot change from one kind to the other).
+    pub image: Option<ImageRef>,
+}
+
+/// A scale set model's image reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageRef {
+    /// A gallery image definition (the latest version) or version, or a managed image, by id.
+    Custom(String),
+    /// A marketplace image: `publisher:offer:sku:version`.
+    Platform(String),
 }
 
 impl ScaleSetInfo {
@@ -347,6 +362,9 @@ pub struct OperationStatus {
     /// When ARM says it ended (its `endTime`), if it did and said so.
     pub ended_at: Option<OffsetDateTime>,
     pub error: Option<ArmError>,
+    /// What a finished command wrote to its standard output (a Run Command's result, read from
+    /// its `Location`).
+    pub output: Option<String>,
 }
 
 /// Throttling and volume, observed on every raw response before the SDK turns errors into values
@@ -706,6 +724,23 @@ impl Compute {
                 .and_then(|t| t.not_before_timeout.as_deref())
                 .and_then(iso_duration),
             location: Some(vmss.resource.location.to_ascii_lowercase()).filter(|l| !l.is_empty()),
+            image: props
+                .and_then(|p| p.virtual_machine_profile.as_ref())
+                .and_then(|v| v.storage_profile.as_ref())
+                .and_then(|s| s.image_reference.as_ref())
+                .and_then(|i| {
+                    let id = i.sub_resource.id.clone().filter(|id| !id.is_empty());
+                    match id {
+                        Some(id) => Some(ImageRef::Custom(id)),
+                        None => Some(ImageRef::Platform(format!(
+                            "{}:{}:{}:{}",
+                            i.publisher.as_deref()?,
+                            i.offer.as_deref()?,
+                            i.sku.as_deref()?,
+                            i.version.as_deref().unwrap_or("latest")
+                        ))),
+                    }
+                }),
         })
     }
 
@@ -1381,11 +1416,24 @@ fn parse_operation_status(
                 state: OperationState::InProgress,
                 ended_at: None,
                 error: None,
+                output: None,
             },
             _ => OperationStatus {
                 state: OperationState::Succeeded,
                 ended_at,
                 error: None,
+                // A RunCommandResult: `ComponentStatus/StdOut/…` carries the output.
+                output: json["value"].as_array().and_then(|statuses| {
+                    statuses
+                        .iter()
+                        .find(|s| {
+                            s["code"]
+                                .as_str()
+                                .is_some_and(|c| c.starts_with("ComponentStatus/StdOut"))
+                        })
+                        .and_then(|s| s["message"].as_str())
+                        .map(|m| m.chars().take(4096).collect())
+                }),
             },
         });
     }
@@ -1411,6 +1459,7 @@ fn parse_operation_status(
         state,
         ended_at,
         error,
+        output: None,
     })
 }
 
