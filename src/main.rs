@@ -118,6 +118,45 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A golden image from a known-good instance: prepared, captured into a gallery image
+    /// version, restored; the model then follows the image definition.
+    Prototype {
+        /// A watched scale set (resource id or name), already on a gallery image.
+        scale_set: String,
+        /// The instance to capture.
+        #[arg(long)]
+        instance: Option<String>,
+        /// Choose the instance ready the longest.
+        #[arg(long)]
+        auto: bool,
+        /// The gallery (default SIG_<resource group>).
+        #[arg(long)]
+        gallery: Option<String>,
+        /// Image versions to keep (at least 2).
+        #[arg(long, default_value = "3")]
+        max_history: String,
+        /// With --auto: how long the instance must have been ready.
+        #[arg(long, default_value = "1h")]
+        minimum_ready: String,
+        /// How long each step on the instance may take, its return to health included.
+        #[arg(long, default_value = "30m")]
+        timeout: String,
+        /// How long the image version may take to be created.
+        #[arg(long, default_value = "3h")]
+        version_timeout: String,
+        /// Then upgrade every instance to the new image, as `handler cycle --action upgrade`.
+        #[arg(long)]
+        then_cycle: bool,
+        /// Decide and journal every step, call nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Why, for the journal and `handler operations`.
+        #[arg(long, default_value = "no reason given")]
+        reason: String,
+        /// As JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Pause, resume or abort a long-running operation.
     Operation {
         #[command(subcommand)]
@@ -293,6 +332,7 @@ fn operator_command(command: Command) -> i32 {
         Command::Operation { .. } => "operation",
         Command::Cycle { .. } => "cycle",
         Command::Swap { .. } => "swap",
+        Command::Prototype { .. } => "prototype",
     };
     let result = runtime.block_on(async {
         let store =
@@ -351,6 +391,33 @@ fn operator_command(command: Command) -> i32 {
                     dry_run: *dry_run,
                 };
                 operator::start_swap(&settings, &store, from, to, &raw, reason, *json).await
+            }
+            Command::Prototype {
+                scale_set,
+                instance,
+                auto,
+                gallery,
+                max_history,
+                minimum_ready,
+                timeout,
+                version_timeout,
+                then_cycle,
+                dry_run,
+                reason,
+                json,
+            } => {
+                let raw = vmss_healer::operations::prototype::Raw {
+                    instance: instance.as_deref(),
+                    auto: *auto,
+                    gallery: gallery.as_deref(),
+                    max_history: Some(max_history),
+                    minimum_ready: Some(minimum_ready),
+                    timeout: Some(timeout),
+                    version_timeout: Some(version_timeout),
+                    then_cycle: *then_cycle,
+                    dry_run: *dry_run,
+                };
+                operator::start_prototype(&settings, &store, scale_set, &raw, reason, *json).await
             }
             Command::Operation { command } => {
                 use vmss_healer::operations::Command as Op;

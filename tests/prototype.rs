@@ -235,3 +235,382 @@ async fn the_calls_a_golden_image_takes_work_against_the_simulator() {
         .unwrap();
     assert_eq!(state(&compute, &deleted).await.0, OperationState::Succeeded);
 }
+
+/// One round of the Function App's timers and the fleet, as in the other operation tests.
+async fn round(app: &TestApp) -> serde_json::Value {
+    app.complete_operations().await;
+    app.heartbeat_round().await;
+    let (status, answer) = app.invoke_timer("monitor-state").await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(status, 200, "{answer}");
+    answer
+}
+
+fn operation(answer: &serde_json::Value) -> &serde_json::Value {
+    &answer["ReturnValue"]["scale_sets"][0]["operation"]
+}
+
+fn gallery_url(app: &TestApp, tail: &str) -> String {
+    format!(
+        "{}/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/galleries/{tail}?api-version=2023-07-03",
+        app.sim_url,
+        common::SUB,
+        common::RG
+    )
+}
+
+async fn arm(
+    app: &TestApp,
+    method: reqwest::Method,
+    url: String,
+    body: Option<serde_json::Value>,
+) -> serde_json::Value {
+    let identity = SimulatorIdentity {
+        url: app.sim_url.clone(),
+        http: app.http.clone(),
+    };
+    let token = azure_core::auth::TokenCredential::get_token(&identity, &[])
+        .await
+        .unwrap();
+    let mut request = app
+        .http
+        .request(method, url)
+        .bearer_auth(token.token.secret());
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    request
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn api_on_a_gallery_image() -> serde_json::Value {
+    serde_json::json!({"name": "api", "capacity": 3, "imageReference": {"id": format!(
+        "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/galleries/SIG_{}/images/api-prototype/versions/2026.101.0",
+        common::SUB, common::RG, common::RG.replace('-', "_"))}})
+}
+
+/// `--auto` takes the healthy instance ready the longest (ties: the lowest id), which is held
+/// while it is prepared, deallocated, snapshotted and captured into a version that takes several
+/// passes; it comes back healthy; then the model follows the definition, the snapshot goes, the
+/// versions beyond `--max-history` go (never the one the model named), and the rolling upgrade
+/// starts. The healer never repaired the instance it did not hear from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_captures_the_longest_ready_instance_and_the_model_follows_its_image() {
+    let app = spawn_app()
+        .scale_set_spec(api_on_a_gallery_image())
+        .start()
+        .await;
+    let gallery = format!("SIG_{}", common::RG.replace('-', "_"));
+    // Earlier images: three versions of the definition, the model on the oldest.
+    arm(
+        &app,
+        reqwest::Method::PUT,
+        gallery_url(&app, &gallery),
+        Some(serde_json::json!({"location": "westeurope"})),
+    )
+    .await;
+    arm(&app, reqwest::Method::PUT, gallery_url(&app, &format!("{gallery}/images/api-prototype")), Some(serde_json::json!({"location": "westeurope",
+        "properties": {"osType": "Linux", "osState": "Generalized", "hyperVGeneration": "V2", "identifier": {"publisher": "p", "offer": "o", "sku": "s"}}}))).await;
+    let disk = compute(&app)
+        .instance_disk(&TestApp::scale_set("api"), "2")
+        .await
+        .unwrap()
+        .os_disk;
+    for v in ["2026.101.0", "2026.102.0", "2026.103.0"] {
+        arm(&app, reqwest::Method::PUT, gallery_url(&app, &format!("{gallery}/images/api-prototype/versions/{v}")),
+            Some(serde_json::json!({"location": "westeurope", "properties": {"storageProfile": {"source": {"id": disk}}}}))).await;
+    }
+    // Instance 0 is down: never the one captured.
+    app.sync_and_break("api", 0, serde_json::json!({"beat": "down"}))
+        .await;
+    round(&app).await;
+    app.admin(
+        reqwest::Method::PUT,
+        "artifacts/delay",
+        Some(serde_json::json!({"ms": 3_600_000})),
+    )
+    .await;
+    let (code, out, err) = app.cli(&[
+        "prototype",
+        "api",
+        "--auto",
+        "--minimum-ready",
+        "10m",
+        "--max-history",
+        "2",
+        "--then-cycle",
+        "--reason",
+        "monthly image",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    let mut answers = Vec::new();
+    let mut completed = false;
+    for _ in 0..40 {
+        let answer = round(&app).await;
+        let op = operation(&answer).clone();
+        answers.push(answer);
+        if op["state"] == "succeeded" || op["state"] == "failed" {
+            break;
+        }
+        // The version takes several passes; then it is done.
+        if !completed
+            && op["progress"]
+                .as_str()
+                .unwrap_or("")
+                .contains("image version")
+        {
+            let listed = arm(
+                &app,
+                reqwest::Method::GET,
+                gallery_url(&app, &format!("{gallery}/images/api-prototype/versions")),
+                None,
+            )
+            .await;
+            if listed["value"].as_array().map_or(0, Vec::len) == 4 {
+                assert_eq!(
+                    app.vm("api", 1).await["power_state"],
+                    "deallocated",
+                    "held while captured"
+                );
+                app.admin(reqwest::Method::POST, "artifacts/complete", None)
+                    .await;
+                completed = true;
+            }
+        }
+    }
+    let last = operation(answers.last().unwrap()).clone();
+    assert_eq!(last["state"], "succeeded", "{:#}", answers.last().unwrap());
+    assert!(completed, "the version was created over several passes");
+    let fleet = app.fleet("api").await;
+    assert_eq!(
+        app.vm("api", 1).await["prepared"],
+        true,
+        "instance 1 was captured"
+    );
+    assert_eq!(
+        app.vm("api", 1).await["power_state"],
+        "running",
+        "and restored"
+    );
+    let set = arm(
+        &app,
+        reqwest::Method::GET,
+        format!(
+            "{}{}?api-version=2024-07-01",
+            app.sim_url,
+            common::scale_set_id("api")
+        ),
+        None,
+    )
+    .await;
+    assert_eq!(
+        set["properties"]["virtualMachineProfile"]["storageProfile"]["imageReference"]["id"],
+        serde_json::json!(vmss_healer::operations::prototype::definition_id(
+            &TestApp::scale_set("api"),
+            &gallery
+        )),
+        "{fleet}"
+    );
+    // History: the new version (named to sort after every earlier one) and the newest old one;
+    // the model now follows the definition, so its old version is history like the others.
+    let listed = arm(
+        &app,
+        reqwest::Method::GET,
+        gallery_url(&app, &format!("{gallery}/images/api-prototype/versions")),
+        None,
+    )
+    .await;
+    let mut names: Vec<String> = listed["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    let today = time::OffsetDateTime::now_utc();
+    let new = format!(
+        "{}.{}{:02}.0",
+        today.year(),
+        u8::from(today.month()),
+        today.day()
+    );
+    assert_eq!(names, vec!["2026.103.0".to_string(), new], "{names:?}");
+    let artifacts = app.admin(reqwest::Method::GET, "artifacts", None).await;
+    let snapshots: Vec<&String> = artifacts
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| k.contains("/snapshots/"))
+        .collect();
+    assert!(snapshots.is_empty(), "the snapshot is gone: {snapshots:?}");
+    // The journal: every step, and no repair of the instance the healer could not hear from.
+    let (journal, _) = app.recent_journal(&TestApp::scale_set("api")).await;
+    let outcomes: Vec<&str> = journal
+        .iter()
+        .rev()
+        .filter(|e| e.incident.starts_with("prototype-"))
+        .map(|e| e.outcome.as_str())
+        .collect();
+    for step in [
+        "started",
+        "prepared",
+        "deallocated",
+        "snapshot",
+        "captured",
+        "restored",
+        "published",
+        "succeeded",
+        "then_cycle",
+    ] {
+        assert!(outcomes.contains(&step), "{step} missing: {outcomes:?}");
+    }
+    assert!(
+        journal
+            .iter()
+            .all(|e| !(e.instance_id == "1" && e.kind == vmss_healer::journal::EntryKind::Repair)),
+        "{journal:?}"
+    );
+    let (_, ops, _) = app.cli(&["operations", "api", "--json"]);
+    assert!(
+        ops.contains("\"kind\": \"cycle\""),
+        "the rolling upgrade started: {ops}"
+    );
+}
+
+/// A version that fails leaves the model as it was and the instance restored, with an alert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_version_restores_the_instance_and_leaves_the_model() {
+    let (url, receiver) =
+        common::webhook::start_receiver(common::webhook::Receiver::default()).await;
+    let app = spawn_app()
+        .scale_set_spec(api_on_a_gallery_image())
+        .env("HEALER_WEBHOOK_URL", &url)
+        .start()
+        .await;
+    round(&app).await;
+    app.admin(
+        reqwest::Method::POST,
+        "operation-faults",
+        Some(
+            serde_json::json!({"verb": "imageversion", "status": "Failed",
+        "code": "ReplicationJobsNotCompleted", "message": "Replication job not completed."}),
+        ),
+    )
+    .await;
+    let (code, out, err) = app.cli(&["prototype", "api", "--instance", "2"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let mut last = serde_json::Value::Null;
+    for _ in 0..40 {
+        let answer = round(&app).await;
+        last = operation(&answer).clone();
+        if last["state"] == "failed" || last["state"] == "succeeded" {
+            break;
+        }
+    }
+    assert_eq!(last["state"], "failed", "{last:#}");
+    assert!(last["progress"].as_str().is_some());
+    let set = arm(
+        &app,
+        reqwest::Method::GET,
+        format!(
+            "{}{}?api-version=2024-07-01",
+            app.sim_url,
+            common::scale_set_id("api")
+        ),
+        None,
+    )
+    .await;
+    assert!(
+        set["properties"]["virtualMachineProfile"]["storageProfile"]["imageReference"]["id"]
+            .as_str()
+            .unwrap()
+            .ends_with("/versions/2026.101.0"),
+        "the model is untouched: {set}"
+    );
+    assert_eq!(app.vm("api", 2).await["power_state"], "running", "restored");
+    let alerts =
+        common::webhook::wait_for_alerts(&receiver, 1, std::time::Duration::from_secs(30)).await;
+    let alert = alerts
+        .iter()
+        .find(|a| a["kind"] == "operation")
+        .unwrap_or_else(|| panic!("{alerts:?}"));
+    let reason = alert["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("ReplicationJobsNotCompleted") && reason.contains("model is untouched"),
+        "{reason}"
+    );
+}
+
+/// Refused with the reason: a set on a platform image (Azure never lets it change its image type),
+/// bad parameters all at once; a dry run on a gallery-image set walks every step and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn platform_sets_and_bad_parameters_are_refused_and_a_dry_run_writes_nothing() {
+    let app = spawn_app()
+        .scale_set("web", 3)
+        .scale_set_spec(api_on_a_gallery_image())
+        .start()
+        .await;
+    round(&app).await;
+    let (code, _, err) = app.cli(&[
+        "prototype",
+        "api",
+        "--auto",
+        "--instance",
+        "1",
+        "--max-history",
+        "1",
+        "--gallery",
+        "my-gallery",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    for why in ["--instance and --auto", "--max-history", "--gallery"] {
+        assert!(err.contains(why), "{why}: {err}");
+    }
+    let (code, out, err) = app.cli(&["prototype", "web", "--instance", "1"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let answer = round(&app).await;
+    let web = answer["ReturnValue"]["scale_sets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["scale_set"].as_str().unwrap().ends_with(":web"))
+        .unwrap()
+        .clone();
+    assert_eq!(web["operation"]["state"], "failed", "{web:#}");
+    let (_, ops, _) = app.cli(&["operations", "web", "--json"]);
+    assert!(ops.contains("may not be changed"), "{ops}");
+
+    app.clear_compute_calls().await;
+    let (code, out, err) = app.cli(&["prototype", "api", "--instance", "1", "--dry-run"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let mut state = String::new();
+    for _ in 0..30 {
+        let answer = round(&app).await;
+        let api = answer["ReturnValue"]["scale_sets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["scale_set"].as_str().unwrap().ends_with(":api"))
+            .unwrap()
+            .clone();
+        state = api["operation"]["state"].as_str().unwrap_or("").to_string();
+        if state == "succeeded" || state == "failed" {
+            break;
+        }
+    }
+    assert_eq!(state, "succeeded");
+    let writes: Vec<serde_json::Value> = app
+        .compute_calls()
+        .await
+        .into_iter()
+        .filter(|c| c["method"] != "GET")
+        .collect();
+    assert!(writes.is_empty(), "{writes:?}");
+}

@@ -233,6 +233,7 @@ async fn journal_lists_newest_first_and_scale_set_records_round_trip() {
         platform_auto_repair: true,
         terminate_notice: Some(Duration::minutes(5)),
         location: Some("westeurope".into()),
+        image: Some("platform:Canonical:ubuntu:22_04:latest".into()),
         synced_at: Some(t0),
         sync_error: None,
         throttled_until: Some(t0 + Duration::minutes(5)),

@@ -140,6 +140,9 @@ pub struct ScaleSetRecord {
     pub terminate_notice: Option<time::Duration>,
     /// The region (`westeurope`): a swap is only between sets of one region.
     pub location: Option<String>,
+    /// The model's image: a custom image's id, or `platform:publisher:offer:sku:version` (a set
+    /// on a platform image can never be pointed at a gallery image).
+    pub image: Option<String>,
     /// When the instances were last read in full; `None` until the first successful sync.
     pub synced_at: Option<OffsetDateTime>,
     /// Why the last sync failed, if it did.
@@ -167,6 +170,7 @@ impl ScaleSetRecord {
             platform_auto_repair: false,
             terminate_notice: None,
             location: None,
+            image: None,
             synced_at: None,
             sync_error: None,
             throttled_until: None,

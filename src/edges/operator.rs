@@ -241,6 +241,31 @@ pub async fn start_swap(
     start(store, op, note, json).await
 }
 
+/// `handler prototype <scale set> …`: a golden image written as a pending operation (issue 17);
+/// which instance, and whether the set can take a gallery image, its first pass decides.
+pub async fn start_prototype(
+    settings: &Settings,
+    store: &Store,
+    which: &str,
+    raw: &crate::operations::prototype::Raw<'_>,
+    note: &str,
+    json: bool,
+) -> anyhow::Result<String> {
+    let watched = find(settings, which)?;
+    let params =
+        crate::operations::prototype::parse(raw, &watched.id).map_err(NotStarted::Parameters)?;
+    let dry_run = params.dry_run || settings.dry_run;
+    let op = Operation::new(
+        crate::operations::Kind::Prototype,
+        watched.id.clone(),
+        serde_json::to_value(&params)?,
+        note.to_string(),
+        dry_run,
+        OffsetDateTime::now_utc(),
+    );
+    start(store, op, note, json).await
+}
+
 /// Writes a pending operation (its sets held), journals the operator's command.
 async fn start(store: &Store, mut op: Operation, note: &str, json: bool) -> anyhow::Result<String> {
     let now = op.started;

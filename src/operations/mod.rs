@@ -7,6 +7,7 @@
 //! pure, table-tested. The engine that advances each kind's steps builds on it.
 
 pub mod cycle;
+pub mod prototype;
 pub mod step;
 pub mod swap;
 
@@ -22,6 +23,8 @@ pub enum Kind {
     Cycle,
     /// A blue/green swap: the traffic of one scale set moved to another, health-gated.
     Swap,
+    /// A golden image captured from a known-good instance, which the model then follows.
+    Prototype,
 }
 
 impl Kind {
@@ -29,6 +32,7 @@ impl Kind {
         match self {
             Kind::Cycle => "cycle",
             Kind::Swap => "swap",
+            Kind::Prototype => "prototype",
         }
     }
 
@@ -36,6 +40,7 @@ impl Kind {
         match s {
             "cycle" => Some(Kind::Cycle),
             "swap" => Some(Kind::Swap),
+            "prototype" => Some(Kind::Prototype),
             _ => None,
         }
     }
@@ -278,6 +283,8 @@ pub fn write_in_flight(op: &Operation, set: &ScaleSetId) -> Option<crate::incide
         Kind::Cycle if op.scale_set == *set => cycle::write_in_flight(op),
         Kind::Cycle => None,
         Kind::Swap => swap::write_in_flight(op, set),
+        Kind::Prototype if op.scale_set == *set => prototype::write_in_flight(op),
+        Kind::Prototype => None,
     }
 }
 

@@ -291,6 +291,10 @@ async fn sync_one(
                 orchestration_mode: info.orchestration_mode,
                 platform_auto_repair: info.platform_auto_repair,
                 terminate_notice: info.terminate_notice,
+                image: info.image.as_ref().map(|i| match i {
+                    crate::compute::ImageRef::Custom(id) => id.clone(),
+                    crate::compute::ImageRef::Platform(p) => format!("platform:{p}"),
+                }),
                 location: info.location,
                 synced_at: Some(now),
                 sync_error: None,

@@ -146,6 +146,7 @@ fn sync_result_entity(set: &ScaleSetId, r: &ScaleSetRecord) -> Entity {
             r.terminate_notice.map(|d| d.whole_seconds()),
         )
         .opt_str("location", r.location.clone())
+        .opt_str("image", r.image.clone())
         .opt_time("lastSync", r.synced_at)
         .str("syncError", r.sync_error.clone().unwrap_or_default())
         .opt_time("throttledUntil", r.throttled_until)
@@ -162,6 +163,7 @@ fn scaleset_from_row(r: &Row) -> Result<ScaleSetRecord, RowError> {
             .filter(|s| *s > 0)
             .map(time::Duration::seconds),
         location: r.opt_str("location").filter(|s| !s.is_empty()),
+        image: r.opt_str("image").filter(|s| !s.is_empty()),
         synced_at: r.opt_time("lastSync")?,
         sync_error: r.opt_str("syncError").filter(|s| !s.is_empty()),
         throttled_until: r.opt_time("throttledUntil")?,

@@ -19,6 +19,7 @@ use serde::Serialize;
 use std::collections::HashMap;
 use time::OffsetDateTime;
 
+mod prototype;
 mod swap;
 
 /// What one scale set's pass shares with its operation.
@@ -88,6 +89,7 @@ pub async fn operate(
     match op.value.kind {
         Kind::Cycle => operate_cycle(pass, op).await,
         Kind::Swap => swap::operate(pass, op).await,
+        Kind::Prototype => prototype::operate(pass, op).await,
     }
 }
 
@@ -309,7 +311,16 @@ async fn read_statuses<'c>(
     compute: &Compute,
     calls: impl Iterator<Item = &'c CallState>,
 ) -> HashMap<String, Status> {
+    read_statuses_and_output(compute, calls).await.0
+}
+
+/// The statuses, and what each finished command wrote to its output, by URL.
+async fn read_statuses_and_output<'c>(
+    compute: &Compute,
+    calls: impl Iterator<Item = &'c CallState>,
+) -> (HashMap<String, Status>, HashMap<String, String>) {
     let mut out = HashMap::new();
+    let mut outputs = HashMap::new();
     for state in calls {
         let CallState::Accepted {
             url: Some(url),
@@ -331,6 +342,10 @@ async fn read_statuses<'c>(
             .await
         {
             Ok(s) => match s.state {
+                _ if s.output.is_some() && s.state == OperationState::Succeeded => {
+                    outputs.insert(url.clone(), s.output.clone().unwrap_or_default());
+                    Status::Ended(s.ended_at.unwrap_or_else(OffsetDateTime::now_utc))
+                }
                 OperationState::InProgress => Status::Running,
                 OperationState::Succeeded => {
                     Status::Ended(s.ended_at.unwrap_or_else(OffsetDateTime::now_utc))
@@ -348,7 +363,7 @@ async fn read_statuses<'c>(
         };
         out.insert(url.clone(), status);
     }
-    out
+    (out, outputs)
 }
 
 fn entry(
