@@ -51,6 +51,9 @@ param brakeAlertMinutes int = 30
 @description('Whether `handler swap` (blue/green between two watched scale sets) may be used: grants the capacity write on the scale sets and the reading, writing and deleting of autoscale settings on their resource groups.')
 param enableSwap bool = false
 
+@description('Whether `handler prototype` (golden images from a known-good instance) may be used: grants the capacity and model write on the scale sets, and Run Command, deallocate, snapshots and the gallery on their resource groups.')
+param enablePrototype bool = false
+
 var suffix = uniqueString(resourceGroup().id, name)
 var storageName = toLower(take('${name}${suffix}', 24))
 var scaleSetIds = map(watchedScaleSets, s => s.id)
@@ -59,7 +62,7 @@ var healerScaleSets = join(
   ' '
 )
 // Whether any repair may replace: only then does the identity get virtualMachineScaleSets/write.
-var canResize = contains(toLower(repairActions), 'replace') || length(filter(watchedScaleSets, s => contains(toLower(s.?overrides ?? ''), 'replace'))) > 0 || enableSwap
+var canResize = contains(toLower(repairActions), 'replace') || length(filter(watchedScaleSets, s => contains(toLower(s.?overrides ?? ''), 'replace'))) > 0 || enableSwap || enablePrototype
 // Resource groups of the watched scale sets (index 4 of an ARM id), each once: lower case, as
 // groups whose names differ only in case are one group.
 var watchedResourceGroups = union(map(scaleSetIds, id => toLower(split(id, '/')[4])), [])
@@ -331,6 +334,17 @@ module autoscaleAccess 'modules/operation-access.bicep' = [for rg in watchedReso
   scope: resourceGroup(rg)
   params: {
     roleDefinitionId: computeRole.outputs.autoscaleRoleId
+    principalId: app.identity.principalId
+  }
+}]
+
+// A golden image's snapshot, gallery and instance actions, on the watched groups, only with
+// enablePrototype.
+module prototypeAccess 'modules/operation-access.bicep' = [for rg in watchedResourceGroups: if (enablePrototype) {
+  name: 'healer-prototype-${uniqueString(rg)}'
+  scope: resourceGroup(rg)
+  params: {
+    roleDefinitionId: computeRole.outputs.prototypeRoleId
     principalId: app.identity.principalId
   }
 }]

@@ -8,8 +8,8 @@ use common::spawn_app;
 use serde_json::json;
 use std::collections::BTreeSet;
 use vmss_healer::compute::{
-    required_action, AUTOSCALE_ACTIONS, FLEXIBLE_GROUP_ACTIONS, REQUIRED_ACTIONS,
-    RESOURCE_GROUP_ACTIONS, SCALE_SET_ACTIONS,
+    required_action, AUTOSCALE_ACTIONS, FLEXIBLE_GROUP_ACTIONS, PROTOTYPE_ACTIONS,
+    REQUIRED_ACTIONS, RESOURCE_GROUP_ACTIONS, SCALE_SET_ACTIONS,
 };
 use vmss_healer::settings::CATALOG;
 
@@ -100,7 +100,18 @@ fn the_custom_roles_hold_exactly_the_actions_the_handler_needs() {
     let autoscale: BTreeSet<&str> = AUTOSCALE_ACTIONS.iter().copied().collect();
     assert_eq!(list("var autoscaleActions = ["), autoscale);
     assert!(role.contains("actions: autoscaleActions"));
-    assert_eq!(role.matches("notActions: []").count(), 4);
+    // Issue 17: a golden image's actions, on the watched groups, only with enablePrototype.
+    let prototype: BTreeSet<&str> = PROTOTYPE_ACTIONS.iter().copied().collect();
+    assert_eq!(list("var prototypeActions = ["), prototype);
+    assert!(role.contains("actions: prototypeActions"));
+    let main_bicep = read("infra/main.bicep");
+    assert!(main_bicep.contains("|| enableSwap || enablePrototype"));
+    let grant = main_bicep
+        .split("module prototypeAccess")
+        .nth(1)
+        .expect("the prototype role is assigned");
+    assert!(grant.contains("if (enablePrototype)") && grant.contains("prototypeRoleId"));
+    assert_eq!(role.matches("notActions: []").count(), 5);
     let main = read("infra/main.bicep");
     assert!(main.contains("|| enableSwap"), "a swap writes capacity");
     let grant = main
@@ -216,11 +227,12 @@ async fn every_compute_request_is_covered_by_the_role_and_every_action_is_used()
             .unwrap_or_else(|| panic!("{method} {path} is not covered by REQUIRED_ACTIONS"));
         used.insert(action);
     }
-    // A swap's autoscale actions are held against its own calls in tests/swap.rs.
+    // A swap's and a golden image's actions are held against their own calls in tests/swap.rs
+    // and tests/prototype.rs.
     let all: BTreeSet<&str> = REQUIRED_ACTIONS
         .iter()
         .copied()
-        .filter(|a| !AUTOSCALE_ACTIONS.contains(a))
+        .filter(|a| !AUTOSCALE_ACTIONS.contains(a) && !PROTOTYPE_ACTIONS.contains(a))
         .collect();
     assert_eq!(used, all, "an action of the roles is never used");
 }
@@ -352,7 +364,7 @@ fn custom_role_names_are_unique_per_subscription() {
         .lines()
         .filter(|l| l.trim_start().starts_with("roleName:"))
         .collect();
-    assert_eq!(names.len(), 4, "{names:?}");
+    assert_eq!(names.len(), 5, "{names:?}");
     assert!(roles.contains("var suffix = '(${subscription().subscriptionId})'"));
     for n in names {
         assert!(n.contains("${suffix}"), "{n}");

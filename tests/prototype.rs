@@ -234,6 +234,21 @@ async fn the_calls_a_golden_image_takes_work_against_the_simulator() {
         .await
         .unwrap();
     assert_eq!(state(&compute, &deleted).await.0, OperationState::Succeeded);
+    // The gallery and the definition were written, under the actions the role grants.
+    let actions: Vec<&str> = app
+        .compute_calls()
+        .await
+        .iter()
+        .filter_map(|c| {
+            vmss_healer::compute::required_action(c["method"].as_str()?, c["path"].as_str()?)
+        })
+        .collect();
+    for action in [
+        "Microsoft.Compute/galleries/write",
+        "Microsoft.Compute/galleries/images/write",
+    ] {
+        assert!(actions.contains(&action), "{action}: {actions:?}");
+    }
 }
 
 /// One round of the Function App's timers and the fleet, as in the other operation tests.
@@ -482,6 +497,30 @@ async fn auto_captures_the_longest_ready_instance_and_the_model_follows_its_imag
         ops.contains("\"kind\": \"cycle\""),
         "the rolling upgrade started: {ops}"
     );
+    // Every request is one the roles allow (infra/), and the golden image's actions are used (but
+    // disks/read, which Azure checks on the disk a snapshot copies).
+    let mut used = std::collections::BTreeSet::new();
+    for call in app.compute_calls().await {
+        let (method, path) = (
+            call["method"].as_str().unwrap(),
+            call["path"].as_str().unwrap(),
+        );
+        if path.starts_with("/msi/") {
+            continue;
+        }
+        let action = vmss_healer::compute::required_action(method, path)
+            .unwrap_or_else(|| panic!("{method} {path} is not covered by REQUIRED_ACTIONS"));
+        used.insert(action);
+    }
+    // The gallery's and the definition's writes are not needed here (they were there): the
+    // first test of this file holds them.
+    for action in vmss_healer::compute::PROTOTYPE_ACTIONS.iter().filter(|a| {
+        !a.ends_with("disks/read")
+            && !a.ends_with("galleries/write")
+            && !a.ends_with("images/write")
+    }) {
+        assert!(used.contains(action), "{action} unused: {used:?}");
+    }
 }
 
 /// A version that fails leaves the model as it was and the instance restored, with an alert.

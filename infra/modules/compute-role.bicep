@@ -119,7 +119,42 @@ resource autoscaleMover 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
   }
 }
 
+// A golden image (`handler prototype`): the instance prepared by Run Command and deallocated, its
+// OS disk snapshotted, the gallery, image definition and versions (src/edges/compute/mod.rs
+// PROTOTYPE_ACTIONS). Granted on the watched groups only with enablePrototype.
+var prototypeActions = [
+  'Microsoft.Compute/virtualMachineScaleSets/virtualMachines/runCommand/action'
+  'Microsoft.Compute/virtualMachineScaleSets/virtualMachines/deallocate/action'
+  'Microsoft.Compute/disks/read'
+  'Microsoft.Compute/snapshots/write'
+  'Microsoft.Compute/snapshots/delete'
+  'Microsoft.Compute/galleries/read'
+  'Microsoft.Compute/galleries/write'
+  'Microsoft.Compute/galleries/images/read'
+  'Microsoft.Compute/galleries/images/write'
+  'Microsoft.Compute/galleries/images/versions/read'
+  'Microsoft.Compute/galleries/images/versions/write'
+  'Microsoft.Compute/galleries/images/versions/delete'
+]
+
+resource imageMaker 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
+  name: guid(subscription().id, name, 'vmss-healer-prototype')
+  properties: {
+    roleName: '${name} scale set golden image maker ${suffix}'
+    description: 'Prepare and deallocate a scale set instance, snapshot its OS disk, and publish it as a gallery image version: handler prototype. Used by vmss-healer.'
+    type: 'CustomRole'
+    permissions: [
+      {
+        actions: prototypeActions
+        notActions: []
+      }
+    ]
+    assignableScopes: [subscription().id]
+  }
+}
+
 output roleDefinitionId string = role.id
+output prototypeRoleId string = imageMaker.id
 output autoscaleRoleId string = autoscaleMover.id
 output flexibleVmRoleId string = flexibleVms.id
 output operationReaderRoleId string = operationReader.id

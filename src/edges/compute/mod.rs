@@ -89,6 +89,25 @@ pub const AUTOSCALE_ACTIONS: &[&str] = &[
     "Microsoft.Insights/autoscalesettings/delete",
 ];
 
+/// What a golden image (`handler prototype`) needs on the resource groups of its scale sets:
+/// preparing and deallocating the instance, the snapshot of its OS disk, the gallery, the image
+/// definition and its versions. (Pointing the model at the image is the scale set's write.)
+pub const PROTOTYPE_ACTIONS: &[&str] = &[
+    "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/runCommand/action",
+    "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/deallocate/action",
+    // Not a request of ours: Azure checks it on the disk a snapshot copies.
+    "Microsoft.Compute/disks/read",
+    "Microsoft.Compute/snapshots/write",
+    "Microsoft.Compute/snapshots/delete",
+    "Microsoft.Compute/galleries/read",
+    "Microsoft.Compute/galleries/write",
+    "Microsoft.Compute/galleries/images/read",
+    "Microsoft.Compute/galleries/images/write",
+    "Microsoft.Compute/galleries/images/versions/read",
+    "Microsoft.Compute/galleries/images/versions/write",
+    "Microsoft.Compute/galleries/images/versions/delete",
+];
+
 /// Every action the handler performs.
 pub const REQUIRED_ACTIONS: &[&str] = &[
     SCALE_SET_ACTIONS[0],
@@ -110,6 +129,18 @@ pub const REQUIRED_ACTIONS: &[&str] = &[
     AUTOSCALE_ACTIONS[0],
     AUTOSCALE_ACTIONS[1],
     AUTOSCALE_ACTIONS[2],
+    PROTOTYPE_ACTIONS[0],
+    PROTOTYPE_ACTIONS[1],
+    PROTOTYPE_ACTIONS[2],
+    PROTOTYPE_ACTIONS[3],
+    PROTOTYPE_ACTIONS[4],
+    PROTOTYPE_ACTIONS[5],
+    PROTOTYPE_ACTIONS[6],
+    PROTOTYPE_ACTIONS[7],
+    PROTOTYPE_ACTIONS[8],
+    PROTOTYPE_ACTIONS[9],
+    PROTOTYPE_ACTIONS[10],
+    PROTOTYPE_ACTIONS[11],
 ];
 
 /// The action Resource Manager authorizes a request of ours by (`None`: not a request we make).
@@ -119,6 +150,39 @@ pub fn required_action(method: &str, path: &str) -> Option<&'static str> {
     let method = method.to_ascii_uppercase();
     if method == "GET" && path.ends_with("/providers/microsoft.authorization/locks") {
         return Some(FLEXIBLE_GROUP_ACTIONS[4]);
+    }
+    // A golden image's snapshot and gallery artifacts, by kind and depth.
+    if let Some(rest) = path.split("/providers/microsoft.compute/snapshots").nth(1) {
+        let named = rest
+            .trim_matches('/')
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .count()
+            == 1;
+        return match (method.as_str(), named) {
+            ("PUT", true) => Some(PROTOTYPE_ACTIONS[3]),
+            ("DELETE", true) => Some(PROTOTYPE_ACTIONS[4]),
+            _ => None,
+        };
+    }
+    if let Some(rest) = path.split("/providers/microsoft.compute/galleries/").nth(1) {
+        let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+        let level = match segments.as_slice() {
+            [_] => 0,
+            [_, "images", _] => 1,
+            [_, "images", _, "versions"] | [_, "images", _, "versions", _] => 2,
+            _ => return None,
+        };
+        return match (method.as_str(), level) {
+            ("GET", 0) => Some(PROTOTYPE_ACTIONS[5]),
+            ("PUT", 0) => Some(PROTOTYPE_ACTIONS[6]),
+            ("GET", 1) => Some(PROTOTYPE_ACTIONS[7]),
+            ("PUT", 1) => Some(PROTOTYPE_ACTIONS[8]),
+            ("GET", 2) => Some(PROTOTYPE_ACTIONS[9]),
+            ("PUT", 2) => Some(PROTOTYPE_ACTIONS[10]),
+            ("DELETE", 2) => Some(PROTOTYPE_ACTIONS[11]),
+            _ => None,
+        };
     }
     if path.contains("/providers/microsoft.insights/autoscalesettings") {
         return match method.as_str() {
@@ -161,7 +225,9 @@ pub fn required_action(method: &str, path: &str) -> Option<&'static str> {
     let tail: Vec<&str> = segments.collect();
     let action = match (method.as_str(), tail.as_slice()) {
         ("GET", []) => REQUIRED_ACTIONS[0],
-        ("GET", ["virtualmachines"]) | ("GET", ["virtualmachines", _]) => REQUIRED_ACTIONS[1],
+        ("GET", ["virtualmachines"])
+        | ("GET", ["virtualmachines", _])
+        | ("GET", ["virtualmachines", _, "instanceview"]) => REQUIRED_ACTIONS[1],
         ("PATCH", []) | ("PUT", []) => REQUIRED_ACTIONS[2],
         ("POST", ["delete"]) => REQUIRED_ACTIONS[3],
         ("POST", ["reimage"]) => REQUIRED_ACTIONS[4],
@@ -169,6 +235,8 @@ pub fn required_action(method: &str, path: &str) -> Option<&'static str> {
         ("POST", ["start"]) => REQUIRED_ACTIONS[6],
         ("POST", ["redeploy"]) => SCALE_SET_ACTIONS[7],
         ("POST", ["manualupgrade"]) => SCALE_SET_ACTIONS[8],
+        ("POST", ["virtualmachines", _, "runcommand"]) => PROTOTYPE_ACTIONS[0],
+        ("POST", ["virtualmachines", _, "deallocate"]) => PROTOTYPE_ACTIONS[1],
         _ => return None,
     };
     Some(action)
