@@ -497,6 +497,23 @@ async fn auto_captures_the_longest_ready_instance_and_the_model_follows_its_imag
         ops.contains("\"kind\": \"cycle\""),
         "the rolling upgrade started: {ops}"
     );
+    // It brings every instance to the new image, as a cycle does.
+    let mut cycled = false;
+    for _ in 0..40 {
+        let answer = round(&app).await;
+        if operation(&answer)["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("cycle-"))
+            && operation(&answer)["state"] == "succeeded"
+        {
+            cycled = true;
+            break;
+        }
+    }
+    assert!(cycled, "the rolling upgrade did not finish");
+    for vm in app.fleet("api").await["vms"].as_array().unwrap() {
+        assert_eq!(vm["latest_model_applied"], true, "{vm}");
+    }
     // Every request is one the roles allow (infra/), and the golden image's actions are used (but
     // disks/read, which Azure checks on the disk a snapshot copies).
     let mut used = std::collections::BTreeSet::new();
