@@ -20,6 +20,25 @@ pub struct InstanceDisk {
     pub os_type: String,
     /// `V1` or `V2`, from the instance view.
     pub hyper_v_generation: Option<String>,
+    /// `x64` or `Arm64`, from the VM size.
+    pub architecture: String,
+}
+
+/// A VM size's architecture: Azure's Arm64 sizes carry `p` among their feature letters
+/// (`Standard_D2ps_v5`, `Standard_E4pds_v5`; "Azure VM sizes naming conventions": p = ARM-based).
+pub fn architecture_of(size: &str) -> &'static str {
+    let family = size
+        .trim_start_matches("Standard_")
+        .split('_')
+        .next()
+        .unwrap_or("");
+    let features = family.trim_start_matches(|c: char| c.is_ascii_alphabetic());
+    let features = features.trim_start_matches(|c: char| c.is_ascii_digit() || c == '-');
+    if features.contains('p') {
+        "Arm64"
+    } else {
+        "x64"
+    }
 }
 
 /// One version of an image definition, as listed.
@@ -86,10 +105,18 @@ impl Compute {
             .as_ref()
             .and_then(|g| serde_json::to_value(g).ok())
             .and_then(|v| v.as_str().map(str::to_string));
+        let architecture = architecture_of(
+            vm.sku
+                .as_ref()
+                .and_then(|s| s.name.as_deref())
+                .unwrap_or_default(),
+        )
+        .to_string();
         Ok(InstanceDisk {
             os_disk,
             os_type,
             hyper_v_generation,
+            architecture,
         })
     }
 
@@ -391,5 +418,25 @@ impl Compute {
             .await
             .map_err(|e| self.classify("point the model at an image", &id.subscription, e))?;
         Ok(self.accepted(response.as_raw_response()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::architecture_of;
+
+    #[test]
+    fn arm64_sizes_are_told_by_their_p() {
+        for (size, arch) in [
+            ("Standard_D2ps_v5", "Arm64"),
+            ("Standard_E4pds_v5", "Arm64"),
+            ("Standard_D2s_v5", "x64"),
+            ("Standard_B2s", "x64"),
+            ("Standard_DC2s_v3", "x64"),
+            ("Standard_M128-64ms", "x64"),
+            ("", "x64"),
+        ] {
+            assert_eq!(architecture_of(size), arch, "{size}");
+        }
     }
 }

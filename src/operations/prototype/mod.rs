@@ -176,6 +176,8 @@ pub enum Act {
         definition: String,
         os_type: String,
         hyper_v_generation: String,
+        #[serde(default = "x64")]
+        architecture: String,
     },
     CreateVersion {
         gallery: String,
@@ -298,6 +300,12 @@ pub struct Disk {
     pub os_disk: String,
     pub os_type: String,
     pub hyper_v_generation: Option<String>,
+    #[serde(default = "x64")]
+    pub architecture: String,
+}
+
+fn x64() -> String {
+    "x64".into()
 }
 
 /// One version of the definition, as the pass listed it.
@@ -784,6 +792,7 @@ impl Proto<'_, '_> {
                     os_disk: "(dry run)".into(),
                     os_type: "Linux".into(),
                     hyper_v_generation: Some("V2".into()),
+                    architecture: x64(),
                 },
                 None => return self.wait("the instance's disk to be read".into()),
             };
@@ -890,6 +899,7 @@ impl Proto<'_, '_> {
                 os_disk: String::new(),
                 os_type: "Linux".into(),
                 hyper_v_generation: None,
+                architecture: x64(),
             });
             let snapshot = format!(
                 "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/snapshots/{}",
@@ -904,6 +914,7 @@ impl Proto<'_, '_> {
                     definition: definition.clone(),
                     os_type: disk.os_type.clone(),
                     hyper_v_generation: disk.hyper_v_generation.unwrap_or_else(|| "V2".into()),
+                    architecture: disk.architecture,
                 }),
                 Call::new(Act::CreateVersion {
                     gallery,

@@ -245,6 +245,7 @@ fn drive(
             os_disk: "/disks/api_1_OsDisk".into(),
             os_type: "Linux".into(),
             hyper_v_generation: Some("V2".into()),
+            architecture: "x64".into(),
         }));
         let mut listed: Vec<Version> = ["2026.101.0", "2026.102.0", "2026.103.0"]
             .iter()

@@ -52,6 +52,7 @@ pub(super) async fn operate(
                             os_disk: d.os_disk,
                             os_type: d.os_type,
                             hyper_v_generation: d.hyper_v_generation,
+                            architecture: d.architecture,
                         })
                         .map_err(|e| e.to_string()),
                 )
@@ -265,6 +266,7 @@ async fn send(
             definition,
             os_type,
             hyper_v_generation,
+            architecture,
         } => {
             compute.ensure_gallery(id, gallery, location).await?;
             compute
@@ -275,7 +277,7 @@ async fn send(
                     location,
                     os_type,
                     hyper_v_generation,
-                    "x64",
+                    architecture,
                 )
                 .await
                 .map(|_| None)
