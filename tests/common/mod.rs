@@ -253,12 +253,15 @@ impl Builder {
             // relied on to create these tables.
             store.ensure_tables().await.expect("create the tables");
         }
-        // Wait for the handler's own startup task to create the tables.
+        // Wait for the handler's own startup task to create the tables: all of them, the last
+        // one it creates (`operations`) included — a test that wrote an operation as soon as
+        // `scalesets` answered lost that race under load.
         let deadline = Instant::now() + Duration::from_secs(20);
         while store
             .scale_set(&ScaleSetId::new("x", "x", "x"))
             .await
             .is_err()
+            || store.operations(None).await.is_err()
         {
             assert!(
                 Instant::now() < deadline,
