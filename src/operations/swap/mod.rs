@@ -599,10 +599,14 @@ impl<'a, 'v> Swap<'a, 'v> {
                         b.name
                     ));
                 }
-                evidence = serde_json::json!({
+                let read = serde_json::json!({
                     "from": on_from.iter().map(|s| &s.resource).collect::<Vec<_>>(),
                     "to": on_to.iter().map(|s| &s.resource).collect::<Vec<_>>(),
                 });
+                // A setting's notifications may name a webhook with its token in the query: the
+                // journal keeps the settings, never a secret.
+                evidence = serde_json::from_str(&crate::secret::redact(&read.to_string()))
+                    .unwrap_or(serde_json::Value::Null);
             }
             (Some(Ok(_)), None) => {}
         }

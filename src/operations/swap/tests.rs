@@ -651,3 +651,20 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn the_journaled_autoscale_settings_carry_no_webhook_token() {
+    let mut w = World::new(2);
+    let mut a = w.autoscale[0].resource.clone();
+    a["properties"]["notifications"] = json!([{"operation": "Scale", "webhooks": [
+        {"serviceUri": "https://hooks.example.com/scale?code=s3cr3t-t0ken-value"}]}]);
+    w.autoscale[0] = AutoscaleSetting::from_arm(a).unwrap();
+    let out = w.pass(&swap(soak("1m")));
+    let started = out.notes.iter().find(|n| n.outcome == "started").unwrap();
+    let text = started.evidence.to_string();
+    assert!(
+        text.contains("hooks.example.com"),
+        "the setting is kept: {text}"
+    );
+    assert!(!text.contains("s3cr3t-t0ken-value"), "{text}");
+}
