@@ -72,3 +72,64 @@ impl Advance {
         a != *before
     }
 }
+
+/// One call of an operation whose calls go one at a time, in order (a swap's, a golden image's):
+/// what it does, and where it stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Call<A> {
+    pub act: A,
+    pub state: CallState,
+}
+
+impl<A> Call<A> {
+    pub fn new(act: A) -> Self {
+        Call {
+            act,
+            state: CallState::Unsent,
+        }
+    }
+
+    pub fn ended_at(&self) -> Option<OffsetDateTime> {
+        self.state.ended_at()
+    }
+
+    pub fn failed(&self) -> Option<&str> {
+        self.state.failed()
+    }
+}
+
+impl CallState {
+    pub fn ended_at(&self) -> Option<OffsetDateTime> {
+        match self {
+            CallState::Ended { at } => Some(*at),
+            _ => None,
+        }
+    }
+
+    pub fn failed(&self) -> Option<&str> {
+        match self {
+            CallState::Failed { error } => Some(error),
+            _ => None,
+        }
+    }
+
+    /// What a call becomes as its pass is about to send it: `Sending`, or, in a dry run, taken
+    /// as if ARM had (nothing is sent).
+    pub fn sending(dry_run: bool, now: OffsetDateTime) -> CallState {
+        if dry_run {
+            CallState::Accepted {
+                at: now,
+                url: None,
+                follow: None,
+            }
+        } else {
+            CallState::Sending { at: now }
+        }
+    }
+}
+
+/// The first call not ended, if it is unsent: its turn has come.
+pub fn sendable<A>(calls: &[Call<A>]) -> Option<usize> {
+    let i = calls.iter().position(|c| c.ended_at().is_none())?;
+    (calls[i].state == CallState::Unsent).then_some(i)
+}

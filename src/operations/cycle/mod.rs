@@ -71,17 +71,11 @@ impl Sent {
     }
 
     fn ended_at(&self) -> Option<OffsetDateTime> {
-        match self.state {
-            CallState::Ended { at } => Some(at),
-            _ => None,
-        }
+        self.state.ended_at()
     }
 
     fn failed(&self) -> Option<&str> {
-        match &self.state {
-            CallState::Failed { error } => Some(error),
-            _ => None,
-        }
+        self.state.failed()
     }
 }
 

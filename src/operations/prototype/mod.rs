@@ -234,34 +234,8 @@ impl Act {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Call {
-    pub act: Act,
-    pub state: CallState,
-}
-
-impl Call {
-    fn new(act: Act) -> Self {
-        Call {
-            act,
-            state: CallState::Unsent,
-        }
-    }
-
-    fn ended_at(&self) -> Option<OffsetDateTime> {
-        match self.state {
-            CallState::Ended { at } => Some(at),
-            _ => None,
-        }
-    }
-
-    fn failed(&self) -> Option<&str> {
-        match &self.state {
-            CallState::Failed { error } => Some(error),
-            _ => None,
-        }
-    }
-}
+/// One call, and where it stands.
+pub type Call = super::step::Call<Act>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -401,8 +375,7 @@ pub fn write_in_flight(op: &Operation) -> Option<crate::incident::Call> {
 
 /// The first call not ended, if it is unsent: calls go one at a time, in order.
 pub fn sendable(memo: &Memo) -> Option<usize> {
-    let i = memo.calls.iter().position(|c| c.ended_at().is_none())?;
-    (memo.calls[i].state == CallState::Unsent).then_some(i)
+    super::step::sendable(&memo.calls)
 }
 
 /// What one pass sees.

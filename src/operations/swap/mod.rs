@@ -158,35 +158,8 @@ fn side_name(side: Side) -> &'static str {
     }
 }
 
-/// One call of the swap, and where it stands.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Call {
-    pub act: Act,
-    pub state: CallState,
-}
-
-impl Call {
-    fn new(act: Act) -> Self {
-        Call {
-            act,
-            state: CallState::Unsent,
-        }
-    }
-
-    fn ended_at(&self) -> Option<OffsetDateTime> {
-        match self.state {
-            CallState::Ended { at } => Some(at),
-            _ => None,
-        }
-    }
-
-    fn failed(&self) -> Option<&str> {
-        match &self.state {
-            CallState::Failed { error } => Some(error),
-            _ => None,
-        }
-    }
-}
+/// One call, and where it stands.
+pub type Call = super::step::Call<Act>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -1071,8 +1044,7 @@ impl<'a, 'v> Swap<'a, 'v> {
 /// Which calls the pass may send now: the first unended one that is unsent (calls go one at a
 /// time, in order, so an autoscale write never overtakes the one before it).
 pub fn sendable(memo: &Memo) -> Option<usize> {
-    let i = memo.calls.iter().position(|c| c.ended_at().is_none())?;
-    (memo.calls[i].state == CallState::Unsent).then_some(i)
+    super::step::sendable(&memo.calls)
 }
 
 fn list_names(v: &serde_json::Value) -> String {

@@ -5,7 +5,9 @@
 //! marked `Sending`, which later passes judge by the mirror and never send again.
 
 use crate::alert::{Alert, Kind as AlertKind};
-use crate::compute::{Compute, ComputeError, OperationKind, OperationRef, OperationState};
+use crate::compute::{
+    Accepted, Compute, ComputeError, OperationKind, OperationRef, OperationState,
+};
 use crate::deadline::Deadline;
 use crate::incident::{Call, State as IncidentState, Versioned};
 use crate::journal::{Entry, EntryKind};
@@ -72,6 +74,17 @@ pub struct OperationReport {
     pub calls: usize,
     /// Another writer changed the row first: the step is left to the next pass.
     pub claimed_elsewhere: bool,
+}
+
+impl OperationReport {
+    fn of(op: &Operation) -> Self {
+        OperationReport {
+            id: op.id.clone(),
+            state: op.state.as_str().into(),
+            progress: op.progress(),
+            ..OperationReport::default()
+        }
+    }
 }
 
 /// Which brakes hold an operation: all but the platform-repairs deferral, which concerns the
@@ -157,24 +170,11 @@ async fn operate_cycle(
     for slot in &to_send {
         if let Some(call) = memo.call_mut(*slot) {
             // A dry run records its calls as taken, so it goes on as if ARM had; nothing is sent.
-            call.state = if dry_run {
-                CallState::Accepted {
-                    at: now,
-                    url: None,
-                    follow: None,
-                }
-            } else {
-                CallState::Sending { at: now }
-            };
+            call.state = CallState::sending(dry_run, now);
         }
     }
     next.memo = serde_json::to_value(&memo).unwrap_or(serde_json::Value::Null);
-    let mut report = OperationReport {
-        id: next.id.clone(),
-        state: next.state.as_str().into(),
-        progress: next.progress(),
-        ..OperationReport::default()
-    };
+    let mut report = OperationReport::of(&next);
     if !advance.changed(&op) && to_send.is_empty() && next.memo == op.memo {
         return Ok((report, Vec::new(), false));
     }
@@ -211,27 +211,8 @@ async fn operate_cycle(
         } else {
             format!("{} {}", verb.as_str(), instances.join(", "))
         };
-        let (outcome, reason) = match sent {
-            Ok(accepted) => {
-                call.state = CallState::Accepted {
-                    at: now,
-                    url: accepted.operation.as_ref().map(|o| o.url.clone()),
-                    follow: accepted
-                        .operation
-                        .as_ref()
-                        .map(|o| o.kind.as_str().to_string()),
-                };
-                ("requested", format!("{what}: accepted"))
-            }
-            Err(e) => {
-                let (state, outcome) = answer(&e, now);
-                call.state = state;
-                if outcome != "no_answer" {
-                    next.last_error = Some(format!("{what}: {e}"));
-                }
-                (outcome, format!("{what}: {e}"))
-            }
-        };
+        let (state, outcome, reason) = answered(sent.map(Some), &what, now, &mut next.last_error);
+        call.state = state;
         tracing::info!(scale_set = %id, operation = %next.id, decision = outcome, reason = %reason, "operation call");
         journal.push(entry(id, &next, "*", outcome, reason, false, now));
     }
@@ -283,6 +264,44 @@ async fn claim(
         alerts.push(alert(id, next, reason.clone(), dry_run, now));
     }
     Ok(Some((version, alerts)))
+}
+
+/// A sent call's state once ARM answered — `Ok(None)`: a synchronous call, done with its answer;
+/// `Ok(Some(_))`: a long-running one to follow (by its status URL, or by the mirror without one)
+/// — with the journal's outcome and reason. An error worth an operator's eye is kept in
+/// `last_error`.
+fn answered(
+    sent: Result<Option<Accepted>, ComputeError>,
+    what: &str,
+    now: OffsetDateTime,
+    last_error: &mut Option<String>,
+) -> (CallState, &'static str, String) {
+    match sent {
+        Ok(Some(accepted)) => (
+            CallState::Accepted {
+                at: now,
+                url: accepted.operation.as_ref().map(|o| o.url.clone()),
+                follow: accepted
+                    .operation
+                    .as_ref()
+                    .map(|o| o.kind.as_str().to_string()),
+            },
+            "requested",
+            format!("{what}: accepted"),
+        ),
+        Ok(None) => (
+            CallState::Ended { at: now },
+            "requested",
+            format!("{what}: accepted"),
+        ),
+        Err(e) => {
+            let (state, outcome) = answer(&e, now);
+            if outcome != "no_answer" {
+                *last_error = Some(format!("{what}: {e}"));
+            }
+            (state, outcome, format!("{what}: {e}"))
+        }
+    }
 }
 
 /// What an answer means for the call: taken, to be sent again (throttled, busy, the scale set

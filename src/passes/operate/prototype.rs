@@ -4,7 +4,7 @@
 //! is; record the answer. Once it succeeded with `--then-cycle`, the rolling upgrade is started.
 
 use super::{
-    answer, claim, entry, read_statuses_and_output, writes_busy, OperatePass, OperationReport,
+    answered, claim, entry, read_statuses_and_output, writes_busy, OperatePass, OperationReport,
 };
 use crate::alert::Alert;
 use crate::compute::{Compute, ComputeError};
@@ -115,23 +115,10 @@ pub(super) async fn operate(
         })
         .filter(|_| dry_run || pass.deadline.fits_a_call());
     if let Some(call) = to_send.and_then(|i| memo.calls.get_mut(i)) {
-        call.state = if dry_run {
-            CallState::Accepted {
-                at: now,
-                url: None,
-                follow: None,
-            }
-        } else {
-            CallState::Sending { at: now }
-        };
+        call.state = CallState::sending(dry_run, now);
     }
     next.memo = serde_json::to_value(&memo).unwrap_or(serde_json::Value::Null);
-    let mut report = OperationReport {
-        id: next.id.clone(),
-        state: next.state.as_str().into(),
-        progress: next.progress(),
-        ..OperationReport::default()
-    };
+    let mut report = OperationReport::of(&next);
     if !advance.changed(&op) && to_send.is_none() && next.memo == op.memo {
         return Ok((report, Vec::new(), false));
     }
@@ -158,28 +145,10 @@ pub(super) async fn operate(
         .unwrap_or_else(|| "westeurope".into());
     let sent = send(compute, id, &location, &call.act).await;
     report.calls += 1;
-    let (outcome, reason) = match sent {
-        Ok(accepted) => {
-            call.state = match accepted {
-                Some(a) if a.operation.is_some() => CallState::Accepted {
-                    at: now,
-                    url: a.operation.as_ref().map(|o| o.url.clone()),
-                    follow: a.operation.as_ref().map(|o| o.kind.as_str().to_string()),
-                },
-                // Synchronous, or no operation to follow: done when answered.
-                _ => CallState::Ended { at: now },
-            };
-            ("requested", format!("{what}: accepted"))
-        }
-        Err(e) => {
-            let (state, outcome) = answer(&e, now);
-            call.state = state;
-            if outcome != "no_answer" {
-                next.last_error = Some(format!("{what}: {e}"));
-            }
-            (outcome, format!("{what}: {e}"))
-        }
-    };
+    // An accepted call without an operation to follow is done with its answer.
+    let sent = sent.map(|a| a.filter(|a| a.operation.is_some()));
+    let (state, outcome, reason) = answered(sent, &what, now, &mut next.last_error);
+    call.state = state;
     tracing::info!(scale_set = %id, operation = %next.id, decision = outcome, reason = %reason, "operation call");
     next.memo = serde_json::to_value(&memo).unwrap_or(serde_json::Value::Null);
     next.updated = now;

@@ -4,7 +4,7 @@
 //! order: an autoscale write never overtakes the one before it, and a capacity write waits while
 //! one of the healer's grows or deletes runs on that set.
 
-use super::{answer, claim, entry, read_statuses, writes_busy, OperatePass, OperationReport};
+use super::{answered, claim, entry, read_statuses, writes_busy, OperatePass, OperationReport};
 use crate::alert::Alert;
 use crate::autoscale::AutoscaleSetting;
 use crate::compute::{Compute, ComputeError};
@@ -88,23 +88,10 @@ pub(super) async fn operate(
         .filter(|_| dry_run || pass.deadline.fits_a_call());
     if let Some(call) = to_send.and_then(|i| memo.calls.get_mut(i)) {
         // A dry run records its calls as taken; nothing is sent.
-        call.state = if dry_run {
-            CallState::Accepted {
-                at: now,
-                url: None,
-                follow: None,
-            }
-        } else {
-            CallState::Sending { at: now }
-        };
+        call.state = CallState::sending(dry_run, now);
     }
     next.memo = serde_json::to_value(&memo).unwrap_or(serde_json::Value::Null);
-    let mut report = OperationReport {
-        id: next.id.clone(),
-        state: next.state.as_str().into(),
-        progress: next.progress(),
-        ..OperationReport::default()
-    };
+    let mut report = OperationReport::of(&next);
     if !advance.changed(&op) && to_send.is_none() && next.memo == op.memo {
         return Ok((report, Vec::new(), false));
     }
@@ -124,28 +111,8 @@ pub(super) async fn operate(
     let to = op.partner.clone();
     let sent = send(compute, id, to.as_ref(), &call.act).await;
     report.calls += 1;
-    let (outcome, reason) = match sent {
-        Ok(accepted) => {
-            call.state = match accepted {
-                Some(a) => CallState::Accepted {
-                    at: now,
-                    url: a.operation.as_ref().map(|o| o.url.clone()),
-                    follow: a.operation.as_ref().map(|o| o.kind.as_str().to_string()),
-                },
-                // Synchronous: done when answered.
-                None => CallState::Ended { at: now },
-            };
-            ("requested", format!("{what}: accepted"))
-        }
-        Err(e) => {
-            let (state, outcome) = answer(&e, now);
-            call.state = state;
-            if outcome != "no_answer" {
-                next.last_error = Some(format!("{what}: {e}"));
-            }
-            (outcome, format!("{what}: {e}"))
-        }
-    };
+    let (state, outcome, reason) = answered(sent, &what, now, &mut next.last_error);
+    call.state = state;
     tracing::info!(scale_set = %id, operation = %next.id, decision = outcome, reason = %reason, "operation call");
     next.memo = serde_json::to_value(&memo).unwrap_or(serde_json::Value::Null);
     next.updated = now;
