@@ -1680,3 +1680,222 @@ async fn a_scale_set_vm_runs_a_command_and_is_deallocated_and_started_again() {
     app.complete_operations().await;
     assert_eq!(app.vm("web", 0).await["power_state"], "running");
 }
+
+/// Managed data disks as a stateful replacement meets them (issue 18, `disks.rs`): a VM's disk is
+/// shown in its storage profile and owned by it; it is attached elsewhere only once detached
+/// (`ConflictingUserInput` before, `AttachDiskWhileBeingDetached` during); a LUN takes one disk;
+/// a zonal disk attaches only in its zone and is copied into another only through a snapshot;
+/// an attach that fails leaves the disk unattached; a deleted VM leaves its disks unattached; an
+/// attached disk cannot be deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_disks_attach_to_one_vm_in_their_zone_and_move_zones_by_snapshot() {
+    let app = spawn_app()
+        .scale_set_spec(json!({"name": "db", "capacity": 2, "zones": ["1", "2"],
+                               "dataDisks": [{"lun": 0, "sizeGb": 128}]}))
+        .start()
+        .await;
+    let arm = Arm::new(&app).await;
+    let disks = || async { app.admin(reqwest::Method::GET, "disks", None).await };
+    let list = disks().await;
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    let (_, _, vm0) = arm
+        .send(app.http.get(arm.url("db", "/virtualMachines/0")))
+        .await;
+    let data = &vm0["properties"]["storageProfile"]["dataDisks"][0];
+    assert_eq!(data["lun"], 0, "{vm0}");
+    let disk0 = data["managedDisk"]["id"].as_str().unwrap().to_string();
+    assert!(
+        disk0.contains("/providers/Microsoft.Compute/disks/db_0-data-0"),
+        "{disk0}"
+    );
+    let disk_url = |id: &str| format!("{}{id}?api-version=2024-03-02", app.sim_url);
+    let (status, _, d) = arm.send(app.http.get(disk_url(&disk0))).await;
+    assert_eq!(status, 200, "{d}");
+    assert_eq!(d["properties"]["diskState"], "Attached");
+    assert_eq!(d["zones"], json!(["1"]), "in its VM's zone");
+    assert!(
+        d["managedBy"]
+            .as_str()
+            .unwrap()
+            .ends_with("/virtualMachines/0"),
+        "{d}"
+    );
+
+    let change = |vm: u64, body: Value| {
+        let (arm, url) = (
+            &arm,
+            arm.url(
+                "db",
+                &format!("/virtualMachines/{vm}/attachDetachDataDisks"),
+            ),
+        );
+        async move { arm.send(arm.app.http.post(url).json(&body)).await }
+    };
+    let follow = |headers: reqwest::header::HeaderMap| {
+        let arm = &arm;
+        async move {
+            let url = headers["location"].to_str().unwrap().to_string();
+            arm.send(arm.app.http.get(url)).await
+        }
+    };
+    let attach = |id: &str, lun: u32| json!({"dataDisksToAttach": [{"lun": lun, "diskId": id, "caching": "ReadWrite"}]});
+    let detach =
+        |id: &str| json!({"dataDisksToDetach": [{"diskId": id, "detachOption": "Default"}]});
+
+    // Owned by VM 0: VM 1 cannot take it.
+    let (status, _, body) = change(1, attach(&disk0, 1)).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("ConflictingUserInput")),
+        "{body}"
+    );
+    // Detaching: still not.
+    app.operation_delay_ms(3_600_000).await;
+    let (status, headers, _) = change(0, detach(&disk0)).await;
+    assert_eq!(status, 202);
+    assert!(headers["location"]
+        .to_str()
+        .unwrap()
+        .contains("monitor=true"));
+    let (status, _, body) = change(1, attach(&disk0, 1)).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("AttachDiskWhileBeingDetached")),
+        "{body}"
+    );
+    assert_eq!(follow(headers.clone()).await.0, 202, "the detach runs");
+    app.complete_operations().await;
+    let (status, _, profile) = follow(headers).await;
+    assert_eq!(status, 200, "{profile}");
+    assert_eq!(profile["dataDisks"], json!([]), "detached");
+    let (_, _, d) = arm.send(app.http.get(disk_url(&disk0))).await;
+    assert_eq!(d["properties"]["diskState"], "Unattached");
+    assert!(d.get("managedBy").is_none());
+
+    // VM 1 is in zone 2: the zone-1 disk does not attach there.
+    let (status, _, body) = change(1, attach(&disk0, 1)).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("BadRequest")),
+        "{body}"
+    );
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("VM zone: '2'. Disk zone: '1'"));
+    // A LUN takes one disk.
+    let (status, _, body) = change(0, attach(&disk0, 0)).await;
+    assert_eq!(status, 202, "back on VM 0: {body}");
+    app.complete_operations().await;
+    let disk1 = disks()
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap().to_string())
+        .find(|id| id.contains("db_1-data-0"))
+        .unwrap();
+    let (status, _, body) = change(1, detach(&disk1)).await;
+    assert_eq!(status, 202, "{body}");
+    app.complete_operations().await;
+    let (status, _, body) = change(0, attach(&disk1, 0)).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("InvalidParameter")),
+        "{body}"
+    );
+
+    // Into zone 2: a copy of the disk is refused, a copy of its snapshot is not.
+    let rg_url = |tail: &str| {
+        format!("{}/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/{tail}?api-version=2024-03-02", app.sim_url, common::SUB, common::RG)
+    };
+    let copy = |source: &str| json!({"location": "westeurope", "zones": ["2"], "properties": {"creationData": {"createOption": "Copy", "sourceResourceId": source}}});
+    let (status, _, body) = arm
+        .send(app.http.put(rg_url("disks/moved")).json(&copy(&disk0)))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be copied from the source"),
+        "{body}"
+    );
+    let (status, _, _) = arm
+        .send(app.http.put(rg_url("snapshots/db0snap")).json(&json!({"location": "westeurope", "properties": {"creationData": {"createOption": "Copy", "sourceResourceId": disk0}}})))
+        .await;
+    assert_eq!(status, 201);
+    app.admin(reqwest::Method::POST, "artifacts/complete", None)
+        .await;
+    let snap = format!(
+        "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/snapshots/db0snap",
+        common::SUB,
+        common::RG
+    );
+    let (status, headers, moved) = arm
+        .send(app.http.put(rg_url("disks/moved")).json(&copy(&snap)))
+        .await;
+    assert_eq!(status, 202, "{moved}");
+    let status_url = headers["azure-asyncoperation"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let (_, _, running) = arm.send(app.http.get(status_url.clone())).await;
+    assert_eq!(running["status"], "InProgress");
+    app.operation_delay_ms(0).await;
+    app.complete_operations().await;
+    let (_, _, ended) = arm.send(app.http.get(status_url)).await;
+    assert_eq!(ended["status"], "Succeeded", "{ended}");
+    let moved_id = moved["id"].as_str().unwrap().to_string();
+    let (status, headers, body) = change(1, attach(&moved_id, 0)).await;
+    assert_eq!(status, 202, "{body}");
+    follow(headers).await;
+    let all = disks().await;
+    let copy = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "moved")
+        .unwrap();
+    assert_eq!(
+        (copy["zone"].as_str(), copy["lun"].as_u64()),
+        (Some("2"), Some(0))
+    );
+    assert_eq!(
+        copy["content"], "data written by db_0",
+        "the copy carries the data"
+    );
+    assert!(copy["managedBy"]
+        .as_str()
+        .unwrap()
+        .ends_with("/virtualMachines/1"));
+
+    // An attach that fails leaves the disk unattached.
+    app.admin(reqwest::Method::POST, "operation-faults", Some(json!({"verb": "attachdetachdatadisks", "status": "Failed", "code": "InternalExecutionError", "message": "An internal execution error occurred."}))).await;
+    let (status, headers, _) = change(1, attach(&disk1, 1)).await;
+    assert_eq!(status, 202);
+    let (status, _, body) = follow(headers).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("InternalExecutionError")),
+        "{body}"
+    );
+    let (_, _, d) = arm.send(app.http.get(disk_url(&disk1))).await;
+    assert_eq!(d["properties"]["diskState"], "Unattached", "{d}");
+
+    // An attached disk is not deleted; a deleted VM leaves its disks unattached.
+    let (status, _, body) = arm.send(app.http.delete(disk_url(&disk0))).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("OperationNotAllowed"))
+    );
+    arm.post("db", "delete", &["0"]).await;
+    app.complete_operations().await;
+    let (_, _, d) = arm.send(app.http.get(disk_url(&disk0))).await;
+    assert_eq!(
+        d["properties"]["diskState"], "Unattached",
+        "kept, unattached: {d}"
+    );
+    assert_eq!(arm.send(app.http.delete(disk_url(&disk0))).await.0, 200);
+    assert_eq!(arm.send(app.http.get(disk_url(&disk0))).await.0, 404);
+}

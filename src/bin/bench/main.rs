@@ -29,6 +29,8 @@ mod arm;
 #[path = "../../../tests/common/azurite.rs"]
 mod azurite;
 mod cycle;
+#[path = "../compute-sim/disks.rs"]
+mod disks;
 #[path = "../compute-sim/gallery.rs"]
 mod gallery;
 #[path = "../compute-sim/server.rs"]

@@ -45,6 +45,7 @@ pub fn routes() -> Router<Shared> {
         .route("/admin/locks", post(add_lock).delete(clear_locks))
         .route("/admin/serving", get(serving))
         .route("/admin/artifacts", get(artifacts))
+        .route("/admin/disks", get(disks))
         .route("/admin/artifacts/complete", post(complete_artifacts))
         .route("/admin/artifacts/delay", put(set_artifact_delay))
 }
@@ -84,6 +85,22 @@ struct NewSet {
     /// The model's image reference (default: a marketplace Ubuntu).
     #[serde(default)]
     image_reference: Option<Value>,
+    /// Each first VM gets its own managed data disk at these LUNs, in its zone, with data on it
+    /// (a stateful set as deployed); later VMs get none.
+    #[serde(default)]
+    data_disks: Vec<NewDataDisk>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NewDataDisk {
+    lun: u32,
+    #[serde(default = "default_disk_size")]
+    size_gb: u64,
+}
+
+fn default_disk_size() -> u64 {
+    64
 }
 
 fn default_location() -> String {
@@ -115,6 +132,16 @@ async fn create_set(State(s): State<Shared>, Json(n): Json<NewSet>) -> Response 
             .map(std::time::Duration::from_secs);
         if let Some(image) = n.image_reference {
             set.image = image;
+        }
+    }
+    let instances: Vec<u64> = w
+        .sets
+        .get(&key)
+        .map(|s| s.vms.keys().copied().collect())
+        .unwrap_or_default();
+    for instance in instances {
+        for d in &n.data_disks {
+            w.give_data_disk(&key, instance, d.lun, d.size_gb);
         }
     }
     let created = OffsetDateTime::now_utc() - time::Duration::seconds(n.age_seconds);
@@ -396,6 +423,7 @@ async fn complete_operations(State(s): State<Shared>) -> Response {
     for id in &open {
         w.complete(id);
     }
+    w.finish_disks(true);
     Json(json!({"completed": open.len()})).into_response()
 }
 
@@ -632,6 +660,29 @@ async fn artifacts(State(s): State<Shared>) -> Response {
     let mut w = s.world.lock().await;
     w.advance();
     Json(json!(w.artifacts)).into_response()
+}
+
+/// Every managed data disk: its zone, the VM it is attached to (`managedBy`), whether a detach
+/// runs, and what is written on it — what tests hold "never on two VMs, never orphaned" against.
+async fn disks(State(s): State<Shared>) -> Response {
+    let mut w = s.world.lock().await;
+    w.advance();
+    let luns: BTreeMap<String, u32> = w
+        .sets
+        .values()
+        .flat_map(|s| s.vms.values())
+        .flat_map(|vm| vm.data_disks.iter().map(|(lun, a)| (a.key.clone(), *lun)))
+        .collect();
+    let list: Vec<Value> = w
+        .disks
+        .iter()
+        .map(|(key, d)| {
+            let mut v = json!(d);
+            v["lun"] = json!(luns.get(key));
+            v
+        })
+        .collect();
+    Json(json!(list)).into_response()
 }
 
 /// Ends every snapshot's and image version's operation now, as planned.

@@ -259,6 +259,9 @@ fn respond(
         }
         if query.get("monitor").is_some_and(|m| m == "true") {
             if let Some(op) = world.operations.get(*op) {
+                if let Effect::Disks(..) = op.effect {
+                    return crate::disks::location_result(world, op);
+                }
                 return run_command_result(op);
             }
         }
@@ -307,11 +310,14 @@ fn respond(
     }
     if gallery_version.is_some() {
         let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        if let Some(answer) = crate::disks::handle(world, base, method, &segs, &l, &body) {
+            return answer;
+        }
         if let Some(answer) = crate::gallery::handle(world, base, method, &segs, &l, &body) {
             return answer;
         }
     }
-    if let Some(answer) = vm_api(world, base, method, path, &segs, &l, query) {
+    if let Some(answer) = vm_api(world, base, method, path, &segs, &l, query, body) {
         return answer;
     }
 
@@ -370,6 +376,13 @@ fn respond(
         ) => instance_op(world, base, &key, segs[7], id, verb),
         (Method::POST, ["virtualmachines", id, "runcommand"]) => {
             run_command(world, base, &key, segs[7], id, &parsed_body)
+        }
+        (Method::POST, ["virtualmachines", id, "attachdetachdatadisks"]) => {
+            let set = &world.sets[&key];
+            match set.find(id) {
+                Some(n) => attach_detach(world, base, &key, n, &parsed_body),
+                None => vm_not_found(segs[7], id),
+            }
         }
         (
             Method::POST,
@@ -722,6 +735,27 @@ fn run_command(
     r
 }
 
+/// `attachDetachDataDisks` on one VM: refused as Azure refuses it (see `disks.rs`), else the disks
+/// are reserved and a long-running operation followed by its `Location` changes them.
+fn attach_detach(world: &mut World, base: &str, key: &str, n: u64, body: &Value) -> Response {
+    let set = &world.sets[key];
+    let vm = &set.vms[&n];
+    let change = match crate::disks::refuse(world, set, vm, body) {
+        Ok(c) => c,
+        Err(refusal) => return refusal,
+    };
+    let owner = set.vm_resource_id(vm);
+    world.reserve_disks(&owner, &change);
+    let op = world.start_operation(key, Effect::Disks(n, change));
+    let set = &world.sets[key];
+    let mut r = StatusCode::ACCEPTED.into_response();
+    let url = operation_url(base, set, &op).replace("?api-version", "?monitor=true&api-version");
+    if let Ok(v) = HeaderValue::from_str(&url) {
+        r.headers_mut().insert("location", v);
+    }
+    r
+}
+
 /// What a run command's `Location` answers: 202 while it runs, then its result (or error).
 fn run_command_result(op: &crate::world::Operation) -> Response {
     let Effect::RunCommand(_, script) = &op.effect else {
@@ -890,7 +924,8 @@ pub fn vm_json(set: &ScaleSet, vm: &Vm, expand: bool) -> Value {
         "protectionPolicy": {"protectFromScaleIn": vm.protect_from_scale_in,
                              "protectFromScaleSetActions": vm.protect_from_scale_set_actions},
         "storageProfile": {"osDisk": {"osType": "Linux", "createOption": "FromImage",
-                                      "managedDisk": {"id": set.os_disk_id(vm)}}},
+                                      "managedDisk": {"id": set.os_disk_id(vm)}},
+                           "dataDisks": crate::disks::data_disks_json(vm)},
     });
     if expand {
         props["instanceView"] = instance_view_json(vm);
@@ -943,6 +978,7 @@ fn vm_api(
     segs: &[&str],
     l: &[&str],
     query: &HashMap<String, String>,
+    body: &Bytes,
 ) -> Option<Response> {
     match l {
         ["subscriptions", _, "providers", "microsoft.compute", "virtualmachines"]
@@ -987,6 +1023,10 @@ fn vm_api(
                     json_ok(instance_view_json(&world.sets[&key].vms[&n]))
                 }
                 (Method::DELETE, []) => vm_op(world, base, &key, n, "delete"),
+                (Method::POST, ["attachdetachdatadisks"]) => {
+                    let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+                    attach_detach(world, base, &key, n, &body)
+                }
                 (Method::POST, [verb @ ("restart" | "start" | "reimage" | "redeploy")]) => {
                     vm_op(world, base, &key, n, verb)
                 }
@@ -1300,6 +1340,9 @@ pub fn flexible_vm_json(set: &ScaleSet, vm: &Vm, expand: bool, status_only: bool
         "osProfile": {"computerName": vm.computer_name, "adminUsername": "azureuser",
                       "linuxConfiguration": {"disablePasswordAuthentication": true}},
         "virtualMachineScaleSet": {"id": set.resource_id()},
+        "storageProfile": {"osDisk": {"osType": "Linux", "createOption": "FromImage",
+                                      "managedDisk": {"id": set.os_disk_id(vm)}},
+                           "dataDisks": crate::disks::data_disks_json(vm)},
     });
     if expand {
         props["instanceView"] = instance_view_json(vm);

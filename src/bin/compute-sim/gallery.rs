@@ -63,7 +63,9 @@ pub struct ArtifactOperation {
 
 /// The api-version a path of these providers takes, if it is one of theirs.
 pub fn api_version(lower_path: &str) -> Option<&'static str> {
-    if lower_path.contains("/providers/microsoft.compute/snapshots") {
+    if lower_path.contains("/providers/microsoft.compute/snapshots")
+        || lower_path.contains("/providers/microsoft.compute/disks/")
+    {
         Some(DISK_API_VERSION)
     } else if lower_path.contains("/providers/microsoft.compute/galleries") {
         Some(GALLERY_API_VERSION)
@@ -236,7 +238,13 @@ fn put_snapshot(
         );
     }
     let source = data["sourceResourceId"].as_str().unwrap_or_default();
-    if world.disk_of(source).is_none() {
+    // A data disk's snapshot holds what was written on it.
+    if let Some(d) = world.disks.get(&source.to_ascii_lowercase()) {
+        let content = d.content.clone();
+        world
+            .snapshot_content
+            .insert(id.to_ascii_lowercase(), content);
+    } else if world.disk_of(source).is_none() {
         return arm_error(
             StatusCode::NOT_FOUND,
             "NotFound",
@@ -430,6 +438,9 @@ impl World {
     pub fn artifact_operation(&self, op: &str) -> Option<ArtifactOperation> {
         if let Some(done) = self.artifact_operations.get(op) {
             return Some(done.clone());
+        }
+        if let Some(creating) = self.disk_operation(op) {
+            return Some(creating);
         }
         self.artifacts
             .values()

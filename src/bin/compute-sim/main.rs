@@ -6,6 +6,7 @@
 
 mod admin;
 mod arm;
+mod disks;
 mod gallery;
 mod server;
 mod world;

@@ -170,6 +170,8 @@ pub struct Vm {
     pub sequence: i64,
     /// Its machine-specific state was cleared for a golden image (`prepare-image`).
     pub prepared: bool,
+    /// Its managed data disks, by LUN.
+    pub data_disks: BTreeMap<u32, crate::disks::AttachedDisk>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -359,6 +361,7 @@ impl ScaleSet {
                 maintenance_until: None,
                 sequence: 0,
                 prepared: false,
+                data_disks: BTreeMap::new(),
             },
         );
         id
@@ -400,6 +403,8 @@ pub enum Effect {
     /// Runs a script in the VM (`runCommand`); a script that runs `vmss-healer-agent
     /// prepare-image` clears the VM's machine-specific state.
     RunCommand(u64, String),
+    /// Attaches and detaches the VM's data disks (`attachDetachDataDisks`).
+    Disks(u64, crate::disks::DiskChange),
 }
 
 impl Effect {
@@ -414,6 +419,7 @@ impl Effect {
             Effect::Scale(_) => "scale",
             Effect::Deallocate(_) => "deallocate",
             Effect::RunCommand(..) => "runcommand",
+            Effect::Disks(..) => "attachdetachdatadisks",
         }
     }
 
@@ -426,7 +432,7 @@ impl Effect {
             | Effect::Redeploy(ids)
             | Effect::Upgrade(ids)
             | Effect::Deallocate(ids) => ids,
-            Effect::RunCommand(id, _) => std::slice::from_ref(id),
+            Effect::RunCommand(id, _) | Effect::Disks(id, _) => std::slice::from_ref(id),
             Effect::Scale(_) => &[],
         }
     }
@@ -591,6 +597,10 @@ pub struct World {
     pub artifact_operations: HashMap<String, crate::gallery::ArtifactOperation>,
     /// How long an image version takes to be created (Azure: half an hour to hours).
     pub image_version_delay: Duration,
+    /// Managed data disks by resource id (lower case).
+    pub disks: BTreeMap<String, crate::disks::ManagedDisk>,
+    /// What each snapshot holds (the content of the disk it copied), by id (lower case).
+    pub snapshot_content: HashMap<String, String>,
 }
 
 /// The instances serving in every scale set, from a moment on.
@@ -644,6 +654,8 @@ impl World {
             artifacts: BTreeMap::new(),
             artifact_operations: HashMap::new(),
             image_version_delay: operation_delay,
+            disks: BTreeMap::new(),
+            snapshot_content: HashMap::new(),
         }
     }
 
@@ -809,6 +821,7 @@ impl World {
             self.complete(&id);
         }
         self.finish_artifacts(false);
+        self.finish_disks(false);
         self.enforce_autoscale();
     }
 
@@ -861,6 +874,9 @@ impl World {
             // The instances the scale-out was creating are not kept.
             set.vms.retain(|_, vm| vm.provisioning_state != "Creating");
         }
+        if let Effect::Disks(n, change) = effect {
+            self.settle_disks(&key, n, &change, false);
+        }
     }
 
     fn succeed(&mut self, op_id: &str) {
@@ -871,6 +887,25 @@ impl World {
         op.ended = Some(OffsetDateTime::now_utc());
         op.outcome = Outcome::Succeeded;
         let (key, effect) = (op.set_key.clone(), op.effect.clone());
+        if let Effect::Disks(n, change) = &effect {
+            self.settle_disks(&key, *n, change, true);
+        }
+        // A deleted VM's data disks stay, unattached (`deleteOption: Detach`).
+        let leaving: Vec<u64> = match (&effect, self.sets.get(&key)) {
+            (Effect::Delete(ids), _) => ids.clone(),
+            (Effect::Scale(target), Some(set)) if set.capacity() > *target => {
+                set.scale_in_victims(*target)
+            }
+            _ => Vec::new(),
+        };
+        let released: Vec<String> = self
+            .sets
+            .get(&key)
+            .into_iter()
+            .flat_map(|s| leaving.iter().filter_map(|n| s.vms.get(n)))
+            .flat_map(|vm| vm.data_disks.values().map(|a| a.key.clone()))
+            .collect();
+        self.release_disks(&released);
         let Some(set) = self.sets.get_mut(&key) else {
             return;
         };
@@ -889,6 +924,7 @@ impl World {
                 Effect::Scale(_) => (WRITE, "write"),
                 Effect::Deallocate(_) => (ACTION, "deallocate/action"),
                 Effect::RunCommand(..) => (ACTION, "runCommand/action"),
+                Effect::Disks(..) => (WRITE, "write"),
             };
             for id in effect.instances() {
                 if let Some(vm) = set.vms.get(id) {
@@ -935,6 +971,10 @@ impl World {
                 ACTION,
                 "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/runCommand/action",
             ),
+            Effect::Disks(..) => (
+                WRITE,
+                "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/write",
+            ),
         };
         let per_vm_only = !vm_events.is_empty() && !matches!(effect, Effect::Delete(_));
         match effect {
@@ -978,6 +1018,12 @@ impl World {
                     if script.contains("vmss-healer-agent prepare-image") {
                         vm.prepared = true;
                     }
+                }
+            }
+            Effect::Disks(id, _) => {
+                if let Some(vm) = set.vms.get_mut(&id) {
+                    vm.provisioning_state = "Succeeded".into();
+                    vm.provisioned_at = OffsetDateTime::now_utc();
                 }
             }
             Effect::Restart(ids) | Effect::Reimage(ids) | Effect::Redeploy(ids) => {
@@ -1104,6 +1150,12 @@ impl World {
                 }
                 // A script runs beside the VM's own work: its states do not change.
                 Effect::RunCommand(..) => {}
+                // The VM is updated; it keeps running.
+                Effect::Disks(id, _) => {
+                    if let Some(vm) = set.vms.get_mut(id) {
+                        vm.provisioning_state = "Updating".into();
+                    }
+                }
             }
         }
         // A delete under terminate notifications waits for each VM's Terminate event: approved,

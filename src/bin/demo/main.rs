@@ -19,6 +19,8 @@ mod arm;
 #[allow(dead_code)]
 #[path = "../../../tests/common/azurite.rs"]
 mod azurite;
+#[path = "../compute-sim/disks.rs"]
+mod disks;
 #[path = "../compute-sim/gallery.rs"]
 mod gallery;
 #[path = "../compute-sim/server.rs"]
