@@ -970,6 +970,7 @@ fn flexible_set(method: &Method, rest: &[&str]) -> Option<Response> {
 /// The VM API, as far as Flexible scale sets' instances need it: list (by resource group or
 /// subscription, filtered by scale set), get, instance view, restart, start, reimage, redeploy
 /// and delete. `None`: not a VM path.
+#[allow(clippy::too_many_arguments)]
 fn vm_api(
     world: &mut World,
     base: &str,

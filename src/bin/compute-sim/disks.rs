@@ -25,9 +25,9 @@
 //!   - a LUN in use: 400 `InvalidParameter`, "A disk at LUN {0} already exists.";
 //!   - another zone: 400 `BadRequest`, "Disk {id} cannot be attached to the VM because it is not
 //!     in the same zone as the VM. VM zone: '1'. Disk zone: '2'.";
-//!   - deleting an attached disk: 409 `OperationNotAllowed` (the simulator's wording).
-//!   Detaching a disk the VM does not have is refused 400 `InvalidParameter` (wording not found in
-//!   Azure's documentation: the simulator's).
+//!   - deleting an attached disk: 409 `OperationNotAllowed` (the simulator's wording);
+//!   - detaching a disk the VM does not have: 400 `InvalidParameter` (wording not found in
+//!     Azure's documentation: the simulator's).
 //! - Deleting a VM keeps its data disks: an attached data disk's `deleteOption` defaults to
 //!   `Detach` (Virtual Machines - Create Or Update, `DataDisk.deleteOption`), so they become
 //!   unattached.
@@ -279,6 +279,7 @@ fn put(world: &mut World, base: &str, sub: &str, id: &str, name: &str, body: &Va
 }
 
 /// Why Azure would refuse this change of the VM's data disks, if it would.
+#[allow(clippy::result_large_err)]
 pub fn refuse(
     world: &World,
     set: &ScaleSet,
