@@ -30,6 +30,7 @@ pub mod domain {
     pub mod policy;
     pub mod resync;
     pub mod scaleset;
+    pub mod slot;
     pub mod status;
     pub mod verdict;
 }
@@ -62,7 +63,7 @@ pub mod operations;
 
 pub use domain::{
     attestation, autoscale, event, heartbeat, incident, journal, lifecycle, mirror, plan, policy,
-    resync, scaleset, status, verdict,
+    resync, scaleset, slot, status, verdict,
 };
 pub use edges::{
     admission, alert, compute, host, identity, logs, operator, secret, settings, state, telemetry,

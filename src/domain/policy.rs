@@ -98,6 +98,22 @@ impl Escalation {
     }
 }
 
+impl Escalation {
+    /// The escalation of a stateful set: what keeps the instance's disks and address (a repair
+    /// in place) before what replaces it. A `replace` with no step in place before it gets
+    /// `restart,reimage` in front; any other list is kept as the operator wrote it.
+    pub fn keeping_state(&self) -> Escalation {
+        match self.0.iter().position(|a| *a == RepairAction::Replace) {
+            Some(0) => Escalation(vec![
+                RepairAction::Restart,
+                RepairAction::Reimage,
+                RepairAction::Replace,
+            ]),
+            _ => self.clone(),
+        }
+    }
+}
+
 impl FromStr for Escalation {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -223,6 +239,8 @@ pub struct Policy {
     /// The longest a MAINTENANCE heartbeat exempts its VM, from when it was sent, whatever its
     /// `until` says (a forged or mistaken far-future `until` never exempts a VM for ever).
     pub max_maintenance: Duration,
+    /// What follows an instance's slot across a replacement, on a stateful set.
+    pub stateful: Option<crate::slot::Stateful>,
 }
 
 /// Parses a duration in seconds: `180`, `180s`, `3m` or `1h`.
@@ -275,6 +293,20 @@ mod tests {
             .parse::<Escalation>()
             .unwrap_err()
             .contains("reboot"));
+    }
+
+    #[test]
+    fn a_stateful_set_keeps_state_before_it_replaces() {
+        for (given, want) in [
+            ("replace", "restart,reimage,replace"),
+            ("reimage,replace", "reimage,replace"),
+            ("restart,reimage,replace", "restart,reimage,replace"),
+            ("restart", "restart"),
+            ("reimage", "reimage"),
+        ] {
+            let e: Escalation = given.parse().unwrap();
+            assert_eq!(e.keeping_state().to_string(), want, "{given}");
+        }
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub const FULL_RESYNC: &str = "HEALER_FULL_RESYNC";
 pub const PLATFORM_REPAIRS: &str = "HEALER_PLATFORM_REPAIRS";
 pub const DOWN_PROOF: &str = "HEALER_DOWN_PROOF";
 pub const MAX_MAINTENANCE: &str = "HEALER_MAX_MAINTENANCE";
+pub const STATEFUL_DISKS: &str = "HEALER_STATEFUL_DISKS";
+pub const STATEFUL_ADDRESS: &str = "HEALER_STATEFUL_ADDRESS";
+pub const STATEFUL_ZONE_COPY: &str = "HEALER_STATEFUL_ZONE_COPY";
 pub const ATTESTATION_CA: &str = "HEALER_ATTESTATION_CA";
 pub const DRY_RUN: &str = "HEALER_DRY_RUN";
 pub const WEBHOOK_URL: &str = "HEALER_WEBHOOK_URL";
@@ -58,6 +61,9 @@ pub const CATALOG: &[SettingDoc] = &[
     SettingDoc { name: MAX_UNHEALTHY, default: "`40%`", meaning: "above this share unhealthy, a scale set's repairs pause (short-circuit)" },
     SettingDoc { name: PLATFORM_REPAIRS, default: "`defer`", meaning: "on a scale set with the platform's automatic instance repairs enabled: `defer` (report it, repair nothing there) or `act` (report it, repair anyway)" },
     SettingDoc { name: MAX_MAINTENANCE, default: "`4h`", meaning: "the longest a MAINTENANCE (or DRAINING) heartbeat exempts its VM, counted from when it was sent, whatever its `until` says; a stopped or failed VM is judged even during maintenance" },
+    SettingDoc { name: STATEFUL_DISKS, default: "(none; per scale set)", meaning: "a stateful set (per-set override only, `[STATEFUL_DISKS=0,1]`): the LUNs of the data disks that belong to an instance's slot. A replacement carries them to the new VM (same disks, same LUNs) before the broken one is deleted, and restart and reimage are tried first (an escalation that starts with `replace` becomes `restart,reimage,replace`); `delete` is refused" },
+    SettingDoc { name: STATEFUL_ADDRESS, default: "`none`", meaning: "per-set override only: the address that follows the slot: `public-ip` (the standalone public IP of the VM's NIC) or `private-ip` (its static private IP); Flexible scale sets only (a Uniform set's NICs belong to its model): refused on a Uniform set" },
+    SettingDoc { name: STATEFUL_ZONE_COPY, default: "`true`", meaning: "per-set override only: when the new VM lands in another zone than the slot's disks, copy them there by snapshot (slow, journaled); `false` refuses such a replacement with the reason" },
     SettingDoc { name: DOWN_PROOF, default: "`vmid`", meaning: "the least proof of identity any heartbeat (UP, DOWN or MAINTENANCE) needs to be believed: `vmid` (its vmId matches the mirror), `attested` (an IMDS attested document the platform signed for it, checked against `HEALER_ATTESTATION_CA`) or `name` (a computer name is enough: legacy Prunella agents, only while migrating a scale set — anyone who knows a VM's hostname can then have it repaired or keep it from being repaired). A heartbeat proving less is refused (`insufficient_proof`) and never changes how the VM is judged" },
     SettingDoc { name: ATTESTATION_CA, default: "(none)", meaning: "PEM certificates (inline, or a file path relative to the app) of the CAs that issue IMDS's `metadata.azure.com` signing certificate; set, heartbeats carrying an IMDS attested document are checked (an invalid one is rejected, a valid one proves `attested`)" },
     SettingDoc { name: MIRROR_MAX_AGE, default: "`300` s", meaning: "a change announced by an event or a repair must be mirrored within this, and evidence from the mirror (stopped, failed provisioning, Application Health) must be this fresh, or no repair is decided; a quiet scale set's mirror may be `HEALER_FULL_RESYNC` older" },
@@ -178,7 +184,15 @@ impl Settings {
             ),
             down_proof: value(get(DOWN_PROOF), "vmid", DOWN_PROOF, &mut problems),
             max_maintenance: duration(get(MAX_MAINTENANCE), "4h", MAX_MAINTENANCE, &mut problems),
+            stateful: None,
         };
+        for name in [STATEFUL_DISKS, STATEFUL_ADDRESS, STATEFUL_ZONE_COPY] {
+            if get(name).is_some() {
+                problems.push(format!(
+                    "{name} is a per-scale-set override only (which disks and address follow an instance belong to one set): give it in brackets after the set's id in {SCALE_SETS}"
+                ));
+            }
+        }
 
         let scale_sets = match get(SCALE_SETS) {
             None => {
@@ -646,6 +660,9 @@ fn parse_scale_sets(
 }
 
 fn apply_overrides(id: &ScaleSetId, raw: &str, policy: &mut Policy, problems: &mut Vec<String>) {
+    // A stateful override that could not be read still makes the set stateful (its other rules
+    // are checked), but not "carrying nothing" on top of its own problem.
+    let mut unreadable_stateful = false;
     for pair in raw
         .split(|c: char| c.is_whitespace() || c == ';')
         .filter(|p| !p.is_empty())
@@ -683,11 +700,62 @@ fn apply_overrides(id: &ScaleSetId, raw: &str, policy: &mut Policy, problems: &m
                 policy.down_proof = value::<crate::heartbeat::Proof>(val, "vmid", &label, problems)
             }
             MAX_MAINTENANCE => policy.max_maintenance = duration(val, "", &label, problems),
+            STATEFUL_DISKS => match crate::slot::parse_luns(val.as_deref().unwrap_or("")) {
+                Ok(luns) => stateful(policy).luns = luns,
+                Err(e) => {
+                    stateful(policy);
+                    unreadable_stateful = true;
+                    problems.push(format!("{label}: {e}"))
+                }
+            },
+            STATEFUL_ADDRESS => match val.as_deref().unwrap_or("").parse::<crate::slot::Address>() {
+                Ok(address) => stateful(policy).address = address,
+                Err(e) => {
+                    stateful(policy);
+                    unreadable_stateful = true;
+                    problems.push(format!("{label}: {e}"))
+                }
+            },
+            STATEFUL_ZONE_COPY => match val.as_deref().map(|v| v.trim().to_ascii_lowercase()) {
+                Some(v) if v == "true" => stateful(policy).zone_copy = true,
+                Some(v) if v == "false" => stateful(policy).zone_copy = false,
+                other => {
+                    stateful(policy);
+                    unreadable_stateful = true;
+                    problems.push(format!(
+                        "{label}: `{}` is not true or false",
+                        other.unwrap_or_default()
+                    ))
+                }
+            },
             _ => problems.push(format!(
-                "{SCALE_SETS}: `{key}` for {id} cannot be overridden per scale set (allowed: HEARTBEAT_TIMEOUT, STARTUP_TIMEOUT, GRACE_PERIOD, DOWN_FOR, REPAIR_ACTIONS, REPAIR_TIMEOUT, MAX_ATTEMPTS, MAX_PARALLEL, MAX_UNHEALTHY, PLATFORM_REPAIRS, DOWN_PROOF, MAX_MAINTENANCE)"
+                "{SCALE_SETS}: `{key}` for {id} cannot be overridden per scale set (allowed: HEARTBEAT_TIMEOUT, STARTUP_TIMEOUT, GRACE_PERIOD, DOWN_FOR, REPAIR_ACTIONS, REPAIR_TIMEOUT, MAX_ATTEMPTS, MAX_PARALLEL, MAX_UNHEALTHY, PLATFORM_REPAIRS, DOWN_PROOF, MAX_MAINTENANCE, STATEFUL_DISKS, STATEFUL_ADDRESS, STATEFUL_ZONE_COPY)"
             )),
         }
     }
+    if let Some(s) = &policy.stateful {
+        if !s.carries_anything() && !unreadable_stateful {
+            problems.push(format!(
+                "{SCALE_SETS}: the stateful policy of {id} carries nothing: give STATEFUL_DISKS (LUNs) or STATEFUL_ADDRESS"
+            ));
+        }
+        if policy.repair_actions.steps().contains(&crate::policy::RepairAction::Delete) {
+            problems.push(format!(
+                "{SCALE_SETS}: {id} is stateful, and `delete` in its REPAIR_ACTIONS would leave its slot's disks with no instance to carry them to: use replace"
+            ));
+        }
+        policy.repair_actions = policy.repair_actions.keeping_state();
+    }
+}
+
+/// The set's stateful policy, begun with the defaults (no disk, no address, zone copy allowed)
+/// by the first of its overrides.
+fn stateful(policy: &mut Policy) -> &mut crate::slot::Stateful {
+    policy.stateful.get_or_insert(crate::slot::Stateful {
+        luns: Vec::new(),
+        address: crate::slot::Address::None,
+        zone_copy: true,
+    })
 }
 
 /// The README's settings table, generated from [`CATALOG`] (`handler --settings-table`).
@@ -899,6 +967,52 @@ mod tests {
         );
         assert_eq!(web.policy.max_parallel, Limit::Count(2));
         assert_eq!(s.scale_sets[1].policy, s.defaults);
+    }
+
+    #[test]
+    fn a_stateful_set_keeps_state_first_and_its_mistakes_are_all_named() {
+        let raw = format!("{WEB}[STATEFUL_DISKS=1,0 STATEFUL_ADDRESS=public-ip STATEFUL_ZONE_COPY=false] {API}");
+        let s = load(&[(SCALE_SETS, &raw), (STORAGE, "UseDevelopmentStorage=true")]).unwrap();
+        let web = &s.scale_sets[0].policy;
+        assert_eq!(
+            web.stateful,
+            Some(crate::slot::Stateful {
+                luns: vec![0, 1],
+                address: crate::slot::Address::PublicIp,
+                zone_copy: false
+            })
+        );
+        assert_eq!(
+            web.repair_actions.to_string(),
+            "restart,reimage,replace",
+            "restart and reimage keep the disks: they come first"
+        );
+        assert_eq!(s.scale_sets[1].policy.stateful, None);
+        assert_eq!(s.scale_sets[1].policy.repair_actions.to_string(), "replace");
+
+        let raw = format!(
+            "{WEB}[STATEFUL_DISKS=64 REPAIR_ACTIONS=restart,delete] {API}[STATEFUL_ADDRESS=elastic STATEFUL_ZONE_COPY=maybe]"
+        );
+        let err = load(&[
+            (SCALE_SETS, &raw),
+            (STORAGE, "UseDevelopmentStorage=true"),
+            (STATEFUL_DISKS, "0"),
+        ])
+        .unwrap_err();
+        let text = err.to_string();
+        for needle in [
+            "LUN 64 is out of range",
+            "`delete` in its REPAIR_ACTIONS",
+            "`elastic` is not an address",
+            "`maybe` is not true or false",
+            "HEALER_STATEFUL_DISKS is a per-scale-set override only",
+        ] {
+            assert!(text.contains(needle), "{needle}: {text}");
+        }
+        assert!(!text.contains("carries nothing"), "{text}");
+        let raw = format!("{WEB}[STATEFUL_ZONE_COPY=true]");
+        let err = load(&[(SCALE_SETS, &raw), (STORAGE, "UseDevelopmentStorage=true")]).unwrap_err();
+        assert!(err.to_string().contains("carries nothing"), "{err}");
     }
 
     #[test]
