@@ -51,6 +51,12 @@ fn instance(id: usize) -> Instance {
             OffsetDateTime::UNIX_EPOCH + Duration::days(20_000) + Duration::microseconds(id as i64),
         ),
         provisioned_at: Some(OffsetDateTime::UNIX_EPOCH + Duration::days(20_001)),
+        // A stateful VM's disks survive the round trip (ids hold neither `=` nor `;`).
+        data_disks: if id.is_multiple_of(2) {
+            vec![(0, format!("/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/disks/web_{id}-data-0")), (3, "d3".into())]
+        } else {
+            Vec::new()
+        },
     }
 }
 

@@ -72,6 +72,8 @@ pub struct Instance {
     /// When the last operation on the instance ended (the `time` of its `ProvisioningState/…`
     /// status): how a call whose answer was lost is found to have landed or not.
     pub provisioned_at: Option<OffsetDateTime>,
+    /// Its managed data disks: (LUN, disk resource id). What a stateful set's slot holds.
+    pub data_disks: Vec<(u32, String)>,
 }
 
 /// A management lock, as Resource Manager lists a resource group's: the resource it is on (lower
@@ -232,6 +234,7 @@ pub(crate) mod fixtures {
             zone: None,
             created_at: None,
             provisioned_at: None,
+            data_disks: Vec::new(),
         }
     }
 }

@@ -739,7 +739,11 @@ fn apply_overrides(id: &ScaleSetId, raw: &str, policy: &mut Policy, problems: &m
                 "{SCALE_SETS}: the stateful policy of {id} carries nothing: give STATEFUL_DISKS (LUNs) or STATEFUL_ADDRESS"
             ));
         }
-        if policy.repair_actions.steps().contains(&crate::policy::RepairAction::Delete) {
+        if policy
+            .repair_actions
+            .steps()
+            .contains(&crate::policy::RepairAction::Delete)
+        {
             problems.push(format!(
                 "{SCALE_SETS}: {id} is stateful, and `delete` in its REPAIR_ACTIONS would leave its slot's disks with no instance to carry them to: use replace"
             ));
@@ -971,7 +975,9 @@ mod tests {
 
     #[test]
     fn a_stateful_set_keeps_state_first_and_its_mistakes_are_all_named() {
-        let raw = format!("{WEB}[STATEFUL_DISKS=1,0 STATEFUL_ADDRESS=public-ip STATEFUL_ZONE_COPY=false] {API}");
+        let raw = format!(
+            "{WEB}[STATEFUL_DISKS=1,0 STATEFUL_ADDRESS=public-ip STATEFUL_ZONE_COPY=false] {API}"
+        );
         let s = load(&[(SCALE_SETS, &raw), (STORAGE, "UseDevelopmentStorage=true")]).unwrap();
         let web = &s.scale_sets[0].policy;
         assert_eq!(

@@ -125,6 +125,7 @@ fn bench_instance(i: usize, created: Option<OffsetDateTime>) -> Instance {
         zone: None,
         created_at: created,
         provisioned_at: created,
+        data_disks: Vec::new(),
     }
 }
 

@@ -1608,7 +1608,25 @@ pub fn to_flexible_instance(vm: models::VirtualMachine) -> Option<Instance> {
             .and_then(|p| p.time_created)
             .map(crate::mirror::at_storage_precision),
         provisioned_at: provisioned_at(statuses),
+        data_disks: props
+            .as_ref()
+            .and_then(|p| p.storage_profile.as_ref())
+            .map(|s| data_disks(&s.data_disks))
+            .unwrap_or_default(),
     })
+}
+
+/// A VM's managed data disks as (LUN, disk id); disks being detached are not its any more.
+fn data_disks(disks: &[models::DataDisk]) -> Vec<(u32, String)> {
+    disks
+        .iter()
+        .filter(|d| d.to_be_detached != Some(true))
+        .filter_map(|d| {
+            let lun = u32::try_from(d.lun).ok()?;
+            let id = d.managed_disk.as_ref()?.sub_resource.id.clone()?;
+            Some((lun, id))
+        })
+        .collect()
 }
 
 /// The rest of the first status code that starts with `prefix` (`PowerState/running` → `running`).
@@ -1674,6 +1692,11 @@ pub fn to_instance(vm: models::VirtualMachineScaleSetVm) -> Option<Instance> {
             .and_then(|p| p.time_created)
             .map(crate::mirror::at_storage_precision),
         provisioned_at: provisioned_at(statuses),
+        data_disks: props
+            .as_ref()
+            .and_then(|p| p.storage_profile.as_ref())
+            .map(|s| data_disks(&s.data_disks))
+            .unwrap_or_default(),
     })
 }
 

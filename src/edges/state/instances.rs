@@ -98,6 +98,16 @@ fn instance_entity(set: &ScaleSetId, i: &Instance, synced_at: OffsetDateTime) ->
         .opt_str("zone", i.zone.clone())
         .opt_time("createdAt", i.created_at)
         .opt_time("provisionedAt", i.provisioned_at)
+        .opt_str(
+            "dataDisks",
+            (!i.data_disks.is_empty()).then(|| {
+                i.data_disks
+                    .iter()
+                    .map(|(lun, id)| format!("{lun}={id}"))
+                    .collect::<Vec<_>>()
+                    .join(";")
+            }),
+        )
         .time("syncedAt", synced_at)
 }
 
@@ -123,6 +133,18 @@ fn instance_from_row(r: &Row) -> Result<MirroredInstance, RowError> {
             zone: r.opt_str("zone"),
             created_at: r.opt_time("createdAt")?,
             provisioned_at: r.opt_time("provisionedAt")?,
+            // `<lun>=<disk id>;…`: a disk id holds neither `=` nor `;`.
+            data_disks: r
+                .opt_str("dataDisks")
+                .map(|raw| {
+                    raw.split(';')
+                        .filter_map(|pair| {
+                            let (lun, id) = pair.split_once('=')?;
+                            Some((lun.parse().ok()?, id.to_string()))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         },
         synced_at: r.time("syncedAt")?,
     })
