@@ -801,3 +801,54 @@ async fn two_operations_started_at_once_on_one_scale_set_one_wins() {
         assert_eq!(store.operations(Some(&set)).await.unwrap().0.len(), 1);
     }
 }
+
+/// A stateful set's slots (issue 18): created once (a second creator is refused), read back whole,
+/// and moved to a new instance only over the version read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slots_are_created_once_and_moved_by_version() {
+    use vmss_healer::slot::{Slot, SlotDisk};
+    let azurite = Azurite::start();
+    let store = store_for(azurite.connection_string());
+    store.ensure_tables().await.unwrap();
+    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let slot = Slot {
+        id: "slot-0".into(),
+        instance: "0".into(),
+        disks: vec![SlotDisk {
+            lun: 0,
+            id: "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/disks/db_0-data-0"
+                .into(),
+            zone: Some("1".into()),
+        }],
+        address: None,
+        zone: Some("1".into()),
+        updated: now,
+    };
+    store.insert_slot(&set(), &slot).await.unwrap();
+    let again = store.insert_slot(&set(), &slot).await;
+    assert!(
+        matches!(again, Err(vmss_healer::state::StoreError::Conflict { .. })),
+        "{again:?}"
+    );
+    let (slots, skipped) = store.slots(&set()).await.unwrap();
+    assert!(skipped.0.is_empty());
+    assert_eq!(slots.len(), 1);
+    assert_eq!(slots[0].value, slot);
+    let moved = Slot {
+        instance: "1".into(),
+        zone: Some("2".into()),
+        ..slot.clone()
+    };
+    let version = slots[0].version.clone();
+    assert!(store
+        .update_slot(&set(), &moved, &version)
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(
+        store.update_slot(&set(), &slot, &version).await.unwrap(),
+        None,
+        "a stale writer does not move it back"
+    );
+    assert_eq!(store.slots(&set()).await.unwrap().0[0].value.instance, "1");
+}

@@ -6,6 +6,7 @@ mod instances;
 mod operations;
 mod repairs;
 mod scalesets;
+mod slots;
 pub mod table;
 
 use crate::compute::{ArmError, OperationKind, OperationRef};
@@ -33,6 +34,7 @@ pub const HEARTBEATS: &str = "heartbeats";
 pub const REPAIRS: &str = "repairs";
 pub const SCALESETS: &str = "scalesets";
 pub const OPERATIONS: &str = "operations";
+pub const SLOTS: &str = "slots";
 const SCALESET_PARTITION: &str = "scaleset";
 const INCIDENT_PREFIX: &str = "incident:";
 
@@ -44,6 +46,7 @@ pub struct Store {
     repairs: Table,
     scalesets: Table,
     operations: Table,
+    slots: Table,
     requests: Arc<AtomicU64>,
     /// The last heartbeat this process wrote or read per instance, with its ETag: a newer reading
     /// is then one conditional write. The cache may lag the table (other workers write too) but
@@ -123,6 +126,7 @@ impl Store {
             repairs: table(REPAIRS),
             scalesets: table(SCALESETS),
             operations: table(OPERATIONS),
+            slots: table(SLOTS),
             requests,
             last_heartbeat: Arc::default(),
             identities: Arc::default(),
@@ -156,6 +160,7 @@ impl Store {
             &self.repairs,
             &self.scalesets,
             &self.operations,
+            &self.slots,
         ] {
             t.ensure_exists().await?;
         }
