@@ -188,6 +188,42 @@ pub fn slot_for(
     })
 }
 
+/// The slots a mirror read adds: one for each instance that has disks at the policy's LUNs and
+/// neither holds a slot nor has disks a slot already names (a replacement moves those).
+pub fn new_slots(
+    existing: &[Slot],
+    instances: &[crate::mirror::Instance],
+    policy: &Stateful,
+    now: OffsetDateTime,
+) -> Vec<Slot> {
+    let mut slots: Vec<Slot> = existing.to_vec();
+    let mut added = Vec::new();
+    for i in instances {
+        let held = slots.iter().any(|s| s.instance == i.instance_id);
+        let named = i.data_disks.iter().any(|(_, disk)| {
+            slots
+                .iter()
+                .any(|s| s.disk_ids().any(|d| d.eq_ignore_ascii_case(disk)))
+        });
+        if held || named {
+            continue;
+        }
+        let id = next_slot_id(slots.iter().map(|s| s.id.as_str()));
+        if let Some(slot) = slot_for(
+            id,
+            &i.instance_id,
+            i.zone.as_deref(),
+            &i.data_disks,
+            policy,
+            now,
+        ) {
+            slots.push(slot.clone());
+            added.push(slot);
+        }
+    }
+    added
+}
+
 /// The next slot id in a set that has these.
 pub fn next_slot_id<'a>(existing: impl Iterator<Item = &'a str>) -> String {
     let n = existing
@@ -256,5 +292,43 @@ mod tests {
             "slot-5"
         );
         assert_eq!(next_slot_id(std::iter::empty()), "slot-0");
+    }
+
+    #[test]
+    fn a_mirror_read_slots_each_stateful_instance_once() {
+        let now = datetime!(2026-12-02 10:00 UTC);
+        let policy = Stateful {
+            luns: vec![0],
+            address: Address::None,
+            zone_copy: true,
+        };
+        let vm = |id: &str, disks: &[(u32, &str)]| {
+            let mut i = crate::mirror::fixtures::instance(id);
+            i.zone = Some("1".into());
+            i.data_disks = disks.iter().map(|(l, d)| (*l, d.to_string())).collect();
+            i
+        };
+        let fleet = vec![
+            vm("0", &[(0, "D0")]),
+            vm("1", &[(0, "d1"), (1, "scratch")]),
+            vm("2", &[]),
+            vm("3", &[(1, "scratch3")]),
+        ];
+        let first = new_slots(&[], &fleet, &policy, now);
+        let held: Vec<(&str, &str)> = first
+            .iter()
+            .map(|s| (s.id.as_str(), s.instance.as_str()))
+            .collect();
+        assert_eq!(held, vec![("slot-0", "0"), ("slot-1", "1")]);
+        assert!(
+            new_slots(&first, &fleet, &policy, now).is_empty(),
+            "slotted once"
+        );
+        // Mid-replacement the disk is on the new VM 4 before the slot moves: no second slot.
+        let moving = vec![vm("4", &[(0, "d0")]), vm("1", &[(0, "d1")])];
+        assert!(new_slots(&first, &moving, &policy, now).is_empty());
+        // A new stateful VM later gets the next id.
+        let later = new_slots(&first, &[vm("9", &[(0, "d9")])], &policy, now);
+        assert_eq!(later[0].id, "slot-2");
     }
 }

@@ -8,6 +8,7 @@ use crate::mirror::{diff, Instance, MirroredInstance, ScaleSetRecord};
 use crate::resync::{self, Hold, Read};
 use crate::scaleset::{Orchestration, ScaleSetId};
 use crate::settings::Settings;
+use crate::slot::{Slot, Stateful};
 use crate::state::{Store, StoreError};
 use futures::{FutureExt, StreamExt};
 use serde::Serialize;
@@ -228,7 +229,10 @@ async fn within(
         tracing::warn!(scale_set = %id, decision = "deferred", "mirror sync left to the next pass: the pass deadline is near");
         return Ok(deferred);
     }
-    let sync = sync_one(store, compute, id, record.clone(), read, now);
+    let stateful = settings
+        .scale_set(id)
+        .and_then(|w| w.policy.stateful.as_ref());
+    let sync = sync_one(store, compute, id, stateful, record.clone(), read, now);
     match deadline.bound(sync).await {
         Some(result) => result,
         None => {
@@ -251,6 +255,7 @@ async fn sync_one(
     store: &Store,
     compute: &Compute,
     id: &ScaleSetId,
+    stateful: Option<&Stateful>,
     record: Option<ScaleSetRecord>,
     why: Read,
     now: OffsetDateTime,
@@ -276,6 +281,10 @@ async fn sync_one(
                 tracing::warn!(scale_set = %id, rows = skipped.0.len(), first = %skipped.0[0], "unreadable mirror rows will be rewritten");
             }
             result.instances = observed.len();
+            if let Some(policy) = stateful {
+                let flexible = info.orchestration() == Orchestration::Flexible;
+                result.detail = slot_instances(store, id, policy, &observed, flexible, now).await?;
+            }
             let observed = carry_health_since(&stored, observed, now);
             let mut changes = diff(&stored, observed);
             // Unreadable rows are rewritten from what ARM reports.
@@ -334,6 +343,46 @@ async fn sync_one(
     }
     store.record_sync(id, &record).await?;
     Ok(result)
+}
+
+/// A stateful set's slots: each instance that has the policy's disks and no slot gets one, so what
+/// it holds is known before it ever needs replacing. A policy that cannot work on this set (an
+/// address on a Uniform set) is said, each read, instead.
+async fn slot_instances(
+    store: &Store,
+    id: &ScaleSetId,
+    policy: &Stateful,
+    instances: &[Instance],
+    flexible: bool,
+    now: OffsetDateTime,
+) -> Result<Option<String>, StoreError> {
+    if let Some(why) = policy.refusal(flexible) {
+        tracing::error!(scale_set = %id, error = %why, "stateful policy cannot work on this scale set; its instances are not replaced");
+        return Ok(Some(why));
+    }
+    let (existing, skipped) = store.slots(id).await?;
+    if let Some(bad) = skipped.0.first() {
+        // A slot that cannot be read is never taken for a missing one: no new slot this read.
+        tracing::error!(scale_set = %id, error = %bad, "an unreadable slot row; no slot is added until it is mended");
+        return Ok(Some(format!("unreadable slot row: {bad}")));
+    }
+    let existing: Vec<Slot> = existing.into_iter().map(|v| v.value).collect();
+    for slot in crate::slot::new_slots(&existing, instances, policy, now) {
+        match store.insert_slot(id, &slot).await {
+            Ok(_) => {
+                let disks: Vec<String> = slot
+                    .disks
+                    .iter()
+                    .map(|d| format!("LUN {} {}", d.lun, d.id))
+                    .collect();
+                tracing::info!(scale_set = %id, instance = %slot.instance, slot = %slot.id, disks = %disks.join(", "), "stateful slot created");
+            }
+            // Another pass created it first.
+            Err(StoreError::Conflict { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
 }
 
 /// The Compute API reports the Application Health state, not since when: the mirror keeps the time
