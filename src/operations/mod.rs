@@ -6,6 +6,7 @@
 //! This module is the operation itself and what an operator may do to it (pause, resume, abort):
 //! pure, table-tested. The engine that advances each kind's steps builds on it.
 
+pub mod carry;
 pub mod cycle;
 pub mod prototype;
 pub mod step;
@@ -25,6 +26,8 @@ pub enum Kind {
     Swap,
     /// A golden image captured from a known-good instance, which the model then follows.
     Prototype,
+    /// A stateful instance replaced with its data disks (and address) carried to the new one.
+    Carry,
 }
 
 impl Kind {
@@ -33,6 +36,7 @@ impl Kind {
             Kind::Cycle => "cycle",
             Kind::Swap => "swap",
             Kind::Prototype => "prototype",
+            Kind::Carry => "carry",
         }
     }
 
@@ -41,6 +45,7 @@ impl Kind {
             "cycle" => Some(Kind::Cycle),
             "swap" => Some(Kind::Swap),
             "prototype" => Some(Kind::Prototype),
+            "carry" => Some(Kind::Carry),
             _ => None,
         }
     }
@@ -285,6 +290,8 @@ pub fn write_in_flight(op: &Operation, set: &ScaleSetId) -> Option<crate::incide
         Kind::Swap => swap::write_in_flight(op, set),
         Kind::Prototype if op.scale_set == *set => prototype::write_in_flight(op),
         Kind::Prototype => None,
+        Kind::Carry if op.scale_set == *set => carry::write_in_flight(op),
+        Kind::Carry => None,
     }
 }
 

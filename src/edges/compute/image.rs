@@ -52,7 +52,7 @@ pub struct ImageVersion {
 
 /// Builds an SDK model from the JSON the REST reference shows: the SDK's models are the REST
 /// bodies, and this keeps the request readable.
-fn model<T: serde::de::DeserializeOwned>(
+pub(super) fn model<T: serde::de::DeserializeOwned>(
     what: &str,
     v: serde_json::Value,
 ) -> Result<T, ComputeError> {

@@ -4,6 +4,7 @@
 
 use crate::autoscale::AutoscaleSetting;
 
+mod disks;
 mod image;
 use crate::mirror::{AppHealth, Instance, Lock, LockLevel};
 use crate::scaleset::{Orchestration, ScaleSetId};

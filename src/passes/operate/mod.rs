@@ -21,6 +21,7 @@ use serde::Serialize;
 use std::collections::HashMap;
 use time::OffsetDateTime;
 
+mod carry;
 mod prototype;
 mod swap;
 
@@ -103,6 +104,7 @@ pub async fn operate(
         Kind::Cycle => operate_cycle(pass, op).await,
         Kind::Swap => swap::operate(pass, op).await,
         Kind::Prototype => prototype::operate(pass, op).await,
+        Kind::Carry => carry::operate(pass, op).await,
     }
 }
 
