@@ -37,6 +37,9 @@ pub enum Status {
         #[serde(with = "time::serde::rfc3339")]
         until: OffsetDateTime,
     },
+    /// The VM runs; its application does not yet (it waits for its data disk to be mounted, say):
+    /// never healthy, judged by the startup timeout like a VM that never reported.
+    Starting,
 }
 
 impl Status {
@@ -46,6 +49,7 @@ impl Status {
             Status::Down => "DOWN",
             Status::Maintenance { .. } => "MAINTENANCE",
             Status::Draining { .. } => "DRAINING",
+            Status::Starting => "STARTING",
         }
     }
 
@@ -53,7 +57,7 @@ impl Status {
     pub fn until(&self) -> Option<OffsetDateTime> {
         match self {
             Status::Maintenance { until } | Status::Draining { until } => Some(*until),
-            Status::Up | Status::Down => None,
+            Status::Up | Status::Down | Status::Starting => None,
         }
     }
 }
@@ -262,6 +266,7 @@ pub fn read(event: &Event, now: OffsetDateTime) -> Result<Heartbeat, Rejection> 
     let status = match status_text.trim().to_ascii_uppercase().as_str() {
         "UP" => Status::Up,
         "DOWN" => Status::Down,
+        "STARTING" if !is_prunella => Status::Starting,
         word @ ("MAINTENANCE" | "DRAINING") if !is_prunella => {
             let until = data.get("until");
             let parsed = until.and_then(Value::as_str).and_then(parse_time);
@@ -497,6 +502,17 @@ mod tests {
             read(&agent(json!("Down")), NOW).unwrap().status,
             Status::Down
         );
+    }
+
+    #[test]
+    fn starting_is_read_from_agents_only() {
+        assert_eq!(
+            read(&agent(json!("Starting")), NOW).unwrap().status,
+            Status::Starting
+        );
+        let mut prunella = agent(json!("STARTING"));
+        prunella.event_type = PRUNELLA_TYPE.into();
+        assert!(read(&prunella, NOW).is_err(), "Prunella agents say UP or DOWN");
     }
 
     #[test]

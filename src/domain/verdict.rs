@@ -56,6 +56,9 @@ pub enum Reason {
     },
     /// The VM never published within the startup timeout.
     NeverReported { seconds_since_creation: i64 },
+    /// The VM reports STARTING past the startup timeout (counted from its creation or our last
+    /// repair): its application never started.
+    NeverStarted { seconds: i64 },
     /// The platform failed to provision the instance.
     ProvisioningFailed,
     /// The instance is stopped or deallocated though nothing of ours asked for it.
@@ -74,6 +77,7 @@ impl Reason {
             Reason::ReportedDown { .. } => "reported_down",
             Reason::Silent { .. } => "silent",
             Reason::NeverReported { .. } => "never_reported",
+            Reason::NeverStarted { .. } => "never_started",
             Reason::ProvisioningFailed => "provisioning_failed",
             Reason::Stopped { .. } => "stopped",
             Reason::AppUnhealthy { .. } => "app_unhealthy",
@@ -96,6 +100,9 @@ impl Reason {
             Reason::NeverReported {
                 seconds_since_creation,
             } => format!("no heartbeat since creation {seconds_since_creation} s ago"),
+            Reason::NeverStarted { seconds } => format!(
+                "the instance reports STARTING {seconds} s after it was created or repaired, past HEALER_STARTUP_TIMEOUT: its application never started"
+            ),
             Reason::ProvisioningFailed => "provisioning failed".into(),
             Reason::Stopped { power_state } => format!("the instance is {power_state}"),
             Reason::AppUnhealthy { state, .. } => {
@@ -236,6 +243,17 @@ pub fn judge(
                 });
             }
         }
+    }
+
+    if heartbeat.is_some_and(|hb| hb.status == Status::Starting) {
+        let started = history.last_repair.map_or(created, |r| r.max(created));
+        let age = now - started;
+        if age > policy.startup_timeout {
+            return Verdict::Unhealthy(Reason::NeverStarted {
+                seconds: age.whole_seconds(),
+            });
+        }
+        return Verdict::Starting;
     }
 
     if let Some(state @ (AppHealth::Unhealthy | AppHealth::Unknown)) = instance.health {
@@ -438,6 +456,15 @@ mod tests {
             ("… it is silent at the startup timeout", old(|i| i.created_at = Some(NOW - secs(601))), Some(hb(Status::Up, 600)), quiet,
                 Verdict::Unhealthy(Reason::Silent { last: NOW - secs(600), seconds: 600 })),
             ("a clock ahead does not stretch liveness", old(|_| ()), Some(ahead(Status::Up, 181, 240)), quiet,
+                Verdict::Unhealthy(Reason::Silent { last: NOW - secs(181), seconds: 181 })),
+            // STARTING (design §2): the VM runs, its application waits (for its data disk, say):
+            // never healthy; judged by the startup timeout like a VM that never reported, counted
+            // from its creation or our last repair of it.
+            ("STARTING on a new VM is not healthy", old(fresh), Some(hb(Status::Starting, 5)), quiet, Verdict::Starting),
+            ("STARTING past the startup timeout", old(|_| ()), Some(hb(Status::Starting, 5)), quiet,
+                Verdict::Unhealthy(Reason::NeverStarted { seconds: 3600 })),
+            ("STARTING after a repair, within the startup timeout", old(|_| ()), Some(hb(Status::Starting, 5)), just_repaired, Verdict::Starting),
+            ("STARTING gone silent", old(|_| ()), Some(hb(Status::Starting, 181)), just_repaired,
                 Verdict::Unhealthy(Reason::Silent { last: NOW - secs(181), seconds: 181 })),
         ];
         for (name, inst, heartbeat, history, want) in cases {

@@ -157,6 +157,7 @@ fn heartbeat_from_row(set: &ScaleSetId, r: &Row) -> Result<Heartbeat, RowError> 
     let status = match status_text.as_str() {
         "UP" => Status::Up,
         "DOWN" => Status::Down,
+        "STARTING" => Status::Starting,
         "MAINTENANCE" => Status::Maintenance {
             until: r.time("until")?,
         },
