@@ -98,6 +98,9 @@ pub enum Stage {
     DeleteFirst,
     /// …then raise the capacity back.
     Restore,
+    /// A stateful set's replace: handed to a stateful replacement operation, which carries the
+    /// instance's data disks to the new VM before the broken one goes.
+    Carry,
 }
 
 impl Stage {
@@ -108,6 +111,7 @@ impl Stage {
             Stage::Delete => "delete",
             Stage::DeleteFirst => "delete_first",
             Stage::Restore => "restore",
+            Stage::Carry => "carry",
         }
     }
 
@@ -118,6 +122,7 @@ impl Stage {
             "delete" => Some(Stage::Delete),
             "delete_first" => Some(Stage::DeleteFirst),
             "restore" => Some(Stage::Restore),
+            "carry" => Some(Stage::Carry),
             _ => None,
         }
     }
@@ -134,6 +139,8 @@ pub enum Call {
     Reimage,
     Redeploy,
     Grow,
+    /// Start the stateful replacement operation (a table write; its calls are the operation's).
+    Carry,
 }
 
 impl Call {
@@ -145,6 +152,7 @@ impl Call {
             Call::Reimage => "reimage",
             Call::Redeploy => "redeploy",
             Call::Grow => "grow",
+            Call::Carry => "carry",
         }
     }
 }
@@ -404,6 +412,19 @@ impl Incident {
         }
     }
 
+    /// The same step as a stateful set takes it: a replace is handed to the stateful replacement
+    /// (which surges, carries the disks, and deletes) instead of surging itself.
+    pub fn stateful(self) -> Self {
+        if self.action == Some(RepairAction::Replace) {
+            Incident {
+                stage: Stage::Carry,
+                ..self
+            }
+        } else {
+            self
+        }
+    }
+
     /// The step's deadline has passed.
     pub fn timed_out(&self, now: OffsetDateTime) -> bool {
         self.deadline.is_some_and(|d| now > d)
@@ -424,6 +445,7 @@ impl Incident {
         Some(match self.stage {
             Stage::Surge | Stage::Restore => Call::Grow,
             Stage::Delete | Stage::DeleteFirst => Call::Delete,
+            Stage::Carry => Call::Carry,
             Stage::Act => match self.action? {
                 RepairAction::Delete | RepairAction::Replace => Call::Delete,
                 RepairAction::Restart => Call::Restart,
@@ -440,7 +462,7 @@ impl Incident {
     pub fn deleting(&self) -> bool {
         self.state == State::Repairing
             && (self.stage == Stage::Restore
-                || (self.call() == Some(Call::Delete)
+                || (matches!(self.call(), Some(Call::Delete | Call::Carry))
                     && matches!(
                         self.phase,
                         Phase::Sending | Phase::Running | Phase::Succeeded

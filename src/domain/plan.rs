@@ -30,6 +30,8 @@ pub struct Observation {
     /// A write to the scale set (a grow or a delete) that a long-running operation has in flight:
     /// the healer's own writes wait for it, as for one of its own.
     pub operation_write: Option<Call>,
+    /// How the last stateful replacement of each instance ended, for the incident that asked.
+    pub carried: HashMap<String, crate::operations::carry::Outcome>,
 }
 
 /// Brakes and modes that are global rather than per scale set.
@@ -493,6 +495,9 @@ impl<'a> View<'a> {
                 if let Some(error) = &v.value.error {
                     e["error"] = serde_json::json!(error);
                 }
+                if let Some(why) = self.carry_error(&v.value) {
+                    e["carry_error"] = serde_json::json!(why);
+                }
                 // A call whose answer was lost, found not to have landed (see `unanswered`).
                 if v.value.phase == Phase::Sending {
                     let sent = v.value.sent_at.map(crate::journal::stamp);
@@ -515,6 +520,23 @@ impl<'a> View<'a> {
             previous: Some(v.value.clone()),
             reason,
             evidence,
+        }
+    }
+
+    /// Why the stateful replacement this incident handed its step to failed, if it did.
+    fn carry_error(&self, inc: &Incident) -> Option<&str> {
+        match (inc.stage, self.obs.carried.get(&inc.target)) {
+            (Stage::Carry, Some(crate::operations::carry::Outcome::Failed(why))) => Some(why),
+            _ => None,
+        }
+    }
+
+    /// A new step as this scale set takes it: on a stateful set a replace carries the disks.
+    fn staged(&self, inc: Incident) -> Incident {
+        if self.policy.stateful.is_some() {
+            inc.stateful()
+        } else {
+            inc
         }
     }
 
@@ -743,7 +765,7 @@ fn outcomes<'a>(
             Next::Wait => {}
             Next::Over if inc.attempt >= view.policy.max_attempts => {
                 plan.transitions.push(Transition {
-                    evidence: serde_json::json!({"attempts": inc.attempt, "error": inc.error}),
+                    evidence: serde_json::json!({"attempts": inc.attempt, "error": inc.error, "carry_error": view.carry_error(inc)}),
                     ..view.transition(Step::GiveUp, v, inc.give_up(view.now))
                 });
             }
@@ -793,9 +815,41 @@ fn removed(view: &View, inc: &Incident) -> Option<Next> {
     }
 }
 
+/// A stateful replacement's incident: it waits while the operation holds its target, whatever
+/// its deadline (a copy into another zone takes hours); replaced, the mirror soon shows the
+/// target gone (and the incident closes); failed, the step is over (escalate, or give up).
+fn carrying(view: &View, inc: &Incident) -> Option<Next> {
+    use crate::operations::carry::Outcome;
+    if inc.stage != Stage::Carry || !matches!(inc.phase, Phase::Sending | Phase::Running) {
+        return None;
+    }
+    if view.obs.held.contains_key(&inc.target) {
+        return Some(Next::Wait);
+    }
+    let started = inc.step_started.unwrap_or(inc.opened_at);
+    match view.obs.carried.get(&inc.target) {
+        Some(Outcome::Replaced) => Some(Next::Wait),
+        Some(Outcome::Failed(_)) if inc.phase == Phase::Running => Some(Next::Over),
+        // Started (or its answer lost) and not held: the operation never began, or ended without
+        // a word; the deadline decides, as for any step.
+        _ if inc.timed_out(view.now) => Some(Next::Over),
+        _ if inc.phase == Phase::Sending && view.now > started + view.brakes.lease => {
+            Some(if inc.unanswered == 0 {
+                Next::Continue(Step::Resend, Box::new(inc.unanswered_again()))
+            } else {
+                Next::Over
+            })
+        }
+        _ => Some(Next::Wait),
+    }
+}
+
 /// The next move of a present target's running step.
 fn step(view: &View, inc: &Incident) -> Next {
     let now = view.now;
+    if let Some(next) = carrying(view, inc) {
+        return next;
+    }
     match inc.phase {
         Phase::Failed => Next::Over,
         _ if inc.timed_out(now) => match (inc.stage, inc.phase) {
@@ -834,7 +888,7 @@ fn step(view: &View, inc: &Incident) -> Next {
             Stage::DeleteFirst => {
                 Next::Continue(Step::Advance, Box::new(inc.advance(Stage::Restore)))
             }
-            Stage::Act | Stage::Delete | Stage::Restore => Next::Wait,
+            Stage::Act | Stage::Delete | Stage::Restore | Stage::Carry => Next::Wait,
         },
     }
 }
@@ -979,7 +1033,7 @@ fn escalate(
             continue;
         }
         *in_flight += 1;
-        let mut next = inc.escalate(action, view.now, view.step_timeout(action));
+        let mut next = view.staged(inc.escalate(action, view.now, view.step_timeout(action)));
         next.dry_run = view.brakes.dry_run;
         let mut t = view.transition(Step::Escalate, v, next);
         view.drain_evidence(action, &mut t.evidence);
@@ -1088,7 +1142,7 @@ fn open(view: &View, in_flight: &mut usize, plan: &mut Plan) {
         *in_flight += 1;
         let (claim, previous) = view.claim(id);
         let mut incident =
-            Incident::open(id, reason.label(), action, now, view.step_timeout(action));
+            view.staged(Incident::open(id, reason.label(), action, now, view.step_timeout(action)));
         incident.dry_run = view.brakes.dry_run;
         let mut evidence = evidence(reason, hb, Some(m));
         view.drain_evidence(action, &mut evidence);

@@ -13,6 +13,7 @@ pub(super) struct SetPass<'a> {
     pub deadline: &'a Deadline,
     pub now: OffsetDateTime,
     pub mode: Orchestration,
+    pub policy: &'a crate::policy::Policy,
 }
 
 impl SetPass<'_> {
@@ -47,8 +48,9 @@ pub(super) fn group(
                     call,
                     Call::Restart | Call::Start | Call::Reimage | Call::Redeploy
                 );
-            let alone =
-                ((t.alone() || one_vm) && call != Call::Grow).then(|| t.incident.target.clone());
+            // A stateful replacement is one operation per instance.
+            let alone = ((t.alone() || one_vm || call == Call::Carry) && call != Call::Grow)
+                .then(|| t.incident.target.clone());
             calls.entry((call, alone)).or_default().push(t);
         }
     }
@@ -173,6 +175,8 @@ async fn send_group(
         Err(ComputeError::Throttled {
             retry_after_s: (until - now).whole_seconds().max(1),
         })
+    } else if call == Call::Carry {
+        start_carry(pass, &group[0].0).await
     } else {
         send(compute, id, call, &ids, mode).await
     };
@@ -318,12 +322,58 @@ pub(super) async fn send(
         Call::Start => compute.start_instances(id, ids, mode).await,
         Call::Reimage => compute.reimage_instances(id, ids, mode).await,
         Call::Redeploy => compute.redeploy_instances(id, ids, mode).await,
+        // Started by `start_carry`, never sent here.
+        Call::Carry => Err(ComputeError::Failed(
+            "a stateful replacement is an operation, not one call".into(),
+        )),
         Call::Grow => {
             let n = u32::try_from(ids.len()).unwrap_or(u32::MAX);
             let grown = compute.grow(id, n).await?;
             tracing::info!(scale_set = %id, from = grown.from, to = grown.to, "capacity raised by {n} from a fresh read, with If-Match");
             Ok(grown.accepted)
         }
+    }
+}
+
+/// A stateful set's replace: the stateful replacement operation is started for the target (it
+/// holds the target from its first row). Another operation on the set makes it wait, as a busy
+/// scale set would; a dry run starts a dry-run operation that calls nothing.
+async fn start_carry(pass: &SetPass<'_>, t: &Transition) -> Result<Accepted, ComputeError> {
+    let Some(stateful) = pass.policy.stateful.as_ref() else {
+        return Err(ComputeError::Failed(
+            "a stateful replacement on a set without a stateful policy".into(),
+        ));
+    };
+    let params = crate::operations::carry::Params::new(
+        &t.incident.target,
+        &t.incident.id,
+        stateful,
+        pass.policy.repair_timeout,
+    );
+    let mut op = crate::operations::Operation::new(
+        crate::operations::Kind::Carry,
+        pass.id.clone(),
+        serde_json::to_value(&params).unwrap_or_default(),
+        format!("incident {} (attempt {})", t.incident.id, t.incident.attempt),
+        pass.dry_run,
+        pass.now,
+    );
+    op.holds = vec![t.incident.target.clone()];
+    match pass.store.start_operation(&op).await {
+        Ok(_) => {
+            tracing::info!(scale_set = %pass.id, instance = %t.incident.target, incident = %t.incident.id, operation = %op.id, "stateful replacement started");
+            Ok(Accepted { operation: None })
+        }
+        Err(StoreError::Conflict { key, .. }) => Err(ComputeError::Busy(crate::compute::ArmError {
+            status: 409,
+            code: "OperationInTheWay".into(),
+            message: format!(
+                "another operation holds the scale set ({key}): the stateful replacement waits"
+            ),
+        })),
+        Err(e) => Err(ComputeError::Transient(format!(
+            "starting the stateful replacement: {e}"
+        ))),
     }
 }
 

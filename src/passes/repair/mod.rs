@@ -95,10 +95,11 @@ pub async fn repair_all(
                 observations.push(observation?);
             }
             // What long-running operations hold, for the whole fleet in one read.
-            let running = running_operations(store).await?;
+            let (running, mut carried) = pass_operations(store).await?;
             let mut held = held_by(running.iter().map(|v| &v.value));
             for (watched, obs) in settings.scale_sets.iter().zip(observations.iter_mut()) {
                 obs.held = held.remove(&watched.id.key()).unwrap_or_default();
+                obs.carried = carried.remove(&watched.id.key()).unwrap_or_default();
                 obs.operation_write = running
                     .iter()
                     .find_map(|v| crate::operations::write_in_flight(&v.value, &watched.id));
@@ -173,6 +174,7 @@ pub async fn repair_all(
                     .as_ref()
                     .and_then(|r| r.orchestration_mode.as_deref()),
             ),
+            policy: &watched.policy,
         };
         let brake = plan.paused().cloned();
         // A grow or delete of the healer's that goes out this pass: the operation's writes wait.
@@ -279,20 +281,43 @@ pub async fn gather(
         incidents,
         held: HashMap::new(),
         operation_write: None,
+        carried: HashMap::new(),
     })
 }
 
 /// The long-running operations not yet over, with their versions, read once per pass for every
 /// set; unreadable rows are logged and skipped so one bad row cannot stop repairs.
 pub async fn running_operations(store: &Store) -> Result<Vec<Versioned<Operation>>, StoreError> {
+    Ok(pass_operations(store).await?.0)
+}
+
+/// How each instance's last stateful replacement ended, by scale set key then instance.
+type Carried = HashMap<String, HashMap<String, crate::operations::carry::Outcome>>;
+
+/// The operations not yet over, and how the stateful replacements that are over ended (the
+/// latest of each instance), in one read for every set.
+async fn pass_operations(
+    store: &Store,
+) -> Result<(Vec<Versioned<Operation>>, Carried), StoreError> {
     let (ops, skipped) = store.operations(None).await?;
     for bad in &skipped.0 {
         tracing::warn!(error = %bad, "skipped an unreadable operation row");
     }
-    Ok(ops
+    let mut carried: Carried = HashMap::new();
+    // Sorted by start: a later replacement of the same instance overwrites an earlier one.
+    for v in &ops {
+        if let Some((instance, outcome)) = crate::operations::carry::outcome(&v.value) {
+            carried
+                .entry(v.value.scale_set.key())
+                .or_default()
+                .insert(instance, outcome);
+        }
+    }
+    let running = ops
         .into_iter()
         .filter(|v| !v.value.state.is_over())
-        .collect())
+        .collect();
+    Ok((running, carried))
 }
 
 /// The instances each running operation holds, by scale set key, then instance, with the
