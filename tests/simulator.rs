@@ -1871,7 +1871,7 @@ async fn data_disks_attach_to_one_vm_in_their_zone_and_move_zones_by_snapshot() 
         .ends_with("/virtualMachines/1"));
 
     // An attach that fails leaves the disk unattached.
-    app.admin(reqwest::Method::POST, "operation-faults", Some(json!({"verb": "attachdetachdatadisks", "status": "Failed", "code": "InternalExecutionError", "message": "An internal execution error occurred."}))).await;
+    app.admin(reqwest::Method::POST, "operation-faults", Some(json!({"verb": "attachdatadisks", "status": "Failed", "code": "InternalExecutionError", "message": "An internal execution error occurred."}))).await;
     let (status, headers, _) = change(1, attach(&disk1, 1)).await;
     assert_eq!(status, 202);
     let (status, _, body) = follow(headers).await;

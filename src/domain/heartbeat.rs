@@ -512,7 +512,10 @@ mod tests {
         );
         let mut prunella = agent(json!("STARTING"));
         prunella.event_type = PRUNELLA_TYPE.into();
-        assert!(read(&prunella, NOW).is_err(), "Prunella agents say UP or DOWN");
+        assert!(
+            read(&prunella, NOW).is_err(),
+            "Prunella agents say UP or DOWN"
+        );
     }
 
     #[test]

@@ -1141,8 +1141,13 @@ fn open(view: &View, in_flight: &mut usize, plan: &mut Plan) {
         }
         *in_flight += 1;
         let (claim, previous) = view.claim(id);
-        let mut incident =
-            view.staged(Incident::open(id, reason.label(), action, now, view.step_timeout(action)));
+        let mut incident = view.staged(Incident::open(
+            id,
+            reason.label(),
+            action,
+            now,
+            view.step_timeout(action),
+        ));
         incident.dry_run = view.brakes.dry_run;
         let mut evidence = evidence(reason, hb, Some(m));
         view.drain_evidence(action, &mut evidence);

@@ -144,6 +144,9 @@ async fn create_set(State(s): State<Shared>, Json(n): Json<NewSet>) -> Response 
             w.give_data_disk(&key, instance, d.lun, d.size_gb);
         }
     }
+    if let Some(set) = w.sets.get_mut(&key) {
+        set.require_luns = n.data_disks.iter().map(|d| d.lun).collect();
+    }
     let created = OffsetDateTime::now_utc() - time::Duration::seconds(n.age_seconds);
     for vm in w
         .sets
@@ -459,6 +462,13 @@ pub async fn heartbeat_round(s: &Shared) -> Vec<Value> {
             .collect();
         for vm in set.vms.values_mut() {
             let drain = draining.get(&(key.clone(), vm.instance_id));
+            // The agent's HEALER_REQUIRE_MOUNT: no data disk, no application.
+            let unmounted: Vec<u32> = set
+                .require_luns
+                .iter()
+                .copied()
+                .filter(|lun| !vm.data_disks.contains_key(lun))
+                .collect();
             let live = (vm.provisioning_state == "Succeeded" || drain.is_some())
                 && vm.power_state == "running";
             if !live || vm.beat == Beat::Silent {
@@ -477,6 +487,12 @@ pub async fn heartbeat_round(s: &Shared) -> Vec<Value> {
                         data["until"] = json!(stamp(not_before));
                         approvals.push(event);
                     }
+                }
+                Beat::Up if !unmounted.is_empty() => {
+                    data["status"] = json!("STARTING");
+                    data["detail"] = json!(format!(
+                        "waiting for its data disk (LUN {unmounted:?}) to be mounted (HEALER_REQUIRE_MOUNT)"
+                    ));
                 }
                 Beat::Up => data["status"] = json!("UP"),
                 Beat::Down => {

@@ -198,6 +198,9 @@ pub struct ScaleSet {
     /// The model's `storageProfile.imageReference`: a platform image (publisher, offer, sku,
     /// version) or a custom one (`id`: a gallery image definition or version).
     pub image: serde_json::Value,
+    /// A stateful set's agents (`HEALER_REQUIRE_MOUNT`) report STARTING until their VM has a
+    /// data disk at each of these LUNs.
+    pub require_luns: Vec<u32>,
 }
 
 /// What new scale sets run: Ubuntu 22.04 from the marketplace, as the sample deploys.
@@ -419,7 +422,9 @@ impl Effect {
             Effect::Scale(_) => "scale",
             Effect::Deallocate(_) => "deallocate",
             Effect::RunCommand(..) => "runcommand",
-            Effect::Disks(..) => "attachdetachdatadisks",
+            // Told apart so a test can fail an attach and not the detach before it.
+            Effect::Disks(_, change) if change.attach.is_empty() => "detachdatadisks",
+            Effect::Disks(..) => "attachdatadisks",
         }
     }
 
@@ -718,6 +723,7 @@ impl World {
             model_version: 1,
             terminate_notice: None,
             image: platform_image(),
+            require_luns: Vec::new(),
         };
         let now = OffsetDateTime::now_utc();
         for _ in 0..capacity {

@@ -74,14 +74,12 @@ impl Compute {
     }
 
     /// Deletes a managed disk by its id (it must be in the scale set's subscription).
-    pub async fn delete_disk(
-        &self,
-        id: &ScaleSetId,
-        disk: &str,
-    ) -> Result<Accepted, ComputeError> {
+    pub async fn delete_disk(&self, id: &ScaleSetId, disk: &str) -> Result<Accepted, ComputeError> {
         let parts: Vec<&str> = disk.trim_matches('/').split('/').collect();
         let (Some(rg), Some(name)) = (parts.get(3), parts.get(7)) else {
-            return Err(ComputeError::Failed(format!("`{disk}` is not a disk's resource id")));
+            return Err(ComputeError::Failed(format!(
+                "`{disk}` is not a disk's resource id"
+            )));
         };
         if !parts
             .get(1)

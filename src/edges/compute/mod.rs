@@ -1472,6 +1472,20 @@ fn parse_operation_status(
                 .collect(),
         }
     };
+    // A `Location` of an operation that failed answers with the operation's own error, a 4xx
+    // (ARM's asynchronous operations: the final GET returns the failure) — unlike a URL that is
+    // gone (404), a throttle (429) or a server error, which are the poll's.
+    if kind == OperationKind::Location
+        && (400..500).contains(&status)
+        && ![404, 408, 429].contains(&status)
+    {
+        return Ok(OperationStatus {
+            state: OperationState::Failed,
+            ended_at: None,
+            error: Some(error("Failed")),
+            output: None,
+        });
+    }
     if status >= 400 {
         return Err(StatusError::Http(status, error("Unknown")));
     }
@@ -1893,6 +1907,24 @@ mod tests {
             read(Location, 204, ""),
             Ok((OperationState::Succeeded, None, false))
         );
+        // A failed operation's Location answers with its error ("Azure Resource Manager
+        // asynchronous operations": the final GET returns the operation's failure status).
+        assert_eq!(
+            read(
+                Location,
+                409,
+                r#"{"error":{"code":"AttachDiskWhileBeingDetached","message":"Cannot attach"}}"#
+            ),
+            Ok((
+                OperationState::Failed,
+                Some("AttachDiskWhileBeingDetached".into()),
+                false
+            ))
+        );
+        // …but not a URL that is gone, a throttle or a server error: those are the poll's.
+        for status in [404, 429, 500] {
+            assert!(read(Location, status, "{}").is_err(), "{status}");
+        }
     }
 
     /// A credential that must never be asked: a token handed out would be a token sent.

@@ -381,7 +381,10 @@ pub fn advance(op: &Operation, view: &View, now: OffsetDateTime) -> Carry {
         memo: Memo::default(),
         params: None,
     };
-    if !matches!(op.state, State::Pending | State::Running | State::RollingBack) {
+    if !matches!(
+        op.state,
+        State::Pending | State::Running | State::RollingBack
+    ) {
         return Carry {
             advance: c.out,
             slot: None,
@@ -401,10 +404,7 @@ pub fn advance(op: &Operation, view: &View, now: OffsetDateTime) -> Carry {
     if out.changed(op) {
         out.op.updated = now;
     }
-    Carry {
-        advance: out,
-        slot,
-    }
+    Carry { advance: out, slot }
 }
 
 struct Engine<'a, 'v> {
@@ -516,9 +516,7 @@ impl Engine<'_, '_> {
             Stage::Healthy => self.healthy(),
             Stage::Delete => self.deleted(),
             Stage::Cleanup => self.succeed(),
-            Stage::Unattach | Stage::Reattach | Stage::Remove | Stage::Discard => {
-                self.roll_back()
-            }
+            Stage::Unattach | Stage::Reattach | Stage::Remove | Stage::Discard => self.roll_back(),
         }
     }
 
@@ -597,10 +595,7 @@ impl Engine<'_, '_> {
             return self.end(State::Failed, refuse(why));
         }
         if self.view.present(&old).is_none() {
-            return self.end(
-                State::Failed,
-                refuse(format!("{old} is not in the mirror")),
-            );
+            return self.end(State::Failed, refuse(format!("{old} is not in the mirror")));
         }
         // A disk on another VM is never taken from it.
         for d in &slot.disks {
@@ -1007,7 +1002,8 @@ impl Engine<'_, '_> {
                 }
                 Stage::Reattach if self.memo.calls.is_empty() && self.memo.detached => {
                     if !self.view.synced_after(self.memo.ended_at) && !dry {
-                        return self.wait("the mirror to show the disks off the new instance".into());
+                        return self
+                            .wait("the mirror to show the disks off the new instance".into());
                     }
                     let off: Vec<(u32, String)> = self
                         .memo

@@ -354,7 +354,10 @@ async fn start_carry(pass: &SetPass<'_>, t: &Transition) -> Result<Accepted, Com
         crate::operations::Kind::Carry,
         pass.id.clone(),
         serde_json::to_value(&params).unwrap_or_default(),
-        format!("incident {} (attempt {})", t.incident.id, t.incident.attempt),
+        format!(
+            "incident {} (attempt {})",
+            t.incident.id, t.incident.attempt
+        ),
         pass.dry_run,
         pass.now,
     );
@@ -364,13 +367,15 @@ async fn start_carry(pass: &SetPass<'_>, t: &Transition) -> Result<Accepted, Com
             tracing::info!(scale_set = %pass.id, instance = %t.incident.target, incident = %t.incident.id, operation = %op.id, "stateful replacement started");
             Ok(Accepted { operation: None })
         }
-        Err(StoreError::Conflict { key, .. }) => Err(ComputeError::Busy(crate::compute::ArmError {
-            status: 409,
-            code: "OperationInTheWay".into(),
-            message: format!(
-                "another operation holds the scale set ({key}): the stateful replacement waits"
-            ),
-        })),
+        Err(StoreError::Conflict { key, .. }) => {
+            Err(ComputeError::Busy(crate::compute::ArmError {
+                status: 409,
+                code: "OperationInTheWay".into(),
+                message: format!(
+                    "another operation holds the scale set ({key}): the stateful replacement waits"
+                ),
+            }))
+        }
         Err(e) => Err(ComputeError::Transient(format!(
             "starting the stateful replacement: {e}"
         ))),

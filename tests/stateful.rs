@@ -1,0 +1,359 @@
+//! Stateful instances (issue 18): a capacity-1 stateful set whose VM dies is healed with its data
+//! disk (same disk, same LUN) on the new VM, which counts as healthy only once it has mounted it;
+//! a failed attach leaves the disk on the old VM and the incident escalates with an alert; a
+//! replacement into another zone copies the disk. After every pass: no disk on two VMs, none
+//! orphaned (each attached, or named by the slot while a replacement moves it).
+
+mod common;
+
+use common::{scale_set_id, spawn_app, TestApp};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+use vmss_healer::journal::{Entry, EntryKind};
+
+/// A capacity-1 stateful set `db` (a disk at LUN 0 with data on it) in `zones`, whose agents wait
+/// for that disk; repairs give up on restart and reimage fast.
+async fn stateful_app(zones: &[&str], extra: &str, webhook: Option<&str>) -> TestApp {
+    let mut b = spawn_app()
+        .scale_set_spec(json!({"name": "db", "capacity": 1, "zones": zones,
+                               "dataDisks": [{"lun": 0, "sizeGb": 128}]}))
+        .env(
+            "HEALER_SCALE_SETS",
+            &format!(
+                "{}[STATEFUL_DISKS=0 MAX_UNHEALTHY=100% REPAIR_TIMEOUT=6 GRACE_PERIOD=0 {extra}]",
+                scale_set_id("db")
+            ),
+        );
+    if let Some(url) = webhook {
+        b = b.env("HEALER_WEBHOOK_URL", url);
+    }
+    b.start().await
+}
+
+async fn disks(app: &TestApp) -> Vec<Value> {
+    app.admin(reqwest::Method::GET, "disks", None)
+        .await
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+async fn slots(app: &TestApp) -> Vec<vmss_healer::slot::Slot> {
+    let (slots, _) = app.store.slots(&TestApp::scale_set("db")).await.unwrap();
+    slots.into_iter().map(|v| v.value).collect()
+}
+
+/// The invariant, on the simulator's state: a disk is attached to at most one VM (its
+/// `managedBy`), and an unattached disk is one the healer's records name — the slot, or the
+/// running replacement that moves it — never one nobody knows.
+async fn assert_no_disk_lost(app: &TestApp, when: &str) {
+    let slots = slots(app).await;
+    let (ops, _) = app
+        .store
+        .operations(Some(&TestApp::scale_set("db")))
+        .await
+        .unwrap();
+    let moving: Vec<String> = ops
+        .iter()
+        .filter(|o| !o.value.state.is_over())
+        .map(|o| o.value.memo.to_string().to_ascii_lowercase())
+        .collect();
+    for d in disks(app).await {
+        let id = d["id"].as_str().unwrap().to_ascii_lowercase();
+        if d["managedBy"].is_string() {
+            continue;
+        }
+        let named = slots
+            .iter()
+            .any(|s| s.disk_ids().any(|x| x.eq_ignore_ascii_case(&id)))
+            || moving.iter().any(|m| m.contains(&id));
+        assert!(
+            named,
+            "{when}: disk {id} is attached to no VM and named by nothing: {d}"
+        );
+    }
+}
+
+/// One pass of everything (heartbeats, mirror, repairs) with the invariant checked after it.
+async fn pass(app: &TestApp, when: &str) -> Value {
+    app.heartbeat_round().await;
+    app.invoke_timer("monitor-state").await;
+    let (status, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(status, 200, "{answer}");
+    assert_no_disk_lost(app, when).await;
+    answer
+}
+
+async fn journal(app: &TestApp) -> Vec<Entry> {
+    let (mut j, _) = app.recent_journal(&TestApp::scale_set("db")).await;
+    j.reverse();
+    j
+}
+
+fn outcomes(j: &[Entry], kind: EntryKind) -> Vec<String> {
+    j.iter()
+        .filter(|e| e.kind == kind)
+        .map(|e| e.outcome.clone())
+        .collect()
+}
+
+/// Drives passes until `done` holds of the journal, checking the invariant after each; returns
+/// the heartbeat statuses seen stored for each instance along the way, in order.
+async fn drive(
+    app: &TestApp,
+    limit: Duration,
+    done: impl Fn(&[Entry]) -> bool,
+) -> (Vec<Entry>, Vec<(String, String)>) {
+    let deadline = Instant::now() + limit;
+    let mut seen: Vec<(String, String)> = Vec::new();
+    loop {
+        pass(app, "a pass").await;
+        for instance in ["1", "2", "3"] {
+            if let Some(stored) = app
+                .store
+                .heartbeat(&TestApp::scale_set("db"), instance)
+                .await
+                .unwrap()
+            {
+                let status = stored.heartbeat.status.label().to_string();
+                if seen.last() != Some(&(instance.to_string(), status.clone())) {
+                    seen.push((instance.to_string(), status));
+                }
+            }
+        }
+        let j = journal(app).await;
+        if done(&j) {
+            return (j, seen);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not done in time; journal: {j:#?}\nlog: {}",
+            app.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+fn disk_at(vm: &Value, lun: u64) -> Option<String> {
+    vm["data_disks"][lun.to_string()]["id"]
+        .as_str()
+        .map(str::to_string)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_stateful_vm_is_replaced_with_its_data_disk_on_the_new_one() {
+    let app = stateful_app(&["1"], "", None).await;
+    pass(&app, "first mirror").await;
+    let slot = slots(&app).await;
+    assert_eq!(
+        slot.len(),
+        1,
+        "the set's VM got its slot when first mirrored"
+    );
+    assert_eq!(slot[0].instance, "0");
+    let disk = disk_at(&app.vm("db", 0).await, 0).expect("VM 0 has its data disk");
+    assert!(slot[0].disk_ids().any(|d| d.eq_ignore_ascii_case(&disk)));
+
+    // It dies for good: restart and reimage do not help.
+    app.sync_and_break("db", 0, json!({"beat": "down", "fault": "hard"}))
+        .await;
+    let (j, seen) = drive(&app, Duration::from_secs(120), |j| {
+        outcomes(j, EntryKind::Operation).contains(&"succeeded".to_string())
+            && j.iter().any(|e| e.outcome == "replaced")
+    })
+    .await;
+    // The escalation kept the disk first: restart, reimage, then the stateful replacement.
+    let actions: Vec<&str> = j
+        .iter()
+        .filter(|e| e.kind == EntryKind::Repair && e.outcome == "requested")
+        .filter_map(|e| e.action.map(|a| a.as_str()))
+        .collect();
+    assert_eq!(actions, vec!["restart", "reimage", "replace"], "{j:#?}");
+    // In order (steps of one pass share a time).
+    let order = [
+        "started",
+        "new_instance",
+        "detached",
+        "attached",
+        "slot_moved",
+        "healthy",
+        "deleted",
+        "succeeded",
+    ];
+    let at = |step: &str| {
+        j.iter()
+            .find(|e| e.kind == EntryKind::Operation && e.outcome == step)
+            .map(|e| e.at)
+            .unwrap_or_else(|| panic!("no {step}: {j:#?}"))
+    };
+    for pair in order.windows(2) {
+        assert!(
+            at(pair[0]) <= at(pair[1]),
+            "{} after {}: {j:#?}",
+            pair[1],
+            pair[0]
+        );
+    }
+    // Same disk, same LUN, on the new VM; the old one gone; the slot follows.
+    let fleet = app.fleet("db").await;
+    let vms = fleet["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 1, "capacity 1 again: {fleet}");
+    let new_vm = &vms[0];
+    let new_id = new_vm["instance_id"].to_string();
+    assert_ne!(new_id, "0");
+    assert_eq!(
+        disk_at(new_vm, 0).as_deref(),
+        Some(disk.as_str()),
+        "{new_vm}"
+    );
+    let d = disks(&app).await;
+    assert_eq!(d.len(), 1, "no disk left behind, none added: {d:?}");
+    assert_eq!(
+        d[0]["content"], "data written by db_0",
+        "the data went along"
+    );
+    let slot = slots(&app).await;
+    assert_eq!(slot[0].instance, new_id);
+    // Counted healthy only once it had its data: it said STARTING before the attach.
+    let new_seen: Vec<&str> = seen
+        .iter()
+        .filter(|(i, _)| *i == new_id)
+        .map(|(_, s)| s.as_str())
+        .collect();
+    assert_eq!(new_seen.first(), Some(&"STARTING"), "{seen:?}");
+    assert_eq!(new_seen.last(), Some(&"UP"), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attach_leaves_the_disk_on_the_old_vm_and_the_incident_escalates() {
+    let (url, receiver) =
+        common::webhook::start_receiver(common::webhook::Receiver::default()).await;
+    // Straight to the replacement (one step in place, then replace), and room for a second try.
+    let app = stateful_app(
+        &["1"],
+        "REPAIR_ACTIONS=reimage,replace MAX_ATTEMPTS=3",
+        Some(&url),
+    )
+    .await;
+    pass(&app, "first mirror").await;
+    let disk = disk_at(&app.vm("db", 0).await, 0).unwrap();
+    app.admin(
+        reqwest::Method::POST,
+        "operation-faults",
+        Some(json!({"verb": "attachdatadisks", "status": "Failed", "code": "AttachDiskWhileBeingDetached",
+                    "message": "Cannot attach data disk to VM because the disk is currently being detached."})),
+    )
+    .await;
+    app.sync_and_break("db", 0, json!({"beat": "down", "fault": "hard"}))
+        .await;
+    let (j, _) = drive(&app, Duration::from_secs(120), |j| {
+        outcomes(j, EntryKind::Operation).contains(&"failed".to_string())
+    })
+    .await;
+    assert!(j.iter().any(|e| e.outcome == "rolled_back"), "{j:#?}");
+    // Where the first replacement left things: the disk back on VM 0, the new VM gone.
+    let vm0 = app.vm("db", 0).await;
+    assert_eq!(
+        disk_at(&vm0, 0).as_deref(),
+        Some(disk.as_str()),
+        "back on the old VM: {vm0}"
+    );
+    let fleet = app.fleet("db").await;
+    assert_eq!(
+        fleet["vms"].as_array().unwrap().len(),
+        1,
+        "the new VM was removed: {fleet}"
+    );
+    assert_eq!(slots(&app).await[0].instance, "0");
+    let alerts = common::webhook::wait_for_alerts(&receiver, 1, Duration::from_secs(30)).await;
+    assert!(
+        alerts.iter().any(|a| a["kind"] == "operation"
+            && a["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("AttachDiskWhileBeingDetached")),
+        "{alerts:#?}"
+    );
+    // The incident escalates: the next attempt is another replacement, which works.
+    let (j, _) = drive(&app, Duration::from_secs(120), |j| {
+        j.iter().any(|e| e.outcome == "replaced")
+    })
+    .await;
+    let escalated = j
+        .iter()
+        .find(|e| e.kind == EntryKind::Repair && e.attempt == 3)
+        .unwrap_or_else(|| panic!("{j:#?}"));
+    assert!(
+        escalated
+            .evidence
+            .to_string()
+            .contains("AttachDiskWhileBeingDetached"),
+        "the escalation says why the replacement before failed: {escalated:?}"
+    );
+    let fleet = app.fleet("db").await;
+    let vm = &fleet["vms"][0];
+    assert_eq!(disk_at(vm, 0).as_deref(), Some(disk.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacement_in_another_zone_copies_the_disk_there() {
+    // Zones 1 and 2: VM 0 is in zone 1, the next VM lands in zone 2.
+    let app = stateful_app(&["1", "2"], "REPAIR_ACTIONS=reimage,replace", None).await;
+    pass(&app, "first mirror").await;
+    let disk = disk_at(&app.vm("db", 0).await, 0).unwrap();
+    app.sync_and_break("db", 0, json!({"beat": "down", "fault": "hard"}))
+        .await;
+    let (j, _) = drive(&app, Duration::from_secs(120), |j| {
+        j.iter().any(|e| e.outcome == "replaced")
+    })
+    .await;
+    assert!(
+        j.iter()
+            .any(|e| e.outcome == "zone_copy" && e.reason.contains("into zone 2")),
+        "the journal says the disk moves zones: {j:#?}"
+    );
+    let fleet = app.fleet("db").await;
+    let vm = &fleet["vms"][0];
+    assert_eq!(vm["zone"], "2");
+    let copy = disk_at(vm, 0).expect("a disk at LUN 0");
+    assert_ne!(copy, disk, "a copy: a zonal disk attaches only in its zone");
+    let d = disks(&app).await;
+    assert_eq!(d.len(), 1, "the old disk went once the copy served: {d:?}");
+    assert_eq!(d[0]["zone"], "2");
+    assert_eq!(
+        d[0]["content"], "data written by db_0",
+        "the data went along"
+    );
+    let slot = slots(&app).await;
+    assert!(slot[0].disk_ids().any(|x| x.eq_ignore_ascii_case(&copy)));
+    assert_eq!(slot[0].zone.as_deref(), Some("2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cross_zone_replacement_is_refused_when_copying_is_not_allowed() {
+    let app = stateful_app(
+        &["1", "2"],
+        "REPAIR_ACTIONS=reimage,replace MAX_ATTEMPTS=2 STATEFUL_ZONE_COPY=false",
+        None,
+    )
+    .await;
+    pass(&app, "first mirror").await;
+    let disk = disk_at(&app.vm("db", 0).await, 0).unwrap();
+    app.sync_and_break("db", 0, json!({"beat": "down", "fault": "hard"}))
+        .await;
+    let (j, _) = drive(&app, Duration::from_secs(120), |j| {
+        j.iter().any(|e| e.outcome == "given_up")
+    })
+    .await;
+    assert!(
+        j.iter().any(|e| e.kind == EntryKind::Operation
+            && e.outcome == "failed"
+            && e.reason.contains("STATEFUL_ZONE_COPY=false")),
+        "{j:#?}"
+    );
+    assert_eq!(
+        disk_at(&app.vm("db", 0).await, 0).as_deref(),
+        Some(disk.as_str())
+    );
+    assert_eq!(app.fleet("db").await["vms"].as_array().unwrap().len(), 1);
+}
