@@ -157,6 +157,9 @@ fn names<'a>(ids: impl Iterator<Item = &'a String>) -> String {
 
 pub type Call = super::step::Call<Act>;
 
+/// How many refused undo calls a roll-back sends again before it stops for the operator.
+const RETRIES: u32 = 3;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Stage {
@@ -246,6 +249,9 @@ pub struct Memo {
     /// Why it is rolling back.
     #[serde(default)]
     pub failed: Option<String>,
+    /// Refused undo calls sent again so far.
+    #[serde(default)]
+    pub retries: u32,
 }
 
 impl Memo {
@@ -477,15 +483,32 @@ impl Engine<'_, '_> {
             return self.preflight();
         }
         self.track();
-        if let Some(error) = self
+        if let Some((i, act, error)) = self
             .memo
             .calls
             .iter()
-            .find_map(Call::failed)
-            .map(str::to_string)
+            .enumerate()
+            .find_map(|(i, c)| c.failed().map(|e| (i, c.act.describe(), e.to_string())))
         {
+            // Undoing is what keeps the data with one VM: a refused undo is tried again (a
+            // busy VM, a detach not yet settled) before the operator is called.
+            let retried = self.memo.failed.is_some() || self.memo.stage == Stage::Delete;
+            if retried && self.memo.retries < RETRIES {
+                self.memo.retries += 1;
+                self.memo.calls[i].state = CallState::Unsent;
+                let old = self.old();
+                self.note(
+                    &old,
+                    "retry",
+                    format!(
+                        "{act}: {error}; tried again ({} of {RETRIES})",
+                        self.memo.retries
+                    ),
+                );
+                return self.wait(act);
+            }
             let what = self.memo.stage.label();
-            return self.fail(format!("{what}: {error}"));
+            return self.fail(format!("{what} ({act}): {error}"));
         }
         let ended = self.memo.calls.iter().all(|c| c.ended_at().is_some());
         if !ended {
@@ -948,8 +971,28 @@ impl Engine<'_, '_> {
         );
     }
 
-    /// A failure: what was done is undone, in order, from where it stands.
+    /// A failure: what was done is undone, in order, from where it stands — until the new
+    /// instance serves with the data. From then on nothing is undone: the broken instance not
+    /// deleted is the operator's, and a clean-up that failed leaves its leftovers named.
     fn fail(&mut self, why: String) {
+        match self.memo.stage {
+            Stage::Cleanup => {
+                let old = self.old();
+                self.note(
+                    &old,
+                    "cleanup_failed",
+                    format!("{why}; left for an operator"),
+                );
+                return self.succeed();
+            }
+            Stage::Delete => {
+                let (old, new) = (self.old(), self.new());
+                return self.give_up(format!(
+                    "{new} serves with the slot's data, but {old} could not be deleted ({why}); delete it by hand"
+                ));
+            }
+            _ => {}
+        }
         if self.memo.failed.is_some() {
             // Failing while rolling back: stop where it is, with everything said.
             return self.give_up(format!(
@@ -1120,8 +1163,13 @@ impl Engine<'_, '_> {
     }
 
     fn give_up(&mut self, why: String) {
+        let data = if self.memo.stage == Stage::Delete {
+            "its data lives on the new instance"
+        } else {
+            "its data stays with it"
+        };
         self.out.alert = Some(format!(
-            "stateful replacement of {} on {} failed: {why}; its data stays with it",
+            "stateful replacement of {} on {} failed: {why}; {data}",
             self.old(),
             self.out.op.scale_set
         ));
