@@ -837,3 +837,78 @@ fn what_the_next_mirror_pass_must_show() {
         assert_eq!(f.decide(esc).resync.map(|r| r.label()), want, "{name}");
     }
 }
+
+/// A stateful set's policy (`STATEFUL_DISKS=0`, everything in bounds).
+fn stateful_policy() -> Policy {
+    Settings::from_lookup(|k| match k {
+        "HEALER_SCALE_SETS" => Some("/subscriptions/s/resourceGroups/r/providers/Microsoft.Compute/virtualMachineScaleSets/w[STATEFUL_DISKS=0 MAX_PARALLEL=100% MAX_UNHEALTHY=100%]".into()),
+        "HEALER_STORAGE" => Some("UseDevelopmentStorage=true".into()),
+        _ => None,
+    })
+    .unwrap()
+    .scale_sets[0]
+    .policy
+    .clone()
+}
+
+/// On a stateful set (issue 18) a replace is the stateful replacement's: the incident starts
+/// it, waits while it holds the instance whatever the deadline, closes once the instance is gone
+/// after it replaced it, and escalates with its error when it failed.
+#[test]
+fn a_stateful_replace_is_handed_to_the_stateful_replacement() {
+    use crate::operations::carry::Outcome;
+    let policy = stateful_policy();
+    let decide_on = |f: &Fleet| decide(&f.0, &policy, BRAKES, NOW);
+    let carry = |i: &mut Incident| {
+        i.stage = Stage::Carry;
+        i.phase = Phase::Running;
+    };
+    let held = |mut f: Fleet| {
+        f.0.held.insert("1".into(), "carry-1".into());
+        f
+    };
+    let carried = |mut f: Fleet, outcome: Outcome| {
+        f.0.carried.insert("1".into(), outcome);
+        f
+    };
+    // The escalation keeps the disks first; replace is its last step, handed over.
+    let plan = decide_on(&fleet(4).down("1"));
+    assert_eq!(steps(&plan), vec![("1", "open", Some(Restart), 1)]);
+    let plan = decide_on(&fleet(4).down("1").repairing("1", Reimage, 2, 1000));
+    assert_eq!(steps(&plan), vec![("1", "escalate", Some(Replace), 3)]);
+    assert_eq!(plan.transitions[0].incident.stage, Stage::Carry);
+    assert_eq!(plan.transitions[0].call(), Some(Call::Carry));
+    #[rustfmt::skip]
+    let cases: Vec<(&str, Fleet, (Vec<(&str, &'static str, Option<RepairAction>, u32)>, Vec<(Option<&str>, &'static str)>))> = vec![
+        ("held: it waits, past its deadline too", held(fleet(4).down("1").repairing("1", Replace, 3, 5000).step("1", carry)), (vec![], vec![])),
+        ("replaced, not yet mirrored gone: it waits", carried(fleet(4).up("1", 5).repairing("1", Replace, 3, 5000).step("1", carry), Outcome::Replaced), (vec![], vec![])),
+        ("replaced and gone: closed as replaced", carried(fleet(4).gone("1").repairing("1", Replace, 3, 60).step("1", carry), Outcome::Replaced), (vec![("1", "removed", Some(Replace), 3)], vec![])),
+        ("failed on its last attempt: given up", carried(fleet(4).down("1").repairing("1", Replace, 3, 60).step("1", carry), Outcome::Failed("attach: HTTP 409 X".into())), (vec![("1", "given_up", Some(Replace), 3)], vec![])),
+        ("a healthy heartbeat meanwhile does not close it", held(fleet(4).repairing("1", Replace, 3, 60).step("1", carry)), (vec![], vec![])),
+        ("another operation held the set: sent again", fleet(4).down("1").repairing("1", Replace, 3, 60).step("1", |i| { carry(i); i.phase = Phase::Pending; i.hold = Some(Hold::Busy); }), (vec![("1", "resend", Some(Replace), 3)], vec![])),
+    ];
+    for (name, f, (want_steps, want_withheld)) in cases {
+        let plan = decide_on(&f);
+        assert_eq!(steps(&plan), want_steps, "{name}: transitions");
+        assert_eq!(withheld(&plan), want_withheld, "{name}: withheld");
+    }
+    // A failure before the last attempt escalates, with the replacement's error as evidence.
+    let policy4 = Policy {
+        max_attempts: 4,
+        ..policy.clone()
+    };
+    let f = carried(
+        fleet(4)
+            .down("1")
+            .repairing("1", Replace, 3, 60)
+            .step("1", carry),
+        Outcome::Failed("attach: HTTP 409 AttachDiskWhileBeingDetached".into()),
+    );
+    let plan = decide(&f.0, &policy4, BRAKES, NOW);
+    assert_eq!(steps(&plan), vec![("1", "escalate", Some(Replace), 4)]);
+    assert!(plan.transitions[0].evidence["carry_error"]
+        .as_str()
+        .unwrap()
+        .contains("AttachDiskWhileBeingDetached"));
+    assert_eq!(plan.transitions[0].incident.stage, Stage::Carry);
+}
