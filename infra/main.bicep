@@ -63,6 +63,8 @@ var healerScaleSets = join(
 )
 // Whether any repair may replace: only then does the identity get virtualMachineScaleSets/write.
 var canResize = contains(toLower(repairActions), 'replace') || length(filter(watchedScaleSets, s => contains(toLower(s.?overrides ?? ''), 'replace'))) > 0 || enableSwap || enablePrototype
+// Resource groups of the stateful scale sets (a STATEFUL_ override): the disk mover's role there.
+var statefulResourceGroups = union(map(filter(watchedScaleSets, s => contains(toUpper(s.?overrides ?? ''), 'STATEFUL_')), s => toLower(split(s.id, '/')[4])), [])
 // Resource groups of the watched scale sets (index 4 of an ARM id), each once: lower case, as
 // groups whose names differ only in case are one group.
 var watchedResourceGroups = union(map(scaleSetIds, id => toLower(split(id, '/')[4])), [])
@@ -345,6 +347,16 @@ module prototypeAccess 'modules/operation-access.bicep' = [for rg in watchedReso
   scope: resourceGroup(rg)
   params: {
     roleDefinitionId: computeRole.outputs.prototypeRoleId
+    principalId: app.identity.principalId
+  }
+}]
+
+// A stateful replacement's disks, on the groups of the stateful scale sets only.
+module statefulAccess 'modules/operation-access.bicep' = [for rg in statefulResourceGroups: {
+  name: 'healer-stateful-${uniqueString(rg)}'
+  scope: resourceGroup(rg)
+  params: {
+    roleDefinitionId: computeRole.outputs.statefulRoleId
     principalId: app.identity.principalId
   }
 }]

@@ -1176,6 +1176,13 @@ fn the_windows_agent_keeps_the_rules_it_cannot_be_run_against() {
     assert!(agent.contains("'/generalize', '/oobe', '/quit', '/mode:vm'"));
     assert!(agent.contains("-ne 'IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE'"));
     assert!(agent.contains("'vmss-healer-agent: machine-specific state cleared (sysprep generalize; reimage to serve again)'"));
+    // Issue 18: STARTING until the data disk is mounted, checked before the health check.
+    assert!(agent.contains("$result.Status = 'STARTING'"));
+    assert!(agent.contains("[System.IO.FileAttributes]::ReparsePoint"));
+    assert!(
+        agent.find("$missing = @(Get-Unmounted)").unwrap()
+            < agent.find("if ($HealthUrl) {").unwrap()
+    );
     let prepare = agent.find("if ($Command -eq 'prepare-image')").unwrap();
     assert!(
         prepare
@@ -1586,4 +1593,50 @@ fn prepare_image_clears_machine_state_and_can_run_twice() {
     let failed = run();
     assert!(!failed.status.success());
     assert!(String::from_utf8_lossy(&failed.stderr).contains("cloud-init clean failed"));
+}
+
+/// Issue 18, the VM side of a stateful replacement: with `HEALER_REQUIRE_MOUNT`, the agent says
+/// STARTING (not UP, not DOWN) until every path named is a mount point — the application starts
+/// only with its data, the analogue of a lifecycle hook's CONTINUE — and the handler takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_waits_for_its_data_disk_before_it_says_up() {
+    let f = fixture(true).await;
+    let scratch = Scratch::new();
+    let run = |env: &[(&str, &str)]| {
+        let out = agent_command(&scratch, f.imds_port, f.topic_port, env, &["once"])
+            .output()
+            .expect("run the agent");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let data = scratch.0.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let data = data.to_str().unwrap().to_string();
+    // A directory that is not a mount point: the disk is not there yet, whatever the check says.
+    let (code, log) = run(&[
+        ("HEALER_REQUIRE_MOUNT", &format!("/ {data}")),
+        ("HEALER_HEALTH_COMMAND", "exit 3"),
+    ]);
+    assert_eq!(code, Some(0), "{log}");
+    let event = f.topic.accepted().last().cloned().unwrap();
+    assert_eq!(event["data"]["status"], "STARTING", "{event}");
+    assert!(
+        event["data"]["detail"].as_str().unwrap().contains(&data),
+        "{event}"
+    );
+    let answer = through_handler(&f.app, &event).await;
+    assert_eq!(answer["status"], "STARTING", "{answer}");
+    // Mounted (the root always is): the health check decides again.
+    let (code, log) = run(&[
+        ("HEALER_REQUIRE_MOUNT", "/"),
+        ("HEALER_HEALTH_COMMAND", "true"),
+    ]);
+    assert_eq!(code, Some(0), "{log}");
+    assert_eq!(f.topic.accepted().last().unwrap()["data"]["status"], "UP");
+    // A relative path is a mistake, said at once.
+    let (code, log) = run(&[("HEALER_REQUIRE_MOUNT", "data")]);
+    assert_eq!(code, Some(2), "{log}");
+    assert!(log.contains("HEALER_REQUIRE_MOUNT"), "{log}");
 }

@@ -9,7 +9,7 @@ use serde_json::json;
 use std::collections::BTreeSet;
 use vmss_healer::compute::{
     required_action, AUTOSCALE_ACTIONS, FLEXIBLE_GROUP_ACTIONS, PROTOTYPE_ACTIONS,
-    REQUIRED_ACTIONS, RESOURCE_GROUP_ACTIONS, SCALE_SET_ACTIONS,
+    REQUIRED_ACTIONS, RESOURCE_GROUP_ACTIONS, SCALE_SET_ACTIONS, STATEFUL_ACTIONS,
 };
 use vmss_healer::settings::CATALOG;
 
@@ -36,10 +36,12 @@ fn the_infrastructure_sets_exactly_the_settings_the_code_reads() {
         .filter(|n| n.starts_with("HEALER_"))
         .map(|n| n.split("__").next().unwrap().to_string())
         .collect();
+    // The stateful policy is per scale set only: it travels in HEALER_SCALE_SETS's overrides
+    // (`watchedScaleSets[].overrides`), never as a setting of its own.
     let read_by_code: BTreeSet<String> = CATALOG
         .iter()
         .map(|s| s.name.to_string())
-        .filter(|n| n.starts_with("HEALER_"))
+        .filter(|n| n.starts_with("HEALER_") && !n.starts_with("HEALER_STATEFUL_"))
         .collect();
     assert_eq!(
         set.difference(&read_by_code).collect::<Vec<_>>(),
@@ -111,7 +113,17 @@ fn the_custom_roles_hold_exactly_the_actions_the_handler_needs() {
         .nth(1)
         .expect("the prototype role is assigned");
     assert!(grant.contains("if (enablePrototype)") && grant.contains("prototypeRoleId"));
-    assert_eq!(role.matches("notActions: []").count(), 5);
+    // Issue 18: a stateful replacement's disks, on the groups of the stateful sets only.
+    let stateful: BTreeSet<&str> = STATEFUL_ACTIONS.iter().copied().collect();
+    assert_eq!(list("var statefulActions = ["), stateful);
+    assert!(role.contains("actions: statefulActions"));
+    let grant = main_bicep
+        .split("module statefulAccess")
+        .nth(1)
+        .expect("the stateful role is assigned");
+    assert!(grant.contains("in statefulResourceGroups") && grant.contains("statefulRoleId"));
+    assert!(main_bicep.contains("contains(toUpper(s.?overrides ?? ''), 'STATEFUL_')"));
+    assert_eq!(role.matches("notActions: []").count(), 6);
     let main = read("infra/main.bicep");
     assert!(main.contains("|| enableSwap"), "a swap writes capacity");
     let grant = main
@@ -227,12 +239,16 @@ async fn every_compute_request_is_covered_by_the_role_and_every_action_is_used()
             .unwrap_or_else(|| panic!("{method} {path} is not covered by REQUIRED_ACTIONS"));
         used.insert(action);
     }
-    // A swap's and a golden image's actions are held against their own calls in tests/swap.rs
-    // and tests/prototype.rs.
+    // A swap's, a golden image's and a stateful replacement's actions are held against their own
+    // calls in tests/swap.rs, tests/prototype.rs and tests/stateful.rs.
     let all: BTreeSet<&str> = REQUIRED_ACTIONS
         .iter()
         .copied()
-        .filter(|a| !AUTOSCALE_ACTIONS.contains(a) && !PROTOTYPE_ACTIONS.contains(a))
+        .filter(|a| {
+            !AUTOSCALE_ACTIONS.contains(a)
+                && !PROTOTYPE_ACTIONS.contains(a)
+                && !STATEFUL_ACTIONS.contains(a)
+        })
         .collect();
     assert_eq!(used, all, "an action of the roles is never used");
 }
@@ -262,7 +278,7 @@ fn the_sample_points_its_agents_at_the_topic_main_creates() {
         );
     }
     assert!(sample.contains(
-        "watchedScaleSets: [for (color, i) in colors: { id: scaleSets[i].id, overrides: '' }]"
+        "var colorSets = [for (color, i) in colors: { id: scaleSets[i].id, overrides: '' }]"
     ));
     // Issue 16: deletes give five minutes' notice, which the agents drain for (the health file
     // goes, so a load balancer's probe stops sending requests) and the app restores on start.
@@ -272,7 +288,7 @@ fn the_sample_points_its_agents_at_the_topic_main_creates() {
     assert!(sample.contains(r#"--drain-command "rm -f /srv/sample/healthz""#));
     assert!(sample.contains(r#"ExecStartPre=/bin/sh -c "echo ok > /srv/sample/healthz""#));
     assert!(sample.contains(
-        "senderPrincipalIds: [for (color, i) in colors: scaleSets[i].identity.principalId]"
+        "var colorPrincipals = [for (color, i) in colors: scaleSets[i].identity.principalId]"
     ));
     // Issue 16: blue and green behind one load balancer whose probe is the app's /healthz (which
     // the drain removes), blue autoscaled, swaps allowed.
@@ -289,6 +305,22 @@ fn the_sample_points_its_agents_at_the_topic_main_creates() {
     assert!(sample.contains("targetResourceUri: scaleSets[0].id"));
     assert!(sample.contains("enableSwap: true"));
     assert!(sample.contains("destinationPortRange: '8080'"));
+    // Issue 18: a stateful set of one whose data disk (in its zone, not in the model) the healer
+    // carries; its agent waits for /data.
+    assert!(sample.contains("watchedScaleSets: concat(colorSets, ["));
+    assert!(
+        sample.contains("senderPrincipalIds: concat(colorPrincipals, [db.identity.principalId])")
+    );
+    assert!(sample.contains("{ id: db.id, overrides: 'STATEFUL_DISKS=0 MAX_UNHEALTHY=100%' }"));
+    assert!(sample.contains("--require-mount /data"));
+    assert!(sample.contains("zones: [statefulZone]"));
+    assert!(sample.contains("dev=/dev/disk/azure/scsi1/lun0"));
+    let db = sample.split("resource db ").nth(1).unwrap();
+    let db = &db[..db.find("\n}\n").unwrap()];
+    assert!(
+        !db.contains("dataDisks"),
+        "the slot's disk is not the model's"
+    );
 }
 
 /// Issue 13: the two timers run half a minute apart in Azure as they do locally, so each repair
@@ -364,7 +396,7 @@ fn custom_role_names_are_unique_per_subscription() {
         .lines()
         .filter(|l| l.trim_start().starts_with("roleName:"))
         .collect();
-    assert_eq!(names.len(), 5, "{names:?}");
+    assert_eq!(names.len(), 6, "{names:?}");
     assert!(roles.contains("var suffix = '(${subscription().subscriptionId})'"));
     for n in names {
         assert!(n.contains("${suffix}"), "{n}");

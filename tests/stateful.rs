@@ -327,6 +327,27 @@ async fn a_replacement_in_another_zone_copies_the_disk_there() {
     let slot = slots(&app).await;
     assert!(slot[0].disk_ids().any(|x| x.eq_ignore_ascii_case(&copy)));
     assert_eq!(slot[0].zone.as_deref(), Some("2"));
+
+    // Every request it sent is one the deployed roles allow, and the stateful role is all used
+    // (but the Flexible VM's attach and the disk read Azure checks on its own).
+    let mut used = std::collections::BTreeSet::new();
+    for call in app.compute_calls().await {
+        let (method, path) = (
+            call["method"].as_str().unwrap(),
+            call["path"].as_str().unwrap(),
+        );
+        if path.starts_with("/msi/") {
+            continue;
+        }
+        let action = vmss_healer::compute::required_action(method, path)
+            .unwrap_or_else(|| panic!("{method} {path} is not covered by REQUIRED_ACTIONS"));
+        used.insert(action);
+    }
+    for action in vmss_healer::compute::STATEFUL_ACTIONS.iter().filter(|a| {
+        !a.ends_with("disks/read") && !a.starts_with("Microsoft.Compute/virtualMachines/")
+    }) {
+        assert!(used.contains(action), "{action} unused: {used:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

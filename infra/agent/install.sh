@@ -5,14 +5,15 @@
 #
 #   install.sh --topic <…/api/events URL> [--health-url URL | --health-command CMD]
 #              [--health-timeout 5] [--interval 60] [--schema eventgrid|cloudevents]
-#              [--attest] [--drain-command CMD] [--drain-file PATH] [--root DIR] [--no-start]
+#              [--attest] [--drain-command CMD] [--drain-file PATH] [--require-mount PATHS]
+#              [--root DIR] [--no-start]
 #
 # --root installs under another root (tests, image builds); --no-start leaves the service stopped.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root="" start=1 attest=false topic="" health_url="" health_command="" health_timeout=5 interval=60 schema=eventgrid
-drain_command="" drain_file=""
+drain_command="" drain_file="" require_mount=""
 while (($# > 0)); do
     case $1 in
         --topic) topic=$2; shift 2 ;;
@@ -25,6 +26,7 @@ while (($# > 0)); do
         --attest) attest=true; shift ;;
         --drain-command) drain_command=$2; shift 2 ;;
         --drain-file) drain_file=$2; shift 2 ;;
+        --require-mount) require_mount=$2; shift 2 ;;
         --no-start) start=0; shift ;;
         *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
     esac
@@ -51,6 +53,7 @@ install -d -m 0755 "$root/etc/vmss-healer"
     echo "HEALER_ATTEST=$(quote "$attest")"
     [[ -n $drain_command ]] && echo "HEALER_DRAIN_COMMAND=$(quote "$drain_command")"
     [[ -n $drain_file ]] && echo "HEALER_DRAIN_FILE=$(quote "$drain_file")"
+    [[ -n $require_mount ]] && echo "HEALER_REQUIRE_MOUNT=$(quote "$require_mount")"
 } >"$root/etc/vmss-healer/agent.env.tmp"
 chmod 0644 "$root/etc/vmss-healer/agent.env.tmp"
 mv "$root/etc/vmss-healer/agent.env.tmp" "$root/etc/vmss-healer/agent.env"

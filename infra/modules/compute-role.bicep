@@ -153,7 +153,37 @@ resource imageMaker 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
   }
 }
 
+// A stateful replacement (issue 18): the slot's data disks detached from the broken instance and
+// attached to the new one, a disk moved into another zone by snapshot and copy
+// (src/edges/compute/mod.rs STATEFUL_ACTIONS). Granted on the groups of the stateful sets only.
+var statefulActions = [
+  'Microsoft.Compute/virtualMachineScaleSets/virtualMachines/attachDetachDataDisks/action'
+  'Microsoft.Compute/virtualMachines/attachDetachDataDisks/action'
+  'Microsoft.Compute/disks/read'
+  'Microsoft.Compute/disks/write'
+  'Microsoft.Compute/disks/delete'
+  'Microsoft.Compute/snapshots/write'
+  'Microsoft.Compute/snapshots/delete'
+]
+
+resource diskMover 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
+  name: guid(subscription().id, name, 'vmss-healer-stateful')
+  properties: {
+    roleName: '${name} stateful instance disk mover ${suffix}'
+    description: 'Detach a stateful scale set instance\'s data disks and attach them to its replacement, copying a disk into another zone by snapshot: the stateful replacement. Used by vmss-healer.'
+    type: 'CustomRole'
+    permissions: [
+      {
+        actions: statefulActions
+        notActions: []
+      }
+    ]
+    assignableScopes: [subscription().id]
+  }
+}
+
 output roleDefinitionId string = role.id
+output statefulRoleId string = diskMover.id
 output prototypeRoleId string = imageMaker.id
 output autoscaleRoleId string = autoscaleMover.id
 output flexibleVmRoleId string = flexibleVms.id

@@ -24,9 +24,8 @@ var colors = ['blue', 'green']
 var suffix = uniqueString(resourceGroup().id, name)
 var topicEndpoint = 'https://${name}-heartbeats-${suffix}.${location}-1.eventgrid.azure.net/api/events'
 
-var cloudInit = join([
-  '#cloud-config'
-  'write_files:'
+// The agent's files, written by cloud-init on every sample VM.
+var agentFiles = [
   '  - path: /opt/vmss-healer/vmss-healer-agent'
   '    encoding: b64'
   '    permissions: "0755"'
@@ -38,6 +37,12 @@ var cloudInit = join([
   '    encoding: b64'
   '    permissions: "0755"'
   '    content: ${base64(loadTextContent('../agent/install.sh'))}'
+]
+
+var cloudInit = join(concat([
+  '#cloud-config'
+  'write_files:'
+], agentFiles, [
   '  - path: /srv/sample/healthz'
   '    content: ok'
   '  - path: /etc/systemd/system/sample-app.service'
@@ -57,7 +62,39 @@ var cloudInit = join([
   // goes, the load balancer's probe on it fails and new requests go elsewhere, then the event is
   // approved. The app puts the file back when it starts again (ExecStartPre).
   '  - bash /opt/vmss-healer/install.sh --topic ${topicEndpoint} --health-url http://127.0.0.1:8080/healthz --drain-command "rm -f /srv/sample/healthz"'
-], '\n')
+]), '\n')
+
+// The stateful VM (issue 18): its data lives on a managed disk at LUN 0 that the healer carries
+// to a replacement. A unit waits for the disk (attached after boot: by hand the first time, by
+// the healer on a new VM), makes a file system only on a blank disk, and mounts it on /data; the
+// agent says STARTING until then (--require-mount), so the VM counts only with its data.
+var dbCloudInit = join(concat([
+  '#cloud-config'
+  'write_files:'
+], agentFiles, [
+  '  - path: /usr/local/bin/sample-mount-data'
+  '    permissions: "0755"'
+  '    content: |'
+  '      #!/bin/sh'
+  '      dev=/dev/disk/azure/scsi1/lun0'
+  '      while [ ! -e "$dev" ]; do sleep 5; done'
+  '      blkid "$dev" >/dev/null 2>&1 || mkfs.ext4 -q "$dev"'
+  '      mkdir -p /data && mountpoint -q /data || mount "$dev" /data'
+  '  - path: /etc/systemd/system/sample-mount-data.service'
+  '    content: |'
+  '      [Unit]'
+  '      Description=vmss-healer sample: mount the stateful data disk (LUN 0) on /data once attached'
+  '      [Service]'
+  '      Type=oneshot'
+  '      RemainAfterExit=yes'
+  '      ExecStart=/usr/local/bin/sample-mount-data'
+  '      [Install]'
+  '      WantedBy=multi-user.target'
+  'runcmd:'
+  '  - systemctl daemon-reload'
+  '  - systemctl enable --now --no-block sample-mount-data.service'
+  '  - bash /opt/vmss-healer/install.sh --topic ${topicEndpoint} --require-mount /data'
+]), '\n')
 
 // A Standard load balancer and its public address are closed to inbound traffic unless a
 // network security group opens it: the app's port, from the Internet (the probe comes from
@@ -226,6 +263,71 @@ resource scaleSets 'Microsoft.Compute/virtualMachineScaleSets@2024-07-01' = [for
   }
 }]
 
+// The stateful set: one VM in one zone, its data on a disk of that zone. Attach the disk to the
+// first VM once (README: `az vmss disk attach`); from then on its slot carries it.
+@description('The zone of the stateful VM and its data disk.')
+param statefulZone string = '1'
+
+resource dbData 'Microsoft.Compute/disks@2024-03-02' = {
+  name: '${name}-sample-db-data'
+  location: location
+  zones: [statefulZone]
+  sku: { name: 'StandardSSD_LRS' }
+  properties: {
+    creationData: { createOption: 'Empty' }
+    diskSizeGB: 32
+  }
+}
+
+resource db 'Microsoft.Compute/virtualMachineScaleSets@2024-07-01' = {
+  name: '${name}-sample-db'
+  location: location
+  zones: [statefulZone]
+  sku: { name: vmSize, tier: 'Standard', capacity: 1 }
+  identity: { type: 'SystemAssigned' }
+  properties: {
+    orchestrationMode: 'Uniform'
+    upgradePolicy: { mode: 'Manual' }
+    overprovision: false
+    virtualMachineProfile: {
+      osProfile: {
+        computerNamePrefix: 'db'
+        adminUsername: adminUsername
+        customData: base64(dbCloudInit)
+        linuxConfiguration: {
+          disablePasswordAuthentication: true
+          ssh: {
+            publicKeys: [
+              { path: '/home/${adminUsername}/.ssh/authorized_keys', keyData: sshPublicKey }
+            ]
+          }
+        }
+      }
+      // No data disk in the model: the slot's disk is attached to each VM, not made with it.
+      storageProfile: {
+        osDisk: { createOption: 'FromImage', managedDisk: { storageAccountType: 'Standard_LRS' } }
+        imageReference: {
+          publisher: 'Canonical'
+          offer: '0001-com-ubuntu-server-jammy'
+          sku: '22_04-lts-gen2'
+          version: 'latest'
+        }
+      }
+      networkProfile: {
+        networkInterfaceConfigurations: [
+          {
+            name: 'nic'
+            properties: {
+              primary: true
+              ipConfigurations: [{ name: 'ip', properties: { subnet: { id: vnet.properties.subnets[0].id } } }]
+            }
+          }
+        ]
+      }
+    }
+  }
+}
+
 // Blue's autoscale: CPU-driven between 2 and 6 instances. `handler swap` gives green a setting
 // with these profiles and disables this one (a setting's target cannot change).
 resource blueAutoscale 'Microsoft.Insights/autoscalesettings@2022-10-01' = {
@@ -271,14 +373,23 @@ resource blueAutoscale 'Microsoft.Insights/autoscalesettings@2022-10-01' = {
   }
 }
 
-// The healer, watching both scale sets; the VMs' identities may publish heartbeats; swaps allowed.
+// (For-expressions are values of their own, not function arguments: named first.)
+var colorSets = [for (color, i) in colors: { id: scaleSets[i].id, overrides: '' }]
+var colorPrincipals = [for (color, i) in colors: scaleSets[i].identity.principalId]
+
+// The healer, watching the three scale sets; the VMs' identities may publish heartbeats; swaps
+// allowed; the stateful set's disks may be moved (its STATEFUL_ override grants that role).
 module healer '../main.bicep' = {
   name: 'vmss-healer'
   params: {
     name: name
     location: location
-    watchedScaleSets: [for (color, i) in colors: { id: scaleSets[i].id, overrides: '' }]
-    senderPrincipalIds: [for (color, i) in colors: scaleSets[i].identity.principalId]
+    // The stateful set of one: its disk at LUN 0 follows it; 40 % of one VM is none, so the
+    // short-circuit is lifted for it (the fleet-wide pipeline-fault brake still holds).
+    watchedScaleSets: concat(colorSets, [
+      { id: db.id, overrides: 'STATEFUL_DISKS=0 MAX_UNHEALTHY=100%' }
+    ])
+    senderPrincipalIds: concat(colorPrincipals, [db.identity.principalId])
     enableSwap: true
     // The sample heals for real; a production first run starts in dry run.
     dryRun: false
@@ -287,6 +398,8 @@ module healer '../main.bicep' = {
 
 output SCALE_SET_ID string = scaleSets[0].id
 output GREEN_SCALE_SET_ID string = scaleSets[1].id
+output DB_SCALE_SET_ID string = db.id
+output DB_DATA_DISK_ID string = dbData.id
 output APP_URL string = 'http://${address.properties.ipAddress}/healthz'
 // Everything infra/hooks/postdeploy.sh reads from azd's environment (tests/infra.rs checks it):
 // without them `azd up` of the sample would subscribe nothing, and the healer would run on a

@@ -82,6 +82,9 @@ $Schema = if ($env:HEALER_SCHEMA) { $env:HEALER_SCHEMA } else { 'eventgrid' }
 $Attest = $env:HEALER_ATTEST -in @('true', '1', 'yes')
 $DrainCommand = $env:HEALER_DRAIN_COMMAND
 $DrainFile = if ($env:HEALER_DRAIN_FILE) { $env:HEALER_DRAIN_FILE } else { Join-Path $StateDir 'draining' }
+# Drive roots (F:\) or mounted folders (C:\data) that must be there before the application counts:
+# STARTING until then (a stateful VM waiting for the data disk the healer carries to it).
+$RequireMount = @(if ($env:HEALER_REQUIRE_MOUNT) { $env:HEALER_REQUIRE_MOUNT -split '\s+' | Where-Object { $_ } })
 
 # ---- a golden image from this VM (issue 17) ----
 # Windows' own generalization: Sysprep removes what makes the installation this machine's (SID,
@@ -118,6 +121,9 @@ $IntervalMs = ConvertTo-Milliseconds $(if ($env:HEALER_INTERVAL) { $env:HEALER_I
 if (-not $IntervalMs) { $problems += "HEALER_INTERVAL: '$($env:HEALER_INTERVAL)' is not a duration above zero" }
 $HealthTimeoutMs = ConvertTo-Milliseconds $(if ($env:HEALER_HEALTH_TIMEOUT) { $env:HEALER_HEALTH_TIMEOUT } else { '5' })
 if (-not $HealthTimeoutMs) { $problems += "HEALER_HEALTH_TIMEOUT: '$($env:HEALER_HEALTH_TIMEOUT)' is not a duration above zero" }
+foreach ($path in $RequireMount) {
+    if (-not [System.IO.Path]::IsPathRooted($path)) { $problems += "HEALER_REQUIRE_MOUNT: '$path' is not an absolute path" }
+}
 if ($Schema -notin @('eventgrid', 'cloudevents')) { $problems += "HEALER_SCHEMA: '$Schema' is not eventgrid or cloudevents" }
 if ($problems.Count -gt 0) {
     Write-Log error "invalid configuration ($($problems.Count) problem(s)):"
@@ -285,6 +291,19 @@ function Start-Drain([string]$Id, [string]$Type, [int64]$Until, [string]$Status)
     }
 }
 
+# The HEALER_REQUIRE_MOUNT paths not there now: a drive root must exist, a folder must be a mount
+# point (a reparse point where the disk's volume is mounted).
+function Get-Unmounted {
+    foreach ($path in $RequireMount) {
+        $ready = $false
+        if (Test-Path -LiteralPath $path) {
+            if ($path -match '^[A-Za-z]:\\?$') { $ready = $true }
+            else { $ready = [bool]((Get-Item -LiteralPath $path -Force).Attributes -band [System.IO.FileAttributes]::ReparsePoint) }
+        }
+        if (-not $ready) { $path }
+    }
+}
+
 function Get-Health {
     $result = @{ Status = 'UP'; Detail = ''; Until = '' }
     if (Test-Path $DrainState) {
@@ -302,6 +321,12 @@ function Get-Health {
             $result.Until = [DateTimeOffset]::FromUnixTimeSeconds($until).UtcDateTime.ToString('yyyy-MM-ddTHH:mm:ssZ')
             return $result
         }
+    }
+    $missing = @(Get-Unmounted)
+    if ($missing.Count -gt 0) {
+        $result.Status = 'STARTING'
+        $result.Detail = "waiting for $($missing -join ' ') to be mounted (HEALER_REQUIRE_MOUNT)"
+        return $result
     }
     $timeoutS = [math]::Max(1, [math]::Ceiling($HealthTimeoutMs / 1000))
     if ($HealthUrl) {

@@ -838,6 +838,16 @@ fn what_the_next_mirror_pass_must_show() {
     }
 }
 
+/// A case of the stateful table: name, fleet, (transitions, withheld) wanted.
+type StatefulCase = (
+    &'static str,
+    Fleet,
+    (
+        Vec<(&'static str, &'static str, Option<RepairAction>, u32)>,
+        Vec<(Option<&'static str>, &'static str)>,
+    ),
+);
+
 /// A stateful set's policy (`STATEFUL_DISKS=0`, everything in bounds).
 fn stateful_policy() -> Policy {
     Settings::from_lookup(|k| match k {
@@ -879,7 +889,7 @@ fn a_stateful_replace_is_handed_to_the_stateful_replacement() {
     assert_eq!(plan.transitions[0].incident.stage, Stage::Carry);
     assert_eq!(plan.transitions[0].call(), Some(Call::Carry));
     #[rustfmt::skip]
-    let cases: Vec<(&str, Fleet, (Vec<(&str, &'static str, Option<RepairAction>, u32)>, Vec<(Option<&str>, &'static str)>))> = vec![
+    let cases: Vec<StatefulCase> = vec![
         ("held: it waits, past its deadline too", held(fleet(4).down("1").repairing("1", Replace, 3, 5000).step("1", carry)), (vec![], vec![])),
         ("replaced, not yet mirrored gone: it waits", carried(fleet(4).up("1", 5).repairing("1", Replace, 3, 5000).step("1", carry), Outcome::Replaced), (vec![], vec![])),
         ("replaced and gone: closed as replaced", carried(fleet(4).gone("1").repairing("1", Replace, 3, 60).step("1", carry), Outcome::Replaced), (vec![("1", "removed", Some(Replace), 3)], vec![])),

@@ -109,6 +109,22 @@ pub const PROTOTYPE_ACTIONS: &[&str] = &[
     "Microsoft.Compute/galleries/images/versions/delete",
 ];
 
+/// What a stateful replacement (issue 18) needs on the resource groups of the stateful scale sets:
+/// a VM's data disks detached and attached (a Uniform instance through the scale-set VM API, a
+/// Flexible VM through the VM API), and a disk moved into another zone by snapshot and copy (the
+/// copy made, the original and the snapshot deleted once the new VM serves).
+pub const STATEFUL_ACTIONS: &[&str] = &[
+    "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/attachDetachDataDisks/action",
+    "Microsoft.Compute/virtualMachines/attachDetachDataDisks/action",
+    // Also checked on the disk an attach names (Azure's own roles that attach disks, e.g.
+    // cloud-provider-azure's, hold it with the attach action).
+    "Microsoft.Compute/disks/read",
+    "Microsoft.Compute/disks/write",
+    "Microsoft.Compute/disks/delete",
+    "Microsoft.Compute/snapshots/write",
+    "Microsoft.Compute/snapshots/delete",
+];
+
 /// Every action the handler performs.
 pub const REQUIRED_ACTIONS: &[&str] = &[
     SCALE_SET_ACTIONS[0],
@@ -142,6 +158,10 @@ pub const REQUIRED_ACTIONS: &[&str] = &[
     PROTOTYPE_ACTIONS[9],
     PROTOTYPE_ACTIONS[10],
     PROTOTYPE_ACTIONS[11],
+    STATEFUL_ACTIONS[0],
+    STATEFUL_ACTIONS[1],
+    STATEFUL_ACTIONS[3],
+    STATEFUL_ACTIONS[4],
 ];
 
 /// The action Resource Manager authorizes a request of ours by (`None`: not a request we make).
@@ -151,6 +171,18 @@ pub fn required_action(method: &str, path: &str) -> Option<&'static str> {
     let method = method.to_ascii_uppercase();
     if method == "GET" && path.ends_with("/providers/microsoft.authorization/locks") {
         return Some(FLEXIBLE_GROUP_ACTIONS[4]);
+    }
+    // A stateful replacement's disks.
+    if let Some(rest) = path.split("/providers/microsoft.compute/disks/").nth(1) {
+        if rest.trim_matches('/').contains('/') {
+            return None;
+        }
+        return match method.as_str() {
+            "GET" => Some(STATEFUL_ACTIONS[2]),
+            "PUT" => Some(STATEFUL_ACTIONS[3]),
+            "DELETE" => Some(STATEFUL_ACTIONS[4]),
+            _ => None,
+        };
     }
     // A golden image's snapshot and gallery artifacts, by kind and depth.
     if let Some(rest) = path.split("/providers/microsoft.compute/snapshots").nth(1) {
@@ -215,6 +247,7 @@ pub fn required_action(method: &str, path: &str) -> Option<&'static str> {
             ("POST", [_, "start"]) => Some(FLEXIBLE_GROUP_ACTIONS[2]),
             ("POST", [_, "reimage"]) => Some(FLEXIBLE_GROUP_ACTIONS[3]),
             ("POST", [_, "redeploy"]) => Some(FLEXIBLE_GROUP_ACTIONS[5]),
+            ("POST", [_, "attachdetachdatadisks"]) => Some(STATEFUL_ACTIONS[1]),
             _ => None,
         };
     }
@@ -238,6 +271,7 @@ pub fn required_action(method: &str, path: &str) -> Option<&'static str> {
         ("POST", ["manualupgrade"]) => SCALE_SET_ACTIONS[8],
         ("POST", ["virtualmachines", _, "runcommand"]) => PROTOTYPE_ACTIONS[0],
         ("POST", ["virtualmachines", _, "deallocate"]) => PROTOTYPE_ACTIONS[1],
+        ("POST", ["virtualmachines", _, "attachdetachdatadisks"]) => STATEFUL_ACTIONS[0],
         _ => return None,
     };
     Some(action)

@@ -445,7 +445,7 @@ impl Engine<'_, '_> {
         self.params().instance.clone()
     }
 
-    fn new(&self) -> String {
+    fn new_vm(&self) -> String {
         self.memo.new_instance.clone().unwrap_or_default()
     }
 
@@ -616,6 +616,16 @@ impl Engine<'_, '_> {
         };
         if let Some(why) = policy.refusal(flexible) {
             return self.end(State::Failed, refuse(why));
+        }
+        // Said, not skipped: an address the operator wants carried must not silently stay behind.
+        if policy.address != Address::None {
+            return self.end(
+                State::Failed,
+                refuse(format!(
+                    "STATEFUL_ADDRESS={} is not carried by this version yet (its disks would be, its address not): remove it, or repair this instance by hand",
+                    policy.address.as_str()
+                )),
+            );
         }
         if self.view.present(&old).is_none() {
             return self.end(State::Failed, refuse(format!("{old} is not in the mirror")));
@@ -799,7 +809,7 @@ impl Engine<'_, '_> {
                 )
             })
             .collect();
-        let new = self.new();
+        let new = self.new_vm();
         self.note(
             &new,
             "zone_copy",
@@ -863,13 +873,13 @@ impl Engine<'_, '_> {
             .iter()
             .map(|c| format!("{} → {}", name_of(&c.from), name_of(&c.disk)))
             .collect();
-        let new = self.new();
+        let new = self.new_vm();
         self.note(&new, "copied", format!("copied: {}", names.join(", ")));
         self.attach();
     }
 
     fn attach(&mut self) {
-        let new = self.new();
+        let new = self.new_vm();
         let disks = self.memo.carried();
         self.memo.attached = true;
         self.step(
@@ -884,7 +894,7 @@ impl Engine<'_, '_> {
     }
 
     fn attached(&mut self) {
-        let new = self.new();
+        let new = self.new_vm();
         let disks: Vec<String> = self
             .memo
             .carried()
@@ -905,7 +915,7 @@ impl Engine<'_, '_> {
 
     /// Healthy by our verdict, with a heartbeat sent after the attach ended.
     fn healthy(&mut self) {
-        let new = self.new();
+        let new = self.new_vm();
         let since = self.memo.ended_at.unwrap_or(self.now);
         let up = matches!(self.view.verdicts.get(new.as_str()), Some(Verdict::Healthy))
             && self
@@ -940,7 +950,7 @@ impl Engine<'_, '_> {
     fn deleted(&mut self) {
         let old = self.old();
         self.note(&old, "deleted", format!("{old} deleted"));
-        self.out.op.holds = vec![self.new()];
+        self.out.op.holds = vec![self.new_vm()];
         let mut acts: Vec<Act> = self
             .memo
             .copies
@@ -958,7 +968,7 @@ impl Engine<'_, '_> {
     }
 
     fn succeed(&mut self) {
-        let (old, new) = (self.old(), self.new());
+        let (old, new) = (self.old(), self.new_vm());
         let slot = self
             .memo
             .slot
@@ -986,7 +996,7 @@ impl Engine<'_, '_> {
                 return self.succeed();
             }
             Stage::Delete => {
-                let (old, new) = (self.old(), self.new());
+                let (old, new) = (self.old(), self.new_vm());
                 return self.give_up(format!(
                     "{new} serves with the slot's data, but {old} could not be deleted ({why}); delete it by hand"
                 ));
@@ -1012,7 +1022,7 @@ impl Engine<'_, '_> {
 
     /// The next undo whose turn has come, from the stage just ended.
     fn roll_back(&mut self) {
-        let (old, new) = (self.old(), self.new());
+        let (old, new) = (self.old(), self.new_vm());
         let dry = self.dry();
         loop {
             match self.memo.stage {
@@ -1134,7 +1144,7 @@ impl Engine<'_, '_> {
         let want = if forward {
             let zone = self.memo.new_zone.clone();
             Slot {
-                instance: self.new(),
+                instance: self.new_vm(),
                 disks: self
                     .memo
                     .carried()

@@ -438,6 +438,23 @@ fn a_disk_on_another_vm_is_never_taken() {
 }
 
 #[test]
+fn an_address_to_carry_is_refused_not_left_behind() {
+    let mut azure = Azure::new(&["1"]);
+    let mut op = azure.op(true);
+    let mut params = Params::from_stored(&op.params).unwrap();
+    params.address = Address::PublicIp;
+    op.params = serde_json::to_value(&params).unwrap();
+    let (op, _, alerts) = azure.run(op);
+    assert_eq!(op.state, State::Failed);
+    // A Uniform set's NICs belong to its model: said first.
+    assert!(op
+        .last_error
+        .unwrap()
+        .contains("needs a Flexible scale set"));
+    assert_eq!((azure.sent, alerts.len()), (0, 1));
+}
+
+#[test]
 fn a_brake_holds_every_step() {
     let mut azure = Azure::new(&["1"]);
     azure.brake_passes = 2..6;
