@@ -303,8 +303,10 @@ async fn a_replacement_in_another_zone_copies_the_disk_there() {
     let disk = disk_at(&app.vm("db", 0).await, 0).unwrap();
     app.sync_and_break("db", 0, json!({"beat": "down", "fault": "hard"}))
         .await;
+    // Replaced, and the clean-up after it done (the original disk and the snapshot gone).
     let (j, _) = drive(&app, Duration::from_secs(120), |j| {
         j.iter().any(|e| e.outcome == "replaced")
+            && outcomes(j, EntryKind::Operation).contains(&"succeeded".to_string())
     })
     .await;
     assert!(

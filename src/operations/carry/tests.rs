@@ -389,7 +389,7 @@ fn a_new_vm_that_never_comes_up_gives_the_disk_back() {
         op.last_error
             .as_deref()
             .unwrap_or("")
-            .contains("HEALER_REQUIRE_MOUNT"),
+            .contains("REQUIRE_MOUNT met"),
         "{op:?}"
     );
     assert!(outcomes(&notes).contains(&"rolled_back"), "{notes:#?}");
