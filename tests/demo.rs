@@ -54,6 +54,14 @@ fn the_demo_plays_its_story_and_the_healer_gets_every_act_right() {
         "swap api → api-green: api-green at 50, api at 0, autoscale moved",
         "the line: 50)",
         "autoscale_moved: autoscale moved to the new set: api-green-autoscale has the old set's profiles, api-autoscale is disabled",
+        // Act 9: the stateful VM, restart kept out (reimage first), then its disk carried, by a
+        // copy since the new VM landed in the other zone.
+        "repair  db#0 reimage requested: the instance reported DOWN",
+        "repair  db#0 replace (carry) requested",
+        "zone_copy: the new instance landed in another zone",
+        "stateful replacement of db#0: succeeded",
+        "db#0 replaced by db#1 (zone 2): its data disk followed it at LUN 0, 1 disk(s) left",
+        "the stateful VM's data followed it",
     ] {
         assert!(out.contains(line), "missing `{line}` in:\n{out}");
     }
@@ -61,15 +69,15 @@ fn the_demo_plays_its_story_and_the_healer_gets_every_act_right() {
     assert!(!out.contains("repair  web#10"), "{out}");
     assert!(!out.contains("repair  api#2"), "{out}");
     // Every repair line names an instance from the story: three instances, each replaced by a
-    // surge and then a delete.
+    // surge and then a delete, and the stateful VM, reimaged and then replaced with its disk.
     let repaired: std::collections::BTreeSet<&str> = out
         .lines()
         .filter_map(|l| l.split(" repair  ").nth(1))
         .filter_map(|rest| rest.split_whitespace().next())
         .collect();
-    assert_eq!(repaired.len(), 3, "{repaired:?}\n{out}");
+    assert_eq!(repaired.len(), 4, "{repaired:?}\n{out}");
     let stages = out.lines().filter(|l| l.contains(" repair  ")).count();
-    assert_eq!(stages, 6, "{out}");
+    assert_eq!(stages, 8, "{out}");
 
     let picture = std::fs::read_to_string(&svg).expect("the timeline is written");
     let _ = std::fs::remove_file(&svg);
@@ -78,7 +86,11 @@ fn the_demo_plays_its_story_and_the_healer_gets_every_act_right() {
         "{}",
         &picture[..80.min(picture.len())]
     );
-    assert_eq!(picture.matches("<circle").count(), 3, "one mark per repair");
+    assert_eq!(
+        picture.matches("<circle").count(),
+        5,
+        "one mark per repair (db#0's reimage and replacement each)"
+    );
     assert!(picture.contains("paused: pipeline_fault"));
     // The pauses are labelled on the picture itself, not only on hover, and time has an axis.
     assert!(
@@ -96,4 +108,6 @@ fn the_demo_plays_its_story_and_the_healer_gets_every_act_right() {
     // The swap's act, and api-green's row on the picture.
     assert!(picture.contains("8. handler swap api api-green"));
     assert!(picture.contains(">api-green<"), "api-green has its row");
+    assert!(picture.contains("9. db#0, a stateful VM, dies for good"));
+    assert!(picture.contains(">db<"), "db has its row");
 }

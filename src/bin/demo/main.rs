@@ -126,7 +126,12 @@ async fn start(
     // A fleet that has been running for a day, past every creation grace period.
     let day_ago = OffsetDateTime::now_utc() - time::Duration::days(1);
     for (name, capacity) in SETS {
-        let zones = vec!["1".into(), "2".into(), "3".into()];
+        // The stateful VM's next VM lands in its other zone: its disk moves by a copy.
+        let zones = if name == story::STATEFUL_SET {
+            vec!["1".into(), "2".into()]
+        } else {
+            vec!["1".into(), "2".into(), "3".into()]
+        };
         let mode = if name == story::FLEXIBLE_SET {
             "Flexible"
         } else {
@@ -141,6 +146,12 @@ async fn start(
         {
             vm.time_created = day_ago;
         }
+    }
+    // db's VM keeps its data on a managed disk at LUN 0, which its agent waits for.
+    let db = key(story::STATEFUL_SET);
+    world.give_data_disk(&db, 0, 0, 64);
+    if let Some(set) = world.sets.get_mut(&db) {
+        set.require_luns = vec![0];
     }
     // api is autoscaled (50 to 60 instances); the swap moves that to api-green.
     world.autoscale.insert(
@@ -170,7 +181,19 @@ async fn start(
 
     let seconds = |ticks: u32| (tick * ticks).as_secs().max(1).to_string();
     let handler_port = azurite::free_port();
-    let ids: Vec<String> = SETS.iter().map(|(n, _)| set_id(n)).collect();
+    // db is stateful: a set of one whose disk follows its VM (restart, reimage, then the stateful
+    // replacement; 40 % of one VM is none, so no short-circuit there).
+    let ids: Vec<String> = SETS
+        .iter()
+        .map(|(n, _)| match *n {
+            story::STATEFUL_SET => format!(
+                "{}[STATEFUL_DISKS=0 MAX_UNHEALTHY=100% REPAIR_ACTIONS=reimage,replace REPAIR_TIMEOUT={}]",
+                set_id(n),
+                seconds(story::STATEFUL_REPAIR_TIMEOUT)
+            ),
+            _ => set_id(n),
+        })
+        .collect();
     let env: HashMap<&str, String> = HashMap::from([
         ("HEALER_SCALE_SETS", ids.join(",")),
         ("HEALER_STORAGE", connection_string),
@@ -268,10 +291,11 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
     let mut view = view::View::new(options.live);
     let mut picture = Timeline::default();
     println!(
-        "fleet: {} scale sets × 50 VMs ({} in Flexible orchestration, the others Uniform) and {}, empty; one tick = {:?}; a VM is silent after {} ticks; repair = replace\n",
-        SETS.len() - 1,
+        "fleet: {} scale sets × 50 VMs ({} in Flexible orchestration, the others Uniform), {}, empty, and {}, a stateful VM of one; one tick = {:?}; a VM is silent after {} ticks; repair = replace\n",
+        SETS.len() - 2,
         story::FLEXIBLE_SET,
         story::SWAP_TO,
+        story::STATEFUL_SET,
         tick_len,
         story::HEARTBEAT_TIMEOUT
     );
@@ -307,6 +331,8 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
     // and how it ended.
     let mut swap_from_point: Option<usize> = None;
     let mut swap_state: Option<String> = None;
+    // The stateful replacement of the last act, and what it holds.
+    let mut carry_state: Option<String> = None;
     loop {
         ticker.tick().await;
         tick_started.push(started.elapsed().as_secs_f32());
@@ -440,6 +466,19 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
                         for i in held {
                             swapping.insert((set.name.clone(), i.clone()));
                         }
+                    }
+                }
+            }
+        }
+
+        // What the stateful replacement holds: the broken VM, then the new one too.
+        {
+            let id = ScaleSetId::parse(&set_id(story::STATEFUL_SET)).expect("demo ids parse");
+            if let Ok((ops, _)) = store.operations(Some(&id)).await {
+                if let Some(op) = ops.iter().rev().find(|o| o.value.id.starts_with("carry-")) {
+                    carry_state = Some(op.value.state.as_str().to_string());
+                    for i in &op.value.holds {
+                        swapping.insert((story::STATEFUL_SET.to_string(), i.clone()));
                     }
                 }
             }
@@ -625,7 +664,10 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
         let swapped = swap_state
             .as_deref()
             .is_some_and(|s| s != "running" && s != "pending" && s != "rolling_back");
-        if (tick >= story::LAST_TICK && all_repaired && calm && cycled && swapped)
+        let carried = carry_state
+            .as_deref()
+            .is_some_and(|s| s == "succeeded" || s == "failed" || s == "aborted");
+        if (tick >= story::LAST_TICK && all_repaired && calm && cycled && swapped && carried)
             || tick >= story::LAST_TICK + 60
         {
             break;
@@ -700,6 +742,31 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
             println!("  {}", line.text);
             ok &= line.ok;
         }
+        // The stateful act: one VM left, a new one, with the old one's data at LUN 0.
+        let db = w.sets.get(&key(story::STATEFUL_SET));
+        let vms: Vec<(u64, Option<String>, Option<String>)> = db
+            .map(|s| {
+                s.vms
+                    .values()
+                    .map(|vm| {
+                        (
+                            vm.instance_id,
+                            vm.zone.clone(),
+                            vm.data_disks.get(&0).map(|d| d.key.clone()),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let disks: Vec<(String, String, Option<String>)> = w
+            .disks
+            .iter()
+            .map(|(k, d)| (k.clone(), d.content.clone(), d.zone.clone()))
+            .collect();
+        for line in story::grade_stateful(carry_state.as_deref(), &vms, &disks) {
+            println!("  {}", line.text);
+            ok &= line.ok;
+        }
         for (name, capacity) in SETS {
             let Some(set) = w.sets.get(&key(name)) else {
                 continue;
@@ -745,7 +812,7 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
     println!(
         "  {}",
         if ok {
-            "every fault repaired, nothing repaired wrongly, the cycle and the swap kept the line"
+            "every fault repaired, nothing repaired wrongly, the cycle and the swap kept the line, the stateful VM's data followed it"
         } else {
             "FAILED"
         }

@@ -1,11 +1,17 @@
-//! The demo's script: eight acts, each a fault (or a non-fault, or an operator's change) played on the simulated fleet at a
+//! The demo's script: nine acts, each a fault (or a non-fault, or an operator's change) played on the simulated fleet at a
 //! given tick, with what the healer must and must not do about it. Times are in ticks; the
 //! healer's timeouts are set in ticks too (see `Timing`), so the story is the same fast or slow.
 
 use crate::world::{Beat, Effect, World};
 use std::collections::BTreeSet;
 
-pub const SETS: [(&str, usize); 4] = [("web", 50), ("api", 50), ("jobs", 50), (SWAP_TO, 0)];
+pub const SETS: [(&str, usize); 5] = [
+    ("web", 50),
+    ("api", 50),
+    ("jobs", 50),
+    (SWAP_TO, 0),
+    (STATEFUL_SET, 1),
+];
 /// The set in Flexible orchestration (its instances are named VMs); the others are Uniform.
 pub const FLEXIBLE_SET: &str = "jobs";
 
@@ -31,6 +37,14 @@ pub const SWAP_FROM: &str = "api";
 pub const SWAP_TO: &str = "api-green";
 /// api's 50 instances must keep serving across the two sets throughout.
 pub const SWAP_MIN_SERVING: usize = 50;
+/// The last act as well: the stateful VM of `db` dies for good; its data disk (LUN 0) must follow
+/// it to the new VM — in another zone, so by a copy — before the broken one goes.
+pub const STATEFUL: u32 = 64;
+pub const STATEFUL_SET: &str = "db";
+/// db's repair timeout, in ticks: restart and reimage are given this long before the replacement.
+pub const STATEFUL_REPAIR_TIMEOUT: u32 = 8;
+/// What the simulator wrote on db#0's data disk: it must be on the new VM's disk at the end.
+pub const STATEFUL_DATA: &str = "data written by db_0";
 /// The story is over once this tick has passed and the fleet has settled (and the cycle and the
 /// swap are done).
 pub const LAST_TICK: u32 = 66;
@@ -40,7 +54,7 @@ pub struct Act {
     pub title: &'static str,
 }
 
-pub const ACTS: [Act; 8] = [
+pub const ACTS: [Act; 9] = [
     Act {
         tick: 2,
         title: "web#4 reports DOWN: its health check fails",
@@ -72,6 +86,10 @@ pub const ACTS: [Act; 8] = [
     Act {
         tick: SWAP,
         title: "handler swap api api-green: green soaked healthy, autoscale moved, api to zero",
+    },
+    Act {
+        tick: STATEFUL,
+        title: "db#0, a stateful VM, dies for good: its data disk must follow it to a new VM",
     },
 ];
 
@@ -148,6 +166,17 @@ pub fn play(
             said.push("web#10 is back from its reboot".into());
         }
         t if t == OUTAGE.1 => said.push("the heartbeat pipeline works again".into()),
+        STATEFUL => {
+            if let Some(vm) = world
+                .sets
+                .get_mut(&key(STATEFUL_SET))
+                .and_then(|s| s.vms.get_mut(&0))
+            {
+                // Neither a restart nor a reimage brings it back: only a new VM does.
+                vm.beat = Beat::Down;
+                vm.fault = crate::world::Fault::Hard;
+            }
+        }
         t if t == MASS_DOWN.0 => {
             for id in MASS {
                 set_beat(world, MASS_SET, id, Beat::Down);
@@ -190,7 +219,7 @@ fn maintenance_window() -> time::Duration {
 pub fn expectations(jobs_new: Option<u64>) -> Expectations {
     let mut must_spare: BTreeSet<(&'static str, u64)> = MASS.map(|id| (MASS_SET, id)).collect();
     must_spare.insert(("web", 10));
-    let mut must_repair = vec![("web", 4, 2), ("api", 7, 3)];
+    let mut must_repair = vec![("web", 4, 2), ("api", 7, 3), (STATEFUL_SET, 0, STATEFUL)];
     if let Some(id) = jobs_new {
         must_repair.push(("jobs", id, 4));
     }
@@ -266,6 +295,40 @@ pub fn grade_swap(
             lowest_serving,
             SWAP_MIN_SERVING,
         ),
+    ]
+}
+
+/// The stateful act's grade: the replacement succeeded, and the one VM left is a new one whose data
+/// disk at LUN 0 holds what the old one wrote, with no disk left behind.
+pub fn grade_stateful(
+    state: Option<&str>,
+    vms: &[(u64, Option<String>, Option<String>)],
+    disks: &[(String, String, Option<String>)],
+) -> Vec<Graded> {
+    // (instance, zone, disk at LUN 0) of each VM; (disk key, content, zone) of each disk.
+    let carried = match vms {
+        [(id, zone, Some(disk))] if *id != 0 => disks
+            .iter()
+            .find(|(k, _, _)| k == disk)
+            .filter(|(_, content, _)| content == STATEFUL_DATA)
+            .map(|_| (*id, zone.clone())),
+        _ => None,
+    };
+    vec![
+        finished(&format!("stateful replacement of {STATEFUL_SET}#0"), state),
+        Graded {
+            text: match &carried {
+                Some((id, zone)) => format!(
+                    "{STATEFUL_SET}#0 replaced by {STATEFUL_SET}#{id} (zone {}): its data disk followed it at LUN 0, {} disk(s) left",
+                    zone.as_deref().unwrap_or("none"),
+                    disks.len()
+                ),
+                None => format!(
+                    "{STATEFUL_SET}: the data did NOT follow: VMs {vms:?}, disks {disks:?}"
+                ),
+            },
+            ok: carried.is_some() && disks.len() == 1,
+        },
     ]
 }
 
@@ -384,7 +447,12 @@ mod tests {
         .collect()
     }
 
-    const GOOD_REPAIRS: [(&str, u64, u32); 3] = [("web", 4, 7), ("api", 7, 12), ("jobs", 50, 18)];
+    const GOOD_REPAIRS: [(&str, u64, u32); 4] = [
+        ("web", 4, 7),
+        ("api", 7, 12),
+        ("jobs", 50, 18),
+        (STATEFUL_SET, 0, STATEFUL + 5),
+    ];
     const GOOD_PAUSES: [(&str, &str, u32); 4] = [
         ("web", "pipeline_fault", 35),
         ("api", "pipeline_fault", 35),
@@ -420,6 +488,31 @@ mod tests {
     }
 
     #[test]
+    fn a_stateful_replacement_passes_only_with_the_data_on_a_new_vm_and_nothing_left() {
+        let failed = |g: Vec<Graded>| g.iter().filter(|g| !g.ok).count();
+        let data = |k: &str, content: &str| (k.to_string(), content.to_string(), Some("2".into()));
+        let new_vm = [(1, Some("2".into()), Some("copy".into()))];
+        let good = [data("copy", STATEFUL_DATA)];
+        assert_eq!(failed(grade_stateful(Some("succeeded"), &new_vm, &good)), 0);
+        assert_eq!(failed(grade_stateful(Some("failed"), &new_vm, &good)), 1);
+        // An empty disk on the new VM: the data did not follow.
+        assert_eq!(
+            failed(grade_stateful(
+                Some("succeeded"),
+                &new_vm,
+                &[data("copy", "")]
+            )),
+            1
+        );
+        // The original left behind.
+        let both = [data("copy", STATEFUL_DATA), data("orig", STATEFUL_DATA)];
+        assert_eq!(failed(grade_stateful(Some("succeeded"), &new_vm, &both)), 1);
+        // Still the old VM.
+        let old = [(0, Some("1".into()), Some("copy".into()))];
+        assert_eq!(failed(grade_stateful(Some("succeeded"), &old, &good)), 1);
+    }
+
+    #[test]
     fn a_run_that_got_everything_right_passes() {
         let lines = run(&GOOD_REPAIRS, &GOOD_PAUSES);
         assert!(lines.iter().all(|(ok, _)| *ok), "{lines:?}");
@@ -440,7 +533,10 @@ mod tests {
                 .map(|(_, text)| text)
                 .collect::<Vec<_>>()
         };
-        let missed = failed(&GOOD_REPAIRS[..2], &GOOD_PAUSES);
+        let missed = failed(
+            &[GOOD_REPAIRS[0], GOOD_REPAIRS[1], GOOD_REPAIRS[3]],
+            &GOOD_PAUSES,
+        );
         assert_eq!(missed, ["jobs#50: MISSED — never repaired"]);
         let mut wrong = GOOD_REPAIRS.to_vec();
         wrong.push(("web", 10, 12)); // the planned reboot
