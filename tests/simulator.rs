@@ -1899,3 +1899,153 @@ async fn data_disks_attach_to_one_vm_in_their_zone_and_move_zones_by_snapshot() 
     assert_eq!(arm.send(app.http.delete(disk_url(&disk0))).await.0, 200);
     assert_eq!(arm.send(app.http.get(disk_url(&disk0))).await.0, 404);
 }
+
+/// Flexible VMs' network interfaces and public IPs as a stateful replacement meets them (issue 18,
+/// `network.rs`): a VM names its NIC, the NIC its public IP; a public IP is held by one IP
+/// configuration (`PublicIPAddressInUse` otherwise) and moves by writing the NICs whole; a static
+/// private address is one NIC's (`PrivateIPAddressInUse`); a deleted VM's NIC goes with it, its
+/// public IP stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_ip_moves_between_flexible_vms_only_once_released() {
+    let app = spawn_app()
+        .mode(common::Mode::Flexible)
+        .scale_set_spec(json!({"name": "app", "capacity": 2, "publicIps": true}))
+        .start()
+        .await;
+    let arm = Arm::new(&app).await;
+    let net = |id: &str| format!("{}{id}?api-version=2024-05-01", app.sim_url);
+    let vm_id = |n: u64| {
+        let app = &app;
+        async move { app.resource_id_of("app", n).await }
+    };
+    let (_, _, vm0) = arm
+        .send(app.http.get(format!(
+            "{}{}?api-version=2024-07-01",
+            app.sim_url,
+            vm_id(0).await
+        )))
+        .await;
+    let nic0 = vm0["properties"]["networkProfile"]["networkInterfaces"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, _, vm1) = arm
+        .send(app.http.get(format!(
+            "{}{}?api-version=2024-07-01",
+            app.sim_url,
+            vm_id(1).await
+        )))
+        .await;
+    let nic1 = vm1["properties"]["networkProfile"]["networkInterfaces"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, _, _) = arm
+        .send(
+            app.http
+                .get(format!("{}{nic0}?api-version=2024-07-01", app.sim_url)),
+        )
+        .await;
+    assert_eq!(
+        status, 400,
+        "the network provider's api-version, not Compute's"
+    );
+    let (status, _, n0) = arm.send(app.http.get(net(&nic0))).await;
+    assert_eq!(status, 200, "{n0}");
+    let pip = n0["properties"]["ipConfigurations"][0]["properties"]["publicIPAddress"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, _, n1) = arm.send(app.http.get(net(&nic1))).await;
+    let pip1 = n1["properties"]["ipConfigurations"][0]["properties"]["publicIPAddress"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, _, p) = arm.send(app.http.get(net(&pip))).await;
+    assert!(p["properties"]["ipAddress"].is_string(), "{p}");
+    assert!(
+        p["properties"]["ipConfiguration"]["id"]
+            .as_str()
+            .unwrap()
+            .starts_with(&nic0.to_ascii_lowercase()),
+        "{p}"
+    );
+    let with = |nic: &Value, pip: Option<&str>, private: Option<&str>| {
+        let mut body = nic.clone();
+        let props = &mut body["properties"]["ipConfigurations"][0]["properties"];
+        match pip {
+            Some(p) => props["publicIPAddress"] = json!({"id": p}),
+            None => {
+                props.as_object_mut().unwrap().remove("publicIPAddress");
+            }
+        }
+        if let Some(ip) = private {
+            props["privateIPAllocationMethod"] = json!("Static");
+            props["privateIPAddress"] = json!(ip);
+        }
+        body
+    };
+    // Held by VM 0: VM 1 cannot take it.
+    let (status, _, body) = arm
+        .send(app.http.put(net(&nic1)).json(&with(&n1, Some(&pip), None)))
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("PublicIPAddressInUse")),
+        "{body}"
+    );
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("is referencing public IP address"));
+    // Released by VM 0, taken by VM 1 (which lets its own go).
+    let (status, _, _) = arm
+        .send(app.http.put(net(&nic0)).json(&with(&n0, None, None)))
+        .await;
+    assert_eq!(status, 200);
+    let (status, _, body) = arm
+        .send(app.http.put(net(&nic1)).json(&with(&n1, Some(&pip), None)))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, _, p) = arm.send(app.http.get(net(&pip))).await;
+    assert!(p["properties"]["ipConfiguration"]["id"]
+        .as_str()
+        .unwrap()
+        .starts_with(&nic1.to_ascii_lowercase()));
+    let (_, _, p1) = arm.send(app.http.get(net(&pip1))).await;
+    assert!(p1["properties"].get("ipConfiguration").is_none(), "{p1}");
+    // A private address is one NIC's.
+    let ip0 = n0["properties"]["ipConfigurations"][0]["properties"]["privateIPAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, _, body) = arm
+        .send(
+            app.http
+                .put(net(&nic1))
+                .json(&with(&n1, Some(&pip), Some(&ip0))),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("PrivateIPAddressInUse")),
+        "{body}"
+    );
+    // VM 0 deleted: its NIC goes, its address is free.
+    arm.post("app", "delete", &[&app.key_of("app", 0).await])
+        .await;
+    app.complete_operations().await;
+    assert_eq!(arm.send(app.http.get(net(&nic0))).await.0, 404);
+    let (status, _, body) = arm
+        .send(
+            app.http
+                .put(net(&nic1))
+                .json(&with(&n1, Some(&pip), Some(&ip0))),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["properties"]["ipConfigurations"][0]["properties"]["privateIPAddress"],
+        ip0
+    );
+}

@@ -33,6 +33,8 @@ mod cycle;
 mod disks;
 #[path = "../compute-sim/gallery.rs"]
 mod gallery;
+#[path = "../compute-sim/network.rs"]
+mod network;
 #[path = "../compute-sim/server.rs"]
 mod server;
 #[path = "../../../tests/common/sockets.rs"]

@@ -46,6 +46,7 @@ pub fn routes() -> Router<Shared> {
         .route("/admin/serving", get(serving))
         .route("/admin/artifacts", get(artifacts))
         .route("/admin/disks", get(disks))
+        .route("/admin/network", get(network))
         .route("/admin/artifacts/complete", post(complete_artifacts))
         .route("/admin/artifacts/delay", put(set_artifact_delay))
 }
@@ -89,6 +90,9 @@ struct NewSet {
     /// (a stateful set as deployed); later VMs get none.
     #[serde(default)]
     data_disks: Vec<NewDataDisk>,
+    /// Each first VM (Flexible) gets a public IP of its own on its NIC.
+    #[serde(default)]
+    public_ips: bool,
 }
 
 #[derive(Deserialize)]
@@ -146,6 +150,21 @@ async fn create_set(State(s): State<Shared>, Json(n): Json<NewSet>) -> Response 
     }
     if let Some(set) = w.sets.get_mut(&key) {
         set.require_luns = n.data_disks.iter().map(|d| d.lun).collect();
+    }
+    if n.public_ips {
+        let vms: Vec<(u64, String)> = w
+            .sets
+            .get(&key)
+            .map(|s| {
+                s.vms
+                    .values()
+                    .map(|vm| (vm.instance_id, s.key_of(vm)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (instance, name) in vms {
+            w.give_public_ip(&key, instance, &format!("{name}-pip"));
+        }
     }
     let created = OffsetDateTime::now_utc() - time::Duration::seconds(n.age_seconds);
     for vm in w
@@ -699,6 +718,12 @@ async fn disks(State(s): State<Shared>) -> Response {
         })
         .collect();
     Json(json!(list)).into_response()
+}
+
+/// Every public IP with the NIC (and so the VM) that holds it, and every NIC a PUT changed.
+async fn network(State(s): State<Shared>) -> Response {
+    let w = s.world.lock().await;
+    Json(json!({"publicIps": w.public_ips, "nics": w.nics})).into_response()
 }
 
 /// Ends every snapshot's and image version's operation now, as planned.

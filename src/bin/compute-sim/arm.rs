@@ -209,7 +209,12 @@ fn respond(
         .to_ascii_lowercase()
         .contains("/providers/microsoft.insights/autoscalesettings");
     let gallery_version = crate::gallery::api_version(&path.to_ascii_lowercase());
-    let expected = if locks_path {
+    let network_path = path
+        .to_ascii_lowercase()
+        .contains("/providers/microsoft.network/");
+    let expected = if network_path {
+        crate::network::NETWORK_API_VERSION
+    } else if locks_path {
         LOCKS_API_VERSION
     } else if autoscale_path {
         AUTOSCALE_API_VERSION
@@ -314,6 +319,12 @@ fn respond(
             return answer;
         }
         if let Some(answer) = crate::gallery::handle(world, base, method, &segs, &l, &body) {
+            return answer;
+        }
+    }
+    if network_path {
+        let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        if let Some(answer) = crate::network::handle(world, method, &segs, &l, &body) {
             return answer;
         }
     }
@@ -1341,6 +1352,7 @@ pub fn flexible_vm_json(set: &ScaleSet, vm: &Vm, expand: bool, status_only: bool
         "osProfile": {"computerName": vm.computer_name, "adminUsername": "azureuser",
                       "linuxConfiguration": {"disablePasswordAuthentication": true}},
         "virtualMachineScaleSet": {"id": set.resource_id()},
+        "networkProfile": crate::network::network_profile(set, vm),
         "storageProfile": {"osDisk": {"osType": "Linux", "createOption": "FromImage",
                                       "managedDisk": {"id": set.os_disk_id(vm)}},
                            "dataDisks": crate::disks::data_disks_json(vm)},

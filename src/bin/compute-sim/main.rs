@@ -8,6 +8,7 @@ mod admin;
 mod arm;
 mod disks;
 mod gallery;
+mod network;
 mod server;
 mod world;
 

@@ -606,6 +606,10 @@ pub struct World {
     pub disks: BTreeMap<String, crate::disks::ManagedDisk>,
     /// What each snapshot holds (the content of the disk it copied), by id (lower case).
     pub snapshot_content: HashMap<String, String>,
+    /// What PUTs set on Flexible VMs' NICs, by NIC id (lower case).
+    pub nics: BTreeMap<String, crate::network::NicState>,
+    /// Public IP addresses by id (lower case).
+    pub public_ips: BTreeMap<String, crate::network::PublicIp>,
 }
 
 /// The instances serving in every scale set, from a moment on.
@@ -661,6 +665,8 @@ impl World {
             image_version_delay: operation_delay,
             disks: BTreeMap::new(),
             snapshot_content: HashMap::new(),
+            nics: BTreeMap::new(),
+            public_ips: BTreeMap::new(),
         }
     }
 
@@ -912,6 +918,22 @@ impl World {
             .flat_map(|vm| vm.data_disks.values().map(|a| a.key.clone()))
             .collect();
         self.release_disks(&released);
+        // A Flexible VM's NIC goes with it (its public IP stays, unassociated).
+        let nics: Vec<String> = self
+            .sets
+            .get(&key)
+            .filter(|s| s.flexible())
+            .into_iter()
+            .flat_map(|s| {
+                leaving
+                    .iter()
+                    .filter_map(|n| s.vms.get(n))
+                    .map(|vm| crate::network::nic_id(s, vm))
+            })
+            .collect();
+        for nic in nics {
+            self.drop_nic(&nic);
+        }
         let Some(set) = self.sets.get_mut(&key) else {
             return;
         };

@@ -23,6 +23,8 @@ mod azurite;
 mod disks;
 #[path = "../compute-sim/gallery.rs"]
 mod gallery;
+#[path = "../compute-sim/network.rs"]
+mod network;
 #[path = "../compute-sim/server.rs"]
 mod server;
 mod story;
