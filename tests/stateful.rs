@@ -380,3 +380,78 @@ async fn a_cross_zone_replacement_is_refused_when_copying_is_not_allowed() {
     );
     assert_eq!(app.fleet("db").await["vms"].as_array().unwrap().len(), 1);
 }
+
+/// A Flexible stateful VM's public IP follows its slot too (the licence tied to the address): on
+/// the new VM before it must come up, off the broken one first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flexible_vms_public_ip_follows_its_data_to_the_new_vm() {
+    let app = spawn_app()
+        .mode(common::Mode::Flexible)
+        .scale_set_spec(json!({"name": "db", "capacity": 1, "zones": ["1"],
+                               "dataDisks": [{"lun": 0, "sizeGb": 128}], "publicIps": true}))
+        .env(
+            "HEALER_SCALE_SETS",
+            &format!(
+                "{}[STATEFUL_DISKS=0 STATEFUL_ADDRESS=public-ip MAX_UNHEALTHY=100% REPAIR_TIMEOUT=6 GRACE_PERIOD=0 REPAIR_ACTIONS=reimage,replace]",
+                scale_set_id("db")
+            ),
+        )
+        .start()
+        .await;
+    pass(&app, "first mirror").await;
+    let slot = slots(&app).await;
+    let pip = slot[0]
+        .address
+        .clone()
+        .expect("the slot records its public IP");
+    assert!(pip.contains("/publicIPAddresses/"), "{pip}");
+    let old_name = app.key_of("db", 0).await;
+    assert_eq!(slot[0].instance, old_name);
+    let disk = disk_at(&app.vm("db", 0).await, 0).unwrap();
+    app.sync_and_break("db", 0, json!({"beat": "down", "fault": "hard"}))
+        .await;
+    let (j, _) = drive(&app, Duration::from_secs(120), |j| {
+        j.iter().any(|e| e.outcome == "replaced")
+            && outcomes(j, EntryKind::Operation).contains(&"succeeded".to_string())
+    })
+    .await;
+    assert!(j.iter().any(|e| e.outcome == "address_moved"), "{j:#?}");
+    let fleet = app.fleet("db").await;
+    let vms = fleet["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 1, "{fleet}");
+    let new_name = vms[0]["name"].as_str().unwrap().to_ascii_lowercase();
+    assert_ne!(new_name, old_name);
+    assert_eq!(disk_at(&vms[0], 0).as_deref(), Some(disk.as_str()));
+    // The public IP is the new VM's NIC's, and only its.
+    let network = app.admin(reqwest::Method::GET, "network", None).await;
+    let holders: Vec<&str> = network["nics"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, n)| {
+            n["public_ip"]
+                .as_str()
+                .is_some_and(|p| p.eq_ignore_ascii_case(&pip))
+        })
+        .map(|(k, _)| k.as_str())
+        .collect();
+    assert_eq!(holders.len(), 1, "{network:#}");
+    assert!(holders[0].contains(&new_name), "{holders:?}");
+    assert_eq!(slots(&app).await[0].instance, new_name);
+    // The NIC's read and write are in the stateful role, and were used.
+    let used: std::collections::BTreeSet<&str> = app
+        .compute_calls()
+        .await
+        .iter()
+        .filter_map(|c| {
+            vmss_healer::compute::required_action(c["method"].as_str()?, c["path"].as_str()?)
+        })
+        .collect();
+    for action in [
+        "Microsoft.Network/networkInterfaces/read",
+        "Microsoft.Network/networkInterfaces/write",
+        "Microsoft.Compute/virtualMachines/attachDetachDataDisks/action",
+    ] {
+        assert!(used.contains(action), "{action}: {used:?}");
+    }
+}

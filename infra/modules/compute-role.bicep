@@ -154,8 +154,10 @@ resource imageMaker 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
 }
 
 // A stateful replacement (issue 18): the slot's data disks detached from the broken instance and
-// attached to the new one, a disk moved into another zone by snapshot and copy
-// (src/edges/compute/mod.rs STATEFUL_ACTIONS). Granted on the groups of the stateful sets only.
+// attached to the new one, a disk moved into another zone by snapshot and copy, a Flexible VM's
+// address moved by writing the NICs (src/edges/compute/mod.rs STATEFUL_ACTIONS). Granted on the
+// groups of the stateful sets only (a virtual network in another group needs its subnets/join
+// there).
 var statefulActions = [
   'Microsoft.Compute/virtualMachineScaleSets/virtualMachines/attachDetachDataDisks/action'
   'Microsoft.Compute/virtualMachines/attachDetachDataDisks/action'
@@ -164,6 +166,10 @@ var statefulActions = [
   'Microsoft.Compute/disks/delete'
   'Microsoft.Compute/snapshots/write'
   'Microsoft.Compute/snapshots/delete'
+  'Microsoft.Network/networkInterfaces/read'
+  'Microsoft.Network/networkInterfaces/write'
+  'Microsoft.Network/virtualNetworks/subnets/join/action'
+  'Microsoft.Network/publicIPAddresses/join/action'
 ]
 
 resource diskMover 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {

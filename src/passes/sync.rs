@@ -283,7 +283,8 @@ async fn sync_one(
             result.instances = observed.len();
             if let Some(policy) = stateful {
                 let flexible = info.orchestration() == Orchestration::Flexible;
-                result.detail = slot_instances(store, id, policy, &observed, flexible, now).await?;
+                result.detail =
+                    slot_instances(store, compute, id, policy, &observed, flexible, now).await?;
             }
             let observed = carry_health_since(&stored, observed, now);
             let mut changes = diff(&stored, observed);
@@ -350,6 +351,7 @@ async fn sync_one(
 /// address on a Uniform set) is said, each read, instead.
 async fn slot_instances(
     store: &Store,
+    compute: &Compute,
     id: &ScaleSetId,
     policy: &Stateful,
     instances: &[Instance],
@@ -366,8 +368,19 @@ async fn slot_instances(
         tracing::error!(scale_set = %id, error = %bad, "an unreadable slot row; no slot is added until it is mended");
         return Ok(Some(format!("unreadable slot row: {bad}")));
     }
-    let existing: Vec<Slot> = existing.into_iter().map(|v| v.value).collect();
-    for slot in crate::slot::new_slots(&existing, instances, policy, now) {
+    let stored: Vec<Slot> = existing.iter().map(|v| v.value.clone()).collect();
+    for mut slot in crate::slot::new_slots(&stored, instances, policy, now) {
+        if policy.address != crate::slot::Address::None {
+            // What address follows the slot is read once, when it is made; a read that fails
+            // leaves the slot to the next mirror pass rather than make it without one.
+            match slot_address(compute, id, &slot.instance, policy.address).await {
+                Ok(address) => slot.address = address,
+                Err(e) => {
+                    tracing::warn!(scale_set = %id, instance = %slot.instance, error = %e, "the address of a stateful instance could not be read; its slot is made next pass");
+                    continue;
+                }
+            }
+        }
         match store.insert_slot(id, &slot).await {
             Ok(_) => {
                 let disks: Vec<String> = slot
@@ -375,7 +388,7 @@ async fn slot_instances(
                     .iter()
                     .map(|d| format!("LUN {} {}", d.lun, d.id))
                     .collect();
-                tracing::info!(scale_set = %id, instance = %slot.instance, slot = %slot.id, disks = %disks.join(", "), "stateful slot created");
+                tracing::info!(scale_set = %id, instance = %slot.instance, slot = %slot.id, disks = %disks.join(", "), address = slot.address.as_deref().unwrap_or("none"), "stateful slot created");
             }
             // Another pass created it first.
             Err(StoreError::Conflict { .. }) => {}
@@ -383,6 +396,26 @@ async fn slot_instances(
         }
     }
     Ok(None)
+}
+
+/// The address of a stateful instance the policy carries: its public IP's id, or its private
+/// address. `None` when it has none (said once, in the log).
+async fn slot_address(
+    compute: &Compute,
+    id: &ScaleSetId,
+    instance: &str,
+    kind: crate::slot::Address,
+) -> Result<Option<String>, ComputeError> {
+    let found = compute.instance_address(id, instance).await?;
+    let address = match kind {
+        crate::slot::Address::PublicIp => found.public_ip,
+        crate::slot::Address::PrivateIp => found.private_ip,
+        crate::slot::Address::None => None,
+    };
+    if address.is_none() {
+        tracing::warn!(scale_set = %id, instance, kind = kind.as_str(), "a stateful instance has no such address: its slot carries none");
+    }
+    Ok(address)
 }
 
 /// The Compute API reports the Application Health state, not since when: the mirror keeps the time

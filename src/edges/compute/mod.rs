@@ -6,6 +6,7 @@ use crate::autoscale::AutoscaleSetting;
 
 mod disks;
 mod image;
+mod network;
 use crate::mirror::{AppHealth, Instance, Lock, LockLevel};
 use crate::scaleset::{Orchestration, ScaleSetId};
 use async_trait::async_trait;
@@ -15,6 +16,7 @@ use azure_core::{HttpClient, StatusCode};
 use azure_mgmt_compute::package_2024_07_01::{models, Client};
 use futures::{StreamExt, TryStreamExt};
 pub use image::{ImageVersion, InstanceDisk};
+pub use network::{AddressChange, InstanceAddress};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -123,6 +125,12 @@ pub const STATEFUL_ACTIONS: &[&str] = &[
     "Microsoft.Compute/disks/delete",
     "Microsoft.Compute/snapshots/write",
     "Microsoft.Compute/snapshots/delete",
+    // The address of a Flexible VM (STATEFUL_ADDRESS): its NIC read and written whole, which
+    // joins the NIC's subnet again and, for a public IP, the public IP.
+    "Microsoft.Network/networkInterfaces/read",
+    "Microsoft.Network/networkInterfaces/write",
+    "Microsoft.Network/virtualNetworks/subnets/join/action",
+    "Microsoft.Network/publicIPAddresses/join/action",
 ];
 
 /// Every action the handler performs.
@@ -162,6 +170,8 @@ pub const REQUIRED_ACTIONS: &[&str] = &[
     STATEFUL_ACTIONS[1],
     STATEFUL_ACTIONS[3],
     STATEFUL_ACTIONS[4],
+    STATEFUL_ACTIONS[7],
+    STATEFUL_ACTIONS[8],
 ];
 
 /// The action Resource Manager authorizes a request of ours by (`None`: not a request we make).
@@ -171,6 +181,20 @@ pub fn required_action(method: &str, path: &str) -> Option<&'static str> {
     let method = method.to_ascii_uppercase();
     if method == "GET" && path.ends_with("/providers/microsoft.authorization/locks") {
         return Some(FLEXIBLE_GROUP_ACTIONS[4]);
+    }
+    // A stateful replacement's address: a Flexible VM's NIC.
+    if let Some(rest) = path
+        .split("/providers/microsoft.network/networkinterfaces/")
+        .nth(1)
+    {
+        if rest.trim_matches('/').contains('/') {
+            return None;
+        }
+        return match method.as_str() {
+            "GET" => Some(STATEFUL_ACTIONS[7]),
+            "PUT" => Some(STATEFUL_ACTIONS[8]),
+            _ => None,
+        };
     }
     // A stateful replacement's disks.
     if let Some(rest) = path.split("/providers/microsoft.compute/disks/").nth(1) {
@@ -1011,7 +1035,7 @@ impl Compute {
     /// One Resource Manager request outside the Compute SDK, on the same transport (throttling
     /// observed, the call counted) with the same credential: a path under the endpoint, or a URL
     /// on it. Answers the JSON body; an error is classified as the SDK's are.
-    async fn call_json(
+    pub(super) async fn call_json(
         &self,
         what: &str,
         method: azure_core::Method,

@@ -108,6 +108,13 @@ pub enum Act {
     DeleteSnapshot {
         name: String,
     },
+    /// A Flexible VM's address on its NIC: the public IP (or none), or the static private address
+    /// (none: back to dynamic).
+    SetAddress {
+        instance: String,
+        kind: Address,
+        address: Option<String>,
+    },
 }
 
 impl Act {
@@ -133,6 +140,12 @@ impl Act {
             Act::Delete { instance } => format!("delete {instance}"),
             Act::DeleteDisk { id } => format!("delete disk {}", name_of(id)),
             Act::DeleteSnapshot { name } => format!("delete snapshot {name}"),
+            Act::SetAddress {
+                instance,
+                kind,
+                address: Some(a),
+            } => format!("{} {} to {instance}", kind.as_str(), name_of(a)),
+            Act::SetAddress { instance, kind, .. } => format!("{} off {instance}", kind.as_str()),
         }
     }
 
@@ -171,10 +184,16 @@ pub enum Stage {
     Snapshot,
     Copy,
     Attach,
+    /// A public IP moved to the new VM (before it must come up: an application may need it).
+    Address,
     Healthy,
     Delete,
+    /// A static private address taken by the new VM (only once the broken VM's NIC is gone).
+    LateAddress,
     Cleanup,
-    /// Rolling back: the carried disks off the new VM…
+    /// Rolling back: the address back on the broken VM…
+    Unaddress,
+    /// …the carried disks off the new VM…
     Unattach,
     /// …the originals back on the broken one…
     Reattach,
@@ -194,9 +213,12 @@ impl Stage {
             Stage::Snapshot => "snapshot",
             Stage::Copy => "copy into the new zone",
             Stage::Attach => "attach",
+            Stage::Address => "move the address",
             Stage::Healthy => "healthy with its data",
             Stage::Delete => "delete the broken instance",
+            Stage::LateAddress => "take the private address",
             Stage::Cleanup => "clean up",
+            Stage::Unaddress => "roll back: the address back on the broken instance",
             Stage::Unattach => "roll back: detach from the new instance",
             Stage::Reattach => "roll back: attach to the broken instance",
             Stage::Remove => "roll back: delete the new instance",
@@ -246,6 +268,9 @@ pub struct Memo {
     pub attached: bool,
     #[serde(default)]
     pub grew: bool,
+    /// The address is (or may be) on the new instance.
+    #[serde(default)]
+    pub address_moved: bool,
     /// Why it is rolling back.
     #[serde(default)]
     pub failed: Option<String>,
@@ -536,10 +561,16 @@ impl Engine<'_, '_> {
             Stage::Snapshot => self.snapshotted(),
             Stage::Copy => self.copied(),
             Stage::Attach => self.attached(),
+            Stage::Address => self.addressed(),
             Stage::Healthy => self.healthy(),
             Stage::Delete => self.deleted(),
+            Stage::LateAddress => self.cleanup(),
             Stage::Cleanup => self.succeed(),
-            Stage::Unattach | Stage::Reattach | Stage::Remove | Stage::Discard => self.roll_back(),
+            Stage::Unaddress
+            | Stage::Unattach
+            | Stage::Reattach
+            | Stage::Remove
+            | Stage::Discard => self.roll_back(),
         }
     }
 
@@ -564,6 +595,11 @@ impl Engine<'_, '_> {
                     }
                     Some(Status::Unknown) | None => *at,
                 },
+                // Writing a NIC whole is the same write again: a lost answer is sent again.
+                CallState::Sending { .. } if !dry && matches!(call.act, Act::SetAddress { .. }) => {
+                    call.state = CallState::Unsent;
+                    continue;
+                }
                 CallState::Accepted { at, .. } | CallState::Sending { at } => *at,
                 _ => continue,
             };
@@ -616,16 +652,6 @@ impl Engine<'_, '_> {
         };
         if let Some(why) = policy.refusal(flexible) {
             return self.end(State::Failed, refuse(why));
-        }
-        // Said, not skipped: an address the operator wants carried must not silently stay behind.
-        if policy.address != Address::None {
-            return self.end(
-                State::Failed,
-                refuse(format!(
-                    "STATEFUL_ADDRESS={} is not carried by this version yet (its disks would be, its address not): remove it, or repair this instance by hand",
-                    policy.address.as_str()
-                )),
-            );
         }
         if self.view.present(&old).is_none() {
             return self.end(State::Failed, refuse(format!("{old} is not in the mirror")));
@@ -909,6 +935,45 @@ impl Engine<'_, '_> {
                 disks.join(", ")
             ),
         );
+        if let (Address::PublicIp, Some(pip)) = (self.params().address, self.slot_address()) {
+            // Released by the broken VM first: a public IP is one IP configuration's.
+            let old = self.old();
+            self.memo.address_moved = true;
+            self.step(
+                Stage::Address,
+                vec![
+                    Act::SetAddress {
+                        instance: old,
+                        kind: Address::PublicIp,
+                        address: None,
+                    },
+                    Act::SetAddress {
+                        instance: new.clone(),
+                        kind: Address::PublicIp,
+                        address: Some(pip),
+                    },
+                ],
+                self.timeout(),
+            );
+            return self.wait(format!("the public IP to move to {new}"));
+        }
+        self.step(Stage::Healthy, Vec::new(), self.timeout());
+        self.healthy();
+    }
+
+    /// The address the slot carries, if it recorded one.
+    fn slot_address(&self) -> Option<String> {
+        self.memo.slot.as_ref().and_then(|s| s.address.clone())
+    }
+
+    fn addressed(&mut self) {
+        let new = self.new_vm();
+        let pip = self.slot_address().unwrap_or_default();
+        self.note(
+            &new,
+            "address_moved",
+            format!("public IP {} moved to {new}", name_of(&pip)),
+        );
         self.step(Stage::Healthy, Vec::new(), self.timeout());
         self.healthy();
     }
@@ -951,6 +1016,34 @@ impl Engine<'_, '_> {
         let old = self.old();
         self.note(&old, "deleted", format!("{old} deleted"));
         self.out.op.holds = vec![self.new_vm()];
+        if let (Address::PrivateIp, Some(ip)) = (self.params().address, self.slot_address()) {
+            // A private address is one NIC's: free only once the broken VM's NIC went with it.
+            let new = self.new_vm();
+            self.step(
+                Stage::LateAddress,
+                vec![Act::SetAddress {
+                    instance: new.clone(),
+                    kind: Address::PrivateIp,
+                    address: Some(ip),
+                }],
+                self.timeout(),
+            );
+            return self.wait(format!("{new} to take the private address"));
+        }
+        self.cleanup();
+    }
+
+    /// What a copy left behind goes: the original disks and the snapshots.
+    fn cleanup(&mut self) {
+        if self.memo.stage == Stage::LateAddress {
+            let new = self.new_vm();
+            let ip = self.slot_address().unwrap_or_default();
+            self.note(
+                &new,
+                "address_moved",
+                format!("private address {ip} taken by {new}"),
+            );
+        }
         let mut acts: Vec<Act> = self
             .memo
             .copies
@@ -1015,7 +1108,7 @@ impl Engine<'_, '_> {
         self.out.op.state = State::RollingBack;
         let old = self.old();
         self.note(&old, "failed_step", format!("{why}; rolling back"));
-        self.memo.stage = Stage::Unattach;
+        self.memo.stage = Stage::Unaddress;
         self.memo.calls.clear();
         self.roll_back();
     }
@@ -1026,6 +1119,29 @@ impl Engine<'_, '_> {
         let dry = self.dry();
         loop {
             match self.memo.stage {
+                Stage::Unaddress if self.memo.calls.is_empty() && self.memo.address_moved => {
+                    self.memo.address_moved = false;
+                    let pip = self.slot_address();
+                    return self.undo_all(
+                        Stage::Unaddress,
+                        vec![
+                            Act::SetAddress {
+                                instance: new.clone(),
+                                kind: Address::PublicIp,
+                                address: None,
+                            },
+                            Act::SetAddress {
+                                instance: old.clone(),
+                                kind: Address::PublicIp,
+                                address: pip,
+                            },
+                        ],
+                    );
+                }
+                Stage::Unaddress => {
+                    self.memo.calls.clear();
+                    self.memo.stage = Stage::Unattach;
+                }
                 Stage::Unattach if self.memo.calls.is_empty() && self.memo.attached => {
                     // Where the disks are, the mirror says once it was read after the last call.
                     if !self.view.synced_after(self.memo.ended_at) && !dry {
@@ -1125,8 +1241,16 @@ impl Engine<'_, '_> {
     }
 
     fn undo(&mut self, stage: Stage, act: Act) {
-        let what = act.describe();
-        self.step(stage, vec![act], self.timeout());
+        self.undo_all(stage, vec![act]);
+    }
+
+    fn undo_all(&mut self, stage: Stage, acts: Vec<Act>) {
+        let what = acts
+            .iter()
+            .map(Act::describe)
+            .collect::<Vec<_>>()
+            .join(", then ");
+        self.step(stage, acts, self.timeout());
         self.wait(what);
     }
 
@@ -1139,7 +1263,11 @@ impl Engine<'_, '_> {
             && (self.out.op.state == State::Succeeded
                 || matches!(
                     self.memo.stage,
-                    Stage::Healthy | Stage::Delete | Stage::Cleanup
+                    Stage::Address
+                        | Stage::Healthy
+                        | Stage::Delete
+                        | Stage::LateAddress
+                        | Stage::Cleanup
                 ));
         let want = if forward {
             let zone = self.memo.new_zone.clone();

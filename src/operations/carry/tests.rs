@@ -45,7 +45,16 @@ struct Azure {
     brake_passes: std::ops::Range<usize>,
     /// Every delete of a VM is refused (a lock an operator added, say).
     refuse_delete: bool,
+    /// The address policy (a Flexible set when it is not `None`).
+    address: Address,
+    /// Public IP by VM (one IP configuration each), and static private addresses by VM.
+    public_ips: BTreeMap<String, String>,
+    private_ips: BTreeMap<String, String>,
 }
+
+const PIP: &str =
+    "/subscriptions/sub/resourceGroups/rg/providers/Microsoft.Network/publicIPAddresses/db-pip";
+const PRIVATE: &str = "10.0.0.4";
 
 impl Azure {
     /// One VM `0` in zone 1 with its disk at LUN 0 (and a scratch disk at LUN 5 that is not the
@@ -85,7 +94,28 @@ impl Azure {
             new_comes_up: true,
             brake_passes: 0..0,
             refuse_delete: false,
+            address: Address::None,
+            public_ips: BTreeMap::new(),
+            private_ips: BTreeMap::new(),
         }
+    }
+
+    /// The same, Flexible, with VM 0 holding the slot's address.
+    fn with_address(zones: &[&str], address: Address) -> Self {
+        let mut azure = Azure::new(zones);
+        azure.address = address;
+        match address {
+            Address::PublicIp => {
+                azure.public_ips.insert("0".into(), PIP.into());
+                azure.slot.address = Some(PIP.into());
+            }
+            Address::PrivateIp => {
+                azure.private_ips.insert("0".into(), PRIVATE.into());
+                azure.slot.address = Some(PRIVATE.into());
+            }
+            Address::None => {}
+        }
+        azure
     }
 
     fn holder(&self, disk: &str) -> Vec<&str> {
@@ -161,6 +191,33 @@ impl Azure {
             }
             Act::Delete { instance } => {
                 self.vms.remove(instance);
+                // Its NIC goes with it.
+                self.public_ips.remove(instance);
+                self.private_ips.remove(instance);
+            }
+            Act::SetAddress {
+                instance,
+                kind,
+                address,
+            } => {
+                if !self.vms.contains_key(instance) {
+                    return Err("ResourceNotFound: no such VM".into());
+                }
+                let held = match kind {
+                    Address::PrivateIp => &mut self.private_ips,
+                    _ => &mut self.public_ips,
+                };
+                match address {
+                    Some(a) => {
+                        if held.iter().any(|(vm, x)| x == a && vm != instance) {
+                            return Err("HTTP 400 PublicIPAddressInUse: already allocated".into());
+                        }
+                        held.insert(instance.clone(), a.clone());
+                    }
+                    None => {
+                        held.remove(instance);
+                    }
+                }
             }
             Act::DeleteDisk { id } => {
                 if !self.holder(id).is_empty() {
@@ -223,6 +280,10 @@ impl Azure {
             address: Address::None,
             zone_copy,
         };
+        let policy = Stateful {
+            address: self.address,
+            ..policy
+        };
         let params = Params::new("0", "0-1", &policy, Duration::minutes(5));
         let mut op = Operation::new(
             Kind::Carry,
@@ -242,7 +303,14 @@ impl Azure {
         let mut notes = Vec::new();
         let mut alerts = Vec::new();
         let mut record = ScaleSetRecord::unsynced();
-        record.orchestration_mode = Some("Uniform".into());
+        record.orchestration_mode = Some(
+            if self.address == Address::None {
+                "Uniform"
+            } else {
+                "Flexible"
+            }
+            .into(),
+        );
         for pass in 0..400 {
             self.now += Duration::seconds(10);
             record.synced_at = Some(self.now);
@@ -438,20 +506,56 @@ fn a_disk_on_another_vm_is_never_taken() {
 }
 
 #[test]
-fn an_address_to_carry_is_refused_not_left_behind() {
-    let mut azure = Azure::new(&["1"]);
-    let mut op = azure.op(true);
-    let mut params = Params::from_stored(&op.params).unwrap();
-    params.address = Address::PublicIp;
-    op.params = serde_json::to_value(&params).unwrap();
-    let (op, _, alerts) = azure.run(op);
-    assert_eq!(op.state, State::Failed);
-    // A Uniform set's NICs belong to its model: said first.
+fn a_public_ip_follows_the_slot_before_the_new_vm_must_come_up() {
+    let mut azure = Azure::with_address(&["1"], Address::PublicIp);
+    let (op, notes, _) = azure.run(azure.op(true));
+    assert_eq!(op.state, State::Succeeded, "{notes:#?}");
+    let o = outcomes(&notes);
+    let at = |x: &str| o.iter().position(|y| *y == x).unwrap();
+    assert!(
+        at("attached") < at("address_moved") && at("address_moved") < at("healthy"),
+        "{o:?}"
+    );
+    assert_eq!(azure.public_ips.get("1").map(String::as_str), Some(PIP));
+    assert_eq!(azure.public_ips.len(), 1);
+}
+
+#[test]
+fn a_private_address_is_taken_once_the_broken_vms_nic_is_gone() {
+    let mut azure = Azure::with_address(&["1"], Address::PrivateIp);
+    let (op, notes, _) = azure.run(azure.op(true));
+    assert_eq!(op.state, State::Succeeded, "{notes:#?}");
+    let o = outcomes(&notes);
+    let at = |x: &str| o.iter().position(|y| *y == x).unwrap();
+    assert!(at("deleted") < at("address_moved"), "{o:?}");
+    assert_eq!(
+        azure.private_ips.get("1").map(String::as_str),
+        Some(PRIVATE)
+    );
+}
+
+#[test]
+fn a_new_vm_that_never_comes_up_gives_the_public_ip_back_too() {
+    let mut azure = Azure::with_address(&["1"], Address::PublicIp);
+    azure.new_comes_up = false;
+    let (op, notes, _) = azure.run(azure.op(true));
+    assert_eq!(op.state, State::Failed, "{notes:#?}");
+    assert_eq!(azure.public_ips.get("0").map(String::as_str), Some(PIP));
+    assert_eq!(azure.public_ips.len(), 1, "{:?}", azure.public_ips);
+    assert_eq!(azure.vms["0"].disks[&0], disk_id("db_0-data-0"));
+}
+
+#[test]
+fn an_address_on_a_uniform_set_is_refused() {
+    let mut azure = Azure::with_address(&["1"], Address::PublicIp);
+    let op = azure.op(true);
+    azure.address = Address::None; // the record says Uniform
+    let (op, _, _) = azure.run(op);
     assert!(op
         .last_error
         .unwrap()
         .contains("needs a Flexible scale set"));
-    assert_eq!((azure.sent, alerts.len()), (0, 1));
+    assert_eq!(azure.sent, 0);
 }
 
 #[test]
@@ -474,8 +578,9 @@ proptest! {
     /// one after a success, the broken one after a failure; no copy, snapshot or VM is left over
     /// on a failure, and the slot names where the disk is.
     #[test]
-    fn wherever_it_fails_the_disk_is_on_one_vm(fail_at in proptest::option::of(0usize..10), cross in any::<bool>(), comes_up in any::<bool>()) {
-        let mut azure = Azure::new(if cross { &["1", "2"] } else { &["1"] });
+    fn wherever_it_fails_the_disk_is_on_one_vm(fail_at in proptest::option::of(0usize..12), cross in any::<bool>(), comes_up in any::<bool>(), address in prop_oneof![Just(Address::None), Just(Address::PublicIp), Just(Address::PrivateIp)]) {
+        let zones: &[&str] = if cross { &["1", "2"] } else { &["1"] };
+        let mut azure = Azure::with_address(zones, address);
         azure.fail_at = fail_at;
         azure.new_comes_up = comes_up;
         let (op, notes, alerts) = azure.run(azure.op(true));
@@ -514,5 +619,10 @@ proptest! {
             }
         }
         prop_assert!(op.holds.is_empty());
+        // The public IP is on one VM: the one with the data, unless a roll-back step failed.
+        if address == Address::PublicIp && !op.last_error.as_deref().unwrap_or("").contains("rolling back") {
+            let on: Vec<&String> = azure.public_ips.keys().collect();
+            prop_assert_eq!(on, vec![holder], "{:?}", azure.public_ips);
+        }
     }
 }

@@ -4,7 +4,7 @@
 
 use super::{answered, claim, entry, read_statuses, writes_busy, OperatePass, OperationReport};
 use crate::alert::Alert;
-use crate::compute::{Compute, ComputeError};
+use crate::compute::{AddressChange, Compute, ComputeError};
 use crate::incident::{State as IncidentState, Versioned};
 use crate::operations::carry::{self, Act, Memo};
 use crate::operations::step::CallState;
@@ -192,5 +192,17 @@ async fn send(
             .map(Some),
         Act::DeleteDisk { id: disk } => compute.delete_disk(id, disk).await.map(Some),
         Act::DeleteSnapshot { name } => compute.delete_snapshot(id, name).await.map(Some),
+        Act::SetAddress {
+            instance,
+            kind,
+            address,
+        } => {
+            let nic = compute.instance_address(id, instance).await?.nic;
+            let change = match kind {
+                crate::slot::Address::PrivateIp => AddressChange::Private(address.clone()),
+                _ => AddressChange::Public(address.clone()),
+            };
+            compute.set_address(&nic, &change).await.map(|_| None)
+        }
     }
 }
