@@ -279,6 +279,11 @@ fn main() {
     }
     drop(runtime);
     if let Err(e) = served {
+        // A misconfiguration found against Azure at startup: listed as any other, exit 2.
+        if let Some(problems) = e.downcast_ref::<vmss_healer::settings::SettingsErrors>() {
+            eprint!("{}", redact(&problems.to_string()));
+            std::process::exit(2);
+        }
         eprintln!("handler: {}", redact(&format!("{e:#}")));
         std::process::exit(1);
     }
@@ -473,6 +478,17 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         settings.call_timeout.unsigned_abs(),
     )
     .context("configuring the Compute client")?;
+    // A stateful policy that cannot work on its set (an address on a Uniform set) stops the
+    // handler here, every such problem listed; the host allows 30 s before `GET /` must answer.
+    let refusals = tokio::time::timeout(
+        Duration::from_secs(10),
+        vmss_healer::sync::stateful_refusals(&compute, &settings),
+    )
+    .await
+    .unwrap_or_default();
+    if !refusals.is_empty() {
+        return Err(vmss_healer::settings::SettingsErrors(refusals).into());
+    }
     let listener = vmss_healer::admission::bind(settings.port)
         .await
         .with_context(|| format!("listening on 127.0.0.1:{}", settings.port))?;

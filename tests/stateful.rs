@@ -455,3 +455,31 @@ async fn a_flexible_vms_public_ip_follows_its_data_to_the_new_vm() {
         assert!(used.contains(action), "{action}: {used:?}");
     }
 }
+
+/// A stateful policy that cannot work on its set — an address to carry on a Uniform set, whose
+/// NICs are its model's — stops the handler at startup with the reason (exit 2), as any other
+/// misconfiguration; the same policy on a Flexible set starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_policy_on_a_uniform_set_is_refused_at_startup() {
+    let app = stateful_app(&["1"], "", None).await;
+    let uniform = format!(
+        "{}[STATEFUL_DISKS=0 STATEFUL_ADDRESS=public-ip]",
+        scale_set_id("db")
+    );
+    let (code, stderr) = app.start_handler_expecting_exit(
+        &[("HEALER_SCALE_SETS", uniform.as_str())],
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("STATEFUL_ADDRESS=public-ip needs a Flexible scale set"),
+        "{stderr}"
+    );
+    // Without the address, the same set starts (and runs until stopped).
+    let disks_only = format!("{}[STATEFUL_DISKS=0]", scale_set_id("db"));
+    let (code, stderr) = app.start_handler_expecting_exit(
+        &[("HEALER_SCALE_SETS", disks_only.as_str())],
+        Duration::from_secs(3),
+    );
+    assert_eq!(code, None, "it keeps running: {stderr}");
+}

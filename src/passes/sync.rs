@@ -346,6 +346,39 @@ async fn sync_one(
     Ok(result)
 }
 
+/// The stateful policies that cannot work on their scale sets, read from ARM at startup (an
+/// address to carry on a Uniform set: its NICs are its model's). A set that cannot be read now is
+/// left to the mirror passes, which say the same at each read.
+pub async fn stateful_refusals(compute: &Compute, settings: &Settings) -> Vec<String> {
+    let mut problems = Vec::new();
+    for watched in &settings.scale_sets {
+        let Some(policy) = watched
+            .policy
+            .stateful
+            .as_ref()
+            .filter(|p| p.address != crate::slot::Address::None)
+        else {
+            continue;
+        };
+        match compute.scale_set(&watched.id).await {
+            Ok(info) => {
+                let flexible = info.orchestration() == Orchestration::Flexible;
+                if let Some(why) = policy.refusal(flexible) {
+                    problems.push(format!(
+                        "{} override for {}: {why}",
+                        crate::settings::SCALE_SETS,
+                        watched.id
+                    ));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(scale_set = %watched.id, error = %e, "cannot read the scale set to check its stateful policy; the mirror checks it at each read");
+            }
+        }
+    }
+    problems
+}
+
 /// A stateful set's slots: each instance that has the policy's disks and no slot gets one, so what
 /// it holds is known before it ever needs replacing. A policy that cannot work on this set (an
 /// address on a Uniform set) is said, each read, instead.

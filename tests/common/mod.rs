@@ -342,6 +342,51 @@ impl TestApp {
         }
     }
 
+    /// Starts another handler of this deployment with `changes` to its settings and waits up to
+    /// `limit` for it to stop by itself: its exit code (`None`: still running, then stopped) and
+    /// what it wrote to stderr.
+    pub fn start_handler_expecting_exit(
+        &self,
+        changes: &[(&str, &str)],
+        limit: Duration,
+    ) -> (Option<i32>, String) {
+        let mut env = self.handler_env.clone();
+        for (key, value) in changes {
+            env.retain(|(k, _)| k != key);
+            env.push((key.to_string(), value.to_string()));
+        }
+        env.retain(|(k, _)| k != "FUNCTIONS_CUSTOMHANDLER_PORT");
+        env.push((
+            "FUNCTIONS_CUSTOMHANDLER_PORT".into(),
+            free_port().to_string(),
+        ));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_handler"))
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start handler");
+        let deadline = Instant::now() + limit;
+        let code = loop {
+            match child.try_wait().expect("wait for the handler") {
+                Some(status) => break status.code(),
+                None if Instant::now() > deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+                None => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut stderr);
+        }
+        (code, stderr)
+    }
+
     /// The handler process's id.
     pub fn handler_pid(&self) -> u32 {
         self.handler.0.id()
