@@ -1088,6 +1088,20 @@ impl Engine<'_, '_> {
                 );
                 return self.succeed();
             }
+            Stage::LateAddress => {
+                let new = self.new_vm();
+                let why = format!(
+                    "{new} serves with the slot's data, but could not take the private address ({why}); set it by hand"
+                );
+                self.note(&new, "address_failed", why.clone());
+                self.out.alert = Some(format!(
+                    "stateful replacement on {}: {why}",
+                    self.out.op.scale_set
+                ));
+                self.memo.stage = Stage::Cleanup;
+                self.memo.calls.clear();
+                return self.cleanup();
+            }
             Stage::Delete => {
                 let (old, new) = (self.old(), self.new_vm());
                 return self.give_up(format!(

@@ -535,6 +535,22 @@ fn a_private_address_is_taken_once_the_broken_vms_nic_is_gone() {
 }
 
 #[test]
+fn a_private_address_taken_meanwhile_leaves_the_replacement_standing_with_an_alert() {
+    let mut azure = Azure::with_address(&["1"], Address::PrivateIp);
+    // Another VM took the address once the broken VM's NIC let it go.
+    azure.private_ips.insert("9".into(), PRIVATE.into());
+    let (op, notes, alerts) = azure.run(azure.op(true));
+    assert_eq!(op.state, State::Succeeded, "{notes:#?}");
+    assert!(outcomes(&notes).contains(&"address_failed"), "{notes:#?}");
+    assert!(alerts[0].contains("set it by hand"), "{alerts:?}");
+    assert_eq!(
+        azure.vms["1"].disks[&0],
+        disk_id("db_0-data-0"),
+        "the data stays"
+    );
+}
+
+#[test]
 fn a_new_vm_that_never_comes_up_gives_the_public_ip_back_too() {
     let mut azure = Azure::with_address(&["1"], Address::PublicIp);
     azure.new_comes_up = false;
