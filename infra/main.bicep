@@ -186,6 +186,7 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
         { name: 'HEALER_PLATFORM_REPAIRS', value: 'defer' }
         { name: 'HEALER_DOWN_PROOF', value: downProof }
         { name: 'HEALER_MAX_MAINTENANCE', value: '4h' }
+        { name: 'HEALER_EVENT_REPAIRS', value: 'true' }
         { name: 'HEALER_ATTESTATION_CA', value: attestationCaPem }
         { name: 'HEALER_MIRROR_MAX_AGE', value: '300' }
         { name: 'HEALER_FULL_RESYNC', value: '600' }

@@ -39,6 +39,7 @@ pub mod passes {
     pub mod deadline;
     pub mod follow;
     pub mod operate;
+    pub mod prompt;
     pub mod repair;
     pub mod sync;
     pub mod throttle;
@@ -68,4 +69,4 @@ pub use domain::{
 pub use edges::{
     admission, alert, compute, host, identity, logs, operator, secret, settings, state, telemetry,
 };
-pub use passes::{deadline, follow, operate, repair, sync, throttle};
+pub use passes::{deadline, follow, operate, prompt, repair, sync, throttle};

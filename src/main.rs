@@ -523,6 +523,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         compute,
         notifier,
         counters: Arc::new(Counters::default()),
+        prompts: Default::default(),
     };
     axum::serve(listener, app(state))
         .with_graceful_shutdown(stopped())

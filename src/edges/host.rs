@@ -24,6 +24,8 @@ pub struct AppState {
     pub compute: Compute,
     pub notifier: crate::alert::Notifier,
     pub counters: Arc<Counters>,
+    /// Scale sets evaluated at once when evidence arrives by event (issue 19).
+    pub prompts: Arc<crate::prompt::Prompts>,
 }
 
 /// Rejected events by reason, since start: the "counted" of design §1.

@@ -38,6 +38,7 @@ pub const STATEFUL_ADDRESS: &str = "HEALER_STATEFUL_ADDRESS";
 pub const STATEFUL_ZONE_COPY: &str = "HEALER_STATEFUL_ZONE_COPY";
 pub const ATTESTATION_CA: &str = "HEALER_ATTESTATION_CA";
 pub const DRY_RUN: &str = "HEALER_DRY_RUN";
+pub const EVENT_REPAIRS: &str = "HEALER_EVENT_REPAIRS";
 pub const WEBHOOK_URL: &str = "HEALER_WEBHOOK_URL";
 pub const STATUS_SCHEDULE: &str = "HEALER_STATUS_SCHEDULE";
 pub const STATE_SCHEDULE: &str = "HEALER_STATE_SCHEDULE";
@@ -68,6 +69,7 @@ pub const CATALOG: &[SettingDoc] = &[
     SettingDoc { name: ATTESTATION_CA, default: "(none)", meaning: "PEM certificates (inline, or a file path relative to the app) of the CAs that issue IMDS's `metadata.azure.com` signing certificate; set, heartbeats carrying an IMDS attested document are checked (an invalid one is rejected, a valid one proves `attested`)" },
     SettingDoc { name: MIRROR_MAX_AGE, default: "`300` s", meaning: "a change announced by an event or a repair must be mirrored within this, and evidence from the mirror (stopped, failed provisioning, Application Health) must be this fresh, or no repair is decided; a quiet scale set's mirror may be `HEALER_FULL_RESYNC` older" },
     SettingDoc { name: FULL_RESYNC, default: "`600` s", meaning: "every scale set is read in full at least this often, the safety net for changes no Resource Manager event announced; between full reads `monitor-state` reads only scale sets that changed, failed or have repairs in flight (`0`: read every set every pass)" },
+    SettingDoc { name: EVENT_REPAIRS, default: "`true`", meaning: "evaluate a scale set the moment its evidence changes: a DOWN heartbeat whose streak has lasted `HEALER_DOWN_FOR` has `monitor-events` decide and act on that one set at once (every brake and claim rule as in `monitor-status`; a burst coalesces into one evaluation per set at a time), instead of waiting for the next timer pass; `false`: only the timer repairs" },
     SettingDoc { name: DRY_RUN, default: "`false`", meaning: "decide and journal, but do not act; what a dry run decided never holds back a live pass" },
     SettingDoc { name: PASS_DEADLINE, default: "`150` s", meaning: "how long one `monitor-status` or `monitor-state` pass may run: what does not fit is left to the next pass and journaled (`pass_deadline`). Must leave room inside `functionTimeout` of host.json (5 min): the handler refuses to start otherwise" },
     SettingDoc { name: CALL_TIMEOUT, default: "`30` s", meaning: "the longest one Compute API request may take; a write without an answer by then has an unknown outcome, found out from the instance's state on later passes and never sent blindly again" },
@@ -109,6 +111,8 @@ pub struct Settings {
     /// Trust anchors for IMDS attested documents, if configured.
     pub attestation: Option<crate::attestation::Trust>,
     pub dry_run: bool,
+    /// `HEALER_EVENT_REPAIRS`: evidence that arrives by event is acted on at once.
+    pub event_repairs: bool,
     pub webhook_url: Option<Url>,
     /// Where traces, logs and metrics are exported, if anywhere.
     pub telemetry: Option<crate::telemetry::Target>,
@@ -239,15 +243,19 @@ impl Settings {
                 "{DOWN_PROOF}=attested needs {ATTESTATION_CA}: without trust anchors no heartbeat can prove it"
             ));
         }
-        let dry_run = match get(DRY_RUN).map(|v| v.trim().to_ascii_lowercase()) {
-            None => false,
+        let flag = |name: &str, default: bool, problems: &mut Vec<String>| match get(name)
+            .map(|v| v.trim().to_ascii_lowercase())
+        {
+            None => default,
             Some(v) if ["true", "1", "yes"].contains(&v.as_str()) => true,
             Some(v) if ["false", "0", "no"].contains(&v.as_str()) => false,
             Some(v) => {
-                problems.push(format!("{DRY_RUN}: `{v}` is not true or false"));
-                false
+                problems.push(format!("{name}: `{v}` is not true or false"));
+                default
             }
         };
+        let dry_run = flag(DRY_RUN, false, &mut problems);
+        let event_repairs = flag(EVENT_REPAIRS, true, &mut problems);
         // Optional: a webhook that cannot be used means no alerts, never no healer.
         let mut warnings = Vec::new();
         let webhook_url = match get(WEBHOOK_URL) {
@@ -331,6 +339,7 @@ impl Settings {
             full_resync,
             attestation,
             dry_run,
+            event_repairs,
             webhook_url,
             telemetry,
             status_schedule,

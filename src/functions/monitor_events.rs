@@ -106,6 +106,24 @@ async fn on_heartbeat(
     let stored = write == HeartbeatWrite::Stored;
     tracing::info!(scale_set = %set, instance = %hb.target.instance_id, status = hb.status.label(),
         proof = hb.proof().as_str(), event_id = %hb.event_id, stored, "heartbeat");
+    // Evidence that can make the instance unhealthy now: its set is evaluated at once (issue 19).
+    // An UP costs nothing more than its write.
+    let evaluation =
+        (stored && state.settings.event_repairs && hb.status == heartbeat::Status::Down)
+            .then(|| {
+                state
+                    .store
+                    .remembered_down_since(set, &hb.target.instance_id)
+            })
+            .filter(|since| crate::prompt::due(&hb, *since, &watched.policy, now))
+            .map(|_| {
+                crate::prompt::trigger(
+                    state,
+                    set,
+                    &format!("{} DOWN for HEALER_DOWN_FOR", hb.target.instance_id),
+                )
+                .as_str()
+            });
     let note = if stored {
         "stored"
     } else {
@@ -113,7 +131,7 @@ async fn on_heartbeat(
     };
     Ok(Outcome::new(
         format!("heartbeat {} from {}: {note}", hb.status.label(), hb.target),
-        json!({"accepted": true, "stored": stored, "instance": hb.target.to_string(), "status": hb.status.label(), "proof": hb.proof().as_str()}),
+        json!({"accepted": true, "stored": stored, "instance": hb.target.to_string(), "status": hb.status.label(), "proof": hb.proof().as_str(), "evaluation": evaluation}),
     ))
 }
 

@@ -120,13 +120,16 @@ pub struct Builder {
 /// A handler whose DOWN counts at once (tests about `HEALER_DOWN_FOR` set it back) and whose
 /// mirror pass reads every scale set every time (`HEALER_FULL_RESYNC=0`), so a scenario sees what
 /// it changed in the simulator without delivering Resource Manager events; the tests of the
-/// event-driven mirror set the interval back.
+/// event-driven mirror set the interval back. Repairs are the timer's (`HEALER_EVENT_REPAIRS=false`),
+/// so a scenario decides when a pass acts; the tests of event-driven repairs (`tests/prompt.rs`)
+/// turn them on.
 pub fn spawn_app() -> Builder {
     Builder {
         sets: Vec::new(),
         env: BTreeMap::from([
             ("HEALER_DOWN_FOR".to_string(), "0".to_string()),
             ("HEALER_FULL_RESYNC".to_string(), "0".to_string()),
+            ("HEALER_EVENT_REPAIRS".to_string(), "false".to_string()),
         ]),
         page_size: 100,
         mode: Mode::Uniform,

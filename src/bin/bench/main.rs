@@ -218,6 +218,7 @@ fn ingest(instances: usize, rounds: usize, concurrency: usize) {
             compute,
             notifier: vmss_healer::alert::Notifier::new(None),
             counters: Arc::default(),
+            prompts: Default::default(),
         };
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", handler_port)).await.expect("bind");
         tokio::spawn(async move { axum::serve(listener, vmss_healer::host::app(state)).await });

@@ -239,6 +239,7 @@ async fn start(
         store: store.clone(),
         compute,
         counters: Arc::new(Counters::default()),
+        prompts: Default::default(),
     };
     let handler_listener = tokio::net::TcpListener::bind(("127.0.0.1", handler_port))
         .await

@@ -213,7 +213,7 @@ pub fn set_tick(tick: std::time::Duration) {
 /// The announced window: the reboot takes 10 ticks; the window is generous, as an operator's is,
 /// so that a slow machine (longer ticks) does not end it before the VM is back.
 fn maintenance_window() -> time::Duration {
-    time::Duration::milliseconds((30 * TICK_MS.load(std::sync::atomic::Ordering::Relaxed)) as i64)
+    time::Duration::milliseconds((60 * TICK_MS.load(std::sync::atomic::Ordering::Relaxed)) as i64)
 }
 
 pub fn expectations(jobs_new: Option<u64>) -> Expectations {

@@ -117,6 +117,18 @@ impl Store {
         })
     }
 
+    /// When the instance's current DOWN streak began, as this process last wrote or read its
+    /// heartbeat (no request: right after a write, the write's own answer).
+    pub fn remembered_down_since(
+        &self,
+        set: &ScaleSetId,
+        instance: &str,
+    ) -> Option<time::OffsetDateTime> {
+        lock(&self.last_heartbeat)
+            .get(&(set.key(), instance.to_string()))
+            .and_then(|s| s.heartbeat.down_since)
+    }
+
     /// Writes many heartbeats unconditionally, in batches per scale set: a bulk import (seeding a
     /// benchmark, migrating from another healer), not the ingest path.
     pub async fn import_heartbeats(&self, heartbeats: &[Heartbeat]) -> Result<usize, StoreError> {

@@ -249,6 +249,87 @@ pub async fn repair_all(
     })
 }
 
+/// One scale set's gather → follow → decide → claim → act → journal, outside the timer: what
+/// `monitor-events` runs the moment evidence against an instance of the set arrives (issue 19).
+/// Every per-set brake and every claim rule is the timer pass's own (both sides claim by ETag, so
+/// racing each other they never act twice); the fleet-wide pipeline-fault brake is the timer's to
+/// judge — while its last pass found one, or while most of this set is silent, nothing is done
+/// here (`None`). Long-running operations are left to the timer. Bounded by `budget`: a call
+/// that no longer fits is left to the next pass, as in any pass.
+pub async fn repair_one(
+    store: &Store,
+    compute: &Compute,
+    notifier: &Notifier,
+    settings: &Settings,
+    watched: &crate::settings::WatchedScaleSet,
+    budget: std::time::Duration,
+    now: OffsetDateTime,
+) -> Result<Option<SetReport>, StoreError> {
+    let id = &watched.id;
+    let deadline = Deadline::after(budget, settings.call_timeout.unsigned_abs());
+    let record = store.scale_set(id).await?;
+    if record.as_ref().and_then(|r| r.brake.as_deref()) == Some("pipeline_fault") {
+        tracing::info!(scale_set = %id, decision = "left_to_timer", "the last pass found a heartbeat pipeline fault: the set is left to the timer");
+        return Ok(None);
+    }
+    let mut obs = gather(store, id, record).await?;
+    let (running, mut carried) = pass_operations(store).await?;
+    obs.held = held_by(running.iter().map(|v| &v.value))
+        .remove(&id.key())
+        .unwrap_or_default();
+    obs.carried = carried.remove(&id.key()).unwrap_or_default();
+    obs.operation_write = running
+        .iter()
+        .find_map(|v| crate::operations::write_in_flight(&v.value, id));
+    if pipeline_fault(&[(&obs, &watched.policy)], now).is_some() {
+        tracing::info!(scale_set = %id, decision = "left_to_timer", "most of the set is silent: the fleet-wide pipeline check is the timer's");
+        return Ok(None);
+    }
+    let followed = if settings.dry_run {
+        Vec::new()
+    } else {
+        crate::follow::follow(store, compute, id, &mut obs, &deadline, now).await?
+    };
+    if let (Some(record), Some(until)) = (
+        obs.record.as_mut(),
+        compute.observed().throttled_until(&id.subscription),
+    ) {
+        record.throttled_until = Some(record.throttled_until.map_or(until, |t| t.max(until)));
+    }
+    let brakes = Brakes {
+        mirror_max_age: settings.mirror_max_age,
+        full_resync: settings.full_resync,
+        pipeline_fault: None,
+        dry_run: settings.dry_run,
+        lease: settings.lease(),
+    };
+    let plan = decide(&obs, &watched.policy, brakes, now);
+    let resync = plan
+        .resync
+        .filter(|_| !resync_pending(obs.record.as_ref()))
+        .is_some();
+    let pass = SetPass {
+        store,
+        compute,
+        id,
+        dry_run: settings.dry_run,
+        deadline: &deadline,
+        now,
+        mode: Orchestration::parse(
+            obs.record
+                .as_ref()
+                .and_then(|r| r.orchestration_mode.as_deref()),
+        ),
+        policy: &watched.policy,
+    };
+    let (report, alerts) = carry_out(&pass, plan, obs.record.as_ref(), followed).await?;
+    notifier.send(alerts);
+    if resync {
+        store.request_resync(std::slice::from_ref(id), now).await?;
+    }
+    Ok(Some(report))
+}
+
 /// What one scale set's pass left for the operations that follow the repairs.
 struct Seen {
     obs: Observation,

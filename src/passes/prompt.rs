@@ -1,0 +1,280 @@
+//! Repair in seconds, not minutes (issue 19): when evidence that can make an instance unhealthy
+//! arrives by event — a DOWN heartbeat whose streak has lasted `HEALER_DOWN_FOR` — `monitor-events`
+//! has its scale set evaluated at once ([`crate::repair::repair_one`]: the timer pass's gather →
+//! decide → act → journal for that one set), instead of waiting up to a minute for the timer.
+//!
+//! Coalesced: a burst of evidence in one set (a bad deployment: hundreds of DOWNs in a second)
+//! runs at most one evaluation of it at a time — evidence arriving meanwhile asks for one more run
+//! after it, never one per event — at most one start per set per [`MIN_INTERVAL`], and at most
+//! [`MAX_CONCURRENT`] sets at once across the process. Bounded: an evaluation has [`BUDGET`]; what
+//! does not fit is the next pass's, under the same claim rules, never done twice. The event's
+//! answer does not wait for it (Event Grid gives a delivery 30 s before it retries).
+
+use crate::heartbeat::{Heartbeat, Status};
+use crate::host::AppState;
+use crate::policy::Policy;
+use crate::scaleset::ScaleSetId;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use time::OffsetDateTime;
+use tokio::sync::Semaphore;
+
+/// The least time between two evaluations of one scale set.
+pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// Scale sets evaluated at once by one process.
+pub const MAX_CONCURRENT: usize = 4;
+/// How long one evaluation may run beyond one `HEALER_CALL_TIMEOUT`: a call fits (a pass's must
+/// fit its deadline); a second group of calls that no longer does is the next pass's.
+pub const BUDGET: Duration = Duration::from_secs(10);
+
+/// Whether this heartbeat, just stored, is evidence to act on now: DOWN for `HEALER_DOWN_FOR`
+/// already (its streak began at `down_since`). A DOWN not yet that long is looked at again by the
+/// next DOWN after that moment (agents report every interval); silence is the timer's.
+pub fn due(
+    hb: &Heartbeat,
+    down_since: Option<OffsetDateTime>,
+    policy: &Policy,
+    now: OffsetDateTime,
+) -> bool {
+    hb.status == Status::Down
+        && down_since
+            .or(Some(hb.event_time))
+            .is_some_and(|since| now >= since + policy.down_for)
+}
+
+#[derive(Debug, Default)]
+struct Gate {
+    running: bool,
+    again: bool,
+    last: Option<Instant>,
+}
+
+/// What a trigger did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Triggered {
+    /// An evaluation of the set starts.
+    Started,
+    /// One runs: it runs once more when done (coalesced).
+    Coalesced,
+}
+
+impl Triggered {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Triggered::Started => "started",
+            Triggered::Coalesced => "coalesced",
+        }
+    }
+}
+
+/// The process's evaluations, per scale set.
+#[derive(Debug)]
+pub struct Prompts {
+    gates: Mutex<HashMap<String, Gate>>,
+    permits: Arc<Semaphore>,
+    /// Evaluations run since start (for the benchmark and `handler status`).
+    runs: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Prompts {
+    fn default() -> Self {
+        Prompts {
+            gates: Mutex::new(HashMap::new()),
+            permits: Arc::new(Semaphore::new(MAX_CONCURRENT)),
+            runs: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+impl Prompts {
+    fn gates(&self) -> std::sync::MutexGuard<'_, HashMap<String, Gate>> {
+        match self.gates.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Asks for an evaluation of `set`: `Started` when this call is to run it, `Coalesced` when
+    /// one runs already (it runs once more after).
+    pub fn enter(&self, set: &ScaleSetId) -> Triggered {
+        let mut gates = self.gates();
+        let gate = gates.entry(set.key()).or_default();
+        if gate.running {
+            gate.again = true;
+            Triggered::Coalesced
+        } else {
+            gate.running = true;
+            Triggered::Started
+        }
+    }
+
+    /// An evaluation ended: whether to run it once more (evidence came meanwhile).
+    pub fn leave(&self, set: &ScaleSetId) -> bool {
+        let mut gates = self.gates();
+        let gate = gates.entry(set.key()).or_default();
+        if gate.again {
+            gate.again = false;
+            true
+        } else {
+            gate.running = false;
+            false
+        }
+    }
+
+    /// How long to wait before the next start of `set` (at most one per [`MIN_INTERVAL`]); the
+    /// start is recorded.
+    fn pace(&self, set: &ScaleSetId) -> Duration {
+        let mut gates = self.gates();
+        let gate = gates.entry(set.key()).or_default();
+        let now = Instant::now();
+        let wait = gate
+            .last
+            .map(|l| (l + MIN_INTERVAL).saturating_duration_since(now))
+            .unwrap_or_default();
+        gate.last = Some(now + wait);
+        wait
+    }
+
+    pub fn runs(&self) -> u64 {
+        self.runs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Has `set` evaluated now, in the background, coalesced with any evaluation of it under way.
+pub fn trigger(state: &AppState, set: &ScaleSetId, why: &str) -> Triggered {
+    let triggered = state.prompts.enter(set);
+    tracing::info!(scale_set = %set, decision = "evaluate", trigger = triggered.as_str(), why, "scale set evaluated at once");
+    if triggered == Triggered::Started {
+        let (state, set) = (state.clone(), set.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(state.prompts.pace(&set)).await;
+                evaluate(&state, &set).await;
+                if !state.prompts.leave(&set) {
+                    break;
+                }
+            }
+        });
+    }
+    triggered
+}
+
+async fn evaluate(state: &AppState, set: &ScaleSetId) {
+    let Some(watched) = state.settings.scale_set(set) else {
+        return;
+    };
+    let Ok(_permit) = state.prompts.permits.clone().acquire_owned().await else {
+        return;
+    };
+    state
+        .prompts
+        .runs
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let now = OffsetDateTime::now_utc();
+    let budget = state.settings.call_timeout.unsigned_abs() + BUDGET;
+    let run = crate::repair::repair_one(
+        &state.store,
+        &state.compute,
+        &state.notifier,
+        &state.settings,
+        watched,
+        budget,
+        now,
+    );
+    // The budget bounds the calls; this bounds everything else (storage that hangs).
+    match tokio::time::timeout(budget + BUDGET, run).await {
+        Ok(Ok(Some(report))) => {
+            tracing::info!(scale_set = %set, requested = report.repairs_requested, withheld = report.withheld, paused = report.paused.unwrap_or(""), "evaluation done");
+        }
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(scale_set = %set, error = %e, "evaluation failed; the next timer pass decides");
+        }
+        Err(_) => {
+            tracing::warn!(scale_set = %set, "evaluation did not end in time; the next timer pass decides (claims keep it from acting twice)");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::heartbeat::Origin;
+    use time::macros::datetime;
+
+    const NOW: OffsetDateTime = datetime!(2026-12-02 10:00 UTC);
+
+    fn hb(status: Status) -> Heartbeat {
+        Heartbeat {
+            target: ScaleSetId::new("s", "rg", "web").instance("1"),
+            status,
+            event_time: NOW,
+            received_at: NOW,
+            sequence: None,
+            vm_id: None,
+            computer_name: None,
+            detail: None,
+            origin: Origin::Agent,
+            event_id: "e".into(),
+            down_since: None,
+            attested: false,
+            attestation: None,
+        }
+    }
+
+    #[test]
+    fn a_down_is_due_once_its_streak_lasted_down_for() {
+        let policy = crate::settings::Settings::from_lookup(|k| match k {
+            "HEALER_SCALE_SETS" => Some(
+                "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/web".into(),
+            ),
+            "HEALER_STORAGE" => Some("UseDevelopmentStorage=true".into()),
+            _ => None,
+        })
+        .unwrap()
+        .defaults;
+        let down_for = policy.down_for;
+        for (status, since, want) in [
+            (Status::Down, Some(NOW - down_for), true),
+            (
+                Status::Down,
+                Some(NOW - down_for + time::Duration::seconds(1)),
+                false,
+            ),
+            (Status::Down, None, down_for.is_zero()),
+            (Status::Up, Some(NOW - down_for * 2), false),
+            (Status::Starting, None, false),
+        ] {
+            assert_eq!(
+                due(&hb(status.clone()), since, &policy, NOW),
+                want,
+                "{status:?} {since:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn evaluations_of_one_set_coalesce_and_others_do_not_wait() {
+        let prompts = Prompts::default();
+        let (web, api) = (
+            ScaleSetId::new("s", "rg", "web"),
+            ScaleSetId::new("s", "rg", "api"),
+        );
+        assert_eq!(prompts.enter(&web), Triggered::Started);
+        for _ in 0..500 {
+            assert_eq!(prompts.enter(&web), Triggered::Coalesced);
+        }
+        assert_eq!(
+            prompts.enter(&api),
+            Triggered::Started,
+            "another set is not held"
+        );
+        assert!(prompts.leave(&web), "evidence came meanwhile: once more");
+        assert!(!prompts.leave(&web), "and only once, for 500 events");
+        assert_eq!(prompts.enter(&web), Triggered::Started);
+        // Paced: a second start within the interval waits for it.
+        assert!(prompts.pace(&web).is_zero());
+        assert!(prompts.pace(&web) > Duration::ZERO);
+    }
+}

@@ -1,0 +1,207 @@
+//! Repair in seconds (issue 19): a DOWN that has lasted `HEALER_DOWN_FOR` has `monitor-events`
+//! evaluate its scale set at once — no timer invocation needed — with every brake and claim rule
+//! of the timer pass; an evaluation and a timer pass together repair once; a burst pauses the set;
+//! `HEALER_EVENT_REPAIRS=false` leaves it all to the timer.
+
+mod common;
+
+use common::{now_rfc3339, spawn_app, TestApp};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+use vmss_healer::journal::{Entry, EntryKind};
+
+/// Delivers a heartbeat of `web#instance` as Event Grid would; the invocation's answer.
+async fn beat(app: &TestApp, instance: u64, status: &str) -> Value {
+    let event = app
+        .heartbeat_of("web", instance, status, &now_rfc3339(time::Duration::ZERO))
+        .await;
+    let (code, answer) = app.deliver_event(event).await;
+    assert_eq!(code, 200, "{answer}");
+    answer["ReturnValue"].clone()
+}
+
+/// The set's journal, oldest first.
+async fn journal(app: &TestApp) -> Vec<Entry> {
+    let (mut j, _) = app.recent_journal(&TestApp::scale_set("web")).await;
+    j.reverse();
+    j
+}
+
+fn requested(j: &[Entry], instance: &str) -> usize {
+    j.iter()
+        .filter(|e| {
+            e.kind == EntryKind::Repair && e.outcome == "requested" && e.instance_id == instance
+        })
+        .count()
+}
+
+/// Waits (polling, bounded) until the journal satisfies `done`.
+async fn until(app: &TestApp, what: &str, done: impl Fn(&[Entry]) -> bool) -> Vec<Entry> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let j = journal(app).await;
+        if done(&j) {
+            return j;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within 30 s: {j:#?}\n{}",
+            app.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Restart calls the simulator received for web (one instance is broken in each test).
+async fn restarts(app: &TestApp) -> usize {
+    app.compute_calls()
+        .await
+        .iter()
+        .filter(|c| {
+            c["method"] == "POST"
+                && c["path"]
+                    .as_str()
+                    .is_some_and(|p| p.ends_with("/virtualMachineScaleSets/web/restart"))
+        })
+        .count()
+}
+
+async fn mirrored(app: &TestApp) {
+    let (status, answer) = app.invoke_timer("monitor-state").await;
+    assert_eq!(status, 200, "{answer}");
+    for i in 0..4 {
+        assert_eq!(beat(app, i, "UP").await["accepted"], true);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_instance_is_repaired_with_no_timer_once_down_lasted_down_for() {
+    let app = spawn_app()
+        .scale_set("web", 4)
+        .env("HEALER_REPAIR_ACTIONS", "restart")
+        .env("HEALER_EVENT_REPAIRS", "true")
+        .env("HEALER_DOWN_FOR", "2")
+        .start()
+        .await;
+    mirrored(&app).await;
+    app.break_vm("web", 2, json!({"beat": "down"})).await;
+    // The first DOWN has not lasted HEALER_DOWN_FOR: nothing is evaluated.
+    let first = beat(&app, 2, "DOWN").await;
+    assert_eq!(first["evaluation"], Value::Null, "{first}");
+    // The DOWN that completes the streak (the agent reports every interval) is.
+    let started = Instant::now();
+    let answer = loop {
+        let answer = beat(&app, 2, "DOWN").await;
+        if !answer["evaluation"].is_null() {
+            break answer;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{answer}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(answer["evaluation"], "started", "{answer}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "not before the streak lasted HEALER_DOWN_FOR"
+    );
+    let j = until(&app, "the restart of web#2", |j| requested(j, "2") == 1).await;
+    assert_eq!(requested(&j, "2"), 1);
+    assert!(
+        app.compute_calls()
+            .await
+            .iter()
+            .any(|c| c["method"] == "POST"
+                && c["path"].as_str().unwrap_or("").ends_with("/web/restart")),
+        "the restart reached the Compute API, and monitor-status was never invoked"
+    );
+    assert!(app.logs().contains("scale set evaluated at once"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evaluation_and_a_timer_pass_together_repair_once() {
+    let app = spawn_app()
+        .scale_set("web", 4)
+        .env("HEALER_REPAIR_ACTIONS", "restart")
+        .env("HEALER_EVENT_REPAIRS", "true")
+        .start()
+        .await;
+    mirrored(&app).await;
+    // The restart stays in flight: whoever claims the incident first acts, the other sees it.
+    app.operation_delay_ms(60_000).await;
+    app.break_vm("web", 1, json!({"beat": "down"})).await;
+    let (answer, (status, pass)) =
+        tokio::join!(beat(&app, 1, "DOWN"), app.invoke_timer("monitor-status"));
+    assert_eq!(status, 200, "{pass}");
+    assert_eq!(answer["evaluation"], "started", "{answer}");
+    until(&app, "the restart of web#1", |j| requested(j, "1") >= 1).await;
+    // More passes and more DOWNs: nothing more.
+    for _ in 0..3 {
+        beat(&app, 1, "DOWN").await;
+        app.invoke_timer("monitor-status").await;
+    }
+    let j = until(&app, "evaluations settled", |_| true).await;
+    assert_eq!(requested(&j, "1"), 1, "{j:#?}");
+    assert_eq!(restarts(&app).await, 1, "one restart call");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_downs_pauses_the_set_instead_of_repairing_it() {
+    let app = spawn_app()
+        .scale_set("web", 4)
+        .env("HEALER_REPAIR_ACTIONS", "restart")
+        .env("HEALER_EVENT_REPAIRS", "true")
+        .start()
+        .await;
+    mirrored(&app).await;
+    // Three of four DOWN at once (the unhealthy limit is 40 %): evaluations coalesce.
+    let mut evaluations = Vec::new();
+    for i in 0..3 {
+        app.break_vm("web", i, json!({"beat": "down"})).await;
+    }
+    let answers = futures::future::join_all((0..3).map(|i| beat(&app, i, "DOWN"))).await;
+    for a in &answers {
+        evaluations.push(a["evaluation"].as_str().unwrap_or("none").to_string());
+    }
+    assert!(
+        evaluations
+            .iter()
+            .all(|e| e == "started" || e == "coalesced"),
+        "{evaluations:?}"
+    );
+    let j = until(&app, "the pause", |j| {
+        j.iter()
+            .any(|e| e.kind == EntryKind::Withheld && e.outcome == "too_many_unhealthy")
+    })
+    .await;
+    assert_eq!(
+        j.iter()
+            .filter(|e| e.kind == EntryKind::Repair && e.outcome == "requested")
+            .count(),
+        0,
+        "paused, nothing repaired: {j:#?}"
+    );
+    assert_eq!(restarts(&app).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_event_repairs_off_nothing_happens_until_the_timer() {
+    let app = spawn_app()
+        .scale_set("web", 4)
+        .env("HEALER_REPAIR_ACTIONS", "restart")
+        .env("HEALER_EVENT_REPAIRS", "false")
+        .start()
+        .await;
+    mirrored(&app).await;
+    app.break_vm("web", 3, json!({"beat": "down"})).await;
+    for _ in 0..3 {
+        let answer = beat(&app, 3, "DOWN").await;
+        assert_eq!(answer["evaluation"], Value::Null, "{answer}");
+    }
+    assert_eq!(
+        requested(&journal(&app).await, "3"),
+        0,
+        "nothing without the timer"
+    );
+    let (status, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(requested(&journal(&app).await, "3"), 1);
+}
