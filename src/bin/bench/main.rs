@@ -19,6 +19,10 @@
 //! `bench cycle [--instances N] [--batch 20%] [--reimage-minutes R]`: a rolling cycle of one
 //! scale set by the handler binary beside the classic one-at-a-time script (`cycle.rs`).
 //!
+//! `bench prompt [--instances N] [--faults F] [--timer-s T]`: the time from the DOWN that completes
+//! `HEALER_DOWN_FOR` to the repair's Compute call, evaluation on the evidence vs the timer alone
+//! (`prompt.rs`).
+//!
 //! Build first: `cargo build --release --bins` (startup runs the `handler` next to this binary).
 
 #[path = "../compute-sim/admin.rs"]
@@ -35,6 +39,7 @@ mod disks;
 mod gallery;
 #[path = "../compute-sim/network.rs"]
 mod network;
+mod prompt;
 #[path = "../compute-sim/server.rs"]
 mod server;
 #[path = "../../../tests/common/sockets.rs"]
@@ -97,13 +102,18 @@ fn main() {
             &text_arg("--batch", "20%"),
             text_arg("--reimage-minutes", "3").parse().unwrap_or(3.0),
         ),
+        "prompt" => prompt::run(
+            arg("--instances", 10_000),
+            arg("--faults", 100),
+            arg("--timer-s", 10) as u64,
+        ),
         "telemetry" => telemetry(
             arg("--instances", 1000),
             arg("--rounds", 5),
             arg("--concurrency", 16),
         ),
         _ => {
-            eprintln!("usage: bench ingest [--instances N] [--rounds R] [--concurrency C] | bench startup [--runs N] | bench tick [--instances N] | bench load [--deliveries N] [--instances M] | bench cycle [--instances N] [--batch 20%] [--reimage-minutes R] | bench telemetry [--instances N] [--rounds R] [--concurrency C]");
+            eprintln!("usage: bench ingest [--instances N] [--rounds R] [--concurrency C] | bench startup [--runs N] | bench tick [--instances N] | bench load [--deliveries N] [--instances M] | bench cycle [--instances N] [--batch 20%] [--reimage-minutes R] | bench telemetry [--instances N] [--rounds R] [--concurrency C] | bench prompt [--instances N] [--faults F] [--timer-s T]");
             std::process::exit(2);
         }
     }
