@@ -1,6 +1,7 @@
 //! bench: the speed and memory figures of docs/benchmarks.md, measured on this machine.
 //!
-//! `bench ingest [--instances N] [--rounds R] [--concurrency C]`: heartbeat ingest through the
+//! `bench ingest [--instances N] [--rounds R] [--concurrency C] [--event-repairs true|false]`:
+//! heartbeat ingest through the
 //! handler (HTTP, JSON, validation, identity check, conditional write) side by side with a plain
 //! loop writing the same rows straight to Azurite.
 //! `bench startup [--runs N]`: the handler binary's start-to-ready time and idle RSS.
@@ -210,6 +211,8 @@ fn ingest(instances: usize, rounds: usize, concurrency: usize) {
             ("HEALER_STORAGE", storage.connection_string()),
             ("HEALER_ARM_ENDPOINT", "http://127.0.0.1:9".to_string()),
             ("FUNCTIONS_CUSTOMHANDLER_PORT", handler_port.to_string()),
+            // Issue 19: evaluation on the evidence, on (the default) or off; UP costs the same.
+            ("HEALER_EVENT_REPAIRS", text_arg("--event-repairs", "true")),
         ]);
         let settings = Settings::from_lookup(|k| env.get(k).cloned()).expect("bench settings");
         let store = Store::connect(&settings.storage, |_| anyhow::bail!("no identity")).expect("store");
@@ -288,7 +291,7 @@ fn ingest(instances: usize, rounds: usize, concurrency: usize) {
         let handler = Run { events: instances * rounds, elapsed, latencies, requests: Some(store.requests() - before) };
         let plain_after = plain().await;
 
-        println!("\nheartbeat ingest: {instances} instances × {rounds} rounds, concurrency {concurrency}\n");
+        println!("\nheartbeat ingest: {instances} instances × {rounds} rounds, concurrency {concurrency}, HEALER_EVENT_REPAIRS={}\n", text_arg("--event-repairs", "true"));
         println!("| path | events | events/s | p50 ms | p99 ms | table requests/event |");
         println!("|---|---|---|---|---|---|");
         plain_before.report("plain loop to Azurite (before)");
