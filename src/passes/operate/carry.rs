@@ -5,7 +5,7 @@
 use super::{answered, claim, entry, read_statuses, writes_busy, OperatePass, OperationReport};
 use crate::alert::Alert;
 use crate::compute::{AddressChange, Compute, ComputeError};
-use crate::incident::{State as IncidentState, Versioned};
+use crate::incident::Versioned;
 use crate::operations::carry::{self, Act, Memo};
 use crate::operations::step::CallState;
 use crate::operations::Operation;
@@ -68,12 +68,8 @@ pub(super) async fn operate(
     let advance = carried.advance;
     let mut next = advance.op.clone();
     let mut memo = Memo::read(&next).unwrap_or_default();
-    let busy = writes_busy(pass.healer_writes, obs)
-        // Other incidents of the set may be writing it too.
-        || obs.incidents.values().any(|v| {
-            v.value.state == IncidentState::Repairing && v.value.call_in_flight()
-                && matches!(v.value.call(), Some(crate::incident::Call::Grow | crate::incident::Call::Delete))
-        });
+    // A grow or delete of the healer's runs or goes out: the replacement's writes wait.
+    let busy = writes_busy(pass.healer_writes, obs);
     let to_send = crate::operations::step::sendable(&memo.calls)
         .filter(|i| !(matches!(memo.calls[*i].act, Act::Grow | Act::Delete { .. }) && busy))
         .filter(|_| dry_run || pass.deadline.fits_a_call());
