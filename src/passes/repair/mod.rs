@@ -268,8 +268,14 @@ pub async fn repair_one(
     let id = &watched.id;
     let deadline = Deadline::after(budget, settings.call_timeout.unsigned_abs());
     let record = store.scale_set(id).await?;
-    if record.as_ref().and_then(|r| r.brake.as_deref()) == Some("pipeline_fault") {
-        tracing::info!(scale_set = %id, decision = "left_to_timer", "the last pass found a heartbeat pipeline fault: the set is left to the timer");
+    // A set the last pass found short-circuited is the timer's too: while it recovers, its UPs
+    // arrive one by one, and an evaluation in the middle would see the unhealthy share fall under
+    // the limit and repair the instances that have not reported yet (seen in the demo's mass
+    // DOWN: five instances repaired as the fleet came back).
+    if let Some(brake @ ("pipeline_fault" | "too_many_unhealthy")) =
+        record.as_ref().and_then(|r| r.brake.as_deref())
+    {
+        tracing::info!(scale_set = %id, decision = "left_to_timer", brake, "the last pass found the set paused: it is left to the timer");
         return Ok(None);
     }
     let mut obs = gather(store, id, record).await?;
