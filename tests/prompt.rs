@@ -205,3 +205,51 @@ async fn with_event_repairs_off_nothing_happens_until_the_timer() {
     assert_eq!(status, 200, "{answer}");
     assert_eq!(requested(&journal(&app).await, "3"), 1);
 }
+
+/// A set the last timer pass found short-circuited is the timer's while it recovers: with some
+/// of its instances back UP and the share under the limit, a DOWN of one not yet back does not
+/// have an evaluation repair it (the demo's mass DOWN: the fleet comes back one heartbeat at a
+/// time, and an evaluation in the middle repaired the stragglers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_circuited_set_that_recovers_is_left_to_the_timer() {
+    let app = spawn_app()
+        .scale_set("web", 4)
+        .env("HEALER_REPAIR_ACTIONS", "restart")
+        .env("HEALER_EVENT_REPAIRS", "true")
+        .env("HEALER_DOWN_FOR", "2")
+        .env("HEALER_MAX_UNHEALTHY", "1")
+        .start()
+        .await;
+    mirrored(&app).await;
+    // Two DOWN together (over the limit of one): once their streaks are complete, the
+    // evaluation pauses the set.
+    for i in [0, 1] {
+        app.break_vm("web", i, json!({"beat": "down"})).await;
+        beat(&app, i, "DOWN").await;
+    }
+    let started = Instant::now();
+    while beat(&app, 0, "DOWN").await["evaluation"].is_null() {
+        assert!(started.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    until(&app, "the pause", |j| {
+        j.iter()
+            .any(|e| e.kind == EntryKind::Withheld && e.outcome == "too_many_unhealthy")
+    })
+    .await;
+    // web#0 comes back: one DOWN now, within the limit — but the set is not seen whole yet.
+    assert_eq!(beat(&app, 0, "UP").await["accepted"], true);
+    let answer = beat(&app, 1, "DOWN").await;
+    assert_eq!(answer["evaluation"], "started", "{answer}");
+    app.wait_for_log("it is left to the timer", Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        requested(&journal(&app).await, "1"),
+        0,
+        "not repaired by the evaluation"
+    );
+    // The next timer pass sees the set whole: it lifts the brake and repairs web#1.
+    let (status, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(requested(&journal(&app).await, "1"), 1, "{answer}");
+}
