@@ -3,7 +3,8 @@
 
 use super::Operation;
 use serde::{Deserialize, Serialize};
-use time::OffsetDateTime;
+use std::collections::HashMap;
+use time::{Duration, OffsetDateTime};
 
 /// Where one call stands.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,6 +66,30 @@ pub struct Advance {
 }
 
 impl Advance {
+    /// A pass's start: the row as it is, nothing decided yet.
+    pub fn of(op: &Operation) -> Advance {
+        Advance {
+            op: op.clone(),
+            notes: Vec::new(),
+            alert: None,
+            resync: false,
+        }
+    }
+
+    /// The row after the pass: the kind's memo in it, and `updated` moved if anything changed.
+    pub fn finish(
+        mut self,
+        before: &Operation,
+        memo: &impl Serialize,
+        now: OffsetDateTime,
+    ) -> Self {
+        self.op.memo = serde_json::to_value(memo).unwrap_or(serde_json::Value::Null);
+        if self.changed(before) {
+            self.op.updated = now;
+        }
+        self
+    }
+
     /// Whether the row needs writing.
     pub fn changed(&self, before: &Operation) -> bool {
         let mut a = self.op.clone();
@@ -132,4 +157,96 @@ impl CallState {
 pub fn sendable<A>(calls: &[Call<A>]) -> Option<usize> {
     let i = calls.iter().position(|c| c.ended_at().is_none())?;
     (calls[i].state == CallState::Unsent).then_some(i)
+}
+
+impl CallState {
+    /// Settles a sent call by what its status URL says, where it has one. What is left is when it
+    /// was sent, for the caller to judge by the mirror — except in a dry run (nothing was sent:
+    /// it ends now) and for a `repeatable` write whose answer was lost (the same write again
+    /// changes nothing: it is sent again).
+    pub fn settle(
+        &mut self,
+        statuses: &HashMap<String, Status>,
+        dry: bool,
+        repeatable: bool,
+        now: OffsetDateTime,
+    ) -> Option<OffsetDateTime> {
+        let sent_at = match self {
+            CallState::Accepted {
+                url: Some(u), at, ..
+            } => match statuses.get(u) {
+                Some(Status::Running) => return None,
+                Some(Status::Ended(t)) => {
+                    *self = CallState::Ended { at: *t };
+                    return None;
+                }
+                Some(Status::Failed(e)) => {
+                    *self = CallState::Failed { error: e.clone() };
+                    return None;
+                }
+                Some(Status::Unknown) | None => *at,
+            },
+            CallState::Accepted { at, .. } | CallState::Sending { at } => *at,
+            _ => return None,
+        };
+        if dry {
+            *self = CallState::Ended { at: now };
+            return None;
+        }
+        if repeatable && matches!(self, CallState::Sending { .. }) {
+            *self = CallState::Unsent;
+            return None;
+        }
+        Some(sent_at)
+    }
+}
+
+/// Where the calls of a step stand together.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Progress {
+    /// The first failed call: its index and ARM's error.
+    Failed(usize, String),
+    /// Not all ended, and the step's deadline has passed.
+    Late,
+    /// Not all ended: the first one not ended, in words.
+    Waiting(String),
+    Ended,
+}
+
+pub fn progress<A>(
+    calls: &[Call<A>],
+    deadline: Option<OffsetDateTime>,
+    now: OffsetDateTime,
+    describe: impl Fn(&A) -> String,
+) -> Progress {
+    if let Some((i, e)) = calls
+        .iter()
+        .enumerate()
+        .find_map(|(i, c)| c.failed().map(|e| (i, e.to_string())))
+    {
+        return Progress::Failed(i, e);
+    }
+    match calls.iter().find(|c| c.ended_at().is_none()) {
+        None => Progress::Ended,
+        Some(_) if deadline.is_some_and(|d| now > d) => Progress::Late,
+        Some(c) => Progress::Waiting(describe(&c.act)),
+    }
+}
+
+/// A brake holds every step: no call is sent, and the step's deadline leaves the set time to be
+/// judged once the brake releases. What the operation waits on, and whether that is news (a
+/// journal line) or the same hold as the last pass's.
+pub fn hold(
+    op: &Operation,
+    deadline: &mut Option<OffsetDateTime>,
+    brake: &str,
+    now: OffsetDateTime,
+    settle: Duration,
+) -> (String, bool) {
+    if let Some(d) = deadline.as_mut() {
+        *d = (*d).max(now + settle);
+    }
+    let what = format!("held by the brake: {brake}");
+    let news = op.waiting.as_deref() != Some(what.as_str());
+    (what, news)
 }

@@ -27,7 +27,7 @@
 #[cfg(test)]
 mod tests;
 
-use super::step::{Advance, CallState, Note, Status};
+use super::step::{self, Advance, CallState, Note, Progress, Status};
 use super::{Operation, State};
 use crate::heartbeat::Heartbeat;
 use crate::mirror::{MirroredInstance, ScaleSetRecord};
@@ -403,12 +403,7 @@ pub fn advance(op: &Operation, view: &View, now: OffsetDateTime) -> Carry {
     let mut c = Engine {
         view,
         now,
-        out: Advance {
-            op: op.clone(),
-            notes: Vec::new(),
-            alert: None,
-            resync: false,
-        },
+        out: Advance::of(op),
         memo: Memo::default(),
         params: None,
     };
@@ -430,11 +425,7 @@ pub fn advance(op: &Operation, view: &View, now: OffsetDateTime) -> Carry {
         (Err(e), _) | (_, Err(e)) => c.end(State::Failed, e),
     }
     let slot = c.desired_slot();
-    let mut out = c.out;
-    out.op.memo = serde_json::to_value(&c.memo).unwrap_or(serde_json::Value::Null);
-    if out.changed(op) {
-        out.op.updated = now;
-    }
+    let out = c.out.finish(op, &c.memo, now);
     Carry { advance: out, slot }
 }
 
@@ -493,12 +484,15 @@ impl Engine<'_, '_> {
     }
 
     fn run(&mut self) {
-        if let Some(brake) = self.view.brake.clone() {
-            if let Some(d) = self.memo.deadline.as_mut() {
-                *d = (*d).max(self.now + self.view.settle);
-            }
-            let what = format!("held by the brake: {brake}");
-            if self.out.op.waiting.as_deref() != Some(what.as_str()) {
+        if let Some(brake) = self.view.brake.as_deref() {
+            let (what, news) = step::hold(
+                &self.out.op,
+                &mut self.memo.deadline,
+                brake,
+                self.now,
+                self.view.settle,
+            );
+            if news {
                 let old = self.old();
                 self.note(&old, "held", format!("{what}; no step until it releases"));
             }
@@ -508,47 +502,37 @@ impl Engine<'_, '_> {
             return self.preflight();
         }
         self.track();
-        if let Some((i, act, error)) = self
-            .memo
-            .calls
-            .iter()
-            .enumerate()
-            .find_map(|(i, c)| c.failed().map(|e| (i, c.act.describe(), e.to_string())))
-        {
-            // Undoing is what keeps the data with one VM: a refused undo is tried again (a
-            // busy VM, a detach not yet settled) before the operator is called.
-            let retried = self.memo.failed.is_some() || self.memo.stage == Stage::Delete;
-            if retried && self.memo.retries < RETRIES {
-                self.memo.retries += 1;
-                self.memo.calls[i].state = CallState::Unsent;
-                let old = self.old();
-                self.note(
-                    &old,
-                    "retry",
-                    format!(
-                        "{act}: {error}; tried again ({} of {RETRIES})",
-                        self.memo.retries
-                    ),
-                );
-                return self.wait(act);
+        let what = self.memo.stage.label();
+        match step::progress(
+            &self.memo.calls,
+            self.memo.deadline,
+            self.now,
+            Act::describe,
+        ) {
+            Progress::Failed(i, error) => {
+                let act = self.memo.calls[i].act.describe();
+                // Undoing is what keeps the data with one VM: a refused undo is tried again (a
+                // busy VM, a detach not yet settled) before the operator is called.
+                let retried = self.memo.failed.is_some() || self.memo.stage == Stage::Delete;
+                if retried && self.memo.retries < RETRIES {
+                    self.memo.retries += 1;
+                    self.memo.calls[i].state = CallState::Unsent;
+                    let old = self.old();
+                    self.note(
+                        &old,
+                        "retry",
+                        format!(
+                            "{act}: {error}; tried again ({} of {RETRIES})",
+                            self.memo.retries
+                        ),
+                    );
+                    return self.wait(act);
+                }
+                return self.fail(format!("{what} ({act}): {error}"));
             }
-            let what = self.memo.stage.label();
-            return self.fail(format!("{what} ({act}): {error}"));
-        }
-        let ended = self.memo.calls.iter().all(|c| c.ended_at().is_some());
-        if !ended {
-            if self.memo.deadline.is_some_and(|d| self.now > d) {
-                let what = self.memo.stage.label();
-                return self.fail(format!("{what} did not end in time"));
-            }
-            let what = self
-                .memo
-                .calls
-                .iter()
-                .find(|c| c.ended_at().is_none())
-                .map(|c| c.act.describe())
-                .unwrap_or_default();
-            return self.wait(what);
+            Progress::Late => return self.fail(format!("{what} did not end in time")),
+            Progress::Waiting(on) => return self.wait(on),
+            Progress::Ended => {}
         }
         if let Some(t) = self.memo.calls.iter().filter_map(Call::ended_at).max() {
             self.memo.ended_at = Some(self.memo.ended_at.map_or(t, |e| e.max(t)));
@@ -580,34 +564,11 @@ impl Engine<'_, '_> {
         let (dry, now) = (self.dry(), self.now);
         let mut landed_by_mirror = Vec::new();
         for (i, call) in self.memo.calls.iter_mut().enumerate() {
-            let sent_at = match &call.state {
-                CallState::Accepted {
-                    url: Some(u), at, ..
-                } => match self.view.statuses.get(u) {
-                    Some(Status::Running) => continue,
-                    Some(Status::Ended(t)) => {
-                        call.state = CallState::Ended { at: *t };
-                        continue;
-                    }
-                    Some(Status::Failed(e)) => {
-                        call.state = CallState::Failed { error: e.clone() };
-                        continue;
-                    }
-                    Some(Status::Unknown) | None => *at,
-                },
-                // Writing a NIC whole is the same write again: a lost answer is sent again.
-                CallState::Sending { .. } if !dry && matches!(call.act, Act::SetAddress { .. }) => {
-                    call.state = CallState::Unsent;
-                    continue;
-                }
-                CallState::Accepted { at, .. } | CallState::Sending { at } => *at,
-                _ => continue,
-            };
-            if dry {
-                call.state = CallState::Ended { at: now };
-                continue;
+            // Writing a NIC whole is the same write again: a lost answer is sent again.
+            let repeatable = matches!(call.act, Act::SetAddress { .. });
+            if let Some(sent_at) = call.state.settle(self.view.statuses, dry, repeatable, now) {
+                landed_by_mirror.push((i, sent_at));
             }
-            landed_by_mirror.push((i, sent_at));
         }
         for (i, sent_at) in landed_by_mirror {
             if !self.view.synced_after(Some(sent_at)) {

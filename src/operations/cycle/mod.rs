@@ -239,12 +239,7 @@ pub fn advance(op: &Operation, view: &View, now: OffsetDateTime) -> Advance {
     let mut c = Cycle {
         view,
         now,
-        out: Advance {
-            op: op.clone(),
-            notes: Vec::new(),
-            alert: None,
-            resync: false,
-        },
+        out: Advance::of(op),
         memo: Memo::default(),
         params: None,
     };
@@ -260,12 +255,7 @@ pub fn advance(op: &Operation, view: &View, now: OffsetDateTime) -> Advance {
         (Err(problems), _) => c.end(State::Failed, problems.join("; ")),
         (_, Err(e)) => c.end(State::Failed, e),
     }
-    let mut out = c.out;
-    out.op.memo = serde_json::to_value(&c.memo).unwrap_or(serde_json::Value::Null);
-    if out.changed(op) {
-        out.op.updated = now;
-    }
-    out
+    c.out.finish(op, &c.memo, now)
 }
 
 struct Cycle<'a, 'v> {
@@ -456,27 +446,10 @@ impl Cycle<'_, '_> {
             let Some(call) = self.memo.call_mut(slot) else {
                 continue;
             };
-            let sent_at = match &call.state {
-                CallState::Accepted {
-                    url: Some(u), at, ..
-                } => match statuses.get(u) {
-                    Some(Status::Running) => continue,
-                    Some(Status::Ended(t)) => {
-                        call.state = CallState::Ended { at: *t };
-                        continue;
-                    }
-                    Some(Status::Failed(e)) => {
-                        call.state = CallState::Failed { error: e.clone() };
-                        continue;
-                    }
-                    Some(Status::Unknown) | None => *at,
-                },
-                CallState::Accepted { at, .. } | CallState::Sending { at } => *at,
-                _ => continue,
+            let Some(sent_at) = call.state.settle(statuses, dry, false, now) else {
+                continue;
             };
-            if dry {
-                call.state = CallState::Ended { at: now };
-            } else if let Some(at) = landed(call, sent_at, &present, &before) {
+            if let Some(at) = landed(call, sent_at, &present, &before) {
                 call.state = CallState::Ended { at };
             }
         }

@@ -23,7 +23,7 @@
 #[cfg(test)]
 mod tests;
 
-use super::step::{Advance, CallState, Note, Status};
+use super::step::{self, Advance, CallState, Note, Progress, Status};
 use super::{Operation, State};
 use crate::heartbeat::Heartbeat;
 use crate::mirror::{MirroredInstance, ScaleSetRecord};
@@ -450,12 +450,7 @@ pub fn advance(op: &Operation, view: &View, now: OffsetDateTime) -> Advance {
     let mut p = Proto {
         view,
         now,
-        out: Advance {
-            op: op.clone(),
-            notes: Vec::new(),
-            alert: None,
-            resync: false,
-        },
+        out: Advance::of(op),
         memo: Memo::default(),
         params: None,
     };
@@ -470,12 +465,7 @@ pub fn advance(op: &Operation, view: &View, now: OffsetDateTime) -> Advance {
         }
         (Err(e), _) | (_, Err(e)) => p.end(State::Failed, e),
     }
-    let mut out = p.out;
-    out.op.memo = serde_json::to_value(&p.memo).unwrap_or(serde_json::Value::Null);
-    if out.changed(op) {
-        out.op.updated = now;
-    }
-    out
+    p.out.finish(op, &p.memo, now)
 }
 
 struct Proto<'a, 'v> {
@@ -530,12 +520,15 @@ impl Proto<'_, '_> {
     }
 
     fn run(&mut self) {
-        if let Some(brake) = self.view.brake.clone() {
-            if let Some(d) = self.memo.deadline.as_mut() {
-                *d = (*d).max(self.now + self.view.settle);
-            }
-            let what = format!("held by the brake: {brake}");
-            if self.out.op.waiting.as_deref() != Some(what.as_str()) {
+        if let Some(brake) = self.view.brake.as_deref() {
+            let (what, news) = step::hold(
+                &self.out.op,
+                &mut self.memo.deadline,
+                brake,
+                self.now,
+                self.view.settle,
+            );
+            if news {
                 self.note("held", format!("{what}; no step until it releases"));
             }
             return self.wait(what);
@@ -544,35 +537,22 @@ impl Proto<'_, '_> {
         if self.out.op.state == State::Pending {
             return self.choose();
         }
-        if let Some(error) = self
-            .memo
-            .calls
-            .iter()
-            .find_map(Call::failed)
-            .map(str::to_string)
-        {
+        let what = self.memo.stage.label();
+        match step::progress(
+            &self.memo.calls,
+            self.memo.deadline,
+            self.now,
+            Act::describe,
+        ) {
             // Published, the image is in use: what is left over is journaled, not undone.
-            if self.memo.stage == Stage::Cleanup {
+            Progress::Failed(_, error) if self.memo.stage == Stage::Cleanup => {
                 self.note("cleanup_failed", format!("{error}; left for an operator"));
                 return self.succeed();
             }
-            let what = self.memo.stage.label();
-            return self.fail(format!("{what}: {error}"));
-        }
-        let ended = self.memo.calls.iter().all(|c| c.ended_at().is_some());
-        if !ended {
-            if self.memo.deadline.is_some_and(|d| self.now > d) {
-                let what = self.memo.stage.label();
-                return self.fail(format!("{what} did not end in time"));
-            }
-            let what = self
-                .memo
-                .calls
-                .iter()
-                .find(|c| c.ended_at().is_none())
-                .map(|c| c.act.describe())
-                .unwrap_or_default();
-            return self.wait(what);
+            Progress::Failed(_, error) => return self.fail(format!("{what}: {error}")),
+            Progress::Late => return self.fail(format!("{what} did not end in time")),
+            Progress::Waiting(on) => return self.wait(on),
+            Progress::Ended => {}
         }
         match self.memo.stage {
             Stage::Choose => self.choose(),
@@ -595,37 +575,17 @@ impl Proto<'_, '_> {
             .present(&self.memo.instance)
             .map(|m| m.instance.clone());
         for call in &mut self.memo.calls {
-            let sent_at = match &call.state {
-                CallState::Accepted {
-                    url: Some(u), at, ..
-                } => match self.view.statuses.get(u) {
-                    Some(Status::Running) => continue,
-                    Some(Status::Ended(t)) => {
-                        if let Some(out) = self.view.outputs.get(u) {
-                            self.memo.output = Some(out.clone());
-                        }
-                        call.state = CallState::Ended { at: *t };
-                        continue;
-                    }
-                    Some(Status::Failed(e)) => {
-                        call.state = CallState::Failed { error: e.clone() };
-                        continue;
-                    }
-                    Some(Status::Unknown) | None => *at,
-                },
-                CallState::Accepted { at, .. } => *at,
-                CallState::Sending { .. } if dry => now,
-                CallState::Sending { .. } if call.act.repeatable() => {
-                    call.state = CallState::Unsent;
-                    continue;
+            if let CallState::Accepted { url: Some(u), .. } = &call.state {
+                if let (Some(Status::Ended(_)), Some(out)) =
+                    (self.view.statuses.get(u), self.view.outputs.get(u))
+                {
+                    self.memo.output = Some(out.clone());
                 }
-                CallState::Sending { at } => *at,
-                _ => continue,
-            };
-            if dry {
-                call.state = CallState::Ended { at: now };
-                continue;
             }
+            let repeatable = call.act.repeatable();
+            let Some(sent_at) = call.state.settle(self.view.statuses, dry, repeatable, now) else {
+                continue;
+            };
             // No status to read: what the mirror shows of the instance.
             let landed = instance.as_ref().is_some_and(|i| {
                 let after = i.provisioned_at.is_some_and(|t| t > sent_at);

@@ -25,7 +25,7 @@
 #[cfg(test)]
 mod tests;
 
-use super::step::{Advance, CallState, Note, Status};
+use super::step::{self, Advance, CallState, Note, Status};
 use super::{Operation, State};
 use crate::autoscale::{move_writes, targeting, AutoscaleSetting, Write};
 use crate::heartbeat::Heartbeat;
@@ -325,12 +325,7 @@ pub fn advance(op: &Operation, view: &View, now: OffsetDateTime) -> Advance {
     let mut s = Swap {
         view,
         now,
-        out: Advance {
-            op: op.clone(),
-            notes: Vec::new(),
-            alert: None,
-            resync: false,
-        },
+        out: Advance::of(op),
         memo: Memo::default(),
         params: None,
         to: None,
@@ -350,12 +345,7 @@ pub fn advance(op: &Operation, view: &View, now: OffsetDateTime) -> Advance {
         }
         (Err(e), _) | (_, Err(e)) => s.end(State::Failed, e),
     }
-    let mut out = s.out;
-    out.op.memo = serde_json::to_value(&s.memo).unwrap_or(serde_json::Value::Null);
-    if out.changed(op) {
-        out.op.updated = now;
-    }
-    out
+    s.out.finish(op, &s.memo, now)
 }
 
 struct Swap<'a, 'v> {
@@ -444,11 +434,14 @@ impl<'a, 'v> Swap<'a, 'v> {
     /// during a pipeline fault), and `to` gets time to be judged once it releases.
     fn hold(&mut self, brake: String) {
         self.memo.healthy_since = None;
-        if let Some(d) = self.memo.deadline.as_mut() {
-            *d = (*d).max(self.now + self.view.settle);
-        }
-        let what = format!("held by the brake: {brake}");
-        if self.out.op.waiting.as_deref() != Some(what.as_str()) {
+        let (what, news) = step::hold(
+            &self.out.op,
+            &mut self.memo.deadline,
+            &brake,
+            self.now,
+            self.view.settle,
+        );
+        if news {
             self.note("*", "held", format!("{what}; no step until it releases"));
         }
         let until = self.memo.deadline;
@@ -465,48 +458,26 @@ impl<'a, 'v> Swap<'a, 'v> {
                 Side::To => self.view.to.as_ref().map(|t| t.present().len() as u32),
             }
         };
-        let mut updates = Vec::new();
-        for (i, call) in self.memo.calls.iter().enumerate() {
-            let sent_at = match &call.state {
-                CallState::Accepted {
-                    url: Some(u), at, ..
-                } => match self.view.statuses.get(u) {
-                    Some(Status::Running) => continue,
-                    Some(Status::Ended(t)) => {
-                        updates.push((i, CallState::Ended { at: *t }));
-                        continue;
-                    }
-                    Some(Status::Failed(e)) => {
-                        updates.push((i, CallState::Failed { error: e.clone() }));
-                        continue;
-                    }
-                    Some(Status::Unknown) | None => *at,
-                },
-                CallState::Accepted { at, .. } | CallState::Sending { at } => *at,
-                _ => continue,
-            };
-            if dry {
-                updates.push((i, CallState::Ended { at: now }));
-                continue;
-            }
-            let landed = match &call.act {
-                // Its answer was lost: the mirror tells whether a capacity change landed; it is
-                // never sent again (a second scale-out would find `to` changed and roll back).
-                Act::Capacity { side, capacity, .. } => (present(*side) == Some(*capacity))
-                    .then_some(CallState::Ended {
-                        at: now.max(sent_at),
-                    }),
-                // An autoscale write is synchronous and the same write again changes nothing:
-                // one whose answer was lost is sent again.
-                _ => matches!(call.state, CallState::Sending { .. }).then_some(CallState::Unsent),
-            };
-            if let Some(state) = landed {
-                updates.push((i, state));
+        let statuses = self.view.statuses;
+        let mut lost = Vec::new();
+        for (i, call) in self.memo.calls.iter_mut().enumerate() {
+            // An autoscale write is synchronous and the same write again changes nothing: one
+            // whose answer was lost is sent again. A capacity change never is (a second
+            // scale-out would find `to` changed and roll back): the mirror tells.
+            let repeatable = !matches!(call.act, Act::Capacity { .. });
+            if let Some(sent_at) = call.state.settle(statuses, dry, repeatable, now) {
+                lost.push((i, sent_at));
             }
         }
-        for (i, state) in updates {
-            if let Some(c) = self.memo.calls.get_mut(i) {
-                c.state = state;
+        for (i, sent_at) in lost {
+            let Some(Act::Capacity { side, capacity, .. }) = self.memo.calls.get(i).map(|c| &c.act)
+            else {
+                continue;
+            };
+            if present(*side) == Some(*capacity) {
+                self.memo.calls[i].state = CallState::Ended {
+                    at: now.max(sent_at),
+                };
             }
         }
     }
