@@ -2,12 +2,13 @@
 //! decide ([`crate::operations::carry::advance`]); claim; journal; move the slot where the
 //! engine says (over the version read); send the one call whose turn it is; record the answer.
 
-use super::{answered, claim, entry, read_statuses, writes_busy, OperatePass, OperationReport};
+use super::turn::{self, Sequential, Taken};
+use super::{entry, read_statuses, writes_busy, OperatePass, OperationReport};
 use crate::alert::Alert;
 use crate::compute::{AddressChange, Compute, ComputeError};
 use crate::incident::Versioned;
 use crate::operations::carry::{self, Act, Memo};
-use crate::operations::step::CallState;
+use crate::operations::step::Call;
 use crate::operations::Operation;
 use crate::plan::verdicts;
 use crate::scaleset::{Orchestration, ScaleSetId};
@@ -26,10 +27,7 @@ pub(super) async fn operate(
         now,
         ..
     } = *pass;
-    let Versioned {
-        value: op,
-        mut version,
-    } = op;
+    let Versioned { value: op, version } = op;
     let dry_run = pass.dry_run || op.dry_run;
     let memo = Memo::read(&op).unwrap_or_default();
     let statuses = if dry_run {
@@ -66,27 +64,16 @@ pub(super) async fn operate(
     };
     let carried = carry::advance(&op, &view, now);
     let advance = carried.advance;
-    let mut next = advance.op.clone();
-    let mut memo = Memo::read(&next).unwrap_or_default();
     // A grow or delete of the healer's runs or goes out: the replacement's writes wait.
     let busy = writes_busy(pass.healer_writes, obs);
-    let to_send = crate::operations::step::sendable(&memo.calls)
-        .filter(|i| !(matches!(memo.calls[*i].act, Act::Grow | Act::Delete { .. }) && busy))
-        .filter(|_| dry_run || pass.deadline.fits_a_call());
-    if let Some(call) = to_send.and_then(|i| memo.calls.get_mut(i)) {
-        call.state = CallState::sending(dry_run, now);
-    }
-    next.memo = serde_json::to_value(&memo).unwrap_or(serde_json::Value::Null);
-    let mut report = OperationReport::of(&next);
-    if !advance.changed(&op) && to_send.is_none() && next.memo == op.memo && carried.slot.is_none()
-    {
-        return Ok((report, Vec::new(), false));
-    }
-    let Some((claimed, alerts)) = claim(pass, &next, &version, &advance, dry_run).await? else {
-        report.claimed_elsewhere = true;
-        return Ok((report, Vec::new(), false));
+    let may_send = |act: &Act| !(matches!(act, Act::Grow | Act::Delete { .. }) && busy);
+    let changed = carried.slot.is_some();
+    let taken = turn::take::<Memo>(pass, &op, &version, &advance, may_send, dry_run, changed);
+    let mut turn = match taken.await? {
+        Taken::Turn(t) => t,
+        Taken::Done(passed) => return Ok(passed),
     };
-    version = claimed;
+    let next = &turn.next;
     if let (Some(want), Some(stored)) = (&carried.slot, &slot) {
         match store.update_slot(id, want, &stored.version).await? {
             Some(_) => {
@@ -94,7 +81,7 @@ pub(super) async fn operate(
                 store
                     .append_journal(&[entry(
                         id,
-                        &next,
+                        next,
                         &want.instance,
                         "slot_moved",
                         format!(
@@ -117,35 +104,28 @@ pub(super) async fn operate(
             }
         }
     }
-    let (Some(i), false) = (to_send, dry_run) else {
-        report.progress = next.progress();
-        return Ok((report, alerts, advance.resync));
+    let Some(act) = turn.act().cloned() else {
+        return Ok(turn.idle());
     };
-    let Some(call) = memo.calls.get_mut(i) else {
-        return Ok((report, alerts, advance.resync));
-    };
-    let what = call.act.describe();
     let location = obs
         .record
         .as_ref()
         .and_then(|r| r.location.clone())
         .unwrap_or_else(|| "westeurope".into());
-    let sent = send(compute, id, pass.mode, &location, &call.act).await;
-    report.calls += 1;
+    let sent = send(compute, id, pass.mode, &location, &act).await;
+    // An accepted call without an operation to follow is done with its answer.
     let sent = sent.map(|a| a.filter(|a| a.operation.is_some()));
-    let (state, outcome, reason) = answered(sent, &what, now, &mut next.last_error);
-    call.state = state;
-    tracing::info!(scale_set = %id, operation = %next.id, decision = outcome, reason = %reason, "operation call");
-    next.memo = serde_json::to_value(&memo).unwrap_or(serde_json::Value::Null);
-    next.updated = now;
-    if store.update_operation(&next, &version).await?.is_none() {
-        tracing::warn!(scale_set = %id, operation = %next.id, "operation changed while its call was sent; its answer is judged again");
+    turn.record(pass, act.describe(), sent).await
+}
+
+impl Sequential for Memo {
+    type Act = Act;
+    fn read(op: &Operation) -> Result<Self, String> {
+        Memo::read(op)
     }
-    store
-        .append_journal(&[entry(id, &next, "*", outcome, reason, false, now)])
-        .await?;
-    report.progress = next.progress();
-    Ok((report, alerts, true))
+    fn calls_mut(&mut self) -> &mut Vec<Call<Act>> {
+        &mut self.calls
+    }
 }
 
 /// Sends one call; `Some` with the operation ARM accepted, `None` when the answer is the end.

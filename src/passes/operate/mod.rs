@@ -24,6 +24,7 @@ use time::OffsetDateTime;
 mod carry;
 mod prototype;
 mod swap;
+mod turn;
 
 /// What one scale set's pass shares with its operation.
 pub struct OperatePass<'a> {

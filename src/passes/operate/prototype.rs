@@ -3,14 +3,13 @@
 //! ([`crate::operations::prototype::advance`]); claim; journal; send the one call whose turn it
 //! is; record the answer. Once it succeeded with `--then-cycle`, the rolling upgrade is started.
 
-use super::{
-    answered, claim, entry, read_statuses_and_output, writes_busy, OperatePass, OperationReport,
-};
+use super::turn::{self, Sequential, Taken};
+use super::{entry, read_statuses_and_output, writes_busy, OperatePass, OperationReport};
 use crate::alert::Alert;
 use crate::compute::{Compute, ComputeError};
 use crate::incident::{State as IncidentState, Versioned};
 use crate::operations::prototype::{self, Act, Disk, Memo, Needs, Version};
-use crate::operations::step::CallState;
+use crate::operations::step::Call;
 use crate::operations::{Kind, Operation, State};
 use crate::plan::verdicts;
 use crate::scaleset::ScaleSetId;
@@ -28,10 +27,7 @@ pub(super) async fn operate(
         now,
         ..
     } = *pass;
-    let Versioned {
-        value: op,
-        mut version,
-    } = op;
+    let Versioned { value: op, version } = op;
     let dry_run = pass.dry_run || op.dry_run;
     let memo = Memo::read(&op).unwrap_or_default();
     let (statuses, outputs) = if dry_run {
@@ -106,65 +102,38 @@ pub(super) async fn operate(
         dry_run,
     };
     let advance = prototype::advance(&op, &view, now);
-    let mut next = advance.op.clone();
-    let mut memo = Memo::read(&next).unwrap_or_default();
-    let to_send = prototype::sendable(&memo)
-        .filter(|i| {
-            !(matches!(memo.calls[*i].act, Act::SetImage { .. })
-                && writes_busy(pass.healer_writes, obs))
-        })
-        .filter(|_| dry_run || pass.deadline.fits_a_call());
-    if let Some(call) = to_send.and_then(|i| memo.calls.get_mut(i)) {
-        call.state = CallState::sending(dry_run, now);
-    }
-    next.memo = serde_json::to_value(&memo).unwrap_or(serde_json::Value::Null);
-    let mut report = OperationReport::of(&next);
-    if !advance.changed(&op) && to_send.is_none() && next.memo == op.memo {
-        return Ok((report, Vec::new(), false));
-    }
-    let Some((claimed, alerts)) = claim(pass, &next, &version, &advance, dry_run).await? else {
-        report.claimed_elsewhere = true;
-        return Ok((report, Vec::new(), false));
+    let may_send =
+        |act: &Act| !(matches!(act, Act::SetImage { .. }) && writes_busy(pass.healer_writes, obs));
+    let taken = turn::take::<Memo>(pass, &op, &version, &advance, may_send, dry_run, false);
+    let mut turn = match taken.await? {
+        Taken::Turn(t) => t,
+        Taken::Done(passed) => return Ok(passed),
     };
-    version = claimed;
-    if next.state == State::Succeeded && params.as_ref().is_some_and(|p| p.then_cycle) {
-        then_cycle(pass, &next, dry_run).await?;
+    if turn.next.state == State::Succeeded && params.as_ref().is_some_and(|p| p.then_cycle) {
+        then_cycle(pass, &turn.next, dry_run).await?;
     }
-    let (Some(i), false) = (to_send, dry_run) else {
-        report.progress = next.progress();
-        return Ok((report, alerts, advance.resync));
+    let Some(act) = turn.act().cloned() else {
+        return Ok(turn.idle());
     };
-    let Some(call) = memo.calls.get_mut(i) else {
-        return Ok((report, alerts, advance.resync));
-    };
-    let what = call.act.describe();
     let location = obs
         .record
         .as_ref()
         .and_then(|r| r.location.clone())
         .unwrap_or_else(|| "westeurope".into());
-    let sent = send(compute, id, &location, &call.act).await;
-    report.calls += 1;
+    let sent = send(compute, id, &location, &act).await;
     // An accepted call without an operation to follow is done with its answer.
     let sent = sent.map(|a| a.filter(|a| a.operation.is_some()));
-    let (state, outcome, reason) = answered(sent, &what, now, &mut next.last_error);
-    call.state = state;
-    tracing::info!(scale_set = %id, operation = %next.id, decision = outcome, reason = %reason, "operation call");
-    next.memo = serde_json::to_value(&memo).unwrap_or(serde_json::Value::Null);
-    next.updated = now;
-    if pass
-        .store
-        .update_operation(&next, &version)
-        .await?
-        .is_none()
-    {
-        tracing::warn!(scale_set = %id, operation = %next.id, "operation changed while its call was sent; its answer is judged again");
+    turn.record(pass, act.describe(), sent).await
+}
+
+impl Sequential for Memo {
+    type Act = Act;
+    fn read(op: &Operation) -> Result<Self, String> {
+        Memo::read(op)
     }
-    pass.store
-        .append_journal(&[entry(id, &next, "*", outcome, reason, false, now)])
-        .await?;
-    report.progress = next.progress();
-    Ok((report, alerts, true))
+    fn calls_mut(&mut self) -> &mut Vec<Call<Act>> {
+        &mut self.calls
+    }
 }
 
 /// `--then-cycle`: the rolling upgrade of every outdated instance, as `handler cycle --action

@@ -4,12 +4,13 @@
 //! order: an autoscale write never overtakes the one before it, and a capacity write waits while
 //! one of the healer's grows or deletes runs on that set.
 
-use super::{answered, claim, entry, read_statuses, writes_busy, OperatePass, OperationReport};
+use super::turn::{self, Sequential, Taken};
+use super::{read_statuses, writes_busy, OperatePass, OperationReport};
 use crate::alert::Alert;
 use crate::autoscale::AutoscaleSetting;
 use crate::compute::{Compute, ComputeError};
 use crate::incident::Versioned;
-use crate::operations::step::CallState;
+use crate::operations::step::Call;
 use crate::operations::swap::{self, Act, Memo, SetView, Side};
 use crate::operations::Operation;
 use crate::plan::verdicts;
@@ -28,10 +29,7 @@ pub(super) async fn operate(
         now,
         ..
     } = *pass;
-    let Versioned {
-        value: op,
-        mut version,
-    } = op;
+    let Versioned { value: op, version } = op;
     let dry_run = pass.dry_run || op.dry_run;
     let memo = Memo::read(&op).unwrap_or_default();
     let statuses = if dry_run {
@@ -74,61 +72,34 @@ pub(super) async fn operate(
         dry_run,
     };
     let advance = swap::advance(&op, &view, now);
-    let mut next = advance.op.clone();
-    let mut memo = Memo::read(&next).unwrap_or_default();
     let busy = |side: Side| match side {
         Side::From => writes_busy(pass.healer_writes, obs),
         Side::To => partner.is_some_and(|p| writes_busy(p.healer_writes, p.obs)),
     };
-    let to_send = swap::sendable(&memo)
-        .filter(|i| match &memo.calls[*i].act {
-            Act::Capacity { side, .. } => !busy(*side),
-            _ => true,
-        })
-        .filter(|_| dry_run || pass.deadline.fits_a_call());
-    if let Some(call) = to_send.and_then(|i| memo.calls.get_mut(i)) {
-        // A dry run records its calls as taken; nothing is sent.
-        call.state = CallState::sending(dry_run, now);
-    }
-    next.memo = serde_json::to_value(&memo).unwrap_or(serde_json::Value::Null);
-    let mut report = OperationReport::of(&next);
-    if !advance.changed(&op) && to_send.is_none() && next.memo == op.memo {
-        return Ok((report, Vec::new(), false));
-    }
-    let Some((claimed, alerts)) = claim(pass, &next, &version, &advance, dry_run).await? else {
-        report.claimed_elsewhere = true;
-        return Ok((report, Vec::new(), false));
+    let may_send = |act: &Act| match act {
+        Act::Capacity { side, .. } => !busy(*side),
+        _ => true,
     };
-    version = claimed;
-    let (Some(i), false) = (to_send, dry_run) else {
-        report.progress = next.progress();
-        return Ok((report, alerts, advance.resync));
+    let taken = turn::take::<Memo>(pass, &op, &version, &advance, may_send, dry_run, false);
+    let mut turn = match taken.await? {
+        Taken::Turn(t) => t,
+        Taken::Done(passed) => return Ok(passed),
     };
-    let Some(call) = memo.calls.get_mut(i) else {
-        return Ok((report, alerts, advance.resync));
+    let Some(act) = turn.act().cloned() else {
+        return Ok(turn.idle());
     };
-    let what = call.act.describe();
-    let to = op.partner.clone();
-    let sent = send(compute, id, to.as_ref(), &call.act).await;
-    report.calls += 1;
-    let (state, outcome, reason) = answered(sent, &what, now, &mut next.last_error);
-    call.state = state;
-    tracing::info!(scale_set = %id, operation = %next.id, decision = outcome, reason = %reason, "operation call");
-    next.memo = serde_json::to_value(&memo).unwrap_or(serde_json::Value::Null);
-    next.updated = now;
-    if pass
-        .store
-        .update_operation(&next, &version)
-        .await?
-        .is_none()
-    {
-        tracing::warn!(scale_set = %id, operation = %next.id, "operation changed while its call was sent; its answer is judged by the mirror");
+    let sent = send(compute, id, op.partner.as_ref(), &act).await;
+    turn.record(pass, act.describe(), sent).await
+}
+
+impl Sequential for Memo {
+    type Act = Act;
+    fn read(op: &Operation) -> Result<Self, String> {
+        Memo::read(op)
     }
-    pass.store
-        .append_journal(&[entry(id, &next, "*", outcome, reason, false, now)])
-        .await?;
-    report.progress = next.progress();
-    Ok((report, alerts, true))
+    fn calls_mut(&mut self) -> &mut Vec<Call<Act>> {
+        &mut self.calls
+    }
 }
 
 /// Sends one call; `Some` for a long-running operation ARM accepted, `None` for a synchronous
