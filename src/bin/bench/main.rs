@@ -36,6 +36,7 @@ mod azurite;
 mod cycle;
 #[path = "../compute-sim/disks.rs"]
 mod disks;
+mod fleet;
 #[path = "../compute-sim/gallery.rs"]
 mod gallery;
 #[path = "../compute-sim/network.rs"]
@@ -575,27 +576,9 @@ fn tick(instances: usize, flexible: bool) {
         .expect("tokio runtime");
     runtime.block_on(async {
         // The simulated fleet, in this process: a day old, every VM running.
-        let sim_port = azurite::free_port();
-        let mut fleet = world::World::new(Duration::ZERO, 100);
-        let day_ago = OffsetDateTime::now_utc() - time::Duration::days(1);
-        let names: Vec<String> = (0..sets).map(|i| format!("web{i:03}")).collect();
-        for name in &names {
-            let size = SET_SIZE.min(instances - SET_SIZE * names.iter().position(|n| n == name).unwrap_or(0));
-            let key = fleet.create_set(TICK_SUB, TICK_RG, name, size, "westeurope", Vec::new(), mode, false);
-            for vm in fleet.sets.get_mut(&key).into_iter().flat_map(|s| s.vms.values_mut()) {
-                vm.time_created = day_ago;
-            }
-        }
-        let sim = Shared::new(fleet, sim_port, SECRET.into(), None, admin::Delivery::Handler);
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", sim_port)).await.expect("bind the simulator");
-        let router = server::router(sim.clone());
-        tokio::spawn(async move { axum::serve(listener, router).await });
+        let fleet::Fleet { sim, port: sim_port, ids, .. } = fleet::start(instances, mode).await;
 
         // The real handler binary, as the Functions host runs it.
-        let ids: Vec<String> = names
-            .iter()
-            .map(|n| format!("/subscriptions/{TICK_SUB}/resourceGroups/{TICK_RG}/providers/Microsoft.Compute/virtualMachineScaleSets/{n}"))
-            .collect();
         let env = [
             ("HEALER_SCALE_SETS", ids.join(",")),
             ("HEALER_STORAGE", storage.connection_string()),
@@ -614,32 +597,7 @@ fn tick(instances: usize, flexible: bool) {
 
         // 2. Every VM reports UP now, except one in two hundred that reports DOWN.
         let now = OffsetDateTime::now_utc();
-        let mut beats = Vec::with_capacity(instances);
-        {
-            let w = sim.world.lock().await;
-            for set in w.sets.values() {
-                let id = ScaleSetId::new(&set.subscription, &set.resource_group, &set.name);
-                for vm in set.vms.values() {
-                    let down = vm.instance_id % 200 == 199;
-                    beats.push(vmss_healer::heartbeat::Heartbeat {
-                        // Uniform: the instance id; Flexible: the VM's name.
-                        target: id.instance(&set.key_of(vm).to_ascii_lowercase()),
-                        status: if down { vmss_healer::heartbeat::Status::Down } else { vmss_healer::heartbeat::Status::Up },
-                        event_time: now,
-                        received_at: now,
-                        sequence: Some(1),
-                        vm_id: Some(vm.vm_id.clone()),
-                        computer_name: Some(vm.computer_name.clone()),
-                        detail: None,
-                        origin: vmss_healer::heartbeat::Origin::Agent,
-                        event_id: String::new(),
-                        down_since: None,
-                        attested: false,
-                        attestation: None,
-                    });
-                }
-            }
-        }
+        let beats = fleet::heartbeats(&sim, now, 1, |n| n % 200 == 199).await;
         store.import_heartbeats(&beats).await.expect("seed heartbeats");
 
         // 3. A repair pass over the whole fleet.

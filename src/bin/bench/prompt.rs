@@ -4,9 +4,7 @@
 //! (`HEALER_EVENT_REPAIRS=true`) and with the timer alone (`monitor-status` every T seconds), in
 //! one run. The call's time is its `intent` journal row, written just before it is sent.
 
-use crate::{
-    admin, azurite, server, start_handler, world, Shared, SECRET, SET_SIZE, TICK_RG, TICK_SUB,
-};
+use crate::{azurite, start_handler, SECRET, SET_SIZE, TICK_RG, TICK_SUB};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -26,25 +24,7 @@ pub fn run(instances: usize, faults: usize, timer_s: u64) {
         .build()
         .expect("tokio runtime");
     runtime.block_on(async {
-        let sim_port = azurite::free_port();
-        let mut fleet = world::World::new(Duration::ZERO, 100);
-        let day_ago = OffsetDateTime::now_utc() - time::Duration::days(1);
-        let names: Vec<String> = (0..sets).map(|i| format!("web{i:03}")).collect();
-        for (i, name) in names.iter().enumerate() {
-            let size = SET_SIZE.min(instances - SET_SIZE * i);
-            let key = fleet.create_set(TICK_SUB, TICK_RG, name, size, "westeurope", Vec::new(), "Uniform", false);
-            for vm in fleet.sets.get_mut(&key).into_iter().flat_map(|s| s.vms.values_mut()) {
-                vm.time_created = day_ago;
-            }
-        }
-        let sim = Shared::new(fleet, sim_port, SECRET.into(), None, admin::Delivery::Handler);
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", sim_port)).await.expect("bind the simulator");
-        let router = server::router(sim.clone());
-        tokio::spawn(async move { axum::serve(listener, router).await });
-        let ids: Vec<String> = names
-            .iter()
-            .map(|n| format!("/subscriptions/{TICK_SUB}/resourceGroups/{TICK_RG}/providers/Microsoft.Compute/virtualMachineScaleSets/{n}"))
-            .collect();
+        let crate::fleet::Fleet { sim, port: sim_port, ids, names } = crate::fleet::start(instances, "Uniform").await;
         let env = |event_repairs: bool| {
             vec![
                 ("HEALER_SCALE_SETS", ids.join(",")),
@@ -83,7 +63,7 @@ pub fn run(instances: usize, faults: usize, timer_s: u64) {
                 first = false;
             }
             // Every VM reporting UP, as of now.
-            store.import_heartbeats(&all_up(&sim).await).await.expect("seed heartbeats");
+            store.import_heartbeats(&crate::fleet::heartbeats(&sim, OffsetDateTime::now_utc(), 0, |_| false).await).await.expect("seed heartbeats");
             let mut latencies: Vec<Duration> = Vec::new();
             let completed = std::sync::Arc::new(tokio::sync::Mutex::new(HashMap::<(String, u64), OffsetDateTime>::new()));
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -161,35 +141,6 @@ pub fn run(instances: usize, faults: usize, timer_s: u64) {
             );
         }
     });
-}
-
-/// An UP heartbeat of every VM of the fleet, sent now.
-async fn all_up(sim: &Shared) -> Vec<vmss_healer::heartbeat::Heartbeat> {
-    let now = OffsetDateTime::now_utc();
-    let w = sim.world.lock().await;
-    w.sets
-        .values()
-        .flat_map(|set| {
-            let id = ScaleSetId::new(&set.subscription, &set.resource_group, &set.name);
-            set.vms
-                .values()
-                .map(move |vm| vmss_healer::heartbeat::Heartbeat {
-                    target: id.instance(&vm.instance_id.to_string()),
-                    status: vmss_healer::heartbeat::Status::Up,
-                    event_time: now,
-                    received_at: now,
-                    sequence: Some(0),
-                    vm_id: Some(vm.vm_id.clone()),
-                    computer_name: Some(vm.computer_name.clone()),
-                    detail: None,
-                    origin: vmss_healer::heartbeat::Origin::Agent,
-                    event_id: String::new(),
-                    down_since: None,
-                    attested: false,
-                    attestation: None,
-                })
-        })
-        .collect()
 }
 
 /// One DOWN heartbeat of `set`'s instance `n`, as Event Grid delivers it.
