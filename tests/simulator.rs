@@ -400,6 +400,102 @@ async fn operations_run_until_they_end_succeeded_failed_or_canceled_with_arm_err
     }
 }
 
+/// Resource Manager reports how operations end, failures too (`…Failure`, status `Failed`), and an
+/// operator's power-off; a failed operation can leave its instances `Failed`, as Azure does
+/// (https://learn.microsoft.com/azure/virtual-machines/states-billing), a failed scale-out its new
+/// instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_operations_and_power_offs_raise_resource_manager_events() {
+    let app = spawn_app().scale_set("web", 3).start().await;
+    let arm = Arm::new(&app).await;
+    slow_operations(&app).await;
+    app.clear_resource_events_now().await;
+    app.admin(
+        reqwest::Method::POST,
+        "operation-faults",
+        Some(json!({"verb": "reimage", "status": "Failed", "code": "VMExtensionProvisioningError", "leaves": "Failed"})),
+    )
+    .await;
+    let (accepted, _, _) = arm.post("web", "reimage", &["1"]).await;
+    assert_eq!(accepted, 202);
+    app.complete_operations().await;
+    assert_eq!(app.vm("web", 1).await["provisioning_state"], "Failed");
+    let events = app
+        .admin(reqwest::Method::GET, "resource-events", None)
+        .await;
+    let set_id = app.resource_id_of("web", 1).await;
+    let set_id = set_id.rsplit_once("/virtualMachines/").unwrap().0.to_string();
+    assert!(
+        events.as_array().unwrap().iter().any(|e| {
+            e["eventType"] == "Microsoft.Resources.ResourceActionFailure"
+                && e["data"]["status"] == "Failed"
+                && e["data"]["operationName"]
+                    == "Microsoft.Compute/virtualMachineScaleSets/reimage/action"
+                && e["data"]["resourceUri"] == set_id
+        }),
+        "{events}"
+    );
+
+    // A failed scale-out keeps the instances it was creating, failed, and reports the write's
+    // failure.
+    app.clear_resource_events_now().await;
+    app.admin(
+        reqwest::Method::POST,
+        "operation-faults",
+        Some(json!({"verb": "scale", "status": "Failed", "code": "AllocationFailed", "leaves": "Failed"})),
+    )
+    .await;
+    app.set_capacity("web", 4).await;
+    app.complete_operations().await;
+    let fleet = app.fleet("web").await;
+    let failed: Vec<&Value> = fleet["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["provisioning_state"] == "Failed")
+        .collect();
+    assert_eq!(failed.len(), 2, "instance 1 and the new one: {fleet}");
+    let events = app
+        .admin(reqwest::Method::GET, "resource-events", None)
+        .await;
+    assert!(
+        events.as_array().unwrap().iter().any(|e| {
+            e["eventType"] == "Microsoft.Resources.ResourceWriteFailure"
+                && e["data"]["operationName"] == "Microsoft.Compute/virtualMachineScaleSets/write"
+        }),
+        "{events}"
+    );
+
+    // An operator's power-off: the VM stops, RM reports the action on the instance.
+    app.clear_resource_events_now().await;
+    let answer = app
+        .admin(
+            reqwest::Method::POST,
+            &format!("scalesets/{}/vms/2/poweroff", TestApp::key("web")),
+            None,
+        )
+        .await;
+    assert_eq!(app.vm("web", 2).await["power_state"], "stopped");
+    let events = app
+        .admin(reqwest::Method::GET, "resource-events", None)
+        .await;
+    let off = &events.as_array().unwrap()[0];
+    assert_eq!(
+        (
+            off["eventType"].as_str(),
+            off["data"]["operationName"].as_str(),
+            off["data"]["resourceUri"].as_str()
+        ),
+        (
+            Some("Microsoft.Resources.ResourceActionSuccess"),
+            Some("Microsoft.Compute/virtualMachineScaleSets/virtualMachines/powerOff/action"),
+            answer["resourceUri"].as_str()
+        ),
+        "{events}"
+    );
+    assert!(off["data"]["resourceUri"].as_str().unwrap().ends_with("/virtualMachines/2"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scale_set_write_preempts_a_running_delete() {
     let app = spawn_app().scale_set("web", 4).start().await;

@@ -27,6 +27,7 @@ pub fn routes() -> Router<Shared> {
             get(scheduled_events).post(approve_events),
         )
         .route("/admin/scalesets/{key}/vms/{id}", patch(patch_vm))
+        .route("/admin/scalesets/{key}/vms/{id}/poweroff", post(power_off))
         .route("/admin/faults", post(add_fault).delete(clear_faults))
         .route("/admin/calls", get(calls).delete(clear_calls))
         .route("/admin/operations", get(operations))
@@ -358,6 +359,36 @@ async fn patch_vm(
         );
     }
     Json(body).into_response()
+}
+
+/// An operator powers a VM off through Resource Manager (`powerOff`, not a deallocation): it stops,
+/// and RM reports the action on the VM once done — `…/virtualMachineScaleSets/virtualMachines/
+/// powerOff/action` for a Uniform instance, `…/virtualMachines/powerOff/action` for a Flexible VM
+/// (https://learn.microsoft.com/azure/event-grid/event-schema-resource-groups: action events name
+/// the operation in `data.operationName`). A patch of `powerState` stands for the platform or the
+/// guest, which raise no event.
+async fn power_off(State(s): State<Shared>, Path((key, id)): Path<(String, u64)>) -> Response {
+    let mut w = s.world.lock().await;
+    let Some(set) = w.sets.get_mut(&key.to_lowercase()) else {
+        return not_found("scale set");
+    };
+    let flexible = set.flexible();
+    let Some(vm) = set.vms.get_mut(&id) else {
+        return not_found("instance");
+    };
+    vm.power_state = "stopped".into();
+    let set = &w.sets[&key.to_lowercase()];
+    let vm = &set.vms[&id];
+    let (uri, operation) = if flexible {
+        (set.vm_resource_id(vm), "Microsoft.Compute/virtualMachines/powerOff/action")
+    } else {
+        (
+            format!("{}/virtualMachines/{id}", set.resource_id()),
+            "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/powerOff/action",
+        )
+    };
+    w.announce(crate::world::ACTION, &uri, operation);
+    Json(json!({"resourceUri": uri})).into_response()
 }
 
 #[derive(Deserialize)]

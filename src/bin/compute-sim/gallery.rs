@@ -332,7 +332,7 @@ fn start(
     verb: &str,
 ) -> Response {
     let op = uuid::Uuid::new_v4().to_string();
-    let planned = world.take_operation_fault(verb);
+    let planned = world.take_operation_fault(verb).map(|(outcome, _)| outcome);
     world.artifacts.insert(
         id.to_ascii_lowercase(),
         Artifact {

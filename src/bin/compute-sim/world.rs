@@ -479,6 +479,9 @@ pub struct Operation {
     /// How it will end when it is due (an injected operation fault), if not `Succeeded`.
     #[serde(skip)]
     pub planned: Option<Outcome>,
+    /// The provisioning state a planned failure leaves (see [`OperationFault::leaves`]).
+    #[serde(skip)]
+    pub leaves: Option<String>,
     /// The instances' states before the operation, put back if it fails.
     #[serde(skip)]
     before: Vec<(u64, String, String)>,
@@ -550,6 +553,12 @@ pub struct OperationFault {
     pub message: Option<String>,
     #[serde(default = "one")]
     pub count: u32,
+    /// The provisioning state the failed operation leaves on its instances (a failed scale-out:
+    /// on the instances it was creating) — Azure's `Failed`, "represents a failed operation"
+    /// (https://learn.microsoft.com/azure/virtual-machines/states-billing). None: they are as
+    /// they were.
+    #[serde(default)]
+    pub leaves: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -623,6 +632,84 @@ pub struct ServingPoint {
 /// Enough history for any test or demo; the oldest points go first.
 const SERVING_HISTORY: usize = 100_000;
 
+/// The Resource Manager events a successful operation raises, once it succeeded: (event type,
+/// resource URI, operation name). A failed one raises the same with `…Failure` (see
+/// [`World::fail`]).
+fn announcements(set: &ScaleSet, effect: &Effect) -> Vec<(&'static str, String, String)> {
+    let set_uri = set.resource_id();
+    // A Flexible VM's own action is reported on the VM; a batch delete on the scale set and,
+    // for each VM it removed, on the VM.
+    let mut vm_events: Vec<(&'static str, String, String)> = Vec::new();
+    if set.flexible() {
+        let (event_type, verb) = match effect {
+            Effect::Delete(_) => (DELETE, "delete"),
+            Effect::Restart(_) => (ACTION, "restart/action"),
+            Effect::Reimage(_) => (ACTION, "reimage/action"),
+            Effect::Start(_) => (ACTION, "start/action"),
+            Effect::Redeploy(_) => (ACTION, "redeploy/action"),
+            Effect::Upgrade(_) => (ACTION, "manualupgrade/action"),
+            Effect::Scale(_) => (WRITE, "write"),
+            Effect::Deallocate(_) => (ACTION, "deallocate/action"),
+            Effect::RunCommand(..) => (ACTION, "runCommand/action"),
+            Effect::Disks(..) => (WRITE, "write"),
+        };
+        for id in effect.instances() {
+            if let Some(vm) = set.vms.get(id) {
+                vm_events.push((
+                    event_type,
+                    set.vm_resource_id(vm),
+                    format!("Microsoft.Compute/virtualMachines/{verb}"),
+                ));
+            }
+        }
+    }
+    // Resource Manager reports the scale set's action or write once the operation succeeds.
+    let (event_type, operation) = match effect {
+        Effect::Delete(_) => (
+            ACTION,
+            "Microsoft.Compute/virtualMachineScaleSets/delete/action",
+        ),
+        Effect::Restart(_) => (
+            ACTION,
+            "Microsoft.Compute/virtualMachineScaleSets/restart/action",
+        ),
+        Effect::Reimage(_) => (
+            ACTION,
+            "Microsoft.Compute/virtualMachineScaleSets/reimage/action",
+        ),
+        Effect::Start(_) => (
+            ACTION,
+            "Microsoft.Compute/virtualMachineScaleSets/start/action",
+        ),
+        Effect::Redeploy(_) => (
+            ACTION,
+            "Microsoft.Compute/virtualMachineScaleSets/redeploy/action",
+        ),
+        Effect::Upgrade(_) => (
+            ACTION,
+            "Microsoft.Compute/virtualMachineScaleSets/manualupgrade/action",
+        ),
+        Effect::Scale(_) => (WRITE, "Microsoft.Compute/virtualMachineScaleSets/write"),
+        Effect::Deallocate(_) => (
+            ACTION,
+            "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/deallocate/action",
+        ),
+        Effect::RunCommand(..) => (
+            ACTION,
+            "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/runCommand/action",
+        ),
+        Effect::Disks(..) => (
+            WRITE,
+            "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/write",
+        ),
+    };
+    let per_vm_only = !vm_events.is_empty() && !matches!(effect, Effect::Delete(_));
+    if !per_vm_only {
+        vm_events.insert(0, (event_type, set_uri, operation.to_string()));
+    }
+    vm_events
+}
+
 pub const WRITE: &str = "Microsoft.Resources.ResourceWriteSuccess";
 pub const DELETE: &str = "Microsoft.Resources.ResourceDeleteSuccess";
 pub const ACTION: &str = "Microsoft.Resources.ResourceActionSuccess";
@@ -673,6 +760,11 @@ impl World {
     /// Queues the Resource Manager event a successful operation on `resource_uri` raises, in the
     /// Event Grid schema of a resource group system topic.
     pub fn announce(&mut self, event_type: &str, resource_uri: &str, operation: &str) {
+        self.announce_as(event_type, resource_uri, operation, "Succeeded");
+    }
+
+    /// The same, for an operation that ended with `status`.
+    pub fn announce_as(&mut self, event_type: &str, resource_uri: &str, operation: &str, status: &str) {
         let Some((topic, _)) = resource_uri.split_once("/providers/") else {
             return;
         };
@@ -692,7 +784,7 @@ impl World {
                 "resourceProvider": "Microsoft.Compute",
                 "resourceUri": resource_uri,
                 "operationName": operation,
-                "status": "Succeeded",
+                "status": status,
                 "subscriptionId": subscription,
                 "tenantId": "00000000-0000-0000-0000-00000000beef",
                 "correlationId": uuid::Uuid::new_v4().to_string(),
@@ -869,25 +961,49 @@ impl World {
             return;
         }
         op.ended = Some(OffsetDateTime::now_utc());
+        let canceled = matches!(outcome, Outcome::Canceled { .. });
         op.outcome = outcome;
         let (key, effect, before) = (op.set_key.clone(), op.effect.clone(), op.before.clone());
+        let leaves = op.leaves.clone();
         let Some(set) = self.sets.get_mut(&key) else {
             return;
         };
+        // Resource Manager reports the failure as it reports a success, with `…Failure` (or
+        // `…Cancel`) and the status (https://learn.microsoft.com/azure/event-grid/event-schema-resource-groups).
+        let announcements = announcements(set, &effect);
         let ended = OffsetDateTime::now_utc();
         for (id, provisioning, power) in before {
             if let Some(vm) = set.vms.get_mut(&id) {
-                vm.provisioning_state = provisioning;
+                vm.provisioning_state = leaves.clone().unwrap_or(provisioning);
                 vm.power_state = power;
                 vm.provisioned_at = ended;
             }
         }
         if let Effect::Scale(_) = effect {
-            // The instances the scale-out was creating are not kept.
-            set.vms.retain(|_, vm| vm.provisioning_state != "Creating");
+            match &leaves {
+                // The instances a failed scale-out was creating stay, failed: what
+                // cluster-autoscaler's Azure provider finds and deletes after a failed scale-up.
+                Some(state) => {
+                    for vm in set.vms.values_mut().filter(|v| v.provisioning_state == "Creating") {
+                        vm.provisioning_state = state.clone();
+                        vm.provisioned_at = ended;
+                    }
+                }
+                // Else they are not kept.
+                None => set.vms.retain(|_, vm| vm.provisioning_state != "Creating"),
+            }
         }
         if let Effect::Disks(n, change) = effect {
             self.settle_disks(&key, n, &change, false);
+        }
+        let (suffix, status) = if canceled {
+            ("Cancel", "Canceled")
+        } else {
+            ("Failure", "Failed")
+        };
+        for (event_type, uri, operation) in announcements {
+            let failed = format!("{}{suffix}", event_type.trim_end_matches("Success"));
+            self.announce_as(&failed, &uri, &operation, status);
         }
     }
 
@@ -937,74 +1053,7 @@ impl World {
         let Some(set) = self.sets.get_mut(&key) else {
             return;
         };
-        let set_uri = set.resource_id();
-        // A Flexible VM's own action is reported on the VM; a batch delete on the scale set and,
-        // for each VM it removed, on the VM.
-        let mut vm_events: Vec<(&'static str, String, String)> = Vec::new();
-        if set.flexible() {
-            let (event_type, verb) = match &effect {
-                Effect::Delete(_) => (DELETE, "delete"),
-                Effect::Restart(_) => (ACTION, "restart/action"),
-                Effect::Reimage(_) => (ACTION, "reimage/action"),
-                Effect::Start(_) => (ACTION, "start/action"),
-                Effect::Redeploy(_) => (ACTION, "redeploy/action"),
-                Effect::Upgrade(_) => (ACTION, "manualupgrade/action"),
-                Effect::Scale(_) => (WRITE, "write"),
-                Effect::Deallocate(_) => (ACTION, "deallocate/action"),
-                Effect::RunCommand(..) => (ACTION, "runCommand/action"),
-                Effect::Disks(..) => (WRITE, "write"),
-            };
-            for id in effect.instances() {
-                if let Some(vm) = set.vms.get(id) {
-                    vm_events.push((
-                        event_type,
-                        set.vm_resource_id(vm),
-                        format!("Microsoft.Compute/virtualMachines/{verb}"),
-                    ));
-                }
-            }
-        }
-        // Resource Manager reports the scale set's action or write once the operation succeeds.
-        let (event_type, operation) = match &effect {
-            Effect::Delete(_) => (
-                ACTION,
-                "Microsoft.Compute/virtualMachineScaleSets/delete/action",
-            ),
-            Effect::Restart(_) => (
-                ACTION,
-                "Microsoft.Compute/virtualMachineScaleSets/restart/action",
-            ),
-            Effect::Reimage(_) => (
-                ACTION,
-                "Microsoft.Compute/virtualMachineScaleSets/reimage/action",
-            ),
-            Effect::Start(_) => (
-                ACTION,
-                "Microsoft.Compute/virtualMachineScaleSets/start/action",
-            ),
-            Effect::Redeploy(_) => (
-                ACTION,
-                "Microsoft.Compute/virtualMachineScaleSets/redeploy/action",
-            ),
-            Effect::Upgrade(_) => (
-                ACTION,
-                "Microsoft.Compute/virtualMachineScaleSets/manualupgrade/action",
-            ),
-            Effect::Scale(_) => (WRITE, "Microsoft.Compute/virtualMachineScaleSets/write"),
-            Effect::Deallocate(_) => (
-                ACTION,
-                "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/deallocate/action",
-            ),
-            Effect::RunCommand(..) => (
-                ACTION,
-                "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/runCommand/action",
-            ),
-            Effect::Disks(..) => (
-                WRITE,
-                "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/write",
-            ),
-        };
-        let per_vm_only = !vm_events.is_empty() && !matches!(effect, Effect::Delete(_));
+        let announcements = announcements(set, &effect);
         match effect {
             Effect::Delete(ids) => {
                 for id in ids {
@@ -1096,10 +1145,7 @@ impl World {
                 }
             }
         }
-        if !per_vm_only {
-            self.announce(event_type, &set_uri, operation);
-        }
-        for (event_type, uri, operation) in vm_events {
+        for (event_type, uri, operation) in announcements {
             self.announce(event_type, &uri, &operation);
         }
     }
@@ -1130,7 +1176,8 @@ impl World {
                 );
             }
         }
-        let planned = self.take_operation_fault(effect.verb());
+        let (planned, leaves) = self.take_operation_fault(effect.verb()).unzip();
+        let leaves = leaves.flatten();
         let mut before = Vec::new();
         // Visible at once, as ARM shows: deleting instances are marked, new ones appear creating.
         if let Some(set) = self.sets.get_mut(set_key) {
@@ -1231,6 +1278,7 @@ impl World {
                 ended: None,
                 outcome: Outcome::InProgress,
                 planned,
+                leaves,
                 before,
                 terminate_events,
             },
@@ -1306,7 +1354,7 @@ impl World {
             .find(|e| !e.approved && e.resources.iter().any(|r| r.eq_ignore_ascii_case(vm_name)))
     }
 
-    pub fn take_operation_fault(&mut self, verb: &str) -> Option<Outcome> {
+    pub fn take_operation_fault(&mut self, verb: &str) -> Option<(Outcome, Option<String>)> {
         let pos = self
             .operation_faults
             .iter()
@@ -1321,11 +1369,12 @@ impl World {
         let message = rule
             .message
             .unwrap_or_else(|| "The operation failed (injected by the simulator).".into());
-        Some(if rule.status.eq_ignore_ascii_case("canceled") {
+        let outcome = if rule.status.eq_ignore_ascii_case("canceled") {
             Outcome::Canceled { code, message }
         } else {
             Outcome::Failed { code, message }
-        })
+        };
+        Some((outcome, rule.leaves))
     }
 
     /// The first injected fault matching this request, consumed.
