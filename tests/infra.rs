@@ -616,3 +616,24 @@ fn the_resource_manager_subscription_lets_vm_events_through() {
     assert!(sub.contains("operatorType: 'StringBeginsWith'"));
     assert!(sub.contains("key: 'data.operationName'"));
 }
+
+/// The system-topic subscription delivers every Resource Manager event type the handler acts on:
+/// a type it filters out would never reach `monitor-events` (issue 19: failures evaluate at once).
+#[test]
+fn the_resource_manager_subscription_delivers_what_monitor_events_reads() {
+    let bicep = read("infra/modules/rm-subscription.bicep");
+    let wanted = [
+        vmss_healer::lifecycle::WRITE,
+        vmss_healer::lifecycle::DELETE,
+        vmss_healer::lifecycle::ACTION,
+    ]
+    .into_iter()
+    .chain(vmss_healer::lifecycle::FAILURES);
+    for event_type in wanted {
+        assert!(
+            bicep.contains(&format!("'{event_type}'")),
+            "{event_type} is not in the subscription's includedEventTypes"
+        );
+        assert!(vmss_healer::lifecycle::is_lifecycle(event_type));
+    }
+}

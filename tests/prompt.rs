@@ -253,3 +253,107 @@ async fn a_short_circuited_set_that_recovers_is_left_to_the_timer() {
     assert_eq!(status, 200, "{answer}");
     assert_eq!(requested(&journal(&app).await, "1"), 1, "{answer}");
 }
+
+/// The repair requests and status of `instance` in the journal.
+fn repaired(j: &[Entry], instance: &str) -> bool {
+    requested(j, instance) >= 1
+}
+
+/// Resource Manager reports a VM stopped through ARM: its set is read afresh and evaluated at
+/// once, and the VM repaired with no timer invocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_stopped_through_arm_is_repaired_on_its_resource_manager_event() {
+    let app = spawn_app()
+        .scale_set("web", 4)
+        .env("HEALER_EVENT_REPAIRS", "true")
+        .start()
+        .await;
+    mirrored(&app).await;
+    app.clear_resource_events_now().await;
+    app.clear_compute_calls().await;
+    app.admin(
+        reqwest::Method::POST,
+        &format!("scalesets/{}/vms/2/poweroff", TestApp::key("web")),
+        None,
+    )
+    .await;
+    assert_eq!(app.resource_events().await, 1);
+    let j = until(&app, "the repair of web#2", |j| repaired(j, "2")).await;
+    let incident = j
+        .iter()
+        .find(|e| e.kind == EntryKind::Repair && e.instance_id == "2")
+        .map(|e| e.reason.clone())
+        .unwrap_or_default();
+    assert!(incident.contains("stopped"), "{incident}");
+    let calls = app.compute_calls().await;
+    let first_write = calls.iter().position(|c| c["method"] != "GET");
+    let read = calls.iter().position(|c| {
+        c["method"] == "GET"
+            && c["path"]
+                .as_str()
+                .unwrap_or("")
+                .ends_with("/web/virtualMachines")
+    });
+    assert!(
+        read.is_some() && first_write.is_some() && read < first_write,
+        "the set was read afresh before the repair: {calls:#?}"
+    );
+    assert_eq!(requested(&j, "2"), 1);
+    assert!(!app.logs().contains("monitor-status"), "no timer pass");
+}
+
+/// A forged event (web#1 is running) has the set read and judged — nothing repaired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_stop_event_repairs_nothing() {
+    let app = spawn_app()
+        .scale_set("web", 4)
+        .env("HEALER_EVENT_REPAIRS", "true")
+        .start()
+        .await;
+    mirrored(&app).await;
+    app.clear_compute_calls().await;
+    let uri = app.resource_id_of("web", 1).await;
+    let forged = json!({"id": "f1", "eventType": "Microsoft.Resources.ResourceActionSuccess",
+        "subject": uri, "eventTime": now_rfc3339(time::Duration::ZERO), "dataVersion": "2",
+        "data": {"resourceUri": uri, "status": "Succeeded",
+                 "operationName": "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/powerOff/action"}});
+    let (code, answer) = app.deliver_event(forged).await;
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(answer["ReturnValue"]["evaluation"], "started", "{answer}");
+    app.wait_for_log("evaluation done", Duration::from_secs(20))
+        .await;
+    assert!(app.logs().contains("read afresh for the evaluation"));
+    let j = journal(&app).await;
+    assert!(!repaired(&j, "1"), "{j:#?}");
+    let calls = app.compute_calls().await;
+    assert!(
+        calls.iter().all(|c| c["method"] == "GET"),
+        "reads only: {calls:#?}"
+    );
+    assert!(!calls.is_empty(), "the set was read");
+}
+
+/// A scale-out fails and leaves its new instance `Failed`: Resource Manager's failure event has
+/// the set read and the failed instance repaired at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_left_failed_by_a_failed_operation_is_repaired_on_its_event() {
+    let app = spawn_app()
+        .scale_set("web", 4)
+        .env("HEALER_EVENT_REPAIRS", "true")
+        .start()
+        .await;
+    mirrored(&app).await;
+    app.clear_resource_events_now().await;
+    app.admin(
+        reqwest::Method::POST,
+        "operation-faults",
+        Some(json!({"verb": "scale", "status": "Failed", "code": "AllocationFailed", "leaves": "Failed"})),
+    )
+    .await;
+    app.set_capacity("web", 5).await;
+    app.complete_operations().await;
+    assert!(app.resource_events().await >= 1);
+    let j = until(&app, "the repair of web#4", |j| repaired(j, "4")).await;
+    assert_eq!(requested(&j, "4"), 1, "{j:#?}");
+    assert!(!app.logs().contains("monitor-status"), "no timer pass");
+}

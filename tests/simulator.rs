@@ -424,7 +424,11 @@ async fn failed_operations_and_power_offs_raise_resource_manager_events() {
         .admin(reqwest::Method::GET, "resource-events", None)
         .await;
     let set_id = app.resource_id_of("web", 1).await;
-    let set_id = set_id.rsplit_once("/virtualMachines/").unwrap().0.to_string();
+    let set_id = set_id
+        .rsplit_once("/virtualMachines/")
+        .unwrap()
+        .0
+        .to_string();
     assert!(
         events.as_array().unwrap().iter().any(|e| {
             e["eventType"] == "Microsoft.Resources.ResourceActionFailure"
@@ -493,7 +497,10 @@ async fn failed_operations_and_power_offs_raise_resource_manager_events() {
         ),
         "{events}"
     );
-    assert!(off["data"]["resourceUri"].as_str().unwrap().ends_with("/virtualMachines/2"));
+    assert!(off["data"]["resourceUri"]
+        .as_str()
+        .unwrap()
+        .ends_with("/virtualMachines/2"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,9 @@
-// monitor-events' subscription to one resource group's Resource Manager events: only successful
-// writes, deletes and actions on scale sets and their instances (design §2), and on virtual
-// machines — a Flexible scale set's instances are plain VMs (the trailing `/` keeps
-// `virtualMachineScaleSets` apart).
+// monitor-events' subscription to one resource group's Resource Manager events: writes, deletes
+// and actions on scale sets and their instances (design §2), and on virtual machines — a Flexible
+// scale set's instances are plain VMs (the trailing `/` keeps `virtualMachineScaleSets` apart).
+// Successes update the mirror; failures (an operation that may have left instances `Failed`) and
+// power-offs have the set read and evaluated at once (issue 19). Event types as listed in
+// https://learn.microsoft.com/azure/event-grid/event-schema-resource-groups.
 param systemTopicName string
 param destination object
 
@@ -20,6 +22,9 @@ resource subscription 'Microsoft.EventGrid/systemTopics/eventSubscriptions@2022-
         'Microsoft.Resources.ResourceWriteSuccess'
         'Microsoft.Resources.ResourceDeleteSuccess'
         'Microsoft.Resources.ResourceActionSuccess'
+        'Microsoft.Resources.ResourceWriteFailure'
+        'Microsoft.Resources.ResourceDeleteFailure'
+        'Microsoft.Resources.ResourceActionFailure'
       ]
       advancedFilters: [
         {

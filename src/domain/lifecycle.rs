@@ -9,11 +9,50 @@ use serde_json::Value;
 pub const WRITE: &str = "Microsoft.Resources.ResourceWriteSuccess";
 pub const DELETE: &str = "Microsoft.Resources.ResourceDeleteSuccess";
 pub const ACTION: &str = "Microsoft.Resources.ResourceActionSuccess";
+/// A write, delete or action that failed: it can leave its instances `Failed` (issue 19).
+pub const FAILURES: [&str; 3] = [
+    "Microsoft.Resources.ResourceWriteFailure",
+    "Microsoft.Resources.ResourceDeleteFailure",
+    "Microsoft.Resources.ResourceActionFailure",
+];
+/// Canceled ones: read as a change, no more.
+pub const CANCELS: [&str; 3] = [
+    "Microsoft.Resources.ResourceWriteCancel",
+    "Microsoft.Resources.ResourceDeleteCancel",
+    "Microsoft.Resources.ResourceActionCancel",
+];
 
 pub fn is_lifecycle(event_type: &str) -> bool {
     [WRITE, DELETE, ACTION]
         .iter()
+        .chain(&FAILURES)
+        .chain(&CANCELS)
         .any(|t| t.eq_ignore_ascii_case(event_type))
+}
+
+/// Actions that leave a VM stopped: `…/powerOff/action`, `…/deallocate/action`.
+const STOPPING: [&str; 2] = ["/poweroff/action", "/deallocate/action"];
+
+/// Whether the event says something that can make an instance unhealthy — an operation failed
+/// (it may have left its instances `Failed`), or a VM was stopped — and so is worth an
+/// evaluation of its scale set at once (issue 19), in words. Only a hint: anyone who reaches the
+/// endpoint can send one, so the evaluation reads the scale set from the Compute API first and
+/// judges what it says.
+pub fn suspect(event: &Event) -> Option<String> {
+    let operation = event
+        .data
+        .get("operationName")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if FAILURES
+        .iter()
+        .any(|t| t.eq_ignore_ascii_case(&event.event_type))
+    {
+        return Some(format!("{operation} failed"));
+    }
+    let lower = operation.to_ascii_lowercase();
+    (event.event_type.eq_ignore_ascii_case(ACTION) && STOPPING.iter().any(|s| lower.ends_with(s)))
+        .then(|| format!("{operation} succeeded"))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +156,102 @@ mod tests {
             "data": {"resourceUri": uri, "operationName": "Microsoft.Compute/virtualMachineScaleSets/write"},
             "dataVersion": "2"}))
         .unwrap()
+    }
+
+    fn rm_op(kind: &str, uri: &str, operation: &str) -> Event {
+        decode(json!({"id": "1", "eventType": kind, "subject": uri, "eventTime": "2026-11-22T10:00:00Z",
+            "data": {"resourceUri": uri, "operationName": operation}, "dataVersion": "2"}))
+        .unwrap()
+    }
+
+    #[test]
+    fn failures_and_stops_are_worth_an_evaluation_nothing_else_is() {
+        let vm = format!("{SET}/virtualMachines/4");
+        let flex = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/web_1a2b3c4d";
+        let vmss_vm = "Microsoft.Compute/virtualMachineScaleSets/virtualMachines";
+        for (kind, uri, operation, want) in [
+            (
+                "Microsoft.Resources.ResourceWriteFailure",
+                SET,
+                "Microsoft.Compute/virtualMachineScaleSets/write",
+                true,
+            ),
+            (
+                "Microsoft.Resources.ResourceActionFailure",
+                SET,
+                "Microsoft.Compute/virtualMachineScaleSets/reimage/action",
+                true,
+            ),
+            (
+                "microsoft.resources.resourcedeletefailure",
+                vm.as_str(),
+                "Microsoft.Compute/virtualMachineScaleSets/delete/action",
+                true,
+            ),
+            (
+                ACTION,
+                vm.as_str(),
+                &format!("{vmss_vm}/powerOff/action"),
+                true,
+            ),
+            (
+                ACTION,
+                vm.as_str(),
+                &format!("{vmss_vm}/deallocate/action"),
+                true,
+            ),
+            (
+                ACTION,
+                flex,
+                "Microsoft.Compute/virtualMachines/powerOff/action",
+                true,
+            ),
+            (
+                ACTION,
+                flex,
+                "Microsoft.Compute/virtualMachines/restart/action",
+                false,
+            ),
+            (
+                ACTION,
+                SET,
+                "Microsoft.Compute/virtualMachineScaleSets/start/action",
+                false,
+            ),
+            (
+                WRITE,
+                SET,
+                "Microsoft.Compute/virtualMachineScaleSets/write",
+                false,
+            ),
+            (
+                DELETE,
+                vm.as_str(),
+                "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/delete",
+                false,
+            ),
+            (
+                "Microsoft.Resources.ResourceActionCancel",
+                SET,
+                "Microsoft.Compute/virtualMachineScaleSets/reimage/action",
+                false,
+            ),
+        ] {
+            let event = rm_op(kind, uri, operation);
+            assert!(is_lifecycle(&event.event_type), "{kind}");
+            assert_eq!(suspect(&event).is_some(), want, "{kind} {operation}");
+            assert!(read(&event).is_ok(), "{kind} {uri}");
+        }
+        // A failure is a change, never a deletion.
+        let failed_delete = rm_op(
+            FAILURES[1],
+            &vm,
+            "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/delete",
+        );
+        assert_eq!(
+            read(&failed_delete),
+            Ok(Change::ScaleSetChanged(ScaleSetId::parse(SET).unwrap()))
+        );
     }
 
     #[test]

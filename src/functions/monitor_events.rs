@@ -121,6 +121,7 @@ async fn on_heartbeat(
                     state,
                     set,
                     &format!("{} DOWN for HEALER_DOWN_FOR", hb.target.instance_id),
+                    false,
                 )
                 .as_str()
             });
@@ -195,6 +196,17 @@ async fn on_lifecycle(
             .await
             .map_err(store_error)?;
     }
+    // A failed operation or a stopped VM can make an instance unhealthy: its set is evaluated at
+    // once, on what a fresh read of it says (issue 19).
+    let suspect = lifecycle::suspect(event).filter(|_| state.settings.event_repairs);
+    let evaluation = suspect.as_ref().and_then(|why| {
+        // Every set the event could be about is evaluated; the answer says how the last went.
+        let triggered: Vec<&str> = sets
+            .iter()
+            .map(|set| crate::prompt::trigger(state, set, why, true).as_str())
+            .collect();
+        triggered.last().copied()
+    });
     let set = sets
         .iter()
         .map(ToString::to_string)
@@ -222,7 +234,7 @@ async fn on_lifecycle(
     tracing::info!(scale_set = %set, event_type = %event.event_type, event_id = %event.id, "{note}");
     Ok(Outcome::new(
         format!("lifecycle: {note}"),
-        json!({"accepted": true, "change": note}),
+        json!({"accepted": true, "change": note, "evaluation": evaluation}),
     ))
 }
 

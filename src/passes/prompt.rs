@@ -1,6 +1,7 @@
 //! Repair in seconds, not minutes (issue 19): when evidence that can make an instance unhealthy
-//! arrives by event — a DOWN heartbeat whose streak has lasted `HEALER_DOWN_FOR` — `monitor-events`
-//! has its scale set evaluated at once ([`crate::repair::repair_one`]: the timer pass's gather →
+//! arrives by event — a DOWN heartbeat whose streak has lasted `HEALER_DOWN_FOR`, a Resource
+//! Manager event of a failed operation or a stopped VM — `monitor-events` has its scale set
+//! evaluated at once ([`crate::repair::repair_one`]: the timer pass's gather →
 //! decide → act → journal for that one set), instead of waiting up to a minute for the timer.
 //!
 //! Coalesced: a burst of evidence in one set (a bad deployment: hundreds of DOWNs in a second)
@@ -9,6 +10,10 @@
 //! [`MAX_CONCURRENT`] sets at once across the process. Bounded: an evaluation has [`BUDGET`]; what
 //! does not fit is the next pass's, under the same claim rules, never done twice. The event's
 //! answer does not wait for it (Event Grid gives a delivery 30 s before it retries).
+//!
+//! A Resource Manager event is only a hint (anyone who reaches the endpoint can send one): its
+//! evaluation reads the scale set from the Compute API first and judges what that says — at most
+//! once per set per [`FRESH_INTERVAL`], never from the read budget the mirror passes need.
 
 use crate::heartbeat::{Heartbeat, Status};
 use crate::host::AppState;
@@ -22,6 +27,8 @@ use tokio::sync::Semaphore;
 
 /// The least time between two evaluations of one scale set.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// The least time between two evaluations of one scale set that read it afresh first.
+pub const FRESH_INTERVAL: Duration = Duration::from_secs(10);
 /// Scale sets evaluated at once by one process.
 pub const MAX_CONCURRENT: usize = 4;
 /// How long one evaluation may run beyond one `HEALER_CALL_TIMEOUT`: a call fits (a pass's must
@@ -47,7 +54,10 @@ pub fn due(
 struct Gate {
     running: bool,
     again: bool,
+    /// The next run reads the scale set afresh first (a Resource Manager event asked).
+    fresh: bool,
     last: Option<Instant>,
+    last_fresh: Option<Instant>,
 }
 
 /// What a trigger did.
@@ -95,11 +105,12 @@ impl Prompts {
         }
     }
 
-    /// Asks for an evaluation of `set`: `Started` when this call is to run it, `Coalesced` when
-    /// one runs already (it runs once more after).
-    pub fn enter(&self, set: &ScaleSetId) -> Triggered {
+    /// Asks for an evaluation of `set` (`fresh`: reading it afresh first): `Started` when this
+    /// call is to run it, `Coalesced` when one runs already (it runs once more after).
+    pub fn enter(&self, set: &ScaleSetId, fresh: bool) -> Triggered {
         let mut gates = self.gates();
         let gate = gates.entry(set.key()).or_default();
+        gate.fresh |= fresh;
         if gate.running {
             gate.again = true;
             Triggered::Coalesced
@@ -122,18 +133,25 @@ impl Prompts {
         }
     }
 
-    /// How long to wait before the next start of `set` (at most one per [`MIN_INTERVAL`]); the
-    /// start is recorded.
-    fn pace(&self, set: &ScaleSetId) -> Duration {
+    /// How long to wait before the next start of `set` (at most one per [`MIN_INTERVAL`], one
+    /// with a fresh read per [`FRESH_INTERVAL`]), and whether it reads afresh; the start is
+    /// recorded.
+    fn pace(&self, set: &ScaleSetId) -> (Duration, bool) {
         let mut gates = self.gates();
         let gate = gates.entry(set.key()).or_default();
         let now = Instant::now();
-        let wait = gate
-            .last
-            .map(|l| (l + MIN_INTERVAL).saturating_duration_since(now))
-            .unwrap_or_default();
+        let after = |last: Option<Instant>, gap: Duration| {
+            last.map(|l| (l + gap).saturating_duration_since(now))
+                .unwrap_or_default()
+        };
+        let fresh = std::mem::take(&mut gate.fresh);
+        let mut wait = after(gate.last, MIN_INTERVAL);
+        if fresh {
+            wait = wait.max(after(gate.last_fresh, FRESH_INTERVAL));
+            gate.last_fresh = Some(now + wait);
+        }
         gate.last = Some(now + wait);
-        wait
+        (wait, fresh)
     }
 
     pub fn runs(&self) -> u64 {
@@ -141,16 +159,18 @@ impl Prompts {
     }
 }
 
-/// Has `set` evaluated now, in the background, coalesced with any evaluation of it under way.
-pub fn trigger(state: &AppState, set: &ScaleSetId, why: &str) -> Triggered {
-    let triggered = state.prompts.enter(set);
-    tracing::info!(scale_set = %set, decision = "evaluate", trigger = triggered.as_str(), why, "scale set evaluated at once");
+/// Has `set` evaluated now, in the background, coalesced with any evaluation of it under way;
+/// `fresh`: read from the Compute API first (the evidence is an event's word).
+pub fn trigger(state: &AppState, set: &ScaleSetId, why: &str, fresh: bool) -> Triggered {
+    let triggered = state.prompts.enter(set, fresh);
+    tracing::info!(scale_set = %set, decision = "evaluate", trigger = triggered.as_str(), why, fresh, "scale set evaluated at once");
     if triggered == Triggered::Started {
         let (state, set) = (state.clone(), set.clone());
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(state.prompts.pace(&set)).await;
-                evaluate(&state, &set).await;
+                let (wait, fresh) = state.prompts.pace(&set);
+                tokio::time::sleep(wait).await;
+                evaluate(&state, &set, fresh).await;
                 if !state.prompts.leave(&set) {
                     break;
                 }
@@ -160,7 +180,7 @@ pub fn trigger(state: &AppState, set: &ScaleSetId, why: &str) -> Triggered {
     triggered
 }
 
-async fn evaluate(state: &AppState, set: &ScaleSetId) {
+async fn evaluate(state: &AppState, set: &ScaleSetId, fresh: bool) {
     let Some(watched) = state.settings.scale_set(set) else {
         return;
     };
@@ -173,17 +193,27 @@ async fn evaluate(state: &AppState, set: &ScaleSetId) {
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let now = OffsetDateTime::now_utc();
     let budget = state.settings.call_timeout.unsigned_abs() + BUDGET;
-    let run = crate::repair::repair_one(
-        &state.store,
-        &state.compute,
-        &state.notifier,
-        &state.settings,
-        watched,
-        budget,
-        now,
-    );
+    let run = async {
+        if fresh {
+            let (store, compute) = (&state.store, &state.compute);
+            let read = crate::sync::sync_set(store, compute, &state.settings, set, budget, now);
+            if let Some(sync) = read.await? {
+                tracing::info!(scale_set = %set, outcome = sync.outcome.label(), instances = sync.instances, written = sync.written, "read afresh for the evaluation");
+            }
+        }
+        crate::repair::repair_one(
+            &state.store,
+            &state.compute,
+            &state.notifier,
+            &state.settings,
+            watched,
+            budget,
+            OffsetDateTime::now_utc(),
+        )
+        .await
+    };
     // The budget bounds the calls; this bounds everything else (storage that hangs).
-    match tokio::time::timeout(budget + BUDGET, run).await {
+    match tokio::time::timeout(budget * 2 + BUDGET, run).await {
         Ok(Ok(Some(report))) => {
             tracing::info!(scale_set = %set, requested = report.repairs_requested, withheld = report.withheld, paused = report.paused.unwrap_or(""), "evaluation done");
         }
@@ -261,20 +291,45 @@ mod tests {
             ScaleSetId::new("s", "rg", "web"),
             ScaleSetId::new("s", "rg", "api"),
         );
-        assert_eq!(prompts.enter(&web), Triggered::Started);
+        assert_eq!(prompts.enter(&web, false), Triggered::Started);
         for _ in 0..500 {
-            assert_eq!(prompts.enter(&web), Triggered::Coalesced);
+            assert_eq!(prompts.enter(&web, false), Triggered::Coalesced);
         }
         assert_eq!(
-            prompts.enter(&api),
+            prompts.enter(&api, false),
             Triggered::Started,
             "another set is not held"
         );
         assert!(prompts.leave(&web), "evidence came meanwhile: once more");
         assert!(!prompts.leave(&web), "and only once, for 500 events");
-        assert_eq!(prompts.enter(&web), Triggered::Started);
+        assert_eq!(prompts.enter(&web, false), Triggered::Started);
         // Paced: a second start within the interval waits for it.
-        assert!(prompts.pace(&web).is_zero());
-        assert!(prompts.pace(&web) > Duration::ZERO);
+        assert_eq!(prompts.pace(&web), (Duration::ZERO, false));
+        let (wait, _) = prompts.pace(&web);
+        assert!(wait > Duration::ZERO && wait <= MIN_INTERVAL, "{wait:?}");
+    }
+
+    #[test]
+    fn a_fresh_read_is_asked_once_for_a_burst_and_paced_apart() {
+        let prompts = Prompts::default();
+        let web = ScaleSetId::new("s", "rg", "web");
+        assert_eq!(prompts.enter(&web, true), Triggered::Started);
+        assert_eq!(prompts.pace(&web), (Duration::ZERO, true));
+        // Events while it runs: one more run, which reads afresh if any of them asked.
+        prompts.enter(&web, false);
+        prompts.enter(&web, true);
+        prompts.enter(&web, false);
+        assert!(prompts.leave(&web));
+        let (wait, fresh) = prompts.pace(&web);
+        assert!(fresh, "the second event asked for a read");
+        assert!(
+            wait > MIN_INTERVAL && wait <= FRESH_INTERVAL,
+            "a second read of the set waits for FRESH_INTERVAL: {wait:?}"
+        );
+        assert!(!prompts.leave(&web));
+        // A heartbeat's evaluation after it needs no read and waits only MIN_INTERVAL after it.
+        assert_eq!(prompts.enter(&web, false), Triggered::Started);
+        let (later, fresh) = prompts.pace(&web);
+        assert!(!fresh && later <= wait + MIN_INTERVAL, "{later:?}");
     }
 }

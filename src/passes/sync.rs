@@ -182,6 +182,43 @@ pub async fn sync_all(
     })
 }
 
+/// Mirrors one scale set now if it is due — an event has just marked it changed — within
+/// `budget`: an evaluation on an event's word reads what the Compute API says first (issue 19).
+/// `None`: not read (throttled, or nothing said it changed).
+pub async fn sync_set(
+    store: &Store,
+    compute: &Compute,
+    settings: &Settings,
+    id: &ScaleSetId,
+    budget: std::time::Duration,
+    now: OffsetDateTime,
+) -> Result<Option<SetSync>, StoreError> {
+    let record = store.scale_set(id).await?;
+    let read = match resync::due(record.as_ref(), &id.key(), settings.full_resync, now) {
+        Ok(read) => read,
+        Err(hold) => {
+            tracing::info!(scale_set = %id, hold = ?hold, "mirror not read for the evaluation");
+            return Ok(None);
+        }
+    };
+    // Events can be forged: their reads never spend what the mirror passes need.
+    if let Some(left) = compute
+        .observed()
+        .remaining_budget(&id.subscription)
+        .filter(|left| *left < READ_RESERVE)
+    {
+        tracing::warn!(scale_set = %id, remaining = left, "Compute read budget nearly spent: mirror not read for the evaluation");
+        return Ok(None);
+    }
+    let deadline = Deadline::after(budget, settings.call_timeout.unsigned_abs());
+    let gate = Arc::new(Mutex::new(false));
+    let sync = within(
+        store, compute, settings, &deadline, gate, id, record, read, now,
+    )
+    .await?;
+    Ok(Some(sync))
+}
+
 /// One scale set's sync within the pass deadline: not started once a call no longer fits, cut
 /// where it stands when the deadline comes.
 #[allow(clippy::too_many_arguments)]

@@ -380,7 +380,10 @@ async fn power_off(State(s): State<Shared>, Path((key, id)): Path<(String, u64)>
     let set = &w.sets[&key.to_lowercase()];
     let vm = &set.vms[&id];
     let (uri, operation) = if flexible {
-        (set.vm_resource_id(vm), "Microsoft.Compute/virtualMachines/powerOff/action")
+        (
+            set.vm_resource_id(vm),
+            "Microsoft.Compute/virtualMachines/powerOff/action",
+        )
     } else {
         (
             format!("{}/virtualMachines/{id}", set.resource_id()),

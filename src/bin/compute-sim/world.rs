@@ -764,7 +764,13 @@ impl World {
     }
 
     /// The same, for an operation that ended with `status`.
-    pub fn announce_as(&mut self, event_type: &str, resource_uri: &str, operation: &str, status: &str) {
+    pub fn announce_as(
+        &mut self,
+        event_type: &str,
+        resource_uri: &str,
+        operation: &str,
+        status: &str,
+    ) {
         let Some((topic, _)) = resource_uri.split_once("/providers/") else {
             return;
         };
@@ -984,7 +990,11 @@ impl World {
                 // The instances a failed scale-out was creating stay, failed: what
                 // cluster-autoscaler's Azure provider finds and deletes after a failed scale-up.
                 Some(state) => {
-                    for vm in set.vms.values_mut().filter(|v| v.provisioning_state == "Creating") {
+                    for vm in set
+                        .vms
+                        .values_mut()
+                        .filter(|v| v.provisioning_state == "Creating")
+                    {
                         vm.provisioning_state = state.clone();
                         vm.provisioned_at = ended;
                     }
