@@ -65,4 +65,25 @@ fn the_benchmarks_run_and_report() {
         changed.contains("| 0 rows written, 0 removed |"),
         "20 instances: none in the changed 0.1 %: {changed}"
     );
+
+    // Issue 19's burst: coalesced, and the short-circuited sets make no repair (the bench
+    // asserts it too).
+    let burst = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(["burst", "--sets", "4", "--set-size", "10", "--downs", "40"])
+        .output()
+        .expect("run bench burst");
+    let out = String::from_utf8_lossy(&burst.stdout);
+    assert!(
+        burst.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&burst.stderr)
+    );
+    assert!(
+        out.contains("| repairs in the mass-DOWN sets | 0 |"),
+        "{out}"
+    );
+    assert!(
+        out.contains("| mass-DOWN sets paused (too_many_unhealthy) | 2 of 2 |"),
+        "{out}"
+    );
 }

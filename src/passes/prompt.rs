@@ -154,6 +154,11 @@ impl Prompts {
         (wait, fresh)
     }
 
+    /// Scale sets with an evaluation running or about to.
+    pub fn running(&self) -> usize {
+        self.gates().values().filter(|g| g.running).count()
+    }
+
     pub fn runs(&self) -> u64 {
         self.runs.load(std::sync::atomic::Ordering::Relaxed)
     }

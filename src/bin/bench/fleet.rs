@@ -1,7 +1,7 @@
 //! The simulated fleet the handler's benchmarks run against, served from this process: scale
-//! sets of up to `SET_SIZE` instances, a day old, every VM running.
+//! sets of a given size, a day old, every VM running.
 
-use crate::{admin, server, world, Shared, SECRET, SET_SIZE, TICK_RG, TICK_SUB};
+use crate::{admin, server, world, Shared, SECRET, TICK_RG, TICK_SUB};
 use std::time::Duration;
 use time::OffsetDateTime;
 use vmss_healer::heartbeat::{Heartbeat, Origin, Status};
@@ -17,15 +17,16 @@ pub struct Fleet {
     pub names: Vec<String>,
 }
 
-/// `instances` VMs in sets named `web000`, `web001`, … of `mode` (`Uniform` or `Flexible`).
-pub async fn start(instances: usize, mode: &str) -> Fleet {
-    let sets = instances.div_ceil(SET_SIZE).max(1);
+/// `instances` VMs in sets of up to `set_size` named `web000`, `web001`, … of `mode` (`Uniform`
+/// or `Flexible`).
+pub async fn start(instances: usize, set_size: usize, mode: &str) -> Fleet {
+    let sets = instances.div_ceil(set_size).max(1);
     let port = crate::azurite::free_port();
     let mut fleet = world::World::new(Duration::ZERO, 100);
     let day_ago = OffsetDateTime::now_utc() - time::Duration::days(1);
     let names: Vec<String> = (0..sets).map(|i| format!("web{i:03}")).collect();
     for (i, name) in names.iter().enumerate() {
-        let size = SET_SIZE.min(instances.saturating_sub(SET_SIZE * i));
+        let size = set_size.min(instances.saturating_sub(set_size * i));
         let key = fleet.create_set(
             TICK_SUB,
             TICK_RG,

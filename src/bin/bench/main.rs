@@ -24,6 +24,10 @@
 //! `HEALER_DOWN_FOR` to the repair's Compute call, evaluation on the evidence vs the timer alone
 //! (`prompt.rs`).
 //!
+//! `bench burst [--sets S] [--set-size N] [--downs D]`: D DOWNs at once across S sets, half of
+//! them a mass DOWN the short-circuit must pause (`burst.rs`): evaluations, table requests,
+//! Compute calls, repairs.
+//!
 //! Build first: `cargo build --release --bins` (startup runs the `handler` next to this binary).
 
 #[path = "../compute-sim/admin.rs"]
@@ -33,6 +37,7 @@ mod arm;
 #[allow(dead_code)]
 #[path = "../../../tests/common/azurite.rs"]
 mod azurite;
+mod burst;
 mod cycle;
 #[path = "../compute-sim/disks.rs"]
 mod disks;
@@ -109,13 +114,18 @@ fn main() {
             arg("--faults", 100),
             arg("--timer-s", 10) as u64,
         ),
+        "burst" => burst::run(
+            arg("--sets", 100),
+            arg("--set-size", 20),
+            arg("--downs", 1000),
+        ),
         "telemetry" => telemetry(
             arg("--instances", 1000),
             arg("--rounds", 5),
             arg("--concurrency", 16),
         ),
         _ => {
-            eprintln!("usage: bench ingest [--instances N] [--rounds R] [--concurrency C] | bench startup [--runs N] | bench tick [--instances N] | bench load [--deliveries N] [--instances M] | bench cycle [--instances N] [--batch 20%] [--reimage-minutes R] | bench telemetry [--instances N] [--rounds R] [--concurrency C] | bench prompt [--instances N] [--faults F] [--timer-s T]");
+            eprintln!("usage: bench ingest [--instances N] [--rounds R] [--concurrency C] | bench startup [--runs N] | bench tick [--instances N] | bench load [--deliveries N] [--instances M] | bench cycle [--instances N] [--batch 20%] [--reimage-minutes R] | bench telemetry [--instances N] [--rounds R] [--concurrency C] | bench prompt [--instances N] [--faults F] [--timer-s T] | bench burst [--sets S] [--set-size N] [--downs D]");
             std::process::exit(2);
         }
     }
@@ -576,7 +586,7 @@ fn tick(instances: usize, flexible: bool) {
         .expect("tokio runtime");
     runtime.block_on(async {
         // The simulated fleet, in this process: a day old, every VM running.
-        let fleet::Fleet { sim, port: sim_port, ids, .. } = fleet::start(instances, mode).await;
+        let fleet::Fleet { sim, port: sim_port, ids, .. } = fleet::start(instances, SET_SIZE, mode).await;
 
         // The real handler binary, as the Functions host runs it.
         let env = [

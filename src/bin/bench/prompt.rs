@@ -24,7 +24,7 @@ pub fn run(instances: usize, faults: usize, timer_s: u64) {
         .build()
         .expect("tokio runtime");
     runtime.block_on(async {
-        let crate::fleet::Fleet { sim, port: sim_port, ids, names } = crate::fleet::start(instances, "Uniform").await;
+        let crate::fleet::Fleet { sim, port: sim_port, ids, names } = crate::fleet::start(instances, SET_SIZE, "Uniform").await;
         let env = |event_repairs: bool| {
             vec![
                 ("HEALER_SCALE_SETS", ids.join(",")),
