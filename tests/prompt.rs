@@ -35,6 +35,16 @@ fn requested(j: &[Entry], instance: &str) -> usize {
         .count()
 }
 
+/// Who decided each call for `instance` (its intent and request rows' `evidence.by`).
+fn by(j: &[Entry], instance: &str) -> Vec<String> {
+    j.iter()
+        .filter(|e| {
+            matches!(e.kind, EntryKind::Intent | EntryKind::Repair) && e.instance_id == instance
+        })
+        .map(|e| e.evidence["by"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
 /// Waits (polling, bounded) until the journal satisfies `done`.
 async fn until(app: &TestApp, what: &str, done: impl Fn(&[Entry]) -> bool) -> Vec<Entry> {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -105,6 +115,11 @@ async fn a_down_instance_is_repaired_with_no_timer_once_down_lasted_down_for() {
     );
     let j = until(&app, "the restart of web#2", |j| requested(j, "2") == 1).await;
     assert_eq!(requested(&j, "2"), 1);
+    assert_eq!(
+        by(&j, "2"),
+        ["evaluation", "evaluation"],
+        "intent and request say who decided"
+    );
     assert!(
         app.compute_calls()
             .await
@@ -203,7 +218,9 @@ async fn with_event_repairs_off_nothing_happens_until_the_timer() {
     );
     let (status, answer) = app.invoke_timer("monitor-status").await;
     assert_eq!(status, 200, "{answer}");
-    assert_eq!(requested(&journal(&app).await, "3"), 1);
+    let j = journal(&app).await;
+    assert_eq!(requested(&j, "3"), 1);
+    assert_eq!(by(&j, "3"), ["timer", "timer"]);
 }
 
 /// A set the last timer pass found short-circuited is the timer's while it recovers: with some

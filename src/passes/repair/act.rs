@@ -14,6 +14,9 @@ pub(super) struct SetPass<'a> {
     pub now: OffsetDateTime,
     pub mode: Orchestration,
     pub policy: &'a crate::policy::Policy,
+    /// What decided: `timer` (a `monitor-status` pass) or `evaluation` (an event's, issue 19);
+    /// kept with each call's journal rows.
+    pub by: &'static str,
 }
 
 impl SetPass<'_> {
@@ -149,6 +152,7 @@ async fn send_group(
                 let mut evidence = t.evidence.clone();
                 evidence["call"] = json!(call);
                 evidence["stage"] = json!(t.incident.stage);
+                evidence["by"] = json!(pass.by);
                 entry_of(
                     t,
                     EntryKind::Intent,
@@ -210,6 +214,7 @@ async fn send_group(
         let mut evidence = t.evidence.clone();
         evidence["call"] = json!(call);
         evidence["stage"] = json!(t.incident.stage);
+        evidence["by"] = json!(pass.by);
         if let Some(op) = &operation {
             // The Azure-AsyncOperation URL, for an operator following the repair in ARM.
             evidence["operation"] = json!(op.url);

@@ -175,6 +175,7 @@ pub async fn repair_all(
                     .and_then(|r| r.orchestration_mode.as_deref()),
             ),
             policy: &watched.policy,
+            by: "timer",
         };
         let brake = plan.paused().cloned();
         // A grow or delete of the healer's that goes out this pass: the operation's writes wait.
@@ -327,6 +328,7 @@ pub async fn repair_one(
                 .and_then(|r| r.orchestration_mode.as_deref()),
         ),
         policy: &watched.policy,
+        by: "evaluation",
     };
     let (report, alerts) = carry_out(&pass, plan, obs.record.as_ref(), followed).await?;
     notifier.send(alerts);
