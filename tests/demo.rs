@@ -62,9 +62,29 @@ fn the_demo_plays_its_story_and_the_healer_gets_every_act_right() {
         "stateful replacement of db#0: succeeded",
         "db#0 replaced by db#1 (zone 2): its data disk followed it at LUN 0, 1 disk(s) left",
         "the stateful VM's data followed it",
+        // Issue 19: the DOWNs are repaired on their heartbeat's evaluation, silence by the timer.
+        "healer: heartbeats every tick, monitor-state every tick, monitor-status every 4 ticks",
+        "by the evaluation on the evidence",
     ] {
         assert!(out.contains(line), "missing `{line}` in:\n{out}");
     }
+    let graded = |who: &str| {
+        out.lines()
+            .find(|l| {
+                l.trim_start()
+                    .starts_with(&format!("{who}: detected and repaired"))
+            })
+            .unwrap_or_else(|| panic!("no time to repair for {who}:\n{out}"))
+            .to_string()
+    };
+    assert!(
+        graded("web#4").ends_with("by the evaluation on the evidence"),
+        "{out}"
+    );
+    assert!(
+        graded("api#7").ends_with("by a monitor-status pass"),
+        "silence is the timer's: {out}"
+    );
     // The planned reboot and the mass DOWN are never repaired.
     assert!(!out.contains("repair  web#10"), "{out}");
     assert!(!out.contains("repair  api#2"), "{out}");

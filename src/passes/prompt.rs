@@ -38,16 +38,20 @@ pub const BUDGET: Duration = Duration::from_secs(10);
 /// Whether this heartbeat, just stored, is evidence to act on now: DOWN for `HEALER_DOWN_FOR`
 /// already (its streak began at `down_since`). A DOWN not yet that long is looked at again by the
 /// next DOWN after that moment (agents report every interval); silence is the timer's.
+///
+/// By the agent's clock as well as ours: the streak began at the first DOWN's event time, and an
+/// agent reporting every `HEALER_DOWN_FOR` (both a minute by default) sends the DOWN that completes
+/// it at exactly that time later — by our clock it may arrive a hair early (clock skew), and
+/// waiting for the next one would cost a whole interval. The evaluation itself judges by our
+/// clock, so a forged event time only costs an evaluation.
 pub fn due(
     hb: &Heartbeat,
     down_since: Option<OffsetDateTime>,
     policy: &Policy,
     now: OffsetDateTime,
 ) -> bool {
-    hb.status == Status::Down
-        && down_since
-            .or(Some(hb.event_time))
-            .is_some_and(|since| now >= since + policy.down_for)
+    let since = down_since.unwrap_or(hb.event_time);
+    hb.status == Status::Down && now.max(hb.event_time) >= since + policy.down_for
 }
 
 #[derive(Debug, Default)]
@@ -270,21 +274,28 @@ mod tests {
         .unwrap()
         .defaults;
         let down_for = policy.down_for;
-        for (status, since, want) in [
-            (Status::Down, Some(NOW - down_for), true),
+        let second = time::Duration::seconds(1);
+        for (status, since, sent, want) in [
+            (Status::Down, Some(NOW - down_for), NOW, true),
+            (Status::Down, Some(NOW - down_for + second), NOW, false),
+            (Status::Down, None, NOW, down_for.is_zero()),
+            (Status::Up, Some(NOW - down_for * 2), NOW, false),
+            (Status::Starting, None, NOW, false),
+            // The agent's clock a second ahead of ours: its DOWN sent HEALER_DOWN_FOR after the
+            // first completes the streak by its own clock.
             (
                 Status::Down,
-                Some(NOW - down_for + time::Duration::seconds(1)),
-                false,
+                Some(NOW - down_for + second),
+                NOW + second,
+                true,
             ),
-            (Status::Down, None, down_for.is_zero()),
-            (Status::Up, Some(NOW - down_for * 2), false),
-            (Status::Starting, None, false),
         ] {
+            let mut beat = hb(status.clone());
+            beat.event_time = sent;
             assert_eq!(
-                due(&hb(status.clone()), since, &policy, NOW),
+                due(&beat, since, &policy, NOW),
                 want,
-                "{status:?} {since:?}"
+                "{status:?} {since:?} {sent}"
             );
         }
     }

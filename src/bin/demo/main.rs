@@ -61,6 +61,11 @@ struct Options {
     tick: Duration,
     live: bool,
     svg: std::path::PathBuf,
+    /// `monitor-status` runs every this many ticks: as on Azure, where its timer (60 s) is as
+    /// long as `HEALER_DOWN_FOR`, the story's 4 ticks.
+    status_every: u32,
+    /// `--timer-only`: `HEALER_EVENT_REPAIRS=false`, for the comparison.
+    timer_only: bool,
 }
 
 fn main() {
@@ -79,6 +84,14 @@ fn main() {
         tick: Duration::from_millis(if fast { 250 } else { 750 }),
         live: !plain && std::io::stdout().is_terminal(),
         svg,
+        status_every: args
+            .iter()
+            .position(|a| a == "--status-every")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|n| n.parse().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(story::DOWN_FOR),
+        timer_only: args.iter().any(|a| a == "--timer-only"),
     };
     story::set_tick(options.tick);
     let sim_port = azurite::free_port();
@@ -122,6 +135,7 @@ async fn start(
     sim_port: u16,
     connection_string: String,
     tick: Duration,
+    timer_only: bool,
 ) -> Option<(Shared, Store, String)> {
     // Operations take two ticks, as real ones take minutes.
     let mut world = world::World::new(tick * 2, 100);
@@ -212,6 +226,7 @@ async fn start(
         ("HEALER_GRACE_PERIOD", seconds(story::GRACE)),
         ("HEALER_MIRROR_MAX_AGE", "30".into()),
         ("HEALER_REPAIR_ACTIONS", "replace".into()),
+        ("HEALER_EVENT_REPAIRS", (!timer_only).to_string()),
         ("FUNCTIONS_CUSTOMHANDLER_PORT", handler_port.to_string()),
     ]);
     let settings = match Settings::from_lookup(|k| env.get(k).cloned()) {
@@ -250,7 +265,9 @@ async fn start(
 
 async fn run(sim_port: u16, connection_string: String, options: Options) -> bool {
     let tick_len = options.tick;
-    let Some((sim, store, handler)) = start(sim_port, connection_string, tick_len).await else {
+    let Some((sim, store, handler)) =
+        start(sim_port, connection_string, tick_len, options.timer_only).await
+    else {
         return false;
     };
     let settings = Settings::from_lookup(|k| match k {
@@ -294,7 +311,7 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
     let mut view = view::View::new(options.live);
     let mut picture = Timeline::default();
     println!(
-        "fleet: {} scale sets × 50 VMs ({} in Flexible orchestration, the others Uniform), {}, empty, and {}, a stateful VM of one; one tick = {:?}; a VM is silent after {} ticks; repair = replace\n",
+        "fleet: {} scale sets × 50 VMs ({} in Flexible orchestration, the others Uniform), {}, empty, and {}, a stateful VM of one; one tick = {:?}; a VM is silent after {} ticks; repair = replace",
         SETS.len() - 2,
         story::FLEXIBLE_SET,
         story::SWAP_TO,
@@ -302,9 +319,20 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
         tick_len,
         story::HEARTBEAT_TIMEOUT
     );
+    println!(
+        "healer: heartbeats every tick, monitor-state every tick, monitor-status every {} ticks (HEALER_DOWN_FOR); evaluation on the evidence {}\n",
+        options.status_every,
+        if options.timer_only {
+            "off (--timer-only)"
+        } else {
+            "on"
+        }
+    );
     let since = OffsetDateTime::now_utc() - time::Duration::seconds(1);
     let mut jobs_new = None;
     let mut repairs: Vec<(String, u64, u32)> = Vec::new();
+    // When each repair was requested (s since the start) and what decided it.
+    let mut repair_times: HashMap<(String, u64), (f32, String)> = HashMap::new();
     let mut pauses_seen: Vec<(String, String, u32)> = Vec::new();
     let mut withheld_rows = 0usize;
     let mut detected: BTreeSet<(String, String)> = BTreeSet::new();
@@ -321,6 +349,7 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
 
     // The story's clock starts with its first tick, whatever the first mirror pass took.
     let started = Instant::now();
+    let started_wall = OffsetDateTime::now_utc();
     // When each tick began (s since the start): times to repair are wall-clock times.
     let mut tick_started: Vec<f32> = Vec::new();
     let mut numbers: HashMap<(String, String), u64> = HashMap::new();
@@ -429,7 +458,11 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
         round.extend(admin::resource_event_round(&sim).await);
         admin::deliver(&sim.http, &handler, admin::Delivery::Handler, round).await;
         invoke("monitor-state").await;
-        invoke("monitor-status").await;
+        // Out of step with the faults, as a timer is: the passes fall a tick after the story's
+        // acts (on every fourth tick from the third), not on the tick a DOWN completes its streak.
+        if tick % options.status_every == options.status_every - 1 {
+            invoke("monitor-status").await;
+        }
         // While the cycle runs: how many of its scale set's instances serve (the batch being
         // reimaged does not), and what the operation holds.
         let mut cycling: BTreeSet<String> = BTreeSet::new();
@@ -618,6 +651,11 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
                     if let Some(n) = number(&numbers, name, &e.instance_id) {
                         repairs.push((name.to_string(), n, tick));
                         picture.repair(name, n, tick);
+                        let at = (e.at - started_wall).as_seconds_f32();
+                        let by = e.evidence["by"].as_str().unwrap_or("timer").to_string();
+                        repair_times
+                            .entry((name.to_string(), n))
+                            .or_insert((at, by));
                     }
                 }
                 EntryKind::Withheld if !released => {
@@ -688,7 +726,8 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
             .copied()
             .unwrap_or(t as f32 * tick_len.as_secs_f32())
     };
-    for line in story::grade(&expected, &repairs, &pauses_seen, seconds_at) {
+    let repaired_at = |set: &str, n: u64| repair_times.get(&(set.to_string(), n)).cloned();
+    for line in story::grade(&expected, &repairs, &pauses_seen, seconds_at, repaired_at) {
         println!("  {}", line.text);
         ok &= line.ok;
     }

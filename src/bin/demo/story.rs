@@ -39,7 +39,7 @@ pub const SWAP_TO: &str = "api-green";
 pub const SWAP_MIN_SERVING: usize = 50;
 /// The last act as well: the stateful VM of `db` dies for good; its data disk (LUN 0) must follow
 /// it to the new VM — in another zone, so by a copy — before the broken one goes.
-pub const STATEFUL: u32 = 64;
+pub const STATEFUL: u32 = 66;
 pub const STATEFUL_SET: &str = "db";
 /// db's repair timeout, in ticks: restart and reimage are given this long before the replacement.
 pub const STATEFUL_REPAIR_TIMEOUT: u32 = 8;
@@ -47,7 +47,7 @@ pub const STATEFUL_REPAIR_TIMEOUT: u32 = 8;
 pub const STATEFUL_DATA: &str = "data written by db_0";
 /// The story is over once this tick has passed and the fleet has settled (and the cycle and the
 /// swap are done).
-pub const LAST_TICK: u32 = 66;
+pub const LAST_TICK: u32 = 68;
 
 pub struct Act {
     pub tick: u32,
@@ -363,18 +363,28 @@ pub fn grade(
     repairs: &[(String, u64, u32)],
     pauses: &[(String, String, u32)],
     seconds_at: impl Fn(u32) -> f32,
+    repaired_at: impl Fn(&str, u64) -> Option<(f32, String)>,
 ) -> Vec<Graded> {
     let mut out = Vec::new();
     for (set, instance, fault_tick) in &expected.must_repair {
         out.push(
             match repairs.iter().find(|(s, i, _)| s == set && i == instance) {
-                Some((_, _, t)) => Graded {
-                    text: format!(
-                        "{set}#{instance}: detected and repaired {:.1} s after the fault",
-                        seconds_at(*t) - seconds_at(*fault_tick)
-                    ),
-                    ok: true,
-                },
+                Some((_, _, t)) => {
+                    // The request's own time when the journal has it, else its tick's.
+                    let (at, by) = repaired_at(set, *instance)
+                        .unwrap_or_else(|| (seconds_at(*t), "timer".into()));
+                    let by = match by.as_str() {
+                        "evaluation" => "by the evaluation on the evidence",
+                        _ => "by a monitor-status pass",
+                    };
+                    Graded {
+                        text: format!(
+                            "{set}#{instance}: detected and repaired {:.1} s after the fault, {by}",
+                            at - seconds_at(*fault_tick)
+                        ),
+                        ok: true,
+                    }
+                }
                 None => Graded {
                     text: format!("{set}#{instance}: MISSED — never repaired"),
                     ok: false,
@@ -439,9 +449,14 @@ mod tests {
             .iter()
             .map(|(s, b, t)| (s.to_string(), b.to_string(), *t))
             .collect();
-        grade(&expectations(Some(50)), &repairs, &pauses, |tick| {
-            tick as f32 * 0.25
-        })
+        let seconds_at = |tick: u32| tick as f32 * 0.25;
+        grade(
+            &expectations(Some(50)),
+            &repairs,
+            &pauses,
+            seconds_at,
+            |_, _| None,
+        )
         .into_iter()
         .map(|g| (g.ok, g.text))
         .collect()
@@ -517,10 +532,29 @@ mod tests {
         let lines = run(&GOOD_REPAIRS, &GOOD_PAUSES);
         assert!(lines.iter().all(|(ok, _)| *ok), "{lines:?}");
         assert!(
-            lines[0]
-                .1
-                .contains("web#4: detected and repaired 1.2 s after the fault"),
+            lines[0].1.contains(
+                "web#4: detected and repaired 1.2 s after the fault, by a monitor-status pass"
+            ),
             "{lines:?}"
+        );
+        // The request's own time and who decided, when the journal says.
+        let repairs: Vec<_> = GOOD_REPAIRS
+            .iter()
+            .map(|(s, i, t)| (s.to_string(), *i, *t))
+            .collect();
+        let graded = grade(
+            &expectations(Some(50)),
+            &repairs,
+            &[],
+            |tick| tick as f32 * 0.25,
+            |set, i| (set == "web" && i == 4).then(|| (1.3, "evaluation".to_string())),
+        );
+        assert!(
+            graded[0]
+                .text
+                .contains("web#4: detected and repaired 0.8 s after the fault, by the evaluation on the evidence"),
+            "{}",
+            graded[0].text
         );
     }
 
