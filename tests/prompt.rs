@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{now_rfc3339, spawn_app, TestApp};
+use common::{now_rfc3339, spawn_app, Mode, TestApp};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use vmss_healer::journal::{Entry, EntryKind};
@@ -276,11 +276,14 @@ fn repaired(j: &[Entry], instance: &str) -> bool {
     requested(j, instance) >= 1
 }
 
-/// Resource Manager reports a VM stopped through ARM: its set is read afresh and evaluated at
-/// once, and the VM repaired with no timer invocation.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_vm_stopped_through_arm_is_repaired_on_its_resource_manager_event() {
+in_both_modes!(a_vm_stopped_through_arm_is_repaired_on_its_resource_manager_event);
+
+/// Resource Manager reports a VM stopped through ARM (on the instance of a Uniform set, on the
+/// plain VM of a Flexible one): its set is read afresh and evaluated at once, and the VM repaired
+/// with no timer invocation.
+async fn a_vm_stopped_through_arm_is_repaired_on_its_resource_manager_event(mode: Mode) {
     let app = spawn_app()
+        .mode(mode)
         .scale_set("web", 4)
         .env("HEALER_EVENT_REPAIRS", "true")
         .start()
@@ -295,27 +298,29 @@ async fn a_vm_stopped_through_arm_is_repaired_on_its_resource_manager_event() {
     )
     .await;
     assert_eq!(app.resource_events().await, 1);
-    let j = until(&app, "the repair of web#2", |j| repaired(j, "2")).await;
+    let two = app.key_of("web", 2).await;
+    let j = until(&app, "the repair of web#2", |j| repaired(j, &two)).await;
     let incident = j
         .iter()
-        .find(|e| e.kind == EntryKind::Repair && e.instance_id == "2")
+        .find(|e| e.kind == EntryKind::Repair && e.instance_id == two)
         .map(|e| e.reason.clone())
         .unwrap_or_default();
     assert!(incident.contains("stopped"), "{incident}");
     let calls = app.compute_calls().await;
     let first_write = calls.iter().position(|c| c["method"] != "GET");
+    // Uniform: the set's instances; Flexible: the group's VMs, by filter.
     let read = calls.iter().position(|c| {
         c["method"] == "GET"
             && c["path"]
                 .as_str()
                 .unwrap_or("")
-                .ends_with("/web/virtualMachines")
+                .ends_with("/virtualMachines")
     });
     assert!(
         read.is_some() && first_write.is_some() && read < first_write,
         "the set was read afresh before the repair: {calls:#?}"
     );
-    assert_eq!(requested(&j, "2"), 1);
+    assert_eq!(requested(&j, &two), 1);
     assert!(!app.logs().contains("monitor-status"), "no timer pass");
 }
 
