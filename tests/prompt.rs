@@ -223,17 +223,19 @@ async fn with_event_repairs_off_nothing_happens_until_the_timer() {
     assert_eq!(by(&j, "3"), ["timer", "timer"]);
 }
 
-/// A set the last timer pass found short-circuited is the timer's while it recovers: with some
-/// of its instances back UP and the share under the limit, a DOWN of one not yet back does not
-/// have an evaluation repair it (the demo's mass DOWN: the fleet comes back one heartbeat at a
-/// time, and an evaluation in the middle repaired the stragglers).
+/// A short-circuited set that recovers settles before anything is repaired: with some of its
+/// instances back UP and the share under the limit, a DOWN of one not yet back does not have an
+/// evaluation (nor a timer pass) repair it until every instance has had
+/// `HEALER_HEARTBEAT_TIMEOUT` to report again (the demo's mass DOWN: the fleet comes back one
+/// heartbeat at a time, and an evaluation in the middle repaired the stragglers).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_short_circuited_set_that_recovers_is_left_to_the_timer() {
+async fn a_short_circuited_set_that_recovers_settles_before_repairing() {
     let app = spawn_app()
         .scale_set("web", 4)
         .env("HEALER_REPAIR_ACTIONS", "restart")
         .env("HEALER_EVENT_REPAIRS", "true")
         .env("HEALER_DOWN_FOR", "2")
+        .env("HEALER_HEARTBEAT_TIMEOUT", "6")
         .env("HEALER_MAX_UNHEALTHY", "1")
         .start()
         .await;
@@ -255,20 +257,31 @@ async fn a_short_circuited_set_that_recovers_is_left_to_the_timer() {
     })
     .await;
     // web#0 comes back: one DOWN now, within the limit — but the set is not seen whole yet.
+    app.break_vm("web", 0, json!({"beat": "up"})).await;
     assert_eq!(beat(&app, 0, "UP").await["accepted"], true);
     let answer = beat(&app, 1, "DOWN").await;
     assert_eq!(answer["evaluation"], "started", "{answer}");
-    app.wait_for_log("it is left to the timer", Duration::from_secs(10))
-        .await;
-    assert_eq!(
-        requested(&journal(&app).await, "1"),
-        0,
-        "not repaired by the evaluation"
-    );
-    // The next timer pass sees the set whole: it lifts the brake and repairs web#1.
+    let j = until(&app, "the set settling", |j| {
+        j.iter()
+            .any(|e| e.kind == EntryKind::Withheld && e.outcome == "settling")
+    })
+    .await;
+    let settling_from = Instant::now();
+    assert_eq!(requested(&j, "1"), 0, "not repaired by the evaluation");
     let (status, answer) = app.invoke_timer("monitor-status").await;
     assert_eq!(status, 200, "{answer}");
-    assert_eq!(requested(&journal(&app).await, "1"), 1, "{answer}");
+    assert_eq!(
+        answer["ReturnValue"]["scale_sets"][0]["paused"], "settling",
+        "nor by the timer pass: {answer}"
+    );
+    // Once every instance had HEALER_HEARTBEAT_TIMEOUT to report, web#1 — still DOWN — is.
+    app.passes_until("the repair of web#1", |a| {
+        a["scale_sets"][0]["repairs_requested"] == json!(1)
+    })
+    .await;
+    assert!(settling_from.elapsed() >= Duration::from_secs(4));
+    assert_eq!(requested(&journal(&app).await, "1"), 1);
+    assert_eq!(requested(&journal(&app).await, "0"), 0);
 }
 
 /// The repair requests and status of `instance` in the journal.

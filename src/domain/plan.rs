@@ -212,6 +212,14 @@ pub enum WithheldReason {
         total: usize,
         max: u32,
     },
+    /// A pause on the fleet's own evidence (a pipeline fault, too many unhealthy) has just ended:
+    /// the set is held until every instance has had `HEALER_HEARTBEAT_TIMEOUT` to report again.
+    Settling {
+        #[serde(with = "time::serde::rfc3339")]
+        since: OffsetDateTime,
+        #[serde(with = "time::serde::rfc3339")]
+        until: OffsetDateTime,
+    },
     /// The platform's automatic repairs are on and the policy defers to them.
     PlatformRepairs,
     /// The Compute API asked us to back off (429 `Retry-After`) until then.
@@ -270,6 +278,7 @@ impl WithheldReason {
             }
             WithheldReason::PipelineFault { .. } => "pipeline_fault",
             WithheldReason::TooManyUnhealthy { .. } => "too_many_unhealthy",
+            WithheldReason::Settling { .. } => SETTLING,
             WithheldReason::PlatformRepairs => "platform_repairs",
             WithheldReason::Throttled { .. } => "throttled",
             WithheldReason::Protected { .. } => "protected",
@@ -303,6 +312,11 @@ impl WithheldReason {
             ),
             WithheldReason::TooManyUnhealthy { unhealthy, total, max } => format!(
                 "{unhealthy} of {total} instances unhealthy, more than HEALER_MAX_UNHEALTHY allows ({max}); repairs paused"
+            ),
+            WithheldReason::Settling { since, until } => format!(
+                "the set-wide pause ended at {}; repairs resume at {} once every instance has had HEALER_HEARTBEAT_TIMEOUT to report again (a fleet recovers one heartbeat at a time)",
+                stamp(*since),
+                stamp(*until)
             ),
             WithheldReason::PlatformRepairs => {
                 "the platform's automatic repairs are enabled on this scale set and HEALER_PLATFORM_REPAIRS=defer".into()
@@ -361,6 +375,7 @@ impl WithheldReason {
                 | WithheldReason::MirrorBehind { .. }
                 | WithheldReason::PipelineFault { .. }
                 | WithheldReason::TooManyUnhealthy { .. }
+                | WithheldReason::Settling { .. }
                 | WithheldReason::PlatformRepairs
                 | WithheldReason::Throttled { .. }
         )
@@ -933,6 +948,42 @@ fn unanswered(view: &View, inc: &Incident, sent: OffsetDateTime) -> Next {
     }
 }
 
+/// The label of [`WithheldReason::Settling`], as the scale set's row keeps it.
+pub const SETTLING: &str = "settling";
+
+/// A set-wide pause on the fleet's own evidence does not end the pass its evidence clears: a
+/// fleet recovers one heartbeat at a time (each agent at its own moment of the interval), and a
+/// pass in the middle would see the set under its limits and repair the instances that have not
+/// reported yet — healthy VMs, after a pipeline fault. So while any instance still looks
+/// unhealthy the set settles first: held until every instance has had `HEALER_HEARTBEAT_TIMEOUT`
+/// to report since (the row's brake and its time carry that from pass to pass). One that is still
+/// silent or DOWN then is repaired; a set found whole resumes at once.
+fn settling(
+    record: Option<&ScaleSetRecord>,
+    policy: &Policy,
+    unhealthy: usize,
+    now: OffsetDateTime,
+) -> Option<WithheldReason> {
+    let record = record.filter(|_| unhealthy > 0)?;
+    let hold = policy.heartbeat_timeout;
+    match record.brake.as_deref()? {
+        "pipeline_fault" | "too_many_unhealthy" if !hold.is_zero() => {
+            Some(WithheldReason::Settling {
+                since: now,
+                until: now + hold,
+            })
+        }
+        SETTLING => record
+            .brake_since
+            .filter(|since| now < *since + hold)
+            .map(|since| WithheldReason::Settling {
+                since,
+                until: since + hold,
+            }),
+        _ => None,
+    }
+}
+
 /// The scale-set brake in force, if any: nothing new is started while one holds. A quiet scale
 /// set is only re-read every full resync, so its mirror may be that old; one with an announced
 /// change must catch up within the mirror's maximum age.
@@ -979,6 +1030,7 @@ fn pause(view: &View, plan: &Plan) -> Option<WithheldReason> {
                 max,
             })
         })
+        .or_else(|| settling(record, view.policy, plan.unhealthy, now))
         .or_else(|| {
             let platform = record.is_some_and(|r| r.platform_auto_repair);
             (platform && view.policy.platform_repairs == PlatformRepairs::Defer)

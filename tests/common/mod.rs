@@ -610,6 +610,26 @@ impl TestApp {
         self.clear_compute_calls().await;
     }
 
+    /// Heartbeat rounds and `monitor-status` passes, a few per second, until a pass's answer
+    /// satisfies `done` (bounded): how a scenario waits out a set's settling after a pause
+    /// (`HEALER_HEARTBEAT_TIMEOUT`, a few seconds in such scenarios). The answer that did.
+    pub async fn passes_until(&self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.heartbeat_round().await;
+            let (status, answer) = self.invoke_timer("monitor-status").await;
+            assert_eq!(status, 200, "{answer}");
+            if done(&answer["ReturnValue"]) {
+                return answer["ReturnValue"].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within 30 s: {answer}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     /// Every live VM that is not silent publishes one heartbeat through the handler.
     pub async fn heartbeat_round(&self) -> Value {
         let target = json!({"target": self.handler_url});

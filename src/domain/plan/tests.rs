@@ -182,6 +182,13 @@ impl Fleet {
         record.operator_pause_since = Some(NOW - secs(60));
         self
     }
+    /// The row's brake, as the last pass left it `ago_s` ago.
+    fn braked(mut self, label: &str, ago_s: i64) -> Self {
+        let record = self.0.record.as_mut().unwrap();
+        record.brake = Some(label.into());
+        record.brake_since = Some(NOW - secs(ago_s));
+        self
+    }
     fn changed(mut self, ago_s: i64) -> Self {
         self.0.record.as_mut().unwrap().changed_at = Some(NOW - secs(ago_s));
         self
@@ -392,6 +399,16 @@ fn decision_table() {
         ("too many unhealthy: short-circuit", fleet(5).down("0").down("1").down("2"), &[("HEALER_MAX_UNHEALTHY", "40%")], (vec![], vec![(None, "too_many_unhealthy")])),
         ("instances an operation holds are out on purpose: no short-circuit", fleet(5).down("0").down("1").down("2").held("1", "cycle-1").held("2", "cycle-1"), &[("HEALER_MAX_UNHEALTHY", "40%")], (vec![("0", "open", Some(Replace), 1)], vec![(Some("1"), "held_by_operation"), (Some("2"), "held_by_operation")])),
         ("at the unhealthy limit still heals", fleet(5).down("0").down("1"), &[("HEALER_MAX_UNHEALTHY", "40%")], (vec![("0", "open", Some(Replace), 1), ("1", "open", Some(Replace), 1)], vec![])),
+        // A set-wide pause on the fleet's evidence settles for HEALER_HEARTBEAT_TIMEOUT (180 s)
+        // once its evidence clears: the instances not yet reported again are not repaired.
+        ("a mass DOWN clears: the set settles, the stragglers wait", fleet(5).down("0").braked("too_many_unhealthy", 300), &[("HEALER_MAX_UNHEALTHY", "40%")], (vec![], vec![(None, "settling")])),
+        ("a pipeline fault clears: the set settles", fleet(4).up("1", 600).braked("pipeline_fault", 300), &[], (vec![], vec![(None, "settling")])),
+        ("settling, not yet a heartbeat timeout", fleet(5).down("0").braked("settling", 179), &[], (vec![], vec![(None, "settling")])),
+        ("settled: what is still DOWN is repaired", fleet(5).down("0").braked("settling", 180), &[], (vec![("0", "open", Some(Replace), 1)], vec![])),
+        ("settling, and over the limit again: paused again", fleet(5).down("0").down("1").down("2").braked("settling", 30), &[("HEALER_MAX_UNHEALTHY", "40%")], (vec![], vec![(None, "too_many_unhealthy")])),
+        ("a mass DOWN clears and the set is whole: it resumes at once", fleet(5).braked("too_many_unhealthy", 300), &[], (vec![], vec![])),
+        ("settling, and the set is whole: it resumes", fleet(5).braked("settling", 30), &[], (vec![], vec![])),
+        ("other pauses end at once", fleet(4).down("1").braked("stale_mirror", 300), &[], (vec![("1", "open", Some(Replace), 1)], vec![])),
         ("outcomes are recorded even while paused", fleet(5).down("0").down("1").down("2").gone("4").repairing("4", Delete, 1, 60), &[("HEALER_MAX_UNHEALTHY", "1")], (vec![("4", "removed", Some(Delete), 1)], vec![(None, "too_many_unhealthy")])),
         ("quiet mirror within the full resync: heartbeats are acted on", fleet(4).down("1").mirror_age(800), &[], (vec![("1", "open", Some(Replace), 1)], vec![])),
         ("mirror not read for full resync + max age", fleet(4).down("1").mirror_age(901), &[], (vec![], vec![(None, "stale_mirror")])),

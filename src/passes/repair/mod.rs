@@ -269,14 +269,11 @@ pub async fn repair_one(
     let id = &watched.id;
     let deadline = Deadline::after(budget, settings.call_timeout.unsigned_abs());
     let record = store.scale_set(id).await?;
-    // A set the last pass found short-circuited is the timer's too: while it recovers, its UPs
-    // arrive one by one, and an evaluation in the middle would see the unhealthy share fall under
-    // the limit and repair the instances that have not reported yet (seen in the demo's mass
-    // DOWN: five instances repaired as the fleet came back).
-    if let Some(brake @ ("pipeline_fault" | "too_many_unhealthy")) =
-        record.as_ref().and_then(|r| r.brake.as_deref())
-    {
-        tracing::info!(scale_set = %id, decision = "left_to_timer", brake, "the last pass found the set paused: it is left to the timer");
+    // A pipeline fault is the fleet's, judged by the timer pass over every set; this set alone
+    // cannot say when it ends. (A set recovering from any set-wide pause settles first: the plan
+    // holds it, here as in the timer pass.)
+    if let Some(brake @ "pipeline_fault") = record.as_ref().and_then(|r| r.brake.as_deref()) {
+        tracing::info!(scale_set = %id, decision = "left_to_timer", brake, "the last pass found a pipeline fault: the set is left to the timer");
         return Ok(None);
     }
     let mut obs = gather(store, id, record).await?;
@@ -474,6 +471,10 @@ async fn carry_out(
     if brake_now != brake_before {
         store.set_brake(id, brake_now, now).await?;
         match plan.paused() {
+            // Still the same pause to an operator: it ends when the set has settled.
+            Some(why @ crate::plan::WithheldReason::Settling { .. }) => {
+                tracing::info!(scale_set = %id, decision = "settling", was = brake_before.unwrap_or(""), reason = %why.describe(), "the set settles before repairs resume");
+            }
             Some(why) => {
                 tracing::warn!(scale_set = %id, decision = "pause", why = why.label(), reason = %why.describe(), "repairs paused");
                 alerts.push(alert(AlertKind::Pause, None, why.describe()));
