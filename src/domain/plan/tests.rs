@@ -684,9 +684,12 @@ proptest! {
         max_unhealthy in 1u32..100,
         silent_fleet in any::<bool>(),
         dry_run in prop::bool::weighted(0.2),
+        last_brake in proptest::option::of((0usize..4, 0i64..400)),
     ) {
         let mut f = fleet(specs.len()).mirror_age(mirror_age);
         if let Some(ago) = changed_ago { f = f.changed(ago); }
+        let labels = ["pipeline_fault", "too_many_unhealthy", "settling", "stale_mirror"];
+        if let Some((label, ago)) = last_brake { f = f.braked(labels[label], ago); }
         let actions = [Restart, Reimage, Replace];
         for (i, s) in specs.iter().enumerate() {
             let id = i.to_string();
@@ -747,6 +750,13 @@ proptest! {
         let behind = changed_ago.is_some_and(|c| c <= mirror_age && c > 300);
         if mirror_age > 900 || behind || silent_fleet || plan.unhealthy as u32 > max_unhealthy {
             prop_assert!(acting.is_empty());
+            prop_assert!(plan.paused().is_some());
+        }
+        // Rule 2, once the pause's evidence clears: while instances still look unhealthy, the set
+        // settles for HEALER_HEARTBEAT_TIMEOUT (180 s here) before anything acts.
+        let settling = last_brake.is_some_and(|(label, ago)| label < 2 || (label == 2 && ago < 180));
+        if settling && plan.unhealthy > 0 {
+            prop_assert!(acting.is_empty(), "acted while the set settles");
             prop_assert!(plan.paused().is_some());
         }
         // Rule 3: never more repairs in flight than allowed when one is started.
