@@ -492,3 +492,59 @@ async fn an_address_policy_on_a_uniform_set_is_refused_at_startup() {
     );
     assert_eq!(code, None, "it keeps running: {stderr}");
 }
+
+/// An instance of a stateful set that no slot names (added by a scale-out, without the slot's
+/// disks) has nothing to carry: its replace is a plain one (surge, then delete) — not a stateful
+/// replacement that would refuse it and leave the incident to give up — and the slotted VM and its
+/// disk are not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_no_slot_names_is_replaced_plainly() {
+    let app = spawn_app()
+        .scale_set_spec(
+            json!({"name": "db", "capacity": 1, "zones": ["1"], "requireMount": false,
+                               "dataDisks": [{"lun": 0, "sizeGb": 128}]}),
+        )
+        .env(
+            "HEALER_SCALE_SETS",
+            &format!(
+                "{}[STATEFUL_DISKS=0 MAX_UNHEALTHY=100% REPAIR_TIMEOUT=6 GRACE_PERIOD=0]",
+                scale_set_id("db")
+            ),
+        )
+        .start()
+        .await;
+    app.set_capacity("db", 2).await;
+    app.complete_operations().await;
+    pass(&app, "the first mirror").await;
+    let slotted: Vec<String> = slots(&app).await.into_iter().map(|s| s.instance).collect();
+    assert_eq!(slotted, ["0"], "only the first VM has the slot's disk");
+    let disk = disk_at(&app.vm("db", 0).await, 0).expect("db#0's data disk");
+    app.break_vm("db", 1, json!({"beat": "down", "fault": "hard"}))
+        .await;
+    let (j, _) = drive(&app, Duration::from_secs(60), |j| {
+        j.iter().any(|e| {
+            e.kind == EntryKind::Outcome && e.instance_id == "1" && e.outcome == "replaced"
+        })
+    })
+    .await;
+    let stages: Vec<&str> = j
+        .iter()
+        .filter(|e| e.kind == EntryKind::Repair && e.instance_id == "1" && e.outcome == "requested")
+        .filter_map(|e| e.evidence["stage"].as_str())
+        .collect();
+    assert!(
+        stages.contains(&"surge") && !stages.contains(&"carry"),
+        "{stages:?}"
+    );
+    let (ops, _) = app
+        .store
+        .operations(Some(&TestApp::scale_set("db")))
+        .await
+        .unwrap();
+    assert!(ops.is_empty(), "no stateful replacement: {ops:?}");
+    assert_eq!(
+        disk_at(&app.vm("db", 0).await, 0),
+        Some(disk),
+        "the slotted VM keeps its disk"
+    );
+}

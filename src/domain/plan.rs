@@ -32,6 +32,9 @@ pub struct Observation {
     pub operation_write: Option<Call>,
     /// How the last stateful replacement of each instance ended, for the incident that asked.
     pub carried: HashMap<String, crate::operations::carry::Outcome>,
+    /// The instances a slot names (stateful sets): what the stateful replacement can carry. One no
+    /// slot names has nothing to carry, and is replaced as on any set.
+    pub slotted: std::collections::HashSet<String>,
 }
 
 /// Brakes and modes that are global rather than per scale set.
@@ -546,9 +549,11 @@ impl<'a> View<'a> {
         }
     }
 
-    /// A new step as this scale set takes it: on a stateful set a replace carries the disks.
+    /// A new step as this scale set takes it: on a stateful set a replace carries the disks of
+    /// the instance's slot. An instance no slot names (a VM that never had the slot's disks) has
+    /// nothing to carry — the stateful replacement would refuse it — and is replaced plainly.
     fn staged(&self, inc: Incident) -> Incident {
-        if self.policy.stateful.is_some() {
+        if self.policy.stateful.is_some() && self.obs.slotted.contains(&inc.target) {
             inc.stateful()
         } else {
             inc

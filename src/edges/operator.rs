@@ -27,7 +27,10 @@ pub async fn status(settings: &Settings, store: &Store, json: bool) -> anyhow::R
     let reads: Vec<_> = settings
         .scale_sets
         .iter()
-        .map(|w| gather(store, &w.id, records.get(&w.id.key()).cloned()))
+        .map(|w| {
+            let record = records.get(&w.id.key()).cloned();
+            gather(store, &w.id, record, w.policy.stateful.is_some())
+        })
         .collect();
     let observations: Vec<_> = futures::stream::iter(reads)
         .buffered(4)

@@ -52,6 +52,10 @@ pub fn routes() -> Router<Shared> {
         .route("/admin/artifacts/delay", put(set_artifact_delay))
 }
 
+fn yes() -> bool {
+    true
+}
+
 fn not_found(what: &str) -> Response {
     (
         StatusCode::NOT_FOUND,
@@ -91,6 +95,10 @@ struct NewSet {
     /// (a stateful set as deployed); later VMs get none.
     #[serde(default)]
     data_disks: Vec<NewDataDisk>,
+    /// Whether the stand-in agents wait for those disks (`HEALER_REQUIRE_MOUNT`), reporting
+    /// STARTING until theirs is attached (default); false: they report as if they had none.
+    #[serde(default = "yes")]
+    require_mount: bool,
     /// Each first VM (Flexible) gets a public IP of its own on its NIC.
     #[serde(default)]
     public_ips: bool,
@@ -149,7 +157,7 @@ async fn create_set(State(s): State<Shared>, Json(n): Json<NewSet>) -> Response 
             w.give_data_disk(&key, instance, d.lun, d.size_gb);
         }
     }
-    if let Some(set) = w.sets.get_mut(&key) {
+    if let Some(set) = w.sets.get_mut(&key).filter(|_| n.require_mount) {
         set.require_luns = n.data_disks.iter().map(|d| d.lun).collect();
     }
     if n.public_ips {

@@ -527,7 +527,8 @@ async fn run(sim_port: u16, connection_string: String, options: Options) -> bool
         for (name, _) in SETS {
             let id = ScaleSetId::parse(&set_id(name)).expect("demo ids parse");
             let record = records.get(&id.key()).cloned();
-            match vmss_healer::repair::gather(&store, &id, record).await {
+            let stateful = name == story::STATEFUL_SET;
+            match vmss_healer::repair::gather(&store, &id, record, stateful).await {
                 Ok(obs) => observations.push((name, id, obs)),
                 Err(e) => view.line(
                     started.elapsed().as_secs_f32(),

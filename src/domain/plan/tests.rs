@@ -908,13 +908,26 @@ fn a_stateful_replace_is_handed_to_the_stateful_replacement() {
         f.0.carried.insert("1".into(), outcome);
         f
     };
-    // The escalation keeps the disks first; replace is its last step, handed over.
-    let plan = decide_on(&fleet(4).down("1"));
+    // The escalation keeps the disks first; replace is its last step, handed over for an
+    // instance a slot names.
+    let slotted = |mut f: Fleet| {
+        f.0.slotted.insert("1".into());
+        f
+    };
+    let plan = decide_on(&slotted(fleet(4).down("1")));
     assert_eq!(steps(&plan), vec![("1", "open", Some(Restart), 1)]);
-    let plan = decide_on(&fleet(4).down("1").repairing("1", Reimage, 2, 1000));
+    let plan = decide_on(&slotted(
+        fleet(4).down("1").repairing("1", Reimage, 2, 1000),
+    ));
     assert_eq!(steps(&plan), vec![("1", "escalate", Some(Replace), 3)]);
     assert_eq!(plan.transitions[0].incident.stage, Stage::Carry);
     assert_eq!(plan.transitions[0].call(), Some(Call::Carry));
+    // One no slot names (it never had the slot's disks) has nothing to carry: a plain replace,
+    // not a stateful replacement that would refuse it and leave the incident to give up.
+    let plan = decide_on(&fleet(4).down("1").repairing("1", Reimage, 2, 1000));
+    assert_eq!(steps(&plan), vec![("1", "escalate", Some(Replace), 3)]);
+    assert_eq!(plan.transitions[0].incident.stage, Stage::Surge);
+    assert_eq!(plan.transitions[0].call(), Some(Call::Grow));
     #[rustfmt::skip]
     let cases: Vec<StatefulCase> = vec![
         ("held: it waits, past its deadline too", held(fleet(4).down("1").repairing("1", Replace, 3, 5000).step("1", carry)), (vec![], vec![])),
@@ -935,10 +948,12 @@ fn a_stateful_replace_is_handed_to_the_stateful_replacement() {
         ..policy.clone()
     };
     let f = carried(
-        fleet(4)
-            .down("1")
-            .repairing("1", Replace, 3, 60)
-            .step("1", carry),
+        slotted(
+            fleet(4)
+                .down("1")
+                .repairing("1", Replace, 3, 60)
+                .step("1", carry),
+        ),
         Outcome::Failed("attach: HTTP 409 AttachDiskWhileBeingDetached".into()),
     );
     let plan = decide(&f.0, &policy4, BRAKES, NOW);

@@ -87,7 +87,15 @@ pub async fn repair_all(
             let reads: Vec<_> = settings
                 .scale_sets
                 .iter()
-                .map(|watched| gather(store, &watched.id, records.get(&watched.id.key()).cloned()))
+                .map(|watched| {
+                    let record = records.get(&watched.id.key()).cloned();
+                    gather(
+                        store,
+                        &watched.id,
+                        record,
+                        watched.policy.stateful.is_some(),
+                    )
+                })
                 .collect();
             let mut reads = futures::stream::iter(reads).buffered(GATHER_CONCURRENCY);
             let mut observations = Vec::with_capacity(settings.scale_sets.len());
@@ -276,7 +284,7 @@ pub async fn repair_one(
         tracing::info!(scale_set = %id, decision = "left_to_timer", brake, "the last pass found a pipeline fault: the set is left to the timer");
         return Ok(None);
     }
-    let mut obs = gather(store, id, record).await?;
+    let mut obs = gather(store, id, record, watched.policy.stateful.is_some()).await?;
     let (running, mut carried) = pass_operations(store).await?;
     obs.held = held_by(running.iter().map(|v| &v.value))
         .remove(&id.key())
@@ -343,12 +351,23 @@ struct Seen {
     mode: Orchestration,
 }
 
-/// Reads what `decide` looks at for one scale set (also the operator's `handler status`).
+/// Reads what `decide` looks at for one scale set (also the operator's `handler status`);
+/// `stateful`: its slots too.
 pub async fn gather(
     store: &Store,
     id: &ScaleSetId,
     record: Option<ScaleSetRecord>,
+    stateful: bool,
 ) -> Result<Observation, StoreError> {
+    let slotted = if stateful {
+        let (slots, bad) = store.slots(id).await?;
+        for bad in &bad.0 {
+            tracing::warn!(scale_set = %id, error = %bad, "skipped an unreadable slot row");
+        }
+        slots.into_iter().map(|v| v.value.instance).collect()
+    } else {
+        Default::default()
+    };
     let (instances, bad_instances) = store.mirror(id).await?;
     let (heartbeats, bad_heartbeats) = store.heartbeats(id).await?;
     let (incidents, bad_incidents) = store.incidents(id).await?;
@@ -368,6 +387,7 @@ pub async fn gather(
         held: HashMap::new(),
         operation_write: None,
         carried: HashMap::new(),
+        slotted,
     })
 }
 
