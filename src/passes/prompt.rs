@@ -29,6 +29,10 @@ use tokio::sync::Semaphore;
 pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
 /// The least time between two evaluations of one scale set that read it afresh first.
 pub const FRESH_INTERVAL: Duration = Duration::from_secs(10);
+/// The least time between two fresh reads of any sets by one process: a flood of Resource
+/// Manager events (forged, or a regional outage's) reads one set per second, never the
+/// subscription's read budget at once.
+pub const FRESH_GAP: Duration = Duration::from_secs(1);
 /// Scale sets evaluated at once by one process.
 pub const MAX_CONCURRENT: usize = 4;
 /// How long one evaluation may run beyond one `HEALER_CALL_TIMEOUT`: a call fits (a pass's must
@@ -89,6 +93,8 @@ pub struct Prompts {
     permits: Arc<Semaphore>,
     /// Evaluations run since start (for the benchmark and `handler status`).
     runs: std::sync::atomic::AtomicU64,
+    /// When the next fresh read of any set may start ([`FRESH_GAP`]).
+    fresh_next: Mutex<Option<Instant>>,
 }
 
 impl Default for Prompts {
@@ -97,6 +103,7 @@ impl Default for Prompts {
             gates: Mutex::new(HashMap::new()),
             permits: Arc::new(Semaphore::new(MAX_CONCURRENT)),
             runs: std::sync::atomic::AtomicU64::new(0),
+            fresh_next: Mutex::new(None),
         }
     }
 }
@@ -138,8 +145,8 @@ impl Prompts {
     }
 
     /// How long to wait before the next start of `set` (at most one per [`MIN_INTERVAL`], one
-    /// with a fresh read per [`FRESH_INTERVAL`]), and whether it reads afresh; the start is
-    /// recorded.
+    /// with a fresh read per [`FRESH_INTERVAL`], and fresh reads of all sets [`FRESH_GAP`] apart),
+    /// and whether it reads afresh; the start is recorded.
     fn pace(&self, set: &ScaleSetId) -> (Duration, bool) {
         let mut gates = self.gates();
         let gate = gates.entry(set.key()).or_default();
@@ -152,6 +159,12 @@ impl Prompts {
         let mut wait = after(gate.last, MIN_INTERVAL);
         if fresh {
             wait = wait.max(after(gate.last_fresh, FRESH_INTERVAL));
+            let mut next = match self.fresh_next.lock() {
+                Ok(n) => n,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            wait = wait.max(next.map_or(Duration::ZERO, |n| n.saturating_duration_since(now)));
+            *next = Some(now + wait + FRESH_GAP);
             gate.last_fresh = Some(now + wait);
         }
         gate.last = Some(now + wait);
@@ -343,6 +356,19 @@ mod tests {
             "a second read of the set waits for FRESH_INTERVAL: {wait:?}"
         );
         assert!(!prompts.leave(&web));
+        // Another set's fresh read waits for the process-wide gap; its heartbeat evaluations do
+        // not.
+        let api = ScaleSetId::new("s", "rg", "api");
+        assert_eq!(prompts.enter(&api, true), Triggered::Started);
+        let (api_wait, api_fresh) = prompts.pace(&api);
+        assert!(
+            api_fresh && api_wait >= wait + FRESH_GAP - Duration::from_millis(50),
+            "{api_wait:?}"
+        );
+        assert!(!prompts.leave(&api));
+        assert_eq!(prompts.enter(&api, false), Triggered::Started);
+        let (later_api, _) = prompts.pace(&api);
+        assert!(later_api <= api_wait + MIN_INTERVAL, "{later_api:?}");
         // A heartbeat's evaluation after it needs no read and waits only MIN_INTERVAL after it.
         assert_eq!(prompts.enter(&web, false), Triggered::Started);
         let (later, fresh) = prompts.pace(&web);
