@@ -26,6 +26,8 @@ const REBOOT: u32 = 6;
 const MASS_DOWN: (u32, u32) = (46, 58);
 const MASS_SET: &str = "api";
 const MASS: std::ops::Range<u64> = 20..45;
+/// The first of the mass DOWN's stragglers: the ones from here come back two ticks later.
+const MASS_MIDDLE: u64 = 33;
 /// The last act: `handler cycle web` refreshes every instance, a fifth at a time.
 pub const CYCLE: u32 = 62;
 pub const CYCLE_SET: &str = "web";
@@ -182,13 +184,26 @@ pub fn play(
                 set_beat(world, MASS_SET, id, Beat::Down);
             }
         }
+        // They come back as a fleet does, not all in one heartbeat: half now, the rest two ticks
+        // later. In between the set is under its limit with stragglers still DOWN — it settles
+        // rather than repair them.
         t if t == MASS_DOWN.1 => {
-            for id in MASS {
+            for id in MASS.start..MASS_MIDDLE {
                 set_beat(world, MASS_SET, id, Beat::Up);
             }
             said.push(format!(
                 "{MASS_SET}#{}..#{} recover",
                 MASS.start,
+                MASS_MIDDLE - 1
+            ));
+        }
+        t if t == MASS_DOWN.1 + 2 => {
+            for id in MASS_MIDDLE..MASS.end {
+                set_beat(world, MASS_SET, id, Beat::Up);
+            }
+            said.push(format!(
+                "{MASS_SET}#{}..#{} recover too",
+                MASS_MIDDLE,
                 MASS.end - 1
             ));
         }
@@ -230,6 +245,8 @@ pub fn expectations(jobs_new: Option<u64>) -> Expectations {
         pauses: vec![
             ("*", "pipeline_fault", OUTAGE.0),
             (MASS_SET, "too_many_unhealthy", MASS_DOWN.0),
+            // Back under its limit with stragglers still DOWN: it settles, repairs nothing.
+            (MASS_SET, "settling", MASS_DOWN.1),
         ],
     }
 }
@@ -468,10 +485,11 @@ mod tests {
         ("jobs", 50, 18),
         (STATEFUL_SET, 0, STATEFUL + 5),
     ];
-    const GOOD_PAUSES: [(&str, &str, u32); 4] = [
+    const GOOD_PAUSES: [(&str, &str, u32); 5] = [
         ("web", "pipeline_fault", 35),
         ("api", "pipeline_fault", 35),
         ("api", "too_many_unhealthy", 51),
+        ("api", "settling", 59),
         // A pause before its act counts for nothing (the fleet's first pass, say).
         ("api", "too_many_unhealthy", 0),
     ];
@@ -581,9 +599,17 @@ mod tests {
         assert!(bad
             .iter()
             .any(|t| t.contains("web#33: repaired at tick 30, where nothing may be")));
-        let unpaused = failed(&GOOD_REPAIRS, &GOOD_PAUSES[..2]);
+        let unpaused = failed(
+            &GOOD_REPAIRS,
+            &[GOOD_PAUSES[0], GOOD_PAUSES[1], GOOD_PAUSES[3]],
+        );
         assert_eq!(unpaused, ["pause `too_many_unhealthy` on api: NOT SEEN"]);
-        let early_only = failed(&GOOD_REPAIRS, &[GOOD_PAUSES[0], GOOD_PAUSES[3]]);
+        let early_only = failed(
+            &GOOD_REPAIRS,
+            &[GOOD_PAUSES[0], GOOD_PAUSES[4], GOOD_PAUSES[3]],
+        );
         assert_eq!(early_only, ["pause `too_many_unhealthy` on api: NOT SEEN"]);
+        let unsettled = failed(&GOOD_REPAIRS, &GOOD_PAUSES[..3]);
+        assert_eq!(unsettled, ["pause `settling` on api: NOT SEEN"]);
     }
 }
