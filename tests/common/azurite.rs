@@ -69,11 +69,27 @@ pub fn ensure_installed_quietly(announce: bool) -> PathBuf {
 }
 
 /// Reserves a free loopback port (Azurite 3.35 misreports port 0, so a real one is passed).
+///
+/// Never the same port twice in one process: the port is free when it is picked, but Azurite
+/// binds it a second later, and meanwhile a test running beside it could be handed the same
+/// port and bind its simulator there — Azurite then fails to start, and the handler's table
+/// requests reach the simulator (seen in CI: a 401 from `Microsoft.Compute` to a create-table).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind a free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = match GIVEN.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind a free port");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Waits until something accepts TCP connections on the port, or panics after `limit`.
