@@ -21,12 +21,7 @@ const DOWN_FOR_S: u64 = 2;
 pub fn run(sets: usize, set_size: usize, downs: usize) {
     let set_size = set_size.max(5);
     let sets = sets.max(2);
-    azurite::ensure_installed_quietly(true);
-    let storage = azurite::Azurite::start();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let (storage, runtime) = crate::storage_and_runtime();
     runtime.block_on(async {
         let fleet::Fleet { sim, port, ids, names } = fleet::start(sets * set_size, set_size, "Uniform").await;
         // The handler's credential reads these, as in a Function App.

@@ -74,12 +74,7 @@ async fn heartbeats(sim: &Shared, store: &Store) {
 }
 
 pub fn run(instances: usize, batch: &str, reimage_minutes: f64) {
-    azurite::ensure_installed_quietly(true);
-    let storage = azurite::Azurite::start();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let (storage, runtime) = crate::storage_and_runtime();
     runtime.block_on(async {
         // Reimages take a moment, so that both strategies see an instance drop and return.
         let sim_port = azurite::free_port();

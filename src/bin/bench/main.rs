@@ -208,13 +208,19 @@ where
     (started.elapsed(), latencies)
 }
 
-fn ingest(instances: usize, rounds: usize, concurrency: usize) {
+/// A fresh Azurite (installed first if need be) and the runtime a benchmark runs on.
+fn storage_and_runtime() -> (azurite::Azurite, tokio::runtime::Runtime) {
     azurite::ensure_installed_quietly(true);
     let storage = azurite::Azurite::start();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
+    (storage, runtime)
+}
+
+fn ingest(instances: usize, rounds: usize, concurrency: usize) {
+    let (storage, runtime) = storage_and_runtime();
     runtime.block_on(async {
         let handler_port = azurite::free_port();
         let env: HashMap<&str, String> = HashMap::from([
@@ -314,13 +320,8 @@ fn ingest(instances: usize, rounds: usize, concurrency: usize) {
 }
 
 fn load(deliveries: usize, instances: usize) {
-    azurite::ensure_installed_quietly(true);
-    let storage = azurite::Azurite::start();
+    let (storage, runtime) = storage_and_runtime();
     let storage_port = storage.port;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
     runtime.block_on(async {
         let store = Store::connect(
             &vmss_healer::settings::StorageSettings::ConnectionString(storage.connection_string()),
@@ -578,12 +579,7 @@ async fn invoke_timer(http: &reqwest::Client, base: &str, function: &str) -> (Du
 fn tick(instances: usize, flexible: bool) {
     let sets = instances.div_ceil(SET_SIZE).max(1);
     let mode = if flexible { "Flexible" } else { "Uniform" };
-    azurite::ensure_installed_quietly(true);
-    let storage = azurite::Azurite::start();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let (storage, runtime) = storage_and_runtime();
     runtime.block_on(async {
         // The simulated fleet, in this process: a day old, every VM running.
         let fleet::Fleet { sim, port: sim_port, ids, .. } = fleet::start(instances, SET_SIZE, mode).await;
@@ -872,13 +868,8 @@ async fn collector() -> (String, Arc<std::sync::Mutex<(u64, u64, u64, u64)>>) {
 }
 
 fn telemetry(instances: usize, rounds: usize, concurrency: usize) {
-    azurite::ensure_installed_quietly(true);
     let handler = handler_binary();
-    let storage = azurite::Azurite::start();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let (storage, runtime) = storage_and_runtime();
     runtime.block_on(async {
         let store = Store::connect(
             &vmss_healer::settings::StorageSettings::ConnectionString(storage.connection_string()),

@@ -4,7 +4,7 @@
 //! (`HEALER_EVENT_REPAIRS=true`) and with the timer alone (`monitor-status` every T seconds), in
 //! one run. The call's time is its `intent` journal row, written just before it is sent.
 
-use crate::{azurite, start_handler, SECRET, SET_SIZE, TICK_RG, TICK_SUB};
+use crate::{start_handler, SECRET, SET_SIZE, TICK_RG, TICK_SUB};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -17,12 +17,7 @@ const DOWN_FOR_S: u64 = 2;
 
 pub fn run(instances: usize, faults: usize, timer_s: u64) {
     let sets = instances.div_ceil(SET_SIZE).max(1);
-    azurite::ensure_installed_quietly(true);
-    let storage = azurite::Azurite::start();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let (storage, runtime) = crate::storage_and_runtime();
     runtime.block_on(async {
         let crate::fleet::Fleet { sim, port: sim_port, ids, names } = crate::fleet::start(instances, SET_SIZE, "Uniform").await;
         let env = |event_repairs: bool| {
