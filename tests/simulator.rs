@@ -2003,6 +2003,94 @@ async fn data_disks_attach_to_one_vm_in_their_zone_and_move_zones_by_snapshot() 
     assert_eq!(arm.send(app.http.get(disk_url(&disk0))).await.0, 404);
 }
 
+/// A scale set whose model has data disks ("Create a scale set with empty data disks on each vm",
+/// VirtualMachineScaleSet_Create_WithEmptyDataDisksOnEachVm.json) gives each VM it creates an
+/// empty disk of its own at each LUN: the model shows them, a scale-out's VM has one, and no
+/// second disk is attached at that LUN (400 `InvalidParameter` "A disk at LUN 0 already exists.",
+/// Azure/azure-sdk-for-go#678) until it is detached (Remove-AzVmssVMDataDisk: a scale set VM's
+/// data disk comes off by LUN) — then the other takes its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_models_data_disks_come_empty_with_each_new_vm_and_hold_their_lun() {
+    let app = spawn_app()
+        .scale_set_spec(json!({"name": "db", "capacity": 1, "modelDisks": true,
+                               "dataDisks": [{"lun": 0, "sizeGb": 128}]}))
+        .start()
+        .await;
+    let arm = Arm::new(&app).await;
+    let (_, _, set) = arm.get("db").await;
+    let model = &set["properties"]["virtualMachineProfile"]["storageProfile"]["dataDisks"];
+    assert_eq!(
+        (model[0]["lun"].as_u64(), model[0]["createOption"].as_str()),
+        (Some(0), Some("Empty")),
+        "{set}"
+    );
+    let (status, _, body) = arm.patch("db", 2, None).await;
+    assert!(status == 200 || status == 202, "{status} {body}");
+    app.complete_operations().await;
+    let (_, _, vm1) = arm
+        .send(app.http.get(arm.url("db", "/virtualMachines/1")))
+        .await;
+    let own = vm1["properties"]["storageProfile"]["dataDisks"][0]["managedDisk"]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(own.contains("/disks/db_1-model-0"), "{vm1}");
+    let all = app.admin(reqwest::Method::GET, "disks", None).await;
+    let blank = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "db_1-model-0")
+        .unwrap();
+    assert_eq!(blank["content"], "", "empty: {blank}");
+
+    let change = |vm: u64, body: Value| {
+        let (arm, url) = (
+            &arm,
+            arm.url(
+                "db",
+                &format!("/virtualMachines/{vm}/attachDetachDataDisks"),
+            ),
+        );
+        async move { arm.send(arm.app.http.post(url).json(&body)).await }
+    };
+    let (_, _, vm0) = arm
+        .send(app.http.get(arm.url("db", "/virtualMachines/0")))
+        .await;
+    let data = vm0["properties"]["storageProfile"]["dataDisks"][0]["managedDisk"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, _, body) = change(0, json!({"dataDisksToDetach": [{"diskId": data}]})).await;
+    assert_eq!(status, 202, "{body}");
+    app.complete_operations().await;
+    let attach = json!({"dataDisksToAttach": [{"lun": 0, "diskId": data, "caching": "ReadWrite"}]});
+    let (status, _, body) = change(1, attach.clone()).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("InvalidParameter")),
+        "{body}"
+    );
+    assert_eq!(
+        body["error"]["message"], "A disk at LUN 0 already exists.",
+        "{body}"
+    );
+    let (status, _, body) = change(1, json!({"dataDisksToDetach": [{"diskId": own}]})).await;
+    assert_eq!(status, 202, "{body}");
+    app.complete_operations().await;
+    let (status, _, body) = change(1, attach).await;
+    assert_eq!(status, 202, "{body}");
+    app.complete_operations().await;
+    let (_, _, vm1) = arm
+        .send(app.http.get(arm.url("db", "/virtualMachines/1")))
+        .await;
+    assert_eq!(
+        vm1["properties"]["storageProfile"]["dataDisks"][0]["managedDisk"]["id"],
+        json!(data),
+        "{vm1}"
+    );
+}
+
 /// Flexible VMs' network interfaces and public IPs as a stateful replacement meets them (issue 18,
 /// `network.rs`): a VM names its NIC, the NIC its public IP; a public IP is held by one IP
 /// configuration (`PublicIPAddressInUse` otherwise) and moves by writing the NICs whole; a static

@@ -14,16 +14,19 @@ use vmss_healer::journal::{Entry, EntryKind};
 /// A capacity-1 stateful set `db` (a disk at LUN 0 with data on it) in `zones`, whose agents wait
 /// for that disk; repairs give up on restart and reimage fast.
 async fn stateful_app(zones: &[&str], extra: &str, webhook: Option<&str>) -> TestApp {
-    let mut b = spawn_app()
-        .scale_set_spec(json!({"name": "db", "capacity": 1, "zones": zones,
-                               "dataDisks": [{"lun": 0, "sizeGb": 128}]}))
-        .env(
-            "HEALER_SCALE_SETS",
-            &format!(
-                "{}[STATEFUL_DISKS=0 MAX_UNHEALTHY=100% REPAIR_TIMEOUT=6 GRACE_PERIOD=0 {extra}]",
-                scale_set_id("db")
-            ),
-        );
+    let spec = json!({"name": "db", "capacity": 1, "zones": zones,
+                      "dataDisks": [{"lun": 0, "sizeGb": 128}]});
+    stateful_app_of(spec, extra, webhook).await
+}
+
+async fn stateful_app_of(spec: Value, extra: &str, webhook: Option<&str>) -> TestApp {
+    let mut b = spawn_app().scale_set_spec(spec).env(
+        "HEALER_SCALE_SETS",
+        &format!(
+            "{}[STATEFUL_DISKS=0 MAX_UNHEALTHY=100% REPAIR_TIMEOUT=6 GRACE_PERIOD=0 {extra}]",
+            scale_set_id("db")
+        ),
+    );
     if let Some(url) = webhook {
         b = b.env("HEALER_WEBHOOK_URL", url);
     }
@@ -215,6 +218,54 @@ async fn a_dead_stateful_vm_is_replaced_with_its_data_disk_on_the_new_one() {
     let slot = slots(&app).await;
     assert_eq!(slot[0].instance, new_id);
     // Counted healthy only once it had its data: it said STARTING before the attach.
+    let new_seen: Vec<&str> = seen
+        .iter()
+        .filter(|(i, _)| *i == new_id)
+        .map(|(_, s)| s.as_str())
+        .collect();
+    assert_eq!(new_seen.first(), Some(&"STARTING"), "{seen:?}");
+    assert_eq!(new_seen.last(), Some(&"UP"), "{seen:?}");
+}
+
+/// The data disk is in the scale set's model, the usual way to give each VM one: the new VM comes
+/// with an empty disk of its own at LUN 0, where Azure attaches no second disk ("A disk at LUN 0
+/// already exists."). It is taken off the new VM first, the slot's disk takes its LUN, and the
+/// empty disk is deleted once the replacement is done — the data disk never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_vm_whose_model_gives_it_a_disk_at_the_slots_lun_gets_the_slots_disk_there() {
+    let spec = json!({"name": "db", "capacity": 1, "modelDisks": true,
+                      "dataDisks": [{"lun": 0, "sizeGb": 128}]});
+    let app = stateful_app_of(spec, "REPAIR_ACTIONS=reimage,replace", None).await;
+    pass(&app, "first mirror").await;
+    let disk = disk_at(&app.vm("db", 0).await, 0).expect("VM 0 has its data disk");
+    app.sync_and_break("db", 0, json!({"beat": "down", "fault": "hard"}))
+        .await;
+    let (j, seen) = drive(&app, Duration::from_secs(120), |j| {
+        outcomes(j, EntryKind::Operation).contains(&"succeeded".to_string())
+            || outcomes(j, EntryKind::Operation).contains(&"failed".to_string())
+    })
+    .await;
+    let ops = outcomes(&j, EntryKind::Operation);
+    assert!(ops.contains(&"succeeded".to_string()), "{j:#?}");
+    assert!(ops.contains(&"cleared".to_string()), "{ops:?}");
+    let fleet = app.fleet("db").await;
+    let vms = fleet["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 1, "capacity 1 again: {fleet}");
+    let new_id = vms[0]["instance_id"].to_string();
+    assert_ne!(new_id, "0");
+    assert_eq!(
+        disk_at(&vms[0], 0).as_deref(),
+        Some(disk.as_str()),
+        "the slot's disk at LUN 0: {fleet}"
+    );
+    let d = disks(&app).await;
+    assert_eq!(
+        d.len(),
+        1,
+        "the model's empty disk deleted, the data kept: {d:?}"
+    );
+    assert_eq!(d[0]["content"], "data written by db_0");
+    // Its empty disk did not count: STARTING until the slot's disk was there.
     let new_seen: Vec<&str> = seen
         .iter()
         .filter(|(i, _)| *i == new_id)

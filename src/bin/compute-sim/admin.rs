@@ -95,6 +95,10 @@ struct NewSet {
     /// (a stateful set as deployed); later VMs get none.
     #[serde(default)]
     data_disks: Vec<NewDataDisk>,
+    /// Those disks are in the model too: every VM the set creates later gets an empty one of its
+    /// own at each LUN (the first VMs' disks hold their data).
+    #[serde(default)]
+    model_disks: bool,
     /// Whether the stand-in agents wait for those disks (`HEALER_REQUIRE_MOUNT`), reporting
     /// STARTING until theirs is attached (default); false: they report as if they had none.
     #[serde(default = "yes")]
@@ -159,6 +163,9 @@ async fn create_set(State(s): State<Shared>, Json(n): Json<NewSet>) -> Response 
     }
     if let Some(set) = w.sets.get_mut(&key).filter(|_| n.require_mount) {
         set.require_luns = n.data_disks.iter().map(|d| d.lun).collect();
+    }
+    if let Some(set) = w.sets.get_mut(&key).filter(|_| n.model_disks) {
+        set.model_disks = n.data_disks.iter().map(|d| (d.lun, d.size_gb)).collect();
     }
     if n.public_ips {
         let vms: Vec<(u64, String)> = w
@@ -515,6 +522,13 @@ pub async fn heartbeat_round(s: &Shared) -> Vec<Value> {
         }
     }
     let mut approvals = Vec::new();
+    // A disk that was never written (a model's empty disk) has no filesystem: nothing mounts.
+    let blank: std::collections::BTreeSet<String> = w
+        .disks
+        .iter()
+        .filter(|(_, d)| d.content.is_empty())
+        .map(|(k, _)| k.clone())
+        .collect();
     for (key, set) in w.sets.iter_mut() {
         let subjects: BTreeMap<u64, String> = set
             .vms
@@ -528,7 +542,11 @@ pub async fn heartbeat_round(s: &Shared) -> Vec<Value> {
                 .require_luns
                 .iter()
                 .copied()
-                .filter(|lun| !vm.data_disks.contains_key(lun))
+                .filter(|lun| {
+                    vm.data_disks
+                        .get(lun)
+                        .is_none_or(|d| blank.contains(&d.key))
+                })
                 .collect();
             let live = (vm.provisioning_state == "Succeeded" || drain.is_some())
                 && vm.power_state == "running";

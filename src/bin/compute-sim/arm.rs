@@ -870,6 +870,16 @@ pub fn scale_set_json(set: &ScaleSet) -> Value {
     });
     props["automaticRepairsPolicy"] = json!({"enabled": set.automatic_repairs, "gracePeriod": "PT30M", "repairAction": "Replace"});
     props["virtualMachineProfile"] = json!({"storageProfile": {"imageReference": set.image}});
+    if !set.model_disks.is_empty() {
+        props["virtualMachineProfile"]["storageProfile"]["dataDisks"] = set
+            .model_disks
+            .iter()
+            .map(|(lun, size)| {
+                json!({"lun": lun, "createOption": "Empty", "diskSizeGB": size,
+                                      "caching": "ReadWrite", "deleteOption": "Detach"})
+            })
+            .collect();
+    }
     if let Some(notice) = set.terminate_notice {
         props["virtualMachineProfile"]["scheduledEventsProfile"] = json!({"terminateNotificationProfile": {
             "notBeforeTimeout": format!("PT{}S", notice.as_secs()), "enable": true}});

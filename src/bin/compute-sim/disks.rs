@@ -414,13 +414,32 @@ impl World {
     /// A new empty disk in the VM's zone attached at `lun`, with `content` written on it (a
     /// stateful VM as deployed).
     pub fn give_data_disk(&mut self, set_key: &str, instance: u64, lun: u32, size_gb: u64) {
+        self.new_attached_disk(set_key, instance, lun, size_gb, "data", true);
+    }
+
+    /// The empty disk a scale set's model gives each VM it creates at `lun`: no filesystem, so
+    /// nothing to mount until the VM formats it (Azure names them `{vm}_disk{n}_{id}`; the
+    /// simulator `{vm}-model-{lun}`).
+    pub fn give_empty_disk(&mut self, set_key: &str, instance: u64, lun: u32, size_gb: u64) {
+        self.new_attached_disk(set_key, instance, lun, size_gb, "model", false);
+    }
+
+    fn new_attached_disk(
+        &mut self,
+        set_key: &str,
+        instance: u64,
+        lun: u32,
+        size_gb: u64,
+        kind: &str,
+        written: bool,
+    ) {
         let Some(set) = self.sets.get(set_key) else {
             return;
         };
         let Some(vm) = set.vms.get(&instance) else {
             return;
         };
-        let name = format!("{}-data-{lun}", set.vm_name(vm));
+        let name = format!("{}-{kind}-{lun}", set.vm_name(vm));
         let id = disk_id(&set.subscription, &set.resource_group, &name);
         let disk = ManagedDisk {
             id: id.clone(),
@@ -430,7 +449,11 @@ impl World {
             size_gb,
             managed_by: Some(set.vm_resource_id(vm)),
             detaching: false,
-            content: format!("data written by {}", set.vm_name(vm)),
+            content: if written {
+                format!("data written by {}", set.vm_name(vm))
+            } else {
+                String::new()
+            },
             provisioning_state: "Succeeded".into(),
             creating: None,
         };

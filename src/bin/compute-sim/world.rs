@@ -201,6 +201,10 @@ pub struct ScaleSet {
     /// A stateful set's agents (`HEALER_REQUIRE_MOUNT`) report STARTING until their VM has a
     /// data disk at each of these LUNs.
     pub require_luns: Vec<u32>,
+    /// The model's data disks, (LUN, size in GB): every VM the set creates from now gets an
+    /// empty managed disk of its own at each ("Create a scale set with empty data disks on each
+    /// vm", VirtualMachineScaleSet_Create_WithEmptyDataDisksOnEachVm.json, azure-rest-api-specs).
+    pub model_disks: Vec<(u32, u64)>,
 }
 
 /// What new scale sets run: Ubuntu 22.04 from the marketplace, as the sample deploys.
@@ -828,6 +832,7 @@ impl World {
             terminate_notice: None,
             image: platform_image(),
             require_luns: Vec::new(),
+            model_disks: Vec::new(),
         };
         let now = OffsetDateTime::now_utc();
         for _ in 0..capacity {
@@ -1189,6 +1194,7 @@ impl World {
         let (planned, leaves) = self.take_operation_fault(effect.verb()).unzip();
         let leaves = leaves.flatten();
         let mut before = Vec::new();
+        let mut created = Vec::new();
         // Visible at once, as ARM shows: deleting instances are marked, new ones appear creating.
         if let Some(set) = self.sets.get_mut(set_key) {
             for id in effect.instances() {
@@ -1221,7 +1227,7 @@ impl World {
                 Effect::Scale(target) => {
                     let live = set.capacity();
                     for _ in live..*target {
-                        set.add_vm(now, "Creating");
+                        created.push(set.add_vm(now, "Creating"));
                     }
                     set.etag += 1;
                 }
@@ -1241,6 +1247,17 @@ impl World {
                         vm.provisioning_state = "Updating".into();
                     }
                 }
+            }
+        }
+        // A new VM comes with the model's data disks, empty.
+        let model_disks = self
+            .sets
+            .get(set_key)
+            .map(|s| s.model_disks.clone())
+            .unwrap_or_default();
+        for instance in &created {
+            for (lun, size_gb) in &model_disks {
+                self.give_empty_disk(set_key, *instance, *lun, *size_gb);
             }
         }
         // A delete under terminate notifications waits for each VM's Terminate event: approved,

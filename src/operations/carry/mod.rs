@@ -11,11 +11,12 @@
 //! 4. Zones: a disk in another zone than the new VM cannot be attached there (400 "not in the same
 //!    zone as the VM"), nor copied there directly: it is snapshotted and the snapshot copied into
 //!    the new zone — or, when the policy forbids copying, the replacement is refused.
-//! 5. Attach them to the new instance at their LUNs; the slot now names it. The agent reports
+//! 5. Attach them to the new instance at their LUNs — its own disks there (a model's data disks
+//!    come empty with every new VM) taken off it first; the slot now names it. The agent reports
 //!    STARTING until its disk is mounted (`HEALER_REQUIRE_MOUNT`), so the new VM is counted
 //!    healthy only with its data.
 //! 6. Healthy by our verdict (UP sent after the attach), then the broken instance is deleted, and
-//!    what a copy left behind (the old disk, the snapshot) goes.
+//!    what a copy left behind (the old disk, the snapshot) goes, and the new VM's own disks.
 //!
 //! Any failure before the broken instance is deleted rolls back: the disks detached from the new
 //! VM and attached to the broken one again (originals: a copy is discarded), the new VM deleted,
@@ -183,6 +184,8 @@ pub enum Stage {
     Detach,
     Snapshot,
     Copy,
+    /// The new instance's own disks at the slot's LUNs (its model's, empty) taken off it.
+    Clear,
     Attach,
     /// A public IP moved to the new VM (before it must come up: an application may need it).
     Address,
@@ -212,6 +215,7 @@ impl Stage {
             Stage::Detach => "detach",
             Stage::Snapshot => "snapshot",
             Stage::Copy => "copy into the new zone",
+            Stage::Clear => "clear the slot's LUNs on the new instance",
             Stage::Attach => "attach",
             Stage::Address => "move the address",
             Stage::Healthy => "healthy with its data",
@@ -253,6 +257,11 @@ pub struct Memo {
     pub new_zone: Option<String>,
     #[serde(default)]
     pub copies: Vec<Copied>,
+    /// The new instance's own disks at the slot's LUNs: its scale set's model gives each new VM
+    /// an empty disk there, and a LUN takes one disk. Taken off it before the attach, deleted
+    /// once the replacement is done (or rolled back).
+    #[serde(default)]
+    pub displaced: Vec<String>,
     #[serde(default)]
     pub calls: Vec<Call>,
     #[serde(default, with = "time::serde::rfc3339::option")]
@@ -544,6 +553,7 @@ impl Engine<'_, '_> {
             Stage::Detach => self.detached(),
             Stage::Snapshot => self.snapshotted(),
             Stage::Copy => self.copied(),
+            Stage::Clear => self.cleared(),
             Stage::Attach => self.attached(),
             Stage::Address => self.addressed(),
             Stage::Healthy => self.healthy(),
@@ -704,6 +714,7 @@ impl Engine<'_, '_> {
         };
         self.memo.new_instance = Some(new.clone());
         self.memo.new_zone = zone.clone();
+        self.memo.displaced = self.own_disks(&new);
         self.out.op.holds = vec![self.old(), new.clone()];
         let old = self.old();
         self.note(
@@ -865,7 +876,76 @@ impl Engine<'_, '_> {
         self.attach();
     }
 
+    /// The new instance's own disks at the slot's LUNs, as it arrived: Azure attaches no second
+    /// disk at a LUN ("A disk at LUN 0 already exists.", Azure/azure-sdk-for-go#678), and a scale
+    /// set whose model has data disks gives every new VM an empty one at each (the usual way to
+    /// give each VM one). Never one of the slot's: the new VM did not exist before the surge, so
+    /// nothing of value is on them.
+    fn own_disks(&self, new: &str) -> Vec<String> {
+        let luns: Vec<u32> = self.memo.originals().iter().map(|d| d.lun).collect();
+        let ours = |d: &str| {
+            self.memo
+                .originals()
+                .iter()
+                .any(|o| o.id.eq_ignore_ascii_case(d))
+        };
+        self.view
+            .present(new)
+            .map(|m| {
+                m.instance
+                    .data_disks
+                    .iter()
+                    .filter(|(lun, d)| luns.contains(lun) && !ours(d))
+                    .map(|(_, d)| d.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The slot's disks onto the new instance, once its own disks at their LUNs are off it.
     fn attach(&mut self) {
+        let new = self.new_vm();
+        let own: Vec<String> = self
+            .memo
+            .displaced
+            .iter()
+            .filter(|d| !self.dry() && self.view.holder(d) == Some(new.as_str()))
+            .cloned()
+            .collect();
+        if own.is_empty() {
+            return self.attach_carried();
+        }
+        self.note(
+            &new,
+            "clearing",
+            format!(
+                "{new} came with {} of its own at the slot's LUNs (its model's): taken off it for the slot's",
+                names(own.iter())
+            ),
+        );
+        self.step(
+            Stage::Clear,
+            vec![Act::Detach {
+                instance: new.clone(),
+                disks: own,
+            }],
+            self.timeout(),
+        );
+        self.wait(format!("{new}'s own disks to be detached"));
+    }
+
+    fn cleared(&mut self) {
+        let new = self.new_vm();
+        let own = names(self.memo.displaced.iter());
+        self.note(
+            &new,
+            "cleared",
+            format!("{own} off {new}: the slot's LUNs are free"),
+        );
+        self.attach_carried();
+    }
+
+    fn attach_carried(&mut self) {
         let new = self.new_vm();
         let disks = self.memo.carried();
         self.memo.attached = true;
@@ -1014,11 +1094,22 @@ impl Engine<'_, '_> {
         acts.extend(self.memo.copies.iter().map(|c| Act::DeleteSnapshot {
             name: c.snapshot.clone(),
         }));
+        acts.extend(self.displaced_to_delete());
         if acts.is_empty() {
             return self.succeed();
         }
         self.step(Stage::Cleanup, acts, self.timeout());
-        self.wait("the disks a copy replaced, and the snapshots".into());
+        self.wait("what the replacement left behind: the disks a copy replaced, the snapshots, the new instance's own disks".into());
+    }
+
+    /// The new instance's own disks taken off it, once no VM holds them by the mirror.
+    fn displaced_to_delete(&self) -> Vec<Act> {
+        self.memo
+            .displaced
+            .iter()
+            .filter(|d| self.view.holder(d).is_none())
+            .map(|d| Act::DeleteDisk { id: d.clone() })
+            .collect()
     }
 
     fn succeed(&mut self) {
@@ -1187,7 +1278,18 @@ impl Engine<'_, '_> {
                     self.memo.calls.clear();
                     self.memo.stage = Stage::Discard;
                 }
-                Stage::Discard if self.memo.calls.is_empty() && !self.memo.copies.is_empty() => {
+                Stage::Discard
+                    if self.memo.calls.is_empty()
+                        && !(self.memo.copies.is_empty() && self.memo.displaced.is_empty()) =>
+                {
+                    // The new VM's own disks, detached or left by its delete: the mirror says.
+                    if !self.memo.displaced.is_empty()
+                        && !self.view.synced_after(self.memo.ended_at)
+                        && !dry
+                    {
+                        return self
+                            .wait("the mirror to show the new instance's own disks free".into());
+                    }
                     let mut acts: Vec<Act> = self
                         .memo
                         .copies
@@ -1198,7 +1300,12 @@ impl Engine<'_, '_> {
                     acts.extend(self.memo.copies.iter().map(|c| Act::DeleteSnapshot {
                         name: c.snapshot.clone(),
                     }));
+                    acts.extend(self.displaced_to_delete());
                     self.memo.copies.clear();
+                    self.memo.displaced.clear();
+                    if acts.is_empty() {
+                        continue;
+                    }
                     self.step(Stage::Discard, acts, self.timeout());
                     return self.wait("the copies to be discarded".into());
                 }

@@ -50,6 +50,8 @@ struct Azure {
     /// Public IP by VM (one IP configuration each), and static private addresses by VM.
     public_ips: BTreeMap<String, String>,
     private_ips: BTreeMap<String, String>,
+    /// The scale set's model has a data disk at LUN 0: each new VM comes with an empty one there.
+    model_disk: bool,
 }
 
 const PIP: &str =
@@ -97,6 +99,7 @@ impl Azure {
             address: Address::None,
             public_ips: BTreeMap::new(),
             private_ips: BTreeMap::new(),
+            model_disk: false,
         }
     }
 
@@ -138,13 +141,13 @@ impl Azure {
                 let id = self.next.to_string();
                 let zone = self.zones[self.next as usize % self.zones.len()].clone();
                 self.next += 1;
-                self.vms.insert(
-                    id,
-                    Vm {
-                        zone,
-                        disks: BTreeMap::new(),
-                    },
-                );
+                let mut disks = BTreeMap::new();
+                if self.model_disk {
+                    let own = disk_id(&format!("db_{id}-model-0"));
+                    self.disks.insert(own.clone(), zone.clone());
+                    disks.insert(0, own);
+                }
+                self.vms.insert(id, Vm { zone, disks });
             }
             Act::Detach { instance, disks } => {
                 let vm = self.vms.get_mut(instance).ok_or("no such VM")?;
@@ -244,7 +247,8 @@ impl Azure {
                 instance: i,
                 synced_at: self.now,
             });
-            let mounted = vm.disks.contains_key(&0);
+            // An empty disk has nothing to mount.
+            let mounted = vm.disks.get(&0).is_some_and(|d| !d.contains("-model-"));
             let status = if id == "0" {
                 Beat::Down
             } else if mounted && self.new_comes_up {
@@ -414,6 +418,33 @@ fn the_disk_goes_to_the_new_vm_before_the_broken_one_goes() {
     assert!(op.holds.is_empty());
     // The scratch disk was not the slot's: it stays where the broken VM left it.
     assert!(azure.disks.contains_key(&disk_id("db_0-scratch")));
+}
+
+#[test]
+fn a_new_vm_with_its_own_disk_at_the_lun_has_it_taken_off_and_deleted_after() {
+    let mut azure = Azure::new(&["1"]);
+    azure.model_disk = true;
+    let (op, notes, alerts) = azure.run(azure.op(true));
+    assert_eq!(op.state, State::Succeeded, "{notes:#?}");
+    assert!(alerts.is_empty());
+    let o = outcomes(&notes);
+    let at = |s: &str| o.iter().position(|x| *x == s).unwrap_or(usize::MAX);
+    assert!(
+        at("detached") < at("clearing") && at("clearing") < at("cleared"),
+        "{o:?}"
+    );
+    assert!(at("cleared") < at("attached"), "{o:?}");
+    assert_eq!(
+        azure.vms["1"].disks.get(&0),
+        Some(&disk_id("db_0-data-0")),
+        "the slot's disk at its LUN"
+    );
+    assert!(
+        !azure.disks.contains_key(&disk_id("db_1-model-0")),
+        "the new VM's empty disk went once it was done: {:?}",
+        azure.disks
+    );
+    assert!(azure.disks.contains_key(&disk_id("db_0-data-0")));
 }
 
 #[test]
@@ -594,16 +625,17 @@ proptest! {
     /// one after a success, the broken one after a failure; no copy, snapshot or VM is left over
     /// on a failure, and the slot names where the disk is.
     #[test]
-    fn wherever_it_fails_the_disk_is_on_one_vm(fail_at in proptest::option::of(0usize..12), cross in any::<bool>(), comes_up in any::<bool>(), address in prop_oneof![Just(Address::None), Just(Address::PublicIp), Just(Address::PrivateIp)]) {
+    fn wherever_it_fails_the_disk_is_on_one_vm(fail_at in proptest::option::of(0usize..14), cross in any::<bool>(), comes_up in any::<bool>(), model in any::<bool>(), address in prop_oneof![Just(Address::None), Just(Address::PublicIp), Just(Address::PrivateIp)]) {
         let zones: &[&str] = if cross { &["1", "2"] } else { &["1"] };
         let mut azure = Azure::with_address(zones, address);
         azure.fail_at = fail_at;
         azure.new_comes_up = comes_up;
+        azure.model_disk = model;
         let (op, notes, alerts) = azure.run(azure.op(true));
         let at_lun0: Vec<(&String, &String)> = azure
             .vms
             .iter()
-            .filter_map(|(id, vm)| vm.disks.get(&0).map(|d| (id, d)))
+            .filter_map(|(id, vm)| vm.disks.get(&0).filter(|d| !d.contains("-model-")).map(|d| (id, d)))
             .collect();
         prop_assert_eq!(at_lun0.len(), 1, "one VM has the slot's disk: {:?} {:#?}", azure.vms, notes);
         let (holder, disk) = at_lun0[0];
@@ -613,6 +645,9 @@ proptest! {
             State::Succeeded => {
                 prop_assert!(!azure.vms.contains_key("0"));
                 prop_assert_eq!(azure.vms.len(), 1);
+                // The new VM's own disk at the LUN gone (unless its clean-up failed, said so).
+                let left = azure.disks.keys().any(|d| d.contains("-model-"));
+                prop_assert!(!left || outcomes(&notes).contains(&"cleanup_failed"), "{:?}", azure.disks);
             }
             _ => {
                 prop_assert!(alerts.len() == 1, "{:?}", alerts);
