@@ -315,6 +315,37 @@ impl<'a> Arm<'a> {
         self.send(request).await
     }
 
+    /// The id of the disk at LUN 0 of instance `vm` (empty if none), and the instance as read.
+    async fn disk_at_lun0(&self, set: &str, vm: u64) -> (String, Value) {
+        let (_, _, body) = self
+            .send(
+                self.app
+                    .http
+                    .get(self.url(set, &format!("/virtualMachines/{vm}"))),
+            )
+            .await;
+        let id = body["properties"]["storageProfile"]["dataDisks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["lun"] == 0)
+            .and_then(|d| d["managedDisk"]["id"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        (id, body)
+    }
+
+    /// `attachDetachDataDisks` on instance `vm` of `set`.
+    async fn attach_detach(
+        &self,
+        set: &str,
+        vm: u64,
+        body: Value,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let url = self.url(set, &format!("/virtualMachines/{vm}/attachDetachDataDisks"));
+        self.send(self.app.http.post(url).json(&body)).await
+    }
+
     async fn operation(&self, headers: &reqwest::header::HeaderMap) -> Value {
         let url = headers["azure-asyncoperation"]
             .to_str()
@@ -1824,16 +1855,7 @@ async fn data_disks_attach_to_one_vm_in_their_zone_and_move_zones_by_snapshot() 
         "{d}"
     );
 
-    let change = |vm: u64, body: Value| {
-        let (arm, url) = (
-            &arm,
-            arm.url(
-                "db",
-                &format!("/virtualMachines/{vm}/attachDetachDataDisks"),
-            ),
-        );
-        async move { arm.send(arm.app.http.post(url).json(&body)).await }
-    };
+    let change = |vm: u64, body: Value| arm.attach_detach("db", vm, body);
     let follow = |headers: reqwest::header::HeaderMap| {
         let arm = &arm;
         async move {
@@ -2027,13 +2049,7 @@ async fn a_models_data_disks_come_empty_with_each_new_vm_and_hold_their_lun() {
     let (status, _, body) = arm.patch("db", 2, None).await;
     assert!(status == 200 || status == 202, "{status} {body}");
     app.complete_operations().await;
-    let (_, _, vm1) = arm
-        .send(app.http.get(arm.url("db", "/virtualMachines/1")))
-        .await;
-    let own = vm1["properties"]["storageProfile"]["dataDisks"][0]["managedDisk"]["id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let (own, vm1) = arm.disk_at_lun0("db", 1).await;
     assert!(own.contains("/disks/db_1-model-0"), "{vm1}");
     let all = app.admin(reqwest::Method::GET, "disks", None).await;
     let blank = all
@@ -2044,23 +2060,8 @@ async fn a_models_data_disks_come_empty_with_each_new_vm_and_hold_their_lun() {
         .unwrap();
     assert_eq!(blank["content"], "", "empty: {blank}");
 
-    let change = |vm: u64, body: Value| {
-        let (arm, url) = (
-            &arm,
-            arm.url(
-                "db",
-                &format!("/virtualMachines/{vm}/attachDetachDataDisks"),
-            ),
-        );
-        async move { arm.send(arm.app.http.post(url).json(&body)).await }
-    };
-    let (_, _, vm0) = arm
-        .send(app.http.get(arm.url("db", "/virtualMachines/0")))
-        .await;
-    let data = vm0["properties"]["storageProfile"]["dataDisks"][0]["managedDisk"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let change = |vm: u64, body: Value| arm.attach_detach("db", vm, body);
+    let (data, _) = arm.disk_at_lun0("db", 0).await;
     let (status, _, body) = change(0, json!({"dataDisksToDetach": [{"diskId": data}]})).await;
     assert_eq!(status, 202, "{body}");
     app.complete_operations().await;
@@ -2081,14 +2082,8 @@ async fn a_models_data_disks_come_empty_with_each_new_vm_and_hold_their_lun() {
     let (status, _, body) = change(1, attach).await;
     assert_eq!(status, 202, "{body}");
     app.complete_operations().await;
-    let (_, _, vm1) = arm
-        .send(app.http.get(arm.url("db", "/virtualMachines/1")))
-        .await;
-    assert_eq!(
-        vm1["properties"]["storageProfile"]["dataDisks"][0]["managedDisk"]["id"],
-        json!(data),
-        "{vm1}"
-    );
+    let (now, vm1) = arm.disk_at_lun0("db", 1).await;
+    assert_eq!(now, data, "{vm1}");
 }
 
 /// Flexible VMs' network interfaces and public IPs as a stateful replacement meets them (issue 18,

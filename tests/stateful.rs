@@ -100,6 +100,17 @@ fn outcomes(j: &[Entry], kind: EntryKind) -> Vec<String> {
         .collect()
 }
 
+/// The new VM said STARTING first and UP last: it counted only once it had its data.
+fn starting_until_its_data(seen: &[(String, String)], new_id: &str) {
+    let new_seen: Vec<&str> = seen
+        .iter()
+        .filter(|(i, _)| i == new_id)
+        .map(|(_, s)| s.as_str())
+        .collect();
+    assert_eq!(new_seen.first(), Some(&"STARTING"), "{seen:?}");
+    assert_eq!(new_seen.last(), Some(&"UP"), "{seen:?}");
+}
+
 /// Drives passes until `done` holds of the journal, checking the invariant after each; returns
 /// the heartbeat statuses seen stored for each instance along the way, in order.
 async fn drive(
@@ -218,13 +229,7 @@ async fn a_dead_stateful_vm_is_replaced_with_its_data_disk_on_the_new_one() {
     let slot = slots(&app).await;
     assert_eq!(slot[0].instance, new_id);
     // Counted healthy only once it had its data: it said STARTING before the attach.
-    let new_seen: Vec<&str> = seen
-        .iter()
-        .filter(|(i, _)| *i == new_id)
-        .map(|(_, s)| s.as_str())
-        .collect();
-    assert_eq!(new_seen.first(), Some(&"STARTING"), "{seen:?}");
-    assert_eq!(new_seen.last(), Some(&"UP"), "{seen:?}");
+    starting_until_its_data(&seen, &new_id);
 }
 
 /// The data disk is in the scale set's model, the usual way to give each VM one: the new VM comes
@@ -266,13 +271,7 @@ async fn a_new_vm_whose_model_gives_it_a_disk_at_the_slots_lun_gets_the_slots_di
     );
     assert_eq!(d[0]["content"], "data written by db_0");
     // Its empty disk did not count: STARTING until the slot's disk was there.
-    let new_seen: Vec<&str> = seen
-        .iter()
-        .filter(|(i, _)| *i == new_id)
-        .map(|(_, s)| s.as_str())
-        .collect();
-    assert_eq!(new_seen.first(), Some(&"STARTING"), "{seen:?}");
-    assert_eq!(new_seen.last(), Some(&"UP"), "{seen:?}");
+    starting_until_its_data(&seen, &new_id);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
