@@ -34,6 +34,33 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The audit trail: every decision, taken or withheld, and every outcome, oldest first.
+    Journal {
+        /// A watched scale set (resource id or name); every watched one if none.
+        scale_set: Option<String>,
+        /// Only this instance's rows (its instance id, or a Flexible VM's name).
+        #[arg(long)]
+        instance: Option<String>,
+        /// Only this incident's (or operation's) rows.
+        #[arg(long)]
+        incident: Option<String>,
+        /// Only rows of these kinds: repair, withheld, outcome, step, intent, operation
+        /// (comma-separated or repeated).
+        #[arg(long, value_delimiter = ',')]
+        kind: Vec<String>,
+        /// How far back: seconds, or a number with s, m or h.
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// Only the newest this many rows.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Each row's evidence (the verdict, heartbeat, mirror and call it rested on) too.
+        #[arg(long)]
+        evidence: bool,
+        /// As JSON, for scripts (with the evidence).
+        #[arg(long)]
+        json: bool,
+    },
     /// A manual brake: monitor-status starts no repair on the scale set until resumed.
     Pause {
         /// A watched scale set: its resource id or its name.
@@ -331,6 +358,7 @@ fn operator_command(command: Command) -> i32 {
     };
     let name = match &command {
         Command::Status { .. } => "status",
+        Command::Journal { .. } => "journal",
         Command::Pause { .. } => "pause",
         Command::Resume { .. } => "resume",
         Command::Operations { .. } => "operations",
@@ -345,6 +373,26 @@ fn operator_command(command: Command) -> i32 {
         use vmss_healer::operator;
         match &command {
             Command::Status { json } => operator::status(&settings, &store, *json).await,
+            Command::Journal {
+                scale_set,
+                instance,
+                incident,
+                kind,
+                since,
+                limit,
+                evidence,
+                json,
+            } => {
+                let query = operator::journal_query(
+                    instance.as_deref(),
+                    incident.as_deref(),
+                    kind,
+                    since,
+                    *limit,
+                    *evidence,
+                )?;
+                operator::journal(&settings, &store, scale_set.as_deref(), &query, *json).await
+            }
             Command::Pause { scale_set, reason } => {
                 operator::set_pause(&settings, &store, scale_set, Some(reason)).await
             }
@@ -459,6 +507,8 @@ fn operator_command(command: Command) -> i32 {
                 || e.downcast_ref::<vmss_healer::operations::Refused>()
                     .is_some()
                 || e.downcast_ref::<vmss_healer::operator::NotStarted>()
+                    .is_some()
+                || e.downcast_ref::<vmss_healer::operator::BadQuery>()
                     .is_some()
             {
                 2

@@ -1,5 +1,6 @@
 //! The operator's commands of the `handler` binary against a running deployment: `status` shows
-//! what the healer sees and did; `pause` / `resume` set a manual brake `monitor-status` obeys.
+//! what the healer sees and did; `journal` its audit trail; `pause` / `resume` set a manual brake
+//! `monitor-status` obeys.
 
 mod common;
 
@@ -116,12 +117,145 @@ async fn status_pause_and_resume() {
     assert_eq!(operator, ["operator_resume", "operator_pause"]);
 }
 
+/// `handler journal`: the audit trail an operator reads after the fact — one instance's incident
+/// from its decision to its outcome, oldest first, across the watched sets or one; filtered by
+/// instance, incident and kind; the newest rows with `--limit`; with the evidence (always in
+/// `--json`); bad arguments all named at once, exit 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_journal_tells_an_instances_story_oldest_first() {
+    let app = spawn_app()
+        .scale_set("web", 4)
+        .scale_set("api", 4)
+        .env("HEALER_REPAIR_ACTIONS", "restart")
+        .start()
+        .await;
+    app.sync_and_break("web", 2, json!({"beat": "down"})).await;
+    app.break_vm("api", 1, json!({"beat": "down"})).await;
+    app.heartbeat_round().await;
+    let (status, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(status, 200, "{answer}");
+    app.complete_operations().await;
+    app.heartbeat_round().await;
+    app.invoke_timer("monitor-state").await;
+    app.invoke_timer("monitor-status").await;
+
+    // Both sets, oldest first: the intent before the request, the request before the outcome.
+    let (code, out, err) = app.cli(&["journal", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let story = |rows: &[Value], set: &str, instance: &str| -> Vec<String> {
+        rows.iter()
+            .filter(|r| r["scale_set"]["name"] == set && r["instance_id"] == instance)
+            .map(|r| {
+                format!(
+                    "{}:{}",
+                    r["kind"].as_str().unwrap(),
+                    r["outcome"].as_str().unwrap()
+                )
+            })
+            .collect()
+    };
+    let web2 = story(&rows, "web", "2");
+    let at = |s: &str| web2.iter().position(|x| x == s);
+    assert!(
+        at("intent:sending") < at("repair:requested") && at("repair:requested").is_some(),
+        "{web2:?}"
+    );
+    assert!(
+        web2.iter()
+            .skip_while(|x| *x != "repair:requested")
+            .any(|x| x.starts_with("outcome:") || x.starts_with("step:")),
+        "the outcome follows the request: {web2:?}"
+    );
+    assert!(!story(&rows, "api", "1").is_empty(), "every watched set");
+    let times: Vec<&str> = rows.iter().map(|r| r["at"].as_str().unwrap()).collect();
+    let mut sorted = times.clone();
+    sorted.sort();
+    assert_eq!(times, sorted, "oldest first");
+    assert!(
+        rows.iter().all(|r| !r["evidence"].is_null()),
+        "with evidence"
+    );
+
+    // One set, one instance, one kind; the newest row only.
+    let (code, out, err) = app.cli(&[
+        "journal",
+        "web",
+        "--instance",
+        "2",
+        "--kind",
+        "repair",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let only: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert!(!only.is_empty());
+    assert!(
+        only.iter().all(|r| r["scale_set"]["name"] == "web"
+            && r["instance_id"] == "2"
+            && r["kind"] == "repair"),
+        "{out}"
+    );
+    let incident = only[0]["incident"].as_str().unwrap().to_string();
+    let (_, out, _) = app.cli(&["journal", "--incident", &incident, "--json"]);
+    let same: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        story(&same, "web", "2"),
+        web2,
+        "an incident's rows are the instance's here"
+    );
+    let (_, out, _) = app.cli(&["journal", "web", "--limit", "1", "--json"]);
+    let last: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let web_rows: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r["scale_set"]["name"] == "web")
+        .collect();
+    assert_eq!(last.len(), 1);
+    assert_eq!(&last[0], *web_rows.last().unwrap(), "the newest");
+
+    // As text: a line per row, the evidence on request.
+    let (code, text, _) = app.cli(&["journal", "web", "--instance", "2"]);
+    assert_eq!(code, 0);
+    assert_eq!(text.lines().count(), web2.len(), "{text}");
+    assert!(
+        text.contains("#2") && text.contains("requested") && text.contains("restart"),
+        "{text}"
+    );
+    assert!(!text.contains("evidence:"), "{text}");
+    let (_, text, _) = app.cli(&["journal", "web", "--instance", "2", "--evidence"]);
+    assert!(text.contains("evidence: {"), "{text}");
+    let (_, text, _) = app.cli(&["journal", "web", "--instance", "99"]);
+    assert_eq!(text, "no journal row\n");
+
+    // The operator's mistakes: every one named, exit 2.
+    let (code, _, err) = app.cli(&[
+        "journal",
+        "--kind",
+        "repairs,withheld",
+        "--since",
+        "yesterday",
+        "--limit",
+        "0",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("`repairs` is not a kind")
+            && err.contains("--since")
+            && err.contains("--limit"),
+        "{err}"
+    );
+    let (code, _, err) = app.cli(&["journal", "nope"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("not a watched scale set"), "{err}");
+}
+
 /// Issue 13: help needs no settings — an operator asks for it before configuring anything.
 #[test]
 fn every_command_prints_its_help_without_settings() {
     for args in [
         vec!["--help"],
         vec!["status", "--help"],
+        vec!["journal", "--help"],
         vec!["pause", "--help"],
         vec!["resume", "--help"],
         vec!["operations", "--help"],

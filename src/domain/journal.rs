@@ -84,3 +84,166 @@ pub struct Entry {
 pub fn incident_id(instance_id: &str, opened: OffsetDateTime) -> String {
     format!("{instance_id}-{}", opened.unix_timestamp())
 }
+
+/// Which rows an operator asked for (`handler journal`): every condition given must hold.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Filter {
+    /// An instance id, or a Flexible VM's name (any case).
+    pub instance: Option<String>,
+    pub incident: Option<String>,
+    /// Any of these kinds; none given: every kind.
+    pub kinds: Vec<EntryKind>,
+}
+
+impl Filter {
+    pub fn keeps(&self, e: &Entry) -> bool {
+        self.instance
+            .as_deref()
+            .is_none_or(|i| e.instance_id.eq_ignore_ascii_case(i))
+            && self.incident.as_deref().is_none_or(|i| e.incident == i)
+            && (self.kinds.is_empty() || self.kinds.contains(&e.kind))
+    }
+}
+
+/// The audit trail as an operator reads it: the rows of several scale sets, each listed newest
+/// first as the table keeps them, merged oldest first; of the same time, in the order they were
+/// written (the table's order within a time). `limit` keeps the newest.
+pub fn chronicle(per_set: Vec<Vec<Entry>>, filter: &Filter, limit: Option<usize>) -> Vec<Entry> {
+    let mut rows: Vec<Entry> = per_set
+        .into_iter()
+        .flatten()
+        .filter(|e| filter.keeps(e))
+        .collect();
+    rows.sort_by_key(|e| e.at);
+    if let Some(n) = limit {
+        let cut = rows.len().saturating_sub(n);
+        rows.drain(..cut);
+    }
+    rows
+}
+
+/// One line per row (with `evidence`, the row's evidence as JSON on the next line).
+pub fn render(rows: &[Entry], evidence: bool) -> String {
+    if rows.is_empty() {
+        return "no journal row\n".into();
+    }
+    let mut out = String::new();
+    for e in rows {
+        let action = match e.action {
+            Some(a) if e.attempt > 0 => format!("{} (attempt {})  ", a.as_str(), e.attempt),
+            Some(a) => format!("{}  ", a.as_str()),
+            None => String::new(),
+        };
+        out.push_str(&format!(
+            "{}  {}  #{:<6} {:<9} {:<20} {action}{}  [incident {}]{}\n",
+            stamp(e.at),
+            e.scale_set.name,
+            e.instance_id,
+            e.kind.as_str(),
+            e.outcome,
+            e.reason,
+            e.incident,
+            if e.dry_run { " [dry run]" } else { "" }
+        ));
+        if evidence && !e.evidence.is_null() {
+            out.push_str(&format!("    evidence: {}\n", e.evidence));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn row(set: &str, instance: &str, at: OffsetDateTime, kind: EntryKind, outcome: &str) -> Entry {
+        Entry {
+            scale_set: ScaleSetId::new("sub", "rg", set),
+            instance_id: instance.into(),
+            at,
+            incident: format!("{instance}-1"),
+            kind,
+            action: Some(RepairAction::Restart),
+            attempt: 1,
+            outcome: outcome.into(),
+            reason: format!("{outcome} {instance}"),
+            evidence: serde_json::json!({"by": "timer"}),
+            dry_run: false,
+        }
+    }
+
+    const T: OffsetDateTime = datetime!(2026-12-02 07:00 UTC);
+
+    #[test]
+    fn sets_merge_oldest_first_and_a_time_keeps_the_written_order() {
+        let s = time::Duration::seconds(1);
+        // As the table lists them: newest first; within one time, in the order written.
+        let web = vec![
+            row("web", "1", T + s * 2, EntryKind::Step, "succeeded"),
+            row("web", "1", T, EntryKind::Intent, "sending"),
+            row("web", "1", T, EntryKind::Repair, "requested"),
+        ];
+        let api = vec![row("api", "4", T + s, EntryKind::Withheld, "cooldown")];
+        let all = chronicle(vec![web, api], &Filter::default(), None);
+        let order: Vec<&str> = all.iter().map(|e| e.outcome.as_str()).collect();
+        assert_eq!(order, ["sending", "requested", "cooldown", "succeeded"]);
+        let newest_two = chronicle(vec![all.clone()], &Filter::default(), Some(2));
+        let order: Vec<&str> = newest_two.iter().map(|e| e.outcome.as_str()).collect();
+        assert_eq!(order, ["cooldown", "succeeded"]);
+    }
+
+    #[test]
+    fn a_filter_keeps_what_every_condition_allows() {
+        let rows = vec![
+            row("web", "1", T, EntryKind::Repair, "requested"),
+            row("web", "2", T, EntryKind::Repair, "requested"),
+            row("web", "1", T, EntryKind::Withheld, "cooldown"),
+        ];
+        let cases: Vec<(Filter, Vec<&str>)> = vec![
+            (
+                Filter::default(),
+                vec!["requested 1", "requested 2", "cooldown 1"],
+            ),
+            (
+                Filter {
+                    instance: Some("1".into()),
+                    ..Filter::default()
+                },
+                vec!["requested 1", "cooldown 1"],
+            ),
+            (
+                Filter {
+                    kinds: vec![EntryKind::Withheld, EntryKind::Step],
+                    ..Filter::default()
+                },
+                vec!["cooldown 1"],
+            ),
+            (
+                Filter {
+                    instance: Some("2".into()),
+                    incident: Some("1-1".into()),
+                    ..Filter::default()
+                },
+                vec![],
+            ),
+        ];
+        for (filter, want) in cases {
+            let got: Vec<String> = chronicle(vec![rows.clone()], &filter, None)
+                .into_iter()
+                .map(|e| e.reason)
+                .collect();
+            assert_eq!(got, want, "{filter:?}");
+        }
+    }
+
+    #[test]
+    fn a_line_says_when_where_what_and_why() {
+        let text = render(&[row("web", "7", T, EntryKind::Repair, "requested")], true);
+        assert_eq!(
+            text,
+            "2026-12-02T07:00:00Z  web  #7      repair    requested            restart (attempt 1)  requested 7  [incident 7-1]\n    evidence: {\"by\":\"timer\"}\n"
+        );
+        assert_eq!(render(&[], false), "no journal row\n");
+    }
+}

@@ -1,6 +1,6 @@
 //! The operator's commands of the `handler` binary, against a deployment's tables with the same
 //! settings as the Function App: `status` (what the healer sees and did), `pause` / `resume` (a
-//! manual brake `monitor-status` obeys), `operations` and `operation pause|resume|abort` (the
+//! manual brake `monitor-status` obeys), `journal` (the audit trail), `operations` and `operation pause|resume|abort` (the
 //! long-running operations of design §7). Reads and writes the tables only, never the Compute API.
 
 use crate::journal::{Entry, EntryKind};
@@ -179,6 +179,106 @@ pub async fn list_operations(
         ));
     }
     Ok(out)
+}
+
+/// What `handler journal` asks for.
+pub struct JournalQuery {
+    pub filter: crate::journal::Filter,
+    /// How far back.
+    pub since: Duration,
+    /// The newest this many rows.
+    pub limit: Option<usize>,
+    /// Each row's evidence too (always in `--json`).
+    pub evidence: bool,
+}
+
+/// The command's arguments do not make a query: every problem, at once.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("; "))]
+pub struct BadQuery(pub Vec<String>);
+
+/// `handler journal`'s arguments, checked as a whole.
+pub fn journal_query(
+    instance: Option<&str>,
+    incident: Option<&str>,
+    kinds: &[String],
+    since: &str,
+    limit: Option<usize>,
+    evidence: bool,
+) -> Result<JournalQuery, BadQuery> {
+    let mut problems = Vec::new();
+    let mut parsed = Vec::new();
+    for k in kinds.iter().map(|k| k.trim().to_ascii_lowercase()) {
+        match crate::journal::EntryKind::parse(&k) {
+            Some(kind) => parsed.push(kind),
+            None => problems.push(format!(
+                "--kind: `{k}` is not a kind (repair, withheld, outcome, step, intent, operation)"
+            )),
+        }
+    }
+    let since = match crate::policy::parse_duration(since) {
+        Ok(d) if d > Duration::ZERO => d,
+        Ok(_) => {
+            problems.push(format!("--since: `{since}` must be more than zero"));
+            Duration::ZERO
+        }
+        Err(e) => {
+            problems.push(format!("--since: {e}"));
+            Duration::ZERO
+        }
+    };
+    if limit == Some(0) {
+        problems.push("--limit: 0 rows shows nothing; give at least 1".into());
+    }
+    if !problems.is_empty() {
+        return Err(BadQuery(problems));
+    }
+    Ok(JournalQuery {
+        filter: crate::journal::Filter {
+            instance: instance.map(str::to_string),
+            incident: incident.map(str::to_string),
+            kinds: parsed,
+        },
+        since,
+        limit,
+        evidence,
+    })
+}
+
+/// `handler journal [<scale set>] [--instance I] [--incident ID] [--kind K,…] [--since 24h]
+/// [--limit N] [--evidence] [--json]`: the audit trail of one watched scale set or all, oldest
+/// first, read from the journal's partitions (never the Compute API).
+pub async fn journal(
+    settings: &Settings,
+    store: &Store,
+    which: Option<&str>,
+    query: &JournalQuery,
+    json: bool,
+) -> anyhow::Result<String> {
+    let sets: Vec<&WatchedScaleSet> = match which {
+        Some(w) => vec![find(settings, w)?],
+        None => settings.scale_sets.iter().collect(),
+    };
+    let since = OffsetDateTime::now_utc() - query.since;
+    let reads = sets.iter().map(|w| async move {
+        store
+            .journal(&w.id, since)
+            .await
+            .with_context(|| format!("reading the journal of {}", w.id))
+    });
+    let mut per_set = Vec::new();
+    for read in futures::future::join_all(reads).await {
+        let (rows, skipped) = read?;
+        for bad in &skipped.0 {
+            tracing::warn!(error = %bad, "skipped an unreadable journal row");
+        }
+        per_set.push(rows);
+    }
+    let rows = crate::journal::chronicle(per_set, &query.filter, query.limit);
+    if json {
+        return Ok(serde_json::to_string_pretty(&rows)? + "\n");
+    }
+    Ok(crate::journal::render(&rows, query.evidence))
 }
 
 /// `handler cycle <scale set> …`: a rolling cycle written as a pending operation, which the next
