@@ -274,6 +274,64 @@ async fn a_new_vm_whose_model_gives_it_a_disk_at_the_slots_lun_gets_the_slots_di
     starting_until_its_data(&seen, &new_id);
 }
 
+/// An operator who aborts a stateful replacement under way gets everything back as it was — the
+/// disk on the broken VM, the new VM deleted — not a VM without its data; the operation ends
+/// `aborted`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_replacement_puts_the_disk_back_and_removes_the_new_vm() {
+    let app = stateful_app(&["1"], "REPAIR_ACTIONS=reimage,replace", None).await;
+    pass(&app, "first mirror").await;
+    let disk = disk_at(&app.vm("db", 0).await, 0).expect("VM 0 has its data disk");
+    app.sync_and_break("db", 0, json!({"beat": "down", "fault": "hard"}))
+        .await;
+    drive(&app, Duration::from_secs(60), |j| {
+        outcomes(j, EntryKind::Operation).contains(&"new_instance".to_string())
+    })
+    .await;
+    // The new VM never comes up, so the replacement cannot get past it before the abort.
+    let fleet = app.fleet("db").await;
+    let new_id = fleet["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["instance_id"].as_u64())
+        .find(|id| *id != 0)
+        .unwrap_or_else(|| panic!("the new VM: {fleet}"));
+    app.break_vm("db", new_id, json!({"beat": "silent"})).await;
+    let (code, out, err) = app.cli(&["operations", "db", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let ops: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let id = ops
+        .iter()
+        .find(|o| o["kind"] == "carry" && o["state"] == "running")
+        .and_then(|o| o["id"].as_str())
+        .unwrap_or_else(|| panic!("a running carry: {out}"))
+        .to_string();
+    let (code, out, err) = app.cli(&["operation", "abort", &id, "--reason", "wrong VM size"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("rolling_back"), "{out}");
+    let (j, _) = drive(&app, Duration::from_secs(60), |j| {
+        outcomes(j, EntryKind::Operation).contains(&"aborted".to_string())
+    })
+    .await;
+    let ops = outcomes(&j, EntryKind::Operation);
+    assert!(ops.contains(&"rolled_back".to_string()), "{ops:?}");
+    let fleet = app.fleet("db").await;
+    let vms = fleet["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 1, "the new VM deleted: {fleet}");
+    assert_eq!(vms[0]["instance_id"], 0);
+    assert_eq!(
+        disk_at(&vms[0], 0).as_deref(),
+        Some(disk.as_str()),
+        "{fleet}"
+    );
+    assert_eq!(slots(&app).await[0].instance, "0");
+    let (_, out, _) = app.cli(&["operations", "db", "--json"]);
+    let ops: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let op = ops.iter().find(|o| o["id"] == id.as_str()).unwrap();
+    assert_eq!(op["state"], "aborted", "{op}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_attach_leaves_the_disk_on_the_old_vm_and_the_incident_escalates() {
     let (url, receiver) =

@@ -210,6 +210,11 @@ impl Operation {
             (_, s) if s.is_over() => return Err(refused()),
             (Command::Pause, State::Pending | State::Running | State::RollingBack) => State::Paused,
             (Command::Resume, State::Paused) => State::Running,
+            // A stateful replacement under way is undone, not left half-done: its disks back on
+            // the broken VM, the new VM gone. Aborting its roll-back stops it where it is.
+            (Command::Abort, State::Running | State::Paused) if carry::abort_rolls_back(self) => {
+                State::RollingBack
+            }
             (Command::Abort, _) => State::Aborted,
             _ => return Err(refused()),
         };
@@ -234,6 +239,7 @@ impl Operation {
             waiting: match state {
                 State::Paused => Some("the operator: resume or abort".into()),
                 State::Running => None,
+                State::RollingBack => Some("the roll-back an operator asked for".into()),
                 _ => self.waiting.clone(),
             },
             ..self.clone()

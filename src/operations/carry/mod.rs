@@ -262,6 +262,9 @@ pub struct Memo {
     /// once the replacement is done (or rolled back).
     #[serde(default)]
     pub displaced: Vec<String>,
+    /// Snapshots a roll-back found taken (or perhaps taken) before their copies were made.
+    #[serde(default)]
+    pub snapshots: Vec<String>,
     #[serde(default)]
     pub calls: Vec<Call>,
     #[serde(default, with = "time::serde::rfc3339::option")]
@@ -286,6 +289,9 @@ pub struct Memo {
     /// Refused undo calls sent again so far.
     #[serde(default)]
     pub retries: u32,
+    /// An operator aborted it: rolled back, it ends `aborted`, with no alert.
+    #[serde(default)]
+    pub aborted: bool,
 }
 
 impl Memo {
@@ -320,6 +326,28 @@ impl Memo {
             .map(|s| s.disks.clone())
             .unwrap_or_default()
     }
+}
+
+/// Whether an operator's abort rolls it back: it started, is not already rolling back, and the
+/// new instance does not serve yet (from then on nothing is undone, as after a failure).
+pub fn abort_rolls_back(op: &Operation) -> bool {
+    op.kind == super::Kind::Carry
+        && !op.dry_run
+        && Memo::read(op).is_ok_and(|m| {
+            m.failed.is_none()
+                && matches!(
+                    m.stage,
+                    Stage::Surge
+                        | Stage::Arrive
+                        | Stage::Detach
+                        | Stage::Snapshot
+                        | Stage::Copy
+                        | Stage::Clear
+                        | Stage::Attach
+                        | Stage::Address
+                        | Stage::Healthy
+                )
+        })
 }
 
 /// The capacity write or delete it has sent and not yet seen end: the healer's writes wait.
@@ -510,6 +538,10 @@ impl Engine<'_, '_> {
         if self.out.op.state == State::Pending {
             return self.preflight();
         }
+        if self.out.op.state == State::RollingBack && self.memo.failed.is_none() {
+            // An operator's abort: the call in flight ends first, then everything is undone.
+            self.memo.aborted = true;
+        }
         self.track();
         let what = self.memo.stage.label();
         match step::progress(
@@ -545,6 +577,9 @@ impl Engine<'_, '_> {
         }
         if let Some(t) = self.memo.calls.iter().filter_map(Call::ended_at).max() {
             self.memo.ended_at = Some(self.memo.ended_at.map_or(t, |e| e.max(t)));
+        }
+        if self.memo.aborted && self.memo.failed.is_none() {
+            return self.fail("aborted by an operator".into());
         }
         match self.memo.stage {
             Stage::Preflight => self.preflight(),
@@ -1169,6 +1204,19 @@ impl Engine<'_, '_> {
                 self.memo.failed.clone().unwrap_or_default()
             ));
         }
+        if self.memo.stage == Stage::Snapshot {
+            // Their copies were never made: the snapshots go with the roll-back.
+            self.memo.snapshots = self
+                .memo
+                .calls
+                .iter()
+                .filter(|c| !matches!(c.state, CallState::Unsent))
+                .filter_map(|c| match &c.act {
+                    Act::Snapshot { name, .. } => Some(name.clone()),
+                    _ => None,
+                })
+                .collect();
+        }
         self.memo.failed = Some(why.clone());
         self.out.op.last_error = Some(why.clone());
         self.out.op.state = State::RollingBack;
@@ -1280,7 +1328,9 @@ impl Engine<'_, '_> {
                 }
                 Stage::Discard
                     if self.memo.calls.is_empty()
-                        && !(self.memo.copies.is_empty() && self.memo.displaced.is_empty()) =>
+                        && !(self.memo.copies.is_empty()
+                            && self.memo.displaced.is_empty()
+                            && self.memo.snapshots.is_empty()) =>
                 {
                     // The new VM's own disks, detached or left by its delete: the mirror says.
                     if !self.memo.displaced.is_empty()
@@ -1301,6 +1351,12 @@ impl Engine<'_, '_> {
                         name: c.snapshot.clone(),
                     }));
                     acts.extend(self.displaced_to_delete());
+                    acts.extend(
+                        self.memo
+                            .snapshots
+                            .drain(..)
+                            .map(|name| Act::DeleteSnapshot { name }),
+                    );
                     self.memo.copies.clear();
                     self.memo.displaced.clear();
                     if acts.is_empty() {
@@ -1311,11 +1367,21 @@ impl Engine<'_, '_> {
                 }
                 _ => {
                     let why = self.memo.failed.clone().unwrap_or_default();
+                    // The surge's instance is deleted only once known: another VM that appeared
+                    // meanwhile (an autoscale) is never taken for it.
+                    let gone = if new.is_empty() && self.memo.grew && !dry {
+                        "the capacity added for the new instance stays (it was never seen provisioned): scale the set back by hand"
+                    } else {
+                        "the new instance is gone"
+                    };
                     self.note(
                         &old,
                         "rolled_back",
-                        format!("the slot's disks are back on {old}; the new instance is gone"),
+                        format!("the slot's disks are back on {old}; {gone}"),
                     );
+                    if self.memo.aborted {
+                        return self.end(State::Aborted, format!("{why}: rolled back"));
+                    }
                     return self.give_up(why);
                 }
             }
@@ -1403,10 +1469,10 @@ impl Engine<'_, '_> {
         let instance = self.params.as_ref().map(|p| p.instance.clone());
         self.note(
             instance.as_deref().unwrap_or("*"),
-            if state == State::Succeeded {
-                "succeeded"
-            } else {
-                "failed"
+            match state {
+                State::Succeeded => "succeeded",
+                State::Aborted => "aborted",
+                _ => "failed",
             },
             reason.clone(),
         );

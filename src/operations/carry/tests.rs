@@ -52,6 +52,8 @@ struct Azure {
     private_ips: BTreeMap<String, String>,
     /// The scale set's model has a data disk at LUN 0: each new VM comes with an empty one there.
     model_disk: bool,
+    /// An operator aborts it before this pass, if it still runs.
+    abort_before: Option<usize>,
 }
 
 const PIP: &str =
@@ -100,6 +102,7 @@ impl Azure {
             public_ips: BTreeMap::new(),
             private_ips: BTreeMap::new(),
             model_disk: false,
+            abort_before: None,
         }
     }
 
@@ -317,6 +320,12 @@ impl Azure {
         );
         for pass in 0..400 {
             self.now += Duration::seconds(10);
+            if self.abort_before == Some(pass) && matches!(op.state, State::Running | State::Paused)
+            {
+                op = op
+                    .command(crate::operations::Command::Abort, self.now)
+                    .unwrap();
+            }
             record.synced_at = Some(self.now);
             let (instances, heartbeats) = self.mirror();
             let verdicts: HashMap<&str, Verdict> = heartbeats
@@ -445,6 +454,76 @@ fn a_new_vm_with_its_own_disk_at_the_lun_has_it_taken_off_and_deleted_after() {
         azure.disks
     );
     assert!(azure.disks.contains_key(&disk_id("db_0-data-0")));
+}
+
+#[test]
+fn an_abort_while_the_new_vm_waits_to_come_up_puts_everything_back() {
+    let mut azure = Azure::new(&["1"]);
+    azure.new_comes_up = false;
+    azure.model_disk = true;
+    azure.abort_before = Some(12);
+    let (op, notes, alerts) = azure.run(azure.op(true));
+    assert_eq!(op.state, State::Aborted, "{notes:#?}");
+    assert!(alerts.is_empty(), "the operator's own abort: {alerts:?}");
+    let o = outcomes(&notes);
+    assert!(
+        o.contains(&"attached") && o.contains(&"rolled_back"),
+        "{o:?}"
+    );
+    assert_eq!(o.last(), Some(&"aborted"), "{o:?}");
+    assert_eq!(
+        azure.vms.keys().collect::<Vec<_>>(),
+        ["0"],
+        "the new VM is gone"
+    );
+    assert_eq!(azure.vms["0"].disks.get(&0), Some(&disk_id("db_0-data-0")));
+    assert_eq!(azure.slot.instance, "0");
+    assert!(op.holds.is_empty());
+    assert!(
+        !azure.disks.keys().any(|d| d.contains("-model-")),
+        "{:?}",
+        azure.disks
+    );
+}
+
+#[test]
+fn an_abort_rolls_back_only_what_is_under_way_and_undoable() {
+    use crate::operations::Command;
+    let azure = Azure::new(&["1"]);
+    let at = |state: State, stage: Stage, failed: bool, dry_run: bool| {
+        let mut op = azure.op(true);
+        op.state = state;
+        op.dry_run = dry_run;
+        let memo = Memo {
+            stage,
+            failed: failed.then(|| "a step failed".to_string()),
+            ..Memo::default()
+        };
+        op.memo = serde_json::to_value(&memo).unwrap();
+        op.command(Command::Abort, T0).map(|o| o.state)
+    };
+    #[rustfmt::skip]
+    let cases = [
+        (State::Pending, Stage::Preflight, false, false, State::Aborted),
+        (State::Running, Stage::Surge, false, false, State::RollingBack),
+        (State::Running, Stage::Attach, false, false, State::RollingBack),
+        (State::Paused, Stage::Healthy, false, false, State::RollingBack),
+        // The new VM serves: nothing is undone from here, as after a failure.
+        (State::Running, Stage::Delete, false, false, State::Aborted),
+        (State::Running, Stage::Cleanup, false, false, State::Aborted),
+        // Aborting a roll-back stops it where it is.
+        (State::RollingBack, Stage::Reattach, true, false, State::Aborted),
+        (State::Paused, Stage::Unattach, true, false, State::Aborted),
+        // A dry run did nothing to undo.
+        (State::Running, Stage::Attach, false, true, State::Aborted),
+    ];
+    for (state, stage, failed, dry, want) in cases {
+        assert_eq!(
+            at(state, stage, failed, dry),
+            Ok(want),
+            "{state:?} at {stage:?} (failed {failed}, dry run {dry})"
+        );
+    }
 }
 
 #[test]
@@ -625,12 +704,13 @@ proptest! {
     /// one after a success, the broken one after a failure; no copy, snapshot or VM is left over
     /// on a failure, and the slot names where the disk is.
     #[test]
-    fn wherever_it_fails_the_disk_is_on_one_vm(fail_at in proptest::option::of(0usize..14), cross in any::<bool>(), comes_up in any::<bool>(), model in any::<bool>(), address in prop_oneof![Just(Address::None), Just(Address::PublicIp), Just(Address::PrivateIp)]) {
+    fn wherever_it_fails_the_disk_is_on_one_vm(fail_at in proptest::option::of(0usize..14), cross in any::<bool>(), comes_up in any::<bool>(), model in any::<bool>(), abort_before in proptest::option::of(0usize..40), address in prop_oneof![Just(Address::None), Just(Address::PublicIp), Just(Address::PrivateIp)]) {
         let zones: &[&str] = if cross { &["1", "2"] } else { &["1"] };
         let mut azure = Azure::with_address(zones, address);
         azure.fail_at = fail_at;
         azure.new_comes_up = comes_up;
         azure.model_disk = model;
+        azure.abort_before = abort_before;
         let (op, notes, alerts) = azure.run(azure.op(true));
         let at_lun0: Vec<(&String, &String)> = azure
             .vms
@@ -641,7 +721,20 @@ proptest! {
         let (holder, disk) = at_lun0[0];
         prop_assert_eq!(&azure.slot.instance, holder);
         prop_assert_eq!(&azure.slot.disks[0].id, disk);
+        let rolled_back = outcomes(&notes).contains(&"rolled_back");
         match op.state {
+            State::Aborted if rolled_back => {
+                // Undone: the original on the broken VM, no alert for the operator's own abort.
+                prop_assert_eq!(disk, &disk_id("db_0-data-0"));
+                prop_assert_eq!(holder.as_str(), "0");
+                prop_assert!(azure.snapshots.is_empty());
+                prop_assert!(alerts.is_empty(), "{:?}", alerts);
+            }
+            State::Aborted => {
+                // Aborted where nothing was to undo (or the new VM already served): the disk is
+                // on one VM (above) and the slot names it.
+                prop_assert!(alerts.is_empty(), "{:?}", alerts);
+            }
             State::Succeeded => {
                 prop_assert!(!azure.vms.contains_key("0"));
                 prop_assert_eq!(azure.vms.len(), 1);
