@@ -267,7 +267,9 @@ pub async fn journal(
             .with_context(|| format!("reading the journal of {}", w.id))
     });
     let mut per_set = Vec::new();
-    for read in futures::future::join_all(reads).await {
+    // Four sets at a time, as `status` reads them: an operator's command never floods storage.
+    let reads: Vec<_> = futures::stream::iter(reads).buffered(4).collect().await;
+    for read in reads {
         let (rows, skipped) = read?;
         for bad in &skipped.0 {
             tracing::warn!(error = %bad, "skipped an unreadable journal row");
