@@ -190,6 +190,7 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
         { name: 'HEALER_ATTESTATION_CA', value: attestationCaPem }
         { name: 'HEALER_MIRROR_MAX_AGE', value: '300' }
         { name: 'HEALER_FULL_RESYNC', value: '600' }
+        { name: 'HEALER_JOURNAL_DAYS', value: '90' }
         // Within host.json's functionTimeout (5 min): deadline + one call + 30 s of final writes.
         { name: 'HEALER_PASS_DEADLINE', value: '150' }
         { name: 'HEALER_CALL_TIMEOUT', value: '30' }

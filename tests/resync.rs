@@ -321,3 +321,52 @@ async fn a_plain_vm_event_has_the_flexible_sets_of_its_group_read() {
         "{answer}"
     );
 }
+
+/// `HEALER_JOURNAL_DAYS`: a full read of a scale set (not its first) deletes its journal rows
+/// past their retention and says how many; `0` keeps them for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_read_deletes_journal_rows_past_their_retention() {
+    use time::{Duration as Span, OffsetDateTime};
+    use vmss_healer::journal::Entry;
+    for (days, pruned) in [("1", 3), ("0", 0)] {
+        let app = spawn_app()
+            .scale_set("web", 2)
+            .env("HEALER_JOURNAL_DAYS", days)
+            .start()
+            .await;
+        let web = TestApp::scale_set("web");
+        let now = OffsetDateTime::now_utc();
+        let row = |i: i64, at: OffsetDateTime| Entry {
+            scale_set: web.clone(),
+            instance_id: i.to_string(),
+            at,
+            incident: format!("{i}-1"),
+            kind: EntryKind::Withheld,
+            action: None,
+            attempt: 0,
+            outcome: "cooldown".into(),
+            reason: "a step ran recently".into(),
+            evidence: Value::Null,
+            dry_run: false,
+        };
+        let rows: Vec<Entry> = (0..3)
+            .map(|i| row(i, now - Span::days(2)))
+            .chain((0..2).map(|i| row(i, now - Span::minutes(5))))
+            .collect();
+        app.store.append_journal(&rows).await.unwrap();
+        // The first read of a set leaves its journal alone; the full reads after it prune.
+        let (_, first) = app.invoke_timer("monitor-state").await;
+        assert_eq!(outcome(&first, "web")["read"], "first_sync", "{first}");
+        assert_eq!(outcome(&first, "web")["journal_pruned"], 0, "{first}");
+        let (status, answer) = app.invoke_timer("monitor-state").await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(outcome(&answer, "web")["read"], "full_resync", "{answer}");
+        assert_eq!(
+            outcome(&answer, "web")["journal_pruned"],
+            pruned,
+            "HEALER_JOURNAL_DAYS={days}: {answer}"
+        );
+        let (left, _) = app.store.journal(&web, now - Span::days(30)).await.unwrap();
+        assert_eq!(left.len(), 5 - pruned, "HEALER_JOURNAL_DAYS={days}");
+    }
+}

@@ -852,3 +852,68 @@ async fn slots_are_created_once_and_moved_by_version() {
     );
     assert_eq!(store.slots(&set()).await.unwrap().0[0].value.instance, "1");
 }
+
+/// Journal retention: only rows written before the cut-off go, at most `at_most` per call (the
+/// next call takes the rest), never an incident row however old its incident, never another
+/// scale set's rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_journal_loses_only_rows_past_their_retention_a_bounded_share_at_a_time() {
+    use vmss_healer::incident::Incident;
+    let azurite = Azurite::start();
+    let store = store_for(azurite.connection_string());
+    store.ensure_tables().await.unwrap();
+    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let entry = |set: ScaleSetId, i: i64, at: OffsetDateTime| Entry {
+        scale_set: set,
+        instance_id: format!("{}", i % 7),
+        at,
+        incident: format!("inc-{i}"),
+        kind: EntryKind::Withheld,
+        action: None,
+        attempt: 0,
+        outcome: "cooldown".into(),
+        reason: "a step ran recently".into(),
+        evidence: serde_json::Value::Null,
+        dry_run: false,
+    };
+    let other = ScaleSetId::new("sub", "rg", "api");
+    let old: Vec<Entry> = (0..1005)
+        .map(|i| entry(set(), i, now - Duration::days(3) + Duration::seconds(i)))
+        .collect();
+    let recent: Vec<Entry> = (0..3)
+        .map(|i| entry(set(), i, now - Duration::hours(1) + Duration::seconds(i)))
+        .collect();
+    let elsewhere: Vec<Entry> = (0..4)
+        .map(|i| entry(other.clone(), i, now - Duration::days(3)))
+        .collect();
+    for batch in [&old, &recent, &elsewhere] {
+        store.append_journal(batch).await.unwrap();
+    }
+    // An incident opened long ago and still open.
+    let incident = Incident::open(
+        "4",
+        "silent",
+        RepairAction::Restart,
+        now - Duration::days(5),
+        Duration::minutes(15),
+    );
+    store.claim_incident(&set(), &incident, None).await.unwrap();
+
+    let cut = now - Duration::days(1);
+    assert_eq!(store.prune_journal(&set(), cut, 1000).await.unwrap(), 1000);
+    assert_eq!(store.prune_journal(&set(), cut, 1000).await.unwrap(), 5);
+    assert_eq!(store.prune_journal(&set(), cut, 1000).await.unwrap(), 0);
+    let (left, _) = store
+        .journal(&set(), now - Duration::days(30))
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 3, "the recent rows stay");
+    assert!(left.iter().all(|e| e.at > cut));
+    let (incidents, _) = store.incidents(&set()).await.unwrap();
+    assert!(incidents.contains_key("4"), "an open incident stays");
+    let (theirs, _) = store
+        .journal(&other, now - Duration::days(30))
+        .await
+        .unwrap();
+    assert_eq!(theirs.len(), 4, "another scale set's journal is its own");
+}

@@ -30,6 +30,7 @@ pub const MAX_PARALLEL: &str = "HEALER_MAX_PARALLEL";
 pub const MAX_UNHEALTHY: &str = "HEALER_MAX_UNHEALTHY";
 pub const MIRROR_MAX_AGE: &str = "HEALER_MIRROR_MAX_AGE";
 pub const FULL_RESYNC: &str = "HEALER_FULL_RESYNC";
+pub const JOURNAL_DAYS: &str = "HEALER_JOURNAL_DAYS";
 pub const PLATFORM_REPAIRS: &str = "HEALER_PLATFORM_REPAIRS";
 pub const DOWN_PROOF: &str = "HEALER_DOWN_PROOF";
 pub const MAX_MAINTENANCE: &str = "HEALER_MAX_MAINTENANCE";
@@ -68,6 +69,7 @@ pub const CATALOG: &[SettingDoc] = &[
     SettingDoc { name: DOWN_PROOF, default: "`vmid`", meaning: "the least proof of identity any heartbeat (UP, DOWN or MAINTENANCE) needs to be believed: `vmid` (its vmId matches the mirror), `attested` (an IMDS attested document the platform signed for it, checked against `HEALER_ATTESTATION_CA`) or `name` (a computer name is enough: legacy Prunella agents, only while migrating a scale set — anyone who knows a VM's hostname can then have it repaired or keep it from being repaired). A heartbeat proving less is refused (`insufficient_proof`) and never changes how the VM is judged" },
     SettingDoc { name: ATTESTATION_CA, default: "(none)", meaning: "PEM certificates (inline, or a file path relative to the app) of the CAs that issue IMDS's `metadata.azure.com` signing certificate; set, heartbeats carrying an IMDS attested document are checked (an invalid one is rejected, a valid one proves `attested`)" },
     SettingDoc { name: MIRROR_MAX_AGE, default: "`300` s", meaning: "a change announced by an event or a repair must be mirrored within this, and evidence from the mirror (stopped, failed provisioning, Application Health) must be this fresh, or no repair is decided; a quiet scale set's mirror may be `HEALER_FULL_RESYNC` older" },
+    SettingDoc { name: JOURNAL_DAYS, default: "`90`", meaning: "journal rows (table `repairs`) are kept this many days: older ones are deleted by `monitor-state` when it reads a scale set in full (every `HEALER_FULL_RESYNC`), at most 1,000 per set each time, never an open incident (`0`: kept for ever)" },
     SettingDoc { name: FULL_RESYNC, default: "`600` s", meaning: "every scale set is read in full at least this often, the safety net for changes no Resource Manager event announced; between full reads `monitor-state` reads only scale sets that changed, failed or have repairs in flight (`0`: read every set every pass)" },
     SettingDoc { name: EVENT_REPAIRS, default: "`true`", meaning: "evaluate a scale set the moment its evidence changes: a DOWN heartbeat whose streak has lasted `HEALER_DOWN_FOR` has `monitor-events` decide and act on that one set at once (every brake and claim rule as in `monitor-status`; a burst coalesces into one evaluation per set at a time), instead of waiting for the next timer pass; so does a Resource Manager event of a failed operation or a powered-off VM, after a fresh read of the set; `false`: only the timer repairs" },
     SettingDoc { name: DRY_RUN, default: "`false`", meaning: "decide and journal, but do not act; what a dry run decided never holds back a live pass" },
@@ -108,6 +110,8 @@ pub struct Settings {
     pub mirror_max_age: Duration,
     /// The slow safety-net interval: every scale set is read in full at least this often.
     pub full_resync: Duration,
+    /// How long journal rows are kept; `None`: for ever.
+    pub journal_days: Option<u32>,
     /// Trust anchors for IMDS attested documents, if configured.
     pub attestation: Option<crate::attestation::Trust>,
     pub dry_run: bool,
@@ -217,6 +221,7 @@ impl Settings {
         .unwrap_or_else(|| Url::parse("https://management.azure.com").expect("constant URL"));
         let mirror_max_age = duration(get(MIRROR_MAX_AGE), "300", MIRROR_MAX_AGE, &mut problems);
         let full_resync = wait(get(FULL_RESYNC), "600", FULL_RESYNC, &mut problems);
+        let journal_days = journal_days(get(JOURNAL_DAYS), &mut problems);
         let attestation = get(ATTESTATION_CA).and_then(|raw| {
             let pem = if raw.contains("-----BEGIN") {
                 Ok(raw)
@@ -337,6 +342,7 @@ impl Settings {
             arm_endpoint,
             mirror_max_age,
             full_resync,
+            journal_days,
             attestation,
             dry_run,
             event_repairs,
@@ -452,6 +458,23 @@ fn value<T: std::str::FromStr<Err = String>>(
             .parse::<T>()
             .unwrap_or_else(|_| unreachable!("defaults parse"))
     })
+}
+
+/// Days of journal to keep: a whole number (`0`: for ever), at most a century.
+fn journal_days(raw: Option<String>, problems: &mut Vec<String>) -> Option<u32> {
+    let Some(v) = raw else {
+        return Some(90);
+    };
+    match v.trim().parse::<u32>() {
+        Ok(0) => None,
+        Ok(n) if n <= 36_500 => Some(n),
+        _ => {
+            problems.push(format!(
+                "{JOURNAL_DAYS}: `{v}` is not a whole number of days from 0 (keep for ever) to 36500"
+            ));
+            Some(90)
+        }
+    }
 }
 
 fn attempts(raw: Option<String>, name: &str, problems: &mut Vec<String>) -> u32 {
@@ -820,6 +843,19 @@ mod tests {
         assert_eq!(s.defaults.max_parallel, Limit::Percent(10.0));
         assert_eq!(s.defaults.max_unhealthy, Limit::Percent(40.0));
         assert_eq!(s.mirror_max_age, Duration::seconds(300));
+        assert_eq!(s.journal_days, Some(90));
+        let base = [
+            (SCALE_SETS, WEB),
+            (WEBJOBS_STORAGE, "UseDevelopmentStorage=true"),
+        ];
+        for (raw, want) in [("0", None), ("7", Some(7)), (" 365 ", Some(365))] {
+            let s = load(&[base[0], base[1], (JOURNAL_DAYS, raw)]).unwrap();
+            assert_eq!(s.journal_days, want, "{raw}");
+        }
+        for raw in ["-1", "36501", "90d"] {
+            let err = load(&[base[0], base[1], (JOURNAL_DAYS, raw)]).unwrap_err();
+            assert!(err.to_string().contains(JOURNAL_DAYS), "{raw}: {err}");
+        }
         assert_eq!(s.full_resync, Duration::seconds(600));
         assert!(!s.dry_run);
         assert_eq!(s.webhook_url, None);
@@ -873,6 +909,7 @@ mod tests {
             (STATUS_SCHEDULE, "every minute"),
             (HANDLER_PORT, "99999"),
             (FULL_RESYNC, "-5m"),
+            (JOURNAL_DAYS, "a year"),
         ])
         .unwrap_err();
         let text = err.to_string();
@@ -886,10 +923,11 @@ mod tests {
             STATUS_SCHEDULE,
             HANDLER_PORT,
             FULL_RESYNC,
+            JOURNAL_DAYS,
         ] {
             assert!(text.contains(needle), "missing {needle} in:\n{text}");
         }
-        assert_eq!(err.0.len(), 9, "{text}");
+        assert_eq!(err.0.len(), 10, "{text}");
     }
 
     #[test]

@@ -21,6 +21,10 @@ use tokio::sync::Mutex;
 /// few at a time stay well inside its read budget.
 const SYNC_CONCURRENCY: usize = 4;
 
+/// Journal rows deleted per scale set per full read, at most: ten batches, a second or so of
+/// storage; a backlog (a first deployment of the retention) drains over the next full reads.
+pub const JOURNAL_PRUNE_BATCH: usize = 1000;
+
 /// How one scale set's mirror read went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncOutcome {
@@ -73,6 +77,8 @@ pub struct SetSync {
     pub instances: usize,
     pub written: usize,
     pub removed: usize,
+    /// Journal rows past `HEALER_JOURNAL_DAYS` deleted after a full read.
+    pub journal_pruned: usize,
     pub detail: Option<String>,
 }
 
@@ -85,6 +91,7 @@ impl SetSync {
             instances: 0,
             written: 0,
             removed: 0,
+            journal_pruned: 0,
             detail: None,
         }
     }
@@ -172,6 +179,7 @@ pub async fn sync_all(
         report.push(done?);
     }
     drop(reads);
+    prune_journals(store, settings, &deadline, &mut report, now).await;
     crate::throttle::hold_subscriptions(store, compute, settings, now).await?;
     report.sort_by_key(|(position, _)| *position);
     let report = report.into_iter().map(|(_, r)| r).collect();
@@ -180,6 +188,51 @@ pub async fn sync_all(
         compute_calls: compute.observed().calls() - calls_before,
         table_requests: store.requests() - requests_before,
     })
+}
+
+/// The journal of each scale set read in full this pass loses its rows past
+/// `HEALER_JOURNAL_DAYS` (a bounded share): the pass that reads a set anyway, at the full-resync
+/// cadence, costs no extra pass. Best effort: a failure is logged and tried at the next full read.
+async fn prune_journals(
+    store: &Store,
+    settings: &Settings,
+    deadline: &Deadline,
+    report: &mut [(usize, SetSync)],
+    now: OffsetDateTime,
+) {
+    let Some(days) = settings.journal_days else {
+        return;
+    };
+    let before = now - Duration::days(i64::from(days));
+    for (position, set) in report.iter_mut() {
+        // Not on a set's first read: a set just added has no journal yet.
+        if set.outcome != SyncOutcome::Synced || set.read != Some(Read::FullResync.label()) {
+            continue;
+        }
+        let Some(watched) = settings.scale_sets.get(*position) else {
+            continue;
+        };
+        if !deadline.fits_a_call() {
+            tracing::info!(scale_set = %watched.id, "journal retention left to a later pass: the pass deadline is near");
+            return;
+        }
+        let id = &watched.id;
+        match deadline
+            .bound(store.prune_journal(id, before, JOURNAL_PRUNE_BATCH))
+            .await
+        {
+            Some(Ok(n)) => {
+                set.journal_pruned = n;
+                if n > 0 {
+                    tracing::info!(scale_set = %id, rows = n, days, "journal rows past their retention deleted");
+                }
+            }
+            Some(Err(e)) => {
+                tracing::warn!(scale_set = %id, error = %e, "journal retention failed; tried again at the next full read")
+            }
+            None => tracing::warn!(scale_set = %id, "journal retention cut at the pass deadline"),
+        }
+    }
 }
 
 /// Mirrors one scale set now if it is due — an event has just marked it changed — within

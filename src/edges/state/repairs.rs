@@ -122,6 +122,26 @@ impl Store {
         let rows = self.repairs.query(Some(filter)).await?;
         Ok(collect(rows, |r| journal_from_row(set, r)))
     }
+
+    /// Deletes up to `at_most` journal rows of `set` written before `before` (never an incident
+    /// row): Table Storage keeps no history for ever unless told. How many went.
+    pub async fn prune_journal(
+        &self,
+        set: &ScaleSetId,
+        before: OffsetDateTime,
+        at_most: usize,
+    ) -> Result<usize, StoreError> {
+        // Older rows have larger inverted times, so "before" is "row key above"; every journal
+        // key sorts before the `incident:` rows.
+        let filter = format!(
+            "PartitionKey eq {} and RowKey ge {} and RowKey lt {}",
+            quote(&set.key()),
+            quote(&format!("{:020}", inverted_micros(before))),
+            quote(INCIDENT_PREFIX)
+        );
+        let keys = self.repairs.first_keys(filter, at_most).await?;
+        self.repairs.delete_batch(&set.key(), &keys).await
+    }
 }
 
 /// Microseconds until the far future: newer rows get smaller keys and list first.

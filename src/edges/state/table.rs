@@ -355,6 +355,39 @@ impl Table {
         Ok(rows)
     }
 
+    /// The row keys of the first `at_most` rows the filter matches, in key order, reading no
+    /// more (`$top`, `$select=RowKey`): a clean-up deletes a bounded share per pass without
+    /// reading the rest.
+    pub async fn first_keys(
+        &self,
+        filter: String,
+        at_most: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        // A page holds at most 1,000 entities.
+        let top = u32::try_from(at_most.clamp(1, 1000)).unwrap_or(1000);
+        let mut stream = self
+            .client
+            .query()
+            .filter(filter)
+            .select("RowKey")
+            .top(top)
+            .into_stream::<Map<String, Value>>();
+        let mut keys = Vec::new();
+        while keys.len() < at_most {
+            let Some(page) = stream.next().await else {
+                break;
+            };
+            let page = page.map_err(|e| self.error("query", "", e))?;
+            keys.extend(
+                page.entities
+                    .into_iter()
+                    .filter_map(|e| e.get("RowKey").and_then(Value::as_str).map(str::to_string)),
+            );
+        }
+        keys.truncate(at_most);
+        Ok(keys)
+    }
+
     pub async fn get(&self, partition_key: &str, row_key: &str) -> Result<Option<Row>, StoreError> {
         let filter = format!(
             "PartitionKey eq {} and RowKey eq {}",
