@@ -206,15 +206,17 @@ impl Operation {
             state: self.state.as_str(),
             command: command.as_str(),
         };
+        // A stateful replacement under way is undone, not left half-done: its disks back on the
+        // broken VM, the new VM gone. Aborting its roll-back stops it where it is.
+        let undo = match (command, self.state) {
+            (Command::Abort, State::Running | State::Paused) => carry::abort(self),
+            _ => None,
+        };
         let state = match (command, self.state) {
             (_, s) if s.is_over() => return Err(refused()),
             (Command::Pause, State::Pending | State::Running | State::RollingBack) => State::Paused,
             (Command::Resume, State::Paused) => State::Running,
-            // A stateful replacement under way is undone, not left half-done: its disks back on
-            // the broken VM, the new VM gone. Aborting its roll-back stops it where it is.
-            (Command::Abort, State::Running | State::Paused) if carry::abort_rolls_back(self) => {
-                State::RollingBack
-            }
+            (Command::Abort, _) if undo.is_some() => State::RollingBack,
             (Command::Abort, _) => State::Aborted,
             _ => return Err(refused()),
         };
@@ -242,6 +244,7 @@ impl Operation {
                 State::RollingBack => Some("the roll-back an operator asked for".into()),
                 _ => self.waiting.clone(),
             },
+            memo: undo.unwrap_or_else(|| self.memo.clone()),
             ..self.clone()
         })
     }

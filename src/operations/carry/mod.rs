@@ -328,26 +328,31 @@ impl Memo {
     }
 }
 
-/// Whether an operator's abort rolls it back: it started, is not already rolling back, and the
-/// new instance does not serve yet (from then on nothing is undone, as after a failure).
-pub fn abort_rolls_back(op: &Operation) -> bool {
-    op.kind == super::Kind::Carry
-        && !op.dry_run
-        && Memo::read(op).is_ok_and(|m| {
-            m.failed.is_none()
-                && matches!(
-                    m.stage,
-                    Stage::Surge
-                        | Stage::Arrive
-                        | Stage::Detach
-                        | Stage::Snapshot
-                        | Stage::Copy
-                        | Stage::Clear
-                        | Stage::Attach
-                        | Stage::Address
-                        | Stage::Healthy
-                )
-        })
+/// An operator's abort, when it rolls the replacement back: it started, is not already rolling
+/// back, and the new instance does not serve yet (from then on nothing is undone, as after a
+/// failure). The memo that says so, which the next pass acts on.
+pub fn abort(op: &Operation) -> Option<serde_json::Value> {
+    if op.kind != super::Kind::Carry || op.dry_run {
+        return None;
+    }
+    let mut memo = Memo::read(op).ok()?;
+    let under_way = matches!(
+        memo.stage,
+        Stage::Surge
+            | Stage::Arrive
+            | Stage::Detach
+            | Stage::Snapshot
+            | Stage::Copy
+            | Stage::Clear
+            | Stage::Attach
+            | Stage::Address
+            | Stage::Healthy
+    );
+    if memo.failed.is_some() || !under_way {
+        return None;
+    }
+    memo.aborted = true;
+    serde_json::to_value(&memo).ok()
 }
 
 /// The capacity write or delete it has sent and not yet seen end: the healer's writes wait.
@@ -538,10 +543,6 @@ impl Engine<'_, '_> {
         if self.out.op.state == State::Pending {
             return self.preflight();
         }
-        if self.out.op.state == State::RollingBack && self.memo.failed.is_none() {
-            // An operator's abort: the call in flight ends first, then everything is undone.
-            self.memo.aborted = true;
-        }
         self.track();
         let what = self.memo.stage.label();
         match step::progress(
@@ -579,6 +580,7 @@ impl Engine<'_, '_> {
             self.memo.ended_at = Some(self.memo.ended_at.map_or(t, |e| e.max(t)));
         }
         if self.memo.aborted && self.memo.failed.is_none() {
+            // An operator's abort: the call in flight ended first; now everything is undone.
             return self.fail("aborted by an operator".into());
         }
         match self.memo.stage {

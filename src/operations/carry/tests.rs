@@ -500,7 +500,7 @@ fn an_abort_rolls_back_only_what_is_under_way_and_undoable() {
             ..Memo::default()
         };
         op.memo = serde_json::to_value(&memo).unwrap();
-        op.command(Command::Abort, T0).map(|o| o.state)
+        op.command(Command::Abort, T0)
     };
     #[rustfmt::skip]
     let cases = [
@@ -519,11 +519,19 @@ fn an_abort_rolls_back_only_what_is_under_way_and_undoable() {
     ];
     for (state, stage, failed, dry, want) in cases {
         assert_eq!(
-            at(state, stage, failed, dry),
+            at(state, stage, failed, dry).map(|o| o.state),
             Ok(want),
             "{state:?} at {stage:?} (failed {failed}, dry run {dry})"
         );
     }
+    // The abort is in the memo: a pause and a resume before any pass do not lose it.
+    let aborted = at(State::Running, Stage::Attach, false, false).unwrap();
+    let resumed = aborted
+        .command(Command::Pause, T0)
+        .and_then(|o| o.command(Command::Resume, T0))
+        .unwrap();
+    assert_eq!(resumed.state, State::Running);
+    assert!(Memo::read(&resumed).unwrap().aborted);
 }
 
 #[test]
