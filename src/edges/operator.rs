@@ -1,7 +1,8 @@
 //! The operator's commands of the `handler` binary, against a deployment's tables with the same
-//! settings as the Function App: `status` (what the healer sees and did), `pause` / `resume` (a
-//! manual brake `monitor-status` obeys), `journal` (the audit trail), `operations` and `operation pause|resume|abort` (the
-//! long-running operations of design §7). Reads and writes the tables only, never the Compute API.
+//! settings as the Function App: `status` (what the healer sees and did), `journal` (the audit
+//! trail), `pause` / `resume` (a manual brake `monitor-status` obeys), `operations` and
+//! `operation pause|resume|abort` (the long-running operations of design §7). Reads and writes
+//! the tables only, never the Compute API.
 
 use crate::journal::{Entry, EntryKind};
 use crate::operations::{Command, Operation};

@@ -21,8 +21,8 @@ use tokio::sync::Mutex;
 /// few at a time stay well inside its read budget.
 const SYNC_CONCURRENCY: usize = 4;
 
-/// Journal rows deleted per scale set per full read, at most: ten batches, a second or so of
-/// storage; a backlog (a first deployment of the retention) drains over the next full reads.
+/// Journal rows deleted per scale set per full read, at most: one query and ten batch requests;
+/// a backlog (a first deployment of the retention) drains over the next full reads.
 pub const JOURNAL_PRUNE_BATCH: usize = 1000;
 
 /// How one scale set's mirror read went.

@@ -876,7 +876,7 @@ pub fn scale_set_json(set: &ScaleSet) -> Value {
             .iter()
             .map(|(lun, size)| {
                 json!({"lun": lun, "createOption": "Empty", "diskSizeGB": size,
-                                      "caching": "ReadWrite", "deleteOption": "Detach"})
+                       "caching": "ReadWrite", "deleteOption": "Detach"})
             })
             .collect();
     }
