@@ -197,8 +197,8 @@ enum OperationCommand {
     Pause(OperationArgs),
     /// Take a paused operation up again on the next pass.
     Resume(OperationArgs),
-    /// End it: nothing more is done, and what it held is freed. A stateful replacement under
-    /// way is rolled back first (its disks back on the broken VM, the new VM deleted).
+    /// End it, freeing what it held. What has an undo is undone first, as a failure would be: a
+    /// stateful replacement, a swap before its scale-in, a golden image before it is published.
     Abort(OperationArgs),
 }
 

@@ -606,6 +606,69 @@ async fn a_failed_version_restores_the_instance_and_leaves_the_model() {
     );
 }
 
+/// An operator's abort while the instance's disk is captured: the instance is restored, the
+/// model left as it was, and the operation ends `aborted`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_during_the_capture_restores_the_instance_and_publishes_nothing() {
+    let app = spawn_app()
+        .scale_set_spec(api_on_a_gallery_image())
+        .start()
+        .await;
+    round(&app).await;
+    let (code, out, err) = app.cli(&["prototype", "api", "--instance", "2"]);
+    assert_eq!(code, 0, "{out}{err}");
+    // Snapshots and versions take their time: the capture waits at its step.
+    app.operation_delay_ms(3_600_000).await;
+    let capturing = |op: &serde_json::Value| {
+        let p = op["progress"].as_str().unwrap_or("");
+        p.contains("(snapshot)") || p.contains("(image version)")
+    };
+    let mut last = serde_json::Value::Null;
+    for _ in 0..40 {
+        last = operation(&round(&app).await).clone();
+        if capturing(&last) {
+            break;
+        }
+    }
+    assert!(capturing(&last), "{last:#}");
+    let id = last["id"].as_str().unwrap().to_string();
+    let (code, out, err) = app.cli(&["operation", "abort", &id, "--reason", "wrong day"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("rolling_back"), "{out}");
+    app.operation_delay_ms(0).await;
+    app.admin(reqwest::Method::POST, "artifacts/complete", None)
+        .await;
+    for _ in 0..40 {
+        last = operation(&round(&app).await).clone();
+        if last.is_null() || last["state"] == "aborted" || last["state"] == "failed" {
+            break;
+        }
+    }
+    let (_, out, _) = app.cli(&["operations", "api", "--json"]);
+    let ops: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let op = ops.iter().find(|o| o["id"] == id.as_str()).unwrap();
+    assert_eq!(op["state"], "aborted", "{op:#}");
+    let set = arm(
+        &app,
+        reqwest::Method::GET,
+        format!(
+            "{}{}?api-version=2024-07-01",
+            app.sim_url,
+            common::scale_set_id("api")
+        ),
+        None,
+    )
+    .await;
+    assert!(
+        set["properties"]["virtualMachineProfile"]["storageProfile"]["imageReference"]["id"]
+            .as_str()
+            .unwrap()
+            .ends_with("/versions/2026.101.0"),
+        "the model is untouched: {set}"
+    );
+    assert_eq!(app.vm("api", 2).await["power_state"], "running", "restored");
+}
+
 /// Refused with the reason: a set on a platform image (Azure never lets it change its image type),
 /// bad parameters all at once; a dry run on a gallery-image set walks every step and writes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

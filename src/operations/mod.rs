@@ -206,10 +206,17 @@ impl Operation {
             state: self.state.as_str(),
             command: command.as_str(),
         };
-        // A stateful replacement under way is undone, not left half-done: its disks back on the
-        // broken VM, the new VM gone. Aborting its roll-back stops it where it is.
+        // An operation under way with an undo is undone, not left half-done: a stateful
+        // replacement's disks back on the broken VM, a swap's new set back where it was, a golden
+        // image's instance restored and nothing published. Aborting the undo stops it where it is;
+        // a cycle's reimaged instances cannot be un-reimaged: it just stops.
         let undo = match (command, self.state) {
-            (Command::Abort, State::Running | State::Paused) => carry::abort(self),
+            (Command::Abort, State::Running | State::Paused) => match self.kind {
+                Kind::Carry => carry::abort(self),
+                Kind::Swap => swap::abort(self),
+                Kind::Prototype => prototype::abort(self),
+                Kind::Cycle => None,
+            },
             _ => None,
         };
         let state = match (command, self.state) {

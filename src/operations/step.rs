@@ -121,6 +121,14 @@ impl<A> Call<A> {
     pub fn failed(&self) -> Option<&str> {
         self.state.failed()
     }
+
+    /// Sent, and not yet seen to end: ARM may still be carrying it out.
+    pub fn in_flight(&self) -> bool {
+        matches!(
+            self.state,
+            CallState::Sending { .. } | CallState::Accepted { .. }
+        )
+    }
 }
 
 impl CallState {

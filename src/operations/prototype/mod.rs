@@ -234,6 +234,30 @@ impl Act {
     }
 }
 
+/// An operator's abort, when it has something to undo: the instance was chosen and the image is
+/// not published yet (the model untouched). The instance is restored, nothing is published; the
+/// memo that says so, which the next pass acts on.
+pub fn abort(op: &Operation) -> Option<serde_json::Value> {
+    if op.kind != super::Kind::Prototype || op.dry_run {
+        return None;
+    }
+    let mut memo = Memo::read(op).ok()?;
+    let under_way = matches!(
+        memo.stage,
+        Stage::Prepare
+            | Stage::Deallocate
+            | Stage::Snapshot
+            | Stage::Version
+            | Stage::Restore
+            | Stage::Back
+    );
+    if memo.failed.is_some() || !under_way {
+        return None;
+    }
+    memo.aborted = true;
+    serde_json::to_value(&memo).ok()
+}
+
 /// One call, and where it stands.
 pub type Call = super::step::Call<Act>;
 
@@ -322,6 +346,9 @@ pub struct Memo {
     /// What prepare-image printed.
     #[serde(default)]
     pub output: Option<String>,
+    /// An operator aborted it: restored and not published, it ends `aborted`, with no alert.
+    #[serde(default)]
+    pub aborted: bool,
 }
 
 impl Memo {
@@ -454,7 +481,11 @@ pub fn advance(op: &Operation, view: &View, now: OffsetDateTime) -> Advance {
         memo: Memo::default(),
         params: None,
     };
-    if !matches!(op.state, State::Pending | State::Running) {
+    // Rolling back: restoring the instance after an operator's abort.
+    if !matches!(
+        op.state,
+        State::Pending | State::Running | State::RollingBack
+    ) {
         return p.out;
     }
     match (Params::from_stored(&op.params), Memo::read(op)) {
@@ -553,6 +584,16 @@ impl Proto<'_, '_> {
             Progress::Late => return self.fail(format!("{what} did not end in time")),
             Progress::Waiting(on) => return self.wait(on),
             Progress::Ended => {}
+        }
+        if self.memo.aborted && self.memo.failed.is_none() {
+            let why = "aborted by an operator".to_string();
+            if !matches!(self.memo.stage, Stage::Restore | Stage::Back) {
+                return self.fail(why);
+            }
+            // Already coming back: it is brought back, and nothing is published.
+            self.memo.failed = Some(why.clone());
+            self.out.op.last_error = Some(why.clone());
+            self.note("failed_step", format!("{why}; the model is untouched"));
         }
         match self.memo.stage {
             Stage::Choose => self.choose(),
@@ -1030,6 +1071,9 @@ impl Proto<'_, '_> {
     }
 
     fn give_up(&mut self, why: String) {
+        if self.memo.aborted {
+            return self.end(State::Aborted, format!("{why}; the model is untouched"));
+        }
         self.out.alert = Some(format!(
             "golden image of {} failed: {why}; the model is untouched",
             self.out.op.scale_set
@@ -1042,10 +1086,10 @@ impl Proto<'_, '_> {
             self.out.alert = Some(format!("golden image not made: {reason}"));
         }
         self.note(
-            if state == State::Succeeded {
-                "succeeded"
-            } else {
-                "failed"
+            match state {
+                State::Succeeded => "succeeded",
+                State::Aborted => "aborted",
+                _ => "failed",
             },
             reason.clone(),
         );

@@ -366,3 +366,46 @@ fn a_failure_before_publishing_restores_the_instance_and_never_touches_the_model
     assert_eq!(sent, vec!["prepare-image on 1", "start 1"]);
     assert!(op.last_error.unwrap().contains("is the agent installed"));
 }
+
+#[test]
+fn an_abort_before_publishing_restores_the_instance_and_publishes_nothing() {
+    use crate::operations::Command;
+    let output = "machine-specific state cleared";
+    let mut undone = Vec::new();
+    for k in 1..10 {
+        let mut f = Fixture::new();
+        let (running, _, before) = drive(&mut f, op(auto()), output, None, k);
+        let stage = Memo::read(&running).unwrap().stage;
+        let aborted = running.command(Command::Abort, T0).unwrap();
+        if aborted.state != State::RollingBack {
+            // Nothing to undo: not started, or published (the image is in use).
+            assert_eq!(aborted.state, State::Aborted, "{stage:?}");
+            assert!(
+                matches!(stage, Stage::Choose | Stage::Publish | Stage::Cleanup),
+                "{stage:?}"
+            );
+            continue;
+        }
+        let (op, notes, after) = drive(&mut f, aborted, output, None, 40);
+        assert_eq!(op.state, State::Aborted, "{stage:?}: {notes:#?}");
+        let sent: Vec<&String> = before.iter().chain(&after).collect();
+        assert!(
+            !sent.iter().any(|s| s.starts_with("model image")),
+            "{stage:?}: nothing published: {sent:?}"
+        );
+        if sent.iter().any(|s| s.starts_with("deallocate")) {
+            assert!(
+                sent.iter().any(|s| s.as_str() == "start 1"),
+                "{stage:?}: restored: {sent:?}"
+            );
+        }
+        assert_eq!(
+            notes.last().map(|n| n.outcome),
+            Some("aborted"),
+            "{notes:#?}"
+        );
+        assert!(op.holds.is_empty());
+        undone.push(stage);
+    }
+    assert!(undone.len() >= 3, "aborts tried under way: {undone:?}");
+}

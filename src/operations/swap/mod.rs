@@ -219,6 +219,9 @@ pub struct Memo {
     /// Why it rolls back.
     #[serde(default)]
     pub rollback: Option<String>,
+    /// An operator aborted it: rolled back, it ends `aborted`, with no alert.
+    #[serde(default)]
+    pub aborted: bool,
 }
 
 impl Memo {
@@ -229,6 +232,22 @@ impl Memo {
         serde_json::from_value(op.memo.clone())
             .map_err(|e| format!("the swap's stored progress is unreadable: {e}"))
     }
+}
+
+/// An operator's abort, when it rolls the swap back: it started, is not already rolling back, and
+/// the old set's scale-in was not sent (from then on nothing is undone, as after a failure). The
+/// memo that says so, which the next pass acts on.
+pub fn abort(op: &Operation) -> Option<serde_json::Value> {
+    if op.kind != super::Kind::Swap || op.dry_run {
+        return None;
+    }
+    let mut memo = Memo::read(op).ok()?;
+    let under_way = matches!(memo.stage, Stage::ScaleOut | Stage::Soak | Stage::Move);
+    if memo.rollback.is_some() || !under_way {
+        return None;
+    }
+    memo.aborted = true;
+    serde_json::to_value(&memo).ok()
 }
 
 /// Whether the pass must read the autoscale settings of both sets' resource groups before
@@ -413,6 +432,18 @@ impl<'a, 'v> Swap<'a, 'v> {
             return self.hold(brake);
         }
         self.track();
+        if self.memo.aborted && self.memo.rollback.is_none() {
+            // The call in flight ends first: an undo sent beside it would meet a busy set.
+            if let Some(on) = self.memo.calls.iter().find(|c| c.in_flight()) {
+                let what = format!(
+                    "{} to end before the roll-back an operator asked for",
+                    on.act.describe()
+                );
+                return self.wait(what, None);
+            }
+            self.remember_landed_writes();
+            return self.start_rollback("aborted by an operator".into());
+        }
         match self.memo.stage {
             Stage::Preflight => self.preflight(),
             Stage::ScaleOut => self.scale_out(),
@@ -736,11 +767,8 @@ impl<'a, 'v> Swap<'a, 'v> {
         self.move_autoscale();
     }
 
-    fn move_autoscale(&mut self) {
-        if let Some(error) = self.memo.calls.iter().find_map(Call::failed) {
-            return self.start_rollback(format!("moving autoscale failed: {error}"));
-        }
-        // Each write that landed is remembered for a rollback; the next is sent after it.
+    /// Each autoscale write that landed is remembered for a rollback; the next is sent after it.
+    fn remember_landed_writes(&mut self) {
         let landed: Vec<Write> = self
             .memo
             .calls
@@ -761,6 +789,13 @@ impl<'a, 'v> Swap<'a, 'v> {
                 self.memo.written.push(w);
             }
         }
+    }
+
+    fn move_autoscale(&mut self) {
+        if let Some(error) = self.memo.calls.iter().find_map(Call::failed) {
+            return self.start_rollback(format!("moving autoscale failed: {error}"));
+        }
+        self.remember_landed_writes();
         if self.memo.calls.is_empty() {
             let Some(to_id) = self.to.clone() else {
                 return self.start_rollback("the new set's key is unreadable".into());
@@ -913,10 +948,12 @@ impl<'a, 'v> Swap<'a, 'v> {
 
     fn start_rollback(&mut self, why: String) {
         self.note("*", "rollback", format!("rolling back: {why}"));
-        self.out.alert = Some(format!(
-            "swap rolled back: {why}; the new set goes back to {} instances, the old set was not touched",
-            self.memo.to_before
-        ));
+        if !self.memo.aborted {
+            self.out.alert = Some(format!(
+                "swap rolled back: {why}; the new set goes back to {} instances, the old set was not touched",
+                self.memo.to_before
+            ));
+        }
         self.out.op.last_error = Some(why.clone());
         self.memo.rollback = Some(why);
         self.out.op.state = State::RollingBack;
@@ -967,7 +1004,11 @@ impl<'a, 'v> Swap<'a, 'v> {
             let why = self.memo.rollback.clone().unwrap_or_default();
             self.out.op.partner_holds.clear();
             return self.end(
-                State::Failed,
+                if self.memo.aborted {
+                    State::Aborted
+                } else {
+                    State::Failed
+                },
                 format!("rolled back ({why}): the new set is back at {to_before}, the old set untouched"),
             );
         }

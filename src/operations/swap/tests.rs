@@ -431,6 +431,52 @@ fn a_new_set_that_never_becomes_healthy_is_rolled_back_and_the_old_set_is_untouc
 }
 
 #[test]
+fn an_abort_under_way_rolls_the_swap_back_without_an_alert() {
+    use crate::operations::Command;
+    let mut undone = Vec::new();
+    for k in 1..12 {
+        let mut w = World::new(3);
+        let (running, _) = w.run(swap(soak("3m")), k);
+        if running.state.is_over() {
+            break;
+        }
+        let stage = Memo::read(&running).unwrap().stage;
+        let aborted = running.command(Command::Abort, T0).unwrap();
+        if aborted.state != State::RollingBack {
+            // Nothing to undo (not started), or the old set's scale-in is under way.
+            assert!(
+                matches!(stage, Stage::Preflight | Stage::ScaleIn),
+                "{stage:?}"
+            );
+            continue;
+        }
+        let (op, notes) = w.run(aborted, 30);
+        assert_eq!(op.state, State::Aborted, "{stage:?}: {notes:#?}");
+        assert_eq!(
+            (w.sets[0].vms.len(), w.sets[1].vms.len()),
+            (3, 0),
+            "{stage:?}: the new set back where it was, the old set untouched"
+        );
+        assert_eq!(w.from_touched_with, None, "{stage:?}");
+        assert_eq!(w.autoscale.len(), 1, "{stage:?}: {:?}", w.autoscale);
+        assert!(w.autoscale[0].enabled && w.autoscale[0].targets(&blue()));
+        assert!(
+            w.alerts.is_empty(),
+            "an operator's own abort: {:?}",
+            w.alerts
+        );
+        assert!(op.partner_holds.is_empty() && op.holds.is_empty());
+        undone.push(stage);
+    }
+    for stage in [Stage::ScaleOut, Stage::Soak, Stage::Move] {
+        assert!(
+            undone.contains(&stage),
+            "{stage:?} never aborted: {undone:?}"
+        );
+    }
+}
+
+#[test]
 fn a_failed_autoscale_write_undoes_the_ones_before_and_rolls_back() {
     let mut w = World::new(2);
     w.refuse = Some("as-blue".into());
