@@ -607,7 +607,7 @@ async fn a_failed_version_restores_the_instance_and_leaves_the_model() {
 }
 
 /// An operator's abort while the instance's disk is captured: the instance is restored, the
-/// model left as it was, and the operation ends `aborted`.
+/// snapshot taken for it deleted, the model left as it was, and the operation ends `aborted`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abort_during_the_capture_restores_the_instance_and_publishes_nothing() {
     let app = spawn_app()
@@ -667,6 +667,14 @@ async fn an_abort_during_the_capture_restores_the_instance_and_publishes_nothing
         "the model is untouched: {set}"
     );
     assert_eq!(app.vm("api", 2).await["power_state"], "running", "restored");
+    let artifacts = app.admin(reqwest::Method::GET, "artifacts", None).await;
+    let snapshots: Vec<&String> = artifacts
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| k.contains("/snapshots/"))
+        .collect();
+    assert!(snapshots.is_empty(), "the snapshot is gone: {snapshots:?}");
 }
 
 /// Refused with the reason: a set on a platform image (Azure never lets it change its image type),

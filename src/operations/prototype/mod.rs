@@ -16,7 +16,8 @@
 //!    `--max-history` (never fewer than 2, never the one the model names) go; `--then-cycle`
 //!    starts a rolling upgrade.
 //!
-//! Any failure before step 5 restores the instance and leaves the model untouched, with an alert.
+//! Any failure before step 5 restores the instance, deletes the snapshot and leaves the model
+//! untouched, with an alert; an operator's abort does the same without the alert.
 //! Pure: [`advance`] decides; `passes::operate` reads what it asks for (the instance's disk, the
 //! definition's versions) and sends its calls one at a time.
 
@@ -274,6 +275,8 @@ pub enum Stage {
     Back,
     Publish,
     Cleanup,
+    /// Not published: the snapshot taken for it goes.
+    Discard,
 }
 
 impl Stage {
@@ -288,6 +291,7 @@ impl Stage {
             Stage::Back => "back healthy",
             Stage::Publish => "publish",
             Stage::Cleanup => "clean up",
+            Stage::Discard => "discard the snapshot",
         }
     }
 }
@@ -580,6 +584,14 @@ impl Proto<'_, '_> {
                 self.note("cleanup_failed", format!("{error}; left for an operator"));
                 return self.succeed();
             }
+            Progress::Failed(_, error) if self.memo.stage == Stage::Discard => {
+                self.note(
+                    "cleanup_failed",
+                    format!("{error}; the snapshot is left for an operator"),
+                );
+                let why = self.memo.failed.clone().unwrap_or_default();
+                return self.give_up(why);
+            }
             Progress::Failed(_, error) => return self.fail(format!("{what}: {error}")),
             Progress::Late => return self.fail(format!("{what} did not end in time")),
             Progress::Waiting(on) => return self.wait(on),
@@ -605,6 +617,10 @@ impl Proto<'_, '_> {
             Stage::Back => self.back(),
             Stage::Publish => self.published(),
             Stage::Cleanup => self.cleaned(),
+            Stage::Discard => {
+                let why = self.memo.failed.clone().unwrap_or_default();
+                self.give_up(why)
+            }
         }
     }
 
@@ -1060,6 +1076,12 @@ impl Proto<'_, '_> {
             self.out.op.holds.clear();
             return self.give_up(why);
         }
+        if self.memo.stage == Stage::Snapshot
+            && self.memo.calls.iter().all(|c| c.failed().is_some())
+        {
+            // Refused: there is no snapshot to discard.
+            self.memo.snapshot = None;
+        }
         self.memo.failed = Some(why.clone());
         self.note("failed_step", format!("{why}; the model is untouched"));
         self.out.op.last_error = Some(why);
@@ -1071,6 +1093,16 @@ impl Proto<'_, '_> {
     }
 
     fn give_up(&mut self, why: String) {
+        // A snapshot of an OS disk taken for a version that will not be published goes first.
+        if let Some(name) = self.memo.snapshot.take().filter(|_| !self.dry()) {
+            self.memo.failed.get_or_insert(why);
+            self.step(
+                Stage::Discard,
+                Some(Act::DeleteSnapshot { name }),
+                self.timeout(),
+            );
+            return self.wait("the snapshot to be deleted".into());
+        }
         if self.memo.aborted {
             return self.end(State::Aborted, format!("{why}; the model is untouched"));
         }

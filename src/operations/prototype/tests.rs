@@ -351,11 +351,18 @@ fn a_failure_before_publishing_restores_the_instance_and_never_touches_the_model
             !sent.iter().any(|s| s.starts_with("model image")),
             "{sent:?}"
         );
-        assert_eq!(
-            sent.last().map(String::as_str),
-            Some(if reimaged { "reimage 1" } else { "start 1" }),
-            "{sent:?}"
-        );
+        // Restored, then the snapshot taken for it deleted (none when the snapshot was refused).
+        let restore = if reimaged { "reimage 1" } else { "start 1" };
+        let restored = sent.iter().position(|s| s == restore);
+        assert!(restored.is_some(), "{sent:?}");
+        let discarded = sent.iter().position(|s| s.starts_with("delete snapshot"));
+        if fail == "snapshot" {
+            assert_eq!(sent.last().map(String::as_str), Some(restore), "{sent:?}");
+            assert_eq!(discarded, None, "{sent:?}");
+        } else {
+            assert_eq!(discarded, Some(sent.len() - 1), "{sent:?}");
+            assert!(restored < discarded, "{sent:?}");
+        }
         assert!(op.last_error.unwrap().contains("refused"));
         assert!(op.holds.is_empty());
     }
