@@ -304,6 +304,37 @@ async fn arm(
         .unwrap_or(serde_json::Value::Null)
 }
 
+/// The image the scale set's model names, as ARM shows it.
+async fn model_image(app: &TestApp) -> String {
+    let set = arm(
+        app,
+        reqwest::Method::GET,
+        format!(
+            "{}{}?api-version=2024-07-01",
+            app.sim_url,
+            common::scale_set_id("api")
+        ),
+        None,
+    )
+    .await;
+    set["properties"]["virtualMachineProfile"]["storageProfile"]["imageReference"]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The snapshots the simulator holds.
+async fn snapshots(app: &TestApp) -> Vec<String> {
+    let artifacts = app.admin(reqwest::Method::GET, "artifacts", None).await;
+    artifacts
+        .as_object()
+        .into_iter()
+        .flat_map(|o| o.keys())
+        .filter(|k| k.contains("/snapshots/"))
+        .cloned()
+        .collect()
+}
+
 fn api_on_a_gallery_image() -> serde_json::Value {
     serde_json::json!({"name": "api", "capacity": 3, "imageReference": {"id": format!(
         "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/galleries/SIG_{}/images/api-prototype/versions/2026.101.0",
@@ -416,23 +447,9 @@ async fn auto_captures_the_longest_ready_instance_and_the_model_follows_its_imag
         "running",
         "and restored"
     );
-    let set = arm(
-        &app,
-        reqwest::Method::GET,
-        format!(
-            "{}{}?api-version=2024-07-01",
-            app.sim_url,
-            common::scale_set_id("api")
-        ),
-        None,
-    )
-    .await;
     assert_eq!(
-        set["properties"]["virtualMachineProfile"]["storageProfile"]["imageReference"]["id"],
-        serde_json::json!(vmss_healer::operations::prototype::definition_id(
-            &TestApp::scale_set("api"),
-            &gallery
-        )),
+        model_image(&app).await,
+        vmss_healer::operations::prototype::definition_id(&TestApp::scale_set("api"), &gallery),
         "{fleet}"
     );
     // History: the new version (named to sort after every earlier one) and the newest old one;
@@ -459,13 +476,7 @@ async fn auto_captures_the_longest_ready_instance_and_the_model_follows_its_imag
         today.day()
     );
     assert_eq!(names, vec!["2026.103.0".to_string(), new], "{names:?}");
-    let artifacts = app.admin(reqwest::Method::GET, "artifacts", None).await;
-    let snapshots: Vec<&String> = artifacts
-        .as_object()
-        .unwrap()
-        .keys()
-        .filter(|k| k.contains("/snapshots/"))
-        .collect();
+    let snapshots = snapshots(&app).await;
     assert!(snapshots.is_empty(), "the snapshot is gone: {snapshots:?}");
     // The journal: every step, and no repair of the instance the healer could not hear from.
     let (journal, _) = app.recent_journal(&TestApp::scale_set("api")).await;
@@ -574,23 +585,10 @@ async fn a_failed_version_restores_the_instance_and_leaves_the_model() {
     }
     assert_eq!(last["state"], "failed", "{last:#}");
     assert!(last["progress"].as_str().is_some());
-    let set = arm(
-        &app,
-        reqwest::Method::GET,
-        format!(
-            "{}{}?api-version=2024-07-01",
-            app.sim_url,
-            common::scale_set_id("api")
-        ),
-        None,
-    )
-    .await;
+    let image = model_image(&app).await;
     assert!(
-        set["properties"]["virtualMachineProfile"]["storageProfile"]["imageReference"]["id"]
-            .as_str()
-            .unwrap()
-            .ends_with("/versions/2026.101.0"),
-        "the model is untouched: {set}"
+        image.ends_with("/versions/2026.101.0"),
+        "the model is untouched: {image}"
     );
     assert_eq!(app.vm("api", 2).await["power_state"], "running", "restored");
     let alerts =
@@ -648,32 +646,13 @@ async fn an_abort_during_the_capture_restores_the_instance_and_publishes_nothing
     let ops: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     let op = ops.iter().find(|o| o["id"] == id.as_str()).unwrap();
     assert_eq!(op["state"], "aborted", "{op:#}");
-    let set = arm(
-        &app,
-        reqwest::Method::GET,
-        format!(
-            "{}{}?api-version=2024-07-01",
-            app.sim_url,
-            common::scale_set_id("api")
-        ),
-        None,
-    )
-    .await;
+    let image = model_image(&app).await;
     assert!(
-        set["properties"]["virtualMachineProfile"]["storageProfile"]["imageReference"]["id"]
-            .as_str()
-            .unwrap()
-            .ends_with("/versions/2026.101.0"),
-        "the model is untouched: {set}"
+        image.ends_with("/versions/2026.101.0"),
+        "the model is untouched: {image}"
     );
     assert_eq!(app.vm("api", 2).await["power_state"], "running", "restored");
-    let artifacts = app.admin(reqwest::Method::GET, "artifacts", None).await;
-    let snapshots: Vec<&String> = artifacts
-        .as_object()
-        .unwrap()
-        .keys()
-        .filter(|k| k.contains("/snapshots/"))
-        .collect();
+    let snapshots = snapshots(&app).await;
     assert!(snapshots.is_empty(), "the snapshot is gone: {snapshots:?}");
 }
 

@@ -161,6 +161,24 @@ impl CallState {
     }
 }
 
+/// An operator's abort of an operation that has an undo: its memo marked when `undoable` (which
+/// marks it) says the operation is under way and not undoing already, for the next pass to act
+/// on. A dry run did nothing to undo.
+pub fn abort<M: Serialize>(
+    op: &Operation,
+    memo: Result<M, String>,
+    undoable: impl FnOnce(&mut M) -> bool,
+) -> Option<serde_json::Value> {
+    if op.dry_run {
+        return None;
+    }
+    let mut memo = memo.ok()?;
+    if !undoable(&mut memo) {
+        return None;
+    }
+    serde_json::to_value(&memo).ok()
+}
+
 /// The first call not ended, if it is unsent: its turn has come.
 pub fn sendable<A>(calls: &[Call<A>]) -> Option<usize> {
     let i = calls.iter().position(|c| c.ended_at().is_none())?;

@@ -332,27 +332,23 @@ impl Memo {
 /// back, and the new instance does not serve yet (from then on nothing is undone, as after a
 /// failure). The memo that says so, which the next pass acts on.
 pub fn abort(op: &Operation) -> Option<serde_json::Value> {
-    if op.kind != super::Kind::Carry || op.dry_run {
-        return None;
-    }
-    let mut memo = Memo::read(op).ok()?;
-    let under_way = matches!(
-        memo.stage,
-        Stage::Surge
-            | Stage::Arrive
-            | Stage::Detach
-            | Stage::Snapshot
-            | Stage::Copy
-            | Stage::Clear
-            | Stage::Attach
-            | Stage::Address
-            | Stage::Healthy
-    );
-    if memo.failed.is_some() || !under_way {
-        return None;
-    }
-    memo.aborted = true;
-    serde_json::to_value(&memo).ok()
+    step::abort(op, Memo::read(op), |m| {
+        let undoable = m.failed.is_none()
+            && matches!(
+                m.stage,
+                Stage::Surge
+                    | Stage::Arrive
+                    | Stage::Detach
+                    | Stage::Snapshot
+                    | Stage::Copy
+                    | Stage::Clear
+                    | Stage::Attach
+                    | Stage::Address
+                    | Stage::Healthy
+            );
+        m.aborted = undoable;
+        undoable
+    })
 }
 
 /// The capacity write or delete it has sent and not yet seen end: the healer's writes wait.

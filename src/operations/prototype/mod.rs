@@ -239,24 +239,20 @@ impl Act {
 /// not published yet (the model untouched). The instance is restored, nothing is published; the
 /// memo that says so, which the next pass acts on.
 pub fn abort(op: &Operation) -> Option<serde_json::Value> {
-    if op.kind != super::Kind::Prototype || op.dry_run {
-        return None;
-    }
-    let mut memo = Memo::read(op).ok()?;
-    let under_way = matches!(
-        memo.stage,
-        Stage::Prepare
-            | Stage::Deallocate
-            | Stage::Snapshot
-            | Stage::Version
-            | Stage::Restore
-            | Stage::Back
-    );
-    if memo.failed.is_some() || !under_way {
-        return None;
-    }
-    memo.aborted = true;
-    serde_json::to_value(&memo).ok()
+    step::abort(op, Memo::read(op), |m| {
+        let undoable = m.failed.is_none()
+            && matches!(
+                m.stage,
+                Stage::Prepare
+                    | Stage::Deallocate
+                    | Stage::Snapshot
+                    | Stage::Version
+                    | Stage::Restore
+                    | Stage::Back
+            );
+        m.aborted = undoable;
+        undoable
+    })
 }
 
 /// One call, and where it stands.

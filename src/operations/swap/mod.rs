@@ -238,16 +238,12 @@ impl Memo {
 /// the old set's scale-in was not sent (from then on nothing is undone, as after a failure). The
 /// memo that says so, which the next pass acts on.
 pub fn abort(op: &Operation) -> Option<serde_json::Value> {
-    if op.kind != super::Kind::Swap || op.dry_run {
-        return None;
-    }
-    let mut memo = Memo::read(op).ok()?;
-    let under_way = matches!(memo.stage, Stage::ScaleOut | Stage::Soak | Stage::Move);
-    if memo.rollback.is_some() || !under_way {
-        return None;
-    }
-    memo.aborted = true;
-    serde_json::to_value(&memo).ok()
+    step::abort(op, Memo::read(op), |m| {
+        let undoable =
+            m.rollback.is_none() && matches!(m.stage, Stage::ScaleOut | Stage::Soak | Stage::Move);
+        m.aborted = undoable;
+        undoable
+    })
 }
 
 /// Whether the pass must read the autoscale settings of both sets' resource groups before
