@@ -59,6 +59,8 @@ pub struct Instance {
     pub power_state: Option<String>,
     pub health: Option<AppHealth>,
     /// When `health` last changed, as seen by the mirror (set by the sync, not by ARM).
+    // Times as an operator reads them in the journal's evidence (RFC 3339), not as numbers.
+    #[serde(with = "time::serde::rfc3339::option")]
     pub health_since: Option<OffsetDateTime>,
     pub latest_model_applied: Option<bool>,
     pub protected_from_scale_set_actions: bool,
@@ -68,9 +70,11 @@ pub struct Instance {
     /// or replace of it cannot work; restart and reimage still can (not under `ReadOnly`).
     pub delete_locked: bool,
     pub zone: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
     pub created_at: Option<OffsetDateTime>,
     /// When the last operation on the instance ended (the `time` of its `ProvisioningState/…`
     /// status): how a call whose answer was lost is found to have landed or not.
+    #[serde(with = "time::serde::rfc3339::option")]
     pub provisioned_at: Option<OffsetDateTime>,
     /// Its managed data disks: (LUN, disk resource id). What a stateful set's slot holds.
     pub data_disks: Vec<(u32, String)>,
