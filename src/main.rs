@@ -60,6 +60,10 @@ enum Command {
         /// As JSON, for scripts (with the evidence).
         #[arg(long)]
         json: bool,
+        /// Then each new row as it is written, until stopped (Ctrl-C); with --json, one row per
+        /// line.
+        #[arg(long)]
+        follow: bool,
     },
     /// A manual brake: monitor-status starts no repair on the scale set until resumed.
     Pause {
@@ -383,6 +387,7 @@ fn operator_command(command: Command) -> i32 {
                 limit,
                 evidence,
                 json,
+                follow,
             } => {
                 let query = operator::journal_query(
                     instance.as_deref(),
@@ -392,7 +397,28 @@ fn operator_command(command: Command) -> i32 {
                     *limit,
                     *evidence,
                 )?;
-                operator::journal(&settings, &store, scale_set.as_deref(), &query, *json).await
+                if *follow {
+                    // A reader that went away (`| head`) ends the following.
+                    let emit = |text: &str| {
+                        use std::io::Write;
+                        let mut out = std::io::stdout().lock();
+                        out.write_all(redact(text).as_bytes())
+                            .and_then(|()| out.flush())
+                            .is_ok()
+                    };
+                    operator::follow_journal(
+                        &settings,
+                        &store,
+                        scale_set.as_deref(),
+                        &query,
+                        *json,
+                        emit,
+                    )
+                    .await
+                    .map(|()| String::new())
+                } else {
+                    operator::journal(&settings, &store, scale_set.as_deref(), &query, *json).await
+                }
             }
             Command::Pause { scale_set, reason } => {
                 operator::set_pause(&settings, &store, scale_set, Some(reason)).await

@@ -176,6 +176,16 @@ async fn the_journal_tells_an_instances_story_oldest_first() {
         rows.iter().all(|r| !r["evidence"].is_null()),
         "with evidence"
     );
+    // Its times read as times (RFC 3339), not as lists of numbers.
+    let request = rows
+        .iter()
+        .find(|r| r["kind"] == "repair" && r["instance_id"] == "2")
+        .unwrap();
+    let created = &request["evidence"]["instance"]["created_at"];
+    assert!(
+        created.as_str().is_some_and(|t| t.contains('T')),
+        "{created}"
+    );
 
     // One set, one instance, one kind; the newest row only.
     let (code, out, err) = app.cli(&[
@@ -249,6 +259,62 @@ async fn the_journal_tells_an_instances_story_oldest_first() {
     assert!(err.contains("not a watched scale set"), "{err}");
 }
 
+/// `handler journal --follow`: each new row as it is written, once, without the operator asking
+/// again — here the repair requests of two instances broken one after the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followed_journal_shows_each_new_row_once() {
+    use std::io::BufRead;
+    let app = spawn_app()
+        .scale_set("web", 4)
+        .env("HEALER_REPAIR_ACTIONS", "restart")
+        .start()
+        .await;
+    let mut child = app.cli_spawn(&["journal", "web", "--kind", "repair", "--follow", "--json"]);
+    let stdout = child.0.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines: Vec<Value> = Vec::new();
+    let wait_for = |instance: &str, lines: &mut Vec<Value>| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !lines.iter().any(|l| l["instance_id"] == instance) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no row for #{instance} within 30 s: {lines:?}"));
+            lines.push(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}")));
+        }
+    };
+    app.sync_and_break("web", 2, json!({"beat": "down"})).await;
+    app.heartbeat_round().await;
+    let (status, answer) = app.invoke_timer("monitor-status").await;
+    assert_eq!(status, 200, "{answer}");
+    wait_for("2", &mut lines);
+    // Later passes and another repair: #3's row comes, #2's never again.
+    app.invoke_timer("monitor-status").await;
+    app.break_vm("web", 3, json!({"beat": "down"})).await;
+    app.heartbeat_round().await;
+    app.invoke_timer("monitor-status").await;
+    wait_for("3", &mut lines);
+    drop(child);
+    let instances: Vec<&str> = lines
+        .iter()
+        .map(|l| l["instance_id"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(instances, ["2", "3"], "each row once: {lines:?}");
+    assert!(lines
+        .iter()
+        .all(|l| l["kind"] == "repair" && l["outcome"] == "requested"));
+}
+
 /// Issue 13: help needs no settings — an operator asks for it before configuring anything.
 #[test]
 fn every_command_prints_its_help_without_settings() {
@@ -256,6 +322,7 @@ fn every_command_prints_its_help_without_settings() {
         vec!["--help"],
         vec!["status", "--help"],
         vec!["journal", "--help"],
+        vec!["journal", "--follow", "--help"],
         vec!["pause", "--help"],
         vec!["resume", "--help"],
         vec!["operations", "--help"],

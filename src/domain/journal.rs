@@ -127,29 +127,78 @@ pub fn render(rows: &[Entry], evidence: bool) -> String {
     if rows.is_empty() {
         return "no journal row\n".into();
     }
-    let mut out = String::new();
-    for e in rows {
-        let action = match e.action {
-            Some(a) if e.attempt > 0 => format!("{} (attempt {})  ", a.as_str(), e.attempt),
-            Some(a) => format!("{}  ", a.as_str()),
-            None => String::new(),
-        };
-        out.push_str(&format!(
-            "{}  {}  #{:<6} {:<9} {:<20} {action}{}  [incident {}]{}\n",
-            stamp(e.at),
-            e.scale_set.name,
-            e.instance_id,
-            e.kind.as_str(),
-            e.outcome,
-            e.reason,
-            e.incident,
-            if e.dry_run { " [dry run]" } else { "" }
-        ));
-        if evidence && !e.evidence.is_null() {
-            out.push_str(&format!("    evidence: {}\n", e.evidence));
-        }
+    rows.iter().map(|e| line(e, evidence)).collect()
+}
+
+/// One row as [`render`] shows it.
+pub fn line(e: &Entry, evidence: bool) -> String {
+    let action = match e.action {
+        Some(a) if e.attempt > 0 => format!("{} (attempt {})  ", a.as_str(), e.attempt),
+        Some(a) => format!("{}  ", a.as_str()),
+        None => String::new(),
+    };
+    let mut out = format!(
+        "{}  {}  #{:<6} {:<9} {:<20} {action}{}  [incident {}]{}\n",
+        stamp(e.at),
+        e.scale_set.name,
+        e.instance_id,
+        e.kind.as_str(),
+        e.outcome,
+        e.reason,
+        e.incident,
+        if e.dry_run { " [dry run]" } else { "" }
+    );
+    if evidence && !e.evidence.is_null() {
+        out.push_str(&format!("    evidence: {}\n", e.evidence));
     }
     out
+}
+
+/// What follows a journal as it grows: the rows read so far at the newest time (the next read
+/// starts there, at or after it), so that each row is shown once.
+#[derive(Debug, Default)]
+pub struct Follow {
+    newest: Option<OffsetDateTime>,
+    at_newest: std::collections::HashSet<String>,
+}
+
+impl Follow {
+    /// Where the next read starts: the newest time shown, or `start` before anything was.
+    pub fn since(&self, start: OffsetDateTime) -> OffsetDateTime {
+        self.newest.unwrap_or(start)
+    }
+
+    /// The rows of a read (oldest first) not shown before; remembers them.
+    pub fn fresh(&mut self, rows: Vec<Entry>) -> Vec<Entry> {
+        let identity = |e: &Entry| {
+            format!(
+                "{}|{}|{}|{}|{}|{}",
+                e.scale_set.key(),
+                e.instance_id,
+                e.incident,
+                e.kind.as_str(),
+                e.outcome,
+                e.reason
+            )
+        };
+        let fresh: Vec<Entry> = rows
+            .into_iter()
+            .filter(|e| {
+                self.newest.is_none_or(|n| e.at > n)
+                    || (Some(e.at) == self.newest && !self.at_newest.contains(&identity(e)))
+            })
+            .collect();
+        for e in &fresh {
+            if self.newest.is_none_or(|n| e.at > n) {
+                self.newest = Some(e.at);
+                self.at_newest.clear();
+            }
+            if Some(e.at) == self.newest {
+                self.at_newest.insert(identity(e));
+            }
+        }
+        fresh
+    }
 }
 
 #[cfg(test)]
@@ -235,6 +284,40 @@ mod tests {
                 .collect();
             assert_eq!(got, want, "{filter:?}");
         }
+    }
+
+    #[test]
+    fn a_followed_journal_shows_each_row_once() {
+        let s = time::Duration::seconds(1);
+        let mut follow = Follow::default();
+        assert_eq!(follow.since(T), T);
+        let first = vec![
+            row("web", "1", T, EntryKind::Intent, "sending"),
+            row("web", "1", T + s, EntryKind::Repair, "requested"),
+        ];
+        assert_eq!(follow.fresh(first.clone()).len(), 2);
+        assert_eq!(
+            follow.since(T),
+            T + s,
+            "the next read starts at the newest row"
+        );
+        // The next read has the edge row again and rows of its time and after.
+        let next = vec![
+            first[1].clone(),
+            row("web", "2", T + s, EntryKind::Withheld, "cooldown"),
+            row("web", "1", T + s * 5, EntryKind::Step, "succeeded"),
+        ];
+        let shown: Vec<String> = follow.fresh(next).into_iter().map(|e| e.reason).collect();
+        assert_eq!(shown, ["cooldown 2", "succeeded 1"]);
+        assert!(follow
+            .fresh(vec![row(
+                "web",
+                "1",
+                T + s * 5,
+                EntryKind::Step,
+                "succeeded"
+            )])
+            .is_empty());
     }
 
     #[test]

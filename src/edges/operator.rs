@@ -256,11 +256,71 @@ pub async fn journal(
     query: &JournalQuery,
     json: bool,
 ) -> anyhow::Result<String> {
-    let sets: Vec<&WatchedScaleSet> = match which {
+    let sets = journal_sets(settings, which)?;
+    let since = OffsetDateTime::now_utc() - query.since;
+    let rows = read_journals(store, &sets, query, since, query.limit).await?;
+    if json {
+        return Ok(serde_json::to_string_pretty(&rows)? + "\n");
+    }
+    Ok(crate::journal::render(&rows, query.evidence))
+}
+
+/// How often `handler journal --follow` looks for new rows.
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `handler journal … --follow`: the rows so far, then each new one as it is written, until the
+/// operator stops it (or `emit` says its reader went away); with `--json`, one row per line. A
+/// failed read is said on standard error and tried again: following outlives a storage hiccup.
+pub async fn follow_journal(
+    settings: &Settings,
+    store: &Store,
+    which: Option<&str>,
+    query: &JournalQuery,
+    json: bool,
+    mut emit: impl FnMut(&str) -> bool,
+) -> anyhow::Result<()> {
+    let sets = journal_sets(settings, which)?;
+    let start = OffsetDateTime::now_utc() - query.since;
+    let mut follow = crate::journal::Follow::default();
+    let mut limit = query.limit;
+    loop {
+        match read_journals(store, &sets, query, follow.since(start), limit.take()).await {
+            Ok(rows) => {
+                for e in follow.fresh(rows) {
+                    let line = if json {
+                        serde_json::to_string(&e)? + "\n"
+                    } else {
+                        crate::journal::line(&e, query.evidence)
+                    };
+                    if !emit(&line) {
+                        return Ok(());
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "journal not read; trying again"),
+        }
+        tokio::time::sleep(FOLLOW_EVERY).await;
+    }
+}
+
+fn journal_sets<'a>(
+    settings: &'a Settings,
+    which: Option<&str>,
+) -> anyhow::Result<Vec<&'a WatchedScaleSet>> {
+    Ok(match which {
         Some(w) => vec![find(settings, w)?],
         None => settings.scale_sets.iter().collect(),
-    };
-    let since = OffsetDateTime::now_utc() - query.since;
+    })
+}
+
+/// The journal rows of `sets` at or after `since` that the query keeps, oldest first.
+async fn read_journals(
+    store: &Store,
+    sets: &[&WatchedScaleSet],
+    query: &JournalQuery,
+    since: OffsetDateTime,
+    limit: Option<usize>,
+) -> anyhow::Result<Vec<Entry>> {
     let reads = sets.iter().map(|w| async move {
         store
             .journal(&w.id, since)
@@ -277,11 +337,7 @@ pub async fn journal(
         }
         per_set.push(rows);
     }
-    let rows = crate::journal::chronicle(per_set, &query.filter, query.limit);
-    if json {
-        return Ok(serde_json::to_string_pretty(&rows)? + "\n");
-    }
-    Ok(crate::journal::render(&rows, query.evidence))
+    Ok(crate::journal::chronicle(per_set, &query.filter, limit))
 }
 
 /// `handler cycle <scale set> …`: a rolling cycle written as a pending operation, which the next

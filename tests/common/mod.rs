@@ -463,6 +463,21 @@ impl TestApp {
         )
     }
 
+    /// An operator's command left running (`--follow`), its standard output piped; stopped when
+    /// dropped, a failed test's too.
+    pub fn cli_spawn(&self, args: &[&str]) -> Running {
+        Running(
+            Command::new(env!("CARGO_BIN_EXE_handler"))
+                .args(args)
+                .env_clear()
+                .envs(self.handler_env.iter().map(|(k, v)| (k, v)))
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("run the handler's command"),
+        )
+    }
+
     /// POSTs a raw body to the handler as the host would; returns status and JSON answer.
     pub async fn post_raw(&self, function: &str, body: String) -> (u16, Value) {
         let r = self
@@ -731,5 +746,15 @@ pub fn heartbeat_event(
 impl Drop for TestApp {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.log_path);
+    }
+}
+
+/// A command still running; killed when dropped.
+pub struct Running(pub std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
