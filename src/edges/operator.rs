@@ -258,7 +258,8 @@ pub async fn journal(
 ) -> anyhow::Result<String> {
     let sets = journal_sets(settings, which)?;
     let since = OffsetDateTime::now_utc() - query.since;
-    let rows = read_journals(store, &sets, query, since, query.limit).await?;
+    let rows = read_journals(store, &sets, since).await?;
+    let rows = crate::journal::chronicle(vec![rows], &query.filter, query.limit);
     if json {
         return Ok(serde_json::to_string_pretty(&rows)? + "\n");
     }
@@ -284,9 +285,12 @@ pub async fn follow_journal(
     let mut follow = crate::journal::Follow::default();
     let mut limit = query.limit;
     loop {
-        match read_journals(store, &sets, query, follow.since(start), limit.take()).await {
+        // The next read starts at the newest row read, kept or not: a filter that keeps nothing
+        // does not have every poll read the whole window again.
+        match read_journals(store, &sets, follow.since(start)).await {
             Ok(rows) => {
-                for e in follow.fresh(rows) {
+                let fresh = follow.fresh(rows);
+                for e in crate::journal::chronicle(vec![fresh], &query.filter, limit.take()) {
                     let line = if json {
                         serde_json::to_string(&e)? + "\n"
                     } else {
@@ -313,13 +317,11 @@ fn journal_sets<'a>(
     })
 }
 
-/// The journal rows of `sets` at or after `since` that the query keeps, oldest first.
+/// The journal rows of `sets` at or after `since`, oldest first.
 async fn read_journals(
     store: &Store,
     sets: &[&WatchedScaleSet],
-    query: &JournalQuery,
     since: OffsetDateTime,
-    limit: Option<usize>,
 ) -> anyhow::Result<Vec<Entry>> {
     let reads = sets.iter().map(|w| async move {
         store
@@ -337,7 +339,11 @@ async fn read_journals(
         }
         per_set.push(rows);
     }
-    Ok(crate::journal::chronicle(per_set, &query.filter, limit))
+    Ok(crate::journal::chronicle(
+        per_set,
+        &crate::journal::Filter::default(),
+        None,
+    ))
 }
 
 /// `handler cycle <scale set> …`: a rolling cycle written as a pending operation, which the next

@@ -915,13 +915,9 @@ impl Engine<'_, '_> {
     /// give each VM one). Never one of the slot's: the new VM did not exist before the surge, so
     /// nothing of value is on them.
     fn own_disks(&self, new: &str) -> Vec<String> {
-        let luns: Vec<u32> = self.memo.originals().iter().map(|d| d.lun).collect();
-        let ours = |d: &str| {
-            self.memo
-                .originals()
-                .iter()
-                .any(|o| o.id.eq_ignore_ascii_case(d))
-        };
+        let originals = self.memo.originals();
+        let luns: Vec<u32> = originals.iter().map(|d| d.lun).collect();
+        let ours = |d: &str| originals.iter().any(|o| o.id.eq_ignore_ascii_case(d));
         self.view
             .present(new)
             .map(|m| {
